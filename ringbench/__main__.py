@@ -1,0 +1,3 @@
+from ringbench.cli import main
+
+main()

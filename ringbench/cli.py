@@ -1,0 +1,105 @@
+"""The command line: parses arguments and calls the library, nothing more."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+from rich.console import Console
+
+from ringbench.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmark attention implementations for long context.")
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Print a user's mistake as one line on stderr and exit 2, without a traceback."""
+    try:
+        yield
+    except UserError as exc:
+        print(exc, file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def _load(config_path: Path):
+    from ringbench import config, plan, registry
+
+    sweep = config.load(config_path)
+    uses_ring = {choice.name: registry.get(choice.name).uses_ring for choice in sweep.implementations}
+    return sweep, plan.build(sweep, uses_ring)
+
+
+def _print_plan(source: Path, the_plan) -> None:
+    print(f"{source}: {len(the_plan.cells)} cells planned, {len(the_plan.excluded)} left out")
+    for cell in the_plan.cells:
+        print(f"  {cell.id}  {cell.label}")
+    if the_plan.excluded:
+        print("left out:")
+        for exclusion in the_plan.excluded:
+            print(f"  {exclusion.cell.label}: {exclusion.reason}")
+
+
+@app.command()
+def plan(config: Path = typer.Argument(..., help="sweep YAML")) -> None:
+    """List the cells a config would run, and what it leaves out, without running anything."""
+    with _user_errors():
+        _, the_plan = _load(config)
+    _print_plan(config, the_plan)
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="sweep YAML"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and stop"),
+    output_root: Optional[Path] = typer.Option(None, "--output-root", help="overrides the config's output_root"),
+) -> None:
+    """Run a sweep: every cell timed, memory-measured and recorded under the output root."""
+    from ringbench import runner
+    from ringbench.progress import ProgressBar, summary_table
+
+    with _user_errors():
+        sweep, the_plan = _load(config)
+        device = runner.resolve_device(sweep.device, str(config))
+    if dry_run:
+        _print_plan(config, the_plan)
+        return
+    console = Console(stderr=True)
+    with ProgressBar(console) as bar:
+        result = runner.run(sweep, the_plan, str(config), device, bar, output_root or Path(sweep.output_root))
+    console.print(summary_table(result.records))
+    if result.interrupted:
+        console.print(f"interrupted: {len(result.records)} finished cells kept in {result.run_dir}")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    console.print(f"{len(result.records)} cells recorded in {result.run_dir}; next: ringbench report {result.run_dir}")
+
+
+@app.command()
+def report(
+    paths: List[Path] = typer.Argument(..., help="run folders, or folders holding them"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the Markdown"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="write the file without printing it"),
+) -> None:
+    """Render stored runs as Markdown: report.md in the folder given (or -o), also printed."""
+    from ringbench.report import find_runs, load_run, render_report
+
+    with _user_errors():
+        runs = [load_run(path) for path in find_runs(paths)]
+    for run_data in runs:
+        for warning in run_data.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    markdown = render_report(runs)
+    target = output or (paths[0] / "report.md" if len(paths) == 1 else Path("report.md"))
+    target.write_text(markdown, encoding="utf-8")
+    if not quiet:
+        print(markdown)
+    print(f"wrote {target}", file=sys.stderr)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,266 @@
+"""Sweep configs: YAML in, a validated and frozen :class:`Sweep` out.
+
+Every problem becomes a :class:`ConfigError` naming the file and the key path
+(``implementations[1].options.backend``), so the CLI can print one line and stop
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from ringbench import registry
+from ringbench.plan import implementation_label
+from ringbench.errors import ConfigError, Invalid
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+# Only the forward pass is measured so far; the axis exists so backward slots in later.
+PASSES = ("forward",)
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+@dataclass(frozen=True)
+class TimingBudget:
+    """How long to sample a cell: budgets in milliseconds, counts clamped to [min_reps, max_reps]."""
+
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+    min_reps: int = 5
+    max_reps: int = 1000
+
+
+@dataclass(frozen=True, repr=False)
+class ImplementationChoice:
+    """An implementation named in the config, with every option resolved (defaults filled in)."""
+
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __repr__(self) -> str:
+        return implementation_label(self.name, dict(self.options))
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    description: str
+    implementations: tuple[ImplementationChoice, ...]
+    plugins: tuple[str, ...]
+    seq_lens: tuple[int, ...]
+    ring_sizes: tuple[int, ...]
+    batch_sizes: tuple[int, ...]
+    heads: tuple[int, ...]
+    head_dims: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    causal: tuple[bool, ...]
+    passes: tuple[str, ...]
+    device: str
+    seed: int
+    output_root: str
+    timing: TimingBudget
+
+    def as_dict(self) -> dict[str, Any]:
+        """The normalised config as plain JSON types; what runs store and hash."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the normalised config, 16 hex digits: equal hashes mean equal sweeps."""
+        canonical = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# ---- value readers: each takes (value, where) and returns the clean value or raises Invalid
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if type(value) is not int or value <= 0:
+        raise Invalid(where, f"expected a positive integer, got {value!r}")
+    return value
+
+
+def _non_negative_int(value: Any, where: str) -> int:
+    if type(value) is not int or value < 0:
+        raise Invalid(where, f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _positive_number(value: Any, where: str) -> float:
+    if type(value) not in (int, float) or not value > 0:
+        raise Invalid(where, f"expected a positive number, got {value!r}")
+    return float(value)
+
+
+def _boolean(value: Any, where: str) -> bool:
+    if type(value) is not bool:
+        raise Invalid(where, f"expected true or false, got {value!r}")
+    return value
+
+
+def _string(value: Any, where: str) -> str:
+    if type(value) is not str:
+        raise Invalid(where, f"expected a string, got {value!r}")
+    return value
+
+
+def _device(value: Any, where: str) -> str:
+    if type(value) is not str or not _DEVICE.match(value):
+        raise Invalid(where, f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
+    def read(value: Any, where: str) -> str:
+        if value not in choices:
+            raise Invalid(where, f"must be one of {', '.join(choices)} (got {value!r})")
+        return value
+
+    return read
+
+
+def _list_of(read_item: Callable[[Any, str], Any]) -> Callable[[Any, str], tuple]:
+    def read(value: Any, where: str) -> tuple:
+        if not isinstance(value, list):
+            raise Invalid(where, f"expected a list, got {value!r}")
+        if not value:
+            raise Invalid(where, "must not be empty")
+        items = tuple(read_item(item, f"{where}[{i}]") for i, item in enumerate(value))
+        for i, item in enumerate(items):
+            if item in items[:i]:
+                raise Invalid(f"{where}[{i}]", f"duplicate value {item!r}")
+        return items
+
+    return read
+
+
+def _mapping(value: Any, where: str, allowed: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise Invalid(where, f"expected a mapping, got {value!r}")
+    for key in value:
+        if key not in allowed:
+            path = f"{where}.{key}" if where else str(key)
+            raise Invalid(path, f"unknown key (known: {', '.join(sorted(allowed))})")
+    return value
+
+
+_REQUIRED = object()
+
+
+def _read_fields(raw: dict[str, Any], where: str, fields: dict[str, tuple[Callable, Any]]) -> dict[str, Any]:
+    """Read every field of a mapping with its reader, filling defaults; unknown keys fail."""
+    _mapping(raw, where, fields)
+    clean = {}
+    for key, (read, default) in fields.items():
+        path = f"{where}.{key}" if where else key
+        if key in raw:
+            clean[key] = read(raw[key], path)
+        elif default is _REQUIRED:
+            raise Invalid(path, "required key is missing")
+        else:
+            clean[key] = default
+    return clean
+
+
+def _timing(value: Any, where: str) -> TimingBudget:
+    defaults = TimingBudget()
+    fields = {
+        "warmup_ms": (_positive_number, defaults.warmup_ms),
+        "rep_ms": (_positive_number, defaults.rep_ms),
+        "min_reps": (_positive_int, defaults.min_reps),
+        "max_reps": (_positive_int, defaults.max_reps),
+    }
+    budget = TimingBudget(**_read_fields(value, where, fields))
+    if budget.min_reps > budget.max_reps:
+        raise Invalid(f"{where}.min_reps", f"must not exceed max_reps ({budget.min_reps} > {budget.max_reps})")
+    return budget
+
+
+def _implementation(value: Any, where: str) -> ImplementationChoice:
+    if isinstance(value, str):  # shorthand: "- sdpa"
+        value = {"name": value}
+    fields = {"name": (_string, _REQUIRED), "options": (lambda v, w: _mapping(v, w, _ANY_KEY), {})}
+    clean = _read_fields(value, where, fields)
+    implementation = registry.get(clean["name"], f"{where}.name")
+    options = implementation.resolve_options(clean["options"], f"{where}.options")
+    return ImplementationChoice(clean["name"], tuple(options.items()))
+
+
+class _AnyKey(dict):
+    """Allowed-keys table that accepts every key (options are checked by their implementation)."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+
+_ANY_KEY = _AnyKey()
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A safe loader that also refuses duplicate keys, which plain YAML silently overwrites."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(source, where, f"invalid YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, "", f"invalid YAML: {exc}") from None
+
+
+def load(path: str | Path) -> Sweep:
+    """Read, parse and validate a sweep config; raise ConfigError on the first problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, "", f"cannot read config: {exc}") from None
+    raw = _parse_yaml(text, source)
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "", "expected a mapping of config keys at the top level")
+    try:
+        plugins = _list_of(_string)(raw["plugins"], "plugins") if "plugins" in raw else ()
+        # Plugins register implementations, so they load before implementation names are checked.
+        registry.load_plugins(plugins, Path(path).resolve().parent)
+        fields = {
+            "name": (_string, Path(path).stem),
+            "description": (_string, ""),
+            "plugins": (lambda v, w: plugins, ()),
+            "implementations": (_list_of(_implementation), _REQUIRED),
+            "seq_lens": (_list_of(_positive_int), _REQUIRED),
+            "ring_sizes": (_list_of(_positive_int), (1,)),
+            "batch_sizes": (_list_of(_positive_int), (1,)),
+            "heads": (_list_of(_positive_int), _REQUIRED),
+            "head_dims": (_list_of(_positive_int), _REQUIRED),
+            "dtypes": (_list_of(_one_of(DTYPES)), _REQUIRED),
+            "causal": (_list_of(_boolean), (False,)),
+            "passes": (_list_of(_one_of(PASSES)), ("forward",)),
+            "device": (_device, "auto"),
+            "seed": (_non_negative_int, 0),
+            "output_root": (_string, "results"),
+            "timing": (_timing, TimingBudget()),
+        }
+        return Sweep(**_read_fields(raw, "", fields))
+    except Invalid as exc:
+        raise ConfigError(source, exc.where, exc.message) from None

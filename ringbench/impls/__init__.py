@@ -1,0 +1,3 @@
+"""Bundled attention implementations; importing this package registers them."""
+
+from ringbench.impls import sdpa, standard  # noqa: F401  (imported for registration)

@@ -1,0 +1,26 @@
+"""Textbook attention: matmul, softmax, matmul, materialising the full score matrix."""
+
+from __future__ import annotations
+
+import torch
+
+from ringbench.registry import Problem, register
+
+
+@register("standard", description="explicit matmul → softmax → matmul (materialises two S×S temporaries)")
+def setup(problem: Problem):
+    q, k, v = problem.q, problem.k, problem.v
+    scale = q.shape[-1] ** -0.5
+    seq_len = q.shape[-2]
+    # Built once here, outside the timed region.
+    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).triu(1) if problem.causal else None
+
+    def run() -> torch.Tensor:
+        # Scaling q (S×D) rather than the scores (S×S) keeps the peak at exactly two S×S
+        # temporaries: the scores and the softmax output.
+        scores = torch.matmul(q * scale, k.transpose(-2, -1))
+        if mask is not None:
+            scores.masked_fill_(mask, float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+    return run

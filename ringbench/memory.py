@@ -1,0 +1,31 @@
+"""Peak device memory of one call, measured in a pass of its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Memory:
+    peak_allocated_mib: float  # allocated above the baseline (inputs and cached state) during the call
+    peak_reserved_mib: float  # what the caching allocator held at its highest during the call
+
+
+def measure_peak(fn: Callable[[], object], device: torch.device) -> Memory | None:
+    """Peak memory of one call to ``fn`` on a CUDA device; None on the CPU, where none is measured."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - baseline
+    reserved = torch.cuda.max_memory_reserved(device)
+    del out
+    return Memory(peak_allocated_mib=peak / MIB, peak_reserved_mib=reserved / MIB)

@@ -1,0 +1,113 @@
+"""The plan: a sweep's cartesian product as Cells with stable ids, plus what was left out and why."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from ringbench.config import Sweep
+
+
+def implementation_label(name: str, options: Mapping[str, Any]) -> str:
+    """``sdpa(backend=flash)``: how an implementation with its options is named in tables."""
+    if not options:
+        return name
+    return f"{name}({', '.join(f'{k}={v}' for k, v in sorted(options.items()))})"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measurement: an implementation with its options at one point of every axis.
+
+    ``ring_size`` is None for implementations that do not shard the sequence.
+    """
+
+    implementation: str
+    options: tuple[tuple[str, Any], ...]
+    seq_len: int
+    ring_size: int | None
+    batch_size: int
+    heads: int
+    head_dim: int
+    dtype: str
+    causal: bool
+    pass_name: str
+
+    def params(self) -> dict[str, Any]:
+        """The cell as plain JSON types, the form stored in records."""
+        return {
+            "implementation": self.implementation,
+            "options": dict(self.options),
+            "seq_len": self.seq_len,
+            "ring_size": self.ring_size,
+            "batch_size": self.batch_size,
+            "heads": self.heads,
+            "head_dim": self.head_dim,
+            "dtype": self.dtype,
+            "causal": self.causal,
+            "pass": self.pass_name,
+        }
+
+    @property
+    def id(self) -> str:
+        """12 hex digits of sha256 over the canonical parameters: equal on every machine and run."""
+        canonical = json.dumps(self.params(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    @property
+    def label(self) -> str:
+        ring = f" ring={self.ring_size}" if self.ring_size is not None else ""
+        causal = " causal" if self.causal else ""
+        return (
+            f"{implementation_label(self.implementation, dict(self.options))} S={self.seq_len}{ring} "
+            f"B={self.batch_size} H={self.heads} D={self.head_dim} {self.dtype}{causal} {self.pass_name}"
+        )
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """A combination the plan leaves out, with the reason (shown by `plan` and by the report)."""
+
+    cell: Cell
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"cell_id": self.cell.id, **self.cell.params(), "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Plan:
+    cells: tuple[Cell, ...]
+    excluded: tuple[Exclusion, ...]
+
+
+def _exclusion_reason(cell: Cell) -> str | None:
+    if cell.ring_size is not None and cell.seq_len % cell.ring_size:
+        return f"seq_len {cell.seq_len} is not divisible by ring_size {cell.ring_size}"
+    return None
+
+
+def build(sweep: "Sweep", uses_ring: Mapping[str, bool]) -> Plan:
+    """Expand a sweep into cells, shape axes outermost so one shape's cells run together.
+
+    ``uses_ring`` maps implementation name to whether it takes one cell per ring size.
+    """
+    cells, excluded = [], []
+    shapes = itertools.product(
+        sweep.passes, sweep.dtypes, sweep.causal, sweep.batch_sizes, sweep.heads, sweep.head_dims, sweep.seq_lens
+    )
+    for pass_name, dtype, causal, batch, heads, head_dim, seq_len in shapes:
+        for choice in sweep.implementations:
+            ring_sizes = sweep.ring_sizes if uses_ring[choice.name] else (None,)
+            for ring_size in ring_sizes:
+                cell = Cell(choice.name, choice.options, seq_len, ring_size, batch, heads, head_dim, dtype, causal, pass_name)
+                reason = _exclusion_reason(cell)
+                if reason:
+                    excluded.append(Exclusion(cell, reason))
+                else:
+                    cells.append(cell)
+    return Plan(tuple(cells), tuple(excluded))

@@ -1,0 +1,76 @@
+"""What the terminal shows during and after a run: a Rich progress bar and a closing table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ringbench import records
+from ringbench.plan import Cell, implementation_label
+
+_STYLE = {records.OK: "green", records.OOM: "yellow", records.ERROR: "red"}
+
+
+def _status(record: dict[str, Any]) -> str:
+    status = record["status"]
+    return f"[{_STYLE.get(status, 'magenta')}]{status}[/]"
+
+
+class ProgressBar:
+    """A runner observer drawing cell i of N, the current cell, elapsed time, ETA and the last status."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[last]}"),
+            console=console,
+        )
+        self.task = None
+
+    def __enter__(self) -> "ProgressBar":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.progress.stop()
+
+    def started(self, run_dir: Path, total: int) -> None:
+        self.console.print(f"run folder: {run_dir}")
+        self.task = self.progress.add_task("starting", total=total, last="")
+
+    def cell_started(self, index: int, cell: Cell) -> None:
+        self.progress.update(self.task, description=cell.label)
+
+    def cell_finished(self, index: int, cell: Cell, record: dict[str, Any]) -> None:
+        self.progress.update(self.task, advance=1, last=f"last: {_status(record)}")
+
+
+def summary_table(cell_records: list[dict[str, Any]]) -> Table:
+    table = Table(title="ringbench run")
+    for column in ("implementation", "seq_len", "ring", "dtype", "causal", "status", "median ms", "peak MiB", "tokens/s"):
+        table.add_column(column, justify="left" if column in ("implementation", "status", "dtype", "causal") else "right")
+    for record in cell_records:
+        stats, memory = record["stats"] or {}, record["memory"] or {}
+        peak = memory.get("peak_allocated_mib")
+        table.add_row(
+            implementation_label(record["implementation"], record["options"]),
+            str(record["seq_len"]),
+            "-" if record["ring_size"] is None else str(record["ring_size"]),
+            record["dtype"],
+            "yes" if record["causal"] else "no",
+            _status(record),
+            f"{stats['median_ms']:.4g}" if stats else "-",
+            f"{peak:,.1f}" if peak is not None else "-",
+            f"{record['tokens_per_s']:,.0f}" if record["tokens_per_s"] else "-",
+        )
+    return table

@@ -1,0 +1,85 @@
+"""Stored results: a run folder holding ``run.json`` (environment, config, plan) and
+``records.jsonl`` (one line per finished cell, appended and fsynced as it ends).
+
+Every stored object carries ``schema_version``. This module never imports torch:
+the report reads through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA_VERSION = 1
+RUN_FILE = "run.json"
+RECORDS_FILE = "records.jsonl"
+
+OK, OOM, ERROR = "ok", "oom", "error"
+
+
+def create_run_dir(output_root: Path, commit: str) -> Path:
+    """A new folder ``<UTC time>-<commit>`` under the output root; never reuses an existing one."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    output_root.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1000):
+        suffix = f"-{attempt}" if attempt else ""
+        path = output_root / f"{stamp}-{commit[:8]}{suffix}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"cannot create a run folder under {output_root}")
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON through a temporary file and rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class RecordWriter:
+    """Appends one JSON line per record and forces it to disk before returning."""
+
+    def __init__(self, run_dir: Path):
+        self._handle = (run_dir / RECORDS_FILE).open("a", encoding="utf-8")
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "RecordWriter":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+
+
+def read_records(run_dir: Path) -> Iterator[dict[str, Any]]:
+    path = run_dir / RECORDS_FILE
+    if not path.exists():
+        return
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / RUN_FILE).is_file()

@@ -1,0 +1,155 @@
+"""The registry of attention implementations: one contract for bundled and user code.
+
+An implementation is a *setup* function. It receives a :class:`Problem` (the input
+tensors, already on the device, and the cell's parameters) and returns a
+zero-argument closure that computes the attention output. Setup runs outside the
+timed region; only the closure is timed.
+
+Users add implementations without editing ringbench, either from a module named
+under ``plugins:`` in the sweep YAML or from an installed package that declares an
+entry point in the ``ringbench.implementations`` group. Both simply import a module
+whose top level calls :func:`register`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from ringbench.errors import Invalid
+
+if TYPE_CHECKING:
+    import torch
+
+ENTRY_POINT_GROUP = "ringbench.implementations"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option an implementation accepts in the YAML; its type is the default's type."""
+
+    default: Any
+    choices: tuple[Any, ...] | None = None
+    help: str = ""
+
+    def validate(self, value: Any, where: str) -> Any:
+        expected = type(self.default)
+        if expected is float and type(value) is int:
+            value = float(value)
+        if type(value) is not expected:
+            raise Invalid(where, f"expected {expected.__name__}, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            known = ", ".join(str(c) for c in self.choices)
+            raise Invalid(where, f"must be one of {known} (got {value!r})")
+        return value
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What setup receives: inputs shaped (batch, heads, seq_len, head_dim) and the cell's knobs.
+
+    ``facts`` is for the implementation to note what it actually chose (for example
+    the SDPA kernel that ``backend: auto`` resolved to); it is stored in the record.
+    """
+
+    q: "torch.Tensor"
+    k: "torch.Tensor"
+    v: "torch.Tensor"
+    causal: bool
+    ring_size: int | None
+    options: Mapping[str, Any]
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+Setup = Callable[[Problem], Callable[[], "torch.Tensor"]]
+
+
+@dataclass(frozen=True)
+class Implementation:
+    name: str
+    setup: Setup
+    options: Mapping[str, Option]
+    uses_ring: bool
+    description: str
+
+    def resolve_options(self, given: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """Validate user options against the declared ones and fill in defaults."""
+        for key in given:
+            if key not in self.options:
+                known = ", ".join(sorted(self.options)) or "none"
+                raise Invalid(f"{where}.{key}", f"unknown option for '{self.name}' (known: {known})")
+        return {
+            key: option.validate(given[key], f"{where}.{key}") if key in given else option.default
+            for key, option in sorted(self.options.items())
+        }
+
+
+_implementations: dict[str, Implementation] = {}
+_discovered = False
+
+
+def register(
+    name: str,
+    *,
+    options: Mapping[str, Option] | None = None,
+    uses_ring: bool = False,
+    description: str = "",
+) -> Callable[[Setup], Setup]:
+    """Decorator: register ``setup`` under ``name``.
+
+    ``uses_ring`` says the implementation splits the sequence into ``ring_size``
+    shards; the plan then makes one cell per ring size, others get one cell in all.
+    """
+
+    def decorate(setup: Setup) -> Setup:
+        if name in _implementations and _implementations[name].setup is not setup:
+            raise ValueError(f"implementation '{name}' is already registered")
+        _implementations[name] = Implementation(
+            name=name,
+            setup=setup,
+            options=dict(options or {}),
+            uses_ring=uses_ring,
+            description=description or (setup.__doc__ or "").strip().split("\n")[0],
+        )
+        return setup
+
+    return decorate
+
+
+def _discover() -> None:
+    """Import the bundled implementations and every installed entry-point plugin, once."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    importlib.import_module("ringbench.impls")
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        entry.load()
+
+
+def load_plugins(modules: tuple[str, ...], search_dir: Path) -> None:
+    """Import the plugin modules a config names; ``search_dir`` (the config's folder) goes first on the path."""
+    _discover()
+    if str(search_dir) not in sys.path:
+        sys.path.insert(0, str(search_dir))
+    for index, module in enumerate(modules):
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # a plugin may fail in any way on import; report which one
+            raise Invalid(f"plugins[{index}]", f"cannot import '{module}': {type(exc).__name__}: {exc}") from None
+
+
+def known() -> list[str]:
+    _discover()
+    return sorted(_implementations)
+
+
+def get(name: str, where: str = "name") -> Implementation:
+    _discover()
+    if name not in _implementations:
+        raise Invalid(where, f"unknown implementation {name!r} (known: {', '.join(known())})")
+    return _implementations[name]

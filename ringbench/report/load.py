@@ -1,0 +1,88 @@
+"""Finding run folders and loading them into a flat pandas frame, one row per record."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ringbench import records
+from ringbench.errors import UserError
+from ringbench.plan import implementation_label
+
+COLUMNS = [
+    "cell_id", "implementation", "label", "seq_len", "ring_size", "batch_size", "heads", "head_dim",
+    "dtype", "causal", "pass", "status", "median_ms", "iqr_ms", "n", "peak_mib", "tokens_per_s",
+    "backend", "error_type", "error_message",
+]
+
+
+@dataclass
+class Run:
+    path: Path
+    meta: dict[str, Any]
+    frame: pd.DataFrame
+    warnings: list[str] = field(default_factory=list)
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Each path is a run folder or a folder of run folders; returns run folders, oldest first."""
+    found = []
+    for path in paths:
+        if not path.is_dir():
+            raise UserError(f"{path}: no such folder")
+        runs = [path] if records.is_run_dir(path) else sorted(c for c in path.iterdir() if records.is_run_dir(c))
+        if not runs:
+            raise UserError(f"{path}: holds no ringbench run (no {records.RUN_FILE} found)")
+        found.extend(runs)
+    return found
+
+
+def _row(record: dict[str, Any]) -> dict[str, Any]:
+    stats = record.get("stats") or {}
+    memory = record.get("memory") or {}
+    error = record.get("error") or {}
+    return {
+        "cell_id": record["cell_id"],
+        "implementation": record["implementation"],
+        "label": implementation_label(record["implementation"], record.get("options") or {}),
+        "seq_len": record["seq_len"],
+        "ring_size": record.get("ring_size"),
+        "batch_size": record["batch_size"],
+        "heads": record["heads"],
+        "head_dim": record["head_dim"],
+        "dtype": record["dtype"],
+        "causal": record["causal"],
+        "pass": record["pass"],
+        "status": record["status"],
+        "median_ms": stats.get("median_ms"),
+        "iqr_ms": stats.get("iqr_ms"),
+        "n": stats.get("n"),
+        "peak_mib": memory.get("peak_allocated_mib"),
+        "tokens_per_s": record.get("tokens_per_s"),
+        "backend": (record.get("facts") or {}).get("backend"),
+        "error_type": error.get("type"),
+        "error_message": error.get("message"),
+    }
+
+
+def load_run(path: Path) -> Run:
+    meta = records.read_run(path)
+    rows, warnings = [], []
+    records_path = path / records.RECORDS_FILE
+    lines = records_path.read_text(encoding="utf-8").splitlines() if records_path.exists() else []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if record.get("schema_version") != records.SCHEMA_VERSION:
+                raise ValueError(f"schema version {record.get('schema_version')!r}, expected {records.SCHEMA_VERSION}")
+            rows.append(_row(record))
+        except (ValueError, KeyError, TypeError) as exc:
+            warnings.append(f"{records_path}:{number}: record skipped ({type(exc).__name__}: {exc})")
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    return Run(path=path, meta=meta, frame=frame, warnings=warnings)

@@ -1,0 +1,40 @@
+"""Small Markdown helpers: escaping untrusted text and number formats used in every table."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pandas as pd
+from tabulate import tabulate
+
+_SPECIAL = re.compile(r"([\\`*_\[\]<>|#])")
+MAX_MESSAGE = 300
+
+
+def escape(text: object, limit: int | None = None) -> str:
+    """One line of inert Markdown: whitespace folded, markup characters escaped, optionally shortened."""
+    flat = " ".join(str(text).split())
+    if limit is not None and len(flat) > limit:
+        flat = flat[: limit - 1] + "…"
+    return _SPECIAL.sub(r"\\\1", flat)
+
+
+def ms(value: float) -> str:
+    """Milliseconds with about four significant digits and no exponent."""
+    if value >= 100:
+        return f"{value:.1f}"
+    if value >= 10:
+        return f"{value:.2f}"
+    if value >= 1:
+        return f"{value:.3f}"
+    return f"{value:.4f}"
+
+
+def mib(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:,.1f}"
+
+
+def table(frame: pd.DataFrame) -> str:
+    """A pipe table; every cell is already text, so tabulate must not reformat numbers."""
+    return tabulate(frame, headers="keys", tablefmt="pipe", showindex=False, disable_numparse=True)

@@ -1,0 +1,122 @@
+"""Assembling the Markdown report of one or several runs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+
+from ringbench.plan import implementation_label
+from ringbench.report.load import Run
+from ringbench.report.markdown import escape, table
+from ringbench.report.summary import summary
+from ringbench.report.tables import METRICS, SHAPE, failures, metric_table, shape_title
+
+
+def _heading(level: int, text: str) -> str:
+    return f"{'#' * level} {text}"
+
+
+def _date(environment: dict[str, Any]) -> str:
+    return datetime.fromisoformat(environment["date_utc"]).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _commit(git: dict[str, Any]) -> str:
+    commit = git.get("commit", "unknown")
+    short = commit[:8] if commit != "unknown" else commit
+    return f"{short} (dirty)" if git.get("dirty") else short
+
+
+def _hardware(environment: dict[str, Any]) -> str:
+    gpus = environment.get("gpus") or []
+    if environment["device"].startswith("cuda") and gpus:
+        names = list(dict.fromkeys(gpu["name"] for gpu in gpus))
+        memory = gpus[0]["memory_mib"]
+        return (f"{' / '.join(names)} ×{len(gpus)} ({memory:,} MiB each), driver {environment.get('driver')}, "
+                f"CUDA {environment.get('cuda')}, cuDNN {environment.get('cudnn')}")
+    return f"CPU: {environment.get('cpu')} ({environment.get('cpu_count')} cores)"
+
+
+def _values(values: list[Any]) -> str:
+    return ", ".join(str(v).lower() if isinstance(v, bool) else str(v) for v in values)
+
+
+def _parameters(meta: dict[str, Any]) -> list[str]:
+    config, environment = meta["config"], meta["environment"]
+    timing = config["timing"]
+    labels = [escape(implementation_label(i["name"], dict(i["options"]))) for i in config["implementations"]]
+    lines = [f"- **implementations**: {', '.join(labels)}"]
+    for axis in ("seq_lens", "ring_sizes", "batch_sizes", "heads", "head_dims", "dtypes", "causal", "passes"):
+        lines.append(f"- **{axis}**: {_values(config[axis])}")
+    lines += [
+        f"- **device**: {environment['device']} (config: {config['device']})",
+        f"- **timing**: warm-up {timing['warmup_ms']:g} ms, repetitions {timing['rep_ms']:g} ms, "
+        f"clamped to {timing['min_reps']}–{timing['max_reps']}",
+        f"- **seed**: {config['seed']}",
+        f"- **torch**: {environment['torch']}, Python {environment['python']}",
+        f"- **config**: `{escape(meta['config_source'])}` (hash {meta['config_hash']})",
+    ]
+    return lines
+
+
+def _results(frame: pd.DataFrame, level: int) -> list[str]:
+    groups = list(frame.groupby(SHAPE, sort=False))
+    lines = []
+    for key, group in groups:
+        if len(groups) > 1:
+            lines += [_heading(level + 1, shape_title(key)), ""]
+        for metric in METRICS:
+            if metric.measured_on_cpu or group["peak_mib"].notna().any():
+                lines += [f"**{metric.title}**", "", metric_table(group, metric), ""]
+            else:
+                lines += [f"**{metric.title}**: not measured on the CPU.", ""]
+        failed = failures(group)
+        if failed:
+            lines += ["Failed cells:", "", *failed, ""]
+    return lines
+
+
+def _excluded(excluded: list[dict[str, Any]]) -> str:
+    frame = pd.DataFrame([
+        {
+            "implementation": escape(implementation_label(e["implementation"], e["options"])),
+            "seq_len": str(e["seq_len"]),
+            "ring_size": str(e["ring_size"]),
+            "reason": escape(e["reason"]),
+        }
+        for e in excluded
+    ])
+    return table(frame)
+
+
+def render_run(run: Run, level: int = 1) -> str:
+    meta, frame = run.meta, run.frame
+    environment = meta["environment"]
+    planned = len(meta["planned"])
+    lines = [
+        _heading(level, f"ringbench: {escape(meta['config']['name'])}"),
+        "",
+        f"**Date**: {_date(environment)}  ",
+        f"**Git Commit**: {_commit(environment['git'])}  ",
+        f"**Hardware**: {_hardware(environment)}  ",
+        f"**Cells**: {len(frame)} of {planned} planned recorded in `{escape(run.path.name)}`",
+        "",
+    ]
+    if meta["config"]["description"]:
+        lines += [escape(meta["config"]["description"]), ""]
+    lines += [_heading(level + 1, "Parameters"), "", *_parameters(meta), ""]
+    lines += [_heading(level + 1, "Results"), ""]
+    lines += _results(frame, level + 1) if not frame.empty else ["No cell has finished yet.", ""]
+    if meta["excluded"]:
+        lines += [_heading(level + 1, "Left out of the plan"), "", _excluded(meta["excluded"]), ""]
+    lines += [_heading(level + 1, "Summary"), "", *summary(frame), ""]
+    return "\n".join(lines)
+
+
+def render_report(runs: list[Run]) -> str:
+    """One run renders on its own; several render as one section each, oldest first."""
+    if len(runs) == 1:
+        return render_run(runs[0])
+    sections = [render_run(run, level=2) for run in runs]
+    return "\n".join([_heading(1, f"ringbench report: {len(runs)} runs"), "", *sections])

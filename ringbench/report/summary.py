@@ -1,0 +1,71 @@
+"""Findings computed from the records: memory saved against `standard`, reach, and speed."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from ringbench import records
+from ringbench.report.markdown import escape, mib, ms
+from ringbench.report.tables import SHAPE, shape_title
+
+BASELINE = "standard"
+
+
+def _implementation(row: pd.Series) -> str:
+    ring = "" if pd.isna(row.ring_size) else f" ring {int(row.ring_size)}"
+    return f"{escape(row.label)}{ring}"
+
+
+def best_memory_reduction(frame: pd.DataFrame) -> str:
+    if frame["peak_mib"].isna().all():
+        return "memory is not measured on the CPU"
+    ok = frame[(frame["status"] == records.OK) & frame["peak_mib"].notna()]
+    baseline = ok[ok["implementation"] == BASELINE]
+    if baseline.empty:
+        return f"no successful `{BASELINE}` cell with measured memory to compare with"
+    keys = SHAPE + ["seq_len"]
+    others = ok[ok["implementation"] != BASELINE].merge(
+        baseline[keys + ["peak_mib"]].rename(columns={"peak_mib": "baseline_mib"}), on=keys
+    )
+    others = others[others["baseline_mib"] > 0]
+    if others.empty:
+        return f"no other implementation ran at a shape where `{BASELINE}` did"
+    reduction = 1 - others["peak_mib"] / others["baseline_mib"]
+    best = others.loc[reduction.idxmax()]
+    return (
+        f"{100 * reduction.max():.1f}% — {_implementation(best)} at S={best.seq_len} "
+        f"({shape_title(tuple(best[SHAPE]))}): {mib(best.peak_mib)} MiB against {mib(best.baseline_mib)} MiB"
+    )
+
+
+def largest_seq_len(frame: pd.DataFrame) -> list[str]:
+    lines = []
+    for label, cells in frame.groupby("label", sort=False):
+        ok = cells[cells["status"] == records.OK]
+        ooms = cells[cells["status"] == records.OOM]
+        reach = str(ok["seq_len"].max()) if not ok.empty else "none"
+        oom = f" (first OOM at {ooms['seq_len'].min()})" if not ooms.empty else ""
+        lines.append(f"{escape(label)}: {reach}{oom}")
+    return lines
+
+
+def fastest(frame: pd.DataFrame) -> list[str]:
+    ok = frame[frame["status"] == records.OK]
+    several_shapes = ok.groupby(SHAPE).ngroups > 1
+    lines = []
+    for key, group in ok.groupby(SHAPE + ["seq_len"], sort=False):
+        best = group.loc[group["median_ms"].idxmin()]
+        shape = f" ({shape_title(key[:-1])})" if several_shapes else ""
+        lines.append(f"S={key[-1]}{shape}: {_implementation(best)}, {ms(best.median_ms)} ms")
+    return lines or ["no successful cell"]
+
+
+def summary(frame: pd.DataFrame) -> list[str]:
+    """The summary section's bullet lines."""
+    return [
+        f"- Best memory reduction against `{BASELINE}` at equal shape: {best_memory_reduction(frame)}",
+        "- Largest seq_len run without OOM:",
+        *(f"  - {line}" for line in largest_seq_len(frame)),
+        "- Fastest implementation per seq_len:",
+        *(f"  - {line}" for line in fastest(frame)),
+    ]

@@ -1,0 +1,59 @@
+"""Timing a closure: CUDA events on a GPU, ``perf_counter_ns`` on the CPU.
+
+Warm-up runs until its millisecond budget is spent; its samples estimate the cost
+of one call, from which the number of timed repetitions follows (``rep_ms`` over
+that estimate, clamped to ``[min_reps, max_reps]``). Every sample is kept, warm-ups
+included.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ringbench.config import TimingBudget
+
+
+@dataclass(frozen=True)
+class Timing:
+    warmup_ms: tuple[float, ...]
+    samples_ms: tuple[float, ...]
+
+
+def _time_calls_cpu(fn: Callable[[], object], count: int) -> list[float]:
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter_ns()
+        fn()
+        samples.append((time.perf_counter_ns() - start) / 1e6)
+    return samples
+
+
+def _time_calls_cuda(fn: Callable[[], object], count: int) -> list[float]:
+    # One event pair per call and a single synchronize at the end, so the host never
+    # stalls the queue between repetitions.
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(count)]
+    for start, end in pairs:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in pairs]
+
+
+def measure(fn: Callable[[], object], device: torch.device, budget: TimingBudget) -> Timing:
+    """Warm up, then time ``fn`` repeatedly; samples are milliseconds per call."""
+    time_calls = _time_calls_cuda if device.type == "cuda" else _time_calls_cpu
+    warmup = time_calls(fn, 1)
+    while sum(warmup) < budget.warmup_ms and len(warmup) < budget.max_reps:
+        warmup += time_calls(fn, 1)
+    # The first call pays one-off costs (kernel selection, workspace allocation), so it
+    # only estimates the per-call cost when nothing else is available.
+    estimate_ms = statistics.median(warmup[1:] or warmup)
+    reps = int(budget.rep_ms / max(estimate_ms, 1e-6))
+    reps = min(max(reps, budget.min_reps), budget.max_reps)
+    return Timing(tuple(warmup), tuple(time_calls(fn, reps)))
