@@ -1,0 +1,39 @@
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+# A complete, valid config for CPU: tests change one thing at a time.
+BASE_CONFIG = """\
+name: test
+implementations:
+  - name: standard
+  - name: sdpa
+    options:
+      backend: auto
+seq_lens: [64, 96]
+heads: [2]
+head_dims: [16]
+dtypes: [float32]
+timing:
+  warmup_ms: 1
+  rep_ms: 2
+  min_reps: 2
+  max_reps: 5
+"""
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """Write a config (plus the fake-implementations plugin beside it) and return its path."""
+    shutil.copy(PLUGINS / "fake_impls.py", tmp_path / "fake_impls.py")
+
+    def write(text: str = BASE_CONFIG, name: str = "sweep.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return path
+
+    return write

@@ -1,0 +1,36 @@
+"""Implementations that misbehave on purpose, for tests of the harness around them."""
+
+import time
+
+import torch
+
+from ringbench.registry import Option, Problem, register
+
+
+@register("test-oom", description="raises CUDA out-of-memory from the closure")
+def oom(problem: Problem):
+    def run():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1024.00 GiB")
+
+    return run
+
+
+@register("test-error", description="raises an ordinary exception during setup")
+def error(problem: Problem):
+    raise ValueError("bad | input\nsecond line")
+
+
+@register("test-slow", options={"sleep_ms": Option(50.0)}, description="sleeps, then returns q")
+def slow(problem: Problem):
+    seconds = problem.options["sleep_ms"] / 1e3
+
+    def run():
+        time.sleep(seconds)
+        return problem.q
+
+    return run
+
+
+@register("test-ring", uses_ring=True, description="a ring-sharded stand-in: dense attention on the whole input")
+def ring(problem: Problem):
+    return lambda: torch.nn.functional.scaled_dot_product_attention(problem.q, problem.k, problem.v)

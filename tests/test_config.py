@@ -1,0 +1,105 @@
+import dataclasses
+
+import pytest
+
+from ringbench import config
+from ringbench.errors import ConfigError
+
+from conftest import BASE_CONFIG
+
+
+def replace(old: str, new: str) -> str:
+    assert old in BASE_CONFIG
+    return BASE_CONFIG.replace(old, new)
+
+
+ERRORS = [
+    ("yaml syntax", replace("heads: [2]", "heads: [2"), "line 9, column 10: invalid YAML: expected ',' or ']', but got ':'"),
+    ("yaml mapping in sequence", replace("seq_lens: [64, 96]", "seq_lens: [64, 96]\n  bad: indent"),
+     "line 8, column 3: invalid YAML: expected <block end>, but found '<block mapping start>'"),
+    ("duplicate key", BASE_CONFIG + "heads: [4]\n", "line 16, column 1: invalid YAML: duplicate key 'heads'"),
+    ("top level not a mapping", "- 1\n- 2\n", "expected a mapping of config keys at the top level"),
+    ("unknown top-level key", BASE_CONFIG + "seq_len: [1]\n",
+     "seq_len: unknown key (known: batch_sizes, causal, description, device, dtypes, head_dims, heads, implementations, "
+     "name, output_root, passes, plugins, ring_sizes, seed, seq_lens, timing)"),
+    ("unknown timing key", replace("  max_reps: 5", "  max_reps: 5\n  reps: 3"),
+     "timing.reps: unknown key (known: max_reps, min_reps, rep_ms, warmup_ms)"),
+    ("unknown implementation key", replace("  - name: standard", "  - name: standard\n    option: {}"),
+     "implementations[0].option: unknown key (known: name, options)"),
+    ("unknown option", replace("      backend: auto", "      backend: auto\n      tile: 64"),
+     "implementations[1].options.tile: unknown option for 'sdpa' (known: backend)"),
+    ("bad option value", replace("backend: auto", "backend: flsh"),
+     "implementations[1].options.backend: must be one of auto, flash, efficient, cudnn, math (got 'flsh')"),
+    ("bad option type", replace("backend: auto", "backend: 3"), "implementations[1].options.backend: expected str, got 3"),
+    ("unknown implementation", replace("  - name: sdpa", "  - name: rign"),
+     "implementations[1].name: unknown implementation 'rign' (known: sdpa, standard, test-error, test-oom, test-ring, test-slow)"),
+    ("missing implementation name", replace("  - name: standard", "  - {}"), "implementations[0].name: required key is missing"),
+    ("duplicate implementation", replace("  - name: standard", "  - name: standard\n  - standard"),
+     "implementations[1]: duplicate value standard"),
+    ("empty list", replace("seq_lens: [64, 96]", "seq_lens: []"), "seq_lens: must not be empty"),
+    ("not a list", replace("seq_lens: [64, 96]", "seq_lens: 64"), "seq_lens: expected a list, got 64"),
+    ("zero size", replace("heads: [2]", "heads: [0]"), "heads[0]: expected a positive integer, got 0"),
+    ("negative size", replace("seq_lens: [64, 96]", "seq_lens: [64, -96]"), "seq_lens[1]: expected a positive integer, got -96"),
+    ("float size", replace("head_dims: [16]", "head_dims: [16.0]"), "head_dims[0]: expected a positive integer, got 16.0"),
+    ("bool size", replace("heads: [2]", "heads: [true]"), "heads[0]: expected a positive integer, got True"),
+    ("string size", replace("heads: [2]", "heads: ['2']"), "heads[0]: expected a positive integer, got '2'"),
+    ("duplicate size", replace("seq_lens: [64, 96]", "seq_lens: [64, 64]"), "seq_lens[1]: duplicate value 64"),
+    ("bad dtype", replace("dtypes: [float32]", "dtypes: [fp32]"),
+     "dtypes[0]: must be one of float16, bfloat16, float32, float64 (got 'fp32')"),
+    ("bad causal", BASE_CONFIG + "causal: [yes please]\n", "causal[0]: expected true or false, got 'yes please'"),
+    ("unsupported pass", BASE_CONFIG + "passes: [backward]\n", "passes[0]: must be one of forward (got 'backward')"),
+    ("bad device", BASE_CONFIG + "device: gpu\n", "device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ("negative seed", BASE_CONFIG + "seed: -1\n", "seed: expected a non-negative integer, got -1"),
+    ("bad budget", replace("rep_ms: 2", "rep_ms: 0"), "timing.rep_ms: expected a positive number, got 0"),
+    ("min above max", replace("min_reps: 2", "min_reps: 9"), "timing.min_reps: must not exceed max_reps (9 > 5)"),
+    ("missing axis", replace("heads: [2]\n", ""), "heads: required key is missing"),
+    ("missing plugin", BASE_CONFIG + "plugins: [no_such_module]\n",
+     "plugins[0]: cannot import 'no_such_module': ModuleNotFoundError: No module named 'no_such_module'"),
+]
+
+
+@pytest.mark.parametrize("text, expected", [case[1:] for case in ERRORS], ids=[case[0] for case in ERRORS])
+def test_config_errors_name_file_and_key(write_config, text, expected):
+    path = write_config(text)
+    # The fake implementations are registered by an earlier import in this process or not at all;
+    # import them explicitly so the "known" list is the same whatever order tests run in.
+    config.registry.load_plugins(("fake_impls",), path.parent)
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert str(caught.value) == f"{path}: {expected}"
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read config: .*No such file"):
+        config.load(tmp_path / "nope.yaml")
+
+
+def test_valid_config_is_frozen_and_filled_with_defaults(write_config):
+    sweep = config.load(write_config())
+    assert sweep.seq_lens == (64, 96)
+    assert sweep.ring_sizes == (1,) and sweep.batch_sizes == (1,) and sweep.causal == (False,)
+    assert sweep.passes == ("forward",) and sweep.device == "auto" and sweep.output_root == "results"
+    assert sweep.implementations[1].options == (("backend", "auto"),)
+    assert sweep.implementations[0].options == ()
+    assert sweep.timing == config.TimingBudget(warmup_ms=1.0, rep_ms=2.0, min_reps=2, max_reps=5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sweep.seq_lens = (1,)
+
+
+def test_string_shorthand_and_defaulted_options(write_config):
+    sweep = config.load(write_config(BASE_CONFIG.replace("  - name: sdpa\n    options:\n      backend: auto\n", "  - sdpa\n")))
+    assert [repr(choice) for choice in sweep.implementations] == ["standard", "sdpa(backend=auto)"]
+
+
+def test_config_hash_ignores_formatting_but_not_values(write_config):
+    first = config.load(write_config())
+    reformatted = config.load(write_config("# comment\n" + BASE_CONFIG.replace("[64, 96]", "[64,   96]"), "b.yaml"))
+    changed = config.load(write_config(BASE_CONFIG.replace("[64, 96]", "[64, 128]"), "c.yaml"))
+    assert first.hash == reformatted.hash != changed.hash
+
+
+def test_yaml_tags_that_build_objects_are_refused(write_config):
+    path = write_config(BASE_CONFIG + "description: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(ConfigError, match="could not determine a constructor"):
+        config.load(path)

@@ -1,0 +1,45 @@
+from ringbench import config, plan, registry
+
+from conftest import BASE_CONFIG
+
+
+def build(path):
+    sweep = config.load(path)
+    return plan.build(sweep, {c.name: registry.get(c.name).uses_ring for c in sweep.implementations})
+
+
+def test_ids_are_stable_across_loads_and_pinned(write_config):
+    first, second = build(write_config()), build(write_config(name="copy.yaml"))
+    assert [c.id for c in first.cells] == [c.id for c in second.cells]
+    assert len({c.id for c in first.cells}) == len(first.cells)
+    # A literal pin: the id depends only on the parameters, never on the machine, run or hash seed.
+    cell = plan.Cell("sdpa", (("backend", "auto"),), 4096, None, 1, 8, 64, "float16", False, "forward")
+    assert cell.id == "ccfd5a677a28"
+
+
+def test_ringless_implementations_take_one_cell_per_combination(write_config):
+    the_plan = build(write_config(BASE_CONFIG + "ring_sizes: [1, 2, 4]\ncausal: [false, true]\n"))
+    # 2 implementations × 2 seq_lens × 2 causal, and no ring-size multiplication.
+    assert len(the_plan.cells) == 8
+    assert {c.ring_size for c in the_plan.cells} == {None}
+    assert the_plan.excluded == ()
+
+
+def test_indivisible_ring_sizes_are_left_out_with_a_reason(write_config):
+    text = BASE_CONFIG.replace("  - name: standard\n", "  - name: test-ring\n") + "ring_sizes: [1, 3, 4]\nplugins: [fake_impls]\n"
+    the_plan = build(write_config(text))
+    ring_cells = [(c.seq_len, c.ring_size) for c in the_plan.cells if c.implementation == "test-ring"]
+    assert ring_cells == [(64, 1), (64, 4), (96, 1), (96, 3), (96, 4)]
+    assert [(e.cell.seq_len, e.cell.ring_size, e.reason) for e in the_plan.excluded] == [
+        (64, 3, "seq_len 64 is not divisible by ring_size 3")
+    ]
+    assert the_plan.excluded[0].as_dict()["reason"] == "seq_len 64 is not divisible by ring_size 3"
+
+
+def test_cells_of_one_shape_run_together(write_config):
+    the_plan = build(write_config(BASE_CONFIG + "causal: [false, true]\n"))
+    keys = [(c.causal, c.seq_len, c.implementation) for c in the_plan.cells]
+    assert keys == [
+        (False, 64, "standard"), (False, 64, "sdpa"), (False, 96, "standard"), (False, 96, "sdpa"),
+        (True, 64, "standard"), (True, 64, "sdpa"), (True, 96, "standard"), (True, 96, "sdpa"),
+    ]

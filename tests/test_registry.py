@@ -1,0 +1,63 @@
+import sys
+import textwrap
+
+import pytest
+
+from ringbench import config, registry
+from ringbench.errors import ConfigError, Invalid
+
+
+def test_register_and_resolve_options():
+    @registry.register("test-registry-demo", options={"tile": registry.Option(64, choices=(32, 64)), "scale": registry.Option(1.0)})
+    def setup(problem):
+        return lambda: problem.q
+
+    impl = registry.get("test-registry-demo")
+    assert impl.setup is setup and not impl.uses_ring
+    assert impl.resolve_options({"scale": 2}, "x") == {"scale": 2.0, "tile": 64}
+    with pytest.raises(Invalid, match=r"x.tile: must be one of 32, 64 \(got 48\)"):
+        impl.resolve_options({"tile": 48}, "x")
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("test-registry-demo")(lambda problem: None)
+
+
+def test_plugin_module_beside_the_config_registers_implementations(write_config):
+    (write_config().parent / "my_attention.py").write_text(textwrap.dedent("""
+        from ringbench.registry import register
+
+        @register("test-mine", uses_ring=True)
+        def setup(problem):
+            return lambda: problem.v
+    """))
+    path = write_config(
+        "plugins: [my_attention]\nimplementations: [test-mine]\nseq_lens: [8]\nheads: [1]\nhead_dims: [4]\ndtypes: [float32]\n"
+    )
+    sweep = config.load(path)
+    assert sweep.implementations[0].name == "test-mine"
+    assert registry.get("test-mine").uses_ring
+
+
+def test_plugin_that_raises_on_import_is_a_config_error(write_config):
+    (write_config().parent / "broken_plugin.py").write_text("raise RuntimeError('no GPU here')\n")
+    path = write_config("plugins: [broken_plugin]\nimplementations: [standard]\nseq_lens: [8]\nheads: [1]\nhead_dims: [4]\ndtypes: [float32]\n")
+    with pytest.raises(ConfigError, match=r"plugins\[0\]: cannot import 'broken_plugin': RuntimeError: no GPU here"):
+        config.load(path)
+
+
+def test_entry_point_group_is_discovered(tmp_path, monkeypatch):
+    # An installed distribution, as pip would lay it out, declaring the entry point.
+    (tmp_path / "ep_attention.py").write_text(textwrap.dedent("""
+        from ringbench.registry import register
+
+        @register("test-entry-point")
+        def setup(problem):
+            return lambda: problem.q
+    """))
+    dist = tmp_path / "ep_attention-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-attention\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[{registry.ENTRY_POINT_GROUP}]\nmine = ep_attention\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_discovered", False)
+    assert "test-entry-point" in registry.known()
+    assert "ep_attention" in sys.modules

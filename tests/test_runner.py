@@ -1,0 +1,79 @@
+import json
+
+import torch
+
+from ringbench import config, env, plan, records, registry, runner
+
+from conftest import BASE_CONFIG
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+
+    def started(self, run_dir, total):
+        self.events.append(("started", total))
+
+    def cell_started(self, index, cell):
+        self.events.append(("cell", index))
+
+    def cell_finished(self, index, cell, record):
+        self.events.append(("done", index, record["status"]))
+
+
+def run_config(path, output_root):
+    sweep = config.load(path)
+    the_plan = plan.build(sweep, {c.name: registry.get(c.name).uses_ring for c in sweep.implementations})
+    observer = Recorder()
+    result = runner.run(sweep, the_plan, str(path), torch.device("cpu"), observer, output_root)
+    return the_plan, result, observer
+
+
+def test_failures_become_records_and_the_sweep_goes_on(write_config, tmp_path):
+    text = BASE_CONFIG.replace("  - name: standard\n", "  - name: test-oom\n  - name: test-error\n  - name: standard\n")
+    the_plan, result, observer = run_config(write_config(text + "plugins: [fake_impls]\n"), tmp_path / "out")
+    stored = list(records.read_records(result.run_dir))
+    assert stored == result.records and len(stored) == len(the_plan.cells) == 8
+    by_impl = {}
+    for record in stored:
+        by_impl.setdefault(record["implementation"], []).append(record)
+    assert {r["status"] for r in by_impl["test-oom"]} == {"oom"}
+    assert by_impl["test-oom"][0]["error"] == {"type": "OutOfMemoryError", "message": "CUDA out of memory. Tried to allocate 1024.00 GiB"}
+    assert {r["status"] for r in by_impl["test-error"]} == {"error"}
+    assert by_impl["test-error"][0]["error"] == {"type": "ValueError", "message": "bad | input\nsecond line"}
+    for record in by_impl["standard"] + by_impl["sdpa"]:
+        assert record["status"] == "ok" and record["error"] is None
+        assert len(record["samples_ms"]) == record["stats"]["n"] >= 2 and record["warmup_ms"]
+        # CPU: no memory is measured, so none is invented; the inputs' size is exact.
+        assert record["memory"]["peak_allocated_mib"] is None and record["memory"]["peak_reserved_mib"] is None
+        assert record["memory"]["inputs_mib"] == 3 * 2 * record["seq_len"] * 16 * 4 / 2**20
+        assert record["tokens_per_s"] == record["seq_len"] / (record["stats"]["median_ms"] / 1e3)
+    assert observer.events[0] == ("started", 8) and observer.events[-1] == ("done", 7, "ok")
+    assert [r["cell_id"] for r in stored] == [c.id for c in the_plan.cells]
+
+
+def test_run_file_stamps_environment_config_and_plan(write_config, tmp_path):
+    text = BASE_CONFIG.replace("  - name: standard\n", "  - name: test-ring\n")
+    path = write_config(text + "ring_sizes: [1, 5]\nplugins: [fake_impls]\n")
+    the_plan, result, _ = run_config(path, tmp_path / "out")
+    meta = json.loads((result.run_dir / records.RUN_FILE).read_text())
+    assert meta["schema_version"] == records.SCHEMA_VERSION
+    assert meta["config"] == config.load(path).as_dict() and meta["config_hash"] == config.load(path).hash
+    assert [p["cell_id"] for p in meta["planned"]] == [c.id for c in the_plan.cells]
+    assert [e["reason"] for e in meta["excluded"]] == ["seq_len 64 is not divisible by ring_size 5", "seq_len 96 is not divisible by ring_size 5"]
+    environment = meta["environment"]
+    assert environment["device"] == "cpu" and environment["gpus"] == [] and environment["torch"] == torch.__version__
+    assert set(environment["git"]) == {"commit", "dirty"}
+    assert result.run_dir.parent == tmp_path / "out"
+    assert all(json.loads(line)["schema_version"] == records.SCHEMA_VERSION
+               for line in (result.run_dir / records.RECORDS_FILE).read_text().splitlines())
+
+
+def test_git_state_is_unknown_outside_a_checkout(tmp_path):
+    assert env.git_state(tmp_path) == {"commit": "unknown", "dirty": None}
+
+
+def test_run_folders_are_never_reused(tmp_path):
+    first = records.create_run_dir(tmp_path, "abcdef1234")
+    second = records.create_run_dir(tmp_path, "abcdef1234")
+    assert first != second and first.name.endswith("-abcdef12") and first.is_dir() and second.is_dir()

@@ -1,0 +1,39 @@
+import time
+
+import torch
+
+from ringbench.config import TimingBudget
+from ringbench.stats import summarize
+from ringbench.timing import measure
+
+CPU = torch.device("cpu")
+
+
+def sleeper(ms: float):
+    return lambda: time.sleep(ms / 1e3)
+
+
+def test_repetitions_are_clamped_to_max():
+    timing = measure(sleeper(1), CPU, TimingBudget(warmup_ms=0.001, rep_ms=10_000, min_reps=2, max_reps=7))
+    assert len(timing.samples_ms) == 7
+    assert len(timing.warmup_ms) == 1  # the first call alone spends the warm-up budget
+    assert all(sample >= 1.0 for sample in timing.samples_ms + timing.warmup_ms)
+
+
+def test_repetitions_are_clamped_to_min():
+    timing = measure(sleeper(2), CPU, TimingBudget(warmup_ms=0.001, rep_ms=0.001, min_reps=4, max_reps=100))
+    assert len(timing.samples_ms) == 4
+
+
+def test_warmup_stops_at_max_reps_for_trivial_closures():
+    timing = measure(lambda: None, CPU, TimingBudget(warmup_ms=10_000, rep_ms=1e-9, min_reps=1, max_reps=5))
+    assert len(timing.warmup_ms) == 5 and len(timing.samples_ms) == 1
+
+
+def test_summary_statistics():
+    stats = summarize([1.0, 2.0, 3.0, 4.0, 10.0])
+    assert stats == {
+        "n": 5, "median_ms": 3.0, "mean_ms": 4.0, "std_ms": (sum((x - 4) ** 2 for x in [1, 2, 3, 4, 10]) / 4) ** 0.5,
+        "q1_ms": 2.0, "q3_ms": 4.0, "iqr_ms": 2.0, "min_ms": 1.0, "max_ms": 10.0,
+    }
+    assert summarize([5.0])["std_ms"] == 0.0
