@@ -35,6 +35,13 @@ def mib(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:,.1f}"
 
 
-def table(frame: pd.DataFrame) -> str:
-    """A pipe table; every cell is already text, so tabulate must not reformat numbers."""
-    return tabulate(frame, headers="keys", tablefmt="pipe", showindex=False, disable_numparse=True)
+def table(frame: pd.DataFrame, text_columns: int | None = None) -> str:
+    """A pipe table of text cells (tabulate must not reformat numbers).
+
+    With ``text_columns`` given, columns after the first ``text_columns`` hold
+    figures and are right-aligned.
+    """
+    align = None
+    if text_columns is not None:
+        align = ("left",) * text_columns + ("right",) * (len(frame.columns) - text_columns)
+    return tabulate(frame, headers="keys", tablefmt="pipe", showindex=False, disable_numparse=True, colalign=align)

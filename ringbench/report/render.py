@@ -42,6 +42,13 @@ def _values(values: list[Any]) -> str:
     return ", ".join(str(v).lower() if isinstance(v, bool) else str(v) for v in values)
 
 
+def _resolved(frame: pd.DataFrame) -> list[str]:
+    """What implementations reported choosing (e.g. the kernel behind ``backend=auto``), per implementation."""
+    chosen = frame.dropna(subset=["backend"]).groupby("label", sort=False)["backend"].unique()
+    return [f"- **{escape(label)} ran**: backend {', '.join(escape(b) for b in backends)}"
+            for label, backends in chosen.items()]
+
+
 def _parameters(meta: dict[str, Any]) -> list[str]:
     config, environment = meta["config"], meta["environment"]
     timing = config["timing"]
@@ -105,7 +112,7 @@ def render_run(run: Run, level: int = 1) -> str:
     ]
     if meta["config"]["description"]:
         lines += [escape(meta["config"]["description"]), ""]
-    lines += [_heading(level + 1, "Parameters"), "", *_parameters(meta), ""]
+    lines += [_heading(level + 1, "Parameters"), "", *_parameters(meta), *_resolved(frame), ""]
     lines += [_heading(level + 1, "Results"), ""]
     lines += _results(frame, level + 1) if not frame.empty else ["No cell has finished yet.", ""]
     if meta["excluded"]:
@@ -117,6 +124,6 @@ def render_run(run: Run, level: int = 1) -> str:
 def render_report(runs: list[Run]) -> str:
     """One run renders on its own; several render as one section each, oldest first."""
     if len(runs) == 1:
-        return render_run(runs[0])
+        return render_run(runs[0]) + "\n"
     sections = [render_run(run, level=2) for run in runs]
-    return "\n".join([_heading(1, f"ringbench report: {len(runs)} runs"), "", *sections])
+    return "\n".join([_heading(1, f"ringbench report: {len(runs)} runs"), "", *sections]) + "\n"

@@ -51,7 +51,7 @@ def metric_table(group: pd.DataFrame, metric: Metric) -> str:
     pivot = frame.pivot_table(index=["implementation", "seq_len"], columns="column", values="text", aggfunc="first")
     order = sorted(pivot.index, key=lambda key: (implementations.index(key[0]), key[1]))
     pivot = pivot.reindex(index=order, columns=columns).fillna("").reset_index()
-    return table(pivot)
+    return table(pivot, text_columns=1)
 
 
 def failures(group: pd.DataFrame) -> list[str]:

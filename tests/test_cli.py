@@ -1,0 +1,93 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from ringbench import registry
+from ringbench.cli import app
+
+from conftest import BASE_CONFIG
+
+runner = CliRunner()
+
+
+def test_plan_lists_cells_and_exclusions(write_config):
+    text = BASE_CONFIG.replace("  - name: standard\n", "  - name: test-ring\n") + "ring_sizes: [1, 3]\nplugins: [fake_impls]\n"
+    path = write_config(text)
+    result = runner.invoke(app, ["plan", str(path)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == f"{path}: 5 cells planned, 1 left out"
+    assert lines[1].endswith("test-ring S=64 ring=1 B=1 H=2 D=16 float32 forward")
+    assert lines[-2:] == ["left out:", "  test-ring S=64 ring=3 B=1 H=2 D=16 float32 forward: seq_len 64 is not divisible by ring_size 3"]
+    dry = runner.invoke(app, ["run", str(path), "--dry-run", "--output-root", str(path.parent / "out")])
+    assert dry.exit_code == 0 and dry.output == result.output
+    assert not (path.parent / "out").exists()
+
+
+def test_config_error_is_one_line_exit_2_and_writes_nothing(write_config):
+    path = write_config(BASE_CONFIG.replace("  - name: sdpa", "  - name: rign"))
+    out = path.parent / "out"
+    result = runner.invoke(app, ["run", str(path), "--output-root", str(out)])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [f"{path}: implementations[1].name: unknown implementation 'rign' "
+                                          f"(known: {', '.join(registry.known())})"]
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_unavailable_device_is_a_config_error(write_config, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = write_config(BASE_CONFIG + "device: cuda:1\n")
+    result = runner.invoke(app, ["run", str(path), "--output-root", str(path.parent / "out")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"{path}: device: 'cuda:1' requested but no CUDA device is available"
+
+
+def test_run_then_report(write_config):
+    path = write_config()
+    out = path.parent / "out"
+    result = runner.invoke(app, ["run", str(path), "--output-root", str(out)])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = out.iterdir()
+    assert len((run_dir / "records.jsonl").read_text().splitlines()) == 4
+    report = runner.invoke(app, ["report", str(out), "-q"])
+    assert report.exit_code == 0, report.output
+    markdown = (out / "report.md").read_text()
+    assert markdown.startswith("# ringbench: test\n") and "**Cells**: 4 of 4 planned recorded" in markdown
+    missing = runner.invoke(app, ["report", str(path.parent / "nothing")])
+    assert missing.exit_code == 2 and missing.stderr.strip() == f"{path.parent / 'nothing'}: no such folder"
+
+
+def test_ctrl_c_keeps_every_finished_record(write_config):
+    text = BASE_CONFIG.replace("  - name: standard\n", "  - name: test-slow\n") + "plugins: [fake_impls]\n"
+    path = write_config(text.replace("seq_lens: [64, 96]", "seq_lens: [8, 16, 24, 32, 40, 48, 56, 64]"))
+    out = path.parent / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ringbench", "run", str(path), "--output-root", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    deadline = time.monotonic() + 120
+    records_file = None
+    while time.monotonic() < deadline:
+        found = list(out.glob("*/records.jsonl"))
+        if found and len(found[0].read_text().splitlines()) >= 3:
+            records_file = found[0]
+            break
+        time.sleep(0.05)
+    assert records_file is not None, "the run never wrote three records"
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, output
+    lines = records_file.read_text().splitlines()
+    assert 3 <= len(lines) < 16 and all(json.loads(line)["status"] == "ok" for line in lines)
+    assert f"interrupted: {len(lines)} finished cells kept in" in output
+    planned = json.loads((records_file.parent / "run.json").read_text())["planned"]
+    assert [json.loads(line)["cell_id"] for line in lines] == [p["cell_id"] for p in planned[: len(lines)]]
