@@ -12,7 +12,12 @@ from rich.console import Console
 
 from ringbench.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmark attention implementations for long context.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Benchmark attention implementations for long context.",
+)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 

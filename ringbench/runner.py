@@ -39,7 +39,7 @@ class RunResult:
 def resolve_device(spec: str, source: str) -> torch.device:
     """Turn the config's device into a usable torch.device, or fail before anything is written."""
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():

@@ -1,8 +1,10 @@
 import json
 
+import pytest
 import torch
 
 from ringbench import config, env, plan, records, registry, runner
+from ringbench.errors import ConfigError
 
 from conftest import BASE_CONFIG
 
@@ -77,3 +79,14 @@ def test_run_folders_are_never_reused(tmp_path):
     first = records.create_run_dir(tmp_path, "abcdef1234")
     second = records.create_run_dir(tmp_path, "abcdef1234")
     assert first != second and first.name.endswith("-abcdef12") and first.is_dir() and second.is_dir()
+
+
+def test_devices_resolve_to_an_indexed_cuda_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert runner.resolve_device("auto", "x.yaml") == torch.device("cuda", 0)
+    assert runner.resolve_device("cuda", "x.yaml") == torch.device("cuda", 0)
+    assert runner.resolve_device("cuda:1", "x.yaml") == torch.device("cuda", 1)
+    assert runner.resolve_device("cpu", "x.yaml") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"^x.yaml: device: 'cuda:2' requested but only 2 CUDA device\(s\) exist$"):
+        runner.resolve_device("cuda:2", "x.yaml")
