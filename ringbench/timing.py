@@ -1,7 +1,7 @@
 """Timing a closure: CUDA events on a GPU, ``perf_counter_ns`` on the CPU.
 
-Warm-up runs until its millisecond budget is spent; its samples estimate the cost
-of one call, from which the number of timed repetitions follows (``rep_ms`` over
+After a first call, warm-up runs until its millisecond budget is spent; its
+samples estimate the cost of one call, from which the number of timed repetitions follows (``rep_ms`` over
 that estimate, clamped to ``[min_reps, max_reps]``). Every sample is kept, warm-ups
 included.
 """
@@ -48,12 +48,12 @@ def _time_calls_cuda(fn: Callable[[], object], count: int) -> list[float]:
 def measure(fn: Callable[[], object], device: torch.device, budget: TimingBudget) -> Timing:
     """Warm up, then time ``fn`` repeatedly; samples are milliseconds per call."""
     time_calls = _time_calls_cuda if device.type == "cuda" else _time_calls_cpu
+    # The first call pays one-off costs (kernel selection and compilation, workspace
+    # allocation), so it neither counts against the warm-up budget nor feeds the estimate.
+    first = time_calls(fn, 1)
     warmup = time_calls(fn, 1)
     while sum(warmup) < budget.warmup_ms and len(warmup) < budget.max_reps:
         warmup += time_calls(fn, 1)
-    # The first call pays one-off costs (kernel selection, workspace allocation), so it
-    # only estimates the per-call cost when nothing else is available.
-    estimate_ms = statistics.median(warmup[1:] or warmup)
-    reps = int(budget.rep_ms / max(estimate_ms, 1e-6))
+    reps = int(budget.rep_ms / max(statistics.median(warmup), 1e-6))
     reps = min(max(reps, budget.min_reps), budget.max_reps)
-    return Timing(tuple(warmup), tuple(time_calls(fn, reps)))
+    return Timing(tuple(first + warmup), tuple(time_calls(fn, reps)))

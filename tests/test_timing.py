@@ -16,7 +16,7 @@ def sleeper(ms: float):
 def test_repetitions_are_clamped_to_max():
     timing = measure(sleeper(1), CPU, TimingBudget(warmup_ms=0.001, rep_ms=10_000, min_reps=2, max_reps=7))
     assert len(timing.samples_ms) == 7
-    assert len(timing.warmup_ms) == 1  # the first call alone spends the warm-up budget
+    assert len(timing.warmup_ms) == 2  # the first call, then one that spends the whole warm-up budget
     assert all(sample >= 1.0 for sample in timing.samples_ms + timing.warmup_ms)
 
 
@@ -27,7 +27,19 @@ def test_repetitions_are_clamped_to_min():
 
 def test_warmup_stops_at_max_reps_for_trivial_closures():
     timing = measure(lambda: None, CPU, TimingBudget(warmup_ms=10_000, rep_ms=1e-9, min_reps=1, max_reps=5))
-    assert len(timing.warmup_ms) == 5 and len(timing.samples_ms) == 1
+    assert len(timing.warmup_ms) == 1 + 5 and len(timing.samples_ms) == 1
+
+
+def test_a_slow_first_call_does_not_shrink_the_sample():
+    calls = []
+
+    def cold_then_fast():
+        time.sleep(0.2 if not calls else 0.001)
+        calls.append(1)
+
+    timing = measure(cold_then_fast, CPU, TimingBudget(warmup_ms=5, rep_ms=30, min_reps=2, max_reps=1000))
+    assert timing.warmup_ms[0] >= 200 and len(timing.warmup_ms) >= 2
+    assert len(timing.samples_ms) >= 5  # estimated from warm calls (~1 ms), not from the 200 ms first one
 
 
 def test_summary_statistics():
