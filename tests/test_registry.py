@@ -22,7 +22,7 @@ def test_register_and_resolve_options():
 
 
 def test_plugin_module_beside_the_config_registers_implementations(write_config):
-    (write_config().parent / "my_attention.py").write_text(textwrap.dedent("""
+    (write_config().parent / "beside_config_attention.py").write_text(textwrap.dedent("""
         from ringbench.registry import register
 
         @register("test-mine", uses_ring=True)
@@ -30,7 +30,7 @@ def test_plugin_module_beside_the_config_registers_implementations(write_config)
             return lambda: problem.v
     """))
     path = write_config(
-        "plugins: [my_attention]\nimplementations: [test-mine]\nseq_lens: [8]\nheads: [1]\nhead_dims: [4]\ndtypes: [float32]\n"
+        "plugins: [beside_config_attention]\nimplementations: [test-mine]\nseq_lens: [8]\nheads: [1]\nhead_dims: [4]\ndtypes: [float32]\n"
     )
     sweep = config.load(path)
     assert sweep.implementations[0].name == "test-mine"
