@@ -36,8 +36,7 @@ def _load(config_path: Path):
     from ringbench import config, plan, registry
 
     sweep = config.load(config_path)
-    uses_ring = {choice.name: registry.get(choice.name).uses_ring for choice in sweep.implementations}
-    return sweep, plan.build(sweep, uses_ring)
+    return sweep, plan.build(sweep, registry.get)
 
 
 def _print_plan(source: Path, the_plan) -> None:

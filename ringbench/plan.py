@@ -6,10 +6,11 @@ import hashlib
 import itertools
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:
     from ringbench.config import Sweep
+    from ringbench.registry import Implementation
 
 
 def implementation_label(name: str, options: Mapping[str, Any]) -> str:
@@ -85,16 +86,17 @@ class Plan:
     excluded: tuple[Exclusion, ...]
 
 
-def _exclusion_reason(cell: Cell) -> str | None:
+def _exclusion_reason(cell: Cell, implementation: "Implementation") -> str | None:
     if cell.ring_size is not None and cell.seq_len % cell.ring_size:
         return f"seq_len {cell.seq_len} is not divisible by ring_size {cell.ring_size}"
-    return None
+    return implementation.excludes(cell) if implementation.excludes else None
 
 
-def build(sweep: "Sweep", uses_ring: Mapping[str, bool]) -> Plan:
+def build(sweep: "Sweep", lookup: Callable[[str], "Implementation"]) -> Plan:
     """Expand a sweep into cells, shape axes outermost so one shape's cells run together.
 
-    ``uses_ring`` maps implementation name to whether it takes one cell per ring size.
+    ``lookup`` finds an implementation by name: whether it takes one cell per ring
+    size, and which cells it cannot run.
     """
     cells, excluded = [], []
     shapes = itertools.product(
@@ -102,10 +104,10 @@ def build(sweep: "Sweep", uses_ring: Mapping[str, bool]) -> Plan:
     )
     for pass_name, dtype, causal, batch, heads, head_dim, seq_len in shapes:
         for choice in sweep.implementations:
-            ring_sizes = sweep.ring_sizes if uses_ring[choice.name] else (None,)
-            for ring_size in ring_sizes:
+            implementation = lookup(choice.name)
+            for ring_size in sweep.ring_sizes if implementation.uses_ring else (None,):
                 cell = Cell(choice.name, choice.options, seq_len, ring_size, batch, heads, head_dim, dtype, causal, pass_name)
-                reason = _exclusion_reason(cell)
+                reason = _exclusion_reason(cell, implementation)
                 if reason:
                     excluded.append(Exclusion(cell, reason))
                 else:

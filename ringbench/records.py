@@ -17,7 +17,7 @@ SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"
 
-OK, OOM, ERROR = "ok", "oom", "error"
+OK, WRONG, OOM, ERROR = "ok", "wrong", "oom", "error"
 
 
 def create_run_dir(output_root: Path, commit: str) -> Path:

@@ -37,6 +37,13 @@ class Option:
     help: str = ""
 
     def validate(self, value: Any, where: str) -> Any:
+        if isinstance(self.default, tuple):  # a list of positive integers in the YAML
+            if not isinstance(value, list) or not value:
+                raise Invalid(where, f"expected a non-empty list of positive integers, got {value!r}")
+            for index, item in enumerate(value):
+                if type(item) is not int or item <= 0:
+                    raise Invalid(f"{where}[{index}]", f"expected a positive integer, got {item!r}")
+            return tuple(value)
         expected = type(self.default)
         if expected is float and type(value) is int:
             value = float(value)
@@ -65,7 +72,22 @@ class Problem:
     facts: dict[str, Any] = field(default_factory=dict)
 
 
-Setup = Callable[[Problem], Callable[[], "torch.Tensor"]]
+@dataclass(frozen=True)
+class Bench:
+    """What setup may return instead of a bare closure.
+
+    ``rank_share`` computes one rank's share of a sharded computation alone (its
+    query shard against every K/V shard, with the buffers a rank would hold); it is
+    timed and memory-measured separately and reported as a per-rank *projection*.
+    """
+
+    run: Callable[[], "torch.Tensor"]
+    rank_share: Callable[[], object] | None = None
+
+
+Setup = Callable[[Problem], "Callable[[], torch.Tensor] | Bench"]
+# Hooks over a cell's parameters (a ringbench.plan.Cell): they must not need a device.
+CellHook = Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
@@ -75,6 +97,11 @@ class Implementation:
     options: Mapping[str, Option]
     uses_ring: bool
     description: str
+    reference: str
+    flops: CellHook | None
+    memory_model: CellHook | None
+    excludes: CellHook | None
+    check_options: Callable[[Mapping[str, Any]], str | None] | None
 
     def resolve_options(self, given: Mapping[str, Any], where: str) -> dict[str, Any]:
         """Validate user options against the declared ones and fill in defaults."""
@@ -82,10 +109,14 @@ class Implementation:
             if key not in self.options:
                 known = ", ".join(sorted(self.options)) or "none"
                 raise Invalid(f"{where}.{key}", f"unknown option for '{self.name}' (known: {known})")
-        return {
+        options = {
             key: option.validate(given[key], f"{where}.{key}") if key in given else option.default
             for key, option in sorted(self.options.items())
         }
+        problem = self.check_options(options) if self.check_options else None
+        if problem:
+            raise Invalid(where, problem)
+        return options
 
 
 _implementations: dict[str, Implementation] = {}
@@ -98,11 +129,22 @@ def register(
     options: Mapping[str, Option] | None = None,
     uses_ring: bool = False,
     description: str = "",
+    reference: str = "dense",
+    flops: CellHook | None = None,
+    memory_model: CellHook | None = None,
+    excludes: CellHook | None = None,
+    check_options: Callable[[Mapping[str, Any]], str | None] | None = None,
 ) -> Callable[[Setup], Setup]:
     """Decorator: register ``setup`` under ``name``.
 
     ``uses_ring`` says the implementation splits the sequence into ``ring_size``
     shards; the plan then makes one cell per ring size, others get one cell in all.
+    ``reference`` names the float64 reference its output is checked against
+    (``dense``, ``dilated``, or ``none``). ``flops(cell)`` and ``memory_model(cell)``
+    give the modelled work and memory beyond the inputs, in FLOPs and bytes;
+    without ``flops`` dense attention's count is assumed. ``excludes(cell)``
+    returns a reason to leave a cell out of the plan, ``check_options(options)`` a
+    reason to reject a combination of options.
     """
 
     def decorate(setup: Setup) -> Setup:
@@ -114,6 +156,11 @@ def register(
             options=dict(options or {}),
             uses_ring=uses_ring,
             description=description or (setup.__doc__ or "").strip().split("\n")[0],
+            reference=reference,
+            flops=flops,
+            memory_model=memory_model,
+            excludes=excludes,
+            check_options=check_options,
         )
         return setup
 

@@ -32,7 +32,7 @@ ERRORS = [
      "implementations[1].options.backend: must be one of auto, flash, efficient, cudnn, math (got 'flsh')"),
     ("bad option type", replace("backend: auto", "backend: 3"), "implementations[1].options.backend: expected str, got 3"),
     ("unknown implementation", replace("  - name: sdpa", "  - name: rign"),
-     "implementations[1].name: unknown implementation 'rign' (known: sdpa, standard, test-error, test-oom, test-ring, test-slow)"),
+     "implementations[1].name: unknown implementation 'rign' (known: dilated, ring, ring-dilated, sdpa, standard, test-error, test-oom, test-ring, test-slow)"),
     ("missing implementation name", replace("  - name: standard", "  - {}"), "implementations[0].name: required key is missing"),
     ("duplicate implementation", replace("  - name: standard", "  - name: standard\n  - standard"),
      "implementations[1]: duplicate value standard"),

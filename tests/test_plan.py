@@ -5,7 +5,7 @@ from conftest import BASE_CONFIG
 
 def build(path):
     sweep = config.load(path)
-    return plan.build(sweep, {c.name: registry.get(c.name).uses_ring for c in sweep.implementations})
+    return plan.build(sweep, registry.get)
 
 
 def test_ids_are_stable_across_loads_and_pinned(write_config):

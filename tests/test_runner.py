@@ -25,7 +25,7 @@ class Recorder:
 
 def run_config(path, output_root):
     sweep = config.load(path)
-    the_plan = plan.build(sweep, {c.name: registry.get(c.name).uses_ring for c in sweep.implementations})
+    the_plan = plan.build(sweep, registry.get)
     observer = Recorder()
     result = runner.run(sweep, the_plan, str(path), torch.device("cpu"), observer, output_root)
     return the_plan, result, observer

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import torch
 
+from ringbench.models import DTYPE_BYTES
+from ringbench.plan import Cell
 from ringbench.registry import Problem, register
 
 
-@register("standard", description="explicit matmul → softmax → matmul (materialises two S×S temporaries)")
+def _memory_model(cell: Cell) -> int:
+    """Two S×S temporaries per head: the scores and their softmax."""
+    return 2 * cell.batch_size * cell.heads * cell.seq_len**2 * DTYPE_BYTES[cell.dtype]
+
+
+@register(
+    "standard",
+    memory_model=_memory_model,
+    description="explicit matmul → softmax → matmul (materialises two S×S temporaries)",
+)
 def setup(problem: Problem):
     q, k, v = problem.q, problem.k, problem.v
     scale = q.shape[-1] ** -0.5

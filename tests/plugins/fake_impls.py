@@ -20,7 +20,7 @@ def error(problem: Problem):
     raise ValueError("bad | input\nsecond line")
 
 
-@register("test-slow", options={"sleep_ms": Option(50.0)}, description="sleeps, then returns q")
+@register("test-slow", options={"sleep_ms": Option(50.0)}, reference="none", description="sleeps, then returns q")
 def slow(problem: Problem):
     seconds = problem.options["sleep_ms"] / 1e3
 

@@ -1,0 +1,98 @@
+"""Attention on one block with its log-sum-exp, and the float32 merge of partial results.
+
+Ring and dilated attention split one softmax into blocks. A block's output ``o``
+and natural-log log-sum-exp ``l`` (per query row) are exactly what two partial
+results need to be combined:
+
+    l = logaddexp(l1, l2);  o = o1·exp(l1 − l) + o2·exp(l2 − l)
+
+Blocks come from PyTorch's fused kernels that return the log-sum-exp (flash,
+memory-efficient, cuDNN) or, on the CPU and wherever those refuse the inputs,
+from a plain PyTorch block computed in float32.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable
+
+import torch
+
+KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
+# Fastest first, as measured on an H100 for bf16 (cuDNN > flash > efficient).
+_PREFERENCE = ("cudnn", "flash", "efficient")
+
+Block = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def _flash(q, k, v, causal):
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False)
+    return out, lse
+
+
+def _efficient(q, k, v, causal):
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal)
+    return out, lse[..., : q.shape[-2]]  # the kernel pads the row count of lse to a multiple of 32
+
+
+def _cudnn(q, k, v, causal):
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False)
+    return out, lse.reshape(q.shape[:-1])  # returned as (B, H, S, 1)
+
+
+def _math(q, k, v, causal):
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if causal:
+        rows, cols = scores.shape[-2:]
+        scores.masked_fill_(torch.ones(rows, cols, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.to(compute)).to(q.dtype), lse.float()
+
+
+_BLOCKS: dict[str, Block] = {"flash": _flash, "efficient": _efficient, "cudnn": _cudnn, "math": _math}
+
+
+@lru_cache(maxsize=None)
+def _works(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether a fused kernel accepts inputs like these, tried on a tiny problem."""
+    try:
+        probe = torch.randn(1, 1, 64, head_dim, device=device, dtype=dtype)
+        _BLOCKS[kernel](probe, probe, probe, True)
+        return True
+    except RuntimeError:
+        return False
+
+
+def choose(kernel: str, q: torch.Tensor) -> str:
+    """Resolve ``auto`` to the fastest kernel that runs these inputs; check an explicit choice."""
+    if kernel == "math":
+        return kernel
+    if q.device.type != "cuda":
+        if kernel == "auto":
+            return "math"
+        raise ValueError(f"kernel '{kernel}' needs a CUDA device (inputs are on {q.device})")
+    candidates = _PREFERENCE if kernel == "auto" else (kernel,)
+    for candidate in candidates:
+        if _works(candidate, q.device, q.dtype, q.shape[-1]):
+            return candidate
+    if kernel == "auto":
+        return "math"
+    raise ValueError(f"kernel '{kernel}' does not run {q.dtype} with head_dim {q.shape[-1]} on {q.device}")
+
+
+def attend(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool):
+    """One block: (output in q's dtype, float32 log-sum-exp per query row)."""
+    return _BLOCKS[kernel](q, k, v, causal)
+
+
+def merge_(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Fold a block result into float32 accumulators, in place.
+
+    ``acc``/``acc_lse`` may be views into larger buffers. Rows the accumulator has
+    not seen yet carry lse = −inf and take the block's values.
+    """
+    new_lse = torch.logaddexp(acc_lse, lse)
+    acc.mul_(torch.exp(acc_lse - new_lse).unsqueeze(-1))
+    acc.addcmul_(out, torch.exp(lse - new_lse).unsqueeze(-1))
+    acc_lse.copy_(new_lse)

@@ -1,0 +1,90 @@
+"""Checking an output against a float64 reference, before the cell is timed.
+
+References, by family:
+- ``dense``: softmax(q kᵀ/√d) v, causal-masked when causal.
+- ``dilated``: the same with log(number of patterns covering (q, k)) added to each
+  score and −inf where no pattern covers the pair; a row no pattern selects is 0.
+
+The whole output is checked when the sequence is at most ``FULL_CHECK_MAX_SEQ``;
+beyond that, a fixed-size random subset of query rows (seeded by the sweep's seed)
+is checked against all keys. The error measure is the relative Frobenius error
+‖out − ref‖ / ‖ref‖ over the checked rows; a cell passes when it is finite and at
+most ``TOLERANCE[dtype]``. The maximum absolute error is recorded beside it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ringbench.impls.dilated import patterns
+from ringbench.registry import Problem
+
+TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
+FULL_CHECK_MAX_SEQ = 4096
+SUBSET_ROWS = 256
+
+
+def _coverage_log(rows: torch.Tensor, seq_len: int, head: int, options: dict) -> torch.Tensor:
+    """log(number of dilated patterns covering each (row, key) pair), −inf where none do."""
+    keys = torch.arange(seq_len, device=rows.device)
+    count = torch.zeros(len(rows), seq_len, dtype=torch.float64, device=rows.device)
+    for w, r in patterns(options, seq_len):
+        offset = head % r
+        same_segment = (rows // w).unsqueeze(1) == (keys // w).unsqueeze(0)
+        row_kept = ((rows % w) % r == offset).unsqueeze(1)
+        key_kept = ((keys % w) % r == offset).unsqueeze(0)
+        count += (same_segment & row_kept & key_kept).double()
+    return count.log()
+
+
+def reference_rows(family: str, problem: Problem, rows: torch.Tensor) -> torch.Tensor:
+    """The reference output at ``rows`` (all heads and batches), float64, shape (B, H, R, D)."""
+    q, k, v = problem.q, problem.k, problem.v
+    batch, heads, seq_len, head_dim = q.shape
+    out = torch.empty(batch, heads, len(rows), head_dim, dtype=torch.float64, device=q.device)
+    keys = torch.arange(seq_len, device=q.device)
+    for h in range(heads):  # one head at a time bounds the float64 scores to R × S
+        bias = torch.zeros(len(rows), seq_len, dtype=torch.float64, device=q.device)
+        if family == "dilated":
+            bias = _coverage_log(rows, seq_len, h, dict(problem.options))
+        if problem.causal:
+            bias = bias.masked_fill(keys.unsqueeze(0) > rows.unsqueeze(1), float("-inf"))
+        for b in range(batch):
+            scores = q[b, h, rows].double() @ k[b, h].double().T / math.sqrt(head_dim) + bias
+            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key at all give 0
+            out[b, h] = probs @ v[b, h].double()
+    return out
+
+
+def check_rows(seq_len: int, seed: int, device: torch.device) -> torch.Tensor:
+    if seq_len <= FULL_CHECK_MAX_SEQ:
+        return torch.arange(seq_len, device=device)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(seq_len, generator=generator)[:SUBSET_ROWS].sort().values.to(device)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def check(family: str, problem: Problem, output: torch.Tensor, dtype: str, seed: int) -> dict[str, Any]:
+    """Compare ``output`` with the family's reference; the result goes into the record."""
+    seq_len = problem.q.shape[2]
+    rows = check_rows(seq_len, seed, problem.q.device)
+    reference = reference_rows(family, problem, rows)
+    difference = output[:, :, rows].double() - reference
+    max_abs = difference.abs().max().item()
+    norm = reference.norm().item()
+    relative = difference.norm().item() / norm if norm > 0 else max_abs
+    tolerance = TOLERANCE[dtype]
+    return {
+        "reference": family,
+        "rows_checked": len(rows),
+        "max_abs_error": _finite_or_none(max_abs),
+        "rel_error": _finite_or_none(relative),
+        "tolerance": tolerance,
+        "passed": math.isfinite(relative) and relative <= tolerance,
+    }

@@ -1,0 +1,174 @@
+"""Dilated attention (LongNet, Ding et al. 2023), on one device and ring-sharded.
+
+A pattern (w, r) cuts the sequence into segments of length w and, within each,
+keeps every r-th position starting at offset (head index mod r); attention is dense
+inside each sparse segment, and rows a pattern does not select get nothing from it.
+Several patterns are mixed with weights proportional to each one's softmax
+denominator, which is exactly a log-sum-exp merge of their outputs.
+
+Segment-length rule: a segment longer than the sequence is clipped to the sequence
+(LongNet's convention); otherwise seq_len must be a multiple of w, and cells where
+it is not are left out of the plan with the reason.
+
+``ring-dilated`` shards the sequence into ``ring_size`` shards. A pattern whose
+segment fits in a shard is computed locally by every rank; a larger segment spans
+g = w / shard_len shards, and its ranks exchange only the sparse rows the pattern
+selects, ring-fashion, the diagonal block causal and later shards skipped when causal.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from ringbench import blocks
+from ringbench.models import DTYPE_BYTES
+from ringbench.plan import Cell
+from ringbench.registry import Option, Problem, register
+
+OPTIONS = {
+    "segment_lengths": Option((2048, 4096), help="segment length w of each pattern"),
+    "dilation_rates": Option((1, 2), help="dilation rate r of each pattern"),
+    "kernel": Option("auto", choices=blocks.KERNELS, help="block kernel; auto picks the fastest that runs"),
+}
+
+
+def patterns(options: Mapping[str, Any], seq_len: int) -> list[tuple[int, int]]:
+    """Effective (w, r) pairs for a sequence: segments longer than it are clipped to it."""
+    return [(min(w, seq_len), r) for w, r in zip(options["segment_lengths"], options["dilation_rates"])]
+
+
+def _check_options(options: Mapping[str, Any]) -> str | None:
+    lengths, rates = options["segment_lengths"], options["dilation_rates"]
+    if len(lengths) != len(rates):
+        return f"segment_lengths and dilation_rates differ in length ({len(lengths)} and {len(rates)})"
+    for w, r in zip(lengths, rates):
+        if w % r:
+            return f"segment length {w} is not divisible by its dilation rate {r}"
+    if len(set(zip(lengths, rates))) != len(lengths):
+        return "a pattern (segment length, dilation rate) is repeated"
+    return None
+
+
+def _excludes(cell: Cell) -> str | None:
+    options = dict(cell.options)
+    for w, r in patterns(options, cell.seq_len):
+        if cell.seq_len % w:
+            return f"seq_len {cell.seq_len} is not divisible by segment length {w}"
+        if w % r:
+            return f"segment clipped to seq_len {w} is not divisible by dilation rate {r}"
+        if cell.ring_size is not None:
+            shard_len = cell.seq_len // cell.ring_size
+            if w <= shard_len and shard_len % w:
+                return f"shard length {shard_len} is not a multiple of segment length {w}"
+            if w > shard_len and (w % shard_len or shard_len % r):
+                return f"segment length {w} does not span whole shards of {shard_len} with dilation {r}"
+    return None
+
+
+def _flops(cell: Cell) -> float:
+    """Only computed blocks count: per pattern, dense attention within each sparse segment."""
+    total = 0.0
+    for w, r in patterns(dict(cell.options), cell.seq_len):
+        sparse_len = w // r
+        total += 4 * cell.batch_size * cell.heads * (cell.seq_len // w) * sparse_len**2 * cell.head_dim
+    return total / 2 if cell.causal else total
+
+
+def _memory_model(cell: Cell) -> int:
+    """Bytes beyond the inputs at the peak: accumulators and output, plus the largest
+    pattern's transients (its sparse q, k, v and block output in the input dtype, and
+    the gathered float32 accumulator rows when r > 1)."""
+    rows = cell.batch_size * cell.heads * cell.seq_len
+    element = DTYPE_BYTES[cell.dtype]
+    resident = rows * cell.head_dim * (4 + element) + rows * 4
+    transient = 0
+    for _, r in patterns(dict(cell.options), cell.seq_len):
+        sparse_rows = rows // r
+        gathered = 0 if r == 1 else sparse_rows * cell.head_dim * (3 * element + 4) + sparse_rows * 4
+        transient = max(transient, gathered + sparse_rows * cell.head_dim * element + sparse_rows * 4 * 3)
+    return resident + transient
+
+
+def _offsets_index(heads: int, w: int, r: int, device: torch.device) -> torch.Tensor:
+    """Positions kept within a segment, per head: (h mod r) + r·j for j < w/r."""
+    return (torch.arange(heads, device=device) % r).unsqueeze(1) + r * torch.arange(w // r, device=device)
+
+
+def _segments(x: torch.Tensor, w: int, r: int, index: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, …) → (B, H, S/w, w/r, …): the rows a pattern keeps, grouped by segment."""
+    b, h, s = x.shape[:3]
+    tail = x.shape[3:]
+    grouped = x.view(b, h, s // w, w, *tail)
+    if r == 1:
+        return grouped
+    gather_index = index.view(1, h, 1, w // r, *(1 for _ in tail)).expand(b, h, s // w, w // r, *tail)
+    return grouped.gather(3, gather_index)
+
+
+def _scatter_back(target: torch.Tensor, w: int, r: int, index: torch.Tensor, values: torch.Tensor) -> None:
+    if r == 1:
+        return  # values was a view of target and has been updated in place
+    b, h, s = target.shape[:3]
+    tail = target.shape[3:]
+    scatter_index = index.view(1, h, 1, w // r, *(1 for _ in tail)).expand(values.shape)
+    target.view(b, h, s // w, w, *tail).scatter_(3, scatter_index, values)
+
+
+def _pattern(q, k, v, acc, acc_lse, w, r, parts, causal, kernel):
+    """Fold one pattern into the accumulators; its segments split into ``parts`` shards."""
+    b, h = q.shape[:2]
+    index = _offsets_index(h, w, r, q.device)
+    qs, ks, vs = (_segments(t, w, r, index) for t in (q, k, v))
+    acc_rows, lse_rows = _segments(acc, w, r, index), _segments(acc_lse, w, r, index)
+    part_len = w // r // parts
+
+    def part(t: torch.Tensor, i: int) -> torch.Tensor:
+        # (B, H, G, w/r, …) → part i of every segment, segments folded into the head dimension
+        piece = t[:, :, :, i * part_len:(i + 1) * part_len]
+        return piece.flatten(1, 2)
+
+    for step in range(parts):
+        for rank in range(parts):
+            kv_rank = (rank - step) % parts
+            if causal and kv_rank > rank:
+                continue  # a later shard of the segment: wholly above the diagonal
+            out, lse = blocks.attend(kernel, part(qs, rank), part(ks, kv_rank), part(vs, kv_rank), causal and step == 0)
+            target, target_lse = part(acc_rows, rank), part(lse_rows, rank)
+            blocks.merge_(target, target_lse, out, lse)
+    _scatter_back(acc, w, r, index, acc_rows)
+    _scatter_back(acc_lse, w, r, index, lse_rows)
+
+
+def _setup(problem: Problem, sharded: bool):
+    q, k, v = problem.q, problem.k, problem.v
+    kernel = blocks.choose(problem.options["kernel"], q)
+    problem.facts["kernel"] = kernel
+    seq_len = q.shape[2]
+    shard_len = seq_len // problem.ring_size if sharded else seq_len
+    pattern_list = patterns(problem.options, seq_len)
+
+    def run() -> torch.Tensor:
+        acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        acc_lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        for w, r in pattern_list:
+            parts = w // shard_len if w > shard_len else 1
+            _pattern(q, k, v, acc, acc_lse, w, r, parts, problem.causal, kernel)
+        return acc.to(q.dtype)
+
+    return run
+
+
+COMMON = dict(options=OPTIONS, reference="dilated", flops=_flops, memory_model=_memory_model,
+              excludes=_excludes, check_options=_check_options)
+
+
+@register("dilated", description="LongNet dilated attention on one device", **COMMON)
+def setup_dilated(problem: Problem):
+    return _setup(problem, sharded=False)
+
+
+@register("ring-dilated", uses_ring=True, description="LongNet dilated attention, ring-sharded", **COMMON)
+def setup_ring_dilated(problem: Problem):
+    return _setup(problem, sharded=True)

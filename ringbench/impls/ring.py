@@ -1,0 +1,186 @@
+"""Ring attention (Liu et al. 2023) on one device.
+
+The sequence is split into ``ring_size`` shards, one per (simulated) rank. In ring
+step t every rank r attends its query shard to the K/V shard of rank (r − t) mod P,
+the one it would have just received from its neighbour. Each block is computed by a
+fused kernel that returns the log-sum-exp, and partial results are merged in float32.
+
+On one device the P blocks of a step run as one batched kernel call, since a device
+would otherwise run the ranks one after another. So that a single device's tiling is
+never presented as distribution, ``rank_share`` runs one rank's share alone (its query
+shard against every K/V shard, received into a buffer as a rank would), and the
+harness reports its time and memory as a per-rank *projection*.
+
+Causal: the diagonal block runs causal and blocks wholly above the diagonal are
+skipped. With ``zigzag`` the sequence is cut into 2P chunks and rank r holds chunks
+r and 2P−1−r, so every rank does the same work in every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ringbench import blocks
+from ringbench.models import DTYPE_BYTES
+from ringbench.plan import Cell
+from ringbench.registry import Bench, Option, Problem, register
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One rank's block in one step: which K/V shard, and which rows of each shard."""
+
+    kv_rank: int
+    q_rows: slice
+    kv_rows: slice
+    causal: bool
+
+
+def ring_block(rank: int, step: int, ring_size: int, shard_len: int, causal: bool, zigzag: bool) -> BlockSpec | None:
+    """The block rank ``rank`` computes in ring step ``step``; None when it skips the step."""
+    kv_rank = (rank - step) % ring_size
+    every = slice(0, shard_len)
+    if step == 0:
+        return BlockSpec(kv_rank, every, every, causal)
+    if not causal:
+        return BlockSpec(kv_rank, every, every, False)
+    if zigzag:
+        half = shard_len // 2
+        if kv_rank < rank:  # K/V chunk kv_rank precedes both query chunks; chunk 2P−1−kv_rank follows both
+            return BlockSpec(kv_rank, every, slice(0, half), False)
+        # Only the later query chunk (2P−1−rank) sees this rank's K/V, and it sees both chunks.
+        return BlockSpec(kv_rank, slice(half, shard_len), every, False)
+    return BlockSpec(kv_rank, every, every, False) if kv_rank < rank else None
+
+
+def _zigzag_order(ring_size: int) -> list[int]:
+    """Chunk order of a zigzag-sharded sequence: rank r holds chunks r and 2P−1−r."""
+    return [chunk for rank in range(ring_size) for chunk in (rank, 2 * ring_size - 1 - rank)]
+
+
+def shard(x: torch.Tensor, ring_size: int, zigzag: bool) -> torch.Tensor:
+    """(B, H, S, D) → (P, B, H, S/P, D), each rank's shard contiguous."""
+    b, h, s, d = x.shape
+    if zigzag:
+        chunks = x.view(b, h, 2 * ring_size, s // (2 * ring_size), d)
+        order = torch.tensor(_zigzag_order(ring_size), device=x.device)
+        x = chunks.index_select(2, order)
+    return x.reshape(b, h, ring_size, s // ring_size, d).permute(2, 0, 1, 3, 4).contiguous()
+
+
+def unshard(acc: torch.Tensor, dtype: torch.dtype, zigzag: bool) -> torch.Tensor:
+    """(P, B, H, S/P, D) float32 → (B, H, S, D) in ``dtype``, sequence back in natural order."""
+    p, b, h, n, d = acc.shape
+    out = torch.empty(b, h, p * n, d, dtype=dtype, device=acc.device)
+    if not zigzag:
+        out.view(b, h, p, n, d).copy_(acc.permute(1, 2, 0, 3, 4))
+        return out
+    halves = acc.view(p, b, h, 2, n // 2, d)
+    chunks = out.view(b, h, 2 * p, n // 2, d)
+    chunks[:, :, :p].copy_(halves[:, :, :, 0].permute(1, 2, 0, 3, 4))
+    reversed_ranks = torch.arange(p - 1, -1, -1, device=acc.device)
+    chunks[:, :, p:].copy_(halves.index_select(0, reversed_ranks)[:, :, :, 1].permute(1, 2, 0, 3, 4))
+    return out
+
+
+def _groups(step: int, ring_size: int, shard_len: int, causal: bool, zigzag: bool):
+    """Runs of consecutive ranks whose blocks in this step can share one batched kernel call."""
+    runs: list[tuple[int, int, BlockSpec]] = []  # (first rank, last rank, spec of the first rank)
+    previous: BlockSpec | None = None
+    for rank in range(ring_size):
+        spec = ring_block(rank, step, ring_size, shard_len, causal, zigzag)
+        joins = (
+            spec is not None and previous is not None and runs and runs[-1][1] == rank - 1
+            and (spec.q_rows, spec.kv_rows, spec.causal) == (previous.q_rows, previous.kv_rows, previous.causal)
+            and spec.kv_rank == previous.kv_rank + 1
+        )
+        if joins:
+            runs[-1] = (runs[-1][0], rank, runs[-1][2])
+        elif spec is not None:
+            runs.append((rank, rank, spec))
+        previous = spec
+    return runs
+
+
+def _all_ranks(problem: Problem, kernel: str, zigzag: bool):
+    q, k, v = (shard(t, problem.ring_size, zigzag) for t in (problem.q, problem.k, problem.v))
+    ring_size, shard_len = q.shape[0], q.shape[3]
+
+    def run() -> torch.Tensor:
+        acc = acc_lse = None
+        for step in range(ring_size):
+            for first, last, spec in _groups(step, ring_size, shard_len, problem.causal, zigzag):
+                ranks, kv_ranks = slice(first, last + 1), slice(spec.kv_rank, spec.kv_rank + last - first + 1)
+                out, lse = blocks.attend(
+                    kernel,
+                    q[ranks, :, :, spec.q_rows].flatten(0, 1),
+                    k[kv_ranks, :, :, spec.kv_rows].flatten(0, 1),
+                    v[kv_ranks, :, :, spec.kv_rows].flatten(0, 1),
+                    spec.causal,
+                )
+                if acc is None:  # step 0 is every rank's full diagonal block
+                    acc, acc_lse = out.float().view(q.shape), lse.view(q.shape[:-1])
+                    continue
+                target = acc[ranks, :, :, spec.q_rows]
+                target_lse = acc_lse[ranks, :, :, spec.q_rows]
+                blocks.merge_(target, target_lse, out.view(target.shape), lse.view(target_lse.shape))
+        return unshard(acc, problem.q.dtype, zigzag)
+
+    def rank_share() -> torch.Tensor:
+        # The busiest rank: all ranks are equal unless causal without zigzag, where the last does most.
+        rank = ring_size - 1
+        received_k, received_v = torch.empty_like(k[0]), torch.empty_like(v[0])
+        acc = acc_lse = None
+        for step in range(ring_size):
+            spec = ring_block(rank, step, ring_size, shard_len, problem.causal, zigzag)
+            if spec is None:
+                continue
+            received_k.copy_(k[spec.kv_rank])  # what the receive from the neighbour would deliver
+            received_v.copy_(v[spec.kv_rank])
+            out, lse = blocks.attend(
+                kernel, q[rank][:, :, spec.q_rows], received_k[:, :, spec.kv_rows], received_v[:, :, spec.kv_rows], spec.causal
+            )
+            if acc is None:
+                acc, acc_lse = out.float(), lse
+            else:
+                blocks.merge_(acc[:, :, spec.q_rows], acc_lse[:, :, spec.q_rows], out, lse)
+        return acc
+
+    return Bench(run=run, rank_share=rank_share)
+
+
+def _excludes(cell: Cell) -> str | None:
+    if dict(cell.options)["zigzag"] and cell.seq_len % (2 * cell.ring_size):
+        return f"zigzag needs seq_len divisible by 2 × ring_size ({2 * cell.ring_size})"
+    return None
+
+
+def _memory_model(cell: Cell) -> int:
+    """Bytes beyond the inputs at the peak of ``run``.
+
+    The float32 accumulator (4 bytes per output element) and its log-sum-exp live
+    throughout; on top of them come either one step's block output in the input
+    dtype with its log-sum-exp, or, at the end, the output itself. The sharded copy
+    of q, k, v made at setup is part of the baseline, not of this figure.
+    """
+    rows = cell.batch_size * cell.heads * cell.seq_len
+    element = DTYPE_BYTES[cell.dtype]
+    return rows * cell.head_dim * (4 + element) + rows * 4 * 2
+
+
+@register(
+    "ring",
+    uses_ring=True,
+    options={
+        "kernel": Option("auto", choices=blocks.KERNELS, help="block kernel; auto picks the fastest that runs"),
+        "zigzag": Option(False, help="shard r holds chunks r and 2P−1−r (balances causal work)"),
+    },
+    excludes=_excludes,
+    memory_model=_memory_model,
+    description="ring attention on one device: fused blocks with log-sum-exp, merged in float32",
+)
+def setup(problem: Problem) -> Bench:
+    kernel = blocks.choose(problem.options["kernel"], problem.q)
+    problem.facts["kernel"] = kernel
+    return _all_ranks(problem, kernel, problem.options["zigzag"])
