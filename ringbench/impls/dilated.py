@@ -77,18 +77,23 @@ def _flops(cell: Cell) -> float:
 
 
 def _memory_model(cell: Cell) -> int:
-    """Bytes beyond the inputs at the peak: accumulators and output, plus the largest
-    pattern's transients (its sparse q, k, v and block output in the input dtype, and
-    the gathered float32 accumulator rows when r > 1)."""
+    """Bytes beyond the inputs at the peak.
+
+    The float32 accumulator and its log-sum-exp live throughout. On top of them
+    comes, at the end, the output in the input dtype, or, while a pattern runs, its
+    transients: the block output and its log-sum-exp and, when r > 1, the gathered
+    sparse q, k, v and the gathered float32 accumulator rows.
+    """
     rows = cell.batch_size * cell.heads * cell.seq_len
     element = DTYPE_BYTES[cell.dtype]
-    resident = rows * cell.head_dim * (4 + element) + rows * 4
-    transient = 0
+    resident = rows * (cell.head_dim * 4 + 4)
+    on_top = rows * cell.head_dim * element  # the final output
     for _, r in patterns(dict(cell.options), cell.seq_len):
         sparse_rows = rows // r
-        gathered = 0 if r == 1 else sparse_rows * cell.head_dim * (3 * element + 4) + sparse_rows * 4
-        transient = max(transient, gathered + sparse_rows * cell.head_dim * element + sparse_rows * 4 * 3)
-    return resident + transient
+        block = sparse_rows * (cell.head_dim * element + 4)
+        gathered = 0 if r == 1 else sparse_rows * (cell.head_dim * (3 * element + 4) + 4)
+        on_top = max(on_top, block + gathered)
+    return resident + on_top
 
 
 def _offsets_index(heads: int, w: int, r: int, device: torch.device) -> torch.Tensor:

@@ -79,8 +79,8 @@ def unshard(acc: torch.Tensor, dtype: torch.dtype, zigzag: bool) -> torch.Tensor
     halves = acc.view(p, b, h, 2, n // 2, d)
     chunks = out.view(b, h, 2 * p, n // 2, d)
     chunks[:, :, :p].copy_(halves[:, :, :, 0].permute(1, 2, 0, 3, 4))
-    reversed_ranks = torch.arange(p - 1, -1, -1, device=acc.device)
-    chunks[:, :, p:].copy_(halves.index_select(0, reversed_ranks)[:, :, :, 1].permute(1, 2, 0, 3, 4))
+    for rank in range(p):  # the later chunks run in reverse rank order; copied one by one to avoid a temporary
+        chunks[:, :, 2 * p - 1 - rank].copy_(halves[rank, :, :, 1])
     return out
 
 
@@ -125,6 +125,7 @@ def _all_ranks(problem: Problem, kernel: str, zigzag: bool):
                 target = acc[ranks, :, :, spec.q_rows]
                 target_lse = acc_lse[ranks, :, :, spec.q_rows]
                 blocks.merge_(target, target_lse, out.view(target.shape), lse.view(target_lse.shape))
+            del out, lse  # free the step's block before the next one (or the output) is allocated
         return unshard(acc, problem.q.dtype, zigzag)
 
     def rank_share() -> torch.Tensor:
@@ -145,6 +146,7 @@ def _all_ranks(problem: Problem, kernel: str, zigzag: bool):
                 acc, acc_lse = out.float(), lse
             else:
                 blocks.merge_(acc[:, :, spec.q_rows], acc_lse[:, :, spec.q_rows], out, lse)
+            del out, lse
         return acc
 
     return Bench(run=run, rank_share=rank_share)

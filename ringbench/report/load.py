@@ -15,8 +15,9 @@ from ringbench.plan import implementation_label
 
 COLUMNS = [
     "cell_id", "implementation", "label", "seq_len", "ring_size", "batch_size", "heads", "head_dim",
-    "dtype", "causal", "pass", "status", "median_ms", "iqr_ms", "n", "peak_mib", "tokens_per_s",
-    "backend", "error_type", "error_message",
+    "dtype", "causal", "pass", "status", "median_ms", "iqr_ms", "n", "peak_mib", "modelled_mib", "tokens_per_s",
+    "tflops", "projected_ms", "projected_iqr_ms", "projected_mib", "rel_error", "max_abs_error", "tolerance",
+    "rows_checked", "facts", "error_type", "error_message",
 ]
 
 
@@ -45,6 +46,10 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
     stats = record.get("stats") or {}
     memory = record.get("memory") or {}
     error = record.get("error") or {}
+    check = record.get("check") or {}
+    projected = record.get("projected") or {}
+    projected_stats = projected.get("stats") or {}
+    facts = record.get("facts") or {}
     return {
         "cell_id": record["cell_id"],
         "implementation": record["implementation"],
@@ -62,8 +67,17 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "iqr_ms": stats.get("iqr_ms"),
         "n": stats.get("n"),
         "peak_mib": memory.get("peak_allocated_mib"),
+        "modelled_mib": memory.get("modelled_mib"),
         "tokens_per_s": record.get("tokens_per_s"),
-        "backend": (record.get("facts") or {}).get("backend"),
+        "tflops": record.get("tflops"),
+        "projected_ms": projected_stats.get("median_ms"),
+        "projected_iqr_ms": projected_stats.get("iqr_ms"),
+        "projected_mib": projected.get("peak_allocated_mib"),
+        "rel_error": check.get("rel_error"),
+        "max_abs_error": check.get("max_abs_error"),
+        "tolerance": check.get("tolerance"),
+        "rows_checked": check.get("rows_checked"),
+        "facts": ", ".join(f"{key} {value}" for key, value in sorted(facts.items())) or None,
         "error_type": error.get("type"),
         "error_message": error.get("message"),
     }

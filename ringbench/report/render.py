@@ -44,9 +44,9 @@ def _values(values: list[Any]) -> str:
 
 def _resolved(frame: pd.DataFrame) -> list[str]:
     """What implementations reported choosing (e.g. the kernel behind ``backend=auto``), per implementation."""
-    chosen = frame.dropna(subset=["backend"]).groupby("label", sort=False)["backend"].unique()
-    return [f"- **{escape(label)} ran**: backend {', '.join(escape(b) for b in backends)}"
-            for label, backends in chosen.items()]
+    chosen = frame.dropna(subset=["facts"]).groupby("label", sort=False)["facts"].unique()
+    return [f"- **{escape(label)} ran**: {'; '.join(escape(facts) for facts in choices)}"
+            for label, choices in chosen.items()]
 
 
 def _parameters(meta: dict[str, Any]) -> list[str]:
@@ -74,10 +74,10 @@ def _results(frame: pd.DataFrame, level: int) -> list[str]:
         if len(groups) > 1:
             lines += [_heading(level + 1, shape_title(key)), ""]
         for metric in METRICS:
-            if metric.measured_on_cpu or group["peak_mib"].notna().any():
+            if metric.shown(group):
                 lines += [f"**{metric.title}**", "", metric_table(group, metric), ""]
-            else:
-                lines += [f"**{metric.title}**: not measured on the CPU.", ""]
+            elif metric.absent:
+                lines += [f"**{metric.title}**: {metric.absent}", ""]
         failed = failures(group)
         if failed:
             lines += ["Failed cells:", "", *failed, ""]

@@ -12,20 +12,47 @@ from ringbench.report.markdown import escape, mib, ms, table
 
 NO_RING = "no ring"
 FAILED = {records.OOM: "OOM", records.ERROR: "error"}
+MEASURED = (records.OK, records.WRONG)  # statuses whose cells carry numbers
 SHAPE = ["pass", "dtype", "causal", "batch_size", "heads", "head_dim"]
+
+
+def _present(column: str) -> Callable[[pd.DataFrame], bool]:
+    return lambda group: bool(group[column].notna().any())
+
+
+def _memory(row) -> str:
+    modelled = "" if pd.isna(row.modelled_mib) else f" (model {mib(row.modelled_mib)})"
+    return f"{mib(row.peak_mib)}{modelled}"
+
+
+def _projected(row) -> str:
+    if pd.isna(row.projected_ms):
+        return ""
+    return f"{ms(row.projected_ms)} ± {ms(row.projected_iqr_ms)} ms, {mib(row.projected_mib)} MiB"
+
+
+def _error(row) -> str:
+    return "n/a" if pd.isna(row.rel_error) else f"{row.rel_error:.1e}"
 
 
 @dataclass(frozen=True)
 class Metric:
     title: str
-    text: Callable[[pd.Series], str]  # for a row whose status is ok
-    measured_on_cpu: bool = True
+    text: Callable[[pd.Series], str]  # for a row that was measured
+    shown: Callable[[pd.DataFrame], bool] = lambda group: True
+    absent: str = ""  # said instead of the table when it is not shown
+    rows_with: str | None = None  # only implementations with a value in this column get rows
 
 
 METRICS = (
     Metric("Median time (ms ± IQR)", lambda row: f"{ms(row.median_ms)} ± {ms(row.iqr_ms)}"),
-    Metric("Peak memory above inputs (MiB)", lambda row: mib(row.peak_mib), measured_on_cpu=False),
-    Metric("Throughput (tokens/s)", lambda row: f"{row.tokens_per_s:,.0f}"),
+    Metric("Throughput (TFLOP/s)", lambda row: f"{row.tflops:,.1f}", _present("tflops")),
+    Metric("Peak memory above inputs, measured (modelled), MiB", _memory, _present("peak_mib"),
+           "not measured on the CPU."),
+    Metric("Projected per rank: one rank's share alone (ms ± IQR, MiB above inputs)", _projected,
+           _present("projected_ms"), rows_with="projected_ms"),
+    Metric("Tokens per second", lambda row: f"{row.tokens_per_s:,.0f}"),
+    Metric("Relative error against the float64 reference", _error, _present("rel_error")),
 )
 
 
@@ -38,12 +65,21 @@ def _ring_column(ring_size: float | None) -> str:
     return NO_RING if pd.isna(ring_size) else f"ring {int(ring_size)}"
 
 
+def _cell_text(metric: Metric, row) -> str:
+    if row.status not in MEASURED:
+        return FAILED.get(row.status, row.status)
+    text = metric.text(row)
+    return f"{text} (wrong)" if row.status == records.WRONG and text else text
+
+
 def metric_table(group: pd.DataFrame, metric: Metric) -> str:
+    if metric.rows_with:
+        labels = group.loc[group[metric.rows_with].notna(), "label"].unique()
+        group = group[group["label"].isin(labels)]
     frame = group.assign(
         implementation=group["label"].map(escape),
         column=group["ring_size"].map(_ring_column),
-        text=[metric.text(row) if row.status == records.OK else FAILED.get(row.status, row.status)
-              for row in group.itertuples()],
+        text=[_cell_text(metric, row) for row in group.itertuples()],
     )
     implementations = list(dict.fromkeys(frame["implementation"]))
     rings = sorted(frame["ring_size"].dropna().unique())
@@ -59,6 +95,10 @@ def failures(group: pd.DataFrame) -> list[str]:
     lines = []
     for row in group[group["status"] != records.OK].itertuples():
         ring = "" if pd.isna(row.ring_size) else f" ring {int(row.ring_size)}"
-        message = escape(f"{row.error_type}: {row.error_message}", limit=300)
+        if row.status == records.WRONG:
+            message = (f"relative error {_error(row)} exceeds the tolerance {row.tolerance:.0e} "
+                       f"({int(row.rows_checked)} rows checked)")
+        else:
+            message = escape(f"{row.error_type}: {row.error_message}", limit=300)
         lines.append(f"- {escape(row.label)} S={row.seq_len}{ring}: **{FAILED.get(row.status, row.status)}** — {message}")
     return lines
