@@ -101,10 +101,16 @@ def _fused_merge() -> Callable:
     return torch.compile(_merge, dynamic=True)
 
 
+# Below this many accumulator elements a merge is bound by launches, not memory, and
+# the compiled function's per-call guard checks cost more than the passes it saves.
+FUSED_MERGE_MIN_ELEMENTS = 2**24
+
+
 def merge_(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Fold a block result into float32 accumulators, in place.
 
     ``acc``/``acc_lse`` may be views into larger buffers. Rows the accumulator has
     not seen yet carry lse = −inf and take the block's values.
     """
-    (_fused_merge() if acc.is_cuda else _merge)(acc, acc_lse, out, lse)
+    fused = acc.is_cuda and acc.numel() >= FUSED_MERGE_MIN_ELEMENTS
+    (_fused_merge() if fused else _merge)(acc, acc_lse, out, lse)
