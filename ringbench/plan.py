@@ -17,7 +17,16 @@ def implementation_label(name: str, options: Mapping[str, Any]) -> str:
     """``sdpa(backend=flash)``: how an implementation with its options is named in tables."""
     if not options:
         return name
-    return f"{name}({', '.join(f'{k}={v}' for k, v in sorted(options.items()))})"
+    return f"{name}({', '.join(f'{k}={_option_text(v)}' for k, v in sorted(options.items()))})"
+
+
+def _option_text(value: Any) -> str:
+    """Options as the YAML spells them: true/false, [1, 2]."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return f"[{', '.join(str(item) for item in value)}]"
+    return str(value)
 
 
 @dataclass(frozen=True)
