@@ -34,3 +34,13 @@ def slow(problem: Problem):
 @register("test-ring", uses_ring=True, description="a ring-sharded stand-in: dense attention on the whole input")
 def ring(problem: Problem):
     return lambda: torch.nn.functional.scaled_dot_product_attention(problem.q, problem.k, problem.v)
+
+
+@register("test-wrong", description="returns v instead of attention: checked and marked wrong")
+def wrong(problem: Problem):
+    return lambda: problem.v.clone()
+
+
+@register("test-nan", description="returns NaN everywhere")
+def nan(problem: Problem):
+    return lambda: torch.full_like(problem.q, float("nan"))

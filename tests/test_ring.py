@@ -1,0 +1,105 @@
+import itertools
+import math
+
+import pytest
+import torch
+
+from ringbench import blocks, correctness, registry
+from ringbench.impls.ring import ring_block, shard, unshard
+from ringbench.plan import Cell
+
+
+def problem(seq_len, ring_size, causal, zigzag, kernel="auto", seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 3, seq_len, 16, generator=generator, dtype=dtype) for _ in range(3))
+    return registry.Problem(q=q, k=k, v=v, causal=causal, ring_size=ring_size,
+                            options={"kernel": kernel, "zigzag": zigzag})
+
+
+def excluded(seq_len, ring_size, zigzag):
+    cell = Cell("ring", (("kernel", "auto"), ("zigzag", zigzag)), seq_len, ring_size, 2, 3, 16, "float32", False, "forward")
+    return seq_len % ring_size or registry.get("ring").excludes(cell)
+
+
+GRID = [
+    (seq_len, ring_size, causal, zigzag)
+    for seq_len, ring_size, causal, zigzag in itertools.product([48, 60, 96], range(1, 9), [False, True], [False, True])
+    if not excluded(seq_len, ring_size, zigzag)
+]
+
+
+@pytest.mark.parametrize("seq_len, ring_size, causal, zigzag", GRID)
+def test_ring_matches_float64_reference(seq_len, ring_size, causal, zigzag):
+    p = problem(seq_len, ring_size, causal, zigzag)
+    out = registry.get("ring").setup(p).run()
+    rows = torch.arange(seq_len)
+    torch.testing.assert_close(out.double(), correctness.reference_rows("dense", p, rows), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ring_size, causal, zigzag", [(4, False, False), (4, True, False), (4, True, True), (3, True, True)])
+def test_rank_share_computes_that_ranks_rows(ring_size, causal, zigzag):
+    seq_len = 48
+    p = problem(seq_len, ring_size, causal, zigzag)
+    share = registry.get("ring").setup(p).rank_share()
+    # The last rank's rows, in its shard's order.
+    positions = shard(torch.arange(seq_len).view(1, 1, seq_len, 1).float(), ring_size, zigzag)[-1, 0, 0, :, 0].long()
+    expected = correctness.reference_rows("dense", p, positions)
+    torch.testing.assert_close(share.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ring_size, causal, zigzag", itertools.product([1, 2, 3, 5, 8], [False, True], [False, True]))
+def test_schedule_computes_every_needed_pair_exactly_once(ring_size, causal, zigzag):
+    seq_len = 4 * ring_size
+    shard_len = seq_len // ring_size
+    positions = shard(torch.arange(seq_len).view(1, 1, seq_len, 1).float(), ring_size, zigzag)[:, 0, 0, :, 0].long()
+    visits = torch.zeros(seq_len, seq_len, dtype=torch.long)
+    for rank, step in itertools.product(range(ring_size), range(ring_size)):
+        spec = ring_block(rank, step, ring_size, shard_len, causal, zigzag)
+        if spec is None:
+            continue
+        q_pos, k_pos = positions[rank][spec.q_rows], positions[spec.kv_rank][spec.kv_rows]
+        pairs = torch.ones(len(q_pos), len(k_pos), dtype=torch.long)
+        if spec.causal:
+            pairs = pairs.tril()
+        # A block computed without a causal mask must never include a future key.
+        if causal and not spec.causal:
+            assert (k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)).all()
+        visits[q_pos.unsqueeze(1), k_pos.unsqueeze(0)] += pairs
+    needed = torch.ones(seq_len, seq_len, dtype=torch.long)
+    assert torch.equal(visits, needed.tril() if causal else needed)
+
+
+def test_shard_and_unshard_are_inverse():
+    x = torch.randn(2, 3, 48, 4)
+    for ring_size, zigzag in [(1, False), (4, False), (4, True), (3, True)]:
+        assert torch.equal(unshard(shard(x, ring_size, zigzag), x.dtype, zigzag), x)
+    assert shard(torch.arange(8.0).view(1, 1, 8, 1), 2, True)[:, 0, 0, :, 0].tolist() == [[0, 1, 6, 7], [2, 3, 4, 5]]
+
+
+def test_block_log_sum_exp_merges_exactly():
+    q, k, v = (torch.randn(1, 2, 20, 8, dtype=torch.float64) for _ in range(3))
+    out, lse = blocks.attend("math", q, k, v, False)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(8)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1), rtol=1e-6, atol=1e-6)
+    acc = torch.zeros(1, 2, 20, 8)
+    acc_lse = torch.full((1, 2, 20), float("-inf"))
+    for part in (slice(0, 7), slice(7, 20)):
+        blocks.merge_(acc, acc_lse, *blocks.attend("math", q, k[:, :, part], v[:, :, part], False))
+    torch.testing.assert_close(acc.double(), out, rtol=1e-6, atol=1e-6)
+
+
+def test_kernel_choice_on_cpu():
+    q = torch.randn(1, 1, 8, 8)
+    assert blocks.choose("auto", q) == "math"
+    with pytest.raises(ValueError, match="kernel 'cudnn' needs a CUDA device"):
+        blocks.choose("cudnn", q)
+
+
+def test_zigzag_needs_two_chunks_per_rank(write_config):
+    from ringbench import config, plan
+
+    path = write_config("implementations: [{name: ring, options: {zigzag: true}}]\nseq_lens: [48, 36]\n"
+                        "ring_sizes: [4]\nheads: [1]\nhead_dims: [8]\ndtypes: [float32]\n")
+    the_plan = plan.build(config.load(path), registry.get)
+    assert [c.seq_len for c in the_plan.cells] == [48]
+    assert the_plan.excluded[0].reason == "zigzag needs seq_len divisible by 2 × ring_size (8)"
