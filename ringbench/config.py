@@ -56,6 +56,7 @@ class Sweep:
     plugins: tuple[str, ...]
     seq_lens: tuple[int, ...]
     ring_sizes: tuple[int, ...]
+    world_sizes: tuple[int, ...]
     batch_sizes: tuple[int, ...]
     heads: tuple[int, ...]
     head_dims: tuple[int, ...]
@@ -250,6 +251,7 @@ def load(path: str | Path) -> Sweep:
             "implementations": (_list_of(_implementation), _REQUIRED),
             "seq_lens": (_list_of(_positive_int), _REQUIRED),
             "ring_sizes": (_list_of(_positive_int), (1,)),
+            "world_sizes": (_list_of(_positive_int), (1,)),
             "batch_sizes": (_list_of(_positive_int), (1,)),
             "heads": (_list_of(_positive_int), _REQUIRED),
             "head_dims": (_list_of(_positive_int), _REQUIRED),

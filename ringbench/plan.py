@@ -34,6 +34,8 @@ class Cell:
     """One measurement: an implementation with its options at one point of every axis.
 
     ``ring_size`` is None for implementations that do not shard the sequence.
+    ``world_size`` is the number of processes the cell runs on; above 1 each holds
+    one shard, so ``ring_size`` equals it.
     """
 
     implementation: str
@@ -46,6 +48,7 @@ class Cell:
     dtype: str
     causal: bool
     pass_name: str
+    world_size: int = 1
 
     def params(self) -> dict[str, Any]:
         """The cell as plain JSON types, the form stored in records."""
@@ -60,6 +63,7 @@ class Cell:
             "dtype": self.dtype,
             "causal": self.causal,
             "pass": self.pass_name,
+            "world_size": self.world_size,
         }
 
     @property
@@ -71,6 +75,7 @@ class Cell:
     @property
     def label(self) -> str:
         ring = f" ring={self.ring_size}" if self.ring_size is not None else ""
+        ring += f" ranks={self.world_size}" if self.world_size > 1 else ""
         causal = " causal" if self.causal else ""
         return (
             f"{implementation_label(self.implementation, dict(self.options))} S={self.seq_len}{ring} "
@@ -101,6 +106,20 @@ def _exclusion_reason(cell: Cell, implementation: "Implementation") -> str | Non
     return implementation.excludes(cell) if implementation.excludes else None
 
 
+def _placements(sweep: "Sweep", implementation: "Implementation") -> list[tuple[int | None, int]]:
+    """(ring_size, world_size) pairs an implementation runs at.
+
+    In one process every ring size is simulated on one device; across processes
+    each rank holds one shard. Implementations that cannot run distributed run
+    once, in one process, as the baseline for every world size.
+    """
+    single = [(ring, 1) for ring in (sweep.ring_sizes if implementation.uses_ring else (None,))]
+    if not implementation.distributed:
+        return single
+    placements = single if 1 in sweep.world_sizes else []
+    return placements + [(world, world) for world in sweep.world_sizes if world > 1]
+
+
 def build(sweep: "Sweep", lookup: Callable[[str], "Implementation"]) -> Plan:
     """Expand a sweep into cells, shape axes outermost so one shape's cells run together.
 
@@ -114,8 +133,9 @@ def build(sweep: "Sweep", lookup: Callable[[str], "Implementation"]) -> Plan:
     for pass_name, dtype, causal, batch, heads, head_dim, seq_len in shapes:
         for choice in sweep.implementations:
             implementation = lookup(choice.name)
-            for ring_size in sweep.ring_sizes if implementation.uses_ring else (None,):
-                cell = Cell(choice.name, choice.options, seq_len, ring_size, batch, heads, head_dim, dtype, causal, pass_name)
+            for ring_size, world_size in _placements(sweep, implementation):
+                cell = Cell(choice.name, choice.options, seq_len, ring_size, batch, heads, head_dim, dtype, causal,
+                            pass_name, world_size)
                 reason = _exclusion_reason(cell, implementation)
                 if reason:
                     excluded.append(Exclusion(cell, reason))

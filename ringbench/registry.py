@@ -61,6 +61,10 @@ class Problem:
 
     ``facts`` is for the implementation to note what it actually chose (for example
     the SDPA kernel that ``backend: auto`` resolved to); it is stored in the record.
+
+    With ``world_size`` > 1 this process is rank ``rank`` of a process group: q, k, v
+    are the whole (identical on every rank) inputs, and setup must keep only what
+    its rank holds, since the worker frees them after setup.
     """
 
     q: "torch.Tensor"
@@ -70,6 +74,8 @@ class Problem:
     ring_size: int | None
     options: Mapping[str, Any]
     facts: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
+    world_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,7 @@ class Bench:
 
     run: Callable[[], "torch.Tensor"]
     rank_share: Callable[[], object] | None = None
+    rows: "torch.Tensor | None" = None  # sequence positions of run()'s output rows; None: all, in order
 
 
 Setup = Callable[[Problem], "Callable[[], torch.Tensor] | Bench"]
@@ -96,6 +103,7 @@ class Implementation:
     setup: Setup
     options: Mapping[str, Option]
     uses_ring: bool
+    distributed: bool
     description: str
     reference: str
     flops: CellHook | None
@@ -128,6 +136,7 @@ def register(
     *,
     options: Mapping[str, Option] | None = None,
     uses_ring: bool = False,
+    distributed: bool = False,
     description: str = "",
     reference: str = "dense",
     flops: CellHook | None = None,
@@ -139,6 +148,7 @@ def register(
 
     ``uses_ring`` says the implementation splits the sequence into ``ring_size``
     shards; the plan then makes one cell per ring size, others get one cell in all.
+    ``distributed`` says it also runs one shard per process, for world sizes above 1.
     ``reference`` names the float64 reference its output is checked against
     (``dense``, ``dilated``, or ``none``). ``flops(cell)`` and ``memory_model(cell)``
     give the modelled work and memory beyond the inputs, in FLOPs and bytes;
@@ -155,6 +165,7 @@ def register(
             setup=setup,
             options=dict(options or {}),
             uses_ring=uses_ring,
+            distributed=distributed,
             description=description or (setup.__doc__ or "").strip().split("\n")[0],
             reference=reference,
             flops=flops,
