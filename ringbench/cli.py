@@ -64,7 +64,7 @@ def run(
     output_root: Optional[Path] = typer.Option(None, "--output-root", help="overrides the config's output_root"),
 ) -> None:
     """Run a sweep: every cell timed, memory-measured and recorded under the output root."""
-    from ringbench import runner
+    from ringbench import distributed, runner
     from ringbench.progress import ProgressBar, summary_table
 
     with _user_errors():
@@ -72,6 +72,10 @@ def run(
         device = runner.resolve_device(sweep.device, str(config))
     if dry_run:
         _print_plan(config, the_plan)
+        return
+    if distributed.launched():  # one rank of a group the user started with torchrun
+        run_dir = runner.serve_ranks(sweep, the_plan, None, str(config), output_root or Path(sweep.output_root))
+        print(f"records in {run_dir}", file=sys.stderr)
         return
     console = Console(stderr=True)
     with ProgressBar(console) as bar:
@@ -81,6 +85,16 @@ def run(
         console.print(f"interrupted: {len(result.records)} finished cells kept in {result.run_dir}")
         raise typer.Exit(EXIT_INTERRUPTED)
     console.print(f"{len(result.records)} cells recorded in {result.run_dir}; next: ringbench report {result.run_dir}")
+
+
+@app.command(hidden=True)
+def ranks(run_dir: Path = typer.Argument(..., help="run folder whose run.json names the config")) -> None:
+    """One rank of a group that `run` launched: runs the cells of this world size."""
+    from ringbench import records, runner
+
+    source = records.read_run(run_dir)["config_source"]
+    sweep, the_plan = _load(Path(source))
+    runner.serve_ranks(sweep, the_plan, run_dir, source, Path(sweep.output_root))
 
 
 @app.command()

@@ -70,21 +70,41 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def check(family: str, problem: Problem, output: torch.Tensor, dtype: str, seed: int) -> dict[str, Any]:
-    """Compare ``output`` with the family's reference; the result goes into the record."""
+def partial_errors(family: str, problem: Problem, output: torch.Tensor, output_rows: torch.Tensor | None,
+                   seed: int) -> list[float]:
+    """[Σ(out − ref)², Σref², max |out − ref|, rows checked] over the checked rows this process holds.
+
+    ``output_rows`` are the sequence positions of ``output``'s rows (None: all, in
+    order). Sums add and maxima combine across the ranks of a process group.
+    """
     seq_len = problem.q.shape[2]
-    rows = check_rows(seq_len, seed, problem.q.device)
+    device = problem.q.device
+    held = torch.arange(seq_len, device=device) if output_rows is None else output_rows
+    wanted = torch.isin(held, check_rows(seq_len, seed, device))
+    rows = held[wanted]
+    if len(rows) == 0:
+        return [0.0, 0.0, 0.0, 0.0]
     reference = reference_rows(family, problem, rows)
-    difference = output[:, :, rows].double() - reference
-    max_abs = difference.abs().max().item()
-    norm = reference.norm().item()
-    relative = difference.norm().item() / norm if norm > 0 else max_abs
+    difference = output[:, :, wanted].double() - reference
+    return [difference.pow(2).sum().item(), reference.pow(2).sum().item(), difference.abs().max().item(),
+            float(len(rows))]
+
+
+def verdict(family: str, partials: list[float], dtype: str) -> dict[str, Any]:
+    """The check's record from (combined) partial errors."""
+    squared_error, squared_reference, max_abs, rows = partials
+    relative = math.sqrt(squared_error / squared_reference) if squared_reference > 0 else max_abs
     tolerance = TOLERANCE[dtype]
     return {
         "reference": family,
-        "rows_checked": len(rows),
+        "rows_checked": int(rows),
         "max_abs_error": _finite_or_none(max_abs),
         "rel_error": _finite_or_none(relative),
         "tolerance": tolerance,
         "passed": math.isfinite(relative) and relative <= tolerance,
     }
+
+
+def check(family: str, problem: Problem, output: torch.Tensor, dtype: str, seed: int) -> dict[str, Any]:
+    """Compare a whole output (all rows, in order) with the family's reference."""
+    return verdict(family, partial_errors(family, problem, output, None, seed), dtype)

@@ -79,3 +79,7 @@ def broadcast(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def barrier() -> None:
+    dist.barrier()

@@ -2,21 +2,32 @@
 
 Each record is on disk before the next cell starts, so an interruption (Ctrl-C,
 a killed job) keeps every finished cell.
+
+Cells of world size 1 run in this process. For each larger world size the runner
+starts that many processes through PyTorch's launcher (``torch.distributed.run``);
+they run all of that world size's cells and rank 0 appends the records. A launch
+that dies leaves its cell in flight recorded as ``crashed``, and the remaining
+cells of that world size are launched again.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from ringbench import env, records
+from ringbench import distributed, env, records
 from ringbench.config import Sweep
 from ringbench.errors import ConfigError
 from ringbench.plan import Cell, Plan
-from ringbench.worker import run_cell
+from ringbench.worker import run_cell, run_cell_on_ranks
+
+LOG_TAIL_CHARS = 2000
 
 
 class Observer(Protocol):
@@ -51,9 +62,7 @@ def resolve_device(spec: str, source: str) -> torch.device:
     return device
 
 
-def run(sweep: Sweep, plan: Plan, source: str, device: torch.device, observer: Observer, output_root: Path) -> RunResult:
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+def _start(sweep: Sweep, plan: Plan, source: str, device: torch.device, output_root: Path) -> Path:
     environment = env.snapshot(device)
     run_dir = records.create_run_dir(output_root, environment["git"]["commit"])
     records.write_json_atomic(run_dir / records.RUN_FILE, {
@@ -65,16 +74,105 @@ def run(sweep: Sweep, plan: Plan, source: str, device: torch.device, observer: O
         "planned": [{"cell_id": cell.id, **cell.params()} for cell in plan.cells],
         "excluded": [exclusion.as_dict() for exclusion in plan.excluded],
     })
+    return run_dir
+
+
+def _crashed(cell: Cell, message: str) -> dict[str, Any]:
+    return {
+        "schema_version": records.SCHEMA_VERSION, "cell_id": cell.id, **cell.params(), "status": records.CRASHED,
+        "error": {"type": "Crashed", "message": message}, "facts": {}, "check": None, "warmup_ms": [],
+        "samples_ms": [], "stats": None, "memory": None, "projected": None, "ranks": None, "flops": None,
+        "tflops": None, "tokens_per_s": None,
+    }
+
+
+def _launch(world_size: int, cells: list[Cell], run_dir: Path, writer: records.RecordWriter, result: RunResult,
+            observer: Observer, first_index: int) -> None:
+    """Run one world size's cells in launcher-started processes until each has a record."""
+    by_id = {cell.id: cell for cell in cells}
+    pending = list(cells)
+    log_path = run_dir / f"launch-{world_size}.log"
+    while pending:
+        observer.cell_started(first_index + len(cells) - len(pending), pending[0])
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
+                 "-m", "ringbench", "ranks", str(run_dir)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+            while True:
+                finished = process.poll() is not None
+                for record in _new_records(run_dir, result):
+                    if record["cell_id"] in by_id:
+                        pending = [cell for cell in pending if cell.id != record["cell_id"]]
+                        observer.cell_finished(first_index + len(cells) - len(pending) - 1, by_id[record["cell_id"]], record)
+                        if pending:
+                            observer.cell_started(first_index + len(cells) - len(pending), pending[0])
+                if finished:
+                    break
+                time.sleep(0.2)
+        if pending:
+            tail = log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+            crashed = _crashed(pending.pop(0), f"the {world_size}-process launch exited with code "
+                                               f"{process.returncode} during this cell; its output ended: {tail}")
+            writer.append(crashed)
+            result.records.append(crashed)
+            observer.cell_finished(first_index + len(cells) - len(pending) - 1, by_id[crashed["cell_id"]], crashed)
+
+
+def _new_records(run_dir: Path, result: RunResult) -> list[dict[str, Any]]:
+    """Records appended by other processes since the last look."""
+    stored = list(records.read_records(run_dir))
+    new = stored[len(result.records):]
+    result.records.extend(new)
+    return new
+
+
+def run(sweep: Sweep, plan: Plan, source: str, device: torch.device, observer: Observer, output_root: Path) -> RunResult:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    run_dir = _start(sweep, plan, source, device, output_root)
     result = RunResult(run_dir)
     observer.started(run_dir, len(plan.cells))
+    local = [cell for cell in plan.cells if cell.world_size == 1]
     with records.RecordWriter(run_dir) as writer:
         try:
-            for index, cell in enumerate(plan.cells):
+            for index, cell in enumerate(local):
                 observer.cell_started(index, cell)
                 record = run_cell(cell, device, sweep.timing, sweep.seed)
                 writer.append(record)
                 result.records.append(record)
                 observer.cell_finished(index, cell, record)
+            done = len(local)
+            for world_size in sorted({cell.world_size for cell in plan.cells} - {1}):
+                cells = [cell for cell in plan.cells if cell.world_size == world_size]
+                _launch(world_size, cells, run_dir, writer, result, observer, done)
+                done += len(cells)
         except KeyboardInterrupt:
             result.interrupted = True
     return result
+
+
+def serve_ranks(sweep: Sweep, plan: Plan, run_dir: Path | None, source: str, output_root: Path) -> Path:
+    """Run this group's cells on every rank (all ranks call this); rank 0 alone writes.
+
+    ``run_dir`` is given when ringbench launched the group itself; under a user's own
+    launcher it is None and rank 0 creates the run folder.
+    """
+    group = distributed.join(resolve_device(sweep.device, source).type)
+    try:
+        if group.is_leader and run_dir is None:
+            run_dir = _start(sweep, plan, source, group.device, output_root)
+        run_dir = Path(distributed.broadcast(str(run_dir) if group.is_leader else None))
+        recorded = distributed.broadcast({r["cell_id"] for r in records.read_records(run_dir)} if group.is_leader else None)
+        cells = [cell for cell in plan.cells if cell.world_size == group.world_size and cell.id not in recorded]
+        writer = records.RecordWriter(run_dir) if group.is_leader else None
+        for cell in cells:
+            record = run_cell_on_ranks(cell, group, sweep.timing, sweep.seed)
+            if writer:
+                writer.append(record)
+        if writer:
+            writer.close()
+        return run_dir
+    finally:
+        distributed.leave()

@@ -1,13 +1,14 @@
 """Timing a closure: CUDA events on a GPU, ``perf_counter_ns`` on the CPU.
 
-After a first call, warm-up runs until its millisecond budget is spent; its
-samples estimate the cost of one call, from which the number of timed repetitions follows (``rep_ms`` over
+After a first call, warm-up runs for its millisecond budget (as many calls as
+one probe call says fit); its samples estimate the cost of one call, from which the number of timed repetitions follows (``rep_ms`` over
 that estimate, clamped to ``[min_reps, max_reps]``). Every sample is kept, warm-ups
 included.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -45,15 +46,30 @@ def _time_calls_cuda(fn: Callable[[], object], count: int) -> list[float]:
     return [start.elapsed_time(end) for start, end in pairs]
 
 
-def measure(fn: Callable[[], object], device: torch.device, budget: TimingBudget) -> Timing:
-    """Warm up, then time ``fn`` repeatedly; samples are milliseconds per call."""
+def _same(value: float) -> float:
+    return value
+
+
+def measure(
+    fn: Callable[[], object],
+    device: torch.device,
+    budget: TimingBudget,
+    agree: Callable[[float], float] = _same,
+) -> Timing:
+    """Warm up, then time ``fn`` repeatedly; samples are milliseconds per call.
+
+    ``agree`` turns a local count or estimate into the one every rank uses (the
+    maximum over ranks in a process group): collective closures must run the same
+    number of times everywhere.
+    """
     time_calls = _time_calls_cuda if device.type == "cuda" else _time_calls_cpu
     # The first call pays one-off costs (kernel selection and compilation, workspace
     # allocation), so it neither counts against the warm-up budget nor feeds the estimate.
     first = time_calls(fn, 1)
-    warmup = time_calls(fn, 1)
-    while sum(warmup) < budget.warmup_ms and len(warmup) < budget.max_reps:
-        warmup += time_calls(fn, 1)
+    probe = time_calls(fn, 1)
+    estimate_ms = max(agree(probe[0]), 1e-6)
+    more = min(max(math.ceil(budget.warmup_ms / estimate_ms) - 1, 0), budget.max_reps - 1)
+    warmup = probe + time_calls(fn, more)
     reps = int(budget.rep_ms / max(statistics.median(warmup), 1e-6))
-    reps = min(max(reps, budget.min_reps), budget.max_reps)
+    reps = int(agree(min(max(reps, budget.min_reps), budget.max_reps)))
     return Timing(tuple(first + warmup), tuple(time_calls(fn, reps)))

@@ -3,6 +3,12 @@
 Failures never escape: out-of-memory becomes status ``oom``, any other exception
 status ``error``, an output beyond tolerance status ``wrong``; the cell's tensors
 are released before the next cell starts.
+
+A cell of world size above 1 runs on every rank of a process group. The ranks
+agree after each phase (setup, check, timing), so a failure on one rank becomes
+the cell's status on all of them; they use the same repetition counts; and the
+record, which rank 0 alone keeps, holds the maximum over ranks of each sample and
+of peak memory, beside every rank's own figures.
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ from typing import Any, Callable
 
 import torch
 
-from ringbench import correctness, registry, records
+from ringbench import correctness, distributed, records, registry
 from ringbench.config import TimingBudget
+from ringbench.distributed import Group
 from ringbench.memory import MIB, measure_peak
 from ringbench.models import dense_flops
 from ringbench.plan import Cell
@@ -23,26 +30,31 @@ from ringbench.stats import summarize
 from ringbench.timing import measure
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+# When ranks fail differently, the record names the most telling failure.
+_PRECEDENCE = (records.OOM, records.ERROR)
 
 
-def make_problem(cell: Cell, device: torch.device, seed: int) -> registry.Problem:
-    """Random q, k, v of the cell's shape; the same seed gives every implementation the same inputs."""
+def make_problem(cell: Cell, device: torch.device, seed: int, rank: int = 0) -> registry.Problem:
+    """Random q, k, v of the cell's shape; the same seed gives every implementation (and rank) the same inputs."""
     generator = torch.Generator(device=device).manual_seed(seed)
     shape = (cell.batch_size, cell.heads, cell.seq_len, cell.head_dim)
     q, k, v = (torch.randn(shape, generator=generator, device=device, dtype=DTYPES[cell.dtype]) for _ in range(3))
-    return registry.Problem(q=q, k=k, v=v, causal=cell.causal, ring_size=cell.ring_size, options=dict(cell.options))
+    return registry.Problem(q=q, k=k, v=v, causal=cell.causal, ring_size=cell.ring_size, options=dict(cell.options),
+                            rank=rank, world_size=cell.world_size)
 
 
-def _describe(exc: BaseException) -> dict[str, str]:
-    return {"type": type(exc).__name__, "message": str(exc)}
+def _failure(exc: BaseException) -> dict[str, Any]:
+    status = records.OOM if isinstance(exc, torch.cuda.OutOfMemoryError) else records.ERROR
+    return {"status": status, "error": {"type": type(exc).__name__, "message": str(exc)}}
 
 
 def _as_bench(prepared: Callable[[], torch.Tensor] | registry.Bench) -> registry.Bench:
     return prepared if isinstance(prepared, registry.Bench) else registry.Bench(run=prepared)
 
 
-def _timing_fields(fn: Callable[[], object], device: torch.device, budget: TimingBudget) -> dict[str, Any]:
-    timing = measure(fn, device, budget)
+def _time_and_measure(fn: Callable[[], object], device: torch.device, budget: TimingBudget,
+                      agree: Callable[[float], float] | None = None) -> dict[str, Any]:
+    timing = measure(fn, device, budget, agree) if agree else measure(fn, device, budget)
     memory = measure_peak(fn, device)
     return {
         "warmup_ms": list(timing.warmup_ms),
@@ -51,6 +63,37 @@ def _timing_fields(fn: Callable[[], object], device: torch.device, budget: Timin
         "peak_allocated_mib": memory.peak_allocated_mib if memory else None,
         "peak_reserved_mib": memory.peak_reserved_mib if memory else None,
     }
+
+
+def _outcome(cell: Cell, implementation: registry.Implementation, facts: dict, check: dict | None,
+             main: dict[str, Any], projected: dict | None, inputs_mib: float) -> dict[str, Any]:
+    stats = main["stats"]
+    seconds = stats["median_ms"] / 1e3
+    flops = implementation.flops(cell) if implementation.flops else dense_flops(cell)
+    modelled = implementation.memory_model(cell) if implementation.memory_model else None
+    return {
+        "status": records.WRONG if check and not check["passed"] else records.OK,
+        "facts": facts,
+        "check": check,
+        "warmup_ms": main["warmup_ms"],
+        "samples_ms": main["samples_ms"],
+        "stats": stats,
+        "memory": {
+            "inputs_mib": inputs_mib,
+            "peak_allocated_mib": main["peak_allocated_mib"],
+            "peak_reserved_mib": main["peak_reserved_mib"],
+            "modelled_mib": modelled / MIB if modelled is not None else None,
+        },
+        "projected": projected,
+        "ranks": main.get("ranks"),
+        "flops": flops,
+        "tflops": flops / seconds / 1e12,
+        "tokens_per_s": cell.batch_size * cell.seq_len / seconds,
+    }
+
+
+def _inputs_mib(problem: registry.Problem) -> float:
+    return sum(t.numel() * t.element_size() for t in (problem.q, problem.k, problem.v)) / MIB
 
 
 def _measure(cell: Cell, device: torch.device, budget: TimingBudget, seed: int) -> dict[str, Any]:
@@ -66,34 +109,73 @@ def _measure(cell: Cell, device: torch.device, budget: TimingBudget, seed: int) 
             del output
         # Timing first: it warms the implementation up, so the memory pass sees only
         # what one steady-state call allocates, not one-off workspaces.
-        main = _timing_fields(bench.run, device, budget)
-        projected = _timing_fields(bench.rank_share, device, budget) if bench.rank_share else None
-    except torch.cuda.OutOfMemoryError as exc:
-        return {"status": records.OOM, "error": _describe(exc)}
+        main = _time_and_measure(bench.run, device, budget)
+        projected = _time_and_measure(bench.rank_share, device, budget) if bench.rank_share else None
     except Exception as exc:  # any failure of user or library code is this cell's result, not the sweep's
-        return {"status": records.ERROR, "error": _describe(exc)}
-    stats = main["stats"]
-    seconds = stats["median_ms"] / 1e3
-    flops = implementation.flops(cell) if implementation.flops else dense_flops(cell)
-    modelled = implementation.memory_model(cell) if implementation.memory_model else None
+        return _failure(exc)
+    return _outcome(cell, implementation, problem.facts, check, main, projected, _inputs_mib(problem))
+
+
+def _agree(failure: dict | None) -> dict | None:
+    """Every rank's failure so far, reduced to the one all ranks record (None if all are fine)."""
+    failures = [(rank, f) for rank, f in enumerate(distributed.gather(failure)) if f]
+    if not failures:
+        return None
+    rank, chosen = min(failures, key=lambda item: _PRECEDENCE.index(item[1]["status"]))
+    error = chosen["error"]
+    return {"status": chosen["status"], "error": {"type": error["type"], "message": f"rank {rank}: {error['message']}"}}
+
+
+def _combine_ranks(main: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0's view of every rank's timing: the slowest rank per repetition, the largest peak."""
+    everyone = distributed.gather({key: main[key] for key in ("samples_ms", "stats", "peak_allocated_mib")})
+    samples = [max(values) for values in zip(*(rank["samples_ms"] for rank in everyone))]
+    peaks = [rank["peak_allocated_mib"] for rank in everyone]
     return {
-        "status": records.WRONG if check and not check["passed"] else records.OK,
-        "facts": problem.facts,
-        "check": check,
-        "warmup_ms": main["warmup_ms"],
-        "samples_ms": main["samples_ms"],
-        "stats": stats,
-        "memory": {
-            "inputs_mib": sum(t.numel() * t.element_size() for t in (problem.q, problem.k, problem.v)) / MIB,
-            "peak_allocated_mib": main["peak_allocated_mib"],
-            "peak_reserved_mib": main["peak_reserved_mib"],
-            "modelled_mib": modelled / MIB if modelled is not None else None,
-        },
-        "projected": projected,
-        "flops": flops,
-        "tflops": flops / seconds / 1e12,
-        "tokens_per_s": cell.batch_size * cell.seq_len / seconds,
+        **main,
+        "samples_ms": samples,
+        "stats": summarize(samples),
+        "peak_allocated_mib": None if None in peaks else max(peaks),
+        "ranks": [{"rank": rank, "median_ms": data["stats"]["median_ms"], "peak_allocated_mib": data["peak_allocated_mib"]}
+                  for rank, data in enumerate(everyone)],
     }
+
+
+def _measure_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int) -> dict[str, Any]:
+    implementation = registry.get(cell.implementation)
+    device = group.device
+    failure = None
+    try:
+        problem = make_problem(cell, device, seed, group.rank)
+        bench = _as_bench(implementation.setup(problem))
+    except Exception as exc:  # recorded once every rank has said how its setup went
+        failure = _failure(exc)
+    if failure := _agree(failure):
+        return failure
+    facts, inputs_mib = problem.facts, _inputs_mib(problem) / cell.world_size
+    partials = [0.0, 0.0, 0.0, 0.0]
+    try:
+        output = bench.run()
+        if implementation.reference != "none":
+            partials = correctness.partial_errors(implementation.reference, problem, output, bench.rows, seed)
+        # Only this rank's shard (kept by setup) stays: the whole inputs go before measuring.
+        del output, problem
+    except Exception as exc:
+        failure = _failure(exc)
+    if failure := _agree(failure):
+        return failure
+    check = None
+    if implementation.reference != "none":
+        squared_error, squared_reference, rows = distributed.sum_over_ranks([partials[0], partials[1], partials[3]], device)
+        max_abs = distributed.max_over_ranks(partials[2], device)
+        check = correctness.verdict(implementation.reference, [squared_error, squared_reference, max_abs, rows], cell.dtype)
+    try:
+        main = _time_and_measure(bench.run, device, budget, agree=lambda value: distributed.max_over_ranks(value, device))
+    except Exception as exc:
+        failure = _failure(exc)
+    if failure := _agree(failure):
+        return failure
+    return _outcome(cell, implementation, facts, check, _combine_ranks(main), None, inputs_mib)
 
 
 def _release(device: torch.device) -> None:
@@ -105,29 +187,47 @@ def _release(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def run_cell(cell: Cell, device: torch.device, budget: TimingBudget, seed: int) -> dict[str, Any]:
-    """Measure one cell and return its record; never raises for a failing implementation."""
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    start = time.perf_counter()
-    outcome = _measure(cell, device, budget, seed)
-    _release(device)
+def _record(cell: Cell, device: torch.device, started_at: str, seconds: float, outcome: dict[str, Any]) -> dict[str, Any]:
     return {
         "schema_version": records.SCHEMA_VERSION,
         "cell_id": cell.id,
         **cell.params(),
         "device": str(device),
         "started_at": started_at,
-        "duration_s": round(time.perf_counter() - start, 3),
+        "duration_s": round(seconds, 3),
         "error": None,
         "facts": {},
+        "check": None,
         "warmup_ms": [],
         "samples_ms": [],
-        "check": None,
         "stats": None,
         "memory": None,
         "projected": None,
+        "ranks": None,
         "flops": None,
         "tflops": None,
         "tokens_per_s": None,
         **outcome,
     }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_cell(cell: Cell, device: torch.device, budget: TimingBudget, seed: int) -> dict[str, Any]:
+    """Measure one cell in this process and return its record; never raises for a failing implementation."""
+    started_at, start = _now(), time.perf_counter()
+    outcome = _measure(cell, device, budget, seed)
+    _release(device)
+    return _record(cell, device, started_at, time.perf_counter() - start, outcome)
+
+
+def run_cell_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int) -> dict[str, Any]:
+    """Measure one cell on every rank of the group (all ranks call this); every rank gets the agreed record."""
+    distributed.barrier()
+    started_at, start = _now(), time.perf_counter()
+    outcome = _measure_on_ranks(cell, group, budget, seed)
+    _release(group.device)
+    distributed.barrier()
+    return _record(cell, group.device, started_at, time.perf_counter() - start, outcome)

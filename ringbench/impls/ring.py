@@ -11,6 +11,10 @@ never presented as distribution, ``rank_share`` runs one rank's share alone (its
 shard against every K/V shard, received into a buffer as a rank would), and the
 harness reports its time and memory as a per-rank *projection*.
 
+Across processes (world size > 1) each process is one rank holding one shard,
+and K/V blocks rotate with torch.distributed point-to-point ops, the next transfer
+posted before the current block is computed and waited for after it.
+
 Causal: the diagonal block runs causal and blocks wholly above the diagonal are
 skipped. With ``zigzag`` the sequence is cut into 2P chunks and rank r holds chunks
 r and 2P−1−r, so every rank does the same work in every step.
@@ -21,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from ringbench import blocks
 from ringbench.models import DTYPE_BYTES
@@ -57,6 +62,14 @@ def ring_block(rank: int, step: int, ring_size: int, shard_len: int, causal: boo
 def _zigzag_order(ring_size: int) -> list[int]:
     """Chunk order of a zigzag-sharded sequence: rank r holds chunks r and 2P−1−r."""
     return [chunk for rank in range(ring_size) for chunk in (rank, 2 * ring_size - 1 - rank)]
+
+
+def positions(seq_len: int, ring_size: int, zigzag: bool, device: torch.device | None = None) -> torch.Tensor:
+    """(P, S/P): the sequence positions each rank's shard holds, in shard order."""
+    chunks = torch.arange(seq_len, device=device).view(2 * ring_size if zigzag else ring_size, -1)
+    if zigzag:
+        chunks = chunks[_zigzag_order(ring_size)]
+    return chunks.reshape(ring_size, -1)
 
 
 def shard(x: torch.Tensor, ring_size: int, zigzag: bool) -> torch.Tensor:
@@ -152,6 +165,43 @@ def _all_ranks(problem: Problem, kernel: str, zigzag: bool):
     return Bench(run=run, rank_share=rank_share)
 
 
+def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
+    """This process's rank of a real ring: K/V travel between processes by point-to-point ops."""
+    rank, ring_size, causal, dtype = problem.rank, problem.world_size, problem.causal, problem.q.dtype
+    rows = positions(problem.q.shape[2], ring_size, zigzag, problem.q.device)[rank]
+    q = problem.q.index_select(2, rows)
+    kv = torch.stack([problem.k.index_select(2, rows), problem.v.index_select(2, rows)])  # one message per step
+    received = torch.empty_like(kv)
+    shard_len = len(rows)
+    send_to, receive_from = (rank + 1) % ring_size, (rank - 1) % ring_size
+
+    def run() -> torch.Tensor:
+        current, spare = kv, received
+        acc = acc_lse = None
+        for step in range(ring_size):
+            # The next block's K/V is on its way while this one is computed (double buffering).
+            transfers = []
+            if step + 1 < ring_size:
+                transfers = dist.batch_isend_irecv([
+                    dist.P2POp(dist.isend, current, send_to), dist.P2POp(dist.irecv, spare, receive_from),
+                ])
+            spec = ring_block(rank, step, ring_size, shard_len, causal, zigzag)
+            if spec is not None:
+                out, lse = blocks.attend(kernel, q[:, :, spec.q_rows], current[0][:, :, spec.kv_rows],
+                                         current[1][:, :, spec.kv_rows], spec.causal)
+                if acc is None:  # step 0 is the full diagonal block
+                    acc, acc_lse = out.float(), lse
+                else:
+                    blocks.merge_(acc[:, :, spec.q_rows], acc_lse[:, :, spec.q_rows], out, lse)
+                del out, lse
+            for transfer in transfers:
+                transfer.wait()
+            current, spare = spare, current
+        return acc.to(dtype)
+
+    return Bench(run=run, rows=rows)
+
+
 def _excludes(cell: Cell) -> str | None:
     if dict(cell.options)["zigzag"] and cell.seq_len % (2 * cell.ring_size):
         return f"zigzag needs seq_len divisible by 2 × ring_size ({2 * cell.ring_size})"
@@ -174,6 +224,7 @@ def _memory_model(cell: Cell) -> int:
 @register(
     "ring",
     uses_ring=True,
+    distributed=True,
     options={
         "kernel": Option("auto", choices=blocks.KERNELS, help="block kernel; auto picks the fastest that runs"),
         "zigzag": Option(False, help="shard r holds chunks r and 2P−1−r (balances causal work)"),
@@ -185,4 +236,6 @@ def _memory_model(cell: Cell) -> int:
 def setup(problem: Problem) -> Bench:
     kernel = blocks.choose(problem.options["kernel"], problem.q)
     problem.facts["kernel"] = kernel
+    if problem.world_size > 1:
+        return _one_rank(problem, kernel, problem.options["zigzag"])
     return _all_ranks(problem, kernel, problem.options["zigzag"])
