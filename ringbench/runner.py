@@ -150,6 +150,8 @@ def run(sweep: Sweep, plan: Plan, source: str, device: torch.device, observer: O
                 done += len(cells)
         except KeyboardInterrupt:
             result.interrupted = True
+    # The file is the truth: an interrupt can fall between writing a record and noting it.
+    result.records = list(records.read_records(run_dir))
     return result
 
 

@@ -14,7 +14,7 @@ from ringbench.errors import UserError
 from ringbench.plan import implementation_label
 
 COLUMNS = [
-    "cell_id", "implementation", "label", "seq_len", "ring_size", "batch_size", "heads", "head_dim",
+    "cell_id", "implementation", "label", "seq_len", "ring_size", "world_size", "batch_size", "heads", "head_dim",
     "dtype", "causal", "pass", "status", "median_ms", "iqr_ms", "n", "peak_mib", "modelled_mib", "tokens_per_s",
     "tflops", "projected_ms", "projected_iqr_ms", "projected_mib", "rel_error", "max_abs_error", "tolerance",
     "rows_checked", "facts", "error_type", "error_message",
@@ -56,6 +56,7 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "label": implementation_label(record["implementation"], record.get("options") or {}),
         "seq_len": record["seq_len"],
         "ring_size": record.get("ring_size"),
+        "world_size": record.get("world_size", 1),
         "batch_size": record["batch_size"],
         "heads": record["heads"],
         "head_dim": record["head_dim"],

@@ -6,14 +6,14 @@ import pandas as pd
 
 from ringbench import records
 from ringbench.report.markdown import escape, mib, ms
-from ringbench.report.tables import SHAPE, shape_title
+from ringbench.report.tables import NO_RING, SHAPE, placement, shape_title
 
 BASELINE = "standard"
 
 
 def _implementation(row: pd.Series) -> str:
-    ring = "" if pd.isna(row.ring_size) else f" ring {int(row.ring_size)}"
-    return f"{escape(row.label)}{ring}"
+    where = placement(row.ring_size, row.world_size)
+    return escape(row.label) if where == NO_RING else f"{escape(row.label)} {where}"
 
 
 def best_memory_reduction(frame: pd.DataFrame) -> str:

@@ -61,8 +61,18 @@ def shape_title(key: tuple) -> str:
     return f"{pass_name} · {dtype} · {'causal' if causal else 'non-causal'} · B={batch} H={heads} D={head_dim}"
 
 
-def _ring_column(ring_size: float | None) -> str:
+def placement(ring_size: float | None, world_size: int) -> str:
+    """Where a cell ran: one device with or without ring shards, or one shard per process."""
+    if world_size > 1:
+        return f"{world_size} processes"
     return NO_RING if pd.isna(ring_size) else f"ring {int(ring_size)}"
+
+
+def _column_order(column: str) -> tuple[int, int]:
+    if column == NO_RING:
+        return (0, 0)
+    count = int(column.split()[-1] if column.startswith("ring") else column.split()[0])
+    return (1, count) if column.startswith("ring") else (2, count)
 
 
 def _cell_text(metric: Metric, row) -> str:
@@ -78,12 +88,11 @@ def metric_table(group: pd.DataFrame, metric: Metric) -> str:
         group = group[group["label"].isin(labels)]
     frame = group.assign(
         implementation=group["label"].map(escape),
-        column=group["ring_size"].map(_ring_column),
+        column=[placement(row.ring_size, row.world_size) for row in group.itertuples()],
         text=[_cell_text(metric, row) for row in group.itertuples()],
     )
     implementations = list(dict.fromkeys(frame["implementation"]))
-    rings = sorted(frame["ring_size"].dropna().unique())
-    columns = ([NO_RING] if frame["ring_size"].isna().any() else []) + [_ring_column(r) for r in rings]
+    columns = sorted(frame["column"].unique(), key=_column_order)
     pivot = frame.pivot_table(index=["implementation", "seq_len"], columns="column", values="text", aggfunc="first")
     order = sorted(pivot.index, key=lambda key: (implementations.index(key[0]), key[1]))
     pivot = pivot.reindex(index=order, columns=columns).fillna("").reset_index()
@@ -94,7 +103,7 @@ def failures(group: pd.DataFrame) -> list[str]:
     """One bullet per failed cell: where, status, and the (escaped, shortened) message."""
     lines = []
     for row in group[group["status"] != records.OK].itertuples():
-        ring = "" if pd.isna(row.ring_size) else f" ring {int(row.ring_size)}"
+        ring = f" {placement(row.ring_size, row.world_size)}" if row.world_size > 1 or not pd.isna(row.ring_size) else ""
         if row.status == records.WRONG:
             message = (f"relative error {_error(row)} exceeds the tolerance {row.tolerance:.0e} "
                        f"({int(row.rows_checked)} rows checked)")

@@ -1,5 +1,6 @@
 """Implementations that misbehave on purpose, for tests of the harness around them."""
 
+import os
 import time
 
 import torch
@@ -44,3 +45,20 @@ def wrong(problem: Problem):
 @register("test-nan", description="returns NaN everywhere")
 def nan(problem: Problem):
     return lambda: torch.full_like(problem.q, float("nan"))
+
+
+@register("test-rank-oom", distributed=True, description="rank 1 runs out of memory during setup")
+def rank_oom(problem: Problem):
+    if problem.rank == 1:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory on the second rank")
+    return lambda: problem.q
+
+
+@register("test-rank-exit", distributed=True, reference="none", description="rank 1 dies inside the first call")
+def rank_exit(problem: Problem):
+    def run():
+        if problem.rank == 1:
+            os._exit(3)
+        return problem.q
+
+    return run

@@ -1,0 +1,60 @@
+"""Real process groups on the CPU (gloo), started by `ringbench run` through torch.distributed.run."""
+
+import json
+
+from typer.testing import CliRunner
+
+from ringbench.cli import app
+
+TIMING = "timing: {warmup_ms: 1, rep_ms: 2, min_reps: 2, max_reps: 3}\n"
+
+
+def run_sweep(write_config, body):
+    path = write_config(body + TIMING)
+    out = path.parent / "out"
+    result = CliRunner().invoke(app, ["run", str(path), "--output-root", str(out)])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = out.iterdir()
+    stored = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
+    return run_dir, stored
+
+
+def test_world_sizes_one_and_two_in_one_run_match_the_reference(write_config):
+    run_dir, stored = run_sweep(write_config, (
+        "implementations:\n  - ring\n  - {name: ring, options: {zigzag: true}}\n"
+        "seq_lens: [48]\nworld_sizes: [1, 2]\nheads: [2]\nhead_dims: [8]\ndtypes: [float32]\ncausal: [false, true]\n"
+    ))
+    planned = json.loads((run_dir / "run.json").read_text())["planned"]
+    assert sorted(r["cell_id"] for r in stored) == sorted(p["cell_id"] for p in planned) and len(stored) == 8
+    distributed = [r for r in stored if r["world_size"] == 2]
+    assert len(distributed) == 4 and {(r["causal"], r["options"]["zigzag"]) for r in distributed} == {
+        (False, False), (False, True), (True, False), (True, True)}
+    for record in distributed:
+        assert record["status"] == "ok", record["error"]
+        assert record["ring_size"] == 2 and record["check"]["rows_checked"] == 48 and record["check"]["rel_error"] < 1e-5
+        assert [rank["rank"] for rank in record["ranks"]] == [0, 1]
+        # The recorded median is over the slowest rank of each repetition.
+        assert record["stats"]["median_ms"] >= min(rank["median_ms"] for rank in record["ranks"])
+
+
+def test_one_rank_out_of_memory_is_the_cells_status(write_config):
+    _, stored = run_sweep(write_config, (
+        "plugins: [fake_impls]\nimplementations: [test-rank-oom, ring]\n"
+        "seq_lens: [32]\nworld_sizes: [2]\nheads: [1]\nhead_dims: [8]\ndtypes: [float32]\n"
+    ))
+    by_name = {r["implementation"]: r for r in stored if r["world_size"] == 2}
+    assert by_name["test-rank-oom"]["status"] == "oom"
+    assert by_name["test-rank-oom"]["error"]["message"] == "rank 1: CUDA out of memory on the second rank"
+    assert by_name["ring"]["status"] == "ok"
+
+
+def test_a_dying_rank_is_recorded_as_crashed_and_the_sweep_goes_on(write_config):
+    run_dir, stored = run_sweep(write_config, (
+        "plugins: [fake_impls]\nimplementations: [test-rank-exit, ring]\n"
+        "seq_lens: [32]\nworld_sizes: [2]\nheads: [1]\nhead_dims: [8]\ndtypes: [float32]\n"
+    ))
+    by_name = {r["implementation"]: r for r in stored if r["world_size"] == 2}
+    assert by_name["test-rank-exit"]["status"] == "crashed"
+    assert "the 2-process launch exited with code" in by_name["test-rank-exit"]["error"]["message"]
+    assert by_name["ring"]["status"] == "ok"
+    assert (run_dir / "launch-2.log").exists()
