@@ -214,9 +214,10 @@ def _memory_model(cell: Cell) -> int:
     The float32 accumulator (4 bytes per output element) and its log-sum-exp live
     throughout; on top of them come either one step's block output in the input
     dtype with its log-sum-exp, or, at the end, the output itself. The sharded copy
-    of q, k, v made at setup is part of the baseline, not of this figure.
+    of q, k, v made at setup is part of the baseline, not of this figure. Across
+    processes the figure is per rank, for its shard's rows.
     """
-    rows = cell.batch_size * cell.heads * cell.seq_len
+    rows = cell.batch_size * cell.heads * cell.seq_len // cell.world_size
     element = DTYPE_BYTES[cell.dtype]
     return rows * cell.head_dim * (4 + element) + rows * 4 * 2
 

@@ -16,7 +16,7 @@ from ringbench.plan import implementation_label
 COLUMNS = [
     "cell_id", "implementation", "label", "seq_len", "ring_size", "world_size", "batch_size", "heads", "head_dim",
     "dtype", "causal", "pass", "status", "median_ms", "iqr_ms", "n", "peak_mib", "modelled_mib", "tokens_per_s",
-    "tflops", "projected_ms", "projected_iqr_ms", "projected_mib", "rel_error", "max_abs_error", "tolerance",
+    "tflops", "tflops_per_device", "kernel", "projected_ms", "projected_iqr_ms", "projected_mib", "rel_error", "max_abs_error", "tolerance",
     "rows_checked", "facts", "error_type", "error_message",
 ]
 
@@ -71,6 +71,8 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "modelled_mib": memory.get("modelled_mib"),
         "tokens_per_s": record.get("tokens_per_s"),
         "tflops": record.get("tflops"),
+        "tflops_per_device": None if record.get("tflops") is None else record["tflops"] / record.get("world_size", 1),
+        "kernel": facts.get("kernel", facts.get("backend")),
         "projected_ms": projected_stats.get("median_ms"),
         "projected_iqr_ms": projected_stats.get("iqr_ms"),
         "projected_mib": projected.get("peak_allocated_mib"),

@@ -10,7 +10,7 @@ import pandas as pd
 from ringbench.plan import implementation_label
 from ringbench.report.load import Run
 from ringbench.report.markdown import escape, table
-from ringbench.report.summary import summary
+from ringbench.report.summary import ring_efficiency, summary
 from ringbench.report.tables import METRICS, SHAPE, failures, metric_table, shape_title
 
 
@@ -115,6 +115,10 @@ def render_run(run: Run, level: int = 1) -> str:
     lines += [_heading(level + 1, "Parameters"), "", *_parameters(meta), *_resolved(frame), ""]
     lines += [_heading(level + 1, "Results"), ""]
     lines += _results(frame, level + 1) if not frame.empty else ["No cell has finished yet.", ""]
+    efficiency = ring_efficiency(frame)
+    if not efficiency.empty:
+        lines += [_heading(level + 1, "Efficiency across processes"), "",
+                  "Per-device TFLOP/s over single-device `sdpa` with the same kernel.", "", table(efficiency), ""]
     if meta["excluded"]:
         lines += [_heading(level + 1, "Left out of the plan"), "", _excluded(meta["excluded"]), ""]
     lines += [_heading(level + 1, "Summary"), "", *summary(frame), ""]

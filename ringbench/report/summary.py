@@ -60,6 +60,33 @@ def fastest(frame: pd.DataFrame) -> list[str]:
     return lines or ["no successful cell"]
 
 
+def ring_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per-device TFLOP/s of each multi-process cell over single-device `sdpa` with the same kernel.
+
+    The baseline is `sdpa` at the same total sequence length and shape, or, where
+    that did not run, the longest sequence it ran.
+    """
+    ok = frame[frame["status"] == records.OK]
+    baselines = ok[(ok["implementation"] == "sdpa") & (ok["world_size"] == 1)]
+    rows = []
+    for _, row in ok[ok["world_size"] > 1].iterrows():
+        same = baselines[(baselines["kernel"] == row.kernel) & (baselines["seq_len"] <= row.seq_len)]
+        same = same[(same[SHAPE] == row[SHAPE]).all(axis=1)]
+        if same.empty:
+            continue
+        baseline = same.loc[same["seq_len"].idxmax()]
+        rows.append({
+            "implementation": escape(row.label),
+            "seq_len": str(row.seq_len),
+            "processes": str(row.world_size),
+            "shape": shape_title(tuple(row[SHAPE])),
+            "TFLOP/s per device": f"{row.tflops_per_device:,.1f}",
+            "sdpa on one device": f"{baseline.tflops_per_device:,.1f} ({escape(baseline.kernel)}, S={baseline.seq_len})",
+            "efficiency": f"{row.tflops_per_device / baseline.tflops_per_device:.3f}",
+        })
+    return pd.DataFrame(rows)
+
+
 def summary(frame: pd.DataFrame) -> list[str]:
     """The summary section's bullet lines."""
     return [

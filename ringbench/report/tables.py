@@ -46,7 +46,7 @@ class Metric:
 
 METRICS = (
     Metric("Median time (ms ± IQR)", lambda row: f"{ms(row.median_ms)} ± {ms(row.iqr_ms)}"),
-    Metric("Throughput (TFLOP/s)", lambda row: f"{row.tflops:,.1f}", _present("tflops")),
+    Metric("Throughput per device (TFLOP/s)", lambda row: f"{row.tflops_per_device:,.1f}", _present("tflops")),
     Metric("Peak memory above inputs, measured (modelled), MiB", _memory, _present("peak_mib"),
            "not measured on the CPU."),
     Metric("Projected per rank: one rank's share alone (ms ± IQR, MiB above inputs)", _projected,
