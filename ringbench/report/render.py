@@ -54,8 +54,9 @@ def _parameters(meta: dict[str, Any]) -> list[str]:
     timing = config["timing"]
     labels = [escape(implementation_label(i["name"], dict(i["options"]))) for i in config["implementations"]]
     lines = [f"- **implementations**: {', '.join(labels)}"]
-    for axis in ("seq_lens", "ring_sizes", "batch_sizes", "heads", "head_dims", "dtypes", "causal", "passes"):
-        lines.append(f"- **{axis}**: {_values(config[axis])}")
+    for axis in ("seq_lens", "ring_sizes", "world_sizes", "batch_sizes", "heads", "head_dims", "dtypes", "causal",
+                 "passes"):
+        lines.append(f"- **{axis}**: {_values(config.get(axis, [1]))}")  # runs older than an axis ran at 1
     lines += [
         f"- **device**: {environment['device']} (config: {config['device']})",
         f"- **timing**: warm-up {timing['warmup_ms']:g} ms, repetitions {timing['rep_ms']:g} ms, "
