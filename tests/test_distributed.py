@@ -22,16 +22,19 @@ def run_sweep(write_config, body):
 def test_world_sizes_one_and_two_in_one_run_match_the_reference(write_config):
     run_dir, stored = run_sweep(write_config, (
         "implementations:\n  - ring\n  - {name: ring, options: {zigzag: true}}\n"
-        "seq_lens: [48]\nworld_sizes: [1, 2]\nheads: [2]\nhead_dims: [8]\ndtypes: [float32]\ncausal: [false, true]\n"
+        # One pattern within each rank's shard, one spanning both ranks (only its sparse rows travel).
+        "  - {name: ring-dilated, options: {segment_lengths: [16, 64], dilation_rates: [1, 2]}}\n"
+        "seq_lens: [64]\nworld_sizes: [1, 2]\nheads: [2]\nhead_dims: [8]\ndtypes: [float32]\ncausal: [false, true]\n"
     ))
     planned = json.loads((run_dir / "run.json").read_text())["planned"]
-    assert sorted(r["cell_id"] for r in stored) == sorted(p["cell_id"] for p in planned) and len(stored) == 8
+    assert sorted(r["cell_id"] for r in stored) == sorted(p["cell_id"] for p in planned) and len(stored) == 12
     distributed = [r for r in stored if r["world_size"] == 2]
-    assert len(distributed) == 4 and {(r["causal"], r["options"]["zigzag"]) for r in distributed} == {
-        (False, False), (False, True), (True, False), (True, True)}
+    assert len(distributed) == 6 and {(r["implementation"], r["causal"], r["options"].get("zigzag")) for r in distributed} == {
+        ("ring", False, False), ("ring", False, True), ("ring", True, False), ("ring", True, True),
+        ("ring-dilated", False, None), ("ring-dilated", True, None)}
     for record in distributed:
         assert record["status"] == "ok", record["error"]
-        assert record["ring_size"] == 2 and record["check"]["rows_checked"] == 48 and record["check"]["rel_error"] < 1e-5
+        assert record["ring_size"] == 2 and record["check"]["rows_checked"] == 64 and record["check"]["rel_error"] < 1e-5
         assert [rank["rank"] for rank in record["ranks"]] == [0, 1]
         # The recorded median is over the slowest rank of each repetition.
         assert record["stats"]["median_ms"] >= min(rank["median_ms"] for rank in record["ranks"])
@@ -58,3 +61,16 @@ def test_a_dying_rank_is_recorded_as_crashed_and_the_sweep_goes_on(write_config)
     assert "the 2-process launch exited with code" in by_name["test-rank-exit"]["error"]["message"]
     assert by_name["ring"]["status"] == "ok"
     assert (run_dir / "launch-2.log").exists()
+
+
+def test_four_processes_with_segments_spanning_two_and_four_ranks(write_config):
+    _, stored = run_sweep(write_config, (
+        "implementations:\n  - {name: ring, options: {zigzag: true}}\n"
+        "  - {name: ring-dilated, options: {segment_lengths: [16, 32, 64], dilation_rates: [1, 2, 4]}}\n"
+        "seq_lens: [64]\nworld_sizes: [4]\nheads: [4]\nhead_dims: [8]\ndtypes: [float32]\ncausal: [true]\n"
+    ))
+    assert len(stored) == 2
+    for record in stored:
+        assert record["world_size"] == 4 and record["status"] == "ok", record["error"]
+        assert record["check"]["rows_checked"] == 64 and record["check"]["rel_error"] < 1e-5
+        assert len(record["ranks"]) == 4

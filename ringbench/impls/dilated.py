@@ -14,6 +14,8 @@ it is not are left out of the plan with the reason.
 segment fits in a shard is computed locally by every rank; a larger segment spans
 g = w / shard_len shards, and its ranks exchange only the sparse rows the pattern
 selects, ring-fashion, the diagonal block causal and later shards skipped when causal.
+On one device the ranks are simulated; across processes (world size > 1) each
+process holds one contiguous shard and the sparse rows travel by point-to-point ops.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
+import torch.distributed as dist
 
 from ringbench import blocks
 from ringbench.models import DTYPE_BYTES
 from ringbench.plan import Cell
-from ringbench.registry import Option, Problem, register
+from ringbench.registry import Bench, Option, Problem, register
 
 OPTIONS = {
     "segment_lengths": Option((2048, 4096), help="segment length w of each pattern"),
@@ -165,6 +168,63 @@ def _setup(problem: Problem, sharded: bool):
     return run
 
 
+def _spanning_pattern(q, k, v, acc, acc_lse, w, r, rank, causal, kernel):
+    """One pattern whose segments span g = w / shard_len ranks, across processes.
+
+    The ranks of a segment pass each other only the sparse K/V rows the pattern
+    keeps, ring-fashion within the segment, the next transfer posted before the
+    current block is computed.
+    """
+    shard_len = q.shape[2]
+    span = w // shard_len
+    first, place = rank - rank % span, rank % span
+    send_to, receive_from = first + (place + 1) % span, first + (place - 1) % span
+    # The shard starts at a multiple of r, so the kept rows are those of one shard-long segment.
+    index = _offsets_index(q.shape[1], shard_len, r, q.device)
+    qs = _segments(q, shard_len, r, index).flatten(1, 2)
+    current = torch.stack([_segments(t, shard_len, r, index).flatten(1, 2) for t in (k, v)])
+    spare = torch.empty_like(current)
+    acc_rows, lse_rows = _segments(acc, shard_len, r, index), _segments(acc_lse, shard_len, r, index)
+    for step in range(span):
+        transfers = []
+        if step + 1 < span:
+            transfers = dist.batch_isend_irecv([
+                dist.P2POp(dist.isend, current, send_to), dist.P2POp(dist.irecv, spare, receive_from),
+            ])
+        if not (causal and (place - step) % span > place):  # a later shard of the segment: above the diagonal
+            out, lse = blocks.attend(kernel, qs, current[0], current[1], causal and step == 0)
+            blocks.merge_(acc_rows.flatten(1, 2), lse_rows.flatten(1, 2), out, lse)
+            del out, lse
+        for transfer in transfers:
+            transfer.wait()
+        current, spare = spare, current
+    _scatter_back(acc, shard_len, r, index, acc_rows)
+    _scatter_back(acc_lse, shard_len, r, index, lse_rows)
+
+
+def _one_rank(problem: Problem):
+    """This process's shard of a ring-dilated computation over ``world_size`` processes."""
+    kernel = blocks.choose(problem.options["kernel"], problem.q)
+    problem.facts["kernel"] = kernel
+    rank, seq_len = problem.rank, problem.q.shape[2]
+    shard_len = seq_len // problem.world_size
+    rows = torch.arange(rank * shard_len, (rank + 1) * shard_len, device=problem.q.device)
+    q, k, v = (t[:, :, rank * shard_len:(rank + 1) * shard_len].clone() for t in (problem.q, problem.k, problem.v))
+    causal, pattern_list = problem.causal, patterns(problem.options, seq_len)
+
+    def run() -> torch.Tensor:
+        acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        acc_lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        for w, r in pattern_list:
+            if w <= shard_len:
+                _pattern(q, k, v, acc, acc_lse, w, r, 1, causal, kernel)
+            else:
+                _spanning_pattern(q, k, v, acc, acc_lse, w, r, rank, causal, kernel)
+        return acc.to(q.dtype)
+
+    return Bench(run=run, rows=rows)
+
+
 COMMON = dict(options=OPTIONS, reference="dilated", flops=_flops, memory_model=_memory_model,
               excludes=_excludes, check_options=_check_options)
 
@@ -174,6 +234,9 @@ def setup_dilated(problem: Problem):
     return _setup(problem, sharded=False)
 
 
-@register("ring-dilated", uses_ring=True, description="LongNet dilated attention, ring-sharded", **COMMON)
+@register("ring-dilated", uses_ring=True, distributed=True, description="LongNet dilated attention, ring-sharded",
+          **COMMON)
 def setup_ring_dilated(problem: Problem):
+    if problem.world_size > 1:
+        return _one_rank(problem)
     return _setup(problem, sharded=True)
