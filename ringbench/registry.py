@@ -25,6 +25,8 @@ from ringbench.errors import Invalid
 if TYPE_CHECKING:
     import torch
 
+    from ringbench.comm import WaitClock
+
 ENTRY_POINT_GROUP = "ringbench.implementations"
 
 
@@ -76,6 +78,7 @@ class Problem:
     facts: dict[str, Any] = field(default_factory=dict)
     rank: int = 0
     world_size: int = 1
+    comm: "WaitClock | None" = None  # across processes: hand it sends and waits (see ringbench.comm)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from ringbench import distributed, env, records
 from ringbench.config import Sweep
 from ringbench.errors import ConfigError
 from ringbench.plan import Cell, Plan
-from ringbench.worker import run_cell, run_cell_on_ranks
+from ringbench.worker import make_record, run_cell, run_cell_on_ranks
 
 LOG_TAIL_CHARS = 2000
 
@@ -78,12 +78,7 @@ def _start(sweep: Sweep, plan: Plan, source: str, device: torch.device, output_r
 
 
 def _crashed(cell: Cell, message: str) -> dict[str, Any]:
-    return {
-        "schema_version": records.SCHEMA_VERSION, "cell_id": cell.id, **cell.params(), "status": records.CRASHED,
-        "error": {"type": "Crashed", "message": message}, "facts": {}, "check": None, "warmup_ms": [],
-        "samples_ms": [], "stats": None, "memory": None, "projected": None, "ranks": None, "flops": None,
-        "tflops": None, "tokens_per_s": None,
-    }
+    return make_record(cell, {"status": records.CRASHED, "error": {"type": "Crashed", "message": message}})
 
 
 def _launch(world_size: int, cells: list[Cell], run_dir: Path, writer: records.RecordWriter, result: RunResult,

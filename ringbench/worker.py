@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from ringbench import correctness, distributed, records, registry
+from ringbench.comm import WaitClock
 from ringbench.config import TimingBudget
 from ringbench.distributed import Group
 from ringbench.memory import MIB, measure_peak
@@ -40,7 +41,8 @@ def make_problem(cell: Cell, device: torch.device, seed: int, rank: int = 0) -> 
     shape = (cell.batch_size, cell.heads, cell.seq_len, cell.head_dim)
     q, k, v = (torch.randn(shape, generator=generator, device=device, dtype=DTYPES[cell.dtype]) for _ in range(3))
     return registry.Problem(q=q, k=k, v=v, causal=cell.causal, ring_size=cell.ring_size, options=dict(cell.options),
-                            rank=rank, world_size=cell.world_size)
+                            rank=rank, world_size=cell.world_size,
+                            comm=WaitClock(device) if cell.world_size > 1 else None)
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
@@ -141,6 +143,23 @@ def _combine_ranks(main: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _combine_traffic(traffic: dict[str, float]) -> dict[str, Any]:
+    """Every rank's bytes sent and time waiting in one instrumented call; the headline is the worst rank."""
+    everyone = distributed.gather(traffic)
+    ranks = [{
+        "rank": rank,
+        "sent_bytes_per_step": data["sent_bytes"] / data["sends"] if data["sends"] else 0.0,
+        "wait_ms": data["wait_ms"],
+        "call_ms": data["call_ms"],
+        "wait_share": data["wait_ms"] / data["call_ms"] if data["call_ms"] > 0 else 0.0,
+    } for rank, data in enumerate(everyone)]
+    return {
+        "sent_bytes_per_step": max(rank["sent_bytes_per_step"] for rank in ranks),
+        "wait_share": max(rank["wait_share"] for rank in ranks),
+        "ranks": ranks,
+    }
+
+
 def _measure_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int) -> dict[str, Any]:
     implementation = registry.get(cell.implementation)
     device = group.device
@@ -152,7 +171,7 @@ def _measure_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int)
         failure = _failure(exc)
     if failure := _agree(failure):
         return failure
-    facts, inputs_mib = problem.facts, _inputs_mib(problem) / cell.world_size
+    facts, inputs_mib, clock = problem.facts, _inputs_mib(problem) / cell.world_size, problem.comm
     partials = [0.0, 0.0, 0.0, 0.0]
     try:
         output = bench.run()
@@ -171,11 +190,13 @@ def _measure_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int)
         check = correctness.verdict(implementation.reference, [squared_error, squared_reference, max_abs, rows], cell.dtype)
     try:
         main = _time_and_measure(bench.run, device, budget, agree=lambda value: distributed.max_over_ranks(value, device))
+        traffic = clock.measure(bench.run)
     except Exception as exc:
         failure = _failure(exc)
     if failure := _agree(failure):
         return failure
-    return _outcome(cell, implementation, facts, check, _combine_ranks(main), None, inputs_mib)
+    outcome = _outcome(cell, implementation, facts, check, _combine_ranks(main), None, inputs_mib)
+    return {**outcome, "comm": _combine_traffic(traffic)}
 
 
 def _release(device: torch.device) -> None:
@@ -187,14 +208,16 @@ def _release(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _record(cell: Cell, device: torch.device, started_at: str, seconds: float, outcome: dict[str, Any]) -> dict[str, Any]:
+def make_record(cell: Cell, outcome: dict[str, Any], device: torch.device | None = None, started_at: str | None = None,
+                seconds: float | None = None) -> dict[str, Any]:
+    """A record with every field present; what was not measured stays null."""
     return {
         "schema_version": records.SCHEMA_VERSION,
         "cell_id": cell.id,
         **cell.params(),
-        "device": str(device),
+        "device": None if device is None else str(device),
         "started_at": started_at,
-        "duration_s": round(seconds, 3),
+        "duration_s": None if seconds is None else round(seconds, 3),
         "error": None,
         "facts": {},
         "check": None,
@@ -204,6 +227,7 @@ def _record(cell: Cell, device: torch.device, started_at: str, seconds: float, o
         "memory": None,
         "projected": None,
         "ranks": None,
+        "comm": None,
         "flops": None,
         "tflops": None,
         "tokens_per_s": None,
@@ -220,7 +244,7 @@ def run_cell(cell: Cell, device: torch.device, budget: TimingBudget, seed: int) 
     started_at, start = _now(), time.perf_counter()
     outcome = _measure(cell, device, budget, seed)
     _release(device)
-    return _record(cell, device, started_at, time.perf_counter() - start, outcome)
+    return make_record(cell, outcome, device, started_at, time.perf_counter() - start)
 
 
 def run_cell_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int) -> dict[str, Any]:
@@ -230,4 +254,4 @@ def run_cell_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int)
     outcome = _measure_on_ranks(cell, group, budget, seed)
     _release(group.device)
     distributed.barrier()
-    return _record(cell, group.device, started_at, time.perf_counter() - start, outcome)
+    return make_record(cell, outcome, group.device, started_at, time.perf_counter() - start)

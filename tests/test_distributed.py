@@ -38,6 +38,11 @@ def test_world_sizes_one_and_two_in_one_run_match_the_reference(write_config):
         assert [rank["rank"] for rank in record["ranks"]] == [0, 1]
         # The recorded median is over the slowest rank of each repetition.
         assert record["stats"]["median_ms"] >= min(rank["median_ms"] for rank in record["ranks"])
+        # K and V of a 32-row shard (B=1, H=2, D=8, float32) per ring step; the dilated pattern
+        # spanning both ranks sends only its 16 kept rows.
+        rows = 32 if record["implementation"] == "ring" else 16
+        assert record["comm"]["sent_bytes_per_step"] == 2 * 2 * rows * 8 * 4
+        assert 0 <= record["comm"]["wait_share"] <= 1 and len(record["comm"]["ranks"]) == 2
 
 
 def test_one_rank_out_of_memory_is_the_cells_status(write_config):

@@ -168,7 +168,7 @@ def _setup(problem: Problem, sharded: bool):
     return run
 
 
-def _spanning_pattern(q, k, v, acc, acc_lse, w, r, rank, causal, kernel):
+def _spanning_pattern(q, k, v, acc, acc_lse, w, r, rank, causal, kernel, comm):
     """One pattern whose segments span g = w / shard_len ranks, across processes.
 
     The ranks of a segment pass each other only the sparse K/V rows the pattern
@@ -191,12 +191,12 @@ def _spanning_pattern(q, k, v, acc, acc_lse, w, r, rank, causal, kernel):
             transfers = dist.batch_isend_irecv([
                 dist.P2POp(dist.isend, current, send_to), dist.P2POp(dist.irecv, spare, receive_from),
             ])
+            comm.sent(current)
         if not (causal and (place - step) % span > place):  # a later shard of the segment: above the diagonal
             out, lse = blocks.attend(kernel, qs, current[0], current[1], causal and step == 0)
             blocks.merge_(acc_rows.flatten(1, 2), lse_rows.flatten(1, 2), out, lse)
             del out, lse
-        for transfer in transfers:
-            transfer.wait()
+        comm.wait(transfers)
         current, spare = spare, current
     _scatter_back(acc, shard_len, r, index, acc_rows)
     _scatter_back(acc_lse, shard_len, r, index, lse_rows)
@@ -210,7 +210,7 @@ def _one_rank(problem: Problem):
     shard_len = seq_len // problem.world_size
     rows = torch.arange(rank * shard_len, (rank + 1) * shard_len, device=problem.q.device)
     q, k, v = (t[:, :, rank * shard_len:(rank + 1) * shard_len].clone() for t in (problem.q, problem.k, problem.v))
-    causal, pattern_list = problem.causal, patterns(problem.options, seq_len)
+    causal, pattern_list, comm = problem.causal, patterns(problem.options, seq_len), problem.comm
 
     def run() -> torch.Tensor:
         acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -219,7 +219,7 @@ def _one_rank(problem: Problem):
             if w <= shard_len:
                 _pattern(q, k, v, acc, acc_lse, w, r, 1, causal, kernel)
             else:
-                _spanning_pattern(q, k, v, acc, acc_lse, w, r, rank, causal, kernel)
+                _spanning_pattern(q, k, v, acc, acc_lse, w, r, rank, causal, kernel, comm)
         return acc.to(q.dtype)
 
     return Bench(run=run, rows=rows)

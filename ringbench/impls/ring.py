@@ -167,7 +167,7 @@ def _all_ranks(problem: Problem, kernel: str, zigzag: bool):
 
 def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
     """This process's rank of a real ring: K/V travel between processes by point-to-point ops."""
-    rank, ring_size, causal, dtype = problem.rank, problem.world_size, problem.causal, problem.q.dtype
+    rank, ring_size, causal, dtype, comm = problem.rank, problem.world_size, problem.causal, problem.q.dtype, problem.comm
     rows = positions(problem.q.shape[2], ring_size, zigzag, problem.q.device)[rank]
     q = problem.q.index_select(2, rows)
     kv = torch.stack([problem.k.index_select(2, rows), problem.v.index_select(2, rows)])  # one message per step
@@ -185,6 +185,7 @@ def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
                 transfers = dist.batch_isend_irecv([
                     dist.P2POp(dist.isend, current, send_to), dist.P2POp(dist.irecv, spare, receive_from),
                 ])
+                comm.sent(current)
             spec = ring_block(rank, step, ring_size, shard_len, causal, zigzag)
             if spec is not None:
                 out, lse = blocks.attend(kernel, q[:, :, spec.q_rows], current[0][:, :, spec.kv_rows],
@@ -194,8 +195,7 @@ def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
                 else:
                     blocks.merge_(acc[:, :, spec.q_rows], acc_lse[:, :, spec.q_rows], out, lse)
                 del out, lse
-            for transfer in transfers:
-                transfer.wait()
+            comm.wait(transfers)
             current, spare = spare, current
         return acc.to(dtype)
 

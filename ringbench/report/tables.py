@@ -51,6 +51,9 @@ METRICS = (
            "not measured on the CPU."),
     Metric("Projected per rank: one rank's share alone (ms ± IQR, MiB above inputs)", _projected,
            _present("projected_ms"), rows_with="projected_ms"),
+    Metric("Communication per rank: MiB sent per step, share of the call spent waiting for transfers",
+           lambda row: "" if pd.isna(row.comm_step_mib) else f"{row.comm_step_mib:,.2f} MiB, {row.comm_wait_share:.1%}",
+           _present("comm_step_mib"), rows_with="comm_step_mib"),
     Metric("Tokens per second", lambda row: f"{row.tokens_per_s:,.0f}"),
     Metric("Relative error against the float64 reference", _error, _present("rel_error")),
 )
