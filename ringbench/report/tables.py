@@ -98,8 +98,9 @@ def metric_table(group: pd.DataFrame, metric: Metric) -> str:
     columns = sorted(frame["column"].unique(), key=_column_order)
     pivot = frame.pivot_table(index=["implementation", "seq_len"], columns="column", values="text", aggfunc="first")
     order = sorted(pivot.index, key=lambda key: (implementations.index(key[0]), key[1]))
-    pivot = pivot.reindex(index=order, columns=columns).fillna("").reset_index()
-    return table(pivot, text_columns=1)
+    pivot = pivot.reindex(index=order, columns=columns).fillna("")
+    pivot = pivot.loc[:, (pivot != "").any()]  # a column only rows without this metric would fill
+    return table(pivot.reset_index(), text_columns=1)
 
 
 def failures(group: pd.DataFrame) -> list[str]:
