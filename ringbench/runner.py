@@ -87,8 +87,15 @@ def _launch(world_size: int, cells: list[Cell], run_dir: Path, writer: records.R
     by_id = {cell.id: cell for cell in cells}
     pending = list(cells)
     log_path = run_dir / f"launch-{world_size}.log"
+
+    def finished(record: dict[str, Any]) -> None:
+        pending.remove(by_id[record["cell_id"]])
+        observer.cell_finished(first_index + len(cells) - len(pending) - 1, by_id[record["cell_id"]], record)
+        if pending:
+            observer.cell_started(first_index + len(cells) - len(pending), pending[0])
+
+    observer.cell_started(first_index, pending[0])
     while pending:
-        observer.cell_started(first_index + len(cells) - len(pending), pending[0])
         with log_path.open("ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
@@ -96,23 +103,20 @@ def _launch(world_size: int, cells: list[Cell], run_dir: Path, writer: records.R
                 stdout=log, stderr=subprocess.STDOUT,
             )
             while True:
-                finished = process.poll() is not None
+                exited = process.poll() is not None  # read before the records, so none written at exit is missed
                 for record in _new_records(run_dir, result):
                     if record["cell_id"] in by_id:
-                        pending = [cell for cell in pending if cell.id != record["cell_id"]]
-                        observer.cell_finished(first_index + len(cells) - len(pending) - 1, by_id[record["cell_id"]], record)
-                        if pending:
-                            observer.cell_started(first_index + len(cells) - len(pending), pending[0])
-                if finished:
+                        finished(record)
+                if exited:
                     break
                 time.sleep(0.2)
         if pending:
             tail = log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
-            crashed = _crashed(pending.pop(0), f"the {world_size}-process launch exited with code "
-                                               f"{process.returncode} during this cell; its output ended: {tail}")
+            crashed = _crashed(pending[0], f"the {world_size}-process launch exited with code {process.returncode} "
+                                           f"during this cell; its output ended: {tail}")
             writer.append(crashed)
             result.records.append(crashed)
-            observer.cell_finished(first_index + len(cells) - len(pending) - 1, by_id[crashed["cell_id"]], crashed)
+            finished(crashed)
 
 
 def _new_records(run_dir: Path, result: RunResult) -> list[dict[str, Any]]:
