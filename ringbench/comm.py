@@ -1,7 +1,7 @@
-"""How long a rank waits for its point-to-point transfers.
+"""Point-to-point transfers between ranks, and how long a rank waits for them.
 
-Implementations hand their pending transfers to :meth:`WaitClock.wait` instead of
-waiting on them directly. Normally that is all it does. In the worker's
+Implementations post each ring step's transfer with :meth:`WaitClock.exchange` and
+hand the requests to :meth:`WaitClock.wait` instead of waiting on them directly. Normally that is all it does. In the worker's
 communication pass the clock is on for one call: on the CPU it adds up the host
 time spent blocked in ``wait()``; on a GPU, where ``wait()`` only makes the compute
 stream wait for the transfer, it records a CUDA event before and after each wait,
@@ -14,6 +14,7 @@ import time
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 
 class WaitClock:
@@ -25,11 +26,18 @@ class WaitClock:
         self._cpu_ms = 0.0
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
-    def sent(self, tensor: torch.Tensor) -> None:
-        """Note a message this rank sends (counted only while the clock is on)."""
+    def exchange(self, send: torch.Tensor, receive: torch.Tensor, send_to: int, receive_from: int) -> list:
+        """Post one ring step's transfer, sending ``send`` and receiving into ``receive``; returns the requests.
+
+        Sends and receives go in one batch: NCCL then pairs them up without the
+        deadlock that separately issued blocking sends would risk.
+        """
         if self._on:
-            self.sent_bytes += tensor.numel() * tensor.element_size()
+            self.sent_bytes += send.numel() * send.element_size()
             self.sends += 1
+        return dist.batch_isend_irecv([
+            dist.P2POp(dist.isend, send, send_to), dist.P2POp(dist.irecv, receive, receive_from),
+        ])
 
     def wait(self, transfers: Sequence) -> None:
         if not self._on:

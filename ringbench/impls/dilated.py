@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-import torch.distributed as dist
 
 from ringbench import blocks
 from ringbench.models import DTYPE_BYTES
@@ -186,12 +185,7 @@ def _spanning_pattern(q, k, v, acc, acc_lse, w, r, rank, causal, kernel, comm):
     spare = torch.empty_like(current)
     acc_rows, lse_rows = _segments(acc, shard_len, r, index), _segments(acc_lse, shard_len, r, index)
     for step in range(span):
-        transfers = []
-        if step + 1 < span:
-            transfers = dist.batch_isend_irecv([
-                dist.P2POp(dist.isend, current, send_to), dist.P2POp(dist.irecv, spare, receive_from),
-            ])
-            comm.sent(current)
+        transfers = comm.exchange(current, spare, send_to, receive_from) if step + 1 < span else []
         if not (causal and (place - step) % span > place):  # a later shard of the segment: above the diagonal
             out, lse = blocks.attend(kernel, qs, current[0], current[1], causal and step == 0)
             blocks.merge_(acc_rows.flatten(1, 2), lse_rows.flatten(1, 2), out, lse)

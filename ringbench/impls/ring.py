@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from ringbench import blocks
 from ringbench.models import DTYPE_BYTES
@@ -180,12 +179,7 @@ def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
         acc = acc_lse = None
         for step in range(ring_size):
             # The next block's K/V is on its way while this one is computed (double buffering).
-            transfers = []
-            if step + 1 < ring_size:
-                transfers = dist.batch_isend_irecv([
-                    dist.P2POp(dist.isend, current, send_to), dist.P2POp(dist.irecv, spare, receive_from),
-                ])
-                comm.sent(current)
+            transfers = comm.exchange(current, spare, send_to, receive_from) if step + 1 < ring_size else []
             spec = ring_block(rank, step, ring_size, shard_len, causal, zigzag)
             if spec is not None:
                 out, lse = blocks.attend(kernel, q[:, :, spec.q_rows], current[0][:, :, spec.kv_rows],
