@@ -29,12 +29,19 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 @dataclass(frozen=True)
 class TimingBudget:
-    """How long to sample a cell: budgets in milliseconds, counts clamped to [min_reps, max_reps]."""
+    """How long to sample a cell: budgets in milliseconds, counts clamped to [min_reps, max_reps].
+
+    After ``rep_ms`` worth of samples, sampling goes on while the relative noise
+    (IQR / median) is above ``noise_target``, until ``max_ms`` of samples or
+    ``max_reps`` samples.
+    """
 
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
     min_reps: int = 5
     max_reps: int = 1000
+    noise_target: float = 0.02
+    max_ms: float = 10_000.0
 
 
 @dataclass(frozen=True, repr=False)
@@ -177,6 +184,8 @@ def _timing(value: Any, where: str) -> TimingBudget:
         "rep_ms": (_positive_number, defaults.rep_ms),
         "min_reps": (_positive_int, defaults.min_reps),
         "max_reps": (_positive_int, defaults.max_reps),
+        "noise_target": (_positive_number, defaults.noise_target),
+        "max_ms": (_positive_number, defaults.max_ms),
     }
     budget = TimingBudget(**_read_fields(value, where, fields))
     if budget.min_reps > budget.max_reps:

@@ -1,9 +1,11 @@
 """Timing a closure: CUDA events on a GPU, ``perf_counter_ns`` on the CPU.
 
-After a first call, warm-up runs for its millisecond budget (as many calls as
-one probe call says fit); its samples estimate the cost of one call, from which the number of timed repetitions follows (``rep_ms`` over
-that estimate, clamped to ``[min_reps, max_reps]``). Every sample is kept, warm-ups
-included.
+After a first call, warm-up runs for its millisecond budget (as many calls as one
+probe call says fit); its samples estimate the cost of one call, from which the
+number of timed repetitions follows (``rep_ms`` over that estimate, clamped to
+``[min_reps, max_reps]``). While the samples' IQR / median is above the noise
+target, sampling continues, up to ``max_ms`` of samples or ``max_reps`` samples.
+Every sample is kept, warm-ups included.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Callable
 import torch
 
 from ringbench.config import TimingBudget
+from ringbench.stats import relative_iqr
 
 
 @dataclass(frozen=True)
@@ -72,4 +75,15 @@ def measure(
     warmup = probe + time_calls(fn, more)
     reps = int(budget.rep_ms / max(statistics.median(warmup), 1e-6))
     reps = int(agree(min(max(reps, budget.min_reps), budget.max_reps)))
-    return Timing(tuple(first + warmup), tuple(time_calls(fn, reps)))
+    samples = time_calls(fn, reps)
+    # Noisy cells get more samples, half as many again each round, within the caps.
+    while more := int(agree(_more_needed(samples, budget))):
+        samples += time_calls(fn, more)
+    return Timing(tuple(first + warmup), tuple(samples))
+
+
+def _more_needed(samples: list[float], budget: TimingBudget) -> int:
+    quiet = relative_iqr(samples) <= budget.noise_target
+    if quiet or sum(samples) >= budget.max_ms or len(samples) >= budget.max_reps:
+        return 0
+    return min(max(len(samples) // 2, budget.min_reps), budget.max_reps - len(samples))

@@ -67,8 +67,8 @@ def _time_and_measure(fn: Callable[[], object], device: torch.device, budget: Ti
     }
 
 
-def _outcome(cell: Cell, implementation: registry.Implementation, facts: dict, check: dict | None,
-             main: dict[str, Any], projected: dict | None, inputs_mib: float) -> dict[str, Any]:
+def _outcome(cell: Cell, implementation: registry.Implementation, budget: TimingBudget, facts: dict,
+             check: dict | None, main: dict[str, Any], projected: dict | None, inputs_mib: float) -> dict[str, Any]:
     stats = main["stats"]
     seconds = stats["median_ms"] / 1e3
     flops = implementation.flops(cell) if implementation.flops else dense_flops(cell)
@@ -80,6 +80,8 @@ def _outcome(cell: Cell, implementation: registry.Implementation, facts: dict, c
         "warmup_ms": main["warmup_ms"],
         "samples_ms": main["samples_ms"],
         "stats": stats,
+        "noise": {"target": budget.noise_target, "rel_iqr": stats["rel_iqr"],
+                  "reached": stats["rel_iqr"] <= budget.noise_target},
         "memory": {
             "inputs_mib": inputs_mib,
             "peak_allocated_mib": main["peak_allocated_mib"],
@@ -115,7 +117,7 @@ def _measure(cell: Cell, device: torch.device, budget: TimingBudget, seed: int) 
         projected = _time_and_measure(bench.rank_share, device, budget) if bench.rank_share else None
     except Exception as exc:  # any failure of user or library code is this cell's result, not the sweep's
         return _failure(exc)
-    return _outcome(cell, implementation, problem.facts, check, main, projected, _inputs_mib(problem))
+    return _outcome(cell, implementation, budget, problem.facts, check, main, projected, _inputs_mib(problem))
 
 
 def _agree(failure: dict | None) -> dict | None:
@@ -195,7 +197,7 @@ def _measure_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int)
         failure = _failure(exc)
     if failure := _agree(failure):
         return failure
-    outcome = _outcome(cell, implementation, facts, check, _combine_ranks(main), None, inputs_mib)
+    outcome = _outcome(cell, implementation, budget, facts, check, _combine_ranks(main), None, inputs_mib)
     return {**outcome, "comm": _combine_traffic(traffic)}
 
 
@@ -224,6 +226,7 @@ def make_record(cell: Cell, outcome: dict[str, Any], device: torch.device | None
         "warmup_ms": [],
         "samples_ms": [],
         "stats": None,
+        "noise": None,
         "memory": None,
         "projected": None,
         "ranks": None,

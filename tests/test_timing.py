@@ -4,7 +4,7 @@ import torch
 
 from ringbench.config import TimingBudget
 from ringbench.stats import summarize
-from ringbench.timing import measure
+from ringbench.timing import _more_needed, measure
 
 CPU = torch.device("cpu")
 
@@ -14,19 +14,19 @@ def sleeper(ms: float):
 
 
 def test_repetitions_are_clamped_to_max():
-    timing = measure(sleeper(1), CPU, TimingBudget(warmup_ms=0.001, rep_ms=10_000, min_reps=2, max_reps=7))
+    timing = measure(sleeper(1), CPU, TimingBudget(warmup_ms=0.001, rep_ms=10_000, min_reps=2, max_reps=7, noise_target=100))
     assert len(timing.samples_ms) == 7
     assert len(timing.warmup_ms) == 2  # the first call, then one that spends the whole warm-up budget
     assert all(sample >= 1.0 for sample in timing.samples_ms + timing.warmup_ms)
 
 
 def test_repetitions_are_clamped_to_min():
-    timing = measure(sleeper(2), CPU, TimingBudget(warmup_ms=0.001, rep_ms=0.001, min_reps=4, max_reps=100))
+    timing = measure(sleeper(2), CPU, TimingBudget(warmup_ms=0.001, rep_ms=0.001, min_reps=4, max_reps=100, noise_target=100))
     assert len(timing.samples_ms) == 4
 
 
 def test_warmup_stops_at_max_reps_for_trivial_closures():
-    timing = measure(lambda: None, CPU, TimingBudget(warmup_ms=10_000, rep_ms=1e-9, min_reps=1, max_reps=5))
+    timing = measure(lambda: None, CPU, TimingBudget(warmup_ms=10_000, rep_ms=1e-9, min_reps=1, max_reps=5, noise_target=100))
     assert len(timing.warmup_ms) == 1 + 5 and len(timing.samples_ms) == 1
 
 
@@ -37,7 +37,7 @@ def test_a_slow_first_call_does_not_shrink_the_sample():
         time.sleep(0.2 if not calls else 0.001)
         calls.append(1)
 
-    timing = measure(cold_then_fast, CPU, TimingBudget(warmup_ms=5, rep_ms=30, min_reps=2, max_reps=1000))
+    timing = measure(cold_then_fast, CPU, TimingBudget(warmup_ms=5, rep_ms=30, min_reps=2, max_reps=1000, noise_target=100))
     assert timing.warmup_ms[0] >= 200 and len(timing.warmup_ms) >= 2
     assert len(timing.samples_ms) >= 5  # estimated from warm calls (~1 ms), not from the 200 ms first one
 
@@ -46,6 +46,28 @@ def test_summary_statistics():
     stats = summarize([1.0, 2.0, 3.0, 4.0, 10.0])
     assert stats == {
         "n": 5, "median_ms": 3.0, "mean_ms": 4.0, "std_ms": (sum((x - 4) ** 2 for x in [1, 2, 3, 4, 10]) / 4) ** 0.5,
-        "q1_ms": 2.0, "q3_ms": 4.0, "iqr_ms": 2.0, "min_ms": 1.0, "max_ms": 10.0,
+        "q1_ms": 2.0, "q3_ms": 4.0, "iqr_ms": 2.0, "rel_iqr": 2.0 / 3.0, "min_ms": 1.0, "max_ms": 10.0,
     }
     assert summarize([5.0])["std_ms"] == 0.0
+
+
+def test_noisy_samples_ask_for_more_within_the_caps():
+    budget = TimingBudget(min_reps=5, max_reps=40, noise_target=0.02, max_ms=100)
+    assert _more_needed([2.0] * 10, budget) == 0  # quiet: IQR / median is 0
+    noisy = [1.0, 3.0] * 6
+    assert _more_needed(noisy, budget) == 6  # half as many again
+    assert _more_needed(noisy[:4], budget) == 5  # at least min_reps
+    assert _more_needed([1.0, 3.0] * 19, budget) == 2  # no further than max_reps
+    assert _more_needed([10.0, 30.0] * 5, budget) == 0  # max_ms of samples already spent
+
+
+def test_sampling_continues_while_noisy():
+    calls = []
+
+    def alternating():
+        time.sleep(0.001 if len(calls) % 2 else 0.004)
+        calls.append(1)
+
+    timing = measure(alternating, CPU, TimingBudget(warmup_ms=0.001, rep_ms=0.001, min_reps=4, max_reps=30,
+                                                      noise_target=0.02, max_ms=10_000))
+    assert len(timing.samples_ms) == 30

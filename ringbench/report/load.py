@@ -15,7 +15,7 @@ from ringbench.plan import implementation_label
 
 COLUMNS = [
     "cell_id", "implementation", "label", "seq_len", "ring_size", "world_size", "batch_size", "heads", "head_dim",
-    "dtype", "causal", "pass", "status", "median_ms", "iqr_ms", "n", "peak_mib", "modelled_mib", "tokens_per_s",
+    "dtype", "causal", "pass", "status", "median_ms", "iqr_ms", "rel_iqr", "noise_target", "n", "peak_mib", "modelled_mib", "tokens_per_s",
     "tflops", "tflops_per_device", "kernel", "projected_ms", "projected_iqr_ms", "projected_mib", "rel_error", "max_abs_error", "tolerance",
     "rows_checked", "comm_step_mib", "comm_wait_share", "facts", "error_type", "error_message",
 ]
@@ -67,6 +67,8 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "status": record["status"],
         "median_ms": stats.get("median_ms"),
         "iqr_ms": stats.get("iqr_ms"),
+        "rel_iqr": None if not stats.get("median_ms") else stats["iqr_ms"] / stats["median_ms"],
+        "noise_target": (record.get("noise") or {}).get("target"),
         "n": stats.get("n"),
         "peak_mib": memory.get("peak_allocated_mib"),
         "modelled_mib": memory.get("modelled_mib"),

@@ -10,7 +10,7 @@ import pandas as pd
 from ringbench.plan import implementation_label
 from ringbench.report.load import Run
 from ringbench.report.markdown import escape, table
-from ringbench.report.summary import ring_efficiency, summary
+from ringbench.report.summary import ring_efficiency, summary, warnings
 from ringbench.report.tables import METRICS, SHAPE, failures, metric_table, shape_title
 
 
@@ -49,6 +49,12 @@ def _resolved(frame: pd.DataFrame) -> list[str]:
             for label, choices in chosen.items()]
 
 
+def _noise_rule(timing: dict[str, Any]) -> str:
+    if "noise_target" not in timing:  # runs from before noise-driven sampling
+        return ""
+    return f"; more while IQR / median > {timing['noise_target']:.0%}, up to {timing['max_ms']:g} ms of samples"
+
+
 def _parameters(meta: dict[str, Any]) -> list[str]:
     config, environment = meta["config"], meta["environment"]
     timing = config["timing"]
@@ -60,7 +66,7 @@ def _parameters(meta: dict[str, Any]) -> list[str]:
     lines += [
         f"- **device**: {environment['device']} (config: {config['device']})",
         f"- **timing**: warm-up {timing['warmup_ms']:g} ms, repetitions {timing['rep_ms']:g} ms, "
-        f"clamped to {timing['min_reps']}–{timing['max_reps']}",
+        f"clamped to {timing['min_reps']}–{timing['max_reps']}{_noise_rule(timing)}",
         f"- **seed**: {config['seed']}",
         f"- **torch**: {environment['torch']}, Python {environment['python']}",
         f"- **config**: `{escape(meta['config_source'])}` (hash {meta['config_hash']})",
@@ -123,6 +129,9 @@ def render_run(run: Run, level: int = 1) -> str:
     if meta["excluded"]:
         lines += [_heading(level + 1, "Left out of the plan"), "", _excluded(meta["excluded"]), ""]
     lines += [_heading(level + 1, "Summary"), "", *summary(frame), ""]
+    cautions = warnings(frame, environment)
+    if cautions:
+        lines += [_heading(level + 1, "Warnings"), "", *cautions, ""]
     return "\n".join(lines)
 
 

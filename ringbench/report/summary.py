@@ -13,7 +13,7 @@ BASELINE = "standard"
 
 def _implementation(row: pd.Series) -> str:
     where = placement(row.ring_size, row.world_size)
-    return escape(row.label) if where == NO_RING else f"{escape(row.label)} {where}"
+    return escape(row.label) if where == NO_RING else f"{escape(row.label)} ({where})"
 
 
 def best_memory_reduction(frame: pd.DataFrame) -> str:
@@ -85,6 +85,23 @@ def ring_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
             "efficiency": f"{row.tflops_per_device / baseline.tflops_per_device:.3f}",
         })
     return pd.DataFrame(rows)
+
+
+def warnings(frame: pd.DataFrame, environment: dict) -> list[str]:
+    """What a reader should know before trusting the numbers, each with what to do about it."""
+    lines = []
+    if environment["git"].get("dirty"):
+        lines.append("- The git tree had uncommitted changes: the code measured is not exactly the commit named. "
+                     "Commit, then run again, before citing these numbers.")
+    measured = frame[frame["status"].isin([records.OK, records.WRONG]) & frame["noise_target"].notna()]
+    noisy = measured[measured["rel_iqr"] > measured["noise_target"]].sort_values("rel_iqr", ascending=False)
+    if not noisy.empty:
+        worst = ", ".join(f"{_implementation(row)} S={row.seq_len} ({row.rel_iqr:.1%})" for _, row in noisy.head(5).iterrows())
+        lines.append(
+            f"- Noise above the {noisy['noise_target'].iloc[0]:.0%} target (IQR / median) in {len(noisy)} of "
+            f"{len(measured)} cells; the noisiest: {worst}. Raise `timing.max_ms` for more samples, keep other work "
+            "off the device, and check clocks for power or thermal throttling.")
+    return lines
 
 
 def summary(frame: pd.DataFrame) -> list[str]:
