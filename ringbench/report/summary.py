@@ -99,7 +99,7 @@ def warnings(frame: pd.DataFrame, environment: dict) -> list[str]:
         worst = ", ".join(f"{_implementation(row)} S={row.seq_len} ({row.rel_iqr:.1%})" for _, row in noisy.head(5).iterrows())
         lines.append(
             f"- Noise above the {noisy['noise_target'].iloc[0]:.0%} target (IQR / median) in {len(noisy)} of "
-            f"{len(measured)} cells; the noisiest: {worst}. Raise `timing.max_ms` for more samples, keep other work "
+            f"{len(measured)} cells; the noisiest: {worst}. Raise `timing.max_ms` and `timing.max_reps` for more samples, keep other work "
             "off the device, and check clocks for power or thermal throttling.")
     return lines
 
