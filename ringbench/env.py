@@ -42,15 +42,49 @@ def _cpu_model() -> str:
     return platform.processor() or UNKNOWN
 
 
-def _nvidia_driver() -> str:
+def _nvidia_smi(*arguments: str) -> str | None:
+    """nvidia-smi's output, or None where there is no nvidia-smi or it fails."""
     try:
-        result = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20, check=True,
-        )
-        return result.stdout.strip().splitlines()[0]
-    except Exception:  # no nvidia-smi, no driver, or an unexpected answer
-        return UNKNOWN
+        result = subprocess.run(["nvidia-smi", *arguments], capture_output=True, text=True, timeout=20, check=True)
+        return result.stdout.strip()
+    except Exception:  # no nvidia-smi, no driver, a hung query: the stamp goes on without it
+        return None
+
+
+def _query(fields: list[str]) -> list[dict[str, str]]:
+    """One row per GPU of nvidia-smi --query-gpu, keyed by field; empty without nvidia-smi."""
+    output = _nvidia_smi(f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits")
+    if not output:
+        return []
+    return [dict(zip(fields, (value.strip() for value in line.split(",")))) for line in output.splitlines()]
+
+
+def gpu_state() -> list[dict[str, str]]:
+    """What can change a GPU's speed between runs: clocks, throttle reasons, temperature, power."""
+    return _query(["index", "clocks.sm", "clocks.mem", "clocks_throttle_reasons.active", "temperature.gpu",
+                   "power.draw", "power.limit"])
+
+
+def _foreign_processes() -> list[dict[str, str]] | None:
+    """Other processes computing on the GPUs, which would share them with the benchmark."""
+    output = _nvidia_smi("--query-compute-apps=pid,process_name,used_memory", "--format=csv,noheader,nounits")
+    if output is None:
+        return None
+    rows = [dict(zip(("pid", "name", "memory_mib"), (v.strip() for v in line.split(",")))) for line in output.splitlines()]
+    return [row for row in rows if row["pid"] != str(os.getpid())]
+
+
+# Settings known to stop communication overlapping computation, with what they do.
+OVERLAP_BREAKERS = {
+    "CUDA_DEVICE_MAX_CONNECTIONS": ("1", "one hardware queue: NCCL kernels and compute kernels serialise"),
+    "TORCH_NCCL_ENABLE_TIMING": ("1", "NCCL timing events add synchronisation to every collective"),
+    "NCCL_LAUNCH_MODE": ("GROUP", "group launch mode serialises NCCL kernel launches"),
+}
+
+
+def overlap_warnings() -> list[str]:
+    return [f"{name}={os.environ[name]}: {why}" for name, (value, why) in OVERLAP_BREAKERS.items()
+            if os.environ.get(name) == value]
 
 
 def _gpus() -> list[dict[str, Any]]:
@@ -87,7 +121,11 @@ def snapshot(device: torch.device) -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "gpus": _gpus(),
-        "driver": _nvidia_driver() if cuda else None,
+        "driver": (_query(["driver_version"]) or [{"driver_version": UNKNOWN}])[0]["driver_version"] if cuda else None,
+        "gpu_state": gpu_state() if cuda else [],
+        "foreign_processes": _foreign_processes() if cuda else None,
+        "topology": _nvidia_smi("topo", "-m") if cuda and torch.cuda.device_count() > 1 else None,
+        "overlap_warnings": overlap_warnings(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,

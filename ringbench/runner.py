@@ -77,6 +77,13 @@ def _start(sweep: Sweep, plan: Plan, source: str, device: torch.device, output_r
     return run_dir
 
 
+def _finish(run_dir: Path) -> None:
+    """Stamp the GPUs' state again at the end: clocks or throttling that moved during the run show up."""
+    meta = records.read_run(run_dir)
+    meta["environment"]["gpu_state_end"] = env.gpu_state() if meta["environment"]["gpus"] else []
+    records.write_json_atomic(run_dir / records.RUN_FILE, meta)
+
+
 def _crashed(cell: Cell, message: str) -> dict[str, Any]:
     return make_record(cell, {"status": records.CRASHED, "error": {"type": "Crashed", "message": message}})
 
@@ -149,6 +156,7 @@ def run(sweep: Sweep, plan: Plan, source: str, device: torch.device, observer: O
                 done += len(cells)
         except KeyboardInterrupt:
             result.interrupted = True
+    _finish(run_dir)
     # The file is the truth: an interrupt can fall between writing a record and noting it.
     result.records = list(records.read_records(run_dir))
     return result
@@ -174,6 +182,7 @@ def serve_ranks(sweep: Sweep, plan: Plan, run_dir: Path | None, source: str, out
                 writer.append(record)
         if writer:
             writer.close()
+            _finish(run_dir)
         return run_dir
     finally:
         distributed.leave()

@@ -56,3 +56,35 @@ def test_paths_without_runs_are_user_errors(tmp_path):
 def test_report_side_never_imports_torch():
     code = "import sys, ringbench.report, ringbench.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_environment_warnings_say_what_to_do():
+    import pandas as pd
+
+    from ringbench.report.load import COLUMNS
+    from ringbench.report.summary import warnings
+
+    environment = {
+        "git": {"commit": "abc", "dirty": False},
+        "overlap_warnings": ["CUDA_DEVICE_MAX_CONNECTIONS=1: one hardware queue: NCCL kernels and compute kernels serialise"],
+        "foreign_processes": [{"pid": "42", "name": "python", "memory_mib": "1024"}],
+        "gpu_state": [{"index": "0", "clocks_throttle_reasons.active": "0x0000000000000001"}],
+        "gpu_state_end": [{"index": "1", "clocks_throttle_reasons.active": "0x0000000000000004"}],
+    }
+    assert warnings(pd.DataFrame(columns=COLUMNS), environment) == [
+        "- CUDA\\_DEVICE\\_MAX\\_CONNECTIONS=1: one hardware queue: NCCL kernels and compute kernels serialise. "
+        "Unset it to let communication overlap computation.",
+        "- Other processes were computing on the GPUs at the start: python (pid 42, 1024 MiB). They share the GPUs "
+        "with the benchmark; stop them and run again.",
+        "- GPU 1 reported clock throttle reasons at the start or end (see `gpu_state` in run.json): clocks may have "
+        "moved during the run.",
+    ]
+
+
+def test_overlap_breaking_settings_are_noticed(monkeypatch):
+    from ringbench import env
+
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    monkeypatch.setenv("TORCH_NCCL_ENABLE_TIMING", "0")
+    assert env.overlap_warnings() == [
+        "CUDA_DEVICE_MAX_CONNECTIONS=1: one hardware queue: NCCL kernels and compute kernels serialise"]

@@ -87,12 +87,34 @@ def ring_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+GPU_IDLE = 0x1  # the one throttle reason that only says nothing was running
+
+
+def _throttled(reasons: str | None) -> bool:
+    try:
+        return int(reasons, 16) & ~GPU_IDLE != 0
+    except (TypeError, ValueError):  # not reported, or "[N/A]"
+        return False
+
+
 def warnings(frame: pd.DataFrame, environment: dict) -> list[str]:
     """What a reader should know before trusting the numbers, each with what to do about it."""
     lines = []
     if environment["git"].get("dirty"):
         lines.append("- The git tree had uncommitted changes: the code measured is not exactly the commit named. "
                      "Commit, then run again, before citing these numbers.")
+    for warning in environment.get("overlap_warnings") or []:
+        lines.append(f"- {escape(warning)}. Unset it to let communication overlap computation.")
+    foreign = environment.get("foreign_processes") or []
+    if foreign:
+        names = ", ".join(f"{escape(p['name'])} (pid {p['pid']}, {p['memory_mib']} MiB)" for p in foreign)
+        lines.append(f"- Other processes were computing on the GPUs at the start: {names}. They share the GPUs "
+                     "with the benchmark; stop them and run again.")
+    throttled = [state["index"] for state in (environment.get("gpu_state") or []) + (environment.get("gpu_state_end") or [])
+                 if _throttled(state.get("clocks_throttle_reasons.active"))]
+    if throttled:
+        lines.append(f"- GPU {', '.join(sorted(set(throttled)))} reported clock throttle reasons at the start or end "
+                     "(see `gpu_state` in run.json): clocks may have moved during the run.")
     measured = frame[frame["status"].isin([records.OK, records.WRONG]) & frame["noise_target"].notna()]
     noisy = measured[measured["rel_iqr"] > measured["noise_target"]].sort_values("rel_iqr", ascending=False)
     if not noisy.empty:
