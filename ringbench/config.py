@@ -72,6 +72,7 @@ class Sweep:
     passes: tuple[str, ...]
     device: str
     seed: int
+    shuffle: bool
     output_root: str
     timing: TimingBudget
 
@@ -269,6 +270,7 @@ def load(path: str | Path) -> Sweep:
             "passes": (_list_of(_one_of(PASSES)), ("forward",)),
             "device": (_device, "auto"),
             "seed": (_non_negative_int, 0),
+            "shuffle": (_boolean, False),
             "output_root": (_string, "results"),
             "timing": (_timing, TimingBudget()),
         }

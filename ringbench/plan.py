@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -121,7 +122,8 @@ def _placements(sweep: "Sweep", implementation: "Implementation") -> list[tuple[
 
 
 def build(sweep: "Sweep", lookup: Callable[[str], "Implementation"]) -> Plan:
-    """Expand a sweep into cells, shape axes outermost so one shape's cells run together.
+    """Expand a sweep into cells, shape axes outermost so one shape's cells run together
+    (in a seeded random order within the shape when the sweep asks for ``shuffle``).
 
     ``lookup`` finds an implementation by name: whether it takes one cell per ring
     size, and which cells it cannot run.
@@ -130,7 +132,9 @@ def build(sweep: "Sweep", lookup: Callable[[str], "Implementation"]) -> Plan:
     shapes = itertools.product(
         sweep.passes, sweep.dtypes, sweep.causal, sweep.batch_sizes, sweep.heads, sweep.head_dims, sweep.seq_lens
     )
-    for pass_name, dtype, causal, batch, heads, head_dim, seq_len in shapes:
+    for shape in shapes:
+        pass_name, dtype, causal, batch, heads, head_dim, seq_len = shape
+        shape_cells = []
         for choice in sweep.implementations:
             implementation = lookup(choice.name)
             for ring_size, world_size in _placements(sweep, implementation):
@@ -140,5 +144,10 @@ def build(sweep: "Sweep", lookup: Callable[[str], "Implementation"]) -> Plan:
                 if reason:
                     excluded.append(Exclusion(cell, reason))
                 else:
-                    cells.append(cell)
+                    shape_cells.append(cell)
+        if sweep.shuffle:
+            # A fixed order within a shape would let clock or thermal drift favour whoever runs
+            # first; the shuffle is seeded by the sweep's seed and the shape, so it repeats exactly.
+            random.Random(f"{sweep.seed}:{shape}").shuffle(shape_cells)
+        cells.extend(shape_cells)
     return Plan(tuple(cells), tuple(excluded))

@@ -43,3 +43,16 @@ def test_cells_of_one_shape_run_together(write_config):
         (False, 64, "standard"), (False, 64, "sdpa"), (False, 96, "standard"), (False, 96, "sdpa"),
         (True, 64, "standard"), (True, 64, "sdpa"), (True, 96, "standard"), (True, 96, "sdpa"),
     ]
+
+
+def test_shuffle_reorders_within_each_shape_and_repeats_exactly(write_config):
+    text = BASE_CONFIG.replace("  - name: standard\n", "  - name: standard\n  - name: ring\n") + "ring_sizes: [1, 2, 4]\n"
+    ordered = build(write_config(text))
+    shuffled = build(write_config(text + "shuffle: true\n", "shuffled.yaml"))
+    again = build(write_config(text + "shuffle: true\n", "again.yaml"))
+    assert [c.id for c in shuffled.cells] == [c.id for c in again.cells]
+    assert [c.id for c in shuffled.cells] != [c.id for c in ordered.cells]
+    assert sorted(c.id for c in shuffled.cells) == sorted(c.id for c in ordered.cells)
+    assert [c.seq_len for c in shuffled.cells] == [c.seq_len for c in ordered.cells]  # shapes stay together
+    reseeded = build(write_config(text + "shuffle: true\nseed: 7\n", "reseeded.yaml"))
+    assert [c.id for c in reseeded.cells] != [c.id for c in shuffled.cells]

@@ -67,7 +67,7 @@ def _parameters(meta: dict[str, Any]) -> list[str]:
         f"- **device**: {environment['device']} (config: {config['device']})",
         f"- **timing**: warm-up {timing['warmup_ms']:g} ms, repetitions {timing['rep_ms']:g} ms, "
         f"clamped to {timing['min_reps']}–{timing['max_reps']}{_noise_rule(timing)}",
-        f"- **seed**: {config['seed']}",
+        f"- **seed**: {config['seed']}{' (cells shuffled within each shape)' if config.get('shuffle') else ''}",
         f"- **torch**: {environment['torch']}, Python {environment['python']}",
         f"- **config**: `{escape(meta['config_source'])}` (hash {meta['config_hash']})",
     ]
