@@ -22,8 +22,8 @@ from ringbench.plan import implementation_label
 from ringbench.errors import ConfigError, Invalid
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
-# Only the forward pass is measured so far; the axis exists so backward slots in later.
-PASSES = ("forward",)
+# backward is timed without its forward; forward+backward is the training step's attention.
+PASSES = ("forward", "backward", "forward+backward")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 

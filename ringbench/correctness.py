@@ -10,10 +10,14 @@ beyond that, a fixed-size random subset of query rows (seeded by the sweep's see
 is checked against all keys. The error measure is the relative Frobenius error
 ‖out − ref‖ / ‖ref‖ over the checked rows; a cell passes when it is finite and at
 most ``TOLERANCE[dtype]``. The maximum absolute error is recorded beside it.
+
+For backward passes dq, dk and dv are also compared, each by the same relative
+error, with float64 autograd through dense attention (see ``check_gradients``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -25,6 +29,7 @@ from ringbench.registry import Problem
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 FULL_CHECK_MAX_SEQ = 4096
 SUBSET_ROWS = 256
+GRADIENT_CHECK_MAX_SEQ = 8192
 
 
 def _coverage_log(rows: torch.Tensor, seq_len: int, head: int, options: dict) -> torch.Tensor:
@@ -40,6 +45,7 @@ def _coverage_log(rows: torch.Tensor, seq_len: int, head: int, options: dict) ->
     return count.log()
 
 
+@torch.no_grad()
 def reference_rows(family: str, problem: Problem, rows: torch.Tensor) -> torch.Tensor:
     """The reference output at ``rows`` (all heads and batches), float64, shape (B, H, R, D)."""
     q, k, v = problem.q, problem.k, problem.v
@@ -103,6 +109,42 @@ def verdict(family: str, partials: list[float], dtype: str) -> dict[str, Any]:
         "tolerance": tolerance,
         "passed": math.isfinite(relative) and relative <= tolerance,
     }
+
+
+def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
+    norm = reference.norm().item()
+    error = (value.double() - reference).norm().item()
+    return error / norm if norm > 0 else error
+
+
+def check_gradients(problem: Problem, grads: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
+                    dtype: str) -> dict[str, Any]:
+    """dq, dk, dv against float64 autograd through dense attention, head by head.
+
+    Gradients of a key depend on every query row, so no row subset will do: they are
+    checked whole for sequences up to ``GRADIENT_CHECK_MAX_SEQ`` and recorded as not
+    checked beyond.
+    """
+    seq_len = problem.q.shape[2]
+    if seq_len > GRADIENT_CHECK_MAX_SEQ:
+        return {"checked": False, "reason": f"seq_len above {GRADIENT_CHECK_MAX_SEQ}", "passed": True}
+    errors = {"dq": 0.0, "dk": 0.0, "dv": 0.0}
+    squared = {name: [0.0, 0.0] for name in errors}
+    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=problem.q.device).triu(1) if problem.causal else None
+    for b, h in itertools.product(range(problem.q.shape[0]), range(problem.q.shape[1])):
+        q, k, v = (t[b, h].detach().double().requires_grad_() for t in (problem.q, problem.k, problem.v))
+        scores = q @ k.T / math.sqrt(q.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(mask, float("-inf"))
+        reference = torch.autograd.grad(torch.softmax(scores, -1) @ v, (q, k, v), grad_out[b, h].double())
+        for name, value, expected in zip(errors, (g[b, h] for g in grads), reference):
+            squared[name][0] += (value.double() - expected).pow(2).sum().item()
+            squared[name][1] += expected.pow(2).sum().item()
+    for name, (error, norm) in squared.items():
+        errors[name] = math.sqrt(error / norm) if norm > 0 else math.sqrt(error)
+    worst = max(errors.values())
+    return {"checked": True, **{f"{name}_rel_error": _finite_or_none(e) for name, e in errors.items()},
+            "rel_error": _finite_or_none(worst), "passed": math.isfinite(worst) and worst <= TOLERANCE[dtype]}
 
 
 def check(family: str, problem: Problem, output: torch.Tensor, dtype: str, seed: int) -> dict[str, Any]:

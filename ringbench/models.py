@@ -1,7 +1,8 @@
 """Modelled work and memory: the formulas measurements are compared with.
 
-Conventions (per forward pass): dense attention does 4·B·H·Sq·Sk·D FLOPs (two
-matrix products of 2·Sq·Sk·D each per head); causal attention counts half.
+Conventions: a dense forward pass does 4·B·H·Sq·Sk·D FLOPs (two matrix products
+of 2·Sq·Sk·D each per head); causal attention counts half; other passes scale the
+forward count by ``PASS_FACTOR``.
 Memory models give bytes beyond the inputs at the peak of one call.
 """
 
@@ -10,6 +11,11 @@ from __future__ import annotations
 from ringbench.plan import Cell
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+# Backward does 2.5 times the forward's work (two more matrix products per block,
+# plus recomputing the scores); a training step does both.
+PASS_FACTOR = {"forward": 1.0, "backward": 2.5, "forward+backward": 3.5}
 
 
 def dense_flops(cell: Cell) -> float:

@@ -107,6 +107,7 @@ class Implementation:
     options: Mapping[str, Option]
     uses_ring: bool
     distributed: bool
+    passes: tuple[str, ...]
     description: str
     reference: str
     flops: CellHook | None
@@ -140,6 +141,7 @@ def register(
     options: Mapping[str, Option] | None = None,
     uses_ring: bool = False,
     distributed: bool = False,
+    passes: tuple[str, ...] = ("forward",),
     description: str = "",
     reference: str = "dense",
     flops: CellHook | None = None,
@@ -152,6 +154,8 @@ def register(
     ``uses_ring`` says the implementation splits the sequence into ``ring_size``
     shards; the plan then makes one cell per ring size, others get one cell in all.
     ``distributed`` says it also runs one shard per process, for world sizes above 1.
+    ``passes`` lists the passes it supports; backward ones need its output to be
+    differentiable with respect to q, k and v.
     ``reference`` names the float64 reference its output is checked against
     (``dense``, ``dilated``, or ``none``). ``flops(cell)`` and ``memory_model(cell)``
     give the modelled work and memory beyond the inputs, in FLOPs and bytes;
@@ -169,6 +173,7 @@ def register(
             options=dict(options or {}),
             uses_ring=uses_ring,
             distributed=distributed,
+            passes=tuple(passes),
             description=description or (setup.__doc__ or "").strip().split("\n")[0],
             reference=reference,
             flops=flops,

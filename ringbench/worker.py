@@ -25,7 +25,7 @@ from ringbench.comm import WaitClock
 from ringbench.config import TimingBudget
 from ringbench.distributed import Group
 from ringbench.memory import MIB, measure_peak
-from ringbench.models import dense_flops
+from ringbench.models import PASS_FACTOR, dense_flops
 from ringbench.plan import Cell
 from ringbench.stats import summarize
 from ringbench.timing import measure
@@ -36,13 +36,34 @@ _PRECEDENCE = (records.OOM, records.ERROR)
 
 
 def make_problem(cell: Cell, device: torch.device, seed: int, rank: int = 0) -> registry.Problem:
-    """Random q, k, v of the cell's shape; the same seed gives every implementation (and rank) the same inputs."""
+    """Random q, k, v of the cell's shape; the same seed gives every implementation (and rank) the same inputs.
+
+    For backward passes they require gradients.
+    """
     generator = torch.Generator(device=device).manual_seed(seed)
     shape = (cell.batch_size, cell.heads, cell.seq_len, cell.head_dim)
-    q, k, v = (torch.randn(shape, generator=generator, device=device, dtype=DTYPES[cell.dtype]) for _ in range(3))
+    q, k, v = (torch.randn(shape, generator=generator, device=device, dtype=DTYPES[cell.dtype],
+                           requires_grad=cell.pass_name != "forward") for _ in range(3))
     return registry.Problem(q=q, k=k, v=v, causal=cell.causal, ring_size=cell.ring_size, options=dict(cell.options),
                             rank=rank, world_size=cell.world_size,
                             comm=WaitClock(device) if cell.world_size > 1 else None)
+
+
+def _output_gradient(output: torch.Tensor, seed: int) -> torch.Tensor:
+    generator = torch.Generator(device=output.device).manual_seed(seed + 1)
+    return torch.randn(output.shape, generator=generator, device=output.device, dtype=output.dtype)
+
+
+def _pass_closure(pass_name: str, run: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...],
+                  grad_out: torch.Tensor | None) -> Callable[[], object]:
+    """What is timed for a pass. Backward alone reuses one forward's graph (kept with
+    retain_graph), so its time holds no forward; forward+backward runs both each call."""
+    if pass_name == "forward":
+        return run
+    if pass_name == "backward":
+        output = run()
+        return lambda: torch.autograd.grad(output, inputs, grad_out, retain_graph=True)
+    return lambda: torch.autograd.grad(run(), inputs, grad_out)
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
@@ -71,8 +92,9 @@ def _outcome(cell: Cell, implementation: registry.Implementation, budget: Timing
              check: dict | None, main: dict[str, Any], projected: dict | None, inputs_mib: float) -> dict[str, Any]:
     stats = main["stats"]
     seconds = stats["median_ms"] / 1e3
-    flops = implementation.flops(cell) if implementation.flops else dense_flops(cell)
-    modelled = implementation.memory_model(cell) if implementation.memory_model else None
+    flops = (implementation.flops(cell) if implementation.flops else dense_flops(cell)) * PASS_FACTOR[cell.pass_name]
+    # The memory models describe a forward call.
+    modelled = implementation.memory_model(cell) if implementation.memory_model and cell.pass_name == "forward" else None
     return {
         "status": records.WRONG if check and not check["passed"] else records.OK,
         "facts": facts,
@@ -106,14 +128,23 @@ def _measure(cell: Cell, device: torch.device, budget: TimingBudget, seed: int) 
         problem = make_problem(cell, device, seed)
         bench = _as_bench(implementation.setup(problem))
         # Checked before it is timed; a wrong output is still timed, and marked.
-        check = None
-        if implementation.reference != "none":
+        check, grad_out = None, None
+        inputs = (problem.q, problem.k, problem.v)
+        if implementation.reference != "none" or cell.pass_name != "forward":
             output = bench.run()
-            check = correctness.check(implementation.reference, problem, output, cell.dtype, seed)
+            if implementation.reference != "none":
+                check = correctness.check(implementation.reference, problem, output, cell.dtype, seed)
+            if cell.pass_name != "forward":
+                grad_out = _output_gradient(output, seed)
+                grads = torch.autograd.grad(output, inputs, grad_out)
+                if check is not None:
+                    gradients = correctness.check_gradients(problem, grads, grad_out, cell.dtype)
+                    check = {**check, "gradients": gradients, "passed": check["passed"] and gradients["passed"]}
+                del grads
             del output
         # Timing first: it warms the implementation up, so the memory pass sees only
         # what one steady-state call allocates, not one-off workspaces.
-        main = _time_and_measure(bench.run, device, budget)
+        main = _time_and_measure(_pass_closure(cell.pass_name, bench.run, inputs, grad_out), device, budget)
         projected = _time_and_measure(bench.rank_share, device, budget) if bench.rank_share else None
     except Exception as exc:  # any failure of user or library code is this cell's result, not the sweep's
         return _failure(exc)

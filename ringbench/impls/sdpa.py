@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ringbench.config import PASSES
 from ringbench.models import output_bytes
 from ringbench.registry import Option, Problem, register
 
@@ -31,6 +32,7 @@ def _auto_choice(problem: Problem) -> str:
     "sdpa",
     options={"backend": Option("auto", choices=("auto", *BACKENDS), help="SDPA kernel; auto lets PyTorch choose")},
     memory_model=output_bytes,  # fused kernels keep no S×S state: only the output is new
+    passes=PASSES,
     description="torch.nn.functional.scaled_dot_product_attention",
 )
 def setup(problem: Problem):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ringbench.config import PASSES
 from ringbench.models import DTYPE_BYTES
 from ringbench.plan import Cell
 from ringbench.registry import Problem, register
@@ -17,6 +18,7 @@ def _memory_model(cell: Cell) -> int:
 @register(
     "standard",
     memory_model=_memory_model,
+    passes=PASSES,
     description="explicit matmul → softmax → matmul (materialises two S×S temporaries)",
 )
 def setup(problem: Problem):

@@ -17,7 +17,7 @@ COLUMNS = [
     "cell_id", "implementation", "label", "seq_len", "ring_size", "world_size", "batch_size", "heads", "head_dim",
     "dtype", "causal", "pass", "status", "median_ms", "iqr_ms", "rel_iqr", "noise_target", "n", "peak_mib", "modelled_mib", "tokens_per_s",
     "tflops", "tflops_per_device", "kernel", "projected_ms", "projected_iqr_ms", "projected_mib", "rel_error", "max_abs_error", "tolerance",
-    "rows_checked", "comm_step_mib", "comm_wait_share", "facts", "error_type", "error_message",
+    "rows_checked", "grad_rel_error", "comm_step_mib", "comm_wait_share", "facts", "error_type", "error_message",
 ]
 
 
@@ -83,6 +83,7 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "max_abs_error": check.get("max_abs_error"),
         "tolerance": check.get("tolerance"),
         "rows_checked": check.get("rows_checked"),
+        "grad_rel_error": (check.get("gradients") or {}).get("rel_error"),
         "comm_step_mib": None if comm.get("sent_bytes_per_step") is None else comm["sent_bytes_per_step"] / 2**20,
         "comm_wait_share": comm.get("wait_share"),
         "facts": ", ".join(f"{key} {value}" for key, value in sorted(facts.items())) or None,

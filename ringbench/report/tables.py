@@ -32,7 +32,8 @@ def _projected(row) -> str:
 
 
 def _error(row) -> str:
-    return "n/a" if pd.isna(row.rel_error) else f"{row.rel_error:.1e}"
+    forward = "n/a" if pd.isna(row.rel_error) else f"{row.rel_error:.1e}"
+    return forward if pd.isna(row.grad_rel_error) else f"{forward}, gradients {row.grad_rel_error:.1e}"
 
 
 @dataclass(frozen=True)

@@ -62,3 +62,33 @@ def rank_exit(problem: Problem):
         return problem.q
 
     return run
+
+
+PASSES = ("forward", "backward", "forward+backward")
+forward_calls = []
+
+
+@register("test-counting", passes=PASSES, description="dense attention that counts its forward calls")
+def counting(problem: Problem):
+    def run():
+        forward_calls.append(1)
+        return torch.nn.functional.scaled_dot_product_attention(problem.q, problem.k, problem.v)
+
+    return run
+
+
+class _NoGradient(torch.autograd.Function):
+    """The identity forward, a gradient of zero backward: a right output with wrong gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros_like(grad)
+
+
+@register("test-bad-grad", passes=PASSES, description="right forward, zero gradients")
+def bad_grad(problem: Problem):
+    return lambda: _NoGradient.apply(torch.nn.functional.scaled_dot_product_attention(problem.q, problem.k, problem.v))

@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from ringbench import config, correctness, plan, records, registry, worker
+from ringbench.config import TimingBudget
+from ringbench.plan import Cell
+
+BUDGET = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=3, max_reps=6, noise_target=100)
+CPU = torch.device("cpu")
+
+
+def run(name, pass_name, causal=False, seq_len=32):
+    registry.load_plugins(("fake_impls",), Path(__file__).parent / "plugins")
+    cell = Cell(name, (("backend", "auto"),) if name == "sdpa" else (), seq_len, None, 2, 2, 8, "float32", causal, pass_name)
+    return worker.run_cell(cell, CPU, BUDGET, 0)
+
+
+@pytest.mark.parametrize("name", ["standard", "sdpa"])
+@pytest.mark.parametrize("pass_name", ["backward", "forward+backward"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_match_float64_reference(name, pass_name, causal):
+    record = run(name, pass_name, causal)
+    assert record["status"] == records.OK, record["error"]
+    gradients = record["check"]["gradients"]
+    assert gradients["checked"] and max(gradients[f"d{x}_rel_error"] for x in "qkv") < 1e-5
+    factor = {"backward": 2.5, "forward+backward": 3.5}[pass_name]
+    assert record["flops"] == factor * 4 * 2 * 2 * 32 * 32 * 8 / (2 if causal else 1)
+    assert record["memory"]["modelled_mib"] is None  # models describe the forward call only
+
+
+def test_backward_time_holds_no_forward():
+    fake = __import__("fake_impls")
+    fake.forward_calls.clear()
+    record = run("test-counting", "backward")
+    # One forward for the check, one whose graph every timed backward reuses.
+    assert len(fake.forward_calls) == 2 and record["stats"]["n"] >= 3
+    fake.forward_calls.clear()
+    record = run("test-counting", "forward+backward")
+    assert len(fake.forward_calls) == 1 + len(record["warmup_ms"]) + len(record["samples_ms"])
+
+
+def test_wrong_gradients_make_the_cell_wrong():
+    record = run("test-bad-grad", "backward")
+    assert record["status"] == records.WRONG
+    assert record["check"]["rel_error"] < 1e-5 and not record["check"]["gradients"]["passed"]
+    assert record["check"]["gradients"]["dq_rel_error"] == pytest.approx(1.0)
+
+
+def test_gradients_of_long_sequences_are_not_checked(monkeypatch):
+    monkeypatch.setattr(correctness, "GRADIENT_CHECK_MAX_SEQ", 16)
+    record = run("standard", "backward")
+    assert record["check"]["gradients"] == {"checked": False, "reason": "seq_len above 16", "passed": True}
+
+
+def test_forward_only_implementations_are_left_out_of_backward_passes(write_config):
+    path = write_config("implementations: [ring, sdpa]\nseq_lens: [32]\nheads: [1]\nhead_dims: [8]\n"
+                        "dtypes: [float32]\npasses: [forward, backward]\n")
+    the_plan = plan.build(config.load(path), registry.get)
+    assert [(c.implementation, c.pass_name) for c in the_plan.cells] == [
+        ("ring", "forward"), ("sdpa", "forward"), ("sdpa", "backward")]
+    assert [e.reason for e in the_plan.excluded] == ["ring supports only forward"]
