@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ringbench import records
 from ringbench.plan import Cell, implementation_label
+from ringbench.report.tables import placement
 
 _STYLE = {records.OK: "green", records.OOM: "yellow", records.ERROR: "red"}
 
@@ -57,17 +58,19 @@ class ProgressBar:
 
 def summary_table(cell_records: list[dict[str, Any]]) -> Table:
     table = Table(title="ringbench run")
-    for column in ("implementation", "seq_len", "ring", "dtype", "causal", "status", "median ms", "peak MiB", "tokens/s"):
-        table.add_column(column, justify="left" if column in ("implementation", "status", "dtype", "causal") else "right")
+    columns = ("implementation", "seq_len", "where", "dtype", "causal", "pass", "status", "median ms", "peak MiB", "tokens/s")
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("seq_len", "median ms", "peak MiB", "tokens/s") else "left")
     for record in cell_records:
         stats, memory = record["stats"] or {}, record["memory"] or {}
         peak = memory.get("peak_allocated_mib")
         table.add_row(
             implementation_label(record["implementation"], record["options"]),
             str(record["seq_len"]),
-            "-" if record["ring_size"] is None else str(record["ring_size"]),
+            placement(record["ring_size"], record.get("world_size", 1)),
             record["dtype"],
             "yes" if record["causal"] else "no",
+            record["pass"],
             _status(record),
             f"{stats['median_ms']:.4g}" if stats else "-",
             f"{peak:,.1f}" if peak is not None else "-",
