@@ -33,7 +33,9 @@ class TimingBudget:
 
     After ``rep_ms`` worth of samples, sampling goes on while the relative noise
     (IQR / median) is above ``noise_target``, until ``max_ms`` of samples or
-    ``max_reps`` samples.
+    ``max_reps`` samples. ``cold_l2`` flushes the GPU's L2 cache before each
+    repetition; calls faster than ``cuda_graph_below_ms`` are timed as CUDA-graph
+    replays (0 turns that off).
     """
 
     warmup_ms: float = 25.0
@@ -42,6 +44,8 @@ class TimingBudget:
     max_reps: int = 1000
     noise_target: float = 0.02
     max_ms: float = 10_000.0
+    cold_l2: bool = False
+    cuda_graph_below_ms: float = 0.0
 
 
 @dataclass(frozen=True, repr=False)
@@ -105,6 +109,12 @@ def _non_negative_int(value: Any, where: str) -> int:
 def _positive_number(value: Any, where: str) -> float:
     if type(value) not in (int, float) or not value > 0:
         raise Invalid(where, f"expected a positive number, got {value!r}")
+    return float(value)
+
+
+def _non_negative_number(value: Any, where: str) -> float:
+    if type(value) not in (int, float) or not value >= 0:
+        raise Invalid(where, f"expected a non-negative number, got {value!r}")
     return float(value)
 
 
@@ -187,6 +197,8 @@ def _timing(value: Any, where: str) -> TimingBudget:
         "max_reps": (_positive_int, defaults.max_reps),
         "noise_target": (_positive_number, defaults.noise_target),
         "max_ms": (_positive_number, defaults.max_ms),
+        "cold_l2": (_boolean, defaults.cold_l2),
+        "cuda_graph_below_ms": (_non_negative_number, defaults.cuda_graph_below_ms),
     }
     budget = TimingBudget(**_read_fields(value, where, fields))
     if budget.min_reps > budget.max_reps:

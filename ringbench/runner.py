@@ -25,7 +25,8 @@ from ringbench import distributed, env, records
 from ringbench.config import Sweep
 from ringbench.errors import ConfigError
 from ringbench.plan import Cell, Plan
-from ringbench.worker import make_record, run_cell, run_cell_on_ranks
+from ringbench.modes import matmul_peak_tflops
+from ringbench.worker import DTYPES, make_record, run_cell, run_cell_on_ranks
 
 LOG_TAIL_CHARS = 2000
 
@@ -64,6 +65,9 @@ def resolve_device(spec: str, source: str) -> torch.device:
 
 def _start(sweep: Sweep, plan: Plan, source: str, device: torch.device, output_root: Path) -> Path:
     environment = env.snapshot(device)
+    # Measured first, on an idle device: the ceiling every cell's TFLOP/s is set against.
+    environment["matmul_peak_tflops"] = {} if device.type != "cuda" else {
+        dtype: matmul_peak_tflops(device, DTYPES[dtype]) for dtype in sweep.dtypes}
     run_dir = records.create_run_dir(output_root, environment["git"]["commit"])
     records.write_json_atomic(run_dir / records.RUN_FILE, {
         "schema_version": records.SCHEMA_VERSION,

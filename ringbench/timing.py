@@ -37,11 +37,13 @@ def _time_calls_cpu(fn: Callable[[], object], count: int) -> list[float]:
     return samples
 
 
-def _time_calls_cuda(fn: Callable[[], object], count: int) -> list[float]:
+def _time_calls_cuda(fn: Callable[[], object], count: int, flush: Callable[[], None] | None = None) -> list[float]:
     # One event pair per call and a single synchronize at the end, so the host never
-    # stalls the queue between repetitions.
+    # stalls the queue between repetitions. A cache flush goes before the start event.
     pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(count)]
     for start, end in pairs:
+        if flush:
+            flush()
         start.record()
         fn()
         end.record()
@@ -58,6 +60,7 @@ def measure(
     device: torch.device,
     budget: TimingBudget,
     agree: Callable[[float], float] = _same,
+    flush: Callable[[], None] | None = None,
 ) -> Timing:
     """Warm up, then time ``fn`` repeatedly; samples are milliseconds per call.
 
@@ -65,7 +68,11 @@ def measure(
     maximum over ranks in a process group): collective closures must run the same
     number of times everywhere.
     """
-    time_calls = _time_calls_cuda if device.type == "cuda" else _time_calls_cpu
+    if device.type == "cuda":
+        def time_calls(fn: Callable[[], object], count: int) -> list[float]:
+            return _time_calls_cuda(fn, count, flush)
+    else:
+        time_calls = _time_calls_cpu
     # The first call pays one-off costs (kernel selection and compilation, workspace
     # allocation), so it neither counts against the warm-up budget nor feeds the estimate.
     first = time_calls(fn, 1)
@@ -80,6 +87,11 @@ def measure(
     while more := int(agree(_more_needed(samples, budget))):
         samples += time_calls(fn, more)
     return Timing(tuple(first + warmup), tuple(samples))
+
+
+def one_call_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """The time of a single call, for decisions made before timing proper."""
+    return (_time_calls_cuda if device.type == "cuda" else _time_calls_cpu)(fn, 1)[0]
 
 
 def _more_needed(samples: list[float], budget: TimingBudget) -> int:

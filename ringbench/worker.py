@@ -28,7 +28,8 @@ from ringbench.memory import MIB, measure_peak
 from ringbench.models import PASS_FACTOR, dense_flops
 from ringbench.plan import Cell
 from ringbench.stats import summarize
-from ringbench.timing import measure
+from ringbench.modes import graph_replay, l2_flush
+from ringbench.timing import measure, one_call_ms
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 # When ranks fail differently, the record names the most telling failure.
@@ -75,11 +76,34 @@ def _as_bench(prepared: Callable[[], torch.Tensor] | registry.Bench) -> registry
     return prepared if isinstance(prepared, registry.Bench) else registry.Bench(run=prepared)
 
 
+def _modes(fn: Callable[[], object], device: torch.device, budget: TimingBudget,
+           across_processes: bool) -> tuple[Callable[[], object], Callable[[], None] | None, dict[str, Any]]:
+    """The closure to time (perhaps a graph replay), the cache flush, and the modes as recorded."""
+    notes = []
+    flush = l2_flush(device) if budget.cold_l2 else None
+    if budget.cold_l2 and flush is None:
+        notes.append("cold L2 applies to GPUs only")
+    timed, graph_note = fn, None
+    if budget.cuda_graph_below_ms > 0:
+        if across_processes:
+            graph_note = "CUDA graphs are not used across processes"
+        elif (call_ms := one_call_ms(fn, device)) >= budget.cuda_graph_below_ms:
+            graph_note = f"one call takes {call_ms:.3g} ms, not below cuda_graph_below_ms"
+        else:
+            timed, graph_note = graph_replay(fn, device)
+        notes += [graph_note] if graph_note else []
+    used_graph = budget.cuda_graph_below_ms > 0 and graph_note is None
+    return timed, flush, {"cold_l2": flush is not None, "cuda_graph": used_graph, "notes": notes}
+
+
 def _time_and_measure(fn: Callable[[], object], device: torch.device, budget: TimingBudget,
                       agree: Callable[[float], float] | None = None) -> dict[str, Any]:
-    timing = measure(fn, device, budget, agree) if agree else measure(fn, device, budget)
+    timed, flush, modes = _modes(fn, device, budget, across_processes=agree is not None)
+    timing = measure(timed, device, budget, agree, flush) if agree else measure(timed, device, budget, flush=flush)
+    del timed, flush  # a captured graph's memory pool and the flush buffer go before the memory pass
     memory = measure_peak(fn, device)
     return {
+        "modes": modes,
         "warmup_ms": list(timing.warmup_ms),
         "samples_ms": list(timing.samples_ms),
         "stats": summarize(timing.samples_ms),
@@ -104,6 +128,7 @@ def _outcome(cell: Cell, implementation: registry.Implementation, budget: Timing
         "stats": stats,
         "noise": {"target": budget.noise_target, "rel_iqr": stats["rel_iqr"],
                   "reached": stats["rel_iqr"] <= budget.noise_target},
+        "modes": main["modes"],
         "memory": {
             "inputs_mib": inputs_mib,
             "peak_allocated_mib": main["peak_allocated_mib"],
@@ -258,6 +283,7 @@ def make_record(cell: Cell, outcome: dict[str, Any], device: torch.device | None
         "samples_ms": [],
         "stats": None,
         "noise": None,
+        "modes": None,
         "memory": None,
         "projected": None,
         "ranks": None,

@@ -61,3 +61,16 @@ def test_forward_only_implementations_are_left_out_of_backward_passes(write_conf
     assert [(c.implementation, c.pass_name) for c in the_plan.cells] == [
         ("ring", "forward"), ("sdpa", "forward"), ("sdpa", "backward")]
     assert [e.reason for e in the_plan.excluded] == ["ring supports only forward"]
+
+
+def test_gpu_only_modes_say_why_they_are_off_on_the_cpu():
+    budget = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3, noise_target=100, cold_l2=True,
+                          cuda_graph_below_ms=1e6)
+    cell = Cell("sdpa", (("backend", "auto"),), 32, None, 1, 2, 8, "float32", False, "forward")
+    record = worker.run_cell(cell, CPU, budget, 0)
+    assert record["status"] == records.OK
+    assert record["modes"] == {"cold_l2": False, "cuda_graph": False,
+                               "notes": ["cold L2 applies to GPUs only", "CUDA graphs need a CUDA device"]}
+    slow = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3, noise_target=100, cuda_graph_below_ms=1e-9)
+    notes = worker.run_cell(cell, CPU, slow, 0)["modes"]["notes"]
+    assert len(notes) == 1 and notes[0].endswith("ms, not below cuda_graph_below_ms")

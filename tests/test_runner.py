@@ -68,6 +68,7 @@ def test_run_file_stamps_environment_config_and_plan(write_config, tmp_path):
     # CPU runs get plain fallbacks for every GPU probe, never a crash.
     assert environment["gpu_state"] == [] and environment["gpu_state_end"] == [] and environment["driver"] is None
     assert environment["foreign_processes"] is None and environment["topology"] is None
+    assert environment["matmul_peak_tflops"] == {}
     assert set(environment["git"]) == {"commit", "dirty"}
     assert result.run_dir.parent == tmp_path / "out"
     assert all(json.loads(line)["schema_version"] == records.SCHEMA_VERSION

@@ -16,7 +16,7 @@ from ringbench.plan import implementation_label
 COLUMNS = [
     "cell_id", "implementation", "label", "seq_len", "ring_size", "world_size", "batch_size", "heads", "head_dim",
     "dtype", "causal", "pass", "status", "median_ms", "iqr_ms", "rel_iqr", "noise_target", "n", "peak_mib", "modelled_mib", "tokens_per_s",
-    "tflops", "tflops_per_device", "kernel", "projected_ms", "projected_iqr_ms", "projected_mib", "rel_error", "max_abs_error", "tolerance",
+    "tflops", "tflops_per_device", "peak_tflops", "kernel", "projected_ms", "projected_iqr_ms", "projected_mib", "rel_error", "max_abs_error", "tolerance",
     "rows_checked", "grad_rel_error", "comm_step_mib", "comm_wait_share", "facts", "error_type", "error_message",
 ]
 
@@ -42,7 +42,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return found
 
 
-def _row(record: dict[str, Any]) -> dict[str, Any]:
+def _row(record: dict[str, Any], peaks: dict[str, float]) -> dict[str, Any]:
     stats = record.get("stats") or {}
     memory = record.get("memory") or {}
     error = record.get("error") or {}
@@ -75,6 +75,7 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_s": record.get("tokens_per_s"),
         "tflops": record.get("tflops"),
         "tflops_per_device": None if record.get("tflops") is None else record["tflops"] / record.get("world_size", 1),
+        "peak_tflops": peaks.get(record["dtype"]),
         "kernel": facts.get("kernel", facts.get("backend")),
         "projected_ms": projected_stats.get("median_ms"),
         "projected_iqr_ms": projected_stats.get("iqr_ms"),
@@ -104,7 +105,7 @@ def load_run(path: Path) -> Run:
             record = json.loads(line)
             if record.get("schema_version") != records.SCHEMA_VERSION:
                 raise ValueError(f"schema version {record.get('schema_version')!r}, expected {records.SCHEMA_VERSION}")
-            rows.append(_row(record))
+            rows.append(_row(record, meta["environment"].get("matmul_peak_tflops") or {}))
         except (ValueError, KeyError, TypeError) as exc:
             warnings.append(f"{records_path}:{number}: record skipped ({type(exc).__name__}: {exc})")
     frame = pd.DataFrame(rows, columns=COLUMNS)

@@ -49,6 +49,14 @@ def _resolved(frame: pd.DataFrame) -> list[str]:
             for label, choices in chosen.items()]
 
 
+def _peaks(environment: dict[str, Any]) -> list[str]:
+    peaks = environment.get("matmul_peak_tflops") or {}
+    if not peaks:
+        return []
+    measured = ", ".join(f"{dtype} {value:,.0f} TFLOP/s" for dtype, value in peaks.items())
+    return [f"- **matmul peak** (8192³, measured at the start): {measured}"]
+
+
 def _noise_rule(timing: dict[str, Any]) -> str:
     if "noise_target" not in timing:  # runs from before noise-driven sampling
         return ""
@@ -69,6 +77,7 @@ def _parameters(meta: dict[str, Any]) -> list[str]:
         f"clamped to {timing['min_reps']}–{timing['max_reps']}{_noise_rule(timing)}",
         f"- **seed**: {config['seed']}{' (cells shuffled within each shape)' if config.get('shuffle') else ''}",
         f"- **torch**: {environment['torch']}, Python {environment['python']}",
+        *_peaks(environment),
         f"- **config**: `{escape(meta['config_source'])}` (hash {meta['config_hash']})",
     ]
     return lines

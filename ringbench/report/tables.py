@@ -31,6 +31,12 @@ def _projected(row) -> str:
     return f"{ms(row.projected_ms)} ± {ms(row.projected_iqr_ms)} ms, {mib(row.projected_mib)} MiB"
 
 
+def _throughput(row) -> str:
+    if pd.isna(row.peak_tflops):
+        return f"{row.tflops_per_device:,.1f}"
+    return f"{row.tflops_per_device:,.1f} ({row.tflops_per_device / row.peak_tflops:.0%})"
+
+
 def _error(row) -> str:
     forward = "n/a" if pd.isna(row.rel_error) else f"{row.rel_error:.1e}"
     return forward if pd.isna(row.grad_rel_error) else f"{forward}, gradients {row.grad_rel_error:.1e}"
@@ -47,7 +53,8 @@ class Metric:
 
 METRICS = (
     Metric("Median time (ms ± IQR)", lambda row: f"{ms(row.median_ms)} ± {ms(row.iqr_ms)}"),
-    Metric("Throughput per device (TFLOP/s)", lambda row: f"{row.tflops_per_device:,.1f}", _present("tflops")),
+    Metric("Throughput per device (TFLOP/s, share of the device's measured matmul peak)", _throughput,
+           _present("tflops")),
     Metric("Peak memory above inputs, measured (modelled), MiB", _memory, _present("peak_mib"),
            "not measured on the CPU."),
     Metric("Projected per rank: one rank's share alone (ms ± IQR, MiB above inputs)", _projected,
