@@ -252,10 +252,15 @@ def _parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(source, "", f"invalid YAML: {exc}") from None
 
 
+MAX_CONFIG_BYTES = 2**20
+
+
 def load(path: str | Path) -> Sweep:
     """Read, parse and validate a sweep config; raise ConfigError on the first problem."""
     source = str(path)
     try:
+        if Path(path).stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(source, "", f"config is larger than {MAX_CONFIG_BYTES // 2**20} MiB; is it the right file?")
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(source, "", f"cannot read config: {exc}") from None

@@ -17,7 +17,7 @@ SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"
 
-OK, WRONG, OOM, ERROR, CRASHED = "ok", "wrong", "oom", "error", "crashed"
+OK, WRONG, OOM, ERROR, CRASHED, SKIPPED = "ok", "wrong", "oom", "error", "crashed", "skipped"
 
 
 def create_run_dir(output_root: Path, commit: str) -> Path:

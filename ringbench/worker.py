@@ -25,7 +25,7 @@ from ringbench.comm import WaitClock
 from ringbench.config import TimingBudget
 from ringbench.distributed import Group
 from ringbench.memory import MIB, measure_peak
-from ringbench.models import PASS_FACTOR, dense_flops
+from ringbench.models import PASS_FACTOR, dense_flops, output_bytes
 from ringbench.plan import Cell
 from ringbench.stats import summarize
 from ringbench.modes import graph_replay, l2_flush
@@ -65,6 +65,18 @@ def _pass_closure(pass_name: str, run: Callable[[], torch.Tensor], inputs: tuple
         output = run()
         return lambda: torch.autograd.grad(output, inputs, grad_out, retain_graph=True)
     return lambda: torch.autograd.grad(run(), inputs, grad_out)
+
+
+def _inputs_too_large(cell: Cell, device: torch.device) -> dict[str, Any] | None:
+    """A skip, decided before allocating, for a cell whose q, k, v alone exceed the device's memory."""
+    if device.type != "cuda":
+        return None
+    needed = 3 * output_bytes(cell)
+    total = torch.cuda.get_device_properties(device).total_memory
+    if needed <= total:
+        return None
+    return {"status": records.SKIPPED, "error": {"type": "Skipped", "message":
+            f"q, k and v alone need {needed / MIB:,.0f} MiB; the device has {total / MIB:,.0f} MiB"}}
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
@@ -149,6 +161,8 @@ def _inputs_mib(problem: registry.Problem) -> float:
 
 def _measure(cell: Cell, device: torch.device, budget: TimingBudget, seed: int) -> dict[str, Any]:
     implementation = registry.get(cell.implementation)
+    if skip := _inputs_too_large(cell, device):
+        return skip
     try:
         problem = make_problem(cell, device, seed)
         bench = _as_bench(implementation.setup(problem))
@@ -221,6 +235,8 @@ def _combine_traffic(traffic: dict[str, float]) -> dict[str, Any]:
 def _measure_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int) -> dict[str, Any]:
     implementation = registry.get(cell.implementation)
     device = group.device
+    if skip := _inputs_too_large(cell, device):  # every rank decides alike: no agreement needed
+        return skip
     failure = None
     try:
         problem = make_problem(cell, device, seed, group.rank)

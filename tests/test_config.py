@@ -109,3 +109,14 @@ def test_yaml_tags_that_build_objects_are_refused(write_config):
     path = write_config(BASE_CONFIG + "description: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(ConfigError, match="could not determine a constructor"):
         config.load(path)
+
+
+def test_huge_and_non_utf8_files_are_refused(tmp_path):
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# padding\n" * 1_100_000)
+    with pytest.raises(ConfigError, match=r"huge\.yaml: config is larger than 1 MiB; is it the right file\?$"):
+        config.load(huge)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"binary\.yaml: cannot read config: 'utf-8' codec can't decode byte 0xff"):
+        config.load(binary)

@@ -63,6 +63,17 @@ def test_forward_only_implementations_are_left_out_of_backward_passes(write_conf
     assert [e.reason for e in the_plan.excluded] == ["ring supports only forward"]
 
 
+def test_backward_passes_stay_in_one_process(write_config):
+    path = write_config("plugins: [fake_impls]\nimplementations: [test-counting]\nseq_lens: [32]\nheads: [1]\n"
+                        "head_dims: [8]\ndtypes: [float32]\npasses: [backward]\nworld_sizes: [1, 2]\n")
+    registry.register("test-counting-distributed", distributed=True, passes=("forward", "backward"))(
+        registry.get("test-counting").setup)
+    path.write_text(path.read_text().replace("[test-counting]", "[test-counting-distributed]"))
+    the_plan = plan.build(config.load(path), registry.get)
+    assert [(c.world_size, c.pass_name) for c in the_plan.cells] == [(1, "backward")]
+    assert [e.reason for e in the_plan.excluded] == ["backward passes run in one process only, so far"]
+
+
 def test_gpu_only_modes_say_why_they_are_off_on_the_cpu():
     budget = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3, noise_target=100, cold_l2=True,
                           cuda_graph_below_ms=1e6)

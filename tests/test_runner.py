@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -94,3 +95,18 @@ def test_devices_resolve_to_an_indexed_cuda_device(monkeypatch):
     assert runner.resolve_device("cpu", "x.yaml") == torch.device("cpu")
     with pytest.raises(ConfigError, match=r"^x.yaml: device: 'cuda:2' requested but only 2 CUDA device\(s\) exist$"):
         runner.resolve_device("cuda:2", "x.yaml")
+
+
+def test_inputs_larger_than_the_device_are_skipped_before_allocating(monkeypatch):
+    from ringbench import worker
+    from ringbench.plan import Cell
+
+    class Properties:
+        total_memory = 2**30
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
+    cell = Cell("sdpa", (("backend", "auto"),), 2**20, None, 1, 16, 128, "bfloat16", False, "forward")
+    skip = worker._inputs_too_large(cell, torch.device("cuda", 0))
+    assert skip == {"status": "skipped", "error": {
+        "type": "Skipped", "message": "q, k and v alone need 12,288 MiB; the device has 1,024 MiB"}}
+    assert worker._inputs_too_large(dataclasses.replace(cell, seq_len=2**10), torch.device("cuda", 0)) is None

@@ -11,7 +11,7 @@ from ringbench import records
 from ringbench.report.markdown import escape, mib, ms, table
 
 NO_RING = "no ring"
-FAILED = {records.OOM: "OOM", records.ERROR: "error"}
+FAILED = {records.OOM: "OOM", records.ERROR: "error", records.SKIPPED: "skipped"}
 MEASURED = (records.OK, records.WRONG)  # statuses whose cells carry numbers
 SHAPE = ["pass", "dtype", "causal", "batch_size", "heads", "head_dim"]
 
