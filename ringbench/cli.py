@@ -59,15 +59,25 @@ def plan(config: Path = typer.Argument(..., help="sweep YAML")) -> None:
 
 @app.command()
 def run(
-    config: Path = typer.Argument(..., help="sweep YAML"),
+    config: Optional[Path] = typer.Argument(None, help="sweep YAML (with --resume: the run's own, by default)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and stop"),
     output_root: Optional[Path] = typer.Option(None, "--output-root", help="overrides the config's output_root"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="run folder of a stopped run: run what it lacks"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="with --resume: also re-run oom/error/crashed cells"),
 ) -> None:
     """Run a sweep: every cell timed, memory-measured and recorded under the output root."""
-    from ringbench import distributed, runner
+    from ringbench import distributed, records, runner
     from ringbench.progress import ProgressBar, summary_table
 
     with _user_errors():
+        if resume is not None and not records.is_run_dir(resume):
+            raise UserError(f"{resume}: not a run folder (no {records.RUN_FILE})")
+        if retry_failed and resume is None:
+            raise UserError("--retry-failed goes with --resume RUN_DIR")
+        if config is None:
+            if resume is None:
+                raise UserError("give a sweep config, or --resume RUN_DIR")
+            config = Path(records.read_run(resume)["config_source"])
         sweep, the_plan = _load(config)
         device = runner.resolve_device(sweep.device, str(config))
     if dry_run:
@@ -78,8 +88,9 @@ def run(
         print(f"records in {run_dir}", file=sys.stderr)
         return
     console = Console(stderr=True)
-    with ProgressBar(console) as bar:
-        result = runner.run(sweep, the_plan, str(config), device, bar, output_root or Path(sweep.output_root))
+    with _user_errors(), ProgressBar(console) as bar:
+        result = runner.run(sweep, the_plan, str(config), device, bar, output_root or Path(sweep.output_root),
+                            resume, retry_failed)
     console.print(summary_table(result.records))
     if result.interrupted:
         console.print(f"interrupted: {len(result.records)} finished cells kept in {result.run_dir}")

@@ -110,10 +110,14 @@ def _nccl_version() -> str | None:
         return None
 
 
+def snapshot_time() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def snapshot(device: torch.device) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return {
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": snapshot_time(),
         "git": git_state(Path.cwd()),
         "ringbench_version": __version__,
         "device": str(device),

@@ -18,6 +18,8 @@ RUN_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"
 
 OK, WRONG, OOM, ERROR, CRASHED, SKIPPED = "ok", "wrong", "oom", "error", "crashed", "skipped"
+# Statuses `--retry-failed` runs again (a skip is a decision, not a failure).
+FAILED = (OOM, ERROR, CRASHED)
 
 
 def create_run_dir(output_root: Path, commit: str) -> Path:
@@ -79,6 +81,26 @@ def read_records(run_dir: Path) -> Iterator[dict[str, Any]]:
         for line in handle:
             if line.strip():
                 yield json.loads(line)
+
+
+def drop_partial_line(run_dir: Path) -> bool:
+    """Cut a last line left unfinished by a killed writer; True if there was one."""
+    path = run_dir / RECORDS_FILE
+    if not path.exists():
+        return False
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    with path.open("r+b") as handle:
+        handle.truncate(data.rfind(b"\n") + 1)
+        os.fsync(handle.fileno())
+    return True
+
+
+def done_ids(run_dir: Path, retry_failed: bool) -> set[str]:
+    """Cells a resumed run need not run again: the latest record of each decides."""
+    latest = {record["cell_id"]: record["status"] for record in read_records(run_dir)}
+    return {cell_id for cell_id, status in latest.items() if not (retry_failed and status in FAILED)}
 
 
 def is_run_dir(path: Path) -> bool:

@@ -138,11 +138,29 @@ def _new_records(run_dir: Path, result: RunResult) -> list[dict[str, Any]]:
     return new
 
 
-def run(sweep: Sweep, plan: Plan, source: str, device: torch.device, observer: Observer, output_root: Path) -> RunResult:
+def _resume(run_dir: Path, sweep: Sweep, plan: Plan, source: str, retry_failed: bool) -> None:
+    """Check that the run folder belongs to this sweep, mend a cut-off record, note the resumption."""
+    meta = records.read_run(run_dir)
+    if meta["config_hash"] != sweep.hash or [p["cell_id"] for p in meta["planned"]] != [c.id for c in plan.cells]:
+        raise ConfigError(source, "", f"does not describe the sweep in {run_dir} (its config has changed since)")
+    repaired = records.drop_partial_line(run_dir)
+    meta.setdefault("resumed", []).append({
+        "date_utc": env.snapshot_time(), "retry_failed": retry_failed, "dropped_partial_record": repaired,
+    })
+    records.write_json_atomic(run_dir / records.RUN_FILE, meta)
+
+
+def run(sweep: Sweep, plan: Plan, source: str, device: torch.device, observer: Observer, output_root: Path,
+        resume: Path | None = None, retry_failed: bool = False) -> RunResult:
+    """Run the plan in a new run folder, or, with ``resume``, the cells a stopped run has not finished."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    run_dir = _start(sweep, plan, source, device, output_root)
-    result = RunResult(run_dir)
+    if resume:
+        _resume(resume, sweep, plan, source, retry_failed)
+    run_dir = resume or _start(sweep, plan, source, device, output_root)
+    result = RunResult(run_dir, records=list(records.read_records(run_dir)))
+    done = records.done_ids(run_dir, retry_failed)
+    plan = Plan(tuple(cell for cell in plan.cells if cell.id not in done), plan.excluded)
     observer.started(run_dir, len(plan.cells))
     local = [cell for cell in plan.cells if cell.world_size == 1]
     with records.RecordWriter(run_dir) as writer:
@@ -177,8 +195,10 @@ def serve_ranks(sweep: Sweep, plan: Plan, run_dir: Path | None, source: str, out
         if group.is_leader and run_dir is None:
             run_dir = _start(sweep, plan, source, group.device, output_root)
         run_dir = Path(distributed.broadcast(str(run_dir) if group.is_leader else None))
-        recorded = distributed.broadcast({r["cell_id"] for r in records.read_records(run_dir)} if group.is_leader else None)
-        cells = [cell for cell in plan.cells if cell.world_size == group.world_size and cell.id not in recorded]
+        # A launch after a crash, or for a resumed run, runs only what is not done yet.
+        retry = (records.read_run(run_dir).get("resumed") or [{}])[-1].get("retry_failed", False)
+        done = distributed.broadcast(records.done_ids(run_dir, retry) if group.is_leader else None)
+        cells = [cell for cell in plan.cells if cell.world_size == group.world_size and cell.id not in done]
         writer = records.RecordWriter(run_dir) if group.is_leader else None
         for cell in cells:
             record = run_cell_on_ranks(cell, group, sweep.timing, sweep.seed)

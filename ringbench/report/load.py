@@ -108,5 +108,6 @@ def load_run(path: Path) -> Run:
             rows.append(_row(record, meta["environment"].get("matmul_peak_tflops") or {}))
         except (ValueError, KeyError, TypeError) as exc:
             warnings.append(f"{records_path}:{number}: record skipped ({type(exc).__name__}: {exc})")
-    frame = pd.DataFrame(rows, columns=COLUMNS)
+    # A resumed run with --retry-failed holds several records of a cell: the latest counts.
+    frame = pd.DataFrame(rows, columns=COLUMNS).drop_duplicates("cell_id", keep="last")
     return Run(path=path, meta=meta, frame=frame, warnings=warnings)

@@ -57,6 +57,15 @@ def _peaks(environment: dict[str, Any]) -> list[str]:
     return [f"- **matmul peak** (8192³, measured at the start): {measured}"]
 
 
+def _resumptions(meta: dict[str, Any]) -> list[str]:
+    lines = []
+    for resumed in meta.get("resumed") or []:
+        how = " (re-running failed cells)" if resumed["retry_failed"] else ""
+        mended = "; a record cut off by the stop was dropped" if resumed["dropped_partial_record"] else ""
+        lines.append(f"**Resumed**: {_date({'date_utc': resumed['date_utc']})}{how}{mended}  ")
+    return lines
+
+
 def _noise_rule(timing: dict[str, Any]) -> str:
     if "noise_target" not in timing:  # runs from before noise-driven sampling
         return ""
@@ -123,7 +132,8 @@ def render_run(run: Run, level: int = 1) -> str:
         f"**Date**: {_date(environment)}  ",
         f"**Git Commit**: {_commit(environment['git'])}  ",
         f"**Hardware**: {_hardware(environment)}  ",
-        f"**Cells**: {len(frame)} of {planned} planned recorded in `{escape(run.path.name)}`",
+        f"**Cells**: {len(frame)} of {planned} planned recorded in `{escape(run.path.name)}`  ",
+        *_resumptions(meta),
         "",
     ]
     if meta["config"]["description"]:

@@ -1,0 +1,95 @@
+"""Stopping a run at any moment loses at most the cell in flight; --resume runs exactly what is missing."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from ringbench.cli import app
+
+from conftest import BASE_CONFIG
+
+ROOT = Path(__file__).parents[1]
+SLOW = BASE_CONFIG.replace("  - name: standard\n", "  - name: test-slow\n    options: {sleep_ms: 20.0}\n").replace(
+    "seq_lens: [64, 96]", "seq_lens: [8, 16, 24, 32, 40, 48]") + "plugins: [fake_impls]\n"
+
+
+def lines_of(run_dir):
+    return (run_dir / "records.jsonl").read_text().splitlines()
+
+
+def test_sigkill_at_random_moments_then_resume(write_config):
+    path = write_config(SLOW)
+    chooser = random.Random(1234)
+    for trial in range(3):
+        out = path.parent / f"out{trial}"
+        process = subprocess.Popen([sys.executable, "-m", "ringbench", "run", str(path), "--output-root", str(out)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+        deadline = time.monotonic() + 60
+        while not list(out.glob("*/records.jsonl")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(chooser.uniform(0.0, 1.5))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        (run_dir,) = out.iterdir()
+        before = [json.loads(line) for line in lines_of(run_dir) if line.endswith("}")]
+        result = CliRunner().invoke(app, ["run", "--resume", str(run_dir)])
+        assert result.exit_code == 0, result.output
+        after = [json.loads(line) for line in lines_of(run_dir)]  # every line parses
+        planned = [p["cell_id"] for p in json.loads((run_dir / "run.json").read_text())["planned"]]
+        assert sorted(r["cell_id"] for r in after) == sorted(planned)  # none lost, none twice
+        assert after[: len(before)] == before  # finished records untouched
+        assert json.loads((run_dir / "run.json").read_text())["resumed"][0]["retry_failed"] is False
+
+
+def test_retry_failed_reruns_failures_and_the_report_keeps_the_latest(write_config):
+    path = write_config(BASE_CONFIG.replace("  - name: standard\n", "  - name: test-oom\n") + "plugins: [fake_impls]\n")
+    out = path.parent / "out"
+    assert CliRunner().invoke(app, ["run", str(path), "--output-root", str(out)]).exit_code == 0
+    (run_dir,) = out.iterdir()
+    assert len(lines_of(run_dir)) == 4
+    nothing = CliRunner().invoke(app, ["run", str(path), "--resume", str(run_dir)])
+    assert nothing.exit_code == 0 and len(lines_of(run_dir)) == 4  # nothing was missing
+    retried = CliRunner().invoke(app, ["run", "--resume", str(run_dir), "--retry-failed"])
+    assert retried.exit_code == 0
+    statuses = [json.loads(line)["status"] for line in lines_of(run_dir)]
+    assert statuses[4:] == ["oom", "oom"]  # only the two failed cells ran again
+    CliRunner().invoke(app, ["report", str(run_dir), "-q"])
+    markdown = (run_dir / "report.md").read_text()
+    assert "**Cells**: 4 of 4 planned recorded" in markdown
+    assert markdown.count("**Resumed**: ") == 2 and "(re-running failed cells)" in markdown
+
+
+def test_a_record_cut_off_by_the_stop_is_dropped(write_config):
+    path = write_config()
+    out = path.parent / "out"
+    assert CliRunner().invoke(app, ["run", str(path), "--output-root", str(out)]).exit_code == 0
+    (run_dir,) = out.iterdir()
+    complete = lines_of(run_dir)
+    (run_dir / "records.jsonl").write_text("\n".join(complete[:2]) + "\n" + complete[2][:50])
+    assert CliRunner().invoke(app, ["run", "--resume", str(run_dir)]).exit_code == 0
+    resumed = lines_of(run_dir)
+    assert resumed[:2] == complete[:2] and len(resumed) == 4 and all(json.loads(line) for line in resumed)
+    assert json.loads((run_dir / "run.json").read_text())["resumed"][0]["dropped_partial_record"] is True
+
+
+def test_resume_refuses_a_changed_config_and_bad_arguments(write_config):
+    path = write_config()
+    out = path.parent / "out"
+    assert CliRunner().invoke(app, ["run", str(path), "--output-root", str(out)]).exit_code == 0
+    (run_dir,) = out.iterdir()
+    path.write_text(BASE_CONFIG.replace("[64, 96]", "[64, 128]"))
+    changed = CliRunner().invoke(app, ["run", "--resume", str(run_dir)])
+    assert changed.exit_code == 2
+    assert changed.stderr.strip() == f"{path}: does not describe the sweep in {run_dir} (its config has changed since)"
+    alone = CliRunner().invoke(app, ["run", str(path), "--retry-failed"])
+    assert alone.exit_code == 2 and alone.stderr.strip() == "--retry-failed goes with --resume RUN_DIR"
+    missing = CliRunner().invoke(app, ["run", "--resume", str(out / "nope")])
+    assert missing.exit_code == 2 and missing.stderr.strip() == f"{out / 'nope'}: not a run folder (no run.json)"
