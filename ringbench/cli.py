@@ -115,6 +115,7 @@ def report(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="write the file without printing it"),
 ) -> None:
     """Render stored runs as Markdown: report.md in the folder given (or -o), also printed."""
+    from ringbench import records
     from ringbench.report import find_runs, load_run, render_report
 
     with _user_errors():
@@ -124,7 +125,7 @@ def report(
             print(f"warning: {warning}", file=sys.stderr)
     markdown = render_report(runs)
     target = output or (paths[0] / "report.md" if len(paths) == 1 else Path("report.md"))
-    target.write_text(markdown, encoding="utf-8")
+    records.write_text_atomic(target, markdown)
     if not quiet:
         print(markdown)
     print(f"wrote {target}", file=sys.stderr)

@@ -7,8 +7,9 @@ timed region; only the closure is timed.
 
 Users add implementations without editing ringbench, either from a module named
 under ``plugins:`` in the sweep YAML or from an installed package that declares an
-entry point in the ``ringbench.implementations`` group. Both simply import a module
-whose top level calls :func:`register`.
+entry point in the ``ringbench.implementations`` group, named after the
+implementation. Both simply import a module whose top level calls :func:`register`,
+and neither is imported before a config names it.
 """
 
 from __future__ import annotations
@@ -187,14 +188,17 @@ def register(
 
 
 def _discover() -> None:
-    """Import the bundled implementations and every installed entry-point plugin, once."""
+    """Import the bundled implementations, once. Installed plugins wait until named."""
     global _discovered
     if _discovered:
         return
     _discovered = True
     importlib.import_module("ringbench.impls")
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
-        entry.load()
+
+
+def _installed() -> dict[str, Any]:
+    """Entry points of installed plugins, by implementation name (the entry point's name)."""
+    return {entry.name: entry for entry in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def load_plugins(modules: tuple[str, ...], search_dir: Path) -> None:
@@ -211,11 +215,16 @@ def load_plugins(modules: tuple[str, ...], search_dir: Path) -> None:
 
 def known() -> list[str]:
     _discover()
-    return sorted(_implementations)
+    return sorted(set(_implementations) | set(_installed()))
 
 
 def get(name: str, where: str = "name") -> Implementation:
     _discover()
+    if name not in _implementations and name in _installed():
+        try:  # an installed plugin is imported only once a config names it
+            _installed()[name].load()
+        except Exception as exc:
+            raise Invalid(where, f"cannot load the plugin for {name!r}: {type(exc).__name__}: {exc}") from None
     if name not in _implementations:
         raise Invalid(where, f"unknown implementation {name!r} (known: {', '.join(known())})")
     return _implementations[name]

@@ -44,7 +44,7 @@ def test_plugin_that_raises_on_import_is_a_config_error(write_config):
         config.load(path)
 
 
-def test_entry_point_group_is_discovered(tmp_path, monkeypatch):
+def test_entry_points_load_only_when_named(tmp_path, monkeypatch):
     # An installed distribution, as pip would lay it out, declaring the entry point.
     (tmp_path / "ep_attention.py").write_text(textwrap.dedent("""
         from ringbench.registry import register
@@ -56,8 +56,9 @@ def test_entry_point_group_is_discovered(tmp_path, monkeypatch):
     dist = tmp_path / "ep_attention-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-attention\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(f"[{registry.ENTRY_POINT_GROUP}]\nmine = ep_attention\n")
+    (dist / "entry_points.txt").write_text(f"[{registry.ENTRY_POINT_GROUP}]\ntest-entry-point = ep_attention\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_discovered", False)
     assert "test-entry-point" in registry.known()
+    assert "ep_attention" not in sys.modules  # listed, not imported
+    assert registry.get("test-entry-point").name == "test-entry-point"
     assert "ep_attention" in sys.modules
