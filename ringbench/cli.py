@@ -131,5 +131,44 @@ def report(
     print(f"wrote {target}", file=sys.stderr)
 
 
+@app.command()
+def compare(
+    base: Path = typer.Argument(..., help="run folder measured before the change"),
+    new: Path = typer.Argument(..., help="run folder measured after it"),
+    threshold: float = typer.Option(1.1, help="ratio of medians that counts as a change"),
+    alpha: float = typer.Option(0.05, help="significance level of the Mann-Whitney U test"),
+    fail_above: Optional[float] = typer.Option(None, "--fail-above",
+                                               help="exit 1 if a cell is significantly slower by more than this ratio, "
+                                                    "or newly failing"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="also write the comparison as Markdown"),
+) -> None:
+    """Compare two runs cell by cell: faster, slower, unchanged, newly failing, fixed."""
+    from rich.table import Table
+
+    from ringbench import records
+    from ringbench.report.compare import compare_runs, regressions, render_markdown
+
+    with _user_errors():
+        for path in (base, new):
+            if not records.is_run_dir(path):
+                raise UserError(f"{path}: not a run folder (no {records.RUN_FILE})")
+    comparison = compare_runs(base, new, threshold, alpha)
+    view = Table(title=f"{new.name} against {base.name}")
+    for column in ("cell", "base ms", "new ms", "new / base", "p", "verdict"):
+        view.add_column(column, justify="left" if column in ("cell", "verdict") else "right")
+    for row in comparison.rows:
+        view.add_row(row["cell"], *("-" if row[key] is None else f"{row[key]:.4g}" for key in ("base_ms", "new_ms", "ratio", "p")),
+                     row["verdict"])
+    console = Console()
+    console.print(view)
+    for warning in comparison.warnings:
+        console.print(f"warning: {warning}")
+    if output:
+        records.write_text_atomic(output, render_markdown(comparison, threshold, alpha))
+    if fail_above is not None and (failing := regressions(comparison, fail_above)):
+        print(f"{len(failing)} regression(s) beyond {fail_above:g}x or newly failing", file=sys.stderr)
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()

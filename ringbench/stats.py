@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -29,3 +30,36 @@ def relative_iqr(samples_ms: Sequence[float]) -> float:
     """IQR / median: the noise measure sampling tries to bring under its target."""
     q1, median, q3 = np.percentile(np.asarray(samples_ms, dtype=np.float64), [25, 50, 75])
     return float((q3 - q1) / median) if median > 0 else 0.0
+
+
+def mann_whitney_p(first: Sequence[float], second: Sequence[float]) -> float:
+    """Two-sided p-value of the Mann-Whitney U test (normal approximation, tie-corrected).
+
+    Small p: the two samples are unlikely to come from one distribution. Timing
+    samples are far from normal, hence a rank test.
+    """
+    a, b = np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)
+    n1, n2 = a.size, b.size
+    if n1 == 0 or n2 == 0:
+        return float("nan")
+    values = np.concatenate([a, b])
+    order = values.argsort(kind="mergesort")
+    ranks = np.empty(values.size)
+    sorted_values = values[order]
+    start = 0
+    ties = 0.0
+    while start < values.size:  # average ranks over runs of equal values
+        end = start
+        while end + 1 < values.size and sorted_values[end + 1] == sorted_values[start]:
+            end += 1
+        ranks[order[start:end + 1]] = (start + end) / 2 + 1
+        count = end - start + 1
+        ties += count**3 - count
+        start = end + 1
+    u = ranks[:n1].sum() - n1 * (n1 + 1) / 2
+    n = n1 + n2
+    variance = n1 * n2 / 12 * ((n + 1) - ties / (n * (n - 1)))
+    if variance <= 0:
+        return 1.0
+    z = (abs(u - n1 * n2 / 2) - 0.5) / math.sqrt(variance)  # with continuity correction
+    return float(math.erfc(max(z, 0.0) / math.sqrt(2)))

@@ -1,0 +1,125 @@
+"""Comparing two runs cell by cell: did a change make anything faster, slower, or broken?
+
+Cells are matched by id. A measured pair's verdict needs both a ratio of medians
+beyond the threshold and a Mann-Whitney U test on the raw samples below ``alpha``:
+a large ratio on noisy samples, or a significant but tiny shift, is "unchanged".
+Runs on different GPUs are not compared at all (every pair is "incomparable");
+other environment differences are listed as warnings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ringbench import records
+from ringbench.plan import implementation_label
+from ringbench.report.markdown import escape, ms, table
+from ringbench.report.tables import placement
+from ringbench.stats import mann_whitney_p
+
+MEASURED = (records.OK, records.WRONG)
+FASTER, SLOWER, UNCHANGED = "faster", "slower", "unchanged"
+NEWLY_FAILING, FIXED, STILL_FAILING = "newly failing", "fixed", "still failing"
+ONLY_BASE, ONLY_NEW, INCOMPARABLE = "only in base", "only in new", "incomparable"
+_ENVIRONMENT_KEYS = ("torch", "cuda", "cudnn", "nccl", "driver")
+
+
+@dataclass
+class Comparison:
+    base: Path
+    new: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _latest(run_dir: Path) -> dict[str, dict[str, Any]]:
+    return {record["cell_id"]: record for record in records.read_records(run_dir)}
+
+
+def _label(record: dict[str, Any]) -> str:
+    where = placement(record.get("ring_size"), record.get("world_size", 1))
+    causal = " causal" if record["causal"] else ""
+    return (f"{implementation_label(record['implementation'], record.get('options') or {})} S={record['seq_len']} "
+            f"{where} {record['dtype']}{causal} {record['pass']}")
+
+
+def _gpus(environment: dict[str, Any]) -> list[str]:
+    return [gpu["name"] for gpu in environment.get("gpus") or []] or [f"CPU: {environment.get('cpu')}"]
+
+
+def _verdict(base: dict | None, new: dict | None, threshold: float, alpha: float, comparable: bool):
+    """(verdict, ratio, p) for one cell id."""
+    if base is None or new is None:
+        return (ONLY_NEW if base is None else ONLY_BASE), None, None
+    base_ok, new_ok = base["status"] in MEASURED, new["status"] in MEASURED
+    if not (base_ok and new_ok):
+        return {(True, False): NEWLY_FAILING, (False, True): FIXED, (False, False): STILL_FAILING}[base_ok, new_ok], None, None
+    ratio = new["stats"]["median_ms"] / base["stats"]["median_ms"]
+    p = mann_whitney_p(base["samples_ms"], new["samples_ms"])
+    if not comparable:
+        return INCOMPARABLE, ratio, p
+    if p < alpha and ratio >= threshold:
+        return SLOWER, ratio, p
+    if p < alpha and ratio <= 1 / threshold:
+        return FASTER, ratio, p
+    return UNCHANGED, ratio, p
+
+
+def compare_runs(base: Path, new: Path, threshold: float = 1.1, alpha: float = 0.05) -> Comparison:
+    comparison = Comparison(base, new)
+    base_env, new_env = records.read_run(base)["environment"], records.read_run(new)["environment"]
+    comparable = _gpus(base_env) == _gpus(new_env)
+    if not comparable:
+        comparison.warnings.append(f"Different hardware ({', '.join(_gpus(base_env))} against "
+                                   f"{', '.join(_gpus(new_env))}): no timing is compared.")
+    for key in _ENVIRONMENT_KEYS:
+        if base_env.get(key) != new_env.get(key):
+            comparison.warnings.append(f"{key} differs: {base_env.get(key)} against {new_env.get(key)}.")
+    base_records, new_records = _latest(base), _latest(new)
+    for cell_id in list(base_records) + [i for i in new_records if i not in base_records]:
+        old, fresh = base_records.get(cell_id), new_records.get(cell_id)
+        verdict, ratio, p = _verdict(old, fresh, threshold, alpha, comparable)
+        comparison.rows.append({
+            "cell": _label(old or fresh),
+            "base_ms": old["stats"]["median_ms"] if old and old.get("stats") else None,
+            "new_ms": fresh["stats"]["median_ms"] if fresh and fresh.get("stats") else None,
+            "ratio": ratio,
+            "p": p,
+            "verdict": verdict,
+        })
+    return comparison
+
+
+def regressions(comparison: Comparison, fail_above: float) -> list[dict[str, Any]]:
+    """Rows a CI gate should fail on: slower beyond ``fail_above`` (significantly), or newly failing."""
+    return [row for row in comparison.rows
+            if row["verdict"] == NEWLY_FAILING or (row["verdict"] == SLOWER and row["ratio"] > fail_above)]
+
+
+def render_markdown(comparison: Comparison, threshold: float, alpha: float) -> str:
+    counts = pd.Series([row["verdict"] for row in comparison.rows]).value_counts()
+    frame = pd.DataFrame([{
+        "cell": escape(row["cell"]),
+        "verdict": row["verdict"],
+        "base ms": "" if row["base_ms"] is None else ms(row["base_ms"]),
+        "new ms": "" if row["new_ms"] is None else ms(row["new_ms"]),
+        "new / base": "" if row["ratio"] is None else f"{row['ratio']:.3f}",
+        "p": "" if row["p"] is None else f"{row['p']:.2g}",
+    } for row in comparison.rows], columns=["cell", "verdict", "base ms", "new ms", "new / base", "p"])
+    lines = [
+        f"# ringbench compare: `{escape(comparison.new.name)}` against `{escape(comparison.base.name)}`",
+        "",
+        f"Faster or slower means a ratio of medians beyond {threshold:g}× and a Mann-Whitney U p below {alpha:g}.",
+        "",
+        "; ".join(f"{verdict}: {count}" for verdict, count in counts.items()),
+        "",
+        table(frame, text_columns=2),
+        "",
+    ]
+    if comparison.warnings:
+        lines += ["## Warnings", "", *(f"- {escape(warning)}" for warning in comparison.warnings), ""]
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+import json
+import shutil
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from ringbench.cli import app
+from ringbench.report.compare import compare_runs, render_markdown
+from ringbench.stats import mann_whitney_p
+
+FIXTURE = Path(__file__).parent / "fixtures" / "run"
+
+
+def test_mann_whitney_matches_hand_computation():
+    # U = 0, mean 4.5, variance 9/12·7, z = (4.5 − 0.5)/√5.25: p = erfc(z/√2)
+    assert abs(mann_whitney_p([1, 2, 3], [4, 5, 6]) - 0.0808555983700523) < 1e-12
+    assert mann_whitney_p([1.0, 2.0], [1.0, 2.0]) == 1.0
+
+
+def changed_run(tmp_path, edit, environment=None):
+    new = tmp_path / "new"
+    shutil.copytree(FIXTURE, new)
+    stored = [json.loads(line) for line in (new / "records.jsonl").read_text().splitlines()]
+    for record in stored:
+        edit(record)
+    (new / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stored))
+    if environment:
+        meta = json.loads((new / "run.json").read_text())
+        meta["environment"].update(environment)
+        (new / "run.json").write_text(json.dumps(meta))
+    return new
+
+
+def scale(record, factor):
+    record["samples_ms"] = [x * factor for x in record["samples_ms"]]
+    record["stats"]["median_ms"] *= factor
+
+
+def edit(record):
+    key = (record["implementation"], record["seq_len"], record["world_size"])
+    if key == ("sdpa", 4096, 1):
+        scale(record, 2.0)  # clearly slower
+    elif key == ("sdpa", 6144, 1):
+        scale(record, 1.03)  # a shift below the ratio threshold
+    elif key == ("sdpa", 8192, 1):
+        scale(record, 0.5)  # clearly faster
+    elif key == ("standard", 6144, 1):
+        record.update(status="oom", stats=None, samples_ms=[])
+    elif key == ("standard", 8192, 1):
+        record.update(status="ok", stats={"median_ms": 5.0}, samples_ms=[5.0] * 5)
+
+
+def test_verdicts_need_ratio_and_significance(tmp_path):
+    comparison = compare_runs(FIXTURE, changed_run(tmp_path, edit))
+    verdicts = {row["cell"]: row["verdict"] for row in comparison.rows}
+    assert verdicts["sdpa(backend=flash) S=4096 no ring float16 forward"] == "slower"
+    assert verdicts["sdpa(backend=flash) S=6144 no ring float16 forward"] == "unchanged"
+    assert verdicts["sdpa(backend=flash) S=8192 no ring float16 forward"] == "faster"
+    assert verdicts["standard S=6144 no ring float16 forward"] == "newly failing"
+    assert verdicts["standard S=8192 no ring float16 forward"] == "fixed"
+    assert verdicts["ring S=6144 ring 3 float16 forward"] == "still failing"
+    assert verdicts["ring S=8192 ring 1 float16 forward"] == "unchanged"
+    assert comparison.warnings == []
+    markdown = render_markdown(comparison, 1.1, 0.05)
+    row = next(line for line in markdown.splitlines() if line.startswith("| sdpa(backend=flash) S=4096"))
+    assert [cell.strip() for cell in row.strip("|").split("|")] == [
+        "sdpa(backend=flash) S=4096 no ring float16 forward", "slower", "0.1100", "0.2200", "2.000", "0.015"]
+
+
+def test_fail_above_gates_ci(tmp_path):
+    new = changed_run(tmp_path, edit)
+    failing = CliRunner().invoke(app, ["compare", str(FIXTURE), str(new), "--fail-above", "1.2", "-o", str(tmp_path / "c.md")])
+    assert failing.exit_code == 1 and "2 regression(s) beyond 1.2x or newly failing" in failing.stderr
+    assert (tmp_path / "c.md").read_text().startswith("# ringbench compare: `new` against `run`")
+    calm = changed_run(tmp_path / "calm", lambda record: None)
+    assert CliRunner().invoke(app, ["compare", str(FIXTURE), str(calm), "--fail-above", "1.2"]).exit_code == 0
+
+
+def test_different_hardware_is_incomparable_and_versions_warn(tmp_path):
+    other_gpu = changed_run(tmp_path, edit, {"gpus": [{"name": "NVIDIA H200", "memory_mib": 1}], "torch": "9.9"})
+    comparison = compare_runs(FIXTURE, other_gpu)
+    measured = [row for row in comparison.rows if row["ratio"] is not None]
+    assert measured and {row["verdict"] for row in measured} == {"incomparable"}
+    assert comparison.warnings == [
+        "Different hardware (NVIDIA H100 80GB HBM3 against NVIDIA H200): no timing is compared.",
+        "torch differs: 2.9.0 against 9.9.",
+    ]
