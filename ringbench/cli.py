@@ -111,23 +111,28 @@ def ranks(run_dir: Path = typer.Argument(..., help="run folder whose run.json na
 @app.command()
 def report(
     paths: List[Path] = typer.Argument(..., help="run folders, or folders holding them"),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the Markdown"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the report"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="write the file without printing it"),
+    output_format: str = typer.Option("markdown", "--format", help="markdown, or csv / json: one row per cell"),
 ) -> None:
-    """Render stored runs as Markdown: report.md in the folder given (or -o), also printed."""
+    """Render stored runs: report.md (or .csv / .json) in the folder given (or -o), also printed."""
     from ringbench import records
-    from ringbench.report import find_runs, load_run, render_report
+    from ringbench.report import find_runs, load_run, render_report, render_table
 
     with _user_errors():
         runs = [load_run(path) for path in find_runs(paths)]
     for run_data in runs:
         for warning in run_data.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-    markdown = render_report(runs)
-    target = output or (paths[0] / "report.md" if len(paths) == 1 else Path("report.md"))
-    records.write_text_atomic(target, markdown)
+    with _user_errors():
+        if output_format not in ("markdown", "csv", "json"):
+            raise UserError(f"--format: expected markdown, csv or json, got {output_format!r}")
+    text = render_report(runs) if output_format == "markdown" else render_table(runs, output_format)
+    name = {"markdown": "report.md", "csv": "report.csv", "json": "report.json"}[output_format]
+    target = output or (paths[0] / name if len(paths) == 1 else Path(name))
+    records.write_text_atomic(target, text)
     if not quiet:
-        print(markdown)
+        print(text)
     print(f"wrote {target}", file=sys.stderr)
 
 

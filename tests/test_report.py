@@ -1,3 +1,6 @@
+import csv
+import io
+import json
 import shutil
 import subprocess
 import sys
@@ -6,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from ringbench.errors import UserError
-from ringbench.report import find_runs, load_run, render_report
+from typer.testing import CliRunner
+
+from ringbench.cli import app
+from ringbench.report import find_runs, load_run, render_report, render_table
 from ringbench.report.markdown import escape
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -88,3 +94,12 @@ def test_overlap_breaking_settings_are_noticed(monkeypatch):
     monkeypatch.setenv("TORCH_NCCL_ENABLE_TIMING", "0")
     assert env.overlap_warnings() == [
         "CUDA_DEVICE_MAX_CONNECTIONS=1: one hardware queue: NCCL kernels and compute kernels serialise"]
+
+
+def test_csv_and_json_hold_one_row_per_cell():
+    run = load_run(FIXTURES / "run")
+    rows = list(csv.DictReader(io.StringIO(render_table([run], "csv"))))
+    assert len(rows) == len(run.frame) and rows[0]["run"] == "run" and rows[0]["implementation"] == "standard"
+    assert [row["cell_id"] for row in json.loads(render_table([run], "json"))] == list(run.frame["cell_id"])
+    result = CliRunner().invoke(app, ["report", str(FIXTURES / "run"), "--format", "pdf", "-q"])
+    assert result.exit_code == 2 and result.stderr.strip() == "--format: expected markdown, csv or json, got 'pdf'"

@@ -154,6 +154,15 @@ def render_run(run: Run, level: int = 1) -> str:
     return "\n".join(lines)
 
 
+def render_table(runs: list[Run], output_format: str) -> str:
+    """Every run's cells as one flat table (the report's data, one row per cell), as CSV or JSON."""
+    frame = pd.concat([run.frame.assign(run=run.path.name) for run in runs], ignore_index=True)
+    frame = frame[["run", *[column for column in frame.columns if column != "run"]]]
+    if output_format == "csv":
+        return frame.to_csv(index=False)
+    return frame.to_json(orient="records", indent=2) + "\n"
+
+
 def render_report(runs: list[Run]) -> str:
     """One run renders on its own; several render as one section each, oldest first."""
     if len(runs) == 1:
