@@ -114,6 +114,7 @@ def report(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the report"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="write the file without printing it"),
     output_format: str = typer.Option("markdown", "--format", help="markdown, or csv / json: one row per cell"),
+    no_plots: bool = typer.Option(False, "--no-plots", help="skip the PNG figures beside report.md"),
 ) -> None:
     """Render stored runs: report.md (or .csv / .json) in the folder given (or -o), also printed."""
     from ringbench import records
@@ -127,9 +128,12 @@ def report(
     with _user_errors():
         if output_format not in ("markdown", "csv", "json"):
             raise UserError(f"--format: expected markdown, csv or json, got {output_format!r}")
-    text = render_report(runs) if output_format == "markdown" else render_table(runs, output_format)
     name = {"markdown": "report.md", "csv": "report.csv", "json": "report.json"}[output_format]
     target = output or (paths[0] / name if len(paths) == 1 else Path(name))
+    if output_format == "markdown":
+        text = render_report(runs, plots_dir=None if no_plots else target.parent)
+    else:
+        text = render_table(runs, output_format)
     records.write_text_atomic(target, text)
     if not quiet:
         print(text)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from ringbench.plan import implementation_label
+from ringbench.report import plots
 from ringbench.report.load import Run
 from ringbench.report.markdown import escape, table
 from ringbench.report.summary import ring_efficiency, summary, warnings
@@ -122,7 +124,7 @@ def _excluded(excluded: list[dict[str, Any]]) -> str:
     return table(frame)
 
 
-def render_run(run: Run, level: int = 1) -> str:
+def render_run(run: Run, level: int = 1, plots_dir: Path | None = None, prefix: str = "") -> str:
     meta, frame = run.meta, run.frame
     environment = meta["environment"]
     planned = len(meta["planned"])
@@ -147,6 +149,10 @@ def render_run(run: Run, level: int = 1) -> str:
                   "Per-device TFLOP/s over single-device `sdpa` with the same kernel.", "", table(efficiency), ""]
     if meta["excluded"]:
         lines += [_heading(level + 1, "Left out of the plan"), "", _excluded(meta["excluded"]), ""]
+    if plots_dir is not None and not frame.empty:
+        linked = plots.save(plots.figures(frame), plots_dir, prefix)
+        if linked:
+            lines += [_heading(level + 1, "Plots"), "", *(f"![{name}]({file_name})" for name, file_name in linked), ""]
     lines += [_heading(level + 1, "Summary"), "", *summary(frame), ""]
     cautions = warnings(frame, environment)
     if cautions:
@@ -163,9 +169,12 @@ def render_table(runs: list[Run], output_format: str) -> str:
     return frame.to_json(orient="records", indent=2) + "\n"
 
 
-def render_report(runs: list[Run]) -> str:
-    """One run renders on its own; several render as one section each, oldest first."""
+def render_report(runs: list[Run], plots_dir: Path | None = None) -> str:
+    """One run renders on its own; several render as one section each, oldest first.
+
+    With ``plots_dir`` the figures are written there as PNG and linked.
+    """
     if len(runs) == 1:
-        return render_run(runs[0]) + "\n"
-    sections = [render_run(run, level=2) for run in runs]
+        return render_run(runs[0], plots_dir=plots_dir) + "\n"
+    sections = [render_run(run, level=2, plots_dir=plots_dir, prefix=f"{run.path.name}-") for run in runs]
     return "\n".join([_heading(1, f"ringbench report: {len(runs)} runs"), "", *sections]) + "\n"

@@ -53,7 +53,7 @@ class Metric:
 
 METRICS = (
     Metric("Median time (ms ± IQR)", lambda row: f"{ms(row.median_ms)} ± {ms(row.iqr_ms)}"),
-    Metric("Throughput per device (TFLOP/s, share of the device's measured matmul peak)", _throughput,
+    Metric("Throughput per device (TFLOP/s; in brackets, share of the measured matmul peak where known)", _throughput,
            _present("tflops")),
     Metric("Peak memory above inputs, measured (modelled), MiB", _memory, _present("peak_mib"),
            "not measured on the CPU."),
