@@ -15,6 +15,16 @@ from ringbench.report.tables import NO_RING, SHAPE, placement, shape_title
 MEASURED = (records.OK, records.WRONG)
 
 
+def _style(index: int) -> str:
+    """Past the ten colours of the cycle, lines differ by dash pattern too."""
+    return ("-", "--", ":", "-.")[index // 10 % 4]
+
+
+def _legend(axes) -> None:
+    # Beside the plot, not over it: sweeps easily have a dozen series.
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
 def _series_name(row: pd.Series, several_shapes: bool) -> str:
     where = placement(row["ring_size"], row["world_size"])
     name = row["label"] if where == NO_RING else f"{row['label']} ({where})"
@@ -29,15 +39,15 @@ def _against_seq_len(frame: pd.DataFrame, column: str, ylabel: str, title: str) 
     figure = Figure(figsize=(8, 5))
     axes = figure.add_subplot()
     named = measured.assign(series=[_series_name(row, several_shapes) for _, row in measured.iterrows()])
-    for series, points in named.groupby("series", sort=False):
+    for index, (series, points) in enumerate(named.groupby("series", sort=False)):
         points = points.sort_values("seq_len")
-        axes.plot(points["seq_len"], points[column], marker="o", label=series)
+        axes.plot(points["seq_len"], points[column], marker="o", linestyle=_style(index), label=series)
     axes.set_xscale("log", base=2)
     axes.set_yscale("log")
     axes.set_xlabel("sequence length (tokens)")
     axes.set_ylabel(ylabel)
     axes.set_title(title)
-    axes.legend(fontsize="small")
+    _legend(axes)
     axes.grid(True, which="both", alpha=0.3)
     return figure
 
@@ -53,13 +63,13 @@ def _scaling(frame: pd.DataFrame) -> Figure | None:
         if points["world_size"].max() == 1:
             continue  # measured in one process only: nothing to scale
         points = points[(points["world_size"] > 1) | (points["ring_size"].fillna(1) == 1)].sort_values("world_size")
-        axes.plot(points["world_size"], points["tflops_per_device"], marker="o",
+        axes.plot(points["world_size"], points["tflops_per_device"], marker="o", linestyle=_style(len(axes.lines)),
                   label=f"{label} S={seq_len}{' causal' if causal else ''}")
     axes.set_xticks(sorted(distributed["world_size"].unique()))
     axes.set_xlabel("processes (one device each)")
     axes.set_ylabel("TFLOP/s per device")
     axes.set_title("Scaling with the number of processes")
-    axes.legend(fontsize="small")
+    _legend(axes)
     axes.grid(True, alpha=0.3)
     return figure
 
