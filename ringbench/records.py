@@ -20,6 +20,8 @@ RECORDS_FILE = "records.jsonl"
 OK, WRONG, OOM, ERROR, CRASHED, SKIPPED = "ok", "wrong", "oom", "error", "crashed", "skipped"
 # Statuses `--retry-failed` runs again (a skip is a decision, not a failure).
 FAILED = (OOM, ERROR, CRASHED)
+# Statuses whose records carry timings (a wrong output is still timed).
+MEASURED = (OK, WRONG)
 
 
 def create_run_dir(output_root: Path, commit: str) -> Path:

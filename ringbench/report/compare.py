@@ -21,7 +21,6 @@ from ringbench.report.markdown import escape, ms, table
 from ringbench.report.tables import placement
 from ringbench.stats import mann_whitney_p
 
-MEASURED = (records.OK, records.WRONG)
 FASTER, SLOWER, UNCHANGED = "faster", "slower", "unchanged"
 NEWLY_FAILING, FIXED, STILL_FAILING = "newly failing", "fixed", "still failing"
 ONLY_BASE, ONLY_NEW, INCOMPARABLE = "only in base", "only in new", "incomparable"
@@ -55,7 +54,7 @@ def _verdict(base: dict | None, new: dict | None, threshold: float, alpha: float
     """(verdict, ratio, p) for one cell id."""
     if base is None or new is None:
         return (ONLY_NEW if base is None else ONLY_BASE), None, None
-    base_ok, new_ok = base["status"] in MEASURED, new["status"] in MEASURED
+    base_ok, new_ok = base["status"] in records.MEASURED, new["status"] in records.MEASURED
     if not (base_ok and new_ok):
         return {(True, False): NEWLY_FAILING, (False, True): FIXED, (False, False): STILL_FAILING}[base_ok, new_ok], None, None
     ratio = new["stats"]["median_ms"] / base["stats"]["median_ms"]

@@ -12,7 +12,6 @@ from matplotlib.figure import Figure
 from ringbench import records
 from ringbench.report.tables import NO_RING, SHAPE, placement, shape_title
 
-MEASURED = (records.OK, records.WRONG)
 
 
 def _style(index: int) -> str:
@@ -32,7 +31,7 @@ def _series_name(row: pd.Series, several_shapes: bool) -> str:
 
 
 def _against_seq_len(frame: pd.DataFrame, column: str, ylabel: str, title: str) -> Figure | None:
-    measured = frame[frame["status"].isin(MEASURED) & frame[column].notna()]
+    measured = frame[frame["status"].isin(records.MEASURED) & frame[column].notna()]
     if measured.empty:
         return None
     several_shapes = measured.groupby(SHAPE).ngroups > 1
@@ -53,7 +52,7 @@ def _against_seq_len(frame: pd.DataFrame, column: str, ylabel: str, title: str) 
 
 
 def _scaling(frame: pd.DataFrame) -> Figure | None:
-    measured = frame[frame["status"].isin(MEASURED) & frame["tflops_per_device"].notna()]
+    measured = frame[frame["status"].isin(records.MEASURED) & frame["tflops_per_device"].notna()]
     if not (measured["world_size"] > 1).any():
         return None
     figure = Figure(figsize=(8, 5))

@@ -115,7 +115,7 @@ def warnings(frame: pd.DataFrame, environment: dict) -> list[str]:
     if throttled:
         lines.append(f"- GPU {', '.join(sorted(set(throttled)))} reported clock throttle reasons at the start or end "
                      "(see `gpu_state` in run.json): clocks may have moved during the run.")
-    measured = frame[frame["status"].isin([records.OK, records.WRONG]) & frame["noise_target"].notna()]
+    measured = frame[frame["status"].isin(records.MEASURED) & frame["noise_target"].notna()]
     noisy = measured[measured["rel_iqr"] > measured["noise_target"]].sort_values("rel_iqr", ascending=False)
     if not noisy.empty:
         worst = ", ".join(f"{_implementation(row)} S={row.seq_len} ({row.rel_iqr:.1%})" for _, row in noisy.head(5).iterrows())

@@ -12,7 +12,6 @@ from ringbench.report.markdown import escape, mib, ms, table
 
 NO_RING = "no ring"
 FAILED = {records.OOM: "OOM", records.ERROR: "error", records.SKIPPED: "skipped"}
-MEASURED = (records.OK, records.WRONG)  # statuses whose cells carry numbers
 SHAPE = ["pass", "dtype", "causal", "batch_size", "heads", "head_dim"]
 
 
@@ -87,7 +86,7 @@ def _column_order(column: str) -> tuple[int, int]:
 
 
 def _cell_text(metric: Metric, row) -> str:
-    if row.status not in MEASURED:
+    if row.status not in records.MEASURED:
         return FAILED.get(row.status, row.status)
     text = metric.text(row)
     return f"{text} (wrong)" if row.status == records.WRONG and text else text
