@@ -89,11 +89,14 @@ class Bench:
     ``rank_share`` computes one rank's share of a sharded computation alone (its
     query shard against every K/V shard, with the buffers a rank would hold); it is
     timed and memory-measured separately and reported as a per-rank *projection*.
+    ``close`` undoes what setup changed beyond its own tensors (a patched library
+    function, say); the worker calls it once the cell is over, however it ended.
     """
 
     run: Callable[[], "torch.Tensor"]
     rank_share: Callable[[], object] | None = None
     rows: "torch.Tensor | None" = None  # sequence positions of run()'s output rows; None: all, in order
+    close: Callable[[], None] = lambda: None
 
 
 Setup = Callable[[Problem], "Callable[[], torch.Tensor] | Bench"]

@@ -166,27 +166,42 @@ def _measure(cell: Cell, device: torch.device, budget: TimingBudget, seed: int) 
     try:
         problem = make_problem(cell, device, seed)
         bench = _as_bench(implementation.setup(problem))
-        # Checked before it is timed; a wrong output is still timed, and marked.
-        check, grad_out = None, None
-        inputs = (problem.q, problem.k, problem.v)
-        if implementation.reference != "none" or cell.pass_name != "forward":
-            output = bench.run()
-            if implementation.reference != "none":
-                check = correctness.check(implementation.reference, problem, output, cell.dtype, seed)
-            if cell.pass_name != "forward":
-                grad_out = _output_gradient(output, seed)
-                grads = torch.autograd.grad(output, inputs, grad_out)
-                if check is not None:
-                    gradients = correctness.check_gradients(problem, grads, grad_out, cell.dtype)
-                    check = {**check, "gradients": gradients, "passed": check["passed"] and gradients["passed"]}
-                del grads
-            del output
-        # Timing first: it warms the implementation up, so the memory pass sees only
-        # what one steady-state call allocates, not one-off workspaces.
-        main = _time_and_measure(_pass_closure(cell.pass_name, bench.run, inputs, grad_out), device, budget)
-        projected = _time_and_measure(bench.rank_share, device, budget) if bench.rank_share else None
     except Exception as exc:  # any failure of user or library code is this cell's result, not the sweep's
         return _failure(exc)
+    outcome = _guarded(lambda: _check_and_time(cell, implementation, problem, bench, device, budget, seed))
+    closed = _guarded(bench.close)
+    return closed or outcome
+
+
+def _guarded(step: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+    """``step``'s result, or the failure record of the exception it raised."""
+    try:
+        return step()
+    except Exception as exc:  # any failure of user or library code is this cell's result, not the sweep's
+        return _failure(exc)
+
+
+def _check_and_time(cell: Cell, implementation: registry.Implementation, problem: registry.Problem,
+                    bench: registry.Bench, device: torch.device, budget: TimingBudget, seed: int) -> dict[str, Any]:
+    # Checked before it is timed; a wrong output is still timed, and marked.
+    check, grad_out = None, None
+    inputs = (problem.q, problem.k, problem.v)
+    if implementation.reference != "none" or cell.pass_name != "forward":
+        output = bench.run()
+        if implementation.reference != "none":
+            check = correctness.check(implementation.reference, problem, output, cell.dtype, seed)
+        if cell.pass_name != "forward":
+            grad_out = _output_gradient(output, seed)
+            grads = torch.autograd.grad(output, inputs, grad_out)
+            if check is not None:
+                gradients = correctness.check_gradients(problem, grads, grad_out, cell.dtype)
+                check = {**check, "gradients": gradients, "passed": check["passed"] and gradients["passed"]}
+            del grads
+        del output
+    # Timing first: it warms the implementation up, so the memory pass sees only
+    # what one steady-state call allocates, not one-off workspaces.
+    main = _time_and_measure(_pass_closure(cell.pass_name, bench.run, inputs, grad_out), device, budget)
+    projected = _time_and_measure(bench.rank_share, device, budget) if bench.rank_share else None
     return _outcome(cell, implementation, budget, problem.facts, check, main, projected, _inputs_mib(problem))
 
 
@@ -215,9 +230,15 @@ def _combine_ranks(main: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _combine_traffic(traffic: dict[str, float]) -> dict[str, Any]:
-    """Every rank's bytes sent and time waiting in one instrumented call; the headline is the worst rank."""
+def _combine_traffic(traffic: dict[str, float]) -> dict[str, Any] | None:
+    """Every rank's bytes sent and time waiting in one instrumented call; the headline is the worst rank.
+
+    None when no rank sent through the clock: the implementation communicates in
+    a way ringbench cannot see (inside a library), which must not read as "no traffic".
+    """
     everyone = distributed.gather(traffic)
+    if not any(data["sends"] for data in everyone):
+        return None
     ranks = [{
         "rank": rank,
         "sent_bytes_per_step": data["sent_bytes"] / data["sends"] if data["sends"] else 0.0,
@@ -233,6 +254,19 @@ def _combine_traffic(traffic: dict[str, float]) -> dict[str, Any]:
 
 
 def _measure_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int) -> dict[str, Any]:
+    opened: list[registry.Bench] = []
+    outcome = _set_up_check_and_time_on_ranks(cell, group, budget, seed, opened)
+    # Every rank agrees on closing, including ranks whose setup failed (they have nothing to close).
+    return _agree(_guarded(opened[0].close) if opened else None) or outcome
+
+
+def _set_up_check_and_time_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int,
+                                    opened: list[registry.Bench]) -> dict[str, Any]:
+    """The cell's outcome on this rank; the bench setup returned goes into ``opened``.
+
+    The bench is handed out that way, not returned, so that no caller's frame holds
+    the whole inputs while this one measures with only its shard.
+    """
     implementation = registry.get(cell.implementation)
     device = group.device
     if skip := _inputs_too_large(cell, device):  # every rank decides alike: no agreement needed
@@ -241,12 +275,14 @@ def _measure_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int)
     try:
         problem = make_problem(cell, device, seed, group.rank)
         bench = _as_bench(implementation.setup(problem))
+        opened.append(bench)
     except Exception as exc:  # recorded once every rank has said how its setup went
         failure = _failure(exc)
     if failure := _agree(failure):
         return failure
     facts, inputs_mib, clock = problem.facts, _inputs_mib(problem) / cell.world_size, problem.comm
     partials = [0.0, 0.0, 0.0, 0.0]
+    failure = None
     try:
         output = bench.run()
         if implementation.reference != "none":

@@ -45,15 +45,24 @@ def test_world_sizes_one_and_two_in_one_run_match_the_reference(write_config):
         assert 0 <= record["comm"]["wait_share"] <= 1 and len(record["comm"]["ranks"]) == 2
 
 
-def test_one_rank_out_of_memory_is_the_cells_status(write_config):
+def test_failures_on_ranks_become_the_cells_status_and_close_runs_on_every_rank(write_config):
     _, stored = run_sweep(write_config, (
-        "plugins: [fake_impls]\nimplementations: [test-rank-oom, ring]\n"
+        "plugins: [fake_impls]\nimplementations:\n  - test-rank-oom\n  - torch-cp\n  - test-patching\n"
+        "  - test-bad-close\n  - {name: test-patching, options: {tag: 1}}\n  - ring\n"
         "seq_lens: [32]\nworld_sizes: [2]\nheads: [1]\nhead_dims: [8]\ndtypes: [float32]\n"
     ))
-    by_name = {r["implementation"]: r for r in stored if r["world_size"] == 2}
-    assert by_name["test-rank-oom"]["status"] == "oom"
-    assert by_name["test-rank-oom"]["error"]["message"] == "rank 1: CUDA out of memory on the second rank"
-    assert by_name["ring"]["status"] == "ok"
+    by_name = {(r["implementation"], r["options"].get("tag")): r for r in stored}
+    assert len(stored) == 6 and all(r["world_size"] == 2 for r in stored)
+    assert by_name["test-rank-oom", None]["status"] == "oom"
+    assert by_name["test-rank-oom", None]["error"]["message"] == "rank 1: CUDA out of memory on the second rank"
+    # PyTorch's context parallel shards only CUDA kernels: a clear error, agreed by both ranks, no hang.
+    assert by_name["torch-cp", None]["status"] == "error"
+    assert by_name["torch-cp", None]["error"]["message"] == (
+        "rank 0: torch-cp needs CUDA devices: PyTorch's context parallel shards only its CUDA SDPA kernels")
+    # The second test-patching cell starts only if close() undid the first one's patch on its rank.
+    for key in [("test-patching", 0), ("test-patching", 1), ("ring", None)]:
+        assert by_name[key]["status"] == "ok", by_name[key]["error"]
+    assert by_name["test-bad-close", None]["error"]["message"] == "rank 0: could not undo the setup"
 
 
 def test_a_dying_rank_is_recorded_as_crashed_and_the_sweep_goes_on(write_config):

@@ -110,3 +110,20 @@ def test_inputs_larger_than_the_device_are_skipped_before_allocating(monkeypatch
     assert skip == {"status": "skipped", "error": {
         "type": "Skipped", "message": "q, k and v alone need 12,288 MiB; the device has 1,024 MiB"}}
     assert worker._inputs_too_large(dataclasses.replace(cell, seq_len=2**10), torch.device("cuda", 0)) is None
+
+
+def test_close_undoes_setup_and_a_failing_close_is_the_cells_error(write_config, tmp_path):
+    # test-patching replaces F.scaled_dot_product_attention until its close(): sdpa after it is
+    # right only if close() ran; a second test-patching cell refuses to start over a leaked patch.
+    text = BASE_CONFIG.replace("  - name: standard\n", "  - name: test-patching\n  - name: test-bad-close\n"
+                               "  - {name: test-patching, options: {tag: 1}}\n")
+    _, result, _ = run_config(write_config(text + "plugins: [fake_impls]\n"), tmp_path / "out")
+    by_impl = {}
+    for record in result.records:
+        by_impl.setdefault((record["implementation"], record["options"].get("tag")), []).append(record)
+    for key in [("test-patching", 0), ("test-patching", 1), ("sdpa", None)]:
+        assert {r["status"] for r in by_impl[key]} == {"ok"}, by_impl[key][0]["error"]
+        assert all(r["check"]["rel_error"] < 1e-5 for r in by_impl[key])
+    for record in by_impl[("test-bad-close", None)]:
+        assert record["status"] == "error"
+        assert record["error"] == {"type": "RuntimeError", "message": "could not undo the setup"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -19,10 +21,17 @@ BACKENDS = {
 _NAMES = {backend: name for name, backend in BACKENDS.items()}
 
 
-def _auto_choice(problem: Problem) -> str:
-    """The kernel SDPA's own dispatcher picks for these inputs (private API, so guarded)."""
+def kernel_choice(backend: str):
+    """A fresh context manager (each is good for one ``with``) pinning SDPA to ``backend``."""
+    return contextlib.nullcontext() if backend == "auto" else sdpa_kernel(BACKENDS[backend])
+
+
+def resolved_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> str:
+    """The kernel ``backend`` stands for; for auto, the one SDPA's dispatcher picks (private API, so guarded)."""
+    if backend != "auto":
+        return backend
     try:
-        chosen = torch._fused_sdp_choice(problem.q, problem.k, problem.v, is_causal=problem.causal)
+        chosen = torch._fused_sdp_choice(q, k, v, is_causal=causal)
         return _NAMES.get(SDPBackend(chosen), "unknown")
     except Exception:  # the private dispatcher query may vanish or change signature
         return "unknown"
@@ -38,15 +47,10 @@ def _auto_choice(problem: Problem) -> str:
 def setup(problem: Problem):
     q, k, v, causal = problem.q, problem.k, problem.v, problem.causal
     backend = problem.options["backend"]
-    problem.facts["backend"] = _auto_choice(problem) if backend == "auto" else backend
-
-    if backend == "auto":
-        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
-    kernel = BACKENDS[backend]
+    problem.facts["backend"] = resolved_backend(backend, q, k, v, causal)
 
     def run() -> torch.Tensor:
-        with sdpa_kernel(kernel):
+        with kernel_choice(backend):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     return run

@@ -146,7 +146,9 @@ def render_run(run: Run, level: int = 1, plots_dir: Path | None = None, prefix: 
     efficiency = ring_efficiency(frame)
     if not efficiency.empty:
         lines += [_heading(level + 1, "Efficiency across processes"), "",
-                  "Per-device TFLOP/s over single-device `sdpa` with the same kernel.", "", table(efficiency), ""]
+                  "TFLOP/s per device, and in brackets the efficiency: that rate over single-device `sdpa` "
+                  "with the same kernel at the same total sequence length (or the longest it ran, as named).", "",
+                  table(efficiency), ""]
     if meta["excluded"]:
         lines += [_heading(level + 1, "Left out of the plan"), "", _excluded(meta["excluded"]), ""]
     if plots_dir is not None and not frame.empty:

@@ -61,30 +61,33 @@ def fastest(frame: pd.DataFrame) -> list[str]:
 
 
 def ring_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per-device TFLOP/s of each multi-process cell over single-device `sdpa` with the same kernel.
+    """Multi-process implementations side by side: per-device TFLOP/s and, in brackets,
+    its ratio to single-device `sdpa` with the same kernel.
 
-    The baseline is `sdpa` at the same total sequence length and shape, or, where
-    that did not run, the longest sequence it ran.
+    One row per shape, total sequence length, process count and kernel. The
+    baseline is `sdpa` at the same total sequence length and shape, or, where that
+    did not run, the longest sequence it ran (then named).
     """
     ok = frame[frame["status"] == records.OK]
     baselines = ok[(ok["implementation"] == "sdpa") & (ok["world_size"] == 1)]
-    rows = []
+    rows: dict[tuple, dict[str, str]] = {}
     for _, row in ok[ok["world_size"] > 1].iterrows():
         same = baselines[(baselines["kernel"] == row.kernel) & (baselines["seq_len"] <= row.seq_len)]
         same = same[(same[SHAPE] == row[SHAPE]).all(axis=1)]
         if same.empty:
             continue
         baseline = same.loc[same["seq_len"].idxmax()]
-        rows.append({
-            "implementation": escape(row.label),
+        shorter = f" at S={baseline.seq_len}" if baseline.seq_len != row.seq_len else ""
+        key = (tuple(row[SHAPE]), row.seq_len, row.world_size, row.kernel)
+        entry = rows.setdefault(key, {
+            "shape": shape_title(key[0]),
             "seq_len": str(row.seq_len),
             "processes": str(row.world_size),
-            "shape": shape_title(tuple(row[SHAPE])),
-            "TFLOP/s per device": f"{row.tflops_per_device:,.1f}",
-            "sdpa on one device": f"{baseline.tflops_per_device:,.1f} ({escape(baseline.kernel)}, S={baseline.seq_len})",
-            "efficiency": f"{row.tflops_per_device / baseline.tflops_per_device:.3f}",
+            "kernel": escape(row.kernel),
+            "sdpa on one device": f"{baseline.tflops_per_device:,.1f}{shorter}",
         })
-    return pd.DataFrame(rows)
+        entry[escape(row.label)] = f"{row.tflops_per_device:,.1f} ({row.tflops_per_device / baseline.tflops_per_device:.3f})"
+    return pd.DataFrame(list(rows.values())).fillna("")
 
 
 GPU_IDLE = 0x1  # the one throttle reason that only says nothing was running

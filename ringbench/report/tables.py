@@ -48,6 +48,7 @@ class Metric:
     shown: Callable[[pd.DataFrame], bool] = lambda group: True
     absent: str = ""  # said instead of the table when it is not shown
     rows_with: str | None = None  # only implementations with a value in this column get rows
+    across_processes: bool = False  # only cells of more than one process
 
 
 METRICS = (
@@ -60,7 +61,7 @@ METRICS = (
            _present("projected_ms"), rows_with="projected_ms"),
     Metric("Communication per rank: MiB sent per step, share of the call spent waiting for transfers",
            lambda row: "" if pd.isna(row.comm_step_mib) else f"{row.comm_step_mib:,.2f} MiB, {row.comm_wait_share:.1%}",
-           _present("comm_step_mib"), rows_with="comm_step_mib"),
+           _present("comm_step_mib"), rows_with="comm_step_mib", across_processes=True),
     Metric("Tokens per second", lambda row: f"{row.tokens_per_s:,.0f}"),
     Metric("Relative error against the float64 reference", _error, _present("rel_error")),
 )
@@ -93,6 +94,8 @@ def _cell_text(metric: Metric, row) -> str:
 
 
 def metric_table(group: pd.DataFrame, metric: Metric) -> str:
+    if metric.across_processes:
+        group = group[group["world_size"] > 1]
     if metric.rows_with:
         labels = group.loc[group[metric.rows_with].notna(), "label"].unique()
         group = group[group["label"].isin(labels)]

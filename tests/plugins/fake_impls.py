@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from ringbench.registry import Option, Problem, register
+from ringbench.registry import Bench, Option, Problem, register
 
 
 @register("test-oom", description="raises CUDA out-of-memory from the closure")
@@ -92,3 +92,28 @@ class _NoGradient(torch.autograd.Function):
 @register("test-bad-grad", passes=PASSES, description="right forward, zero gradients")
 def bad_grad(problem: Problem):
     return lambda: _NoGradient.apply(torch.nn.functional.scaled_dot_product_attention(problem.q, problem.k, problem.v))
+
+
+_original_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+
+@register("test-patching", options={"tag": Option(0)}, distributed=True,
+          description="patches F.scaled_dot_product_attention for its cell and undoes that in close()")
+def patching(problem: Problem):
+    if torch.nn.functional.scaled_dot_product_attention is not _original_sdpa:
+        raise RuntimeError("F.scaled_dot_product_attention is still patched by an earlier cell")
+    torch.nn.functional.scaled_dot_product_attention = lambda q, k, v, **_: torch.zeros_like(q)
+
+    def close():
+        torch.nn.functional.scaled_dot_product_attention = _original_sdpa
+
+    return Bench(run=lambda: _original_sdpa(problem.q, problem.k, problem.v), close=close)
+
+
+@register("test-bad-close", distributed=True, description="a right output, then close() raises")
+def bad_close(problem: Problem):
+    def close():
+        raise RuntimeError("could not undo the setup")
+
+    return Bench(run=lambda: torch.nn.functional.scaled_dot_product_attention(problem.q, problem.k, problem.v),
+                 close=close)

@@ -1,0 +1,81 @@
+"""PyTorch's own context parallelism (``torch.distributed.tensor.experimental.context_parallel``).
+
+It is the peer baseline for ``ring`` across processes: inside the context, PyTorch
+replaces ``scaled_dot_product_attention`` with a version that treats its inputs as
+sequence shards of a device mesh and runs a ring of its own over them.
+
+``context_parallel`` shards the buffers it is given in place and keeps, for as
+long as it is open, what it needs to restore them. Handing it q, k and v would
+keep their full size alive on every rank, so it gets a placeholder instead: a
+(1, 1, S, 1) tensor of sequence positions. After sharding, the placeholder holds
+exactly the positions this rank owns (for causal attention PyTorch reorders the
+sequence head-tail to balance the work), and q, k and v are cut to those rows.
+The context stays open from setup until the cell is done (``Bench.close``), so
+only the attention call itself is timed.
+
+PyTorch's CUDA kernels are the only ones it shards, so this runs on GPUs only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from ringbench.config import PASSES
+from ringbench.impls.sdpa import kernel_choice, resolved_backend
+from ringbench.plan import Cell
+from ringbench.registry import Bench, Option, Problem, register
+
+ROTATIONS = ("allgather", "alltoall")
+
+
+def _excludes(cell: Cell) -> str | None:
+    if cell.world_size == 1:
+        return "torch-cp runs across processes only (in one process it is sdpa)"
+    return None
+
+
+@register(
+    "torch-cp",
+    distributed=True,
+    options={
+        "backend": Option("auto", choices=("auto", "flash", "efficient", "cudnn"),
+                          help="SDPA kernel each block runs; auto lets PyTorch choose"),
+        "rotate": Option("allgather", choices=ROTATIONS, help="how K/V shards travel (PyTorch's set_rotate_method)"),
+    },
+    passes=PASSES,
+    excludes=_excludes,
+    description="PyTorch context parallel: torch.distributed.tensor.experimental.context_parallel",
+)
+def setup(problem: Problem) -> Bench:
+    device = problem.q.device
+    if device.type != "cuda":
+        raise RuntimeError("torch-cp needs CUDA devices: PyTorch's context parallel shards only its CUDA SDPA kernels")
+    # PyTorch exposes the rotation and load-balancing switches only in this private module.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental._attention import _cp_options, context_parallel, set_rotate_method
+
+    backend, causal, seq_len = problem.options["backend"], problem.causal, problem.q.shape[2]
+    mesh = init_device_mesh(device.type, (problem.world_size,))
+    set_rotate_method(problem.options["rotate"])
+    # PyTorch balances causal work by reordering the sequence head-tail (in 2P chunks),
+    # and refuses that for non-causal attention; the switch is a module option.
+    _cp_options.enable_load_balance = causal and seq_len % (2 * problem.world_size) == 0
+
+    positions = torch.arange(seq_len, device=device).view(1, 1, seq_len, 1)
+    with contextlib.ExitStack() as opened:  # closed here if anything below fails, else by Bench.close
+        opened.enter_context(context_parallel(mesh, buffers=[positions], buffer_seq_dims=[2]))
+        rows = positions.flatten()
+        q, k, v = (t.index_select(2, rows) for t in (problem.q, problem.k, problem.v))
+        problem.facts["backend"] = resolved_backend(backend, q, k, v, causal)
+        problem.facts["rotate"] = problem.options["rotate"]
+        close = opened.pop_all().close
+
+    def run() -> torch.Tensor:
+        # F's attribute is looked up per call: while the context is open it is PyTorch's ring version.
+        with kernel_choice(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return Bench(run=run, rows=rows, close=close)
