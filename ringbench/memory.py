@@ -14,6 +14,7 @@ MIB = 2**20
 class Memory:
     peak_allocated_mib: float  # allocated above the baseline (inputs and cached state) during the call
     peak_reserved_mib: float  # what the caching allocator held at its highest during the call
+    held_mib: float  # allocated when the call starts: inputs (or a rank's shards), buffers kept by setup
 
 
 def measure_peak(fn: Callable[[], object], device: torch.device) -> Memory | None:
@@ -28,4 +29,4 @@ def measure_peak(fn: Callable[[], object], device: torch.device) -> Memory | Non
     peak = torch.cuda.max_memory_allocated(device) - baseline
     reserved = torch.cuda.max_memory_reserved(device)
     del out
-    return Memory(peak_allocated_mib=peak / MIB, peak_reserved_mib=reserved / MIB)
+    return Memory(peak_allocated_mib=peak / MIB, peak_reserved_mib=reserved / MIB, held_mib=baseline / MIB)

@@ -121,6 +121,7 @@ def _time_and_measure(fn: Callable[[], object], device: torch.device, budget: Ti
         "stats": summarize(timing.samples_ms),
         "peak_allocated_mib": memory.peak_allocated_mib if memory else None,
         "peak_reserved_mib": memory.peak_reserved_mib if memory else None,
+        "held_mib": memory.held_mib if memory else None,
     }
 
 
@@ -145,6 +146,7 @@ def _outcome(cell: Cell, implementation: registry.Implementation, budget: Timing
             "inputs_mib": inputs_mib,
             "peak_allocated_mib": main["peak_allocated_mib"],
             "peak_reserved_mib": main["peak_reserved_mib"],
+            "held_mib": main["held_mib"],
             "modelled_mib": modelled / MIB if modelled is not None else None,
         },
         "projected": projected,
@@ -216,17 +218,22 @@ def _agree(failure: dict | None) -> dict | None:
 
 
 def _combine_ranks(main: dict[str, Any]) -> dict[str, Any]:
-    """Rank 0's view of every rank's timing: the slowest rank per repetition, the largest peak."""
-    everyone = distributed.gather({key: main[key] for key in ("samples_ms", "stats", "peak_allocated_mib")})
+    """Rank 0's view of every rank's timing: the slowest rank per repetition, the largest memory figures."""
+    everyone = distributed.gather({key: main[key] for key in ("samples_ms", "stats", "peak_allocated_mib", "held_mib")})
     samples = [max(values) for values in zip(*(rank["samples_ms"] for rank in everyone))]
-    peaks = [rank["peak_allocated_mib"] for rank in everyone]
+
+    def largest(key: str) -> float | None:
+        values = [rank[key] for rank in everyone]
+        return None if None in values else max(values)
+
     return {
         **main,
         "samples_ms": samples,
         "stats": summarize(samples),
-        "peak_allocated_mib": None if None in peaks else max(peaks),
-        "ranks": [{"rank": rank, "median_ms": data["stats"]["median_ms"], "peak_allocated_mib": data["peak_allocated_mib"]}
-                  for rank, data in enumerate(everyone)],
+        "peak_allocated_mib": largest("peak_allocated_mib"),
+        "held_mib": largest("held_mib"),
+        "ranks": [{"rank": rank, "median_ms": data["stats"]["median_ms"], "peak_allocated_mib": data["peak_allocated_mib"],
+                   "held_mib": data["held_mib"]} for rank, data in enumerate(everyone)],
     }
 
 
