@@ -53,6 +53,57 @@ def _math(q, k, v, causal):
 _BLOCKS: dict[str, Block] = {"flash": _flash, "efficient": _efficient, "cudnn": _cudnn, "math": _math}
 
 
+# Block gradients. A block's share of dq, dk, dv needs the *whole* row's output and
+# log-sum-exp (merged over every block), not the block's own: with them, the
+# softmax probabilities the fused kernels recompute are the final ones, and the
+# row term rowsum(dO ∘ O) is the final one. Dropout is 0, so the random-state
+# arguments are placeholders.
+
+
+def _no_rng(device: torch.device) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.int64, device=device)
+
+
+def _flash_backward(dout, q, k, v, out, lse, causal):
+    rng = _no_rng(q.device)
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse, None, None, q.shape[-2], k.shape[-2], 0.0, causal, rng, rng)[:3]
+
+
+def _efficient_backward(dout, q, k, v, out, lse, causal):
+    rng = _no_rng(q.device)
+    padded = torch.nn.functional.pad(lse, (0, -q.shape[-2] % 32))  # the kernel's own lse comes padded to 32 rows
+    return torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, k, v, None, out, padded, rng, rng, 0.0, (True, True, True, False), causal)[:3]
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, causal):
+    rng = _no_rng(q.device)
+    # cuDNN wants the layouts it produced in the forward: dense tensors, lse as (B, H, S, 1).
+    q, k, v, out, dout = (t.contiguous() for t in (q, k, v, out, dout))
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse.unsqueeze(-1).contiguous(), rng, rng, None, None, None, q.shape[-2], k.shape[-2],
+        0.0, causal)[:3]
+
+
+def _math_backward(dout, q, k, v, out, lse, causal):
+    compute = torch.promote_types(q.dtype, torch.float32)
+    q, k, v, out, dout = (t.to(compute) for t in (q, k, v, out, dout))
+    scale = q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if causal:
+        rows, cols = scores.shape[-2:]
+        scores.masked_fill_(torch.ones(rows, cols, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    probs = torch.exp(scores - lse.to(compute).unsqueeze(-1))
+    d_scores = probs * (torch.matmul(dout, v.transpose(-2, -1)) - (dout * out).sum(-1, keepdim=True))
+    return (torch.matmul(d_scores, k) * scale, torch.matmul(d_scores.transpose(-2, -1), q) * scale,
+            torch.matmul(probs.transpose(-2, -1), dout))
+
+
+_BACKWARDS = {"flash": _flash_backward, "efficient": _efficient_backward, "cudnn": _cudnn_backward,
+              "math": _math_backward}
+
+
 @lru_cache(maxsize=None)
 def _works(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether a fused kernel accepts inputs like these, tried on a tiny problem."""
@@ -84,6 +135,16 @@ def choose(kernel: str, q: torch.Tensor) -> str:
 def attend(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool):
     """One block: (output in q's dtype, float32 log-sum-exp per query row)."""
     return _BLOCKS[kernel](q, k, v, causal)
+
+
+def attend_backward(kernel: str, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    out: torch.Tensor, lse: torch.Tensor, causal: bool):
+    """One block's (dq, dk, dv), given the rows' final output ``out`` and log-sum-exp ``lse``.
+
+    A slice of the log-sum-exp is copied to be dense: the fused kernels read it
+    with their own row stride.
+    """
+    return _BACKWARDS[kernel](dout, q, k, v, out, lse.contiguous(), causal)
 
 
 def _merge(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:

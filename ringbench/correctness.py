@@ -117,19 +117,23 @@ def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
     return error / norm if norm > 0 else error
 
 
-def check_gradients(problem: Problem, grads: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
-                    dtype: str) -> dict[str, Any]:
-    """dq, dk, dv against float64 autograd through dense attention, head by head.
+GRADIENTS = ("dq", "dk", "dv")
 
-    Gradients of a key depend on every query row, so no row subset will do: they are
-    checked whole for sequences up to ``GRADIENT_CHECK_MAX_SEQ`` and recorded as not
-    checked beyond.
+
+def gradient_partials(problem: Problem, grads: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
+                      rows: torch.Tensor | None = None) -> list[float] | None:
+    """[Σ(g − ref)², Σref²] for dq, dk and dv in turn, against float64 autograd through dense attention.
+
+    ``grad_out`` is the gradient of the whole output; ``rows`` are the sequence
+    positions of the rows ``grads`` hold (None: all, in order), so the sums of the
+    ranks of a process group add up to the whole. Gradients of a key depend on
+    every query row, so no row subset will do: None (not checked) for sequences
+    above ``GRADIENT_CHECK_MAX_SEQ``.
     """
     seq_len = problem.q.shape[2]
     if seq_len > GRADIENT_CHECK_MAX_SEQ:
-        return {"checked": False, "reason": f"seq_len above {GRADIENT_CHECK_MAX_SEQ}", "passed": True}
-    errors = {"dq": 0.0, "dk": 0.0, "dv": 0.0}
-    squared = {name: [0.0, 0.0] for name in errors}
+        return None
+    sums = [0.0] * (2 * len(GRADIENTS))
     mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=problem.q.device).triu(1) if problem.causal else None
     for b, h in itertools.product(range(problem.q.shape[0]), range(problem.q.shape[1])):
         q, k, v = (t[b, h].detach().double().requires_grad_() for t in (problem.q, problem.k, problem.v))
@@ -137,14 +141,30 @@ def check_gradients(problem: Problem, grads: tuple[torch.Tensor, ...], grad_out:
         if mask is not None:
             scores = scores.masked_fill(mask, float("-inf"))
         reference = torch.autograd.grad(torch.softmax(scores, -1) @ v, (q, k, v), grad_out[b, h].double())
-        for name, value, expected in zip(errors, (g[b, h] for g in grads), reference):
-            squared[name][0] += (value.double() - expected).pow(2).sum().item()
-            squared[name][1] += expected.pow(2).sum().item()
-    for name, (error, norm) in squared.items():
+        for index, (value, expected) in enumerate(zip((g[b, h] for g in grads), reference)):
+            expected = expected if rows is None else expected[rows]
+            sums[2 * index] += (value.double() - expected).pow(2).sum().item()
+            sums[2 * index + 1] += expected.pow(2).sum().item()
+    return sums
+
+
+def gradient_verdict(partials: list[float] | None, dtype: str) -> dict[str, Any]:
+    """The gradient check's record from (combined) partial sums; each gradient by its relative error."""
+    if partials is None:
+        return {"checked": False, "reason": f"seq_len above {GRADIENT_CHECK_MAX_SEQ}", "passed": True}
+    errors = {}
+    for index, name in enumerate(GRADIENTS):
+        error, norm = partials[2 * index], partials[2 * index + 1]
         errors[name] = math.sqrt(error / norm) if norm > 0 else math.sqrt(error)
     worst = max(errors.values())
     return {"checked": True, **{f"{name}_rel_error": _finite_or_none(e) for name, e in errors.items()},
             "rel_error": _finite_or_none(worst), "passed": math.isfinite(worst) and worst <= TOLERANCE[dtype]}
+
+
+def check_gradients(problem: Problem, grads: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
+                    dtype: str) -> dict[str, Any]:
+    """dq, dk, dv of one process (all rows) against the float64 reference."""
+    return gradient_verdict(gradient_partials(problem, grads, grad_out), dtype)
 
 
 def check(family: str, problem: Problem, output: torch.Tensor, dtype: str, seed: int) -> dict[str, Any]:

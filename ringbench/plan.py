@@ -104,8 +104,6 @@ class Plan:
 def _exclusion_reason(cell: Cell, implementation: "Implementation") -> str | None:
     if cell.pass_name not in implementation.passes:
         return f"{cell.implementation} supports only {', '.join(implementation.passes)}"
-    if cell.world_size > 1 and cell.pass_name != "forward":
-        return "backward passes run in one process only, so far"
     if cell.ring_size is not None and cell.seq_len % cell.ring_size:
         return f"seq_len {cell.seq_len} is not divisible by ring_size {cell.ring_size}"
     return implementation.excludes(cell) if implementation.excludes else None

@@ -97,6 +97,9 @@ class Bench:
     rank_share: Callable[[], object] | None = None
     rows: "torch.Tensor | None" = None  # sequence positions of run()'s output rows; None: all, in order
     close: Callable[[], None] = lambda: None
+    # What backward passes differentiate run()'s output against; None: the problem's q, k, v.
+    # Across processes, this rank's shards, so that gradients stop there.
+    inputs: "tuple[torch.Tensor, ...] | None" = None
 
 
 Setup = Callable[[Problem], "Callable[[], torch.Tensor] | Bench"]

@@ -50,9 +50,10 @@ def make_problem(cell: Cell, device: torch.device, seed: int, rank: int = 0) -> 
                             comm=WaitClock(device) if cell.world_size > 1 else None)
 
 
-def _output_gradient(output: torch.Tensor, seed: int) -> torch.Tensor:
-    generator = torch.Generator(device=output.device).manual_seed(seed + 1)
-    return torch.randn(output.shape, generator=generator, device=output.device, dtype=output.dtype)
+def _output_gradient(problem: registry.Problem, seed: int) -> torch.Tensor:
+    """The gradient fed to backward passes, for the whole output: the same on every rank and run."""
+    generator = torch.Generator(device=problem.q.device).manual_seed(seed + 1)
+    return torch.randn(problem.q.shape, generator=generator, device=problem.q.device, dtype=problem.q.dtype)
 
 
 def _pass_closure(pass_name: str, run: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...],
@@ -187,13 +188,13 @@ def _check_and_time(cell: Cell, implementation: registry.Implementation, problem
                     bench: registry.Bench, device: torch.device, budget: TimingBudget, seed: int) -> dict[str, Any]:
     # Checked before it is timed; a wrong output is still timed, and marked.
     check, grad_out = None, None
-    inputs = (problem.q, problem.k, problem.v)
+    inputs = bench.inputs or (problem.q, problem.k, problem.v)
     if implementation.reference != "none" or cell.pass_name != "forward":
         output = bench.run()
         if implementation.reference != "none":
             check = correctness.check(implementation.reference, problem, output, cell.dtype, seed)
         if cell.pass_name != "forward":
-            grad_out = _output_gradient(output, seed)
+            grad_out = _output_gradient(problem, seed)
             grads = torch.autograd.grad(output, inputs, grad_out)
             if check is not None:
                 gradients = correctness.check_gradients(problem, grads, grad_out, cell.dtype)
@@ -203,7 +204,8 @@ def _check_and_time(cell: Cell, implementation: registry.Implementation, problem
     # Timing first: it warms the implementation up, so the memory pass sees only
     # what one steady-state call allocates, not one-off workspaces.
     main = _time_and_measure(_pass_closure(cell.pass_name, bench.run, inputs, grad_out), device, budget)
-    projected = _time_and_measure(bench.rank_share, device, budget) if bench.rank_share else None
+    # A rank's share is a forward computation: it projects forward cells only.
+    projected = _time_and_measure(bench.rank_share, device, budget) if bench.rank_share and cell.pass_name == "forward" else None
     return _outcome(cell, implementation, budget, problem.facts, check, main, projected, _inputs_mib(problem))
 
 
@@ -288,12 +290,21 @@ def _set_up_check_and_time_on_ranks(cell: Cell, group: Group, budget: TimingBudg
     if failure := _agree(failure):
         return failure
     facts, inputs_mib, clock = problem.facts, _inputs_mib(problem) / cell.world_size, problem.comm
-    partials = [0.0, 0.0, 0.0, 0.0]
-    failure = None
+    inputs = bench.inputs or (problem.q, problem.k, problem.v)
+    checked = implementation.reference != "none"
+    backward = cell.pass_name != "forward"
+    partials, gradient_sums, grad_out = [0.0, 0.0, 0.0, 0.0], None, None
     try:
         output = bench.run()
-        if implementation.reference != "none":
+        if checked:
             partials = correctness.partial_errors(implementation.reference, problem, output, bench.rows, seed)
+        if backward:
+            whole = _output_gradient(problem, seed)
+            grad_out = whole if bench.rows is None else whole.index_select(2, bench.rows)
+            grads = torch.autograd.grad(output, inputs, grad_out)
+            if checked:
+                gradient_sums = correctness.gradient_partials(problem, grads, whole, bench.rows)
+            del grads, whole
         # Only this rank's shard (kept by setup) stays: the whole inputs go before measuring.
         del output, problem
     except Exception as exc:
@@ -301,13 +312,18 @@ def _set_up_check_and_time_on_ranks(cell: Cell, group: Group, budget: TimingBudg
     if failure := _agree(failure):
         return failure
     check = None
-    if implementation.reference != "none":
+    if checked:
         squared_error, squared_reference, rows = distributed.sum_over_ranks([partials[0], partials[1], partials[3]], device)
         max_abs = distributed.max_over_ranks(partials[2], device)
         check = correctness.verdict(implementation.reference, [squared_error, squared_reference, max_abs, rows], cell.dtype)
+        if backward:  # every rank has sums, or none has (the sequence is too long to check)
+            sums = None if gradient_sums is None else distributed.sum_over_ranks(gradient_sums, device)
+            gradients = correctness.gradient_verdict(sums, cell.dtype)
+            check = {**check, "gradients": gradients, "passed": check["passed"] and gradients["passed"]}
     try:
-        main = _time_and_measure(bench.run, device, budget, agree=lambda value: distributed.max_over_ranks(value, device))
-        traffic = clock.measure(bench.run)
+        timed = _pass_closure(cell.pass_name, bench.run, inputs, grad_out)
+        main = _time_and_measure(timed, device, budget, agree=lambda value: distributed.max_over_ranks(value, device))
+        traffic = clock.measure(timed)
     except Exception as exc:
         failure = _failure(exc)
     if failure := _agree(failure):

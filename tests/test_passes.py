@@ -55,23 +55,12 @@ def test_gradients_of_long_sequences_are_not_checked(monkeypatch):
 
 
 def test_forward_only_implementations_are_left_out_of_backward_passes(write_config):
-    path = write_config("implementations: [ring, sdpa]\nseq_lens: [32]\nheads: [1]\nhead_dims: [8]\n"
+    path = write_config("implementations: [dilated, sdpa]\nseq_lens: [32]\nheads: [1]\nhead_dims: [8]\n"
                         "dtypes: [float32]\npasses: [forward, backward]\n")
     the_plan = plan.build(config.load(path), registry.get)
     assert [(c.implementation, c.pass_name) for c in the_plan.cells] == [
-        ("ring", "forward"), ("sdpa", "forward"), ("sdpa", "backward")]
-    assert [e.reason for e in the_plan.excluded] == ["ring supports only forward"]
-
-
-def test_backward_passes_stay_in_one_process(write_config):
-    path = write_config("plugins: [fake_impls]\nimplementations: [test-counting]\nseq_lens: [32]\nheads: [1]\n"
-                        "head_dims: [8]\ndtypes: [float32]\npasses: [backward]\nworld_sizes: [1, 2]\n")
-    registry.register("test-counting-distributed", distributed=True, passes=("forward", "backward"))(
-        registry.get("test-counting").setup)
-    path.write_text(path.read_text().replace("[test-counting]", "[test-counting-distributed]"))
-    the_plan = plan.build(config.load(path), registry.get)
-    assert [(c.world_size, c.pass_name) for c in the_plan.cells] == [(1, "backward")]
-    assert [e.reason for e in the_plan.excluded] == ["backward passes run in one process only, so far"]
+        ("dilated", "forward"), ("sdpa", "forward"), ("sdpa", "backward")]
+    assert [e.reason for e in the_plan.excluded] == ["dilated supports only forward"]
 
 
 def test_gpu_only_modes_say_why_they_are_off_on_the_cpu():

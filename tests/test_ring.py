@@ -103,3 +103,42 @@ def test_zigzag_needs_two_chunks_per_rank(write_config):
     the_plan = plan.build(config.load(path), registry.get)
     assert [c.seq_len for c in the_plan.cells] == [48]
     assert the_plan.excluded[0].reason == "zigzag needs seq_len divisible by 2 × ring_size (8)"
+
+
+def dense_gradients(p, grad_out):
+    """Float64 autograd through dense attention: the reference every ring gradient is held to."""
+    q, k, v = (t.detach().double().requires_grad_() for t in (p.q, p.k, p.v))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if p.causal:
+        scores = scores.masked_fill(torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).triu(1), float("-inf"))
+    return torch.autograd.grad(torch.softmax(scores, -1) @ v, (q, k, v), grad_out.double())
+
+
+@pytest.mark.parametrize("seq_len, ring_size, causal, zigzag", GRID)
+def test_ring_gradients_match_float64_reference(seq_len, ring_size, causal, zigzag):
+    p = problem(seq_len, ring_size, causal, zigzag)
+    p = registry.Problem(**{**p.__dict__, **{name: getattr(p, name).requires_grad_() for name in "qkv"}})
+    out = registry.get("ring").setup(p).run()
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(out, (p.q, p.k, p.v), grad_out)
+    for value, expected in zip(grads, dense_gradients(p, grad_out)):
+        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# The gradient error of a ring of P shards, in bfloat16, stays within this factor of
+# the error without a ring (P = 1): block gradients add up in float32.
+GRADIENT_ERROR_GROWTH_BOUND = 1.25
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradient_error_does_not_grow_with_ring_size(causal):
+    errors = []
+    for ring_size in range(1, 9):
+        p = problem(840, ring_size, causal, zigzag=False, dtype=torch.bfloat16)  # 840: divisible by 1 to 8
+        p = registry.Problem(**{**p.__dict__, **{name: getattr(p, name).requires_grad_() for name in "qkv"}})
+        out = registry.get("ring").setup(p).run()
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+        grads = torch.autograd.grad(out, (p.q, p.k, p.v), grad_out)
+        errors.append(max(correctness._relative(g, e) for g, e in zip(grads, dense_gradients(p, grad_out))))
+    assert max(errors) <= GRADIENT_ERROR_GROWTH_BOUND * errors[0], errors
+    assert errors[0] < correctness.TOLERANCE["bfloat16"]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ringbench import blocks
+from ringbench.config import PASSES
 from ringbench.models import DTYPE_BYTES
 from ringbench.plan import Cell
 from ringbench.registry import Bench, Option, Problem, register
@@ -115,17 +116,45 @@ def _groups(step: int, ring_size: int, shard_len: int, causal: bool, zigzag: boo
     return runs
 
 
-def _all_ranks(problem: Problem, kernel: str, zigzag: bool):
-    q, k, v = (shard(t, problem.ring_size, zigzag) for t in (problem.q, problem.k, problem.v))
-    ring_size, shard_len = q.shape[0], q.shape[3]
+class _Differentiable(torch.autograd.Function):
+    """Autograd around a ring's own forward and backward passes.
 
-    def run() -> torch.Tensor:
+    q, k, v are the tensors gradients are taken against; the ring computes with
+    copies it laid out at setup (sharded, or one rank's shard), which hold the same
+    values, so the forward pays for no re-sharding.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, ring):
+        out, lse = ring.forward(keep_lse=any(ctx.needs_input_grad))
+        ctx.ring = ring
+        if lse is not None:
+            ctx.save_for_backward(out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        out, lse = ctx.saved_tensors
+        return (*ctx.ring.backward(dout.contiguous(), out, lse), None)
+
+
+class _AllRanks:
+    """Every rank of the ring on one device, the P blocks of a step in one batched call."""
+
+    def __init__(self, problem: Problem, kernel: str, zigzag: bool):
+        self.kernel, self.zigzag, self.causal, self.dtype = kernel, zigzag, problem.causal, problem.q.dtype
+        self.natural = tuple(t.detach() for t in (problem.q, problem.k, problem.v))
+        self.q, self.k, self.v = (shard(t, problem.ring_size, zigzag) for t in self.natural)
+        self.ring_size, self.shard_len = self.q.shape[0], self.q.shape[3]
+
+    def forward(self, keep_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q, k, v = self.q, self.k, self.v
         acc = acc_lse = None
-        for step in range(ring_size):
-            for first, last, spec in _groups(step, ring_size, shard_len, problem.causal, zigzag):
+        for step in range(self.ring_size):
+            for first, last, spec in _groups(step, self.ring_size, self.shard_len, self.causal, self.zigzag):
                 ranks, kv_ranks = slice(first, last + 1), slice(spec.kv_rank, spec.kv_rank + last - first + 1)
                 out, lse = blocks.attend(
-                    kernel,
+                    self.kernel,
                     q[ranks, :, :, spec.q_rows].flatten(0, 1),
                     k[kv_ranks, :, :, spec.kv_rows].flatten(0, 1),
                     v[kv_ranks, :, :, spec.kv_rows].flatten(0, 1),
@@ -138,7 +167,44 @@ def _all_ranks(problem: Problem, kernel: str, zigzag: bool):
                 target_lse = acc_lse[ranks, :, :, spec.q_rows]
                 blocks.merge_(target, target_lse, out.view(target.shape), lse.view(target_lse.shape))
             del out, lse  # free the step's block before the next one (or the output) is allocated
-        return unshard(acc, problem.q.dtype, zigzag)
+        lse = unshard(acc_lse.unsqueeze(-1), torch.float32, self.zigzag).squeeze(-1) if keep_lse else None
+        return unshard(acc, self.dtype, self.zigzag), lse
+
+    def backward(self, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
+        """Gradients in natural order, K/V chunk by K/V chunk.
+
+        One device holds every rank, so the sharding (zigzag or not) changes which
+        rank owns a block, not the sum: blocks are taken in natural order. Each K/V
+        chunk's dk, dv add up in float32 over the query chunks that see it, then are
+        stored; dq adds up in float32 over all chunks. So only one chunk's partial
+        dk, dv is alive at a time beside the dq accumulator.
+        """
+        q, k, v = self.natural
+        chunks = [slice(i * self.shard_len, (i + 1) * self.shard_len) for i in range(self.ring_size)]
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        for j, kv_rows in enumerate(chunks):
+            dk_sum = dv_sum = None
+            for i in range(j if self.causal else 0, self.ring_size):
+                q_rows = chunks[i]
+                block_dq, block_dk, block_dv = blocks.attend_backward(
+                    self.kernel, dout[:, :, q_rows], q[:, :, q_rows], k[:, :, kv_rows], v[:, :, kv_rows],
+                    out[:, :, q_rows], lse[:, :, q_rows], self.causal and i == j)
+                dq[:, :, q_rows] += block_dq
+                if dk_sum is None:
+                    dk_sum, dv_sum = block_dk.float(), block_dv.float()
+                else:
+                    dk_sum += block_dk
+                    dv_sum += block_dv
+                del block_dq, block_dk, block_dv
+            dk[:, :, kv_rows], dv[:, :, kv_rows] = dk_sum, dv_sum
+        return dq.to(self.dtype), dk, dv
+
+
+def _all_ranks(problem: Problem, kernel: str, zigzag: bool) -> Bench:
+    ring = _AllRanks(problem, kernel, zigzag)
+    q, k, v = ring.q, ring.k, ring.v
+    ring_size, shard_len = ring.ring_size, ring.shard_len
 
     def rank_share() -> torch.Tensor:
         # The busiest rank: all ranks are equal unless causal without zigzag, where the last does most.
@@ -161,28 +227,49 @@ def _all_ranks(problem: Problem, kernel: str, zigzag: bool):
             del out, lse
         return acc
 
-    return Bench(run=run, rank_share=rank_share)
+    inputs = (problem.q, problem.k, problem.v)
+    return Bench(run=lambda: _Differentiable.apply(*inputs, ring), rank_share=rank_share)
 
 
-def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
+class _OneRank:
     """This process's rank of a real ring: K/V travel between processes by point-to-point ops."""
-    rank, ring_size, causal, dtype, comm = problem.rank, problem.world_size, problem.causal, problem.q.dtype, problem.comm
-    rows = positions(problem.q.shape[2], ring_size, zigzag, problem.q.device)[rank]
-    q = problem.q.index_select(2, rows)
-    kv = torch.stack([problem.k.index_select(2, rows), problem.v.index_select(2, rows)])  # one message per step
-    received = torch.empty_like(kv)
-    shard_len = len(rows)
-    send_to, receive_from = (rank + 1) % ring_size, (rank - 1) % ring_size
 
-    def run() -> torch.Tensor:
-        current, spare = kv, received
+    def __init__(self, problem: Problem, kernel: str, zigzag: bool):
+        self.kernel, self.zigzag, self.causal, self.dtype = kernel, zigzag, problem.causal, problem.q.dtype
+        self.rank, self.ring_size, self.comm = problem.rank, problem.world_size, problem.comm
+        self.rows = positions(problem.q.shape[2], self.ring_size, zigzag, problem.q.device)[self.rank]
+        # Leaves of their own, so that gradients stop at this rank's shard, not at the whole inputs.
+        self.q, self.k, self.v = (t.detach().index_select(2, self.rows).requires_grad_(t.requires_grad)
+                                  for t in (problem.q, problem.k, problem.v))
+        self.kv = torch.stack([self.k.detach(), self.v.detach()])  # one message per step
+        # Received K/V land in these by turns. The rank's own shard is never written
+        # over, since every call starts from it; the buffer being sent is never the
+        # one being received into. One is enough when only one transfer happens.
+        self.received = tuple(torch.empty_like(self.kv) for _ in range(min(2, self.ring_size - 1)))
+        self.shard_len = len(self.rows)
+        self.send_to, self.receive_from = (self.rank + 1) % self.ring_size, (self.rank - 1) % self.ring_size
+
+    def _pass_on(self, current: torch.Tensor, step: int) -> tuple[list, torch.Tensor | None]:
+        """Post step ``step``'s transfer: ``current`` to the next rank, the previous rank's K/V
+        into a receive buffer. Returns the requests and that buffer (none after the last step)."""
+        if step + 1 == self.ring_size:
+            return [], None
+        incoming = self.received[step % len(self.received)]
+        return self.comm.exchange(current, incoming, self.send_to, self.receive_from), incoming
+
+    def _block(self, step: int) -> BlockSpec | None:
+        return ring_block(self.rank, step, self.ring_size, self.shard_len, self.causal, self.zigzag)
+
+    def forward(self, keep_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q, comm = self.q.detach(), self.comm
+        current = self.kv
         acc = acc_lse = None
-        for step in range(ring_size):
-            # The next block's K/V is on its way while this one is computed (double buffering).
-            transfers = comm.exchange(current, spare, send_to, receive_from) if step + 1 < ring_size else []
-            spec = ring_block(rank, step, ring_size, shard_len, causal, zigzag)
+        for step in range(self.ring_size):
+            # The next block's K/V is on its way while this one is computed.
+            transfers, incoming = self._pass_on(current, step)
+            spec = self._block(step)
             if spec is not None:
-                out, lse = blocks.attend(kernel, q[:, :, spec.q_rows], current[0][:, :, spec.kv_rows],
+                out, lse = blocks.attend(self.kernel, q[:, :, spec.q_rows], current[0][:, :, spec.kv_rows],
                                          current[1][:, :, spec.kv_rows], spec.causal)
                 if acc is None:  # step 0 is the full diagonal block
                     acc, acc_lse = out.float(), lse
@@ -190,10 +277,48 @@ def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
                     blocks.merge_(acc[:, :, spec.q_rows], acc_lse[:, :, spec.q_rows], out, lse)
                 del out, lse
             comm.wait(transfers)
-            current, spare = spare, current
-        return acc.to(dtype)
+            current = incoming
+        return acc.to(self.dtype), acc_lse if keep_lse else None
 
-    return Bench(run=run, rows=rows)
+    def backward(self, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
+        """dq stays here; each K/V shard's float32 dk, dv partial sums travel with it.
+
+        In step t this rank holds K/V shard (rank − t) mod P and, received from its
+        neighbour, that shard's gradient summed over the ranks it has visited; it adds
+        its block's share and passes the sum on, which overlaps the next step's
+        compute. After P steps every shard's sum is back at its owner, complete.
+        """
+        q, comm = self.q.detach(), self.comm
+        current = self.kv
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        sums = torch.zeros(self.kv.shape, dtype=torch.float32, device=q.device)
+        sums_spare, sums_transfers = torch.empty_like(sums), []
+        for step in range(self.ring_size):
+            transfers, incoming = self._pass_on(current, step)
+            spec = self._block(step)
+            if spec is not None:
+                block_dq, block_dk, block_dv = blocks.attend_backward(
+                    self.kernel, dout[:, :, spec.q_rows], q[:, :, spec.q_rows], current[0][:, :, spec.kv_rows],
+                    current[1][:, :, spec.kv_rows], out[:, :, spec.q_rows], lse[:, :, spec.q_rows], spec.causal)
+                dq[:, :, spec.q_rows] += block_dq
+            if step > 0:  # the sums for the shard now held arrive from the neighbour
+                comm.wait(sums_transfers)
+                sums, sums_spare = sums_spare, sums
+            if spec is not None:
+                sums[0][:, :, spec.kv_rows] += block_dk
+                sums[1][:, :, spec.kv_rows] += block_dv
+                del block_dq, block_dk, block_dv
+            sums_transfers = comm.exchange(sums, sums_spare, self.send_to, self.receive_from)
+            comm.wait(transfers)
+            current = incoming
+        comm.wait(sums_transfers)  # this rank's own shard, summed over every rank
+        return dq.to(self.dtype), sums_spare[0].to(self.dtype), sums_spare[1].to(self.dtype)
+
+
+def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
+    ring = _OneRank(problem, kernel, zigzag)
+    inputs = (ring.q, ring.k, ring.v)
+    return Bench(run=lambda: _Differentiable.apply(*inputs, ring), rows=ring.rows, inputs=inputs)
 
 
 def _excludes(cell: Cell) -> str | None:
@@ -226,6 +351,7 @@ def _memory_model(cell: Cell) -> int:
     },
     excludes=_excludes,
     memory_model=_memory_model,
+    passes=PASSES,
     description="ring attention on one device: fused blocks with log-sum-exp, merged in float32",
 )
 def setup(problem: Problem) -> Bench:

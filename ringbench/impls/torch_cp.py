@@ -68,7 +68,9 @@ def setup(problem: Problem) -> Bench:
     with contextlib.ExitStack() as opened:  # closed here if anything below fails, else by Bench.close
         opened.enter_context(context_parallel(mesh, buffers=[positions], buffer_seq_dims=[2]))
         rows = positions.flatten()
-        q, k, v = (t.index_select(2, rows) for t in (problem.q, problem.k, problem.v))
+        # Leaves of their own, so that gradients stop at this rank's shard, not at the whole inputs.
+        q, k, v = (t.detach().index_select(2, rows).requires_grad_(t.requires_grad)
+                   for t in (problem.q, problem.k, problem.v))
         problem.facts["backend"] = resolved_backend(backend, q, k, v, causal)
         problem.facts["rotate"] = problem.options["rotate"]
         close = opened.pop_all().close
@@ -78,4 +80,4 @@ def setup(problem: Problem) -> Bench:
         with kernel_choice(backend):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-    return Bench(run=run, rows=rows, close=close)
+    return Bench(run=run, rows=rows, close=close, inputs=(q, k, v))
