@@ -74,3 +74,12 @@ def test_gpu_only_modes_say_why_they_are_off_on_the_cpu():
     slow = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3, noise_target=100, cuda_graph_below_ms=1e-9)
     notes = worker.run_cell(cell, CPU, slow, 0)["modes"]["notes"]
     assert len(notes) == 1 and notes[0].endswith("ms, not below cuda_graph_below_ms")
+
+
+def test_ring_backward_leaves_out_the_efficient_kernel(write_config):
+    path = write_config("implementations:\n  - {name: ring, options: {kernel: efficient}}\n  - ring\nseq_lens: [32]\n"
+                        "heads: [1]\nhead_dims: [8]\ndtypes: [float32]\npasses: [forward, backward]\n")
+    the_plan = plan.build(config.load(path), registry.get)
+    assert [(dict(c.options)["kernel"], c.pass_name) for c in the_plan.cells] == [
+        ("efficient", "forward"), ("auto", "forward"), ("auto", "backward")]
+    assert [e.reason for e in the_plan.excluded] == ["ring's backward runs on flash, cudnn, math blocks, not efficient"]

@@ -238,10 +238,12 @@ class _OneRank:
         self.kernel, self.zigzag, self.causal, self.dtype = kernel, zigzag, problem.causal, problem.q.dtype
         self.rank, self.ring_size, self.comm = problem.rank, problem.world_size, problem.comm
         self.rows = positions(problem.q.shape[2], self.ring_size, zigzag, problem.q.device)[self.rank]
-        # Leaves of their own, so that gradients stop at this rank's shard, not at the whole inputs.
-        self.q, self.k, self.v = (t.detach().index_select(2, self.rows).requires_grad_(t.requires_grad)
-                                  for t in (problem.q, problem.k, problem.v))
-        self.kv = torch.stack([self.k.detach(), self.v.detach()])  # one message per step
+        # Leaves of their own, so that gradients stop at this rank's shard, not at the whole inputs;
+        # k and v are views of the one K/V message each step sends.
+        needs_grad = problem.q.requires_grad
+        self.q = problem.q.detach().index_select(2, self.rows).requires_grad_(needs_grad)
+        self.kv = torch.stack([t.detach().index_select(2, self.rows) for t in (problem.k, problem.v)])
+        self.k, self.v = (part.requires_grad_(needs_grad) for part in self.kv.unbind())
         # Received K/V land in these by turns. The rank's own shard is never written
         # over, since every call starts from it; the buffer being sent is never the
         # one being received into. One is enough when only one transfer happens.
@@ -322,6 +324,9 @@ def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
 
 
 def _excludes(cell: Cell) -> str | None:
+    kernel = dict(cell.options)["kernel"]
+    if cell.pass_name != "forward" and kernel not in blocks.BACKWARD_KERNELS:
+        return f"ring's backward runs on {', '.join(blocks.BACKWARD_KERNELS[1:])} blocks, not {kernel}"
     if dict(cell.options)["zigzag"] and cell.seq_len % (2 * cell.ring_size):
         return f"zigzag needs seq_len divisible by 2 × ring_size ({2 * cell.ring_size})"
     return None
