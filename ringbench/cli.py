@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -113,27 +114,40 @@ def report(
     paths: List[Path] = typer.Argument(..., help="run folders, or folders holding them"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the report"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="write the file without printing it"),
-    output_format: str = typer.Option("markdown", "--format", help="markdown, or csv / json: one row per cell"),
-    no_plots: bool = typer.Option(False, "--no-plots", help="skip the PNG figures beside report.md"),
+    output_format: str = typer.Option("markdown", "--format",
+                                      help="markdown; html (one file, figures embedded); csv / json: one row per cell"),
+    no_plots: bool = typer.Option(False, "--no-plots", help="skip the figures"),
+    merge: bool = typer.Option(False, "--merge", help="several runs as one report, by cell; the newest record wins"),
+    baseline: str = typer.Option("standard", "--baseline",
+                                 help="implementation (name or label) that speed-ups and memory ratios are against"),
 ) -> None:
-    """Render stored runs: report.md (or .csv / .json) in the folder given (or -o), also printed."""
+    """Render stored runs: report.md (or .html / .csv / .json) in the folder given (or -o), also printed."""
     from ringbench import records
-    from ringbench.report import find_runs, load_run, render_report, render_table
+    from ringbench.report import find_runs, load_run, render_merged, render_report, render_table, to_html
 
+    names = {"markdown": "report.md", "html": "report.html", "csv": "report.csv", "json": "report.json"}
     with _user_errors():
+        if output_format not in names:
+            raise UserError(f"--format: expected {', '.join(names)}, got {output_format!r}")
         runs = [load_run(path) for path in find_runs(paths)]
     for run_data in runs:
         for warning in run_data.warnings:
             print(f"warning: {warning}", file=sys.stderr)
+    target = output or (paths[0] / names[output_format] if len(paths) == 1 else Path(names[output_format]))
+
+    def markdown(plots_dir: Optional[Path]) -> str:
+        if merge:
+            return render_merged(runs, plots_dir=plots_dir, baseline=baseline)
+        return render_report(runs, plots_dir=plots_dir, baseline=baseline)
+
     with _user_errors():
-        if output_format not in ("markdown", "csv", "json"):
-            raise UserError(f"--format: expected markdown, csv or json, got {output_format!r}")
-    name = {"markdown": "report.md", "csv": "report.csv", "json": "report.json"}[output_format]
-    target = output or (paths[0] / name if len(paths) == 1 else Path(name))
-    if output_format == "markdown":
-        text = render_report(runs, plots_dir=None if no_plots else target.parent)
-    else:
-        text = render_table(runs, output_format)
+        if output_format == "markdown":
+            text = markdown(None if no_plots else target.parent)
+        elif output_format == "html":
+            with tempfile.TemporaryDirectory() as figures:  # embedded, so nothing is left beside the page
+                text = to_html(markdown(None if no_plots else Path(figures)), Path(figures))
+        else:
+            text = render_table(runs, output_format)
     records.write_text_atomic(target, text)
     if not quiet:
         print(text)

@@ -12,7 +12,7 @@ from ringbench.errors import UserError
 from typer.testing import CliRunner
 
 from ringbench.cli import app
-from ringbench.report import find_runs, load_run, render_report, render_table
+from ringbench.report import find_runs, load_run, render_merged, render_report, render_table
 from ringbench.report.markdown import escape
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -39,6 +39,66 @@ def test_truncated_last_line_and_foreign_schema_warn_and_still_render(tmp_path):
     assert loaded.warnings[0] == f"{run / 'records.jsonl'}:1: record skipped (ValueError: schema version 99, expected 1)"
     assert loaded.warnings[1].startswith(f"{run / 'records.jsonl'}:{len(lines) + 1}: record skipped (JSONDecodeError")
     assert f"**Cells**: {len(lines) - 1} of {len(lines)} planned recorded" in render_report([loaded])
+
+
+def test_a_record_outside_the_plan_warns_and_still_renders(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "run", run)
+    record = json.loads((run / "records.jsonl").read_text().splitlines()[0])
+    stranger = {**record, "cell_id": "0123456789ab", "implementation": "not-installed-here"}
+    with open(run / "records.jsonl", "a") as stream:
+        stream.write(json.dumps(stranger) + "\n")
+    loaded = load_run(run)
+    count = len((run / "records.jsonl").read_text().splitlines())
+    assert loaded.warnings == [
+        f"{run / 'records.jsonl'}:{count}: cell 0123456789ab (not-installed-here) is not in this run's plan"]
+    assert "| not-installed-here " in render_report([loaded])
+
+
+def test_merge_shows_each_cell_once_newest_run_winning(tmp_path):
+    old, new = tmp_path / "20260101T000000Z-aaaa", tmp_path / "20260102T000000Z-bbbb"
+    shutil.copytree(FIXTURES / "run", old)
+    shutil.copytree(FIXTURES / "run", new)
+    # The newer run holds only the sdpa cells, each twice as slow.
+    kept = []
+    for line in (new / "records.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["implementation"] == "sdpa":
+            record["stats"]["median_ms"] *= 2
+            kept.append(json.dumps(record))
+    (new / "records.jsonl").write_text("\n".join(kept) + "\n")
+    markdown = render_merged([load_run(old), load_run(new)])
+    assert markdown.startswith("# ringbench report: 2 runs merged\n")
+    assert "the newest run's record is the one shown. 12 cells in all." in markdown
+    assert "| `20260101T000000Z-aaaa` | golden   |" in markdown and markdown.count("| 9             |") == 1
+    assert "| sdpa(backend=flash) |      4096 | 0.2200 ± 0.0100 |" in markdown.replace("  ", " ").replace("  ", " ") or \
+        "0.2200 ± 0.0100" in markdown
+    assert "0.1100 ± 0.0100" not in markdown  # the older sdpa record is replaced, not shown beside
+
+
+def test_html_is_one_page_with_figures_embedded_and_text_kept_inert(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "run", run)
+    result = CliRunner().invoke(app, ["report", str(run), "--format", "html", "-q"])
+    assert result.exit_code == 0, result.output
+    page = (run / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<title>ringbench: golden</title>" in page
+    assert page.count('<img src="data:image/png;base64,') == 4 and not list(run.glob("*.png"))
+    # The error message holds <b>bad</b>: it must arrive as text, never as markup.
+    assert "&lt;b&gt;bad&lt;/b&gt;" in page and "<b>" not in page
+    assert "<table>" in page and '<th style="text-align:left">implementation</th>' in page
+
+
+def test_baseline_names_an_implementation_or_a_label(tmp_path):
+    loaded = load_run(FIXTURES / "run")
+    markdown = render_report([loaded], baseline="sdpa")
+    assert "**Speed-up against `sdpa`: its median time over this one**" in markdown
+    standard_4k = next(line for line in markdown.splitlines()[markdown.splitlines().index(
+        "**Speed-up against `sdpa`: its median time over this one**"):] if line.startswith("| standard "))
+    assert "|      4096 |     0.09× |" in standard_4k  # 0.11 ms against 1.22 ms
+    registered = CliRunner().invoke(app, ["report", str(FIXTURES / "run"), "-o", str(tmp_path / "r.md"), "--no-plots",
+                                          "-q", "--baseline", "nothing-like-it"])
+    assert registered.exit_code == 0 and "Speed-up against" not in (tmp_path / "r.md").read_text()
 
 
 def test_several_runs_render_one_section_each(tmp_path):
@@ -77,7 +137,7 @@ def test_environment_warnings_say_what_to_do():
         "gpu_state": [{"index": "0", "clocks_throttle_reasons.active": "0x0000000000000001"}],
         "gpu_state_end": [{"index": "1", "clocks_throttle_reasons.active": "0x0000000000000004"}],
     }
-    assert warnings(pd.DataFrame(columns=COLUMNS), environment) == [
+    assert warnings(pd.DataFrame(columns=COLUMNS), [environment]) == [
         "- CUDA\\_DEVICE\\_MAX\\_CONNECTIONS=1: one hardware queue: NCCL kernels and compute kernels serialise. "
         "Unset it to let communication overlap computation.",
         "- Other processes were computing on the GPUs at the start: python (pid 42, 1024 MiB). They share the GPUs "
@@ -102,4 +162,36 @@ def test_csv_and_json_hold_one_row_per_cell():
     assert len(rows) == len(run.frame) and rows[0]["run"] == "run" and rows[0]["implementation"] == "standard"
     assert [row["cell_id"] for row in json.loads(render_table([run], "json"))] == list(run.frame["cell_id"])
     result = CliRunner().invoke(app, ["report", str(FIXTURES / "run"), "--format", "pdf", "-q"])
-    assert result.exit_code == 2 and result.stderr.strip() == "--format: expected markdown, csv or json, got 'pdf'"
+    assert result.exit_code == 2 and result.stderr.strip() == "--format: expected markdown, html, csv, json, got 'pdf'"
+
+
+def test_crossovers_name_the_two_lengths_between_which_the_order_changes(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "run", run)
+    lines = []
+    for line in (run / "records.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["implementation"] == "standard" and record["seq_len"] == 4096:
+            record["stats"]["median_ms"] = 0.1  # faster than sdpa (0.11) at 4096, slower from 6144 on
+        lines.append(json.dumps(record))
+    (run / "records.jsonl").write_text("\n".join(lines) + "\n")
+    markdown = render_report([load_run(run)])
+    assert "- Crossovers:\n" in markdown
+    crossings = markdown.split("- Crossovers:\n")[1].split("\n\n")[0].splitlines()
+    assert crossings == [
+        "  - sdpa(backend=flash) overtakes standard as the fastest between S=4096 and S=6144",
+        "  - ring (2 processes) overtakes sdpa(backend=flash) as the fastest between S=6144 and S=8192",
+        "  - sdpa(backend=flash) overtakes `standard` between S=4096 and S=6144",
+    ]  # ring (ring 1) is wrong at 4096, so it has no measured pair of lengths beside standard
+
+
+def test_merged_runs_from_differing_environments_are_flagged(tmp_path):
+    old, new = tmp_path / "20260101T000000Z-aaaa", tmp_path / "20260102T000000Z-bbbb"
+    shutil.copytree(FIXTURES / "run", old)
+    shutil.copytree(FIXTURES / "run", new)
+    meta = json.loads((new / "run.json").read_text())
+    meta["environment"]["torch"] = "2.99.0"
+    (new / "run.json").write_text(json.dumps(meta))
+    markdown = render_merged([load_run(old), load_run(new)])
+    assert ("- The runs shown together differ in torch: compare their cells with care, or rerun them on one machine."
+            in markdown)

@@ -1,6 +1,7 @@
 """Reports from stored runs. Reads JSON through pandas; never imports torch."""
 
+from ringbench.report.html import to_html
 from ringbench.report.load import find_runs, load_run
-from ringbench.report.render import render_report, render_table
+from ringbench.report.render import render_merged, render_report, render_table
 
-__all__ = ["find_runs", "load_run", "render_report", "render_table"]
+__all__ = ["find_runs", "load_run", "render_merged", "render_report", "render_table", "to_html"]

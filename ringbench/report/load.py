@@ -100,6 +100,7 @@ def load_run(path: Path) -> Run:
     rows, warnings = [], []
     records_path = path / records.RECORDS_FILE
     lines = records_path.read_text(encoding="utf-8").splitlines() if records_path.exists() else []
+    planned = {cell["cell_id"] for cell in meta["planned"]}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -108,8 +109,12 @@ def load_run(path: Path) -> Run:
             if record.get("schema_version") != records.SCHEMA_VERSION:
                 raise ValueError(f"schema version {record.get('schema_version')!r}, expected {records.SCHEMA_VERSION}")
             rows.append(_row(record, meta["environment"].get("matmul_peak_tflops") or {}))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             warnings.append(f"{records_path}:{number}: record skipped ({type(exc).__name__}: {exc})")
+            continue
+        if record["cell_id"] not in planned:  # shown all the same: the reader decides what it is worth
+            warnings.append(f"{records_path}:{number}: cell {record['cell_id']} ({record['implementation']}) "
+                            "is not in this run's plan")
     # A resumed run with --retry-failed holds several records of a cell: the latest counts.
     frame = pd.DataFrame(rows, columns=COLUMNS).drop_duplicates("cell_id", keep="last")
     return Run(path=path, meta=meta, frame=frame, warnings=warnings)

@@ -10,6 +10,7 @@ import pandas as pd
 
 from ringbench.plan import implementation_label
 from ringbench.report import plots
+from ringbench.report.baseline import DEFAULT, resolve, with_ratios
 from ringbench.report.load import Run
 from ringbench.report.markdown import escape, table
 from ringbench.report.summary import ring_efficiency, summary, warnings
@@ -94,20 +95,21 @@ def _parameters(meta: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _results(frame: pd.DataFrame, level: int) -> list[str]:
+def _results(frame: pd.DataFrame, level: int, baseline: str | None) -> list[str]:
     groups = list(frame.groupby(SHAPE, sort=False))
     lines = []
     for key, group in groups:
         if len(groups) > 1:
             lines += [_heading(level + 1, shape_title(key)), ""]
         for metric in METRICS:
+            title = metric.title.format(baseline=escape(baseline))
             if metric.shown(group):
-                lines += [f"**{metric.title}**", "", metric_table(group, metric), ""]
+                lines += [f"**{title}**", "", metric_table(group, metric), ""]
             elif metric.absent:
-                lines += [f"**{metric.title}**: {metric.absent}", ""]
+                lines += [f"**{title}**: {metric.absent}", ""]
         failed = failures(group)
         if failed:
-            lines += ["Failed cells:", "", *failed, ""]
+            lines += ["**Failed cells**", "", failed, ""]
     return lines
 
 
@@ -124,7 +126,34 @@ def _excluded(excluded: list[dict[str, Any]]) -> str:
     return table(frame)
 
 
-def render_run(run: Run, level: int = 1, plots_dir: Path | None = None, prefix: str = "") -> str:
+def _analysis(frame: pd.DataFrame, level: int, plots_dir: Path | None, prefix: str, baseline: str,
+              excluded: list[dict[str, Any]], environments: list[dict[str, Any]]) -> list[str]:
+    """Everything below the stamp and the parameters: the cells' tables, findings and warnings."""
+    label = resolve(frame, baseline) if not frame.empty else None
+    frame = with_ratios(frame, label)
+    lines = [_heading(level, "Results"), ""]
+    lines += _results(frame, level, baseline) if not frame.empty else ["No cell has finished yet.", ""]
+    efficiency = ring_efficiency(frame)
+    if not efficiency.empty:
+        lines += [_heading(level, "Efficiency across processes"), "",
+                  "TFLOP/s per device, and in brackets the efficiency: that rate over single-device `sdpa` "
+                  "with the same kernel at the same total sequence length (or the longest it ran, as named).", "",
+                  table(efficiency), ""]
+    if excluded:
+        lines += [_heading(level, "Left out of the plan"), "", _excluded(excluded), ""]
+    if plots_dir is not None and not frame.empty:
+        linked = plots.save(plots.figures(frame), plots_dir, prefix)
+        if linked:
+            lines += [_heading(level, "Plots"), "", *(f"![{name}]({file_name})" for name, file_name in linked), ""]
+    lines += [_heading(level, "Summary"), "", *summary(frame, label or baseline), ""]
+    cautions = warnings(frame, environments)
+    if cautions:
+        lines += [_heading(level, "Warnings"), "", *cautions, ""]
+    return lines
+
+
+def render_run(run: Run, level: int = 1, plots_dir: Path | None = None, prefix: str = "",
+               baseline: str = DEFAULT) -> str:
     meta, frame = run.meta, run.frame
     environment = meta["environment"]
     planned = len(meta["planned"])
@@ -141,25 +170,36 @@ def render_run(run: Run, level: int = 1, plots_dir: Path | None = None, prefix: 
     if meta["config"]["description"]:
         lines += [escape(meta["config"]["description"]), ""]
     lines += [_heading(level + 1, "Parameters"), "", *_parameters(meta), *_resolved(frame), ""]
-    lines += [_heading(level + 1, "Results"), ""]
-    lines += _results(frame, level + 1) if not frame.empty else ["No cell has finished yet.", ""]
-    efficiency = ring_efficiency(frame)
-    if not efficiency.empty:
-        lines += [_heading(level + 1, "Efficiency across processes"), "",
-                  "TFLOP/s per device, and in brackets the efficiency: that rate over single-device `sdpa` "
-                  "with the same kernel at the same total sequence length (or the longest it ran, as named).", "",
-                  table(efficiency), ""]
-    if meta["excluded"]:
-        lines += [_heading(level + 1, "Left out of the plan"), "", _excluded(meta["excluded"]), ""]
-    if plots_dir is not None and not frame.empty:
-        linked = plots.save(plots.figures(frame), plots_dir, prefix)
-        if linked:
-            lines += [_heading(level + 1, "Plots"), "", *(f"![{name}]({file_name})" for name, file_name in linked), ""]
-    lines += [_heading(level + 1, "Summary"), "", *summary(frame), ""]
-    cautions = warnings(frame, environment)
-    if cautions:
-        lines += [_heading(level + 1, "Warnings"), "", *cautions, ""]
+    lines += _analysis(frame, level + 1, plots_dir, prefix, baseline, meta["excluded"], [environment])
     return "\n".join(lines)
+
+
+def render_merged(runs: list[Run], plots_dir: Path | None = None, baseline: str = DEFAULT) -> str:
+    """Several runs as one report: cells matched by id, the newest run's record winning."""
+    frame = pd.concat([run.frame.assign(run=run.path.name) for run in runs], ignore_index=True)
+    frame = frame.drop_duplicates("cell_id", keep="last").reset_index(drop=True)
+    taken = frame["run"].value_counts()
+    sources = pd.DataFrame([{
+        "run": f"`{escape(run.path.name)}`",
+        "config": escape(run.meta["config"]["name"]),
+        "date": _date(run.meta["environment"]),
+        "commit": _commit(run.meta["environment"]["git"]),
+        "hardware": _hardware(run.meta["environment"]),
+        "cells shown": str(taken.get(run.path.name, 0)),
+    } for run in runs])
+    excluded = list({e["cell_id"]: e for run in runs for e in run.meta["excluded"]}.values())
+    lines = [
+        _heading(1, f"ringbench report: {len(runs)} runs merged"),
+        "",
+        f"Cells are matched by id across the runs below, oldest first; where several runs hold a cell, "
+        f"the newest run's record is the one shown. {len(frame)} cells in all.",
+        "",
+        table(sources),
+        "",
+    ]
+    lines += _analysis(frame.drop(columns="run"), 2, plots_dir, "", baseline, excluded,
+                       [run.meta["environment"] for run in runs])
+    return "\n".join(lines) + "\n"
 
 
 def render_table(runs: list[Run], output_format: str) -> str:
@@ -171,12 +211,14 @@ def render_table(runs: list[Run], output_format: str) -> str:
     return frame.to_json(orient="records", indent=2) + "\n"
 
 
-def render_report(runs: list[Run], plots_dir: Path | None = None) -> str:
+def render_report(runs: list[Run], plots_dir: Path | None = None, baseline: str = DEFAULT) -> str:
     """One run renders on its own; several render as one section each, oldest first.
 
-    With ``plots_dir`` the figures are written there as PNG and linked.
+    With ``plots_dir`` the figures are written there as PNG and linked. ``baseline``
+    names the implementation speed-ups and memory ratios are taken against.
     """
     if len(runs) == 1:
-        return render_run(runs[0], plots_dir=plots_dir) + "\n"
-    sections = [render_run(run, level=2, plots_dir=plots_dir, prefix=f"{run.path.name}-") for run in runs]
+        return render_run(runs[0], plots_dir=plots_dir, baseline=baseline) + "\n"
+    sections = [render_run(run, level=2, plots_dir=plots_dir, prefix=f"{run.path.name}-", baseline=baseline)
+                for run in runs]
     return "\n".join([_heading(1, f"ringbench report: {len(runs)} runs"), "", *sections]) + "\n"

@@ -1,4 +1,4 @@
-"""Findings computed from the records: memory saved against `standard`, reach, and speed."""
+"""Findings computed from the records: memory saved against the baseline, reach, speed and crossovers."""
 
 from __future__ import annotations
 
@@ -8,33 +8,23 @@ from ringbench import records
 from ringbench.report.markdown import escape, mib, ms
 from ringbench.report.tables import NO_RING, SHAPE, placement, shape_title
 
-BASELINE = "standard"
-
-
 def _implementation(row: pd.Series) -> str:
     where = placement(row.ring_size, row.world_size)
     return escape(row.label) if where == NO_RING else f"{escape(row.label)} ({where})"
 
 
-def best_memory_reduction(frame: pd.DataFrame) -> str:
+def best_memory_reduction(frame: pd.DataFrame, baseline: str) -> str:
+    """The largest saving of peak memory against the baseline (``memory_ratio``) and where."""
     if frame["peak_mib"].isna().all():
         return "memory is not measured on the CPU"
-    ok = frame[(frame["status"] == records.OK) & frame["peak_mib"].notna()]
-    baseline = ok[ok["implementation"] == BASELINE]
-    if baseline.empty:
-        return f"no successful `{BASELINE}` cell with measured memory to compare with"
-    keys = SHAPE + ["seq_len"]
-    others = ok[ok["implementation"] != BASELINE].merge(
-        baseline[keys + ["peak_mib"]].rename(columns={"peak_mib": "baseline_mib"}), on=keys
-    )
-    others = others[others["baseline_mib"] > 0]
-    if others.empty:
-        return f"no other implementation ran at a shape where `{BASELINE}` did"
-    reduction = 1 - others["peak_mib"] / others["baseline_mib"]
-    best = others.loc[reduction.idxmax()]
+    ok = frame[(frame["status"] == records.OK) & (frame["label"] != baseline) & frame["memory_ratio"].notna()]
+    if ok.empty:
+        return f"no implementation ran at a shape where `{escape(baseline)}` succeeded with memory measured"
+    best = ok.loc[ok["memory_ratio"].idxmin()]
     return (
-        f"{100 * reduction.max():.1f}% — {_implementation(best)} at S={best.seq_len} "
-        f"({shape_title(tuple(best[SHAPE]))}): {mib(best.peak_mib)} MiB against {mib(best.baseline_mib)} MiB"
+        f"{100 * (1 - best.memory_ratio):.1f}% — {_implementation(best)} at S={best.seq_len} "
+        f"({shape_title(tuple(best[SHAPE]))}): {mib(best.peak_mib)} MiB against "
+        f"{mib(best.peak_mib / best.memory_ratio)} MiB"
     )
 
 
@@ -49,15 +39,42 @@ def largest_seq_len(frame: pd.DataFrame) -> list[str]:
     return lines
 
 
-def fastest(frame: pd.DataFrame) -> list[str]:
+def fastest(frame: pd.DataFrame, baseline: str) -> list[str]:
     ok = frame[frame["status"] == records.OK]
     several_shapes = ok.groupby(SHAPE).ngroups > 1
     lines = []
     for key, group in ok.groupby(SHAPE + ["seq_len"], sort=False):
         best = group.loc[group["median_ms"].idxmin()]
         shape = f" ({shape_title(key[:-1])})" if several_shapes else ""
-        lines.append(f"S={key[-1]}{shape}: {_implementation(best)}, {ms(best.median_ms)} ms")
+        against = "" if pd.isna(best.speedup) or best.label == baseline else f", {best.speedup:.2f}× `{escape(baseline)}`"
+        lines.append(f"S={key[-1]}{shape}: {_implementation(best)}, {ms(best.median_ms)} ms{against}")
     return lines or ["no successful cell"]
+
+
+def crossovers(frame: pd.DataFrame, baseline: str) -> list[str]:
+    """Where, going up in sequence length, the fastest implementation changes, and where one
+    overtakes the baseline or falls behind it: between which two measured lengths."""
+    ok = frame[frame["status"] == records.OK].assign(series=[_implementation(row) for _, row in
+                                                             frame[frame["status"] == records.OK].iterrows()])
+    base = escape(baseline)
+    lines = []
+    for key, group in ok.groupby(SHAPE, sort=False):
+        times = group.pivot_table(index="seq_len", columns="series", values="median_ms", aggfunc="first").sort_index()
+        shape = f" ({shape_title(key)})" if ok.groupby(SHAPE).ngroups > 1 else ""
+        leaders = times.idxmin(axis=1)
+        for (short, before), (long, after) in zip(leaders.items(), list(leaders.items())[1:]):
+            if before != after:
+                lines.append(f"{after} overtakes {before} as the fastest between S={short} and S={long}{shape}")
+        if base not in times:
+            continue
+        for series in times.columns.drop(base):
+            both = times[[series, base]].dropna()
+            ahead = both[series] < both[base]
+            for (short, was), (long, now) in zip(ahead.items(), list(ahead.items())[1:]):
+                if was != now:
+                    verb = "overtakes" if now else "falls behind"
+                    lines.append(f"{series} {verb} `{base}` between S={short} and S={long}{shape}")
+    return lines
 
 
 def ring_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
@@ -100,8 +117,30 @@ def _throttled(reasons: str | None) -> bool:
         return False
 
 
-def warnings(frame: pd.DataFrame, environment: dict) -> list[str]:
+def _differences(environments: list[dict]) -> list[str]:
+    """The environment fields that differ between runs shown together."""
+    fields = {
+        "GPUs": lambda e: ", ".join(gpu["name"] for gpu in e.get("gpus") or []) or "none",
+        "torch": lambda e: e.get("torch"),
+        "CUDA": lambda e: e.get("cuda"),
+        "cuDNN": lambda e: e.get("cudnn"),
+        "driver": lambda e: e.get("driver"),
+    }
+    return [name for name, read in fields.items() if len({str(read(e)) for e in environments}) > 1]
+
+
+def warnings(frame: pd.DataFrame, environments: list[dict]) -> list[str]:
     """What a reader should know before trusting the numbers, each with what to do about it."""
+    lines = []
+    if differing := _differences(environments):
+        lines.append(f"- The runs shown together differ in {', '.join(differing)}: compare their cells with care, "
+                     "or rerun them on one machine.")
+    for environment in environments:
+        lines += _environment_warnings(environment)
+    return list(dict.fromkeys(lines)) + _noise_warning(frame)
+
+
+def _environment_warnings(environment: dict) -> list[str]:
     lines = []
     if environment["git"].get("dirty"):
         lines.append("- The git tree had uncommitted changes: the code measured is not exactly the commit named. "
@@ -118,6 +157,11 @@ def warnings(frame: pd.DataFrame, environment: dict) -> list[str]:
     if throttled:
         lines.append(f"- GPU {', '.join(sorted(set(throttled)))} reported clock throttle reasons at the start or end "
                      "(see `gpu_state` in run.json): clocks may have moved during the run.")
+    return lines
+
+
+def _noise_warning(frame: pd.DataFrame) -> list[str]:
+    lines = []
     measured = frame[frame["status"].isin(records.MEASURED) & frame["noise_target"].notna()]
     noisy = measured[measured["rel_iqr"] > measured["noise_target"]].sort_values("rel_iqr", ascending=False)
     if not noisy.empty:
@@ -129,12 +173,16 @@ def warnings(frame: pd.DataFrame, environment: dict) -> list[str]:
     return lines
 
 
-def summary(frame: pd.DataFrame) -> list[str]:
-    """The summary section's bullet lines."""
-    return [
-        f"- Best memory reduction against `{BASELINE}` at equal shape: {best_memory_reduction(frame)}",
+def summary(frame: pd.DataFrame, baseline: str) -> list[str]:
+    """The summary section's bullet lines; ``baseline`` is the label ratios are taken against."""
+    lines = [
+        f"- Best memory reduction against `{escape(baseline)}` at equal shape: {best_memory_reduction(frame, baseline)}",
         "- Largest seq_len run without OOM:",
         *(f"  - {line}" for line in largest_seq_len(frame)),
         "- Fastest implementation per seq_len:",
-        *(f"  - {line}" for line in fastest(frame)),
+        *(f"  - {line}" for line in fastest(frame, baseline)),
     ]
+    crossed = crossovers(frame, baseline)
+    if crossed:
+        lines += ["- Crossovers:", *(f"  - {line}" for line in crossed)]
+    return lines

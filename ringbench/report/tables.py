@@ -19,6 +19,18 @@ def _present(column: str) -> Callable[[pd.DataFrame], bool]:
     return lambda group: bool(group[column].notna().any())
 
 
+def _across_processes(group: pd.DataFrame) -> pd.DataFrame:
+    return group[group["world_size"] > 1]
+
+
+def _beside(column: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """The cells with a ratio to the baseline, and the failed cells at lengths where the baseline ran."""
+    def cells(group: pd.DataFrame) -> pd.DataFrame:
+        lengths = group.loc[group[column].notna(), "seq_len"].unique()
+        return group[group[column].notna() | ((group["status"] != records.OK) & group["seq_len"].isin(lengths))]
+    return cells
+
+
 def _memory(row) -> str:
     modelled = "" if pd.isna(row.modelled_mib) else f" (model {mib(row.modelled_mib)})"
     return f"{mib(row.peak_mib)}{modelled}"
@@ -48,7 +60,7 @@ class Metric:
     shown: Callable[[pd.DataFrame], bool] = lambda group: True
     absent: str = ""  # said instead of the table when it is not shown
     rows_with: str | None = None  # only implementations with a value in this column get rows
-    across_processes: bool = False  # only cells of more than one process
+    cells: Callable[[pd.DataFrame], pd.DataFrame] | None = None  # the cells the table is about, if not all
 
 
 METRICS = (
@@ -57,14 +69,18 @@ METRICS = (
            _present("tflops")),
     Metric("Peak memory above inputs, measured (modelled), MiB", _memory, _present("peak_mib"),
            "not measured on the CPU."),
+    Metric("Speed-up against `{baseline}`: its median time over this one",
+           lambda row: f"{row.speedup:.2f}×", _present("speedup"), cells=_beside("speedup")),
+    Metric("Peak memory against `{baseline}`: this peak above inputs over its own",
+           lambda row: f"{row.memory_ratio:.3g}×", _present("memory_ratio"), cells=_beside("memory_ratio")),
     Metric("Per rank in all: held when a call starts (its shards, buffers kept by setup) + peak above that, MiB",
            lambda row: f"{mib(row.held_mib)} + {mib(row.peak_mib)} = {mib(row.held_mib + row.peak_mib)}",
-           _present("held_mib"), rows_with="held_mib", across_processes=True),
+           _present("held_mib"), rows_with="held_mib", cells=_across_processes),
     Metric("Projected per rank: one rank's share alone (ms ± IQR, MiB above inputs)", _projected,
            _present("projected_ms"), rows_with="projected_ms"),
     Metric("Communication per rank: MiB sent per step, share of the call spent waiting for transfers",
            lambda row: "" if pd.isna(row.comm_step_mib) else f"{row.comm_step_mib:,.2f} MiB, {row.comm_wait_share:.1%}",
-           _present("comm_step_mib"), rows_with="comm_step_mib", across_processes=True),
+           _present("comm_step_mib"), rows_with="comm_step_mib", cells=_across_processes),
     Metric("Tokens per second", lambda row: f"{row.tokens_per_s:,.0f}"),
     Metric("Relative error against the float64 reference", _error, _present("rel_error")),
 )
@@ -97,8 +113,8 @@ def _cell_text(metric: Metric, row) -> str:
 
 
 def metric_table(group: pd.DataFrame, metric: Metric) -> str:
-    if metric.across_processes:
-        group = group[group["world_size"] > 1]
+    if metric.cells:
+        group = metric.cells(group)
     if metric.rows_with:
         labels = group.loc[group[metric.rows_with].notna(), "label"].unique()
         group = group[group["label"].isin(labels)]
@@ -116,15 +132,16 @@ def metric_table(group: pd.DataFrame, metric: Metric) -> str:
     return table(pivot.reset_index(), text_columns=1)
 
 
-def failures(group: pd.DataFrame) -> list[str]:
-    """One bullet per failed cell: where, status, and the (escaped, shortened) message."""
-    lines = []
+def failures(group: pd.DataFrame) -> str | None:
+    """A table of the failed cells: where, status, and the (escaped, shortened) message; None if none failed."""
+    rows = []
     for row in group[group["status"] != records.OK].itertuples():
-        ring = f" {placement(row.ring_size, row.world_size)}" if row.world_size > 1 or not pd.isna(row.ring_size) else ""
+        where = placement(row.ring_size, row.world_size)
         if row.status == records.WRONG:
             message = (f"relative error {_error(row)} exceeds the tolerance {row.tolerance:.0e} "
                        f"({int(row.rows_checked)} rows checked)")
         else:
             message = escape(f"{row.error_type}: {row.error_message}", limit=300)
-        lines.append(f"- {escape(row.label)} S={row.seq_len}{ring}: **{FAILED.get(row.status, row.status)}** — {message}")
-    return lines
+        rows.append({"cell": f"{escape(row.label)} S={row.seq_len}{'' if where == NO_RING else f' ({where})'}",
+                     "status": FAILED.get(row.status, row.status), "message": message})
+    return table(pd.DataFrame(rows)) if rows else None

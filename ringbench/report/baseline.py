@@ -1,0 +1,41 @@
+"""Every cell against a chosen baseline implementation at the same shape and sequence length."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from ringbench import records
+from ringbench.errors import UserError
+from ringbench.report.tables import SHAPE
+
+DEFAULT = "standard"
+
+
+def resolve(frame: pd.DataFrame, baseline: str) -> str | None:
+    """The label the baseline stands for: an exact label, or a name with a single label; None if absent."""
+    labels = list(dict.fromkeys(frame["label"]))
+    if baseline in labels:
+        return baseline
+    matching = list(dict.fromkeys(frame.loc[frame["implementation"] == baseline, "label"]))
+    if len(matching) > 1:
+        raise UserError(f"--baseline: {baseline!r} ran with several option sets; name one of {', '.join(matching)}")
+    return matching[0] if matching else None
+
+
+def with_ratios(frame: pd.DataFrame, label: str | None) -> pd.DataFrame:
+    """Adds ``speedup`` (the baseline's median time over the cell's) and ``memory_ratio``
+    (the cell's peak above inputs over the baseline's), where the baseline succeeded.
+
+    The baseline's cell is its first placement: one process, no ring or the smallest.
+    """
+    empty = frame.assign(speedup=float("nan"), memory_ratio=float("nan"))
+    if label is None:
+        return empty
+    keys = SHAPE + ["seq_len"]
+    base = frame[(frame["label"] == label) & (frame["status"] == records.OK) & (frame["world_size"] == 1)]
+    base = base.sort_values("ring_size", na_position="first").drop_duplicates(keys)
+    base = base[keys + ["median_ms", "peak_mib"]].rename(columns={"median_ms": "base_ms", "peak_mib": "base_mib"})
+    merged = frame.merge(base, on=keys, how="left")
+    merged["speedup"] = merged["base_ms"] / merged["median_ms"]
+    merged["memory_ratio"] = merged["peak_mib"] / merged["base_mib"].where(merged["base_mib"] > 0)
+    return merged.drop(columns=["base_ms", "base_mib"]).set_axis(frame.index)
