@@ -2,6 +2,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from ringbench.cli import app
@@ -48,6 +49,10 @@ def edit(record):
         record.update(status="oom", stats=None, samples_ms=[])
     elif key == ("standard", 8192, 1):
         record.update(status="ok", stats={"median_ms": 5.0}, samples_ms=[5.0] * 5)
+    elif key == ("ring", 8192, 1) and record["ring_size"] == 1:
+        # The median moves by 1.128× (0.47 → 0.53 ms), but the samples overlap: not significant.
+        record["samples_ms"] = [0.44, 0.53, 0.54, 0.55, 0.49]
+        record["stats"]["median_ms"] = 0.53
 
 
 def test_verdicts_need_ratio_and_significance(tmp_path):
@@ -60,6 +65,8 @@ def test_verdicts_need_ratio_and_significance(tmp_path):
     assert verdicts["standard S=8192 no ring float16 forward"] == "fixed"
     assert verdicts["ring S=6144 ring 3 float16 forward"] == "still failing"
     assert verdicts["ring S=8192 ring 1 float16 forward"] == "unchanged"
+    ring = next(row for row in comparison.rows if row["cell"] == "ring S=8192 ring 1 float16 forward")
+    assert ring["ratio"] == pytest.approx(0.53 / 0.47) and ring["p"] == pytest.approx(0.2101, abs=1e-4)
     assert comparison.warnings == []
     markdown = render_markdown(comparison, 1.1, 0.05)
     row = next(line for line in markdown.splitlines() if line.startswith("| sdpa(backend=flash) S=4096"))
