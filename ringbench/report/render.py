@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -88,10 +89,41 @@ def _parameters(meta: dict[str, Any]) -> list[str]:
         f"- **timing**: warm-up {timing['warmup_ms']:g} ms, repetitions {timing['rep_ms']:g} ms, "
         f"clamped to {timing['min_reps']}–{timing['max_reps']}{_noise_rule(timing)}",
         f"- **seed**: {config['seed']}{' (cells shuffled within each shape)' if config.get('shuffle') else ''}",
-        f"- **torch**: {environment['torch']}, Python {environment['python']}",
-        *_peaks(environment),
         f"- **config**: `{escape(meta['config_source'])}` (hash {meta['config_hash']})",
     ]
+    return lines
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _gpu_state(state: dict[str, Any]) -> str:
+    return (f"SM {state.get('clocks.sm')} MHz, memory {state.get('clocks.mem')} MHz, {state.get('power.draw')} W "
+            f"of {state.get('power.limit')}, {state.get('temperature.gpu')} °C, "
+            f"throttle reasons {state.get('clocks_throttle_reasons.active')}")
+
+
+def _environment(environment: dict[str, Any]) -> list[str]:
+    """Where the numbers were measured, beyond the stamp: software, and the GPUs' state at start and end."""
+    libraries = ", ".join(f"{name} {environment[key]}" for name, key in (("CUDA", "cuda"), ("cuDNN", "cudnn"),
+                                                                        ("NCCL", "nccl")) if environment.get(key))
+    lines = [
+        f"- **software**: torch {escape(environment['torch'])}{f' ({libraries})' if libraries else ''}, "
+        f"Python {escape(environment['python'])}, {escape(environment.get('platform', 'unknown platform'))}",
+        f"- **CPU**: {escape(environment.get('cpu'))} ({environment.get('cpu_count')} cores)",
+        *_peaks(environment),
+    ]
+    ends = {state["index"]: state for state in environment.get("gpu_state_end") or []}
+    for state in environment.get("gpu_state") or []:
+        end = ends.get(state["index"])
+        lines.append(f"- **GPU {escape(state['index'])}** at the start: {escape(_gpu_state(state))}"
+                     + (f"; at the end: {escape(_gpu_state(end))}" if end else ""))
+    if environment.get("pytorch_cuda_alloc_conf"):
+        lines.append(f"- **PYTORCH_CUDA_ALLOC_CONF**: {escape(environment['pytorch_cuda_alloc_conf'])}")
+    topology = environment.get("topology")
+    if topology:
+        matrix = _ANSI.sub("", topology).replace("`", "'").split("\n\n")[0]
+        lines += ["- **GPU links** (`nvidia-smi topo -m`):", "", "```", matrix, "```"]
     return lines
 
 
@@ -170,6 +202,7 @@ def render_run(run: Run, level: int = 1, plots_dir: Path | None = None, prefix: 
     if meta["config"]["description"]:
         lines += [escape(meta["config"]["description"]), ""]
     lines += [_heading(level + 1, "Parameters"), "", *_parameters(meta), *_resolved(frame), ""]
+    lines += [_heading(level + 1, "Environment"), "", *_environment(environment), ""]
     lines += _analysis(frame, level + 1, plots_dir, prefix, baseline, meta["excluded"], [environment])
     return "\n".join(lines)
 
