@@ -85,7 +85,7 @@ def run(
         _print_plan(config, the_plan)
         return
     if distributed.launched():  # one rank of a group the user started with torchrun
-        run_dir = runner.serve_ranks(sweep, the_plan, None, str(config), output_root or Path(sweep.output_root))
+        run_dir = runner.serve(sweep, the_plan, None, str(config), output_root or Path(sweep.output_root))
         print(f"records in {run_dir}", file=sys.stderr)
         return
     console = Console(stderr=True)
@@ -101,12 +101,12 @@ def run(
 
 @app.command(hidden=True)
 def ranks(run_dir: Path = typer.Argument(..., help="run folder whose run.json names the config")) -> None:
-    """One rank of a group that `run` launched: runs the cells of this world size."""
+    """A worker that `run` started (one process, or one rank of a group): runs the cells of its world size."""
     from ringbench import records, runner
 
     source = records.read_run(run_dir)["config_source"]
     sweep, the_plan = _load(Path(source))
-    runner.serve_ranks(sweep, the_plan, run_dir, source, Path(sweep.output_root))
+    runner.serve(sweep, the_plan, run_dir, source, Path(sweep.output_root))
 
 
 @app.command()
@@ -124,15 +124,22 @@ def report(
     """Render stored runs: report.md (or .html / .csv / .json) in the folder given (or -o), also printed."""
     from ringbench import records
     from ringbench.report import find_runs, load_run, render_merged, render_report, render_table, to_html
+    from ringbench.report.load import UnreadableRun
 
     names = {"markdown": "report.md", "html": "report.html", "csv": "report.csv", "json": "report.json"}
     with _user_errors():
         if output_format not in names:
             raise UserError(f"--format: expected {', '.join(names)}, got {output_format!r}")
-        runs = [load_run(path) for path in find_runs(paths)]
-    for run_data in runs:
-        for warning in run_data.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
+        runs, skipped = [], []
+        for path in find_runs(paths):
+            try:
+                runs.append(load_run(path))
+            except UnreadableRun as exc:  # the other runs still render
+                skipped.append(str(exc))
+        if not runs:
+            raise UserError("; ".join(skipped))
+    for warning in skipped + [warning for run_data in runs for warning in run_data.warnings]:
+        print(f"warning: {warning}", file=sys.stderr)
     target = output or (paths[0] / names[output_format] if len(paths) == 1 else Path(names[output_format]))
 
     def markdown(plots_dir: Optional[Path]) -> str:

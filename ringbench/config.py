@@ -78,6 +78,7 @@ class Sweep:
     seed: int
     shuffle: bool
     output_root: str
+    cell_timeout_s: float  # a cell running longer is stopped with its worker and recorded as `timeout`
     timing: TimingBudget
 
     def as_dict(self) -> dict[str, Any]:
@@ -127,6 +128,17 @@ def _boolean(value: Any, where: str) -> bool:
 def _string(value: Any, where: str) -> str:
     if type(value) is not str:
         raise Invalid(where, f"expected a string, got {value!r}")
+    return value
+
+
+def _output_root(value: Any, where: str) -> str:
+    """A folder for run folders; relative ones are taken from where ringbench runs. A path that
+    climbs with '..' is refused: the config must not steer writes outside the tree it names."""
+    value = _string(value, where)
+    if not value.strip() or "\0" in value:
+        raise Invalid(where, f"expected a folder path, got {value!r}")
+    if ".." in Path(value).parts:
+        raise Invalid(where, f"must not climb out with '..' (got {value!r}); name the folder itself")
     return value
 
 
@@ -253,6 +265,7 @@ def _parse_yaml(text: str, source: str) -> Any:
 
 
 MAX_CONFIG_BYTES = 2**20
+DEFAULT_CELL_TIMEOUT_S = 1800.0
 
 
 def load(path: str | Path) -> Sweep:
@@ -288,7 +301,8 @@ def load(path: str | Path) -> Sweep:
             "device": (_device, "auto"),
             "seed": (_non_negative_int, 0),
             "shuffle": (_boolean, False),
-            "output_root": (_string, "results"),
+            "output_root": (_output_root, "results"),
+            "cell_timeout_s": (_positive_number, DEFAULT_CELL_TIMEOUT_S),
             "timing": (_timing, TimingBudget()),
         }
         return Sweep(**_read_fields(raw, "", fields))

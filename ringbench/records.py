@@ -17,9 +17,9 @@ SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"
 
-OK, WRONG, OOM, ERROR, CRASHED, SKIPPED = "ok", "wrong", "oom", "error", "crashed", "skipped"
+OK, WRONG, OOM, ERROR, CRASHED, TIMEOUT, SKIPPED = "ok", "wrong", "oom", "error", "crashed", "timeout", "skipped"
 # Statuses `--retry-failed` runs again (a skip is a decision, not a failure).
-FAILED = (OOM, ERROR, CRASHED)
+FAILED = (OOM, ERROR, CRASHED, TIMEOUT)
 # Statuses whose records carry timings (a wrong output is still timed).
 MEASURED = (OK, WRONG)
 

@@ -3,15 +3,24 @@
 Each record is on disk before the next cell starts, so an interruption (Ctrl-C,
 a killed job) keeps every finished cell.
 
-Cells of world size 1 run in this process. For each larger world size the runner
-starts that many processes through PyTorch's launcher (``torch.distributed.run``);
-they run all of that world size's cells and rank 0 appends the records. A launch
-that dies leaves its cell in flight recorded as ``crashed``, and the remaining
-cells of that world size are launched again.
+Cells never run in the runner's own process. For each world size it starts a
+long-lived worker — one process (``ringbench ranks``) for world size 1, that many
+processes through PyTorch's launcher (``torch.distributed.run``) above — which
+runs all of that world size's cells, marks each one in flight, and (rank 0)
+appends the records. The runner watches: a worker that dies (segfault, CUDA
+fault, ``os._exit``, killed) leaves its cell in flight recorded as ``crashed``;
+a cell in flight longer than ``cell_timeout_s`` has its worker killed and is
+recorded as ``timeout``; either way, with the tail of the worker's output, and a
+fresh worker takes the remaining cells. Workers die with the runner, so none
+writes on behind a stopped run.
 """
 
 from __future__ import annotations
 
+import ctypes
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -88,16 +97,55 @@ def _finish(run_dir: Path) -> None:
     records.write_json_atomic(run_dir / records.RUN_FILE, meta)
 
 
-def _crashed(cell: Cell, message: str) -> dict[str, Any]:
-    return make_record(cell, {"status": records.CRASHED, "error": {"type": "Crashed", "message": message}})
+def _failed(cell: Cell, status: str, message: str) -> dict[str, Any]:
+    return make_record(cell, {"status": status, "error": {"type": status.capitalize(), "message": message}})
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies, SIGKILL included (Linux only),
+    so no worker outlives a stopped runner and appends records behind a resumed run."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _inflight_path(run_dir: Path, world_size: int) -> Path:
+    return run_dir / f"inflight-{world_size}.json"
+
+
+def mark_inflight(run_dir: Path, cell: Cell) -> None:
+    """The worker's note of the cell it starts, and when: the runner's clock for timeouts."""
+    records.write_json_atomic(_inflight_path(run_dir, cell.world_size), {"cell_id": cell.id, "started": time.time()})
+
+
+def _worker_command(world_size: int, run_dir: Path) -> list[str]:
+    worker = ["-m", "ringbench", "ranks", str(run_dir)]
+    if world_size == 1:
+        return [sys.executable, *worker]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}", *worker]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Kill a worker and everything it started (the launcher's ranks)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+# After its last cell a worker only tears down; one that takes longer than this is stopped.
+TEARDOWN_S = 60
 
 
 def _launch(world_size: int, cells: list[Cell], run_dir: Path, writer: records.RecordWriter, result: RunResult,
-            observer: Observer, first_index: int) -> None:
-    """Run one world size's cells in launcher-started processes until each has a record."""
+            observer: Observer, first_index: int, timeout_s: float) -> None:
+    """Run one world size's cells in workers until each has a record."""
     by_id = {cell.id: cell for cell in cells}
     pending = list(cells)
-    log_path = run_dir / f"launch-{world_size}.log"
+    log_path = run_dir / f"worker-{world_size}.log"
 
     def finished(record: dict[str, Any]) -> None:
         pending.remove(by_id[record["cell_id"]])
@@ -105,33 +153,56 @@ def _launch(world_size: int, cells: list[Cell], run_dir: Path, writer: records.R
         if pending:
             observer.cell_started(first_index + len(cells) - len(pending), pending[0])
 
+    def in_flight_for(since: float) -> float:
+        """Seconds the first pending cell has run, by the worker's mark (else since the last progress)."""
+        try:
+            mark = json.loads(_inflight_path(run_dir, world_size).read_text())
+        except (OSError, ValueError):
+            mark = {}
+        return time.time() - (mark["started"] if mark.get("cell_id") == pending[0].id else since)
+
     observer.cell_started(first_index, pending[0])
     while pending:
+        timed_out = False
         with log_path.open("ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-                 "-m", "ringbench", "ranks", str(run_dir)],
-                stdout=log, stderr=subprocess.STDOUT,
-            )
-            while True:
-                exited = process.poll() is not None  # read before the records, so none written at exit is missed
-                for record in _new_records(run_dir, result):
-                    if record["cell_id"] in by_id:
+            process = subprocess.Popen(_worker_command(world_size, run_dir), stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True, preexec_fn=die_with_parent)
+            try:
+                progress = time.time()
+                while pending:
+                    exited = process.poll() is not None  # read before the records, so none written at exit is missed
+                    new = [record for record in _new_records(run_dir, result) if record["cell_id"] in by_id]
+                    for record in new:
                         finished(record)
-                if exited:
-                    break
-                time.sleep(0.2)
+                        progress = time.time()
+                    if exited or not pending:
+                        break
+                    if in_flight_for(progress) > timeout_s:
+                        timed_out = True
+                        _stop(process)
+                        break
+                    time.sleep(0.2)
+                process.wait(TEARDOWN_S)
+            except subprocess.TimeoutExpired:
+                _stop(process)
+            except BaseException:  # Ctrl-C included: no worker is left running
+                _stop(process)
+                raise
         if pending:
             tail = log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
-            crashed = _crashed(pending[0], f"the {world_size}-process launch exited with code {process.returncode} "
-                                           f"during this cell; its output ended: {tail}")
-            writer.append(crashed)
-            result.records.append(crashed)
-            finished(crashed)
+            if timed_out:
+                failed = _failed(pending[0], records.TIMEOUT, f"the cell ran past cell_timeout_s ({timeout_s:g} s) "
+                                                              f"and its worker was stopped; its output ended: {tail}")
+            else:
+                failed = _failed(pending[0], records.CRASHED, f"the worker exited with code {process.returncode} "
+                                                              f"during this cell; its output ended: {tail}")
+            writer.append(failed)
+            result.records.append(failed)
+            finished(failed)
 
 
 def _new_records(run_dir: Path, result: RunResult) -> list[dict[str, Any]]:
-    """Records appended by other processes since the last look."""
+    """Records appended by the workers since the last look."""
     stored = list(records.read_records(run_dir))
     new = stored[len(result.records):]
     result.records.extend(new)
@@ -162,19 +233,12 @@ def run(sweep: Sweep, plan: Plan, source: str, device: torch.device, observer: O
     done = records.done_ids(run_dir, retry_failed)
     plan = Plan(tuple(cell for cell in plan.cells if cell.id not in done), plan.excluded)
     observer.started(run_dir, len(plan.cells))
-    local = [cell for cell in plan.cells if cell.world_size == 1]
     with records.RecordWriter(run_dir) as writer:
         try:
-            for index, cell in enumerate(local):
-                observer.cell_started(index, cell)
-                record = run_cell(cell, device, sweep.timing, sweep.seed)
-                writer.append(record)
-                result.records.append(record)
-                observer.cell_finished(index, cell, record)
-            done = len(local)
-            for world_size in sorted({cell.world_size for cell in plan.cells} - {1}):
+            done = 0
+            for world_size in sorted({cell.world_size for cell in plan.cells}):
                 cells = [cell for cell in plan.cells if cell.world_size == world_size]
-                _launch(world_size, cells, run_dir, writer, result, observer, done)
+                _launch(world_size, cells, run_dir, writer, result, observer, done, sweep.cell_timeout_s)
                 done += len(cells)
         except KeyboardInterrupt:
             result.interrupted = True
@@ -184,28 +248,47 @@ def run(sweep: Sweep, plan: Plan, source: str, device: torch.device, observer: O
     return result
 
 
-def serve_ranks(sweep: Sweep, plan: Plan, run_dir: Path | None, source: str, output_root: Path) -> Path:
-    """Run this group's cells on every rank (all ranks call this); rank 0 alone writes.
+def _pending(run_dir: Path, plan: Plan, world_size: int) -> list[Cell]:
+    """This world size's cells that have no record yet (after a crash, or in a resumed run)."""
+    retry = (records.read_run(run_dir).get("resumed") or [{}])[-1].get("retry_failed", False)
+    done = records.done_ids(run_dir, retry)
+    return [cell for cell in plan.cells if cell.world_size == world_size and cell.id not in done]
 
-    ``run_dir`` is given when ringbench launched the group itself; under a user's own
-    launcher it is None and rank 0 creates the run folder.
+
+def serve(sweep: Sweep, plan: Plan, run_dir: Path | None, source: str, output_root: Path) -> Path:
+    """A worker: run this world size's pending cells, marking each in flight; rank 0 alone writes.
+
+    In one process (world size 1) ``run_dir`` is the runner's. Across processes,
+    ``run_dir`` is None under a user's own launcher, and rank 0 creates the run folder.
     """
+    die_with_parent()
+    print(f"ringbench worker {os.getpid()} started", flush=True)  # one line per start in the worker's log
+    if not distributed.launched():
+        device = resolve_device(sweep.device, source)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        with records.RecordWriter(run_dir) as writer:
+            for cell in _pending(run_dir, plan, 1):
+                mark_inflight(run_dir, cell)
+                writer.append(run_cell(cell, device, sweep.timing, sweep.seed))
+        return run_dir
     group = distributed.join(resolve_device(sweep.device, source).type)
     try:
-        if group.is_leader and run_dir is None:
+        created = group.is_leader and run_dir is None
+        if created:
             run_dir = _start(sweep, plan, source, group.device, output_root)
         run_dir = Path(distributed.broadcast(str(run_dir) if group.is_leader else None))
-        # A launch after a crash, or for a resumed run, runs only what is not done yet.
-        retry = (records.read_run(run_dir).get("resumed") or [{}])[-1].get("retry_failed", False)
-        done = distributed.broadcast(records.done_ids(run_dir, retry) if group.is_leader else None)
-        cells = [cell for cell in plan.cells if cell.world_size == group.world_size and cell.id not in done]
+        cells = distributed.broadcast(_pending(run_dir, plan, group.world_size) if group.is_leader else None)
         writer = records.RecordWriter(run_dir) if group.is_leader else None
         for cell in cells:
+            if writer:
+                mark_inflight(run_dir, cell)
             record = run_cell_on_ranks(cell, group, sweep.timing, sweep.seed)
             if writer:
                 writer.append(record)
         if writer:
             writer.close()
+        if created:
             _finish(run_dir)
         return run_dir
     finally:

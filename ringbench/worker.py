@@ -80,8 +80,14 @@ def _inputs_too_large(cell: Cell, device: torch.device) -> dict[str, Any] | None
             f"q, k and v alone need {needed / MIB:,.0f} MiB; the device has {total / MIB:,.0f} MiB"}}
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    # The CPU allocator raises a plain RuntimeError; its message is the only mark.
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc))
+
+
 def _failure(exc: BaseException) -> dict[str, Any]:
-    status = records.OOM if isinstance(exc, torch.cuda.OutOfMemoryError) else records.ERROR
+    status = records.OOM if _out_of_memory(exc) else records.ERROR
     return {"status": status, "error": {"type": type(exc).__name__, "message": str(exc)}}
 
 

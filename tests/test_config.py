@@ -20,8 +20,8 @@ ERRORS = [
     ("duplicate key", BASE_CONFIG + "heads: [4]\n", "line 16, column 1: invalid YAML: duplicate key 'heads'"),
     ("top level not a mapping", "- 1\n- 2\n", "expected a mapping of config keys at the top level"),
     ("unknown top-level key", BASE_CONFIG + "seq_len: [1]\n",
-     "seq_len: unknown key (known: batch_sizes, causal, description, device, dtypes, head_dims, heads, implementations, "
-     "name, output_root, passes, plugins, ring_sizes, seed, seq_lens, shuffle, timing, world_sizes)"),
+     "seq_len: unknown key (known: batch_sizes, causal, cell_timeout_s, description, device, dtypes, head_dims, heads, "
+     "implementations, name, output_root, passes, plugins, ring_sizes, seed, seq_lens, shuffle, timing, world_sizes)"),
     ("unknown timing key", replace("  max_reps: 5", "  max_reps: 5\n  reps: 3"),
      "timing.reps: unknown key (known: cold_l2, cuda_graph_below_ms, max_ms, max_reps, min_reps, noise_target, rep_ms, warmup_ms)"),
     ("unknown implementation key", replace("  - name: standard", "  - name: standard\n    option: {}"),
@@ -54,6 +54,10 @@ ERRORS = [
     ("bad budget", replace("rep_ms: 2", "rep_ms: 0"), "timing.rep_ms: expected a positive number, got 0"),
     ("min above max", replace("min_reps: 2", "min_reps: 9"), "timing.min_reps: must not exceed max_reps (9 > 5)"),
     ("missing axis", replace("heads: [2]\n", ""), "heads: required key is missing"),
+    ("output root climbing out", BASE_CONFIG + "output_root: results/../../elsewhere\n",
+     "output_root: must not climb out with '..' (got 'results/../../elsewhere'); name the folder itself"),
+    ("empty output root", BASE_CONFIG + "output_root: ' '\n", "output_root: expected a folder path, got ' '"),
+    ("zero cell timeout", BASE_CONFIG + "cell_timeout_s: 0\n", "cell_timeout_s: expected a positive number, got 0"),
     ("missing plugin", BASE_CONFIG + "plugins: [no_such_module]\n",
      "plugins[0]: cannot import 'no_such_module': ModuleNotFoundError: No module named 'no_such_module'"),
 ]

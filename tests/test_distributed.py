@@ -65,16 +65,18 @@ def test_failures_on_ranks_become_the_cells_status_and_close_runs_on_every_rank(
     assert by_name["test-bad-close", None]["error"]["message"] == "rank 0: could not undo the setup"
 
 
-def test_a_dying_rank_is_recorded_as_crashed_and_the_sweep_goes_on(write_config):
+def test_a_dying_or_hanging_rank_costs_only_its_cell(write_config):
     run_dir, stored = run_sweep(write_config, (
-        "plugins: [fake_impls]\nimplementations: [test-rank-exit, ring]\n"
+        "plugins: [fake_impls]\nimplementations: [test-rank-exit, test-rank-hang, ring]\ncell_timeout_s: 12\n"
         "seq_lens: [32]\nworld_sizes: [2]\nheads: [1]\nhead_dims: [8]\ndtypes: [float32]\n"
     ))
     by_name = {r["implementation"]: r for r in stored if r["world_size"] == 2}
     assert by_name["test-rank-exit"]["status"] == "crashed"
-    assert "the 2-process launch exited with code" in by_name["test-rank-exit"]["error"]["message"]
+    assert "the worker exited with code" in by_name["test-rank-exit"]["error"]["message"]
+    # Rank 0 waits in a collective for rank 1, which never comes: the cell timeout ends both.
+    assert by_name["test-rank-hang"]["status"] == "timeout"
     assert by_name["ring"]["status"] == "ok"
-    assert (run_dir / "launch-2.log").exists()
+    assert (run_dir / "worker-2.log").exists()
 
 
 def test_four_processes_with_segments_spanning_two_and_four_ranks(write_config):

@@ -195,3 +195,26 @@ def test_merged_runs_from_differing_environments_are_flagged(tmp_path):
     markdown = render_merged([load_run(old), load_run(new)])
     assert ("- The runs shown together differ in torch: compare their cells with care, or rerun them on one machine."
             in markdown)
+
+
+def test_a_results_root_with_garbage_renders_what_it_can(tmp_path):
+    shutil.copytree(FIXTURES / "run", tmp_path / "20260101T000000Z-good")
+    cut = tmp_path / "20260102T000000Z-cut"
+    shutil.copytree(FIXTURES / "run", cut)
+    text = (cut / "records.jsonl").read_text()
+    (cut / "records.jsonl").write_text(text[: len(text) // 2])  # stopped mid-line
+    (tmp_path / "20260103T000000Z-garbage").mkdir()
+    (tmp_path / "20260103T000000Z-garbage" / "run.json").write_bytes(b"\x00\xffnot json")
+    (tmp_path / "20260104T000000Z-foreign").mkdir()
+    (tmp_path / "20260104T000000Z-foreign" / "run.json").write_text('{"someone": "else"}')
+    (tmp_path / "notes.txt").write_text("not a run")
+    result = CliRunner().invoke(app, ["report", str(tmp_path), "-o", str(tmp_path / "all.md"), "-q", "--no-plots"])
+    assert result.exit_code == 0, result.output
+    assert f"warning: {tmp_path / '20260103T000000Z-garbage' / 'run.json'}: run skipped, cannot read it" in result.stderr
+    assert (f"warning: {tmp_path / '20260104T000000Z-foreign' / 'run.json'}: run skipped, not a ringbench run file "
+            "(missing config, config_hash, config_source, environment, planned, excluded)") in result.stderr
+    assert f"{cut / 'records.jsonl'}:" in result.stderr and "record skipped (JSONDecodeError" in result.stderr
+    markdown = (tmp_path / "all.md").read_text()
+    assert markdown.startswith("# ringbench report: 2 runs\n") and markdown.count("## ringbench: golden") == 2
+    alone = CliRunner().invoke(app, ["report", str(tmp_path / "20260104T000000Z-foreign")])
+    assert alone.exit_code == 2 and "not a ringbench run file" in alone.output

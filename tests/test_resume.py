@@ -93,3 +93,20 @@ def test_resume_refuses_a_changed_config_and_bad_arguments(write_config):
     assert alone.exit_code == 2 and alone.stderr.strip() == "--retry-failed goes with --resume RUN_DIR"
     missing = CliRunner().invoke(app, ["run", "--resume", str(out / "nope")])
     assert missing.exit_code == 2 and missing.stderr.strip() == f"{out / 'nope'}: not a run folder (no run.json)"
+
+
+def test_two_runs_writing_into_one_root_at_once_keep_apart(write_config):
+    path = write_config(SLOW)
+    out = path.parent / "shared"
+    command = [sys.executable, "-m", "ringbench", "run", str(path), "--output-root", str(out)]
+    processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)}) for _ in range(2)]
+    for process in processes:
+        assert process.wait(timeout=300) == 0, process.stderr.read().decode()
+    run_dirs = sorted(out.iterdir())
+    assert len(run_dirs) == 2  # started in the same second, they still get a folder each
+    for run_dir in run_dirs:
+        planned = [p["cell_id"] for p in json.loads((run_dir / "run.json").read_text())["planned"]]
+        stored = [json.loads(line) for line in lines_of(run_dir)]
+        assert [r["cell_id"] for r in stored] == planned and all(r["status"] == "ok" for r in stored)
+        assert not list(run_dir.glob(".*.tmp"))  # atomic writes leave nothing half-done behind

@@ -127,3 +127,27 @@ def test_close_undoes_setup_and_a_failing_close_is_the_cells_error(write_config,
     for record in by_impl[("test-bad-close", None)]:
         assert record["status"] == "error"
         assert record["error"] == {"type": "RuntimeError", "message": "could not undo the setup"}
+
+
+def test_a_dying_or_hanging_cell_costs_only_itself(write_config, tmp_path):
+    # One worker runs the cells; a segfault, an os._exit and a hang each end theirs (the hang
+    # by the cell timeout) and a fresh worker takes the rest. Allocation without bound is an OOM.
+    text = BASE_CONFIG.replace("  - name: standard\n", "  - name: standard\n  - test-segfault\n  - test-exit\n"
+                               "  - test-hang\n  - test-alloc\n")
+    path = write_config(text.replace("seq_lens: [64, 96]", "seq_lens: [64]") + "plugins: [fake_impls]\ncell_timeout_s: 8\n")
+    _, result, _ = run_config(path, tmp_path / "out")
+    by_name = {record["implementation"]: record for record in result.records}
+    assert [record["implementation"] for record in result.records] == [
+        "standard", "test-segfault", "test-exit", "test-hang", "test-alloc", "sdpa"]
+    assert by_name["standard"]["status"] == by_name["sdpa"]["status"] == "ok"
+    assert by_name["test-segfault"]["status"] == "crashed"
+    assert by_name["test-segfault"]["error"]["message"].startswith("the worker exited with code -11 during this cell")
+    assert by_name["test-exit"]["status"] == "crashed"
+    assert by_name["test-exit"]["error"]["message"].startswith("the worker exited with code 7 during this cell")
+    assert by_name["test-hang"]["status"] == "timeout"
+    assert by_name["test-hang"]["error"]["message"].startswith(
+        "the cell ran past cell_timeout_s (8 s) and its worker was stopped; its output ended: ")
+    assert by_name["test-alloc"]["status"] == "oom" and "can't allocate memory" in by_name["test-alloc"]["error"]["message"]
+    # Start-up is paid once, and again only after each worker that died or was stopped.
+    log = (result.run_dir / "worker-1.log").read_text()
+    assert log.count("ringbench worker ") == 4

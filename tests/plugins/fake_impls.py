@@ -117,3 +117,47 @@ def bad_close(problem: Problem):
 
     return Bench(run=lambda: torch.nn.functional.scaled_dot_product_attention(problem.q, problem.k, problem.v),
                  close=close)
+
+
+@register("test-segfault", reference="none", description="dereferences a null pointer: the worker process dies")
+def segfault(problem: Problem):
+    import ctypes
+
+    return lambda: ctypes.string_at(0)
+
+
+@register("test-exit", reference="none", description="calls os._exit inside the call")
+def exits(problem: Problem):
+    def run():
+        os._exit(7)
+
+    return run
+
+
+@register("test-hang", reference="none", description="never returns")
+def hang(problem: Problem):
+    def run():
+        time.sleep(3600)
+
+    return run
+
+
+@register("test-alloc", reference="none", description="allocates ever larger buffers, without bound")
+def alloc(problem: Problem):
+    def run():
+        held, size = [], 2**30
+        while True:  # until the allocator refuses
+            held.append(torch.empty(size, dtype=torch.uint8))
+            size *= 2
+
+    return run
+
+
+@register("test-rank-hang", distributed=True, reference="none", description="rank 1 never returns from its call")
+def rank_hang(problem: Problem):
+    def run():
+        if problem.rank == 1:
+            time.sleep(3600)
+        return problem.q
+
+    return run
