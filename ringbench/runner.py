@@ -153,17 +153,20 @@ def _launch(world_size: int, cells: list[Cell], run_dir: Path, writer: records.R
         if pending:
             observer.cell_started(first_index + len(cells) - len(pending), pending[0])
 
+    def mark() -> dict[str, Any]:
+        try:
+            return json.loads(_inflight_path(run_dir, world_size).read_text())
+        except (OSError, ValueError):
+            return {}
+
     def in_flight_for(since: float) -> float:
         """Seconds the first pending cell has run, by the worker's mark (else since the last progress)."""
-        try:
-            mark = json.loads(_inflight_path(run_dir, world_size).read_text())
-        except (OSError, ValueError):
-            mark = {}
-        return time.time() - (mark["started"] if mark.get("cell_id") == pending[0].id else since)
+        current = mark()
+        return time.time() - (current["started"] if current.get("cell_id") == pending[0].id else since)
 
     observer.cell_started(first_index, pending[0])
     while pending:
-        timed_out = False
+        timed_out, before = False, len(pending)
         with log_path.open("ab") as log:
             process = subprocess.Popen(_worker_command(world_size, run_dir), stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True, preexec_fn=die_with_parent)
@@ -188,14 +191,20 @@ def _launch(world_size: int, cells: list[Cell], run_dir: Path, writer: records.R
             except BaseException:  # Ctrl-C included: no worker is left running
                 _stop(process)
                 raise
+        # A worker may stop between cells (after a CUDA fault it recorded, its context is
+        # useless): a fresh one goes on. It is to blame only if it died in a cell, or
+        # before finishing any (so a worker that cannot start never loops).
+        if pending and mark().get("cell_id") != pending[0].id and len(pending) < before:
+            continue
         if pending:
             tail = log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
             if timed_out:
                 failed = _failed(pending[0], records.TIMEOUT, f"the cell ran past cell_timeout_s ({timeout_s:g} s) "
                                                               f"and its worker was stopped; its output ended: {tail}")
             else:
+                when = "during this cell" if mark().get("cell_id") == pending[0].id else "before starting this cell"
                 failed = _failed(pending[0], records.CRASHED, f"the worker exited with code {process.returncode} "
-                                                              f"during this cell; its output ended: {tail}")
+                                                              f"{when}; its output ended: {tail}")
             writer.append(failed)
             result.records.append(failed)
             finished(failed)
@@ -255,6 +264,19 @@ def _pending(run_dir: Path, plan: Plan, world_size: int) -> list[Cell]:
     return [cell for cell in plan.cells if cell.world_size == world_size and cell.id not in done]
 
 
+def _usable(device: torch.device) -> bool:
+    """False after a sticky CUDA error (an illegal access, a device-side assert): every later
+    call in this process would fail, whatever the cell."""
+    if device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize(device)
+        torch.zeros(1, device=device).add_(1).item()
+        return True
+    except RuntimeError:
+        return False
+
+
 def serve(sweep: Sweep, plan: Plan, run_dir: Path | None, source: str, output_root: Path) -> Path:
     """A worker: run this world size's pending cells, marking each in flight; rank 0 alone writes.
 
@@ -271,6 +293,9 @@ def serve(sweep: Sweep, plan: Plan, run_dir: Path | None, source: str, output_ro
             for cell in _pending(run_dir, plan, 1):
                 mark_inflight(run_dir, cell)
                 writer.append(run_cell(cell, device, sweep.timing, sweep.seed))
+                if not _usable(device):
+                    print("the CUDA context is broken (a sticky error); a fresh worker takes the next cells", flush=True)
+                    os._exit(0)  # its teardown could hang on the broken context; the record is already on disk
         return run_dir
     group = distributed.join(resolve_device(sweep.device, source).type)
     try:

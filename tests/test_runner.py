@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import sys
 
 import pytest
 import torch
@@ -151,3 +152,27 @@ def test_a_dying_or_hanging_cell_costs_only_itself(write_config, tmp_path):
     # Start-up is paid once, and again only after each worker that died or was stopped.
     log = (result.run_dir / "worker-1.log").read_text()
     assert log.count("ringbench worker ") == 4
+
+
+def test_a_worker_that_stops_between_cells_blames_none_and_one_that_cannot_start_blames_one(
+        write_config, tmp_path, monkeypatch):
+    path = write_config()
+    # A stand-in worker that records the first pending cell, then exits: as a worker does after
+    # a CUDA fault it has recorded. The runner must start another for each remaining cell.
+    one_cell = (
+        "import sys, json; from pathlib import Path; from ringbench import records, worker; from ringbench.plan import Cell\n"
+        "run_dir = Path(sys.argv[1]); meta = records.read_run(run_dir); done = records.done_ids(run_dir, False)\n"
+        "cell = next(Cell(p['implementation'], tuple(sorted(p['options'].items())), p['seq_len'], p['ring_size'],\n"
+        "  p['batch_size'], p['heads'], p['head_dim'], p['dtype'], p['causal'], p['pass'], p['world_size'])\n"
+        "  for p in meta['planned'] if p['cell_id'] not in done)\n"
+        "with records.RecordWriter(run_dir) as w: w.append(worker.make_record(cell, {'status': 'skipped'}))\n"
+    )
+    monkeypatch.setattr(runner, "_worker_command", lambda world_size, run_dir: [sys.executable, "-c", one_cell, str(run_dir)])
+    the_plan, result, _ = run_config(path, tmp_path / "out")
+    assert [r["status"] for r in result.records] == ["skipped"] * len(the_plan.cells)
+    assert [r["cell_id"] for r in result.records] == [c.id for c in the_plan.cells]
+    # A worker that dies before any cell (here: at once) is blamed on the first pending cell, then the next...
+    monkeypatch.setattr(runner, "_worker_command", lambda world_size, run_dir: [sys.executable, "-c", "raise SystemExit(3)"])
+    the_plan, result, _ = run_config(path, tmp_path / "out2")
+    assert [r["status"] for r in result.records] == ["crashed"] * len(the_plan.cells)
+    assert result.records[0]["error"]["message"].startswith("the worker exited with code 3 before starting this cell")
