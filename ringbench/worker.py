@@ -343,8 +343,11 @@ def _release(device: torch.device) -> None:
     # failing frames, and with them their tensors, alive until then.
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        except RuntimeError:  # a sticky CUDA error: the cell's record says so, and the worker stops after it
+            pass
 
 
 def make_record(cell: Cell, outcome: dict[str, Any], device: torch.device | None = None, started_at: str | None = None,
