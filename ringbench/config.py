@@ -79,6 +79,7 @@ class Sweep:
     shuffle: bool
     output_root: str
     cell_timeout_s: float  # a cell running longer is stopped with its worker and recorded as `timeout`
+    skip_oversized_inputs: bool  # record a cell whose q, k, v alone exceed the device's memory as `skipped`
     timing: TimingBudget
 
     def as_dict(self) -> dict[str, Any]:
@@ -303,6 +304,7 @@ def load(path: str | Path) -> Sweep:
             "shuffle": (_boolean, False),
             "output_root": (_output_root, "results"),
             "cell_timeout_s": (_positive_number, DEFAULT_CELL_TIMEOUT_S),
+            "skip_oversized_inputs": (_boolean, True),
             "timing": (_timing, TimingBudget()),
         }
         return Sweep(**_read_fields(raw, "", fields))

@@ -292,7 +292,7 @@ def serve(sweep: Sweep, plan: Plan, run_dir: Path | None, source: str, output_ro
         with records.RecordWriter(run_dir) as writer:
             for cell in _pending(run_dir, plan, 1):
                 mark_inflight(run_dir, cell)
-                writer.append(run_cell(cell, device, sweep.timing, sweep.seed))
+                writer.append(run_cell(cell, device, sweep.timing, sweep.seed, sweep.skip_oversized_inputs))
                 if not _usable(device):
                     print("the CUDA context is broken (a sticky error); a fresh worker takes the next cells", flush=True)
                     os._exit(0)  # its teardown could hang on the broken context; the record is already on disk
@@ -308,7 +308,7 @@ def serve(sweep: Sweep, plan: Plan, run_dir: Path | None, source: str, output_ro
         for cell in cells:
             if writer:
                 mark_inflight(run_dir, cell)
-            record = run_cell_on_ranks(cell, group, sweep.timing, sweep.seed)
+            record = run_cell_on_ranks(cell, group, sweep.timing, sweep.seed, sweep.skip_oversized_inputs)
             if writer:
                 writer.append(record)
         if writer:

@@ -168,9 +168,9 @@ def _inputs_mib(problem: registry.Problem) -> float:
     return sum(t.numel() * t.element_size() for t in (problem.q, problem.k, problem.v)) / MIB
 
 
-def _measure(cell: Cell, device: torch.device, budget: TimingBudget, seed: int) -> dict[str, Any]:
+def _measure(cell: Cell, device: torch.device, budget: TimingBudget, seed: int, skip_oversized: bool) -> dict[str, Any]:
     implementation = registry.get(cell.implementation)
-    if skip := _inputs_too_large(cell, device):
+    if skip_oversized and (skip := _inputs_too_large(cell, device)):
         return skip
     try:
         problem = make_problem(cell, device, seed)
@@ -268,14 +268,14 @@ def _combine_traffic(traffic: dict[str, float]) -> dict[str, Any] | None:
     }
 
 
-def _measure_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int) -> dict[str, Any]:
+def _measure_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int, skip_oversized: bool) -> dict[str, Any]:
     opened: list[registry.Bench] = []
-    outcome = _set_up_check_and_time_on_ranks(cell, group, budget, seed, opened)
+    outcome = _set_up_check_and_time_on_ranks(cell, group, budget, seed, skip_oversized, opened)
     # Every rank agrees on closing, including ranks whose setup failed (they have nothing to close).
     return _agree(_guarded(opened[0].close) if opened else None) or outcome
 
 
-def _set_up_check_and_time_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int,
+def _set_up_check_and_time_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int, skip_oversized: bool,
                                     opened: list[registry.Bench]) -> dict[str, Any]:
     """The cell's outcome on this rank; the bench setup returned goes into ``opened``.
 
@@ -284,7 +284,7 @@ def _set_up_check_and_time_on_ranks(cell: Cell, group: Group, budget: TimingBudg
     """
     implementation = registry.get(cell.implementation)
     device = group.device
-    if skip := _inputs_too_large(cell, device):  # every rank decides alike: no agreement needed
+    if skip_oversized and (skip := _inputs_too_large(cell, device)):  # every rank decides alike
         return skip
     failure = None
     try:
@@ -383,19 +383,25 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def run_cell(cell: Cell, device: torch.device, budget: TimingBudget, seed: int) -> dict[str, Any]:
-    """Measure one cell in this process and return its record; never raises for a failing implementation."""
+def run_cell(cell: Cell, device: torch.device, budget: TimingBudget, seed: int,
+             skip_oversized: bool = True) -> dict[str, Any]:
+    """Measure one cell in this process and return its record; never raises for a failing implementation.
+
+    With ``skip_oversized`` a cell whose inputs alone exceed the device's memory is
+    recorded as skipped without allocating anything.
+    """
     started_at, start = _now(), time.perf_counter()
-    outcome = _measure(cell, device, budget, seed)
+    outcome = _measure(cell, device, budget, seed, skip_oversized)
     _release(device)
     return make_record(cell, outcome, device, started_at, time.perf_counter() - start)
 
 
-def run_cell_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int) -> dict[str, Any]:
+def run_cell_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int,
+                      skip_oversized: bool = True) -> dict[str, Any]:
     """Measure one cell on every rank of the group (all ranks call this); every rank gets the agreed record."""
     distributed.barrier()
     started_at, start = _now(), time.perf_counter()
-    outcome = _measure_on_ranks(cell, group, budget, seed)
+    outcome = _measure_on_ranks(cell, group, budget, seed, skip_oversized)
     _release(group.device)
     distributed.barrier()
     return make_record(cell, outcome, group.device, started_at, time.perf_counter() - start)

@@ -21,7 +21,8 @@ ERRORS = [
     ("top level not a mapping", "- 1\n- 2\n", "expected a mapping of config keys at the top level"),
     ("unknown top-level key", BASE_CONFIG + "seq_len: [1]\n",
      "seq_len: unknown key (known: batch_sizes, causal, cell_timeout_s, description, device, dtypes, head_dims, heads, "
-     "implementations, name, output_root, passes, plugins, ring_sizes, seed, seq_lens, shuffle, timing, world_sizes)"),
+     "implementations, name, output_root, passes, plugins, ring_sizes, seed, seq_lens, shuffle, skip_oversized_inputs, "
+     "timing, world_sizes)"),
     ("unknown timing key", replace("  max_reps: 5", "  max_reps: 5\n  reps: 3"),
      "timing.reps: unknown key (known: cold_l2, cuda_graph_below_ms, max_ms, max_reps, min_reps, noise_target, rep_ms, warmup_ms)"),
     ("unknown implementation key", replace("  - name: standard", "  - name: standard\n    option: {}"),

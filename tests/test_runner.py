@@ -113,6 +113,19 @@ def test_inputs_larger_than_the_device_are_skipped_before_allocating(monkeypatch
     assert worker._inputs_too_large(dataclasses.replace(cell, seq_len=2**10), torch.device("cuda", 0)) is None
 
 
+def test_the_oversized_skip_can_be_turned_off(write_config, monkeypatch):
+    from ringbench import worker
+    from ringbench.plan import Cell
+
+    skip = {"status": "skipped", "error": {"type": "Skipped", "message": "too large"}}
+    monkeypatch.setattr(worker, "_inputs_too_large", lambda cell, device: skip)
+    cell = Cell("sdpa", (("backend", "auto"),), 32, None, 1, 2, 8, "float32", False, "forward")
+    budget = config.TimingBudget(warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3)
+    assert worker.run_cell(cell, torch.device("cpu"), budget, 0)["status"] == "skipped"
+    assert worker.run_cell(cell, torch.device("cpu"), budget, 0, skip_oversized=False)["status"] == "ok"
+    assert config.load(write_config(BASE_CONFIG + "skip_oversized_inputs: false\n")).skip_oversized_inputs is False
+
+
 def test_close_undoes_setup_and_a_failing_close_is_the_cells_error(write_config, tmp_path):
     # test-patching replaces F.scaled_dot_product_attention until its close(): sdpa after it is
     # right only if close() ran; a second test-patching cell refuses to start over a leaked patch.
