@@ -72,8 +72,8 @@ def _flash_backward(dout, q, k, v, out, lse, causal):
 
 def _cudnn_backward(dout, q, k, v, out, lse, causal):
     rng = _no_rng(q.device)
-    # cuDNN wants the layouts it produced in the forward: dense tensors, lse as (B, H, S, 1).
-    q, k, v, out, dout = (t.contiguous() for t in (q, k, v, out, dout))
+    # Row slices of larger tensors go in as they are (checked on an H100 against dense copies);
+    # only the log-sum-exp must be in the forward's own layout, (B, H, S, 1).
     return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
         dout, q, k, v, out, lse.unsqueeze(-1).contiguous(), rng, rng, None, None, None, q.shape[-2], k.shape[-2],
         0.0, causal)[:3]
