@@ -170,3 +170,27 @@ def merge_(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: tor
     """
     fused = acc.is_cuda and acc.numel() >= FUSED_MERGE_MIN_ELEMENTS
     (_fused_merge() if fused else _merge)(acc, acc_lse, out, lse)
+
+
+class Differentiable(torch.autograd.Function):
+    """Autograd around a blocked attention's own forward and backward passes.
+
+    ``apply(q, k, v, computation)``: q, k, v are the tensors gradients are taken
+    against; ``computation.forward(keep_lse)`` returns the output and, when asked,
+    its rows' merged log-sum-exp, and ``computation.backward(dout, out, lse)`` the
+    gradients for q, k, v. The computation may work on copies laid out at setup
+    (sharded, or one rank's shard) holding the same values.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, computation):
+        out, lse = computation.forward(keep_lse=any(ctx.needs_input_grad))
+        ctx.computation = computation
+        if lse is not None:
+            ctx.save_for_backward(out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        out, lse = ctx.saved_tensors
+        return (*ctx.computation.backward(dout.contiguous(), out, lse), None)

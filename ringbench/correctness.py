@@ -17,7 +17,6 @@ error, with float64 autograd through dense attention (see ``check_gradients``).
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any
 
@@ -45,19 +44,26 @@ def _coverage_log(rows: torch.Tensor, seq_len: int, head: int, options: dict) ->
     return count.log()
 
 
+def _bias(family: str, problem: Problem, rows: torch.Tensor, head: int) -> torch.Tensor:
+    """What the family adds to head ``head``'s scores at ``rows``: the dilated coverage, the causal mask."""
+    seq_len = problem.q.shape[2]
+    bias = torch.zeros(len(rows), seq_len, dtype=torch.float64, device=rows.device)
+    if family == "dilated":
+        bias = _coverage_log(rows, seq_len, head, dict(problem.options))
+    if problem.causal:
+        keys = torch.arange(seq_len, device=rows.device)
+        bias = bias.masked_fill(keys.unsqueeze(0) > rows.unsqueeze(1), float("-inf"))
+    return bias
+
+
 @torch.no_grad()
 def reference_rows(family: str, problem: Problem, rows: torch.Tensor) -> torch.Tensor:
     """The reference output at ``rows`` (all heads and batches), float64, shape (B, H, R, D)."""
     q, k, v = problem.q, problem.k, problem.v
     batch, heads, seq_len, head_dim = q.shape
     out = torch.empty(batch, heads, len(rows), head_dim, dtype=torch.float64, device=q.device)
-    keys = torch.arange(seq_len, device=q.device)
     for h in range(heads):  # one head at a time bounds the float64 scores to R × S
-        bias = torch.zeros(len(rows), seq_len, dtype=torch.float64, device=q.device)
-        if family == "dilated":
-            bias = _coverage_log(rows, seq_len, h, dict(problem.options))
-        if problem.causal:
-            bias = bias.masked_fill(keys.unsqueeze(0) > rows.unsqueeze(1), float("-inf"))
+        bias = _bias(family, problem, rows, h)
         for b in range(batch):
             scores = q[b, h, rows].double() @ k[b, h].double().T / math.sqrt(head_dim) + bias
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key at all give 0
@@ -120,9 +126,9 @@ def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
 GRADIENTS = ("dq", "dk", "dv")
 
 
-def gradient_partials(problem: Problem, grads: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
+def gradient_partials(family: str, problem: Problem, grads: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
                       rows: torch.Tensor | None = None) -> list[float] | None:
-    """[Σ(g − ref)², Σref²] for dq, dk and dv in turn, against float64 autograd through dense attention.
+    """[Σ(g − ref)², Σref²] for dq, dk and dv in turn, against float64 autograd through the family's reference.
 
     ``grad_out`` is the gradient of the whole output; ``rows`` are the sequence
     positions of the rows ``grads`` hold (None: all, in order), so the sums of the
@@ -134,17 +140,20 @@ def gradient_partials(problem: Problem, grads: tuple[torch.Tensor, ...], grad_ou
     if seq_len > GRADIENT_CHECK_MAX_SEQ:
         return None
     sums = [0.0] * (2 * len(GRADIENTS))
-    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=problem.q.device).triu(1) if problem.causal else None
-    for b, h in itertools.product(range(problem.q.shape[0]), range(problem.q.shape[1])):
-        q, k, v = (t[b, h].detach().double().requires_grad_() for t in (problem.q, problem.k, problem.v))
-        scores = q @ k.T / math.sqrt(q.shape[-1])
-        if mask is not None:
-            scores = scores.masked_fill(mask, float("-inf"))
-        reference = torch.autograd.grad(torch.softmax(scores, -1) @ v, (q, k, v), grad_out[b, h].double())
-        for index, (value, expected) in enumerate(zip((g[b, h] for g in grads), reference)):
-            expected = expected if rows is None else expected[rows]
-            sums[2 * index] += (value.double() - expected).pow(2).sum().item()
-            sums[2 * index + 1] += expected.pow(2).sum().item()
+    every = torch.arange(seq_len, device=problem.q.device)
+    for h in range(problem.q.shape[1]):
+        bias = _bias(family, problem, every, h)
+        # A row no key may see has output 0 and no gradient (softmax over nothing is undefined).
+        seen = torch.isfinite(bias).any(-1, keepdim=True)
+        bias = bias.masked_fill(~seen, 0.0)
+        for b in range(problem.q.shape[0]):
+            q, k, v = (t[b, h].detach().double().requires_grad_() for t in (problem.q, problem.k, problem.v))
+            output = torch.softmax(q @ k.T / math.sqrt(q.shape[-1]) + bias, -1) @ v * seen
+            reference = torch.autograd.grad(output, (q, k, v), grad_out[b, h].double())
+            for index, (value, expected) in enumerate(zip((g[b, h] for g in grads), reference)):
+                expected = expected if rows is None else expected[rows]
+                sums[2 * index] += (value.double() - expected).pow(2).sum().item()
+                sums[2 * index + 1] += expected.pow(2).sum().item()
     return sums
 
 
@@ -161,10 +170,10 @@ def gradient_verdict(partials: list[float] | None, dtype: str) -> dict[str, Any]
             "rel_error": _finite_or_none(worst), "passed": math.isfinite(worst) and worst <= TOLERANCE[dtype]}
 
 
-def check_gradients(problem: Problem, grads: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
+def check_gradients(family: str, problem: Problem, grads: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
                     dtype: str) -> dict[str, Any]:
     """dq, dk, dv of one process (all rows) against the float64 reference."""
-    return gradient_verdict(gradient_partials(problem, grads, grad_out), dtype)
+    return gradient_verdict(gradient_partials(family, problem, grads, grad_out), dtype)
 
 
 def check(family: str, problem: Problem, output: torch.Tensor, dtype: str, seed: int) -> dict[str, Any]:

@@ -203,7 +203,7 @@ def _check_and_time(cell: Cell, implementation: registry.Implementation, problem
             grad_out = _output_gradient(problem, seed)
             grads = torch.autograd.grad(output, inputs, grad_out)
             if check is not None:
-                gradients = correctness.check_gradients(problem, grads, grad_out, cell.dtype)
+                gradients = correctness.check_gradients(implementation.reference, problem, grads, grad_out, cell.dtype)
                 check = {**check, "gradients": gradients, "passed": check["passed"] and gradients["passed"]}
             del grads
         del output
@@ -309,7 +309,7 @@ def _set_up_check_and_time_on_ranks(cell: Cell, group: Group, budget: TimingBudg
             grad_out = whole if bench.rows is None else whole.index_select(2, bench.rows)
             grads = torch.autograd.grad(output, inputs, grad_out)
             if checked:
-                gradient_sums = correctness.gradient_partials(problem, grads, whole, bench.rows)
+                gradient_sums = correctness.gradient_partials(implementation.reference, problem, grads, whole, bench.rows)
             del grads, whole
         # Only this rank's shard (kept by setup) stays: the whole inputs go before measuring.
         del output, problem

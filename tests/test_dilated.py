@@ -52,6 +52,19 @@ def test_dilated_matches_its_reference_and_really_dilates(name, seq_len, ring_si
     assert (out.double() - correctness.reference_rows("dense", p, rows)).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("name, seq_len, ring_size, causal, lengths, rates", GRID[::3])
+def test_dilated_gradients_match_float64_autograd_of_the_reference(name, seq_len, ring_size, causal, lengths, rates):
+    p = make(seq_len, ring_size, causal, lengths, rates)
+    p = registry.Problem(**{**p.__dict__, **{name_: getattr(p, name_).requires_grad_() for name_ in "qkv"}})
+    out = registry.get(name).setup(p)()
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(out, (p.q, p.k, p.v), grad_out)
+    gradients = correctness.check_gradients("dilated", p, grads, grad_out, "float32")
+    assert gradients["checked"] and gradients["rel_error"] < 1e-5, gradients
+    # Against dense attention's gradients they are far off: the check sees the difference.
+    assert correctness.check_gradients("dense", p, grads, grad_out, "float32")["rel_error"] > 1e-2
+
+
 def test_one_full_segment_without_dilation_is_dense_attention():
     p = make(64, None, True, (64,), (1,))
     out = registry.get("dilated").setup(p)()

@@ -55,12 +55,12 @@ def test_gradients_of_long_sequences_are_not_checked(monkeypatch):
 
 
 def test_forward_only_implementations_are_left_out_of_backward_passes(write_config):
-    path = write_config("implementations: [dilated, sdpa]\nseq_lens: [32]\nheads: [1]\nhead_dims: [8]\n"
-                        "dtypes: [float32]\npasses: [forward, backward]\n")
+    path = write_config("plugins: [fake_impls]\nimplementations: [test-wrong, sdpa]\nseq_lens: [32]\nheads: [1]\n"
+                        "head_dims: [8]\ndtypes: [float32]\npasses: [forward, backward]\n")
     the_plan = plan.build(config.load(path), registry.get)
     assert [(c.implementation, c.pass_name) for c in the_plan.cells] == [
-        ("dilated", "forward"), ("sdpa", "forward"), ("sdpa", "backward")]
-    assert [e.reason for e in the_plan.excluded] == ["dilated supports only forward"]
+        ("test-wrong", "forward"), ("sdpa", "forward"), ("sdpa", "backward")]
+    assert [e.reason for e in the_plan.excluded] == ["test-wrong supports only forward"]
 
 
 def test_gpu_only_modes_say_why_they_are_off_on_the_cpu():
@@ -83,3 +83,14 @@ def test_ring_backward_leaves_out_the_efficient_kernel(write_config):
     assert [(dict(c.options)["kernel"], c.pass_name) for c in the_plan.cells] == [
         ("efficient", "forward"), ("auto", "forward"), ("auto", "backward")]
     assert [e.reason for e in the_plan.excluded] == ["ring's backward runs on flash, cudnn, math blocks, not efficient"]
+
+
+def test_ring_dilated_backward_runs_in_one_process(write_config):
+    path = write_config("implementations:\n  - {name: ring-dilated, options: {segment_lengths: [16], dilation_rates: [2]}}\n"
+                        "seq_lens: [32]\nheads: [2]\nhead_dims: [8]\ndtypes: [float32]\npasses: [backward]\n"
+                        "world_sizes: [1, 2]\n")
+    the_plan = plan.build(config.load(path), registry.get)
+    assert [(c.world_size, c.pass_name) for c in the_plan.cells] == [(1, "backward")]
+    assert [e.reason for e in the_plan.excluded] == ["ring-dilated's backward runs in one process only, so far"]
+    record = worker.run_cell(the_plan.cells[0], CPU, BUDGET, 0)
+    assert record["status"] == records.OK and record["check"]["gradients"]["rel_error"] < 1e-5

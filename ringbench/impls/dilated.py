@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from ringbench import blocks
+from ringbench.config import PASSES
 from ringbench.models import DTYPE_BYTES
 from ringbench.plan import Cell
 from ringbench.registry import Bench, Option, Problem, register
@@ -55,6 +56,11 @@ def _check_options(options: Mapping[str, Any]) -> str | None:
 
 def _excludes(cell: Cell) -> str | None:
     options = dict(cell.options)
+    if cell.pass_name != "forward":
+        if cell.world_size > 1:
+            return "ring-dilated's backward runs in one process only, so far"
+        if options["kernel"] not in blocks.BACKWARD_KERNELS:
+            return f"the backward runs on {', '.join(blocks.BACKWARD_KERNELS[1:])} blocks, not {options['kernel']}"
     for w, r in patterns(options, cell.seq_len):
         if cell.seq_len % w:
             return f"seq_len {cell.seq_len} is not divisible by segment length {w}"
@@ -123,48 +129,89 @@ def _scatter_back(target: torch.Tensor, w: int, r: int, index: torch.Tensor, val
     target.view(b, h, s // w, w, *tail).scatter_(3, scatter_index, values)
 
 
-def _pattern(q, k, v, acc, acc_lse, w, r, parts, causal, kernel):
-    """Fold one pattern into the accumulators; its segments split into ``parts`` shards."""
-    b, h = q.shape[:2]
-    index = _offsets_index(h, w, r, q.device)
-    qs, ks, vs = (_segments(t, w, r, index) for t in (q, k, v))
-    acc_rows, lse_rows = _segments(acc, w, r, index), _segments(acc_lse, w, r, index)
-    part_len = w // r // parts
-
-    def part(t: torch.Tensor, i: int) -> torch.Tensor:
-        # (B, H, G, w/r, …) → part i of every segment, segments folded into the head dimension
-        piece = t[:, :, :, i * part_len:(i + 1) * part_len]
-        return piece.flatten(1, 2)
-
+def _blocks(parts: int, causal: bool):
+    """(query part, K/V part, causal) of every block a pattern split into ``parts`` shards computes:
+    ring steps in order, a later shard of the segment (wholly above the diagonal) skipped when causal."""
     for step in range(parts):
         for rank in range(parts):
             kv_rank = (rank - step) % parts
-            if causal and kv_rank > rank:
-                continue  # a later shard of the segment: wholly above the diagonal
-            out, lse = blocks.attend(kernel, part(qs, rank), part(ks, kv_rank), part(vs, kv_rank), causal and step == 0)
-            target, target_lse = part(acc_rows, rank), part(lse_rows, rank)
-            blocks.merge_(target, target_lse, out, lse)
+            if not (causal and kv_rank > rank):
+                yield rank, kv_rank, causal and step == 0
+
+
+def _part(t: torch.Tensor, i: int, part_len: int) -> torch.Tensor:
+    """(B, H, G, w/r, …) → part i of every segment, segments folded into the head dimension (a view)."""
+    return t[:, :, :, i * part_len:(i + 1) * part_len].flatten(1, 2)
+
+
+def _pattern(q, k, v, acc, acc_lse, w, r, parts, causal, kernel):
+    """Fold one pattern into the accumulators; its segments split into ``parts`` shards."""
+    index = _offsets_index(q.shape[1], w, r, q.device)
+    qs, ks, vs = (_segments(t, w, r, index) for t in (q, k, v))
+    acc_rows, lse_rows = _segments(acc, w, r, index), _segments(acc_lse, w, r, index)
+    part_len = w // r // parts
+    for rank, kv_rank, block_causal in _blocks(parts, causal):
+        out, lse = blocks.attend(kernel, _part(qs, rank, part_len), _part(ks, kv_rank, part_len),
+                                 _part(vs, kv_rank, part_len), block_causal)
+        blocks.merge_(_part(acc_rows, rank, part_len), _part(lse_rows, rank, part_len), out, lse)
     _scatter_back(acc, w, r, index, acc_rows)
     _scatter_back(acc_lse, w, r, index, lse_rows)
 
 
-def _setup(problem: Problem, sharded: bool):
-    q, k, v = problem.q, problem.k, problem.v
-    kernel = blocks.choose(problem.options["kernel"], q)
-    problem.facts["kernel"] = kernel
-    seq_len = q.shape[2]
-    shard_len = seq_len // problem.ring_size if sharded else seq_len
-    pattern_list = patterns(problem.options, seq_len)
+def _pattern_backward(tensors, grads, w, r, parts, causal, kernel):
+    """Add one pattern's share of dq, dk, dv to the float32 ``grads``, block by block.
 
-    def run() -> torch.Tensor:
+    ``tensors`` are q, k, v, the gradient of the output, the output and its merged
+    log-sum-exp: with the merged rows, each block's fused backward gives exactly
+    that block's share.
+    """
+    q = tensors[0]
+    index = _offsets_index(q.shape[1], w, r, q.device)
+    qs, ks, vs, douts, outs, lses = (_segments(t, w, r, index) for t in tensors)
+    dqs, dks, dvs = (_segments(t, w, r, index) for t in grads)
+    part_len = w // r // parts
+    for rank, kv_rank, block_causal in _blocks(parts, causal):
+        shares = blocks.attend_backward(
+            kernel, _part(douts, rank, part_len), _part(qs, rank, part_len), _part(ks, kv_rank, part_len),
+            _part(vs, kv_rank, part_len), _part(outs, rank, part_len), _part(lses, rank, part_len), block_causal)
+        for target, where, share in zip((dqs, dks, dvs), (rank, kv_rank, kv_rank), shares):
+            _part(target, where, part_len).add_(share)
+    for grad, rows in zip(grads, (dqs, dks, dvs)):
+        _scatter_back(grad, w, r, index, rows)
+
+
+class _OneDevice:
+    """Every pattern on one device; a ring's shards, if any, simulated block by block."""
+
+    def __init__(self, problem: Problem, kernel: str, shard_len: int):
+        self.q, self.k, self.v = (t.detach() for t in (problem.q, problem.k, problem.v))
+        self.causal, self.kernel = problem.causal, kernel
+        self.patterns = [(w, r, w // shard_len if w > shard_len else 1)
+                         for w, r in patterns(problem.options, self.q.shape[2])]
+
+    def forward(self, keep_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q = self.q
         acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         acc_lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-        for w, r in pattern_list:
-            parts = w // shard_len if w > shard_len else 1
-            _pattern(q, k, v, acc, acc_lse, w, r, parts, problem.causal, kernel)
-        return acc.to(q.dtype)
+        for w, r, parts in self.patterns:
+            _pattern(q, self.k, self.v, acc, acc_lse, w, r, parts, self.causal, self.kernel)
+        return acc.to(q.dtype), acc_lse if keep_lse else None
 
-    return run
+    def backward(self, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
+        grads = tuple(torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (self.q, self.k, self.v))
+        tensors = (self.q, self.k, self.v, dout, out, lse)
+        for w, r, parts in self.patterns:
+            _pattern_backward(tensors, grads, w, r, parts, self.causal, self.kernel)
+        return tuple(grad.to(self.q.dtype) for grad in grads)
+
+
+def _setup(problem: Problem, sharded: bool):
+    kernel = blocks.choose(problem.options["kernel"], problem.q)
+    problem.facts["kernel"] = kernel
+    seq_len = problem.q.shape[2]
+    dilated = _OneDevice(problem, kernel, seq_len // problem.ring_size if sharded else seq_len)
+    inputs = (problem.q, problem.k, problem.v)
+    return lambda: blocks.Differentiable.apply(*inputs, dilated)
 
 
 def _spanning_pattern(q, k, v, acc, acc_lse, w, r, rank, causal, kernel, comm):
@@ -220,7 +267,7 @@ def _one_rank(problem: Problem):
 
 
 COMMON = dict(options=OPTIONS, reference="dilated", flops=_flops, memory_model=_memory_model,
-              excludes=_excludes, check_options=_check_options)
+              excludes=_excludes, check_options=_check_options, passes=PASSES)
 
 
 @register("dilated", description="LongNet dilated attention on one device", **COMMON)

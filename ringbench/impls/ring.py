@@ -116,28 +116,6 @@ def _groups(step: int, ring_size: int, shard_len: int, causal: bool, zigzag: boo
     return runs
 
 
-class _Differentiable(torch.autograd.Function):
-    """Autograd around a ring's own forward and backward passes.
-
-    q, k, v are the tensors gradients are taken against; the ring computes with
-    copies it laid out at setup (sharded, or one rank's shard), which hold the same
-    values, so the forward pays for no re-sharding.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, ring):
-        out, lse = ring.forward(keep_lse=any(ctx.needs_input_grad))
-        ctx.ring = ring
-        if lse is not None:
-            ctx.save_for_backward(out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        out, lse = ctx.saved_tensors
-        return (*ctx.ring.backward(dout.contiguous(), out, lse), None)
-
-
 class _AllRanks:
     """Every rank of the ring on one device, the P blocks of a step in one batched call."""
 
@@ -228,7 +206,7 @@ def _all_ranks(problem: Problem, kernel: str, zigzag: bool) -> Bench:
         return acc
 
     inputs = (problem.q, problem.k, problem.v)
-    return Bench(run=lambda: _Differentiable.apply(*inputs, ring), rank_share=rank_share)
+    return Bench(run=lambda: blocks.Differentiable.apply(*inputs, ring), rank_share=rank_share)
 
 
 class _OneRank:
@@ -320,7 +298,7 @@ class _OneRank:
 def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
     ring = _OneRank(problem, kernel, zigzag)
     inputs = (ring.q, ring.k, ring.v)
-    return Bench(run=lambda: _Differentiable.apply(*inputs, ring), rows=ring.rows, inputs=inputs)
+    return Bench(run=lambda: blocks.Differentiable.apply(*inputs, ring), rows=ring.rows, inputs=inputs)
 
 
 def _excludes(cell: Cell) -> str | None:
