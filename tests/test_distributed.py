@@ -86,7 +86,7 @@ def test_four_processes_with_segments_spanning_two_and_four_ranks(write_config):
         "seq_lens: [64]\nworld_sizes: [4]\nheads: [4]\nhead_dims: [8]\ndtypes: [float32]\ncausal: [true]\n"
         "passes: [forward, forward+backward]\n"
     ))
-    assert len(stored) == 3  # ring-dilated runs forward only
+    assert len(stored) == 4
     for record in stored:
         assert record["world_size"] == 4 and record["status"] == "ok", record["error"]
         assert record["check"]["rows_checked"] == 64 and record["check"]["rel_error"] < 1e-5
@@ -98,14 +98,17 @@ def test_four_processes_with_segments_spanning_two_and_four_ranks(write_config):
 def test_ring_gradients_across_two_processes_match_the_reference(write_config):
     _, stored = run_sweep(write_config, (
         "implementations:\n  - ring\n  - {name: ring, options: {zigzag: true}}\n"
+        # One pattern within each rank's shard, one spanning both ranks (its sparse rows and their sums travel).
+        "  - {name: ring-dilated, options: {segment_lengths: [16, 64], dilation_rates: [1, 2]}}\n"
         "seq_lens: [64]\nworld_sizes: [2]\nheads: [2]\nhead_dims: [8]\ndtypes: [float32]\ncausal: [false, true]\n"
         "passes: [backward, forward+backward]\n"
     ))
-    assert len(stored) == 8
+    assert len(stored) == 12
     for record in stored:
         assert record["status"] == "ok", record["error"]
         gradients = record["check"]["gradients"]
         assert gradients["checked"] and gradients["rel_error"] < 1e-5, gradients
-        # Each step sends K and V (float32, 32 rows) one way and their float32 gradient sums
-        # the same way: the headline is bytes per message.
-        assert record["comm"]["sent_bytes_per_step"] == 2 * 2 * 32 * 8 * 4
+        # Each step sends K and V (float32, 32 rows; 16 for the spanning pattern) one way and
+        # their float32 gradient sums the same way: the headline is bytes per message.
+        rows = 32 if record["implementation"] == "ring" else 16
+        assert record["comm"]["sent_bytes_per_step"] == 2 * 2 * rows * 8 * 4

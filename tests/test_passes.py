@@ -83,14 +83,3 @@ def test_ring_backward_leaves_out_the_efficient_kernel(write_config):
     assert [(dict(c.options)["kernel"], c.pass_name) for c in the_plan.cells] == [
         ("efficient", "forward"), ("auto", "forward"), ("auto", "backward")]
     assert [e.reason for e in the_plan.excluded] == ["ring's backward runs on flash, cudnn, math blocks, not efficient"]
-
-
-def test_ring_dilated_backward_runs_in_one_process(write_config):
-    path = write_config("implementations:\n  - {name: ring-dilated, options: {segment_lengths: [16], dilation_rates: [2]}}\n"
-                        "seq_lens: [32]\nheads: [2]\nhead_dims: [8]\ndtypes: [float32]\npasses: [backward]\n"
-                        "world_sizes: [1, 2]\n")
-    the_plan = plan.build(config.load(path), registry.get)
-    assert [(c.world_size, c.pass_name) for c in the_plan.cells] == [(1, "backward")]
-    assert [e.reason for e in the_plan.excluded] == ["ring-dilated's backward runs in one process only, so far"]
-    record = worker.run_cell(the_plan.cells[0], CPU, BUDGET, 0)
-    assert record["status"] == records.OK and record["check"]["gradients"]["rel_error"] < 1e-5

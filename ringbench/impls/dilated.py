@@ -57,8 +57,6 @@ def _check_options(options: Mapping[str, Any]) -> str | None:
 def _excludes(cell: Cell) -> str | None:
     options = dict(cell.options)
     if cell.pass_name != "forward":
-        if cell.world_size > 1:
-            return "ring-dilated's backward runs in one process only, so far"
         if options["kernel"] not in blocks.BACKWARD_KERNELS:
             return f"the backward runs on {', '.join(blocks.BACKWARD_KERNELS[1:])} blocks, not {options['kernel']}"
     for w, r in patterns(options, cell.seq_len):
@@ -222,9 +220,7 @@ def _spanning_pattern(q, k, v, acc, acc_lse, w, r, rank, causal, kernel, comm):
     current block is computed.
     """
     shard_len = q.shape[2]
-    span = w // shard_len
-    first, place = rank - rank % span, rank % span
-    send_to, receive_from = first + (place + 1) % span, first + (place - 1) % span
+    span, place, send_to, receive_from = _segment_ring(w, shard_len, rank)
     # The shard starts at a multiple of r, so the kept rows are those of one shard-long segment.
     index = _offsets_index(q.shape[1], shard_len, r, q.device)
     qs = _segments(q, shard_len, r, index).flatten(1, 2)
@@ -243,27 +239,96 @@ def _spanning_pattern(q, k, v, acc, acc_lse, w, r, rank, causal, kernel, comm):
     _scatter_back(acc_lse, shard_len, r, index, lse_rows)
 
 
-def _one_rank(problem: Problem):
-    """This process's shard of a ring-dilated computation over ``world_size`` processes."""
-    kernel = blocks.choose(problem.options["kernel"], problem.q)
-    problem.facts["kernel"] = kernel
-    rank, seq_len = problem.rank, problem.q.shape[2]
-    shard_len = seq_len // problem.world_size
-    rows = torch.arange(rank * shard_len, (rank + 1) * shard_len, device=problem.q.device)
-    q, k, v = (t[:, :, rank * shard_len:(rank + 1) * shard_len].clone() for t in (problem.q, problem.k, problem.v))
-    causal, pattern_list, comm = problem.causal, patterns(problem.options, seq_len), problem.comm
+def _spanning_pattern_backward(tensors, grads, w, r, rank, causal, kernel, comm):
+    """One spanning pattern's share of dq, dk, dv on this rank.
 
-    def run() -> torch.Tensor:
+    As in ``ring``'s backward, dq stays here while each sparse K/V block's float32
+    dk, dv sums travel the segment's ring one step behind it and, after g steps,
+    are back at their owner complete.
+    """
+    q, k, v, dout, out, lse = tensors
+    shard_len = q.shape[2]
+    span, place, send_to, receive_from = _segment_ring(w, shard_len, rank)
+    index = _offsets_index(q.shape[1], shard_len, r, q.device)
+    qs, douts, outs, lses = (_segments(t, shard_len, r, index).flatten(1, 2) for t in (q, dout, out, lse))
+    current = torch.stack([_segments(t, shard_len, r, index).flatten(1, 2) for t in (k, v)])
+    spare = torch.empty_like(current)
+    dq_rows = torch.zeros(qs.shape, dtype=torch.float32, device=q.device)
+    sums = torch.zeros(current.shape, dtype=torch.float32, device=q.device)
+    sums_spare, sums_transfers = torch.empty_like(sums), []
+    for step in range(span):
+        transfers = comm.exchange(current, spare, send_to, receive_from) if step + 1 < span else []
+        active = not (causal and (place - step) % span > place)
+        if active:
+            block_dq, block_dk, block_dv = blocks.attend_backward(kernel, douts, qs, current[0], current[1], outs, lses,
+                                                                  causal and step == 0)
+            dq_rows += block_dq
+        if step > 0:  # the sums for the block now held arrive from the neighbour
+            comm.wait(sums_transfers)
+            sums, sums_spare = sums_spare, sums
+        if active:
+            sums[0] += block_dk
+            sums[1] += block_dv
+        sums_transfers = comm.exchange(sums, sums_spare, send_to, receive_from)
+        comm.wait(transfers)
+        current, spare = spare, current
+    comm.wait(sums_transfers)  # this rank's own sparse rows, summed over the segment's ranks
+    for grad, share in zip(grads, (dq_rows, sums_spare[0], sums_spare[1])):
+        rows = _segments(grad, shard_len, r, index)
+        rows.flatten(1, 2).add_(share)
+        _scatter_back(grad, shard_len, r, index, rows)
+
+
+def _segment_ring(w: int, shard_len: int, rank: int) -> tuple[int, int, int, int]:
+    """(ranks a segment spans, this rank's place among them, the rank it sends to, the one it hears from)."""
+    span = w // shard_len
+    first, place = rank - rank % span, rank % span
+    return span, place, first + (place + 1) % span, first + (place - 1) % span
+
+
+class _OneRank:
+    """This process's shard of a ring-dilated computation over ``world_size`` processes."""
+
+    def __init__(self, problem: Problem, kernel: str):
+        self.rank, self.causal, self.kernel, self.comm = problem.rank, problem.causal, kernel, problem.comm
+        seq_len = problem.q.shape[2]
+        self.shard_len = seq_len // problem.world_size
+        start = self.rank * self.shard_len
+        self.rows = torch.arange(start, start + self.shard_len, device=problem.q.device)
+        # Leaves of their own, so that gradients stop at this rank's shard, not at the whole inputs.
+        self.q, self.k, self.v = (t.detach()[:, :, start:start + self.shard_len].clone().requires_grad_(t.requires_grad)
+                                  for t in (problem.q, problem.k, problem.v))
+        self.patterns = patterns(problem.options, seq_len)
+
+    def forward(self, keep_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q, k, v = (t.detach() for t in (self.q, self.k, self.v))
         acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         acc_lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-        for w, r in pattern_list:
-            if w <= shard_len:
-                _pattern(q, k, v, acc, acc_lse, w, r, 1, causal, kernel)
+        for w, r in self.patterns:
+            if w <= self.shard_len:
+                _pattern(q, k, v, acc, acc_lse, w, r, 1, self.causal, self.kernel)
             else:
-                _spanning_pattern(q, k, v, acc, acc_lse, w, r, rank, causal, kernel, comm)
-        return acc.to(q.dtype)
+                _spanning_pattern(q, k, v, acc, acc_lse, w, r, self.rank, self.causal, self.kernel, self.comm)
+        return acc.to(q.dtype), acc_lse if keep_lse else None
 
-    return Bench(run=run, rows=rows)
+    def backward(self, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
+        q, k, v = (t.detach() for t in (self.q, self.k, self.v))
+        grads = tuple(torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v))
+        tensors = (q, k, v, dout, out, lse)
+        for w, r in self.patterns:
+            if w <= self.shard_len:
+                _pattern_backward(tensors, grads, w, r, 1, self.causal, self.kernel)
+            else:
+                _spanning_pattern_backward(tensors, grads, w, r, self.rank, self.causal, self.kernel, self.comm)
+        return tuple(grad.to(q.dtype) for grad in grads)
+
+
+def _one_rank(problem: Problem) -> Bench:
+    kernel = blocks.choose(problem.options["kernel"], problem.q)
+    problem.facts["kernel"] = kernel
+    dilated = _OneRank(problem, kernel)
+    inputs = (dilated.q, dilated.k, dilated.v)
+    return Bench(run=lambda: blocks.Differentiable.apply(*inputs, dilated), rows=dilated.rows, inputs=inputs)
 
 
 COMMON = dict(options=OPTIONS, reference="dilated", flops=_flops, memory_model=_memory_model,
