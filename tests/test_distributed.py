@@ -112,3 +112,17 @@ def test_ring_gradients_across_two_processes_match_the_reference(write_config):
         # their float32 gradient sums the same way: the headline is bytes per message.
         rows = 32 if record["implementation"] == "ring" else 16
         assert record["comm"]["sent_bytes_per_step"] == 2 * 2 * rows * 8 * 4
+
+
+def test_eight_processes_forward_and_backward_match_the_reference(write_config):
+    _, stored = run_sweep(write_config, (
+        "implementations:\n  - {name: ring, options: {zigzag: true}}\n"
+        "  - {name: ring-dilated, options: {segment_lengths: [16, 64], dilation_rates: [1, 2]}}\n"
+        "seq_lens: [128]\nworld_sizes: [8]\nheads: [2]\nhead_dims: [8]\ndtypes: [float32]\ncausal: [true]\n"
+        "passes: [forward+backward]\n"
+    ))
+    assert len(stored) == 2
+    for record in stored:
+        assert record["world_size"] == 8 and record["status"] == "ok", record["error"]
+        assert record["check"]["rel_error"] < 1e-5 and record["check"]["gradients"]["rel_error"] < 1e-5
+        assert len(record["ranks"]) == 8
