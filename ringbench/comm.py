@@ -1,11 +1,15 @@
 """Point-to-point transfers between ranks, and how long a rank waits for them.
 
 Implementations post each ring step's transfer with :meth:`WaitClock.exchange` and
-hand the requests to :meth:`WaitClock.wait` instead of waiting on them directly. Normally that is all it does. In the worker's
-communication pass the clock is on for one call: on the CPU it adds up the host
-time spent blocked in ``wait()``; on a GPU, where ``wait()`` only makes the compute
-stream wait for the transfer, it records a CUDA event before and after each wait,
-and the time between them on the stream is the stall.
+hand the requests to :meth:`WaitClock.wait` instead of waiting on them directly.
+Normally that is all it does. In the worker's communication pass the clock is on
+for one call: on the CPU it adds up the host time spent blocked in ``wait()``; on
+a GPU, where ``wait()`` only makes the compute stream wait for the transfer, it
+records a CUDA event before and after each wait, and the time between them on the
+stream is the stall.
+
+Backward passes send gradient sums around the ring behind the K/V blocks they
+belong to: :class:`TravellingSums`.
 """
 
 from __future__ import annotations
@@ -77,3 +81,34 @@ class WaitClock:
         finally:
             self._on = False
         return {"call_ms": call_ms, "wait_ms": wait_ms, "sent_bytes": float(self.sent_bytes), "sends": self.sends}
+
+
+class TravellingSums:
+    """Float32 gradient sums that travel a ring one step behind the K/V block they belong to.
+
+    In step t a rank holds some K/V block and, from step 1 on, receives from its
+    neighbour that block's sums so far (``held``); it adds its share and passes them
+    on (``pass_on``), which overlaps the next step's compute. After as many steps as
+    the ring has ranks, each block's sums are back at its owner, complete (``own``).
+    """
+
+    def __init__(self, clock: WaitClock, shape: torch.Size, device: torch.device, send_to: int, receive_from: int):
+        self.clock, self.send_to, self.receive_from = clock, send_to, receive_from
+        self.sums = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.spare = torch.empty_like(self.sums)
+        self.transfers: list = []
+
+    def held(self, step: int) -> torch.Tensor:
+        """The sums of the block held in ``step`` (waited for from the neighbour after step 0)."""
+        if step > 0:
+            self.clock.wait(self.transfers)
+            self.sums, self.spare = self.spare, self.sums
+        return self.sums
+
+    def pass_on(self) -> None:
+        self.transfers = self.clock.exchange(self.sums, self.spare, self.send_to, self.receive_from)
+
+    def own(self) -> torch.Tensor:
+        """After the last ``pass_on``: this rank's own block's sums, over every rank."""
+        self.clock.wait(self.transfers)
+        return self.spare

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from ringbench import blocks
+from ringbench.comm import TravellingSums
 from ringbench.config import PASSES
 from ringbench.models import DTYPE_BYTES
 from ringbench.plan import Cell
@@ -240,12 +241,8 @@ def _spanning_pattern(q, k, v, acc, acc_lse, w, r, rank, causal, kernel, comm):
 
 
 def _spanning_pattern_backward(tensors, grads, w, r, rank, causal, kernel, comm):
-    """One spanning pattern's share of dq, dk, dv on this rank.
-
-    As in ``ring``'s backward, dq stays here while each sparse K/V block's float32
-    dk, dv sums travel the segment's ring one step behind it and, after g steps,
-    are back at their owner complete.
-    """
+    """One spanning pattern's share of dq, dk, dv on this rank: as in ``ring``'s backward,
+    dq stays here while each sparse K/V block's float32 dk, dv sums travel behind it."""
     q, k, v, dout, out, lse = tensors
     shard_len = q.shape[2]
     span, place, send_to, receive_from = _segment_ring(w, shard_len, rank)
@@ -254,8 +251,7 @@ def _spanning_pattern_backward(tensors, grads, w, r, rank, causal, kernel, comm)
     current = torch.stack([_segments(t, shard_len, r, index).flatten(1, 2) for t in (k, v)])
     spare = torch.empty_like(current)
     dq_rows = torch.zeros(qs.shape, dtype=torch.float32, device=q.device)
-    sums = torch.zeros(current.shape, dtype=torch.float32, device=q.device)
-    sums_spare, sums_transfers = torch.empty_like(sums), []
+    sums = TravellingSums(comm, current.shape, q.device, send_to, receive_from)
     for step in range(span):
         transfers = comm.exchange(current, spare, send_to, receive_from) if step + 1 < span else []
         active = not (causal and (place - step) % span > place)
@@ -263,17 +259,15 @@ def _spanning_pattern_backward(tensors, grads, w, r, rank, causal, kernel, comm)
             block_dq, block_dk, block_dv = blocks.attend_backward(kernel, douts, qs, current[0], current[1], outs, lses,
                                                                   causal and step == 0)
             dq_rows += block_dq
-        if step > 0:  # the sums for the block now held arrive from the neighbour
-            comm.wait(sums_transfers)
-            sums, sums_spare = sums_spare, sums
+        held = sums.held(step)
         if active:
-            sums[0] += block_dk
-            sums[1] += block_dv
-        sums_transfers = comm.exchange(sums, sums_spare, send_to, receive_from)
+            held[0] += block_dk
+            held[1] += block_dv
+        sums.pass_on()
         comm.wait(transfers)
         current, spare = spare, current
-    comm.wait(sums_transfers)  # this rank's own sparse rows, summed over the segment's ranks
-    for grad, share in zip(grads, (dq_rows, sums_spare[0], sums_spare[1])):
+    mine = sums.own()
+    for grad, share in zip(grads, (dq_rows, mine[0], mine[1])):
         rows = _segments(grad, shard_len, r, index)
         rows.flatten(1, 2).add_(share)
         _scatter_back(grad, shard_len, r, index, rows)

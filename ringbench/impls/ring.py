@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ringbench import blocks
+from ringbench.comm import TravellingSums
 from ringbench.config import PASSES
 from ringbench.models import DTYPE_BYTES
 from ringbench.plan import Cell
@@ -261,18 +262,11 @@ class _OneRank:
         return acc.to(self.dtype), acc_lse if keep_lse else None
 
     def backward(self, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
-        """dq stays here; each K/V shard's float32 dk, dv partial sums travel with it.
-
-        In step t this rank holds K/V shard (rank − t) mod P and, received from its
-        neighbour, that shard's gradient summed over the ranks it has visited; it adds
-        its block's share and passes the sum on, which overlaps the next step's
-        compute. After P steps every shard's sum is back at its owner, complete.
-        """
+        """dq stays here; each K/V shard's float32 dk, dv sums travel the ring behind it."""
         q, comm = self.q.detach(), self.comm
         current = self.kv
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        sums = torch.zeros(self.kv.shape, dtype=torch.float32, device=q.device)
-        sums_spare, sums_transfers = torch.empty_like(sums), []
+        sums = TravellingSums(comm, self.kv.shape, q.device, self.send_to, self.receive_from)
         for step in range(self.ring_size):
             transfers, incoming = self._pass_on(current, step)
             spec = self._block(step)
@@ -281,18 +275,16 @@ class _OneRank:
                     self.kernel, dout[:, :, spec.q_rows], q[:, :, spec.q_rows], current[0][:, :, spec.kv_rows],
                     current[1][:, :, spec.kv_rows], out[:, :, spec.q_rows], lse[:, :, spec.q_rows], spec.causal)
                 dq[:, :, spec.q_rows] += block_dq
-            if step > 0:  # the sums for the shard now held arrive from the neighbour
-                comm.wait(sums_transfers)
-                sums, sums_spare = sums_spare, sums
+            held = sums.held(step)
             if spec is not None:
-                sums[0][:, :, spec.kv_rows] += block_dk
-                sums[1][:, :, spec.kv_rows] += block_dv
+                held[0][:, :, spec.kv_rows] += block_dk
+                held[1][:, :, spec.kv_rows] += block_dv
                 del block_dq, block_dk, block_dv
-            sums_transfers = comm.exchange(sums, sums_spare, self.send_to, self.receive_from)
+            sums.pass_on()
             comm.wait(transfers)
             current = incoming
-        comm.wait(sums_transfers)  # this rank's own shard, summed over every rank
-        return dq.to(self.dtype), sums_spare[0].to(self.dtype), sums_spare[1].to(self.dtype)
+        mine = sums.own()
+        return dq.to(self.dtype), mine[0].to(self.dtype), mine[1].to(self.dtype)
 
 
 def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
