@@ -104,8 +104,13 @@ def ranks(run_dir: Path = typer.Argument(..., help="run folder whose run.json na
     """A worker that `run` started (one process, or one rank of a group): runs the cells of its world size."""
     from ringbench import records, runner
 
-    source = records.read_run(run_dir)["config_source"]
-    sweep, the_plan = _load(Path(source))
+    meta = records.read_run(run_dir)
+    source = meta["config_source"]
+    with _user_errors():
+        sweep, the_plan = _load(Path(source))
+        if sweep.hash != meta["config_hash"]:  # edited while the run goes on: its cells are no longer this run's
+            raise UserError(f"{source}: changed since the run in {run_dir} started (config hash {sweep.hash}, "
+                            f"run {meta['config_hash']}); restore it, or start a new run")
     runner.serve(sweep, the_plan, run_dir, source, Path(sweep.output_root))
 
 

@@ -91,3 +91,14 @@ def test_ctrl_c_keeps_every_finished_record(write_config):
     assert f"interrupted: {len(lines)} finished cells kept in" in output
     planned = json.loads((records_file.parent / "run.json").read_text())["planned"]
     assert [json.loads(line)["cell_id"] for line in lines] == [p["cell_id"] for p in planned[: len(lines)]]
+
+
+def test_a_worker_refuses_a_config_edited_since_the_run_started(write_config):
+    path = write_config()
+    out = path.parent / "out"
+    assert CliRunner().invoke(app, ["run", str(path), "--output-root", str(out)]).exit_code == 0
+    (run_dir,) = out.iterdir()
+    path.write_text(path.read_text().replace("seq_lens: [64, 96]", "seq_lens: [64, 128]"))
+    result = CliRunner().invoke(app, ["ranks", str(run_dir)])
+    assert result.exit_code == 2
+    assert f"{path}: changed since the run in {run_dir} started" in result.output
