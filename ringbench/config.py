@@ -33,7 +33,8 @@ class TimingBudget:
 
     After ``rep_ms`` worth of samples, sampling goes on while the relative noise
     (IQR / median) is above ``noise_target``, until ``max_ms`` of samples or
-    ``max_reps`` samples. ``cold_l2`` flushes the GPU's L2 cache before each
+    ``max_reps`` samples. A sample is one call, or with ``sample_ms`` > 0 the mean
+    per call of back-to-back calls lasting at least that long. ``cold_l2`` flushes the GPU's L2 cache before each
     repetition; calls faster than ``cuda_graph_below_ms`` are timed as CUDA-graph
     replays (0 turns that off).
     """
@@ -44,6 +45,7 @@ class TimingBudget:
     max_reps: int = 1000
     noise_target: float = 0.02
     max_ms: float = 10_000.0
+    sample_ms: float = 0.0
     cold_l2: bool = False
     cuda_graph_below_ms: float = 0.0
 
@@ -210,6 +212,7 @@ def _timing(value: Any, where: str) -> TimingBudget:
         "max_reps": (_positive_int, defaults.max_reps),
         "noise_target": (_positive_number, defaults.noise_target),
         "max_ms": (_positive_number, defaults.max_ms),
+        "sample_ms": (_non_negative_number, defaults.sample_ms),
         "cold_l2": (_boolean, defaults.cold_l2),
         "cuda_graph_below_ms": (_non_negative_number, defaults.cuda_graph_below_ms),
     }

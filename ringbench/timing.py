@@ -6,6 +6,12 @@ number of timed repetitions follows (``rep_ms`` over that estimate, clamped to
 ``[min_reps, max_reps]``). While the samples' IQR / median is above the noise
 target, sampling continues, up to ``max_ms`` of samples or ``max_reps`` samples.
 Every sample is kept, warm-ups included.
+
+A sample is one call, or with ``sample_ms`` the mean time per call of enough
+back-to-back calls to last that long. A GPU held at its power limit moves its
+clocks in swings that can last a second; one-call samples then measure the
+swing, while samples spanning it measure the code (each call keeps its own event
+pair, so a cold-L2 flush stays outside every sample).
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from ringbench.stats import relative_iqr
 
 @dataclass(frozen=True)
 class Timing:
-    warmup_ms: tuple[float, ...]
-    samples_ms: tuple[float, ...]
+    warmup_ms: tuple[float, ...]  # one call each
+    samples_ms: tuple[float, ...]  # mean milliseconds per call over ``calls_per_sample`` calls each
+    calls_per_sample: int
 
 
 def _time_calls_cpu(fn: Callable[[], object], count: int) -> list[float]:
@@ -80,13 +87,23 @@ def measure(
     estimate_ms = max(agree(probe[0]), 1e-6)
     more = min(max(math.ceil(budget.warmup_ms / estimate_ms) - 1, 0), budget.max_reps - 1)
     warmup = probe + time_calls(fn, more)
-    reps = int(budget.rep_ms / max(statistics.median(warmup), 1e-6))
-    reps = int(agree(min(max(reps, budget.min_reps), budget.max_reps)))
-    samples = time_calls(fn, reps)
+    call_ms = max(statistics.median(warmup), 1e-6)
+    calls = int(agree(max(math.ceil(budget.sample_ms / call_ms), 1)))
+
+    def take(count: int) -> list[float]:
+        return per_sample(time_calls(fn, count * calls), calls)
+
+    reps = int(budget.rep_ms / (call_ms * calls))
+    samples = take(int(agree(min(max(reps, budget.min_reps), budget.max_reps))))
     # Noisy cells get more samples, half as many again each round, within the caps.
-    while more := int(agree(_more_needed(samples, budget))):
-        samples += time_calls(fn, more)
-    return Timing(tuple(first + warmup), tuple(samples))
+    while more := int(agree(_more_needed(samples, budget, calls))):
+        samples += take(more)
+    return Timing(tuple(first + warmup), tuple(samples), calls)
+
+
+def per_sample(call_ms: list[float], calls: int) -> list[float]:
+    """Consecutive calls' times, ``calls`` at a time, as mean milliseconds per call."""
+    return [statistics.fmean(call_ms[start:start + calls]) for start in range(0, len(call_ms), calls)]
 
 
 def one_call_ms(fn: Callable[[], object], device: torch.device) -> float:
@@ -94,8 +111,8 @@ def one_call_ms(fn: Callable[[], object], device: torch.device) -> float:
     return (_time_calls_cuda if device.type == "cuda" else _time_calls_cpu)(fn, 1)[0]
 
 
-def _more_needed(samples: list[float], budget: TimingBudget) -> int:
+def _more_needed(samples: list[float], budget: TimingBudget, calls_per_sample: int = 1) -> int:
     quiet = relative_iqr(samples) <= budget.noise_target
-    if quiet or sum(samples) >= budget.max_ms or len(samples) >= budget.max_reps:
+    if quiet or sum(samples) * calls_per_sample >= budget.max_ms or len(samples) >= budget.max_reps:
         return 0
     return min(max(len(samples) // 2, budget.min_reps), budget.max_reps - len(samples))

@@ -122,7 +122,7 @@ def _time_and_measure(fn: Callable[[], object], device: torch.device, budget: Ti
     del timed, flush  # a captured graph's memory pool and the flush buffer go before the memory pass
     memory = measure_peak(fn, device)
     return {
-        "modes": modes,
+        "modes": {**modes, "calls_per_sample": timing.calls_per_sample},
         "warmup_ms": list(timing.warmup_ms),
         "samples_ms": list(timing.samples_ms),
         "stats": summarize(timing.samples_ms),

@@ -24,7 +24,7 @@ ERRORS = [
      "implementations, name, output_root, passes, plugins, ring_sizes, seed, seq_lens, shuffle, skip_oversized_inputs, "
      "timing, world_sizes)"),
     ("unknown timing key", replace("  max_reps: 5", "  max_reps: 5\n  reps: 3"),
-     "timing.reps: unknown key (known: cold_l2, cuda_graph_below_ms, max_ms, max_reps, min_reps, noise_target, rep_ms, warmup_ms)"),
+     "timing.reps: unknown key (known: cold_l2, cuda_graph_below_ms, max_ms, max_reps, min_reps, noise_target, rep_ms, sample_ms, warmup_ms)"),
     ("unknown implementation key", replace("  - name: standard", "  - name: standard\n    option: {}"),
      "implementations[0].option: unknown key (known: name, options)"),
     ("unknown option", replace("      backend: auto", "      backend: auto\n      tile: 64"),

@@ -69,7 +69,7 @@ def test_gpu_only_modes_say_why_they_are_off_on_the_cpu():
     cell = Cell("sdpa", (("backend", "auto"),), 32, None, 1, 2, 8, "float32", False, "forward")
     record = worker.run_cell(cell, CPU, budget, 0)
     assert record["status"] == records.OK
-    assert record["modes"] == {"cold_l2": False, "cuda_graph": False,
+    assert record["modes"] == {"cold_l2": False, "cuda_graph": False, "calls_per_sample": 1,
                                "notes": ["cold L2 applies to GPUs only", "CUDA graphs need a CUDA device"]}
     slow = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3, noise_target=100, cuda_graph_below_ms=1e-9)
     notes = worker.run_cell(cell, CPU, slow, 0)["modes"]["notes"]

@@ -218,3 +218,13 @@ def test_a_results_root_with_garbage_renders_what_it_can(tmp_path):
     assert markdown.startswith("# ringbench report: 2 runs\n") and markdown.count("## ringbench: golden") == 2
     alone = CliRunner().invoke(app, ["report", str(tmp_path / "20260104T000000Z-foreign")])
     assert alone.exit_code == 2 and "not a ringbench run file" in alone.output
+
+
+def test_parameters_say_how_long_a_sample_spans(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "run", run)
+    meta = json.loads((run / "run.json").read_text())
+    meta["config"]["timing"]["sample_ms"] = 1000
+    (run / "run.json").write_text(json.dumps(meta))
+    line = next(line for line in render_report([load_run(run)]).splitlines() if line.startswith("- **timing**"))
+    assert line.endswith("; a sample is the mean of calls lasting at least 1000 ms")

@@ -1,10 +1,12 @@
+import dataclasses
+import itertools
 import time
 
 import torch
 
 from ringbench.config import TimingBudget
 from ringbench.stats import summarize
-from ringbench.timing import _more_needed, measure
+from ringbench.timing import _more_needed, measure, per_sample
 
 CPU = torch.device("cpu")
 
@@ -71,3 +73,34 @@ def test_sampling_continues_while_noisy():
     timing = measure(alternating, CPU, TimingBudget(warmup_ms=0.001, rep_ms=0.001, min_reps=4, max_reps=30,
                                                       noise_target=0.02, max_ms=10_000))
     assert len(timing.samples_ms) == 30
+
+
+def test_per_sample_means_consecutive_calls():
+    assert per_sample([1.0, 3.0, 2.0, 6.0, 5.0, 7.0], 2) == [2.0, 4.0, 6.0]
+    assert per_sample([1.0, 3.0], 1) == [1.0, 3.0]
+
+
+def test_samples_spanning_a_clock_swing_are_quiet(monkeypatch):
+    # A device whose clock swings: calls alternate 1 ms and 3 ms. The first call (1 ms)
+    # is set apart, the probe (3 ms) spends the 2 ms warm-up, so one call is estimated at
+    # 3 ms and sample_ms = 6 groups two calls a sample: every sample is then 2 ms, quiet
+    # at min_reps, where one-call samples stay noisy up to max_reps.
+    def swinging_clock():
+        clock = itertools.cycle([1.0, 3.0])
+        monkeypatch.setattr("ringbench.timing._time_calls_cpu", lambda fn, count: [next(clock) for _ in range(count)])
+
+    budget = TimingBudget(warmup_ms=2, rep_ms=1, min_reps=6, max_reps=40, noise_target=0.02, max_ms=1000)
+    swinging_clock()
+    one_call = measure(lambda: None, CPU, budget)
+    assert one_call.calls_per_sample == 1 and len(one_call.samples_ms) == 40
+    swinging_clock()
+    grouped = measure(lambda: None, CPU, dataclasses.replace(budget, sample_ms=6))
+    assert grouped.warmup_ms == (1.0, 3.0)
+    assert grouped.calls_per_sample == 2 and grouped.samples_ms == (2.0,) * 6
+
+
+def test_max_ms_counts_every_call_of_a_grouped_sample():
+    budget = TimingBudget(min_reps=2, max_reps=100, noise_target=0.02, max_ms=100)
+    noisy = [1.0, 3.0] * 10  # 40 ms of samples
+    assert _more_needed(noisy, budget, calls_per_sample=2) == 10
+    assert _more_needed(noisy, budget, calls_per_sample=3) == 0  # 120 ms of calls spent

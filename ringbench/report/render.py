@@ -76,6 +76,12 @@ def _noise_rule(timing: dict[str, Any]) -> str:
     return f"; more while IQR / median > {timing['noise_target']:.0%}, up to {timing['max_ms']:g} ms of samples"
 
 
+def _sample_span(timing: dict[str, Any]) -> str:
+    if not timing.get("sample_ms"):  # one call per sample, as in runs from before grouped samples
+        return ""
+    return f"; a sample is the mean of calls lasting at least {timing['sample_ms']:g} ms"
+
+
 def _parameters(meta: dict[str, Any]) -> list[str]:
     config, environment = meta["config"], meta["environment"]
     timing = config["timing"]
@@ -87,7 +93,7 @@ def _parameters(meta: dict[str, Any]) -> list[str]:
     lines += [
         f"- **device**: {environment['device']} (config: {config['device']})",
         f"- **timing**: warm-up {timing['warmup_ms']:g} ms, repetitions {timing['rep_ms']:g} ms, "
-        f"clamped to {timing['min_reps']}–{timing['max_reps']}{_noise_rule(timing)}",
+        f"clamped to {timing['min_reps']}–{timing['max_reps']}{_noise_rule(timing)}{_sample_span(timing)}",
         f"- **seed**: {config['seed']}{' (cells shuffled within each shape)' if config.get('shuffle') else ''}",
         f"- **config**: `{escape(meta['config_source'])}` (hash {meta['config_hash']})",
     ]

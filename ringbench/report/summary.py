@@ -169,7 +169,8 @@ def _noise_warning(frame: pd.DataFrame) -> list[str]:
         lines.append(
             f"- Noise above the {noisy['noise_target'].iloc[0]:.0%} target (IQR / median) in {len(noisy)} of "
             f"{len(measured)} cells; the noisiest: {worst}. Raise `timing.max_ms` and `timing.max_reps` for more samples, keep other work "
-            "off the device, and check clocks for power or thermal throttling.")
+            "off the device, and check clocks for power or thermal throttling; where the clocks swing, "
+            "`timing.sample_ms` of a second or more makes each sample span the swing.")
     return lines
 
 
