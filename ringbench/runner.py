@@ -208,6 +208,7 @@ def _launch(world_size: int, cells: list[Cell], run_dir: Path, writer: records.R
             writer.append(failed)
             result.records.append(failed)
             finished(failed)
+    _inflight_path(run_dir, world_size).unlink(missing_ok=True)  # every cell has its record: nothing is in flight
 
 
 def _new_records(run_dir: Path, result: RunResult) -> list[dict[str, Any]]:

@@ -165,6 +165,7 @@ def test_a_dying_or_hanging_cell_costs_only_itself(write_config, tmp_path):
     # Start-up is paid once, and again only after each worker that died or was stopped.
     log = (result.run_dir / "worker-1.log").read_text()
     assert log.count("ringbench worker ") == 4
+    assert not (result.run_dir / "inflight-1.json").exists()  # nothing is in flight once the sweep ends
 
 
 def test_a_worker_that_stops_between_cells_blames_none_and_one_that_cannot_start_blames_one(
