@@ -44,16 +44,31 @@ def _time_calls_cpu(fn: Callable[[], object], count: int) -> list[float]:
     return samples
 
 
+# Calls are queued in chunks, each behind a kernel that holds the GPU while the host
+# queues the chunk: calls shorter than their own launch then still run back to back,
+# where otherwise the GPU would wait on the host between a call's events and the
+# events would time the host (nvbench holds the GPU with a blocking kernel alike).
+# Each hold lasts twice as long as queuing the last chunk took, within bounds.
+HOLD_CHUNK = 64
+HOLD_MS = (1.0, 20.0)
+CYCLES_PER_MS = 2_000_000  # ~2 GHz, the top SM clock of current GPUs: lower clocks only hold longer
+
+
 def _time_calls_cuda(fn: Callable[[], object], count: int, flush: Callable[[], None] | None = None) -> list[float]:
     # One event pair per call and a single synchronize at the end, so the host never
     # stalls the queue between repetitions. A cache flush goes before the start event.
     pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(count)]
-    for start, end in pairs:
-        if flush:
-            flush()
-        start.record()
-        fn()
-        end.record()
+    hold_ms = HOLD_MS[0]
+    for first in range(0, count, HOLD_CHUNK):
+        torch.cuda._sleep(int(hold_ms * CYCLES_PER_MS))
+        queuing = time.perf_counter()
+        for start, end in pairs[first:first + HOLD_CHUNK]:
+            if flush:
+                flush()
+            start.record()
+            fn()
+            end.record()
+        hold_ms = min(max(2e3 * (time.perf_counter() - queuing), HOLD_MS[0]), HOLD_MS[1])
     torch.cuda.synchronize()
     return [start.elapsed_time(end) for start, end in pairs]
 
