@@ -44,31 +44,41 @@ def _time_calls_cpu(fn: Callable[[], object], count: int) -> list[float]:
     return samples
 
 
-# Calls are queued in chunks, each behind a kernel that holds the GPU while the host
-# queues the chunk: calls shorter than their own launch then still run back to back,
-# where otherwise the GPU would wait on the host between a call's events and the
-# events would time the host (nvbench holds the GPU with a blocking kernel alike).
-# Each hold lasts twice as long as queuing the last chunk took, within bounds.
+# Graph replays are queued in chunks, each behind a kernel that holds the GPU while the
+# host queues the chunk. A replay can take less GPU time than its launch takes the host;
+# unheld, the GPU would then wait on the host between a replay's events, and the events
+# would time the host (nvbench holds the GPU with a blocking kernel alike). Plain calls
+# are not held: their time includes the launch wherever the launch is the slower part,
+# as it does where they are used. A hold lasts twice the quickest chunk's queuing so far,
+# so one chunk the host was slow to queue does not lengthen every later hold.
 HOLD_CHUNK = 64
 HOLD_MS = (1.0, 20.0)
 CYCLES_PER_MS = 2_000_000  # ~2 GHz, the top SM clock of current GPUs: lower clocks only hold longer
 
 
-def _time_calls_cuda(fn: Callable[[], object], count: int, flush: Callable[[], None] | None = None) -> list[float]:
+def _queue(fn: Callable[[], object], pairs: list, flush: Callable[[], None] | None) -> None:
+    for start, end in pairs:
+        if flush:  # a cache flush goes before the start event
+            flush()
+        start.record()
+        fn()
+        end.record()
+
+
+def _time_calls_cuda(fn: Callable[[], object], count: int, flush: Callable[[], None] | None = None,
+                     hold: bool = False) -> list[float]:
     # One event pair per call and a single synchronize at the end, so the host never
-    # stalls the queue between repetitions. A cache flush goes before the start event.
+    # stalls the queue between repetitions.
     pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(count)]
-    hold_ms = HOLD_MS[0]
-    for first in range(0, count, HOLD_CHUNK):
-        torch.cuda._sleep(int(hold_ms * CYCLES_PER_MS))
-        queuing = time.perf_counter()
-        for start, end in pairs[first:first + HOLD_CHUNK]:
-            if flush:
-                flush()
-            start.record()
-            fn()
-            end.record()
-        hold_ms = min(max(2e3 * (time.perf_counter() - queuing), HOLD_MS[0]), HOLD_MS[1])
+    if hold:
+        quickest_ms = math.inf  # so the first chunk gets the longest hold
+        for first in range(0, count, HOLD_CHUNK):
+            torch.cuda._sleep(int(min(max(2 * quickest_ms, HOLD_MS[0]), HOLD_MS[1]) * CYCLES_PER_MS))
+            queuing = time.perf_counter()
+            _queue(fn, pairs[first:first + HOLD_CHUNK], flush)
+            quickest_ms = min(quickest_ms, 1e3 * (time.perf_counter() - queuing))
+    else:
+        _queue(fn, pairs, flush)
     torch.cuda.synchronize()
     return [start.elapsed_time(end) for start, end in pairs]
 
@@ -83,16 +93,18 @@ def measure(
     budget: TimingBudget,
     agree: Callable[[float], float] = _same,
     flush: Callable[[], None] | None = None,
+    hold: bool = False,
 ) -> Timing:
     """Warm up, then time ``fn`` repeatedly; samples are milliseconds per call.
 
     ``agree`` turns a local count or estimate into the one every rank uses (the
     maximum over ranks in a process group): collective closures must run the same
-    number of times everywhere.
+    number of times everywhere. ``hold`` queues calls behind a holding kernel, for
+    CUDA-graph replays.
     """
     if device.type == "cuda":
         def time_calls(fn: Callable[[], object], count: int) -> list[float]:
-            return _time_calls_cuda(fn, count, flush)
+            return _time_calls_cuda(fn, count, flush, hold)
     else:
         time_calls = _time_calls_cpu
     # The first call pays one-off costs (kernel selection and compilation, workspace

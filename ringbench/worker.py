@@ -118,7 +118,7 @@ def _modes(fn: Callable[[], object], device: torch.device, budget: TimingBudget,
 def _time_and_measure(fn: Callable[[], object], device: torch.device, budget: TimingBudget,
                       agree: Callable[[float], float] | None = None) -> dict[str, Any]:
     timed, flush, modes = _modes(fn, device, budget, across_processes=agree is not None)
-    timing = measure(timed, device, budget, agree or (lambda value: value), flush)
+    timing = measure(timed, device, budget, agree or (lambda value: value), flush, hold=modes["cuda_graph"])
     del timed, flush  # a captured graph's memory pool and the flush buffer go before the memory pass
     memory = measure_peak(fn, device)
     return {
