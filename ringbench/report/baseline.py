@@ -24,7 +24,9 @@ def resolve(frame: pd.DataFrame, baseline: str) -> str | None:
 
 def with_ratios(frame: pd.DataFrame, label: str | None) -> pd.DataFrame:
     """Adds ``speedup`` (the baseline's median time over the cell's) and ``memory_ratio``
-    (the cell's peak above inputs over the baseline's), where the baseline succeeded.
+    (the memory the cell needs in all, ``total_mib``, over the baseline's), where the
+    baseline succeeded. In all, so that buffers an implementation keeps from setup (a
+    one-device ring's sharded copy of the inputs) count against it.
 
     The baseline's cell is its first placement: one process, no ring or the smallest.
     """
@@ -34,8 +36,8 @@ def with_ratios(frame: pd.DataFrame, label: str | None) -> pd.DataFrame:
     keys = SHAPE + ["seq_len"]
     base = frame[(frame["label"] == label) & (frame["status"] == records.OK) & (frame["world_size"] == 1)]
     base = base.sort_values("ring_size", na_position="first").drop_duplicates(keys)
-    base = base[keys + ["median_ms", "peak_mib"]].rename(columns={"median_ms": "base_ms", "peak_mib": "base_mib"})
+    base = base[keys + ["median_ms", "total_mib"]].rename(columns={"median_ms": "base_ms", "total_mib": "base_mib"})
     merged = frame.merge(base, on=keys, how="left")
     merged["speedup"] = merged["base_ms"] / merged["median_ms"]
-    merged["memory_ratio"] = merged["peak_mib"] / merged["base_mib"].where(merged["base_mib"] > 0)
+    merged["memory_ratio"] = merged["total_mib"] / merged["base_mib"].where(merged["base_mib"] > 0)
     return merged.drop(columns=["base_ms", "base_mib"]).set_axis(frame.index)

@@ -16,6 +16,7 @@ from ringbench.plan import implementation_label
 COLUMNS = [
     "cell_id", "implementation", "label", "seq_len", "ring_size", "world_size", "batch_size", "heads", "head_dim",
     "dtype", "causal", "pass", "status", "median_ms", "iqr_ms", "rel_iqr", "noise_target", "n", "peak_mib", "modelled_mib", "held_mib",
+    "total_mib",
     "tokens_per_s",
     "tflops", "tflops_per_device", "peak_tflops", "kernel", "projected_ms", "projected_iqr_ms", "projected_mib", "rel_error", "max_abs_error", "tolerance",
     "rows_checked", "grad_rel_error", "comm_step_mib", "comm_wait_share", "facts", "error_type", "error_message",
@@ -74,6 +75,10 @@ def _row(record: dict[str, Any], peaks: dict[str, float]) -> dict[str, Any]:
         "peak_mib": memory.get("peak_allocated_mib"),
         "modelled_mib": memory.get("modelled_mib"),
         "held_mib": memory.get("held_mib"),
+        # What the call needs on its device in all: what it starts with (inputs or a rank's
+        # shards, and whatever setup keeps) plus its peak above that.
+        "total_mib": None if memory.get("held_mib") is None or memory.get("peak_allocated_mib") is None
+        else memory["held_mib"] + memory["peak_allocated_mib"],
         "tokens_per_s": record.get("tokens_per_s"),
         "tflops": record.get("tflops"),
         "tflops_per_device": None if record.get("tflops") is None else record["tflops"] / record.get("world_size", 1),

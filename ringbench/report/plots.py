@@ -77,8 +77,8 @@ def figures(frame: pd.DataFrame) -> dict[str, Figure]:
     """The run's figures by short name; a figure without data to show is left out."""
     candidates = {
         "time": _against_seq_len(frame, "median_ms", "median time (ms)", "Time against sequence length"),
-        "memory": _against_seq_len(frame, "peak_mib", "peak memory above inputs (MiB)",
-                                   "Peak memory per device against sequence length"),
+        "memory": _against_seq_len(frame, "total_mib", "memory in all: held + peak (MiB)",
+                                   "Memory per device against sequence length"),
         "throughput": _against_seq_len(frame, "tflops_per_device", "TFLOP/s per device",
                                        "Throughput against sequence length"),
         "scaling": _scaling(frame),
