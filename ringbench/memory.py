@@ -14,7 +14,7 @@ MIB = 2**20
 class Memory:
     peak_allocated_mib: float  # allocated above the baseline (inputs and cached state) during the call
     peak_reserved_mib: float  # what the caching allocator held at its highest during the call
-    held_mib: float  # allocated when the call starts: inputs (or a rank's shards), buffers kept by setup
+    held_mib: float  # allocated when the call starts: inputs (or a rank's shards), buffers kept by setup, library workspaces
 
 
 def measure_peak(fn: Callable[[], object], device: torch.device) -> Memory | None:

@@ -228,3 +228,16 @@ def test_parameters_say_how_long_a_sample_spans(tmp_path):
     (run / "run.json").write_text(json.dumps(meta))
     line = next(line for line in render_report([load_run(run)]).splitlines() if line.startswith("- **timing**"))
     assert line.endswith("; a sample is the mean of calls lasting at least 1000 ms")
+
+
+def test_records_without_held_memory_compare_no_memory_in_all(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "run", run)
+    records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    for record in records:
+        (record.get("memory") or {}).pop("held_mib", None)  # as written before held memory was recorded
+    (run / "records.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    markdown = render_report([load_run(run)])
+    assert ("- Best memory reduction against `standard` at equal shape: not known: these records predate the memory "
+            "held when a call starts") in markdown
+    assert "**Memory in all" not in markdown and "**Peak memory of a call" in markdown

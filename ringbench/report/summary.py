@@ -15,8 +15,10 @@ def _implementation(row: pd.Series) -> str:
 
 def best_memory_reduction(frame: pd.DataFrame, baseline: str) -> str:
     """The largest saving of memory in all against the baseline (``memory_ratio``) and where."""
-    if frame["total_mib"].isna().all():
+    if frame["peak_mib"].isna().all():
         return "memory is not measured on the CPU"
+    if frame["total_mib"].isna().all():
+        return "not known: these records predate the memory held when a call starts"
     ok = frame[(frame["status"] == records.OK) & (frame["label"] != baseline) & frame["memory_ratio"].notna()]
     if ok.empty:
         return f"no implementation ran at a shape where `{escape(baseline)}` succeeded with memory measured"

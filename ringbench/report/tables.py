@@ -69,8 +69,8 @@ METRICS = (
            _present("tflops")),
     Metric("Peak memory of a call above what it starts with (inputs, buffers kept by setup), measured (modelled), MiB",
            _memory, _present("peak_mib"), "not measured on the CPU."),
-    Metric("Memory in all, per device: held when a call starts (inputs or a rank's shards, buffers kept by setup) "
-           "+ peak above that, MiB",
+    Metric("Memory in all, per device: held when a call starts (inputs or a rank's shards, buffers kept by setup, "
+           "library workspaces) + peak above that, MiB",
            lambda row: f"{mib(row.held_mib)} + {mib(row.peak_mib)} = {mib(row.total_mib)}",
            _present("total_mib"), rows_with="total_mib"),
     Metric("Speed-up against `{baseline}`: its median time over this one",
