@@ -5,7 +5,7 @@ import time
 import torch
 
 from ringbench.config import TimingBudget
-from ringbench.stats import summarize
+from ringbench.stats import relative_iqr, summarize
 from ringbench.timing import _more_needed, measure, per_sample
 
 CPU = torch.device("cpu")
@@ -104,3 +104,23 @@ def test_max_ms_counts_every_call_of_a_grouped_sample():
     noisy = [1.0, 3.0] * 10  # 40 ms of samples
     assert _more_needed(noisy, budget, calls_per_sample=2) == 10
     assert _more_needed(noisy, budget, calls_per_sample=3) == 0  # 120 ms of calls spent
+
+
+def test_stopping_rule_on_quiet_noisy_and_drifting_streams(monkeypatch):
+    def clock(times):
+        stream = iter(times)
+        monkeypatch.setattr("ringbench.timing._time_calls_cpu", lambda fn, count: [next(stream) for _ in range(count)])
+
+    budget = TimingBudget(warmup_ms=1, rep_ms=10, min_reps=8, max_reps=40, noise_target=0.02, max_ms=1000)
+    clock(itertools.repeat(2.0))
+    quiet = measure(lambda: None, CPU, budget)
+    assert len(quiet.samples_ms) == 8 and relative_iqr(quiet.samples_ms) == 0  # quiet at once: min_reps
+    clock(itertools.cycle([1.0, 1.5]))
+    noisy = measure(lambda: None, CPU, budget)
+    assert len(noisy.samples_ms) == 40  # never quiet: up to max_reps
+    # A drifting device (each call 1% slower than the last): more samples only widen the
+    # spread, so sampling runs to the cap and the noise target stays unreached.
+    clock(1.0 + 0.01 * i for i in itertools.count())
+    drifting = measure(lambda: None, CPU, budget)
+    assert len(drifting.samples_ms) == 40
+    assert drifting.samples_ms[0] == 1.02 and relative_iqr(drifting.samples_ms) > budget.noise_target
