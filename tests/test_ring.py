@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ringbench import blocks, correctness, registry
-from ringbench.impls.ring import ring_block, shard, unshard
+from ringbench.impls.ring import chunk_blocks, positions, ring_block
 from ringbench.plan import Cell
 
 
@@ -42,8 +42,7 @@ def test_rank_share_computes_that_ranks_rows(ring_size, causal, zigzag):
     p = problem(seq_len, ring_size, causal, zigzag)
     share = registry.get("ring").setup(p).rank_share()
     # The last rank's rows, in its shard's order.
-    positions = shard(torch.arange(seq_len).view(1, 1, seq_len, 1).float(), ring_size, zigzag)[-1, 0, 0, :, 0].long()
-    expected = correctness.reference_rows("dense", p, positions)
+    expected = correctness.reference_rows("dense", p, positions(seq_len, ring_size, zigzag)[-1])
     torch.testing.assert_close(share.double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -51,13 +50,13 @@ def test_rank_share_computes_that_ranks_rows(ring_size, causal, zigzag):
 def test_schedule_computes_every_needed_pair_exactly_once(ring_size, causal, zigzag):
     seq_len = 4 * ring_size
     shard_len = seq_len // ring_size
-    positions = shard(torch.arange(seq_len).view(1, 1, seq_len, 1).float(), ring_size, zigzag)[:, 0, 0, :, 0].long()
+    rows = positions(seq_len, ring_size, zigzag)
     visits = torch.zeros(seq_len, seq_len, dtype=torch.long)
     for rank, step in itertools.product(range(ring_size), range(ring_size)):
         spec = ring_block(rank, step, ring_size, shard_len, causal, zigzag)
         if spec is None:
             continue
-        q_pos, k_pos = positions[rank][spec.q_rows], positions[spec.kv_rank][spec.kv_rows]
+        q_pos, k_pos = rows[rank][spec.q_rows], rows[spec.kv_rank][spec.kv_rows]
         pairs = torch.ones(len(q_pos), len(k_pos), dtype=torch.long)
         if spec.causal:
             pairs = pairs.tril()
@@ -69,11 +68,21 @@ def test_schedule_computes_every_needed_pair_exactly_once(ring_size, causal, zig
     assert torch.equal(visits, needed.tril() if causal else needed)
 
 
-def test_shard_and_unshard_are_inverse():
-    x = torch.randn(2, 3, 48, 4)
-    for ring_size, zigzag in [(1, False), (4, False), (4, True), (3, True)]:
-        assert torch.equal(unshard(shard(x, ring_size, zigzag), x.dtype, zigzag), x)
-    assert shard(torch.arange(8.0).view(1, 1, 8, 1), 2, True)[:, 0, 0, :, 0].tolist() == [[0, 1, 6, 7], [2, 3, 4, 5]]
+def test_zigzag_positions():
+    assert positions(8, 2, True).tolist() == [[0, 1, 6, 7], [2, 3, 4, 5]]
+    assert positions(8, 2, False).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+@pytest.mark.parametrize("ring_size, causal, zigzag", itertools.product([1, 2, 3, 5, 8], [False, True], [False, True]))
+def test_chunk_blocks_cover_every_needed_chunk_pair_once(ring_size, causal, zigzag):
+    chunks = ring_size * (2 if zigzag else 1)
+    visits = torch.zeros(chunks, chunks, dtype=torch.long)
+    for step in range(ring_size):
+        for q_chunk, kv_chunk, diagonal in chunk_blocks(step, ring_size, causal, zigzag):
+            assert diagonal == (causal and q_chunk == kv_chunk)
+            visits[q_chunk, kv_chunk] += 1
+    needed = torch.ones(chunks, chunks, dtype=torch.long)
+    assert torch.equal(visits, needed.tril() if causal else needed)
 
 
 def test_block_log_sum_exp_merges_exactly():

@@ -5,8 +5,9 @@ step t every rank r attends its query shard to the K/V shard of rank (r − t) m
 the one it would have just received from its neighbour. Each block is computed by a
 fused kernel that returns the log-sum-exp, and partial results are merged in float32.
 
-On one device the P blocks of a step run as one batched kernel call, since a device
-would otherwise run the ranks one after another. So that a single device's tiling is
+On one device the blocks of a step run as few batched kernel calls on views of the
+inputs (one, or with zigzag a few), since a device would otherwise run the ranks
+one after another. So that a single device's tiling is
 never presented as distribution, ``rank_share`` runs one rank's share alone (its query
 shard against every K/V shard, received into a buffer as a rank would), and the
 harness reports its time and memory as a per-rank *projection*.
@@ -73,81 +74,80 @@ def positions(seq_len: int, ring_size: int, zigzag: bool, device: torch.device |
     return chunks.reshape(ring_size, -1)
 
 
-def shard(x: torch.Tensor, ring_size: int, zigzag: bool) -> torch.Tensor:
-    """(B, H, S, D) → (P, B, H, S/P, D), each rank's shard contiguous."""
-    b, h, s, d = x.shape
-    if zigzag:
-        chunks = x.view(b, h, 2 * ring_size, s // (2 * ring_size), d)
-        order = torch.tensor(_zigzag_order(ring_size), device=x.device)
-        x = chunks.index_select(2, order)
-    return x.reshape(b, h, ring_size, s // ring_size, d).permute(2, 0, 1, 3, 4).contiguous()
+def _chunks_of(rank: int, ring_size: int, zigzag: bool) -> tuple[int, ...]:
+    """The chunks of the sequence (P of them, or 2P with zigzag) that rank ``rank`` holds, in shard order."""
+    return (rank, 2 * ring_size - 1 - rank) if zigzag else (rank,)
 
 
-def unshard(acc: torch.Tensor, dtype: torch.dtype, zigzag: bool) -> torch.Tensor:
-    """(P, B, H, S/P, D) float32 → (B, H, S, D) in ``dtype``, sequence back in natural order."""
-    p, b, h, n, d = acc.shape
-    out = torch.empty(b, h, p * n, d, dtype=dtype, device=acc.device)
-    if not zigzag:
-        out.view(b, h, p, n, d).copy_(acc.permute(1, 2, 0, 3, 4))
-        return out
-    halves = acc.view(p, b, h, 2, n // 2, d)
-    chunks = out.view(b, h, 2 * p, n // 2, d)
-    chunks[:, :, :p].copy_(halves[:, :, :, 0].permute(1, 2, 0, 3, 4))
-    for rank in range(p):  # the later chunks run in reverse rank order; copied one by one to avoid a temporary
-        chunks[:, :, 2 * p - 1 - rank].copy_(halves[rank, :, :, 1])
-    return out
+def chunk_blocks(step: int, ring_size: int, causal: bool, zigzag: bool) -> list[tuple[int, int, bool]]:
+    """Ring step ``step`` of every rank as (query chunk, K/V chunk, causal) blocks.
 
-
-def _groups(step: int, ring_size: int, shard_len: int, causal: bool, zigzag: bool):
-    """Runs of consecutive ranks whose blocks in this step can share one batched kernel call."""
-    runs: list[tuple[int, int, BlockSpec]] = []  # (first rank, last rank, spec of the first rank)
-    previous: BlockSpec | None = None
+    Chunks index the sequence in natural order. A rank's block in a step covers one
+    or two of its chunks against one or two of the K/V rank's (``ring_block`` over a
+    shard of one row per chunk); split into chunk pairs, the pairs beyond the causal
+    diagonal drop out and the pairs on it are the causal ones.
+    """
+    blocks_of_step = []
     for rank in range(ring_size):
-        spec = ring_block(rank, step, ring_size, shard_len, causal, zigzag)
-        joins = (
-            spec is not None and previous is not None and runs and runs[-1][1] == rank - 1
-            and (spec.q_rows, spec.kv_rows, spec.causal) == (previous.q_rows, previous.kv_rows, previous.causal)
-            and spec.kv_rank == previous.kv_rank + 1
-        )
-        if joins:
-            runs[-1] = (runs[-1][0], rank, runs[-1][2])
-        elif spec is not None:
-            runs.append((rank, rank, spec))
-        previous = spec
+        spec = ring_block(rank, step, ring_size, 2 if zigzag else 1, causal, zigzag)
+        if spec is None:
+            continue
+        for q_chunk in _chunks_of(rank, ring_size, zigzag)[spec.q_rows]:
+            for kv_chunk in _chunks_of(spec.kv_rank, ring_size, zigzag)[spec.kv_rows]:
+                if not spec.causal or kv_chunk < q_chunk:
+                    blocks_of_step.append((q_chunk, kv_chunk, False))
+                elif kv_chunk == q_chunk:
+                    blocks_of_step.append((q_chunk, kv_chunk, True))
+    return blocks_of_step
+
+
+def _runs(blocks_of_step: list[tuple[int, int, bool]]) -> list[tuple[int, int, int, bool]]:
+    """(first query chunk, first K/V chunk, count, causal): blocks whose query and K/V chunks
+    both advance by one, so that each run is one batched kernel call on views."""
+    runs: list[tuple[int, int, int, bool]] = []
+    for q_chunk, kv_chunk, causal in sorted(blocks_of_step, key=lambda b: (b[2], b[0] - b[1], b[0])):
+        if runs:
+            q0, kv0, count, run_causal = runs[-1]
+            if run_causal == causal and (q0 + count, kv0 + count) == (q_chunk, kv_chunk):
+                runs[-1] = (q0, kv0, count + 1, causal)
+                continue
+        runs.append((q_chunk, kv_chunk, 1, causal))
     return runs
 
 
 class _AllRanks:
-    """Every rank of the ring on one device, the P blocks of a step in one batched call."""
+    """Every rank of the ring on one device, each step's blocks batched into few calls.
+
+    The inputs stay in their natural layout, cut into chunks (P, or 2P with zigzag);
+    a run of blocks goes to the kernel as strided views of shape (B·H, chunks, rows,
+    D), the chunks in the place of heads, so no copy of any shard is made.
+    """
 
     def __init__(self, problem: Problem, kernel: str, zigzag: bool):
         self.kernel, self.zigzag, self.causal, self.dtype = kernel, zigzag, problem.causal, problem.q.dtype
         self.natural = tuple(t.detach() for t in (problem.q, problem.k, problem.v))
-        self.q, self.k, self.v = (shard(t, problem.ring_size, zigzag) for t in self.natural)
-        self.ring_size, self.shard_len = self.q.shape[0], self.q.shape[3]
+        self.ring_size = problem.ring_size
+        self.shard_len = problem.q.shape[2] // problem.ring_size
+        self.chunk_count = self.ring_size * (2 if zigzag else 1)
+
+    def chunked(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, S, …) → (B·H, chunks, S / chunks, …), a view."""
+        b, h, s = x.shape[:3]
+        return x.view(b * h, self.chunk_count, s // self.chunk_count, *x.shape[3:])
 
     def forward(self, keep_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        q, k, v = self.q, self.k, self.v
-        acc = acc_lse = None
+        q, k, v = (self.chunked(t) for t in self.natural)
+        # Rows not yet seen carry lse = −inf, so a first block's merge takes its values as they are.
+        acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        acc_lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
         for step in range(self.ring_size):
-            for first, last, spec in _groups(step, self.ring_size, self.shard_len, self.causal, self.zigzag):
-                ranks, kv_ranks = slice(first, last + 1), slice(spec.kv_rank, spec.kv_rank + last - first + 1)
-                out, lse = blocks.attend(
-                    self.kernel,
-                    q[ranks, :, :, spec.q_rows].flatten(0, 1),
-                    k[kv_ranks, :, :, spec.kv_rows].flatten(0, 1),
-                    v[kv_ranks, :, :, spec.kv_rows].flatten(0, 1),
-                    spec.causal,
-                )
-                if acc is None:  # step 0 is every rank's full diagonal block
-                    acc, acc_lse = out.float().view(q.shape), lse.view(q.shape[:-1])
-                    continue
-                target = acc[ranks, :, :, spec.q_rows]
-                target_lse = acc_lse[ranks, :, :, spec.q_rows]
-                blocks.merge_(target, target_lse, out.view(target.shape), lse.view(target_lse.shape))
-            del out, lse  # free the step's block before the next one (or the output) is allocated
-        lse = unshard(acc_lse.unsqueeze(-1), torch.float32, self.zigzag).squeeze(-1) if keep_lse else None
-        return unshard(acc, self.dtype, self.zigzag), lse
+            for q0, kv0, count, causal in _runs(chunk_blocks(step, self.ring_size, self.causal, self.zigzag)):
+                queries, keys = slice(q0, q0 + count), slice(kv0, kv0 + count)
+                out, lse = blocks.attend(self.kernel, q[:, queries], k[:, keys], v[:, keys], causal)
+                blocks.merge_(acc[:, queries], acc_lse[:, queries], out, lse)
+                del out, lse  # free the block before the next one (or the output) is allocated
+        shape = self.natural[0].shape
+        return acc.view(shape).to(self.dtype), acc_lse.view(shape[:-1]) if keep_lse else None
 
     def backward(self, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
         """Gradients in natural order, K/V chunk by K/V chunk.
@@ -182,23 +182,28 @@ class _AllRanks:
 
 def _all_ranks(problem: Problem, kernel: str, zigzag: bool) -> Bench:
     ring = _AllRanks(problem, kernel, zigzag)
-    q, k, v = ring.q, ring.k, ring.v
+    q, k, v = ring.natural
     ring_size, shard_len = ring.ring_size, ring.shard_len
+    shard_rows = positions(q.shape[2], ring_size, zigzag, q.device)
+    # The busiest rank: all ranks are equal unless causal without zigzag, where the last does most.
+    rank = ring_size - 1
+    own: dict[str, torch.Tensor] = {}
 
     def rank_share() -> torch.Tensor:
-        # The busiest rank: all ranks are equal unless causal without zigzag, where the last does most.
-        rank = ring_size - 1
-        received_k, received_v = torch.empty_like(k[0]), torch.empty_like(v[0])
+        if not own:  # what the rank holds from the start: its query shard and two receive buffers
+            own["q"] = q.index_select(2, shard_rows[rank])
+            own["k"], own["v"] = torch.empty_like(own["q"]), torch.empty_like(own["q"])
+        received_k, received_v = own["k"], own["v"]
         acc = acc_lse = None
         for step in range(ring_size):
             spec = ring_block(rank, step, ring_size, shard_len, problem.causal, zigzag)
             if spec is None:
                 continue
-            received_k.copy_(k[spec.kv_rank])  # what the receive from the neighbour would deliver
-            received_v.copy_(v[spec.kv_rank])
-            out, lse = blocks.attend(
-                kernel, q[rank][:, :, spec.q_rows], received_k[:, :, spec.kv_rows], received_v[:, :, spec.kv_rows], spec.causal
-            )
+            # What the receive from the neighbour would deliver.
+            torch.index_select(k, 2, shard_rows[spec.kv_rank], out=received_k)
+            torch.index_select(v, 2, shard_rows[spec.kv_rank], out=received_v)
+            out, lse = blocks.attend(kernel, own["q"][:, :, spec.q_rows], received_k[:, :, spec.kv_rows],
+                                     received_v[:, :, spec.kv_rows], spec.causal)
             if acc is None:
                 acc, acc_lse = out.float(), lse
             else:
@@ -307,9 +312,9 @@ def _memory_model(cell: Cell) -> int:
 
     The float32 accumulator (4 bytes per output element) and its log-sum-exp live
     throughout; on top of them come either one step's block output in the input
-    dtype with its log-sum-exp, or, at the end, the output itself. The sharded copy
-    of q, k, v made at setup is part of the baseline, not of this figure. Across
-    processes the figure is per rank, for its shard's rows.
+    dtype with its log-sum-exp, or, at the end, the output itself. On one device
+    the blocks are views of the inputs; across processes the figure is per rank,
+    for its shard's rows.
     """
     rows = cell.batch_size * cell.heads * cell.seq_len // cell.world_size
     element = DTYPE_BYTES[cell.dtype]
