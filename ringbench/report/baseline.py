@@ -26,7 +26,7 @@ def with_ratios(frame: pd.DataFrame, label: str | None) -> pd.DataFrame:
     """Adds ``speedup`` (the baseline's median time over the cell's) and ``memory_ratio``
     (the memory the cell needs in all, ``total_mib``, over the baseline's), where the
     baseline succeeded. In all, so that buffers an implementation keeps from setup (a
-    one-device ring's sharded copy of the inputs) count against it.
+    sharded copy of the inputs, say) count against it.
 
     The baseline's cell is its first placement: one process, no ring or the smallest.
     """
