@@ -34,9 +34,9 @@ class TimingBudget:
     After ``rep_ms`` worth of samples, sampling goes on while the relative noise
     (IQR / median) is above ``noise_target``, until ``max_ms`` of samples or
     ``max_reps`` samples. A sample is one call, or with ``sample_ms`` > 0 the mean
-    per call of back-to-back calls lasting at least that long. ``cold_l2`` flushes the GPU's L2 cache before each
-    repetition; calls faster than ``cuda_graph_below_ms`` are timed as CUDA-graph
-    replays (0 turns that off).
+    per call of back-to-back calls lasting at least that long. ``cold_l2`` flushes
+    the GPU's L2 cache before each repetition; calls faster than
+    ``cuda_graph_below_ms`` are timed as CUDA-graph replays (0 turns that off).
     """
 
     warmup_ms: float = 25.0
