@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from ringbench import fused_merge
+
 KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
 # Fastest first, as measured on an H100 for bf16 (cuDNN > flash > efficient).
 _PREFERENCE = ("cudnn", "flash", "efficient")
@@ -149,17 +151,10 @@ def _merge(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: tor
     acc_lse.copy_(new_lse)
 
 
-@lru_cache(maxsize=None)
-def _fused_merge() -> Callable:
-    # Compiled once per process: on a GPU the eager merge makes four passes over the
-    # float32 accumulator, the fused kernel one (measured on an H100: 0.60 ms instead
-    # of 1.17 ms for a 64K×16×128 accumulator). Shapes vary by step, hence dynamic.
-    return torch.compile(_merge, dynamic=True)
-
-
-# Below this many accumulator elements a merge is bound by launches, not memory, and
-# the compiled function's per-call guard checks cost more than the passes it saves.
-FUSED_MERGE_MIN_ELEMENTS = 2**24
+def merge_path(device: torch.device) -> str:
+    """Which merge runs on ``device``: the fused Triton kernel on GPUs where Triton is installed,
+    else eager PyTorch. One path per device for the whole sweep, recorded in each cell's facts."""
+    return "triton" if device.type == "cuda" and fused_merge.AVAILABLE else "eager"
 
 
 def merge_(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
@@ -168,8 +163,7 @@ def merge_(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: tor
     ``acc``/``acc_lse`` may be views into larger buffers. Rows the accumulator has
     not seen yet carry lse = −inf and take the block's values.
     """
-    fused = acc.is_cuda and acc.numel() >= FUSED_MERGE_MIN_ELEMENTS
-    (_fused_merge() if fused else _merge)(acc, acc_lse, out, lse)
+    (fused_merge.merge_ if merge_path(acc.device) == "triton" else _merge)(acc, acc_lse, out, lse)
 
 
 class Differentiable(torch.autograd.Function):

@@ -65,6 +65,8 @@ def run(
     output_root: Optional[Path] = typer.Option(None, "--output-root", help="overrides the config's output_root"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="run folder of a stopped run: run what it lacks"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="with --resume: also re-run oom/error/crashed cells"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1,
+                                          help="torch intra-op threads (overrides the config; default: physical cores)"),
 ) -> None:
     """Run a sweep: every cell timed, memory-measured and recorded under the output root."""
     from ringbench import distributed, records, runner
@@ -85,13 +87,13 @@ def run(
         _print_plan(config, the_plan)
         return
     if distributed.launched():  # one rank of a group the user started with torchrun
-        run_dir = runner.serve(sweep, the_plan, None, str(config), output_root or Path(sweep.output_root))
+        run_dir = runner.serve(sweep, the_plan, None, str(config), output_root or Path(sweep.output_root), threads)
         print(f"records in {run_dir}", file=sys.stderr)
         return
     console = Console(stderr=True)
     with _user_errors(), ProgressBar(console) as bar:
         result = runner.run(sweep, the_plan, str(config), device, bar, output_root or Path(sweep.output_root),
-                            resume, retry_failed)
+                            resume, retry_failed, threads)
     console.print(summary_table(result.records))
     if result.interrupted:
         console.print(f"interrupted: {len(result.records)} finished cells kept in {result.run_dir}")
@@ -100,7 +102,8 @@ def run(
 
 
 @app.command(hidden=True)
-def ranks(run_dir: Path = typer.Argument(..., help="run folder whose run.json names the config")) -> None:
+def ranks(run_dir: Path = typer.Argument(..., help="run folder whose run.json names the config"),
+          threads: Optional[int] = typer.Option(None, "--threads", help="intra-op threads of the host, shared by its ranks")) -> None:
     """A worker that `run` started (one process, or one rank of a group): runs the cells of its world size."""
     from ringbench import records, runner
 
@@ -111,7 +114,7 @@ def ranks(run_dir: Path = typer.Argument(..., help="run folder whose run.json na
         if sweep.hash != meta["config_hash"]:  # edited while the run goes on: its cells are no longer this run's
             raise UserError(f"{source}: changed since the run in {run_dir} started (config hash {sweep.hash}, "
                             f"run {meta['config_hash']}); restore it, or start a new run")
-    runner.serve(sweep, the_plan, run_dir, source, Path(sweep.output_root))
+    runner.serve(sweep, the_plan, run_dir, source, Path(sweep.output_root), threads)
 
 
 @app.command()

@@ -9,15 +9,20 @@ The whole output is checked when the sequence is at most ``FULL_CHECK_MAX_SEQ``;
 beyond that, a fixed-size random subset of query rows (seeded by the sweep's seed)
 is checked against all keys. The error measure is the relative Frobenius error
 ‖out − ref‖ / ‖ref‖ over the checked rows; a cell passes when it is finite and at
-most ``TOLERANCE[dtype]``. The maximum absolute error is recorded beside it.
+most its tolerance: that of its dtype, or of the type the implementation
+accumulates in where that is less precise (``tolerance``). The maximum absolute
+error is recorded beside it.
 
 For backward passes dq, dk and dv are also compared, each by the same relative
-error, with float64 autograd through dense attention (see ``check_gradients``).
+error, with a float64 reference streamed over blocks of query rows on the device,
+at every length: whole up to ``GRADIENT_FULL_MAX_SEQ``, on a sample beyond it
+(see ``GradientSample``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +33,6 @@ from ringbench.registry import Problem
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 FULL_CHECK_MAX_SEQ = 4096
 SUBSET_ROWS = 256
-GRADIENT_CHECK_MAX_SEQ = 8192
 
 
 def _coverage_log(rows: torch.Tensor, seq_len: int, head: int, options: dict) -> torch.Tensor:
@@ -102,11 +106,17 @@ def partial_errors(family: str, problem: Problem, output: torch.Tensor, output_r
             float(len(rows))]
 
 
-def verdict(family: str, partials: list[float], dtype: str) -> dict[str, Any]:
+def tolerance(dtype: str, accumulates: str | None) -> float:
+    """The relative error a cell may reach: its dtype's, or that of the type the implementation
+    accumulates in (declared at registration) where that is the less precise."""
+    own = TOLERANCE[dtype]
+    return own if accumulates is None else max(own, TOLERANCE[accumulates])
+
+
+def verdict(family: str, partials: list[float], tolerance: float) -> dict[str, Any]:
     """The check's record from (combined) partial errors."""
     squared_error, squared_reference, max_abs, rows = partials
     relative = math.sqrt(squared_error / squared_reference) if squared_reference > 0 else max_abs
-    tolerance = TOLERANCE[dtype]
     return {
         "reference": family,
         "rows_checked": int(rows),
@@ -117,65 +127,122 @@ def verdict(family: str, partials: list[float], dtype: str) -> dict[str, Any]:
     }
 
 
-def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
-    norm = reference.norm().item()
-    error = (value.double() - reference).norm().item()
-    return error / norm if norm > 0 else error
-
-
 GRADIENTS = ("dq", "dk", "dv")
+# Up to this length every row of every (batch, head) is checked; beyond it a sample.
+GRADIENT_FULL_MAX_SEQ = 8192
+GRADIENT_SAMPLE_ROWS = 256
+# float64 scores per block of query rows in the streamed reference: 128 MiB, plus as much for probabilities.
+BLOCK_ELEMENTS = 2**24
+
+
+@dataclass(frozen=True)
+class GradientSample:
+    """Where gradients are checked: (batch, head) pairs, query rows for dq, key rows for dk and dv.
+
+    Whole up to ``GRADIENT_FULL_MAX_SEQ``. Beyond it, the first and the last (batch, head)
+    — the last head has a non-zero offset in every dilated pattern with r > 1 — and
+    ``GRADIENT_SAMPLE_ROWS`` query rows and as many key rows drawn with the sweep's seed:
+    a key's gradient sums over every query row, so the reference still streams over
+    all of them, which bounds the cost by 2·S²·D per pair checked.
+    """
+
+    pairs: tuple[tuple[int, int], ...]
+    q_rows: torch.Tensor
+    k_rows: torch.Tensor
+
+    @classmethod
+    def of(cls, q: torch.Tensor, seed: int) -> "GradientSample":
+        batch, heads, seq_len = q.shape[:3]
+        if seq_len <= GRADIENT_FULL_MAX_SEQ:
+            every = torch.arange(seq_len, device=q.device)
+            return cls(tuple((b, h) for b in range(batch) for h in range(heads)), every, every)
+        draw = torch.Generator().manual_seed(seed + 2)
+        q_rows, k_rows = (torch.randperm(seq_len, generator=draw)[:GRADIENT_SAMPLE_ROWS].sort().values.to(q.device)
+                          for _ in range(2))
+        return cls(tuple(dict.fromkeys([(0, 0), (batch - 1, heads - 1)])), q_rows, k_rows)
+
+
+@torch.no_grad()
+def reference_gradients(family: str, problem: Problem, batch: int, head: int, dout: torch.Tensor,
+                        q_rows: torch.Tensor, k_rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """float64 dq at ``q_rows`` and dk, dv at ``k_rows`` of one (batch, head), streamed over
+    blocks of query rows; ``dout`` is that head's output gradient, (S, D).
+
+    With P = softmax(scores + bias), O = P·V and Δ = rowsum(dO ∘ O):
+    dS = P ∘ (dO·Vᵀ − Δ), dQ = dS·K·scale, dK = dSᵀ·Q·scale, dV = Pᵀ·dO.
+    A row no key may see has output 0 and no gradient.
+    """
+    q, k, v = (t[batch, head].double() for t in (problem.q, problem.k, problem.v))
+    seq_len, head_dim = q.shape
+    scale = head_dim ** -0.5
+    dq = torch.zeros(len(q_rows), head_dim, dtype=torch.float64, device=q.device)
+    dk, dv = (torch.zeros(len(k_rows), head_dim, dtype=torch.float64, device=q.device) for _ in range(2))
+    k_sampled, v_sampled = k[k_rows], v[k_rows]
+    rows_per_block = max(1, BLOCK_ELEMENTS // seq_len)
+    for start in range(0, seq_len, rows_per_block):
+        rows = torch.arange(start, min(seq_len, start + rows_per_block), device=q.device)
+        bias = _bias(family, problem, rows, head)
+        seen = torch.isfinite(bias).any(-1, keepdim=True)
+        probs = torch.softmax(q[rows] @ k.T * scale + bias.masked_fill(~seen, 0.0), -1) * seen  # (R, S)
+        d_out = dout[rows].double()
+        delta = (d_out * (probs @ v)).sum(-1, keepdim=True)  # (R, 1)
+        columns = probs[:, k_rows]  # (R, sampled keys)
+        dk += (columns * (d_out @ v_sampled.T - delta)).T @ q[rows] * scale
+        dv += columns.T @ d_out
+        inside = (q_rows >= rows[0]) & (q_rows <= rows[-1])
+        if inside.any():
+            local = q_rows[inside] - start
+            dq[inside] = (probs[local] * (d_out[local] @ v.T - delta[local])) @ k * scale
+    return dq, dk, dv
 
 
 def gradient_partials(family: str, problem: Problem, grads: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
-                      rows: torch.Tensor | None = None) -> list[float] | None:
-    """[Σ(g − ref)², Σref²] for dq, dk and dv in turn, against float64 autograd through the family's reference.
+                      seed: int, rows: torch.Tensor | None = None) -> list[float]:
+    """[Σ(g − ref)², Σref²] for dq, dk and dv in turn, over the entries of ``GradientSample``
+    this process holds, against the float64 reference of the family.
 
     ``grad_out`` is the gradient of the whole output; ``rows`` are the sequence
     positions of the rows ``grads`` hold (None: all, in order), so the sums of the
-    ranks of a process group add up to the whole. Gradients of a key depend on
-    every query row, so no row subset will do: None (not checked) for sequences
-    above ``GRADIENT_CHECK_MAX_SEQ``.
+    ranks of a process group add up to the whole.
     """
     seq_len = problem.q.shape[2]
-    if seq_len > GRADIENT_CHECK_MAX_SEQ:
-        return None
+    device = problem.q.device
+    sample = GradientSample.of(problem.q, seed)
+    place = torch.full((seq_len,), -1, dtype=torch.long, device=device)  # sequence position → row of grads
+    held = torch.arange(seq_len, device=device) if rows is None else rows
+    place[held] = torch.arange(len(held), device=device)
     sums = [0.0] * (2 * len(GRADIENTS))
-    every = torch.arange(seq_len, device=problem.q.device)
-    for h in range(problem.q.shape[1]):
-        bias = _bias(family, problem, every, h)
-        # A row no key may see has output 0 and no gradient (softmax over nothing is undefined).
-        seen = torch.isfinite(bias).any(-1, keepdim=True)
-        bias = bias.masked_fill(~seen, 0.0)
-        for b in range(problem.q.shape[0]):
-            q, k, v = (t[b, h].detach().double().requires_grad_() for t in (problem.q, problem.k, problem.v))
-            output = torch.softmax(q @ k.T / math.sqrt(q.shape[-1]) + bias, -1) @ v * seen
-            reference = torch.autograd.grad(output, (q, k, v), grad_out[b, h].double())
-            for index, (value, expected) in enumerate(zip((g[b, h] for g in grads), reference)):
-                expected = expected if rows is None else expected[rows]
-                sums[2 * index] += (value.double() - expected).pow(2).sum().item()
-                sums[2 * index + 1] += expected.pow(2).sum().item()
+    for b, h in sample.pairs:
+        reference = reference_gradients(family, problem, b, h, grad_out[b, h], sample.q_rows, sample.k_rows)
+        for index, (grad, sampled, expected) in enumerate(zip(grads, (sample.q_rows, sample.k_rows, sample.k_rows),
+                                                             reference)):
+            local = place[sampled]
+            mine = local >= 0
+            value = grad[b, h, local[mine]].double()
+            sums[2 * index] += (value - expected[mine]).pow(2).sum().item()
+            sums[2 * index + 1] += expected[mine].pow(2).sum().item()
     return sums
 
 
-def gradient_verdict(partials: list[float] | None, dtype: str) -> dict[str, Any]:
+def gradient_verdict(partials: list[float], tolerance: float, sample: GradientSample) -> dict[str, Any]:
     """The gradient check's record from (combined) partial sums; each gradient by its relative error."""
-    if partials is None:
-        return {"checked": False, "reason": f"seq_len above {GRADIENT_CHECK_MAX_SEQ}", "passed": True}
     errors = {}
     for index, name in enumerate(GRADIENTS):
         error, norm = partials[2 * index], partials[2 * index + 1]
         errors[name] = math.sqrt(error / norm) if norm > 0 else math.sqrt(error)
     worst = max(errors.values())
-    return {"checked": True, **{f"{name}_rel_error": _finite_or_none(e) for name, e in errors.items()},
-            "rel_error": _finite_or_none(worst), "passed": math.isfinite(worst) and worst <= TOLERANCE[dtype]}
+    return {"checked": True, "heads_checked": len(sample.pairs), "rows_checked": len(sample.q_rows),
+            **{f"{name}_rel_error": _finite_or_none(e) for name, e in errors.items()},
+            "rel_error": _finite_or_none(worst), "passed": math.isfinite(worst) and worst <= tolerance}
 
 
 def check_gradients(family: str, problem: Problem, grads: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
-                    dtype: str) -> dict[str, Any]:
+                    tolerance: float, seed: int) -> dict[str, Any]:
     """dq, dk, dv of one process (all rows) against the float64 reference."""
-    return gradient_verdict(gradient_partials(family, problem, grads, grad_out), dtype)
+    sums = gradient_partials(family, problem, grads, grad_out, seed)
+    return gradient_verdict(sums, tolerance, GradientSample.of(problem.q, seed))
 
 
-def check(family: str, problem: Problem, output: torch.Tensor, dtype: str, seed: int) -> dict[str, Any]:
+def check(family: str, problem: Problem, output: torch.Tensor, tolerance: float, seed: int) -> dict[str, Any]:
     """Compare a whole output (all rows, in order) with the family's reference."""
-    return verdict(family, partial_errors(family, problem, output, None, seed), dtype)
+    return verdict(family, partial_errors(family, problem, output, None, seed), tolerance)

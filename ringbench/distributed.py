@@ -37,6 +37,11 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def local_world_size() -> int:
+    """Ranks on this host (the launcher's LOCAL_WORLD_SIZE; 1 outside a launcher)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def join(device_type: str, timeout: timedelta = TIMEOUT) -> Group:
     """Join the process group the launcher prepared; one CUDA device per local rank."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

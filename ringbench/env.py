@@ -10,10 +10,12 @@ import os
 import platform
 import socket
 import subprocess
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from ringbench import __version__
@@ -110,11 +112,47 @@ def _nccl_version() -> str | None:
         return None
 
 
+def default_threads() -> int:
+    """Physical cores this process may use: intra-op threads beyond them share cores and
+    slow every operation (hyperthreads, or cores the scheduler has not given us)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(psutil.cpu_count(logical=False) or usable, usable))
+
+
+# A process using more than this share of one core while the run starts or ends is named:
+# it competes with the benchmark for the CPU (and, on a GPU, for launching kernels).
+BUSY_CPU_PERCENT = 20.0
+LOAD_SAMPLE_S = 0.5
+
+
+def host_load() -> dict[str, Any]:
+    """The host's load average (1, 5, 15 minutes) and the other processes busy on its CPUs now."""
+    ours = {os.getpid(), *(child.pid for child in psutil.Process().children(recursive=True))}
+    processes = [p for p in psutil.process_iter(["pid", "name"]) if p.pid not in ours]
+    for process in processes:  # the first reading only starts each process's clock
+        try:
+            process.cpu_percent(None)
+        except psutil.Error:
+            pass
+    time.sleep(LOAD_SAMPLE_S)
+    busy = []
+    for process in processes:
+        try:
+            percent = process.cpu_percent(None)
+        except psutil.Error:  # ended meanwhile, or not ours to read
+            continue
+        if percent > BUSY_CPU_PERCENT:
+            busy.append({"pid": process.pid, "name": process.info["name"], "cpu_percent": round(percent, 1)})
+    return {"load_average": [round(value, 2) for value in os.getloadavg()],
+            "busy_processes": sorted(busy, key=lambda p: -p["cpu_percent"])}
+
+
 def snapshot_time() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def snapshot(device: torch.device) -> dict[str, Any]:
+def snapshot(device: torch.device, threads: int) -> dict[str, Any]:
+    """The stamp; ``threads`` is the intra-op thread count the workers use."""
     cuda = torch.cuda.is_available()
     return {
         "date_utc": snapshot_time(),
@@ -124,6 +162,9 @@ def snapshot(device: torch.device) -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "threads": threads,
+        "host_load": host_load(),
         "gpus": _gpus(),
         "driver": (_query(["driver_version"]) or [{"driver_version": UNKNOWN}])[0]["driver_version"] if cuda else None,
         "gpu_state": gpu_state() if cuda else [],

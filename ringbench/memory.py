@@ -14,13 +14,26 @@ MIB = 2**20
 class Memory:
     peak_allocated_mib: float  # allocated above the baseline (inputs and cached state) during the call
     peak_reserved_mib: float  # what the caching allocator held at its highest during the call
-    held_mib: float  # allocated when the call starts: inputs (or a rank's shards), buffers kept by setup, library workspaces
+    held_mib: float  # what the cell holds when the call starts: inputs (or a rank's shards), buffers kept by setup
 
 
-def measure_peak(fn: Callable[[], object], device: torch.device) -> Memory | None:
-    """Peak memory of one call to ``fn`` on a CUDA device; None on the CPU, where none is measured."""
+def allocated_mib(device: torch.device) -> float:
+    """What the caching allocator has handed out on ``device``, MiB; 0 on the CPU."""
+    return torch.cuda.memory_allocated(device) / MIB if device.type == "cuda" else 0.0
+
+
+def measure_peak(fn: Callable[[], object], device: torch.device, floor_mib: float) -> Memory | None:
+    """Peak memory of one call to ``fn`` on a CUDA device; None on the CPU, where none is measured.
+
+    Plain calls on the default stream, before any timing mode is set up, so the
+    figures do not depend on the mode (a CUDA graph's memory pool, a capture
+    stream's workspace). A first call pays one-off allocations; the second is
+    measured. ``floor_mib`` is what the worker held before the cell began
+    (workspaces kept from earlier cells): held memory counts from there.
+    """
     if device.type != "cuda":
         return None
+    fn()
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     baseline = torch.cuda.memory_allocated(device)
@@ -29,4 +42,4 @@ def measure_peak(fn: Callable[[], object], device: torch.device) -> Memory | Non
     peak = torch.cuda.max_memory_allocated(device) - baseline
     reserved = torch.cuda.max_memory_reserved(device)
     del out
-    return Memory(peak_allocated_mib=peak / MIB, peak_reserved_mib=reserved / MIB, held_mib=baseline / MIB)
+    return Memory(peak_allocated_mib=peak / MIB, peak_reserved_mib=reserved / MIB, held_mib=baseline / MIB - floor_mib)

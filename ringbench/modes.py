@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import statistics
+from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -32,11 +33,18 @@ def l2_flush(device: torch.device) -> Callable[[], None] | None:
     return lambda: buffer.fill_(0)
 
 
+@lru_cache(maxsize=None)
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    # One side stream for the worker's life: cuBLAS keeps a workspace per stream for as
+    # long as the process lives, so a fresh stream per cell would leave one behind each time.
+    return torch.cuda.Stream(device)
+
+
 def graph_replay(fn: Callable[[], object], device: torch.device) -> tuple[Callable[[], object], str | None]:
     """(a closure replaying ``fn`` captured as a CUDA graph, None) or, where that fails, (``fn``, why)."""
     if device.type != "cuda":
         return fn, "CUDA graphs need a CUDA device"
-    side = torch.cuda.Stream(device)
+    side = _capture_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     try:
         with torch.cuda.stream(side):  # capture wants the closure warmed up off the default stream
@@ -44,12 +52,23 @@ def graph_replay(fn: Callable[[], object], device: torch.device) -> tuple[Callab
                 fn()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):
             fn()
     except Exception as exc:  # capture refuses many things; each is a reason to fall back, not to fail
         torch.cuda.synchronize(device)
         return fn, f"capture failed, plain calls timed instead: {type(exc).__name__}: {exc}"
     return graph.replay, None
+
+
+def prime_libraries(device: torch.device, dtypes: list[torch.dtype]) -> None:
+    """Make the libraries allocate what they keep for the process's life (cuBLAS workspaces)
+    before the first cell, so that no cell's held memory includes them and the others' not."""
+    if device.type != "cuda":
+        return
+    for dtype in dtypes:
+        a = torch.ones(64, 64, device=device, dtype=dtype)
+        torch.matmul(a, a)
+    torch.cuda.synchronize(device)
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:

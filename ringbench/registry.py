@@ -117,6 +117,7 @@ class Implementation:
     passes: tuple[str, ...]
     description: str
     reference: str
+    accumulates: str | None
     flops: CellHook | None
     memory_model: CellHook | None
     excludes: CellHook | None
@@ -151,6 +152,7 @@ def register(
     passes: tuple[str, ...] = ("forward",),
     description: str = "",
     reference: str = "dense",
+    accumulates: str | None = None,
     flops: CellHook | None = None,
     memory_model: CellHook | None = None,
     excludes: CellHook | None = None,
@@ -164,7 +166,9 @@ def register(
     ``passes`` lists the passes it supports; backward ones need its output to be
     differentiable with respect to q, k and v.
     ``reference`` names the float64 reference its output is checked against
-    (``dense``, ``dilated``, or ``none``). ``flops(cell)`` and ``memory_model(cell)``
+    (``dense``, ``dilated``, or ``none``); ``accumulates`` the dtype it sums partial
+    results in, if coarser than the inputs may be (``float32`` for float32 merges):
+    the check's tolerance is then the coarser one's. ``flops(cell)`` and ``memory_model(cell)``
     give the modelled work and memory beyond the inputs, in FLOPs and bytes;
     without ``flops`` dense attention's count is assumed. ``excludes(cell)``
     returns a reason to leave a cell out of the plan, ``check_options(options)`` a
@@ -183,6 +187,7 @@ def register(
             passes=tuple(passes),
             description=description or (setup.__doc__ or "").strip().split("\n")[0],
             reference=reference,
+            accumulates=accumulates,
             flops=flops,
             memory_model=memory_model,
             excludes=excludes,

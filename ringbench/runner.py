@@ -34,7 +34,7 @@ from ringbench import distributed, env, records
 from ringbench.config import Sweep
 from ringbench.errors import ConfigError
 from ringbench.plan import Cell, Plan
-from ringbench.modes import matmul_peak_tflops
+from ringbench.modes import matmul_peak_tflops, prime_libraries
 from ringbench.worker import DTYPES, make_record, run_cell, run_cell_on_ranks
 
 LOG_TAIL_CHARS = 2000
@@ -72,8 +72,8 @@ def resolve_device(spec: str, source: str) -> torch.device:
     return device
 
 
-def _start(sweep: Sweep, plan: Plan, source: str, device: torch.device, output_root: Path) -> Path:
-    environment = env.snapshot(device)
+def _start(sweep: Sweep, plan: Plan, source: str, device: torch.device, output_root: Path, threads: int) -> Path:
+    environment = env.snapshot(device, threads)
     # Measured first, on an idle device: the ceiling every cell's TFLOP/s is set against.
     environment["matmul_peak_tflops"] = {} if device.type != "cuda" else {
         dtype: matmul_peak_tflops(device, DTYPES[dtype]) for dtype in sweep.dtypes}
@@ -94,6 +94,7 @@ def _finish(run_dir: Path) -> None:
     """Stamp the GPUs' state again at the end: clocks or throttling that moved during the run show up."""
     meta = records.read_run(run_dir)
     meta["environment"]["gpu_state_end"] = env.gpu_state() if meta["environment"]["gpus"] else []
+    meta["environment"]["host_load_end"] = env.host_load()
     records.write_json_atomic(run_dir / records.RUN_FILE, meta)
 
 
@@ -120,8 +121,8 @@ def mark_inflight(run_dir: Path, cell: Cell) -> None:
     records.write_json_atomic(_inflight_path(run_dir, cell.world_size), {"cell_id": cell.id, "started": time.time()})
 
 
-def _worker_command(world_size: int, run_dir: Path) -> list[str]:
-    worker = ["-m", "ringbench", "ranks", str(run_dir)]
+def _worker_command(world_size: int, run_dir: Path, threads: int) -> list[str]:
+    worker = ["-m", "ringbench", "ranks", str(run_dir), "--threads", str(threads)]
     if world_size == 1:
         return [sys.executable, *worker]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}", *worker]
@@ -141,7 +142,7 @@ TEARDOWN_S = 60
 
 
 def _launch(world_size: int, cells: list[Cell], run_dir: Path, writer: records.RecordWriter, result: RunResult,
-            observer: Observer, first_index: int, timeout_s: float) -> None:
+            observer: Observer, first_index: int, timeout_s: float, threads: int) -> None:
     """Run one world size's cells in workers until each has a record."""
     by_id = {cell.id: cell for cell in cells}
     pending = list(cells)
@@ -168,7 +169,7 @@ def _launch(world_size: int, cells: list[Cell], run_dir: Path, writer: records.R
     while pending:
         timed_out, before = False, len(pending)
         with log_path.open("ab") as log:
-            process = subprocess.Popen(_worker_command(world_size, run_dir), stdout=log, stderr=subprocess.STDOUT,
+            process = subprocess.Popen(_worker_command(world_size, run_dir, threads), stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True, preexec_fn=die_with_parent)
             try:
                 progress = time.time()
@@ -219,7 +220,7 @@ def _new_records(run_dir: Path, result: RunResult) -> list[dict[str, Any]]:
     return new
 
 
-def _resume(run_dir: Path, sweep: Sweep, plan: Plan, source: str, retry_failed: bool) -> None:
+def _resume(run_dir: Path, sweep: Sweep, plan: Plan, source: str, retry_failed: bool, threads: int) -> None:
     """Check that the run folder belongs to this sweep, mend a cut-off record, note the resumption."""
     meta = records.read_run(run_dir)
     if meta["config_hash"] != sweep.hash or [p["cell_id"] for p in meta["planned"]] != [c.id for c in plan.cells]:
@@ -227,18 +228,23 @@ def _resume(run_dir: Path, sweep: Sweep, plan: Plan, source: str, retry_failed: 
     repaired = records.drop_partial_line(run_dir)
     meta.setdefault("resumed", []).append({
         "date_utc": env.snapshot_time(), "retry_failed": retry_failed, "dropped_partial_record": repaired,
+        "threads": threads,
     })
     records.write_json_atomic(run_dir / records.RUN_FILE, meta)
 
 
 def run(sweep: Sweep, plan: Plan, source: str, device: torch.device, observer: Observer, output_root: Path,
-        resume: Path | None = None, retry_failed: bool = False) -> RunResult:
-    """Run the plan in a new run folder, or, with ``resume``, the cells a stopped run has not finished."""
+        resume: Path | None = None, retry_failed: bool = False, threads: int | None = None) -> RunResult:
+    """Run the plan in a new run folder, or, with ``resume``, the cells a stopped run has not finished.
+
+    ``threads``, the workers' intra-op thread count, overrides the config's (default: physical cores).
+    """
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    threads = threads or sweep.threads or env.default_threads()
     if resume:
-        _resume(resume, sweep, plan, source, retry_failed)
-    run_dir = resume or _start(sweep, plan, source, device, output_root)
+        _resume(resume, sweep, plan, source, retry_failed, threads)
+    run_dir = resume or _start(sweep, plan, source, device, output_root, threads)
     result = RunResult(run_dir, records=list(records.read_records(run_dir)))
     done = records.done_ids(run_dir, retry_failed)
     plan = Plan(tuple(cell for cell in plan.cells if cell.id not in done), plan.excluded)
@@ -248,7 +254,7 @@ def run(sweep: Sweep, plan: Plan, source: str, device: torch.device, observer: O
             done = 0
             for world_size in sorted({cell.world_size for cell in plan.cells}):
                 cells = [cell for cell in plan.cells if cell.world_size == world_size]
-                _launch(world_size, cells, run_dir, writer, result, observer, done, sweep.cell_timeout_s)
+                _launch(world_size, cells, run_dir, writer, result, observer, done, sweep.cell_timeout_s, threads)
                 done += len(cells)
         except KeyboardInterrupt:
             result.interrupted = True
@@ -278,18 +284,29 @@ def _usable(device: torch.device) -> bool:
         return False
 
 
-def serve(sweep: Sweep, plan: Plan, run_dir: Path | None, source: str, output_root: Path) -> Path:
+def _prepare(device: torch.device, sweep: Sweep, threads: int, world_size: int) -> None:
+    """Threads and libraries set up before the first cell, alike for every cell."""
+    # The ranks of one host share its cores: each takes its part.
+    torch.set_num_threads(max(1, threads // world_size))
+    prime_libraries(device, [DTYPES[dtype] for dtype in sweep.dtypes])
+
+
+def serve(sweep: Sweep, plan: Plan, run_dir: Path | None, source: str, output_root: Path,
+          threads: int | None = None) -> Path:
     """A worker: run this world size's pending cells, marking each in flight; rank 0 alone writes.
 
     In one process (world size 1) ``run_dir`` is the runner's. Across processes,
     ``run_dir`` is None under a user's own launcher, and rank 0 creates the run folder.
+    ``threads`` is the intra-op thread count of the host, shared by the ranks on it.
     """
     die_with_parent()
     print(f"ringbench worker {os.getpid()} started", flush=True)  # one line per start in the worker's log
+    threads = threads or sweep.threads or env.default_threads()
     if not distributed.launched():
         device = resolve_device(sweep.device, source)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        _prepare(device, sweep, threads, 1)
         with records.RecordWriter(run_dir) as writer:
             for cell in _pending(run_dir, plan, 1):
                 mark_inflight(run_dir, cell)
@@ -300,9 +317,10 @@ def serve(sweep: Sweep, plan: Plan, run_dir: Path | None, source: str, output_ro
         return run_dir
     group = distributed.join(resolve_device(sweep.device, source).type)
     try:
+        _prepare(group.device, sweep, threads, distributed.local_world_size())
         created = group.is_leader and run_dir is None
         if created:
-            run_dir = _start(sweep, plan, source, group.device, output_root)
+            run_dir = _start(sweep, plan, source, group.device, output_root, threads)
         run_dir = Path(distributed.broadcast(str(run_dir) if group.is_leader else None))
         cells = distributed.broadcast(_pending(run_dir, plan, group.world_size) if group.is_leader else None)
         writer = records.RecordWriter(run_dir) if group.is_leader else None

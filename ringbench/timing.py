@@ -73,7 +73,7 @@ def _time_calls_cuda(fn: Callable[[], object], count: int, flush: Callable[[], N
     if hold:
         quickest_ms = math.inf  # so the first chunk gets the longest hold
         for first in range(0, count, HOLD_CHUNK):
-            torch.cuda._sleep(int(min(max(2 * quickest_ms, HOLD_MS[0]), HOLD_MS[1]) * CYCLES_PER_MS))
+            _hold(min(max(2 * quickest_ms, HOLD_MS[0]), HOLD_MS[1]))
             queuing = time.perf_counter()
             _queue(fn, pairs[first:first + HOLD_CHUNK], flush)
             quickest_ms = min(quickest_ms, 1e3 * (time.perf_counter() - queuing))
@@ -133,9 +133,46 @@ def per_sample(call_ms: list[float], calls: int) -> list[float]:
     return [statistics.fmean(call_ms[start:start + calls]) for start in range(0, len(call_ms), calls)]
 
 
-def one_call_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """The time of a single call, for decisions made before timing proper."""
-    return (_time_calls_cuda if device.type == "cuda" else _time_calls_cpu)(fn, 1)[0]
+@dataclass(frozen=True)
+class Launch:
+    """One call's cost to the host and to the GPU, each alone."""
+
+    host_ms: float  # the host's time to launch the call, while the GPU is held back
+    device_ms: float  # the GPU's time for the call, its kernels run back to back
+
+
+PROBES = 3
+MAX_PROBE_HOLD_MS = 1000.0
+
+
+def _hold(ms: float) -> None:
+    torch.cuda._sleep(int(ms * CYCLES_PER_MS))
+
+
+def launch_and_work(fn: Callable[[], object], device: torch.device) -> Launch:
+    """Median of a few probes: the GPU is held by a sleeping kernel while the host queues one
+    call, so the host's clock times the launch alone and the call's events the GPU's work alone.
+
+    The hold lasts twice one plain call's wall time, so the host has queued the whole
+    call before the GPU reaches it.
+    """
+    torch.cuda.synchronize(device)
+    begin = time.perf_counter()
+    fn()
+    torch.cuda.synchronize(device)
+    hold_ms = min(2e3 * (time.perf_counter() - begin) + HOLD_MS[0], MAX_PROBE_HOLD_MS)
+    host, work = [], []
+    for _ in range(PROBES):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _hold(hold_ms)
+        queuing = time.perf_counter()
+        start.record()
+        fn()
+        end.record()
+        host.append(1e3 * (time.perf_counter() - queuing))
+        torch.cuda.synchronize(device)
+        work.append(start.elapsed_time(end))
+    return Launch(statistics.median(host), statistics.median(work))
 
 
 def _more_needed(samples: list[float], budget: TimingBudget, calls_per_sample: int = 1) -> int:

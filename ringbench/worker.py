@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -24,12 +25,12 @@ from ringbench import correctness, distributed, records, registry
 from ringbench.comm import WaitClock
 from ringbench.config import TimingBudget
 from ringbench.distributed import Group
-from ringbench.memory import MIB, measure_peak
+from ringbench.memory import MIB, allocated_mib, measure_peak
 from ringbench.models import PASS_FACTOR, dense_flops, output_bytes
 from ringbench.plan import Cell
 from ringbench.stats import summarize
 from ringbench.modes import graph_replay, l2_flush
-from ringbench.timing import measure, one_call_ms
+from ringbench.timing import launch_and_work, measure
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 # When ranks fail differently, the record names the most telling failure.
@@ -95,6 +96,12 @@ def _as_bench(prepared: Callable[[], torch.Tensor] | registry.Bench) -> registry
     return prepared if isinstance(prepared, registry.Bench) else registry.Bench(run=prepared)
 
 
+# A call whose launch takes the host over this share of its GPU work is timed as graph
+# replays under `cuda_graph: auto`: plain calls of it time the host's pace (and its
+# hiccups) as much as the GPU's. Past half, a hiccup of the host stalls the GPU.
+HOST_BOUND_SHARE = 0.5
+
+
 def _modes(fn: Callable[[], object], device: torch.device, budget: TimingBudget,
            across_processes: bool) -> tuple[Callable[[], object], Callable[[], None] | None, dict[str, Any]]:
     """The closure to time (perhaps a graph replay), the cache flush, and the modes as recorded."""
@@ -102,30 +109,47 @@ def _modes(fn: Callable[[], object], device: torch.device, budget: TimingBudget,
     flush = l2_flush(device) if budget.cold_l2 else None
     if budget.cold_l2 and flush is None:
         notes.append("cold L2 applies to GPUs only")
-    timed, graph_note = fn, None
-    if budget.cuda_graph_below_ms > 0:
-        if across_processes:
-            graph_note = "CUDA graphs are not used across processes"
-        elif (call_ms := one_call_ms(fn, device)) >= budget.cuda_graph_below_ms:
-            graph_note = f"one call takes {call_ms:.3g} ms, not below cuda_graph_below_ms"
+    timed, launch = fn, None
+    if budget.cuda_graph != "never":
+        if device.type != "cuda":
+            notes += ["CUDA graphs need a CUDA device"] if budget.cuda_graph == "always" else []
+        elif across_processes:
+            notes.append("CUDA graphs are not used across processes: plain calls timed")
         else:
-            timed, graph_note = graph_replay(fn, device)
-        notes += [graph_note] if graph_note else []
-    used_graph = budget.cuda_graph_below_ms > 0 and graph_note is None
-    return timed, flush, {"cold_l2": flush is not None, "cuda_graph": used_graph, "notes": notes}
+            launch = launch_and_work(fn, device)
+            if budget.cuda_graph == "always" or launch.host_ms > HOST_BOUND_SHARE * launch.device_ms:
+                timed, why = graph_replay(fn, device)
+                notes += [why] if why else []
+    return timed, flush, {
+        "cold_l2": flush is not None,
+        "cuda_graph": timed is not fn,
+        "launch_ms": launch.host_ms if launch else None,
+        "device_ms": launch.device_ms if launch else None,
+        "notes": notes,
+    }
 
 
-def _time_and_measure(fn: Callable[[], object], device: torch.device, budget: TimingBudget,
+def _time_and_measure(fn: Callable[[], object], device: torch.device, budget: TimingBudget, floor_mib: float,
                       agree: Callable[[float], float] | None = None) -> dict[str, Any]:
-    timed, flush, modes = _modes(fn, device, budget, across_processes=agree is not None)
-    timing = measure(timed, device, budget, agree or (lambda value: value), flush, hold=modes["cuda_graph"])
-    del timed, flush  # a captured graph's memory pool and the flush buffer go before the memory pass
-    memory = measure_peak(fn, device)
+    across_processes = agree is not None
+    agree = agree or (lambda value: value)
+    # Memory first, from plain calls: no timing mode may change what a cell is found to hold.
+    memory = measure_peak(fn, device, floor_mib)
+    timed, flush, modes = _modes(fn, device, budget, across_processes)
+    timing = measure(timed, device, budget, agree, flush, hold=modes["cuda_graph"])
+    plain = None
+    if modes["cuda_graph"]:
+        del timed  # the graph and its memory pool go before plain calls are timed
+        # What the call costs where it is used, launch included; sampled within rep_ms.
+        eager = measure(fn, device, replace(budget, max_ms=budget.rep_ms), agree, flush)
+        plain = {"samples_ms": list(eager.samples_ms), "stats": summarize(eager.samples_ms),
+                 "calls_per_sample": eager.calls_per_sample}
     return {
         "modes": {**modes, "calls_per_sample": timing.calls_per_sample},
         "warmup_ms": list(timing.warmup_ms),
         "samples_ms": list(timing.samples_ms),
         "stats": summarize(timing.samples_ms),
+        "plain": plain,
         "peak_allocated_mib": memory.peak_allocated_mib if memory else None,
         "peak_reserved_mib": memory.peak_reserved_mib if memory else None,
         "held_mib": memory.held_mib if memory else None,
@@ -149,6 +173,7 @@ def _outcome(cell: Cell, implementation: registry.Implementation, budget: Timing
         "noise": {"target": budget.noise_target, "rel_iqr": stats["rel_iqr"],
                   "reached": stats["rel_iqr"] <= budget.noise_target},
         "modes": main["modes"],
+        "plain": main["plain"],
         "memory": {
             "inputs_mib": inputs_mib,
             "peak_allocated_mib": main["peak_allocated_mib"],
@@ -164,11 +189,16 @@ def _outcome(cell: Cell, implementation: registry.Implementation, budget: Timing
     }
 
 
+def _tolerance(cell: Cell, implementation: registry.Implementation) -> float:
+    return correctness.tolerance(cell.dtype, implementation.accumulates)
+
+
 def _inputs_mib(problem: registry.Problem) -> float:
     return sum(t.numel() * t.element_size() for t in (problem.q, problem.k, problem.v)) / MIB
 
 
-def _measure(cell: Cell, device: torch.device, budget: TimingBudget, seed: int, skip_oversized: bool) -> dict[str, Any]:
+def _measure(cell: Cell, device: torch.device, budget: TimingBudget, seed: int, skip_oversized: bool,
+             floor_mib: float) -> dict[str, Any]:
     implementation = registry.get(cell.implementation)
     if skip_oversized and (skip := _inputs_too_large(cell, device)):
         return skip
@@ -177,7 +207,7 @@ def _measure(cell: Cell, device: torch.device, budget: TimingBudget, seed: int, 
         bench = _as_bench(implementation.setup(problem))
     except Exception as exc:  # any failure of user or library code is this cell's result, not the sweep's
         return _failure(exc)
-    outcome = _guarded(lambda: _check_and_time(cell, implementation, problem, bench, device, budget, seed))
+    outcome = _guarded(lambda: _check_and_time(cell, implementation, problem, bench, device, budget, seed, floor_mib))
     closed = _guarded(bench.close)
     return closed or outcome
 
@@ -191,27 +221,31 @@ def _guarded(step: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None
 
 
 def _check_and_time(cell: Cell, implementation: registry.Implementation, problem: registry.Problem,
-                    bench: registry.Bench, device: torch.device, budget: TimingBudget, seed: int) -> dict[str, Any]:
+                    bench: registry.Bench, device: torch.device, budget: TimingBudget, seed: int,
+                    floor_mib: float) -> dict[str, Any]:
     # Checked before it is timed; a wrong output is still timed, and marked.
     check, grad_out = None, None
     inputs = bench.inputs or (problem.q, problem.k, problem.v)
-    if implementation.reference != "none" or cell.pass_name != "forward":
+    family, tolerance = implementation.reference, _tolerance(cell, implementation)
+    if family != "none" or cell.pass_name != "forward":
         output = bench.run()
-        if implementation.reference != "none":
-            check = correctness.check(implementation.reference, problem, output, cell.dtype, seed)
+        checking = time.perf_counter()  # what the check costs is reported beside what it found
+        if family != "none":
+            check = correctness.check(family, problem, output, tolerance, seed)
         if cell.pass_name != "forward":
             grad_out = _output_gradient(problem, seed)
             grads = torch.autograd.grad(output, inputs, grad_out)
             if check is not None:
-                gradients = correctness.check_gradients(implementation.reference, problem, grads, grad_out, cell.dtype)
+                gradients = correctness.check_gradients(family, problem, grads, grad_out, tolerance, seed)
                 check = {**check, "gradients": gradients, "passed": check["passed"] and gradients["passed"]}
             del grads
+        if check is not None:
+            check["seconds"] = round(time.perf_counter() - checking, 3)
         del output
-    # Timing first: it warms the implementation up, so the memory pass sees only
-    # what one steady-state call allocates, not one-off workspaces.
-    main = _time_and_measure(_pass_closure(cell.pass_name, bench.run, inputs, grad_out), device, budget)
+    main = _time_and_measure(_pass_closure(cell.pass_name, bench.run, inputs, grad_out), device, budget, floor_mib)
     # A rank's share is a forward computation: it projects forward cells only.
-    projected = _time_and_measure(bench.rank_share, device, budget) if bench.rank_share and cell.pass_name == "forward" else None
+    projected = (_time_and_measure(bench.rank_share, device, budget, floor_mib)
+                 if bench.rank_share and cell.pass_name == "forward" else None)
     return _outcome(cell, implementation, budget, problem.facts, check, main, projected, _inputs_mib(problem))
 
 
@@ -268,15 +302,16 @@ def _combine_traffic(traffic: dict[str, float]) -> dict[str, Any] | None:
     }
 
 
-def _measure_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int, skip_oversized: bool) -> dict[str, Any]:
+def _measure_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int, skip_oversized: bool,
+                      floor_mib: float) -> dict[str, Any]:
     opened: list[registry.Bench] = []
-    outcome = _set_up_check_and_time_on_ranks(cell, group, budget, seed, skip_oversized, opened)
+    outcome = _set_up_check_and_time_on_ranks(cell, group, budget, seed, skip_oversized, floor_mib, opened)
     # Every rank agrees on closing, including ranks whose setup failed (they have nothing to close).
     return _agree(_guarded(opened[0].close) if opened else None) or outcome
 
 
 def _set_up_check_and_time_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int, skip_oversized: bool,
-                                    opened: list[registry.Bench]) -> dict[str, Any]:
+                                    floor_mib: float, opened: list[registry.Bench]) -> dict[str, Any]:
     """The cell's outcome on this rank; the bench setup returned goes into ``opened``.
 
     The bench is handed out that way, not returned, so that no caller's frame holds
@@ -297,20 +332,24 @@ def _set_up_check_and_time_on_ranks(cell: Cell, group: Group, budget: TimingBudg
         return failure
     facts, inputs_mib, clock = problem.facts, _inputs_mib(problem) / cell.world_size, problem.comm
     inputs = bench.inputs or (problem.q, problem.k, problem.v)
-    checked = implementation.reference != "none"
+    family, tolerance = implementation.reference, _tolerance(cell, implementation)
+    checked = family != "none"
     backward = cell.pass_name != "forward"
-    partials, gradient_sums, grad_out = [0.0, 0.0, 0.0, 0.0], None, None
+    partials, gradient_sums, grad_out, check_s = [0.0, 0.0, 0.0, 0.0], None, None, 0.0
     try:
         output = bench.run()
+        checking = time.perf_counter()
         if checked:
-            partials = correctness.partial_errors(implementation.reference, problem, output, bench.rows, seed)
+            partials = correctness.partial_errors(family, problem, output, bench.rows, seed)
         if backward:
             whole = _output_gradient(problem, seed)
             grad_out = whole if bench.rows is None else whole.index_select(2, bench.rows)
             grads = torch.autograd.grad(output, inputs, grad_out)
             if checked:
-                gradient_sums = correctness.gradient_partials(implementation.reference, problem, grads, whole, bench.rows)
+                gradient_sums = correctness.gradient_partials(family, problem, grads, whole, seed, bench.rows)
+                sample = correctness.GradientSample.of(problem.q, seed)
             del grads, whole
+        check_s = time.perf_counter() - checking
         # Only this rank's shard (kept by setup) stays: the whole inputs go before measuring.
         del output, problem
     except Exception as exc:
@@ -321,14 +360,15 @@ def _set_up_check_and_time_on_ranks(cell: Cell, group: Group, budget: TimingBudg
     if checked:
         squared_error, squared_reference, rows = distributed.sum_over_ranks([partials[0], partials[1], partials[3]], device)
         max_abs = distributed.max_over_ranks(partials[2], device)
-        check = correctness.verdict(implementation.reference, [squared_error, squared_reference, max_abs, rows], cell.dtype)
-        if backward:  # every rank has sums, or none has (the sequence is too long to check)
-            sums = None if gradient_sums is None else distributed.sum_over_ranks(gradient_sums, device)
-            gradients = correctness.gradient_verdict(sums, cell.dtype)
+        check = correctness.verdict(family, [squared_error, squared_reference, max_abs, rows], tolerance)
+        if backward:
+            gradients = correctness.gradient_verdict(distributed.sum_over_ranks(gradient_sums, device), tolerance, sample)
             check = {**check, "gradients": gradients, "passed": check["passed"] and gradients["passed"]}
+        check["seconds"] = round(distributed.max_over_ranks(check_s, device), 3)
     try:
         timed = _pass_closure(cell.pass_name, bench.run, inputs, grad_out)
-        main = _time_and_measure(timed, device, budget, agree=lambda value: distributed.max_over_ranks(value, device))
+        main = _time_and_measure(timed, device, budget, floor_mib,
+                                 agree=lambda value: distributed.max_over_ranks(value, device))
         traffic = clock.measure(timed)
     except Exception as exc:
         failure = _failure(exc)
@@ -368,6 +408,7 @@ def make_record(cell: Cell, outcome: dict[str, Any], device: torch.device | None
         "stats": None,
         "noise": None,
         "modes": None,
+        "plain": None,
         "memory": None,
         "projected": None,
         "ranks": None,
@@ -391,7 +432,7 @@ def run_cell(cell: Cell, device: torch.device, budget: TimingBudget, seed: int,
     recorded as skipped without allocating anything.
     """
     started_at, start = _now(), time.perf_counter()
-    outcome = _measure(cell, device, budget, seed, skip_oversized)
+    outcome = _measure(cell, device, budget, seed, skip_oversized, allocated_mib(device))
     _release(device)
     return make_record(cell, outcome, device, started_at, time.perf_counter() - start)
 
@@ -401,7 +442,7 @@ def run_cell_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int,
     """Measure one cell on every rank of the group (all ranks call this); every rank gets the agreed record."""
     distributed.barrier()
     started_at, start = _now(), time.perf_counter()
-    outcome = _measure_on_ranks(cell, group, budget, seed, skip_oversized)
+    outcome = _measure_on_ranks(cell, group, budget, seed, skip_oversized, allocated_mib(group.device))
     _release(group.device)
     distributed.barrier()
     return make_record(cell, outcome, group.device, started_at, time.perf_counter() - start)

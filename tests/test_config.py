@@ -22,9 +22,9 @@ ERRORS = [
     ("unknown top-level key", BASE_CONFIG + "seq_len: [1]\n",
      "seq_len: unknown key (known: batch_sizes, causal, cell_timeout_s, description, device, dtypes, head_dims, heads, "
      "implementations, name, output_root, passes, plugins, ring_sizes, seed, seq_lens, shuffle, skip_oversized_inputs, "
-     "timing, world_sizes)"),
+     "threads, timing, world_sizes)"),
     ("unknown timing key", replace("  max_reps: 5", "  max_reps: 5\n  reps: 3"),
-     "timing.reps: unknown key (known: cold_l2, cuda_graph_below_ms, max_ms, max_reps, min_reps, noise_target, rep_ms, sample_ms, warmup_ms)"),
+     "timing.reps: unknown key (known: cold_l2, cuda_graph, max_ms, max_reps, min_reps, noise_target, rep_ms, sample_ms, warmup_ms)"),
     ("unknown implementation key", replace("  - name: standard", "  - name: standard\n    option: {}"),
      "implementations[0].option: unknown key (known: name, options)"),
     ("unknown option", replace("      backend: auto", "      backend: auto\n      tile: 64"),
@@ -93,7 +93,8 @@ def test_valid_config_is_frozen_and_filled_with_defaults(write_config):
     assert sweep.implementations[1].options == (("backend", "auto"),)
     assert sweep.implementations[0].options == ()
     assert sweep.timing == config.TimingBudget(warmup_ms=1.0, rep_ms=2.0, min_reps=2, max_reps=5, noise_target=0.02,
-                                               max_ms=10_000.0, cold_l2=False, cuda_graph_below_ms=0.0)
+                                               max_ms=10_000.0, cold_l2=False, cuda_graph="auto")
+    assert sweep.threads is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         sweep.seq_lens = (1,)
 

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pytest
 import torch
 
 from ringbench import correctness, records, registry, worker
@@ -46,3 +47,60 @@ def test_long_sequences_are_checked_on_a_fixed_row_subset(monkeypatch):
     assert wrong["check"]["rows_checked"] == 5 and wrong["status"] == records.WRONG
     right = run("sdpa", seq_len=64, options=(("backend", "auto"),))
     assert right["check"]["rows_checked"] == 5 and right["status"] == records.OK
+
+
+def _problem(seq_len, causal, family_options=None, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, seq_len, 8, generator=generator, dtype=dtype) for _ in range(3))
+    return registry.Problem(q=q, k=k, v=v, causal=causal, ring_size=None, options=family_options or {})
+
+
+@pytest.mark.parametrize("family, options", [("dense", None),
+                                             ("dilated", {"segment_lengths": (8, 16), "dilation_rates": (1, 4)})])
+@pytest.mark.parametrize("causal", [False, True])
+def test_streamed_reference_gradients_equal_float64_autograd(monkeypatch, family, options, causal):
+    monkeypatch.setattr(correctness, "BLOCK_ELEMENTS", 5 * 32)  # blocks of 5 rows, the last one short
+    p = _problem(32, causal, options)
+    q, k, v = (t[1, 2].clone().requires_grad_() for t in (p.q, p.k, p.v))
+    rows = torch.arange(32)
+    bias = correctness._bias(family, p, rows, 2)
+    seen = torch.isfinite(bias).any(-1, keepdim=True)
+    out = torch.softmax(q @ k.T / 8**0.5 + bias.masked_fill(~seen, 0.0), -1) @ v * seen
+    dout = torch.randn(32, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    expected = torch.autograd.grad(out, (q, k, v), dout)
+    q_rows, k_rows = torch.tensor([0, 4, 5, 31]), torch.tensor([1, 2, 30])
+    got = correctness.reference_gradients(family, p, 1, 2, dout, q_rows, k_rows)
+    for value, wanted, sampled in zip(got, expected, (q_rows, k_rows, k_rows)):
+        torch.testing.assert_close(value, wanted[sampled], rtol=1e-12, atol=1e-12)
+
+
+def test_the_gradient_sample_is_whole_up_to_the_limit_then_seeded(monkeypatch):
+    whole = correctness.GradientSample.of(torch.empty(2, 3, 16, 4), seed=0)
+    assert len(whole.pairs) == 6 and torch.equal(whole.q_rows, torch.arange(16))
+    monkeypatch.setattr(correctness, "GRADIENT_FULL_MAX_SEQ", 8)
+    monkeypatch.setattr(correctness, "GRADIENT_SAMPLE_ROWS", 4)
+    sample = correctness.GradientSample.of(torch.empty(2, 3, 16, 4), seed=0)
+    assert sample.pairs == ((0, 0), (1, 2)) and len(sample.q_rows) == len(sample.k_rows) == 4
+    again = correctness.GradientSample.of(torch.empty(2, 3, 16, 4), seed=0)
+    assert torch.equal(sample.q_rows, again.q_rows) and torch.equal(sample.k_rows, again.k_rows)
+
+
+def test_tolerance_follows_what_an_implementation_accumulates_in():
+    assert correctness.tolerance("float64", None) == correctness.TOLERANCE["float64"]
+    assert correctness.tolerance("float64", "float32") == correctness.TOLERANCE["float32"]
+    assert correctness.tolerance("bfloat16", "float32") == correctness.TOLERANCE["bfloat16"]
+
+
+def test_a_float64_sweep_passes_float32_accumulating_implementations_and_still_catches_wrong_ones():
+    def cell(name, options=(), ring_size=None, pass_name="forward"):
+        return Cell(name, options, 32, ring_size, 1, 2, 8, "float64", False, pass_name)
+
+    ring = worker.run_cell(cell("ring", (("kernel", "auto"), ("zigzag", False)), 4, "forward+backward"), CPU, BUDGET, 0)
+    assert ring["status"] == records.OK and ring["check"]["tolerance"] == correctness.TOLERANCE["float32"]
+    assert 1e-10 < ring["check"]["rel_error"] < 1e-6  # beyond float64's tolerance, well within float32's
+    dilated = worker.run_cell(cell("dilated", (("dilation_rates", (1, 2)), ("kernel", "auto"),
+                                               ("segment_lengths", (8, 16)))), CPU, BUDGET, 0)
+    assert dilated["status"] == records.OK
+    registry.load_plugins(("fake_impls",), Path(__file__).parent / "plugins")
+    wrong = worker.run_cell(cell("test-wrong"), CPU, BUDGET, 0)
+    assert wrong["status"] == records.WRONG and wrong["check"]["tolerance"] == correctness.TOLERANCE["float64"]

@@ -181,12 +181,12 @@ def test_a_worker_that_stops_between_cells_blames_none_and_one_that_cannot_start
         "  for p in meta['planned'] if p['cell_id'] not in done)\n"
         "with records.RecordWriter(run_dir) as w: w.append(worker.make_record(cell, {'status': 'skipped'}))\n"
     )
-    monkeypatch.setattr(runner, "_worker_command", lambda world_size, run_dir: [sys.executable, "-c", one_cell, str(run_dir)])
+    monkeypatch.setattr(runner, "_worker_command", lambda world_size, run_dir, threads: [sys.executable, "-c", one_cell, str(run_dir)])
     the_plan, result, _ = run_config(path, tmp_path / "out")
     assert [r["status"] for r in result.records] == ["skipped"] * len(the_plan.cells)
     assert [r["cell_id"] for r in result.records] == [c.id for c in the_plan.cells]
     # A worker that dies before any cell (here: at once) is blamed on the first pending cell, then the next...
-    monkeypatch.setattr(runner, "_worker_command", lambda world_size, run_dir: [sys.executable, "-c", "raise SystemExit(3)"])
+    monkeypatch.setattr(runner, "_worker_command", lambda world_size, run_dir, threads: [sys.executable, "-c", "raise SystemExit(3)"])
     the_plan, result, _ = run_config(path, tmp_path / "out2")
     assert [r["status"] for r in result.records] == ["crashed"] * len(the_plan.cells)
     assert result.records[0]["error"]["message"].startswith("the worker exited with code 3 before starting this cell")

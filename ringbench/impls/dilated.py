@@ -128,54 +128,62 @@ def _scatter_back(target: torch.Tensor, w: int, r: int, index: torch.Tensor, val
     target.view(b, h, s // w, w, *tail).scatter_(3, scatter_index, values)
 
 
-def _blocks(parts: int, causal: bool):
-    """(query part, K/V part, causal) of every block a pattern split into ``parts`` shards computes:
-    ring steps in order, a later shard of the segment (wholly above the diagonal) skipped when causal."""
-    for step in range(parts):
-        for rank in range(parts):
-            kv_rank = (rank - step) % parts
-            if not (causal and kv_rank > rank):
-                yield rank, kv_rank, causal and step == 0
+def step_runs(parts: int, step: int, causal: bool) -> list[tuple[int, int, int, bool]]:
+    """Ring step ``step`` of a segment split into ``parts`` shards, every rank at once, as
+    (first query part, first K/V part, count, causal) runs: part i meets K/V part (i − step) mod parts,
+    so the step is at most two runs in which both parts advance by one, each one batched kernel call.
+    When causal, step 0 is the diagonal and the wrapped run lies wholly above it."""
+    if step == 0:
+        return [(0, 0, parts, causal)]
+    runs = [(step, 0, parts - step, False)]
+    return runs if causal else runs + [(0, parts - step, step, False)]
 
 
-def _part(t: torch.Tensor, i: int, part_len: int) -> torch.Tensor:
-    """(B, H, G, w/r, …) → part i of every segment, segments folded into the head dimension (a view)."""
-    return t[:, :, :, i * part_len:(i + 1) * part_len].flatten(1, 2)
+def _by_part(t: torch.Tensor, parts: int) -> torch.Tensor:
+    """(B, H, G, w/r, …) → (B·H·G, parts, w/r/parts, …), a view: segments batched, their
+    parts in the place of heads, so a run of parts is one slice."""
+    b, h, g, length = t.shape[:4]
+    return t.view(b * h * g, parts, length // parts, *t.shape[4:])
 
 
 def _pattern(q, k, v, acc, acc_lse, w, r, parts, causal, kernel):
-    """Fold one pattern into the accumulators; its segments split into ``parts`` shards."""
+    """Fold one pattern into the accumulators; its segments split into ``parts`` shards, a
+    ring step of every shard of every segment at once."""
     index = _offsets_index(q.shape[1], w, r, q.device)
-    qs, ks, vs = (_segments(t, w, r, index) for t in (q, k, v))
     acc_rows, lse_rows = _segments(acc, w, r, index), _segments(acc_lse, w, r, index)
-    part_len = w // r // parts
-    for rank, kv_rank, block_causal in _blocks(parts, causal):
-        out, lse = blocks.attend(kernel, _part(qs, rank, part_len), _part(ks, kv_rank, part_len),
-                                 _part(vs, kv_rank, part_len), block_causal)
-        blocks.merge_(_part(acc_rows, rank, part_len), _part(lse_rows, rank, part_len), out, lse)
+    qs, ks, vs = (_by_part(_segments(t, w, r, index), parts) for t in (q, k, v))
+    accs, lses = _by_part(acc_rows, parts), _by_part(lse_rows, parts)
+    for step in range(parts):
+        for q0, kv0, count, block_causal in step_runs(parts, step, causal):
+            queries, keys = slice(q0, q0 + count), slice(kv0, kv0 + count)
+            out, lse = blocks.attend(kernel, qs[:, queries], ks[:, keys], vs[:, keys], block_causal)
+            blocks.merge_(accs[:, queries], lses[:, queries], out, lse)
+            del out, lse
     _scatter_back(acc, w, r, index, acc_rows)
     _scatter_back(acc_lse, w, r, index, lse_rows)
 
 
 def _pattern_backward(tensors, grads, w, r, parts, causal, kernel):
-    """Add one pattern's share of dq, dk, dv to the float32 ``grads``, block by block.
+    """Add one pattern's share of dq, dk, dv to the float32 ``grads``, a ring step at a time.
 
     ``tensors`` are q, k, v, the gradient of the output, the output and its merged
     log-sum-exp: with the merged rows, each block's fused backward gives exactly
-    that block's share.
+    that block's share. Within a run every K/V part appears once, so shares add
+    without collisions.
     """
     q = tensors[0]
     index = _offsets_index(q.shape[1], w, r, q.device)
-    qs, ks, vs, douts, outs, lses = (_segments(t, w, r, index) for t in tensors)
-    dqs, dks, dvs = (_segments(t, w, r, index) for t in grads)
-    part_len = w // r // parts
-    for rank, kv_rank, block_causal in _blocks(parts, causal):
-        shares = blocks.attend_backward(
-            kernel, _part(douts, rank, part_len), _part(qs, rank, part_len), _part(ks, kv_rank, part_len),
-            _part(vs, kv_rank, part_len), _part(outs, rank, part_len), _part(lses, rank, part_len), block_causal)
-        for target, where, share in zip((dqs, dks, dvs), (rank, kv_rank, kv_rank), shares):
-            _part(target, where, part_len).add_(share)
-    for grad, rows in zip(grads, (dqs, dks, dvs)):
+    grad_rows = [_segments(t, w, r, index) for t in grads]
+    qs, ks, vs, douts, outs, lses = (_by_part(_segments(t, w, r, index), parts) for t in tensors)
+    dqs, dks, dvs = (_by_part(t, parts) for t in grad_rows)
+    for step in range(parts):
+        for q0, kv0, count, block_causal in step_runs(parts, step, causal):
+            queries, keys = slice(q0, q0 + count), slice(kv0, kv0 + count)
+            shares = blocks.attend_backward(kernel, douts[:, queries], qs[:, queries], ks[:, keys], vs[:, keys],
+                                            outs[:, queries], lses[:, queries], block_causal)
+            for target, where, share in zip((dqs, dks, dvs), (queries, keys, keys), shares):
+                target[:, where].add_(share)
+    for grad, rows in zip(grads, grad_rows):
         _scatter_back(grad, w, r, index, rows)
 
 
@@ -207,6 +215,7 @@ class _OneDevice:
 def _setup(problem: Problem, sharded: bool):
     kernel = blocks.choose(problem.options["kernel"], problem.q)
     problem.facts["kernel"] = kernel
+    problem.facts["merge"] = blocks.merge_path(problem.q.device)
     seq_len = problem.q.shape[2]
     dilated = _OneDevice(problem, kernel, seq_len // problem.ring_size if sharded else seq_len)
     inputs = (problem.q, problem.k, problem.v)
@@ -320,12 +329,14 @@ class _OneRank:
 def _one_rank(problem: Problem) -> Bench:
     kernel = blocks.choose(problem.options["kernel"], problem.q)
     problem.facts["kernel"] = kernel
+    problem.facts["merge"] = blocks.merge_path(problem.q.device)
     dilated = _OneRank(problem, kernel)
     inputs = (dilated.q, dilated.k, dilated.v)
     return Bench(run=lambda: blocks.Differentiable.apply(*inputs, dilated), rows=dilated.rows, inputs=inputs)
 
 
-COMMON = dict(options=OPTIONS, reference="dilated", flops=_flops, memory_model=_memory_model,
+# Blocks and patterns merge, and gradients add up, in float32.
+COMMON = dict(options=OPTIONS, reference="dilated", accumulates="float32", flops=_flops, memory_model=_memory_model,
               excludes=_excludes, check_options=_check_options, passes=PASSES)
 
 

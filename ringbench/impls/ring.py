@@ -332,11 +332,13 @@ def _memory_model(cell: Cell) -> int:
     excludes=_excludes,
     memory_model=_memory_model,
     passes=PASSES,
+    accumulates="float32",  # blocks merge, and gradients add up, in float32
     description="ring attention on one device: fused blocks with log-sum-exp, merged in float32",
 )
 def setup(problem: Problem) -> Bench:
     kernel = blocks.choose(problem.options["kernel"], problem.q)
     problem.facts["kernel"] = kernel
+    problem.facts["merge"] = blocks.merge_path(problem.q.device)
     if problem.world_size > 1:
         return _one_rank(problem, kernel, problem.options["zigzag"])
     return _all_ranks(problem, kernel, problem.options["zigzag"])
