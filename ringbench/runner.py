@@ -288,6 +288,7 @@ def _prepare(device: torch.device, sweep: Sweep, threads: int, world_size: int) 
     """Threads and libraries set up before the first cell, alike for every cell."""
     # The ranks of one host share its cores: each takes its part.
     torch.set_num_threads(max(1, threads // world_size))
+    print(f"{torch.get_num_threads()} intra-op thread(s)", flush=True)
     prime_libraries(device, [DTYPES[dtype] for dtype in sweep.dtypes])
 
 

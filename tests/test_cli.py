@@ -102,3 +102,17 @@ def test_a_worker_refuses_a_config_edited_since_the_run_started(write_config):
     result = CliRunner().invoke(app, ["ranks", str(run_dir)])
     assert result.exit_code == 2
     assert f"{path}: changed since the run in {run_dir} started" in result.output
+
+
+def test_the_thread_count_and_host_load_are_set_and_recorded(write_config):
+    path = write_config(BASE_CONFIG + "threads: 2\n")
+    out = path.parent / "out"
+    assert CliRunner().invoke(app, ["run", str(path), "--output-root", str(out), "--threads", "1"]).exit_code == 0
+    (run_dir,) = out.iterdir()
+    environment = json.loads((run_dir / "run.json").read_text())["environment"]
+    assert environment["threads"] == 1  # the command line wins over the config
+    for load in (environment["host_load"], environment["host_load_end"]):
+        assert len(load["load_average"]) == 3 and isinstance(load["busy_processes"], list)
+    log = (run_dir / "worker-1.log").read_text()
+    assert "1 intra-op thread" in log
+    assert CliRunner().invoke(app, ["plan", str(write_config(BASE_CONFIG + "threads: 0\n"))]).exit_code == 2

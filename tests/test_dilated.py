@@ -127,3 +127,21 @@ def test_indivisible_lengths_are_left_out_with_reasons(write_config):
         (48, 2, "seq_len 48 is not divisible by segment length 32"),
         (48, 3, "seq_len 48 is not divisible by segment length 32"),
     ]
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 5])
+@pytest.mark.parametrize("causal", [False, True])
+def test_each_ring_step_is_at_most_two_batched_runs_covering_every_block_once(parts, causal):
+    from ringbench.impls.dilated import step_runs
+
+    seen = []
+    for step in range(parts):
+        runs = step_runs(parts, step, causal)
+        assert len(runs) <= 2
+        for q0, kv0, count, block_causal in runs:
+            pairs = [(q0 + i, kv0 + i) for i in range(count)]
+            assert all(0 <= q < parts and 0 <= kv < parts and kv == (q - step) % parts for q, kv in pairs)
+            assert block_causal == (causal and step == 0)
+            seen += pairs
+    wanted = [(q, kv) for q in range(parts) for kv in range(parts) if not causal or kv <= q]
+    assert sorted(seen) == sorted(wanted)

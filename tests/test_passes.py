@@ -90,3 +90,36 @@ def test_ring_backward_leaves_out_the_efficient_kernel(write_config):
     assert [(dict(c.options)["kernel"], c.pass_name) for c in the_plan.cells] == [
         ("efficient", "forward"), ("auto", "forward"), ("auto", "backward")]
     assert [e.reason for e in the_plan.excluded] == ["ring's backward runs on flash, cudnn, math blocks, not efficient"]
+
+
+def _modes_with(monkeypatch, host_ms, device_ms, budget=None, across_processes=False):
+    """The timing modes _modes picks on a (pretended) GPU whose probe reads these times."""
+    from ringbench.timing import Launch
+
+    monkeypatch.setattr(worker, "launch_and_work", lambda fn, device: Launch(host_ms, device_ms))
+    monkeypatch.setattr(worker, "graph_replay", lambda fn, device: ((lambda: "replayed"), None))
+    budget = budget or TimingBudget()
+    timed, _, modes = worker._modes(lambda: "plain", torch.device("cuda"), budget, across_processes)
+    return timed(), modes
+
+
+def test_auto_timing_replays_a_graph_where_the_launch_outweighs_half_the_gpu_work(monkeypatch):
+    assert _modes_with(monkeypatch, host_ms=0.6, device_ms=1.0) == ("replayed", {
+        "cold_l2": False, "cuda_graph": True, "launch_ms": 0.6, "device_ms": 1.0, "notes": []})
+    timed, modes = _modes_with(monkeypatch, host_ms=0.4, device_ms=1.0)
+    assert timed == "plain" and not modes["cuda_graph"] and modes["launch_ms"] == 0.4
+    assert _modes_with(monkeypatch, 0.1, 1.0, TimingBudget(cuda_graph="always"))[0] == "replayed"
+    timed, modes = _modes_with(monkeypatch, 9.0, 1.0, TimingBudget(cuda_graph="never"))
+    assert timed == "plain" and modes["launch_ms"] is None and modes["notes"] == []
+    timed, modes = _modes_with(monkeypatch, 9.0, 1.0, across_processes=True)
+    assert timed == "plain" and modes["notes"] == ["CUDA graphs are not used across processes: plain calls timed"]
+
+
+def test_a_refused_capture_is_timed_plainly_and_says_why(monkeypatch):
+    from ringbench.timing import Launch
+
+    monkeypatch.setattr(worker, "launch_and_work", lambda fn, device: Launch(5.0, 1.0))
+    monkeypatch.setattr(worker, "graph_replay", lambda fn, device: (fn, "capture failed, plain calls timed instead: X"))
+    timed, _, modes = worker._modes(lambda: "plain", torch.device("cuda"), TimingBudget(), False)
+    assert timed() == "plain" and not modes["cuda_graph"]
+    assert modes["notes"] == ["capture failed, plain calls timed instead: X"]

@@ -15,7 +15,7 @@ from ringbench.report.baseline import DEFAULT, resolve, with_ratios
 from ringbench.report.load import Run
 from ringbench.report.markdown import escape, table
 from ringbench.report.summary import ring_efficiency, summary, warnings
-from ringbench.report.tables import METRICS, SHAPE, failures, metric_table, shape_title
+from ringbench.report.tables import METRICS, SHAPE, failures, metric_table, shape_title, tolerances
 
 
 def _heading(level: int, text: str) -> str:
@@ -100,6 +100,23 @@ def _parameters(meta: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _load(load: dict[str, Any]) -> str:
+    busy = ", ".join(f"{escape(p['name'])} (pid {p['pid']}, {p['cpu_percent']:g}% of a core)"
+                     for p in load["busy_processes"]) or "no other process busy"
+    return f"load average {' / '.join(f'{value:g}' for value in load['load_average'])}, {busy}"
+
+
+def _host(environment: dict[str, Any]) -> list[str]:
+    """The intra-op thread count and how busy the host was, where the run recorded them."""
+    if "threads" not in environment:  # runs from before they were recorded
+        return []
+    lines = [f"- **threads**: {environment['threads']} intra-op (physical cores: {environment['physical_cores']})"]
+    end = environment.get("host_load_end")
+    lines.append(f"- **host load** at the start: {_load(environment['host_load'])}"
+                 + (f"; at the end: {_load(end)}" if end else ""))
+    return lines
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -117,6 +134,7 @@ def _environment(environment: dict[str, Any]) -> list[str]:
         f"- **software**: torch {escape(environment['torch'])}{f' ({libraries})' if libraries else ''}, "
         f"Python {escape(environment['python'])}, {escape(environment.get('platform', 'unknown platform'))}",
         f"- **CPU**: {escape(environment.get('cpu'))} ({environment.get('cpu_count')} cores)",
+        *_host(environment),
         *_peaks(environment),
     ]
     ends = {state["index"]: state for state in environment.get("gpu_state_end") or []}
@@ -145,6 +163,9 @@ def _results(frame: pd.DataFrame, level: int, baseline: str | None) -> list[str]
                 lines += [f"**{title}**", "", metric_table(group, metric), ""]
             elif metric.absent:
                 lines += [f"**{title}**: {metric.absent}", ""]
+        allowed = tolerances(group)
+        if allowed:
+            lines += [allowed, ""]
         failed = failures(group)
         if failed:
             lines += ["**Failed cells**", "", failed, ""]

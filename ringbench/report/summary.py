@@ -8,6 +8,27 @@ from ringbench import records
 from ringbench.report.markdown import escape, mib, ms
 from ringbench.report.tables import NO_RING, SHAPE, placement, shape_title
 
+
+def _noisy(row: pd.Series) -> bool:
+    return not pd.isna(row.noise_target) and not pd.isna(row.rel_iqr) and row.rel_iqr > row.noise_target
+
+
+NOISY = " — ⚠ rests on a cell timed above the noise target ({noise:.1%} IQR / median)"
+
+
+def _noise_mark(rows: list[pd.Series]) -> str:
+    """What a finding adds when one of the cells it rests on is noisier than the target allows."""
+    noisy = [row.rel_iqr for row in rows if _noisy(row)]
+    return NOISY.format(noise=max(noisy)) if noisy else ""
+
+
+def _baseline_row(frame: pd.DataFrame, row: pd.Series, baseline: str) -> pd.Series | None:
+    """The baseline's cell that ``row``'s ratios were taken against (see baseline.with_ratios)."""
+    same = frame[(frame["label"] == baseline) & (frame["status"] == records.OK) & (frame["world_size"] == 1)
+                 & (frame["seq_len"] == row.seq_len) & (frame[SHAPE] == row[SHAPE]).all(axis=1)]
+    return None if same.empty else same.sort_values("ring_size", na_position="first").iloc[0]
+
+
 def _implementation(row: pd.Series) -> str:
     where = placement(row.ring_size, row.world_size)
     return escape(row.label) if where == NO_RING else f"{escape(row.label)} ({where})"
@@ -27,6 +48,7 @@ def best_memory_reduction(frame: pd.DataFrame, baseline: str) -> str:
         f"{100 * (1 - best.memory_ratio):.1f}% — {_implementation(best)} at S={best.seq_len} "
         f"({shape_title(tuple(best[SHAPE]))}): {mib(best.total_mib)} MiB in all against "
         f"{mib(best.total_mib / best.memory_ratio)} MiB"
+        f"{_noise_mark([best, *filter(lambda r: r is not None, [_baseline_row(frame, best, baseline)])])}"
     )
 
 
@@ -49,7 +71,9 @@ def fastest(frame: pd.DataFrame, baseline: str) -> list[str]:
         best = group.loc[group["median_ms"].idxmin()]
         shape = f" ({shape_title(key[:-1])})" if several_shapes else ""
         against = "" if pd.isna(best.speedup) or best.label == baseline else f", {best.speedup:.2f}× `{escape(baseline)}`"
-        lines.append(f"S={key[-1]}{shape}: {_implementation(best)}, {ms(best.median_ms)} ms{against}")
+        # Fastest is a claim against every cell of the length, so any of them being noisy counts.
+        mark = _noise_mark([row for _, row in group.iterrows()])
+        lines.append(f"S={key[-1]}{shape}: {_implementation(best)}, {ms(best.median_ms)} ms{against}{mark}")
     return lines or ["no successful cell"]
 
 
@@ -62,11 +86,17 @@ def crossovers(frame: pd.DataFrame, baseline: str) -> list[str]:
     lines = []
     for key, group in ok.groupby(SHAPE, sort=False):
         times = group.pivot_table(index="seq_len", columns="series", values="median_ms", aggfunc="first").sort_index()
+        cells = {(row.seq_len, row.series): row for _, row in group.iterrows()}
+
+        def mark(lengths: tuple[int, int], series: list[str]) -> str:
+            return _noise_mark([cells[(s, name)] for s in lengths for name in series if (s, name) in cells])
+
         shape = f" ({shape_title(key)})" if ok.groupby(SHAPE).ngroups > 1 else ""
         leaders = times.idxmin(axis=1)
         for (short, before), (long, after) in zip(leaders.items(), list(leaders.items())[1:]):
             if before != after:
-                lines.append(f"{after} overtakes {before} as the fastest between S={short} and S={long}{shape}")
+                lines.append(f"{after} overtakes {before} as the fastest between S={short} and S={long}{shape}"
+                             f"{mark((short, long), [before, after])}")
         if base not in times:
             continue
         for series in times.columns.drop(base):
@@ -75,7 +105,8 @@ def crossovers(frame: pd.DataFrame, baseline: str) -> list[str]:
             for (short, was), (long, now) in zip(ahead.items(), list(ahead.items())[1:]):
                 if was != now:
                     verb = "overtakes" if now else "falls behind"
-                    lines.append(f"{series} {verb} `{base}` between S={short} and S={long}{shape}")
+                    lines.append(f"{series} {verb} `{base}` between S={short} and S={long}{shape}"
+                                 f"{mark((short, long), [series, base])}")
     return lines
 
 
@@ -154,6 +185,12 @@ def _environment_warnings(environment: dict) -> list[str]:
         names = ", ".join(f"{escape(p['name'])} (pid {p['pid']}, {p['memory_mib']} MiB)" for p in foreign)
         lines.append(f"- Other processes were computing on the GPUs at the start: {names}. They share the GPUs "
                      "with the benchmark; stop them and run again.")
+    busy = {f"{p['name']} (pid {p['pid']})" for load in (environment.get("host_load"), environment.get("host_load_end"))
+            if load for p in load["busy_processes"]}
+    if busy:
+        lines.append(f"- Other processes kept the host's CPUs busy at the start or end of the run: "
+                     f"{escape(', '.join(sorted(busy)))}. They compete with the benchmark for cores and for launching "
+                     "kernels; stop them and run again.")
     throttled = [state["index"] for state in (environment.get("gpu_state") or []) + (environment.get("gpu_state_end") or [])
                  if _throttled(state.get("clocks_throttle_reasons.active"))]
     if throttled:

@@ -49,8 +49,25 @@ def _throughput(row) -> str:
 
 
 def _error(row) -> str:
+    """The output's relative error and, in backward passes, the gradients'; saying so where a
+    record carries no check (an implementation registered without a reference, or an old record)."""
+    if not row.checked:
+        return "not checked"
     forward = "n/a" if pd.isna(row.rel_error) else f"{row.rel_error:.1e}"
-    return forward if pd.isna(row.grad_rel_error) else f"{forward}, gradients {row.grad_rel_error:.1e}"
+    if row.gradients_checked is None or pd.isna(row.gradients_checked):
+        return forward
+    return f"{forward}, gradients {row.grad_rel_error:.1e}" if row.gradients_checked else f"{forward}, gradients not checked"
+
+
+# Plain calls' time is shown beside graph replays' where they differ by more than this.
+PLAIN_DIFFERS = 0.05
+
+
+def _median(row) -> str:
+    text = f"{ms(row.median_ms)} ± {ms(row.iqr_ms)}"
+    if pd.isna(row.plain_ms) or abs(row.plain_ms / row.median_ms - 1) <= PLAIN_DIFFERS:
+        return text
+    return f"{text} (plain {ms(row.plain_ms)})"
 
 
 @dataclass(frozen=True)
@@ -64,7 +81,8 @@ class Metric:
 
 
 METRICS = (
-    Metric("Median time (ms ± IQR)", lambda row: f"{ms(row.median_ms)} ± {ms(row.iqr_ms)}"),
+    Metric("Median time (ms ± IQR); a call whose launch outweighs its GPU work is timed as CUDA-graph replays, "
+           f"with plain calls' time in brackets where it differs by over {PLAIN_DIFFERS:.0%}", _median),
     Metric("Throughput per device (TFLOP/s; in brackets, share of the measured matmul peak where known)", _throughput,
            _present("tflops")),
     Metric("Peak memory of a call above what it starts with (inputs, buffers kept by setup), measured (modelled), MiB",
@@ -83,7 +101,7 @@ METRICS = (
            lambda row: "" if pd.isna(row.comm_step_mib) else f"{row.comm_step_mib:,.2f} MiB, {row.comm_wait_share:.1%}",
            _present("comm_step_mib"), rows_with="comm_step_mib", cells=_across_processes),
     Metric("Tokens per second", lambda row: f"{row.tokens_per_s:,.0f}"),
-    Metric("Relative error against the float64 reference", _error, _present("rel_error")),
+    Metric("Relative error against the float64 reference", _error),
 )
 
 
@@ -131,6 +149,18 @@ def metric_table(group: pd.DataFrame, metric: Metric) -> str:
     pivot = pivot.reindex(index=order, columns=columns).fillna("")
     pivot = pivot.loc[:, (pivot != "").any()]  # a column only rows without this metric would fill
     return table(pivot.reset_index(), text_columns=1)
+
+
+def tolerances(group: pd.DataFrame) -> str | None:
+    """The relative error each implementation's cells may reach here (its dtype's, or coarser where it
+    accumulates in a coarser type), and what checking cost; None where nothing was checked."""
+    checked = group[group["checked"].astype(bool) & group["tolerance"].notna()]
+    if checked.empty:
+        return None
+    allowed = "; ".join(f"{escape(label)} {cells['tolerance'].max():.0e}" for label, cells in checked.groupby("label", sort=False))
+    cost = checked["check_s"].dropna()
+    spent = f" Checks took {cost.sum():.1f} s in all, at most {cost.max():.2f} s a cell." if not cost.empty else ""
+    return f"Tolerance: {allowed}.{spent}"
 
 
 def failures(group: pd.DataFrame) -> str | None:
