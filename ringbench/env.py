@@ -113,10 +113,13 @@ def _nccl_version() -> str | None:
 
 
 def default_threads() -> int:
-    """Physical cores this process may use: intra-op threads beyond them share cores and
-    slow every operation (hyperthreads, or cores the scheduler has not given us)."""
+    """The physical cores this process may use, less one: threads beyond the physical cores share
+    them (hyperthreads, or cores the scheduler has not given us), and a parallel region waits for
+    its slowest thread, so one core is left to the runner and the system, whose interruptions
+    would otherwise stall every region (on two cores, two threads timed the smoke sweep up to
+    1.75× apart between runs; one thread, within 3%)."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(psutil.cpu_count(logical=False) or usable, usable))
+    return max(1, min(psutil.cpu_count(logical=False) or usable, usable) - 1)
 
 
 # A process using more than this share of one core while the run starts or ends is named:
@@ -145,6 +148,18 @@ def host_load() -> dict[str, Any]:
             busy.append({"pid": process.pid, "name": process.info["name"], "cpu_percent": round(percent, 1)})
     return {"load_average": [round(value, 2) for value in os.getloadavg()],
             "busy_processes": sorted(busy, key=lambda p: -p["cpu_percent"])}
+
+
+# glibc adjusts its mmap and trim thresholds to the allocations it has seen, so a tensor of a
+# few MiB can come from fresh pages, faulted in on every call, in one worker and from the heap
+# in another, with what ran before deciding: on the CPU that moved a cell 2.5× between runs.
+# Fixed thresholds switch the adjustment off: blocks under 32 MiB (glibc's largest threshold)
+# always come from the heap, which is never trimmed. A user's own settings win.
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+def worker_environment() -> dict[str, str]:
+    return {**FIXED_MALLOC, **os.environ}
 
 
 def snapshot_time() -> str:
@@ -178,4 +193,5 @@ def snapshot(device: torch.device, threads: int) -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "nccl": _nccl_version() if cuda else None,
         "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        "worker_malloc": {name: worker_environment()[name] for name in FIXED_MALLOC},
     }

@@ -170,7 +170,7 @@ def _launch(world_size: int, cells: list[Cell], run_dir: Path, writer: records.R
         timed_out, before = False, len(pending)
         with log_path.open("ab") as log:
             process = subprocess.Popen(_worker_command(world_size, run_dir, threads), stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True, preexec_fn=die_with_parent)
+                                       env=env.worker_environment(), start_new_session=True, preexec_fn=die_with_parent)
             try:
                 progress = time.time()
                 while pending:

@@ -190,3 +190,12 @@ def test_a_worker_that_stops_between_cells_blames_none_and_one_that_cannot_start
     the_plan, result, _ = run_config(path, tmp_path / "out2")
     assert [r["status"] for r in result.records] == ["crashed"] * len(the_plan.cells)
     assert result.records[0]["error"]["message"].startswith("the worker exited with code 3 before starting this cell")
+
+
+def test_workers_get_fixed_malloc_thresholds_unless_the_user_set_their_own(monkeypatch):
+    from ringbench import env
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4096")
+    workers = env.worker_environment()
+    assert workers["MALLOC_MMAP_THRESHOLD_"] == "4096" and workers["MALLOC_TRIM_THRESHOLD_"] == str(2**40)
