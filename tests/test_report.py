@@ -166,15 +166,11 @@ def test_csv_and_json_hold_one_row_per_cell():
 
 
 def test_crossovers_name_the_two_lengths_between_which_the_order_changes(tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(FIXTURES / "run", run)
-    lines = []
-    for line in (run / "records.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    def faster_standard(record):
         if record["implementation"] == "standard" and record["seq_len"] == 4096:
             record["stats"]["median_ms"] = 0.1  # faster than sdpa (0.11) at 4096, slower from 6144 on
-        lines.append(json.dumps(record))
-    (run / "records.jsonl").write_text("\n".join(lines) + "\n")
+
+    run = _fixture_with(tmp_path, faster_standard)
     markdown = render_report([load_run(run)])
     assert "- Crossovers:\n" in markdown
     crossings = markdown.split("- Crossovers:\n")[1].split("\n\n")[0].splitlines()
@@ -246,11 +242,7 @@ def test_records_without_held_memory_compare_no_memory_in_all(tmp_path):
 
 
 def test_records_without_a_check_or_a_gradient_check_say_so(tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(FIXTURES / "run", run)
-    lines = []
-    for line in (run / "records.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    def edit(record):
         if record["implementation"] == "standard" and record["seq_len"] == 4096:
             record["check"] = None  # registered without a reference
         if record["implementation"] == "sdpa" and record["seq_len"] == 4096:
@@ -259,9 +251,19 @@ def test_records_without_a_check_or_a_gradient_check_say_so(tmp_path):
         if record["implementation"] == "sdpa" and record["seq_len"] == 8192:
             record["pass"] = "backward"
             record["check"]["gradients"] = {"checked": True, "rel_error": 0.004, "passed": True}
-        lines.append(json.dumps(record))
-    (run / "records.jsonl").write_text("\n".join(lines) + "\n")
-    markdown = render_report([load_run(run)])
+
+    markdown = render_report([load_run(_fixture_with(tmp_path, edit))])
     assert re.search(r"\| standard +\| +4096 \| +not checked \|", markdown)
     assert re.search(r"\| sdpa\(backend=flash\) +\| +4096 \| +1\.5e-03, gradients not checked \|", markdown)
     assert re.search(r"\| sdpa\(backend=flash\) +\| +8192 \| +1\.5e-03, gradients 4\.0e-03 \|", markdown)
+
+
+def _fixture_with(tmp_path, edit):
+    """A copy of the fixture run whose records ``edit`` changed in place (one dict each)."""
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "run", run)
+    records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    for record in records:
+        edit(record)
+    (run / "records.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return run
