@@ -177,7 +177,7 @@ def reference_gradients(family: str, problem: Problem, batch: int, head: int, do
     scale = head_dim ** -0.5
     dq = torch.zeros(len(q_rows), head_dim, dtype=torch.float64, device=q.device)
     dk, dv = (torch.zeros(len(k_rows), head_dim, dtype=torch.float64, device=q.device) for _ in range(2))
-    k_sampled, v_sampled = k[k_rows], v[k_rows]
+    v_sampled = v[k_rows]
     rows_per_block = max(1, BLOCK_ELEMENTS // seq_len)
     for start in range(0, seq_len, rows_per_block):
         rows = torch.arange(start, min(seq_len, start + rows_per_block), device=q.device)
