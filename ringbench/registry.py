@@ -119,7 +119,7 @@ class Implementation:
     reference: str
     accumulates: str | None
     flops: CellHook | None
-    memory_model: CellHook | None
+    memory_model: Callable[[Any, Mapping[str, Any]], int] | None
     excludes: CellHook | None
     check_options: Callable[[Mapping[str, Any]], str | None] | None
 
@@ -154,7 +154,7 @@ def register(
     reference: str = "dense",
     accumulates: str | None = None,
     flops: CellHook | None = None,
-    memory_model: CellHook | None = None,
+    memory_model: Callable[[Any, Mapping[str, Any]], int] | None = None,
     excludes: CellHook | None = None,
     check_options: Callable[[Mapping[str, Any]], str | None] | None = None,
 ) -> Callable[[Setup], Setup]:
@@ -168,9 +168,10 @@ def register(
     ``reference`` names the float64 reference its output is checked against
     (``dense``, ``dilated``, or ``none``); ``accumulates`` the dtype it sums partial
     results in, if coarser than the inputs may be (``float32`` for float32 merges):
-    the check's tolerance is then the coarser one's. ``flops(cell)`` and ``memory_model(cell)``
-    give the modelled work and memory beyond the inputs, in FLOPs and bytes;
-    without ``flops`` dense attention's count is assumed. ``excludes(cell)``
+    the check's tolerance is then the coarser one's. ``flops(cell)`` and ``memory_model(cell, facts)``
+    give the modelled work and memory beyond the inputs, in FLOPs and bytes, the
+    memory for the path setup took as its ``facts`` say; without ``flops`` dense
+    attention's count is assumed. ``excludes(cell)``
     returns a reason to leave a cell out of the plan, ``check_options(options)`` a
     reason to reject a combination of options.
     """

@@ -1,3 +1,4 @@
+import os
 import shutil
 import textwrap
 from pathlib import Path
@@ -5,6 +6,9 @@ from pathlib import Path
 import pytest
 
 PLUGINS = Path(__file__).parent / "plugins"
+
+# Triton kernels run on the CPU, interpreted: set before any kernel is defined (ringbench imports them).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # A complete, valid config for CPU: tests change one thing at a time.
 BASE_CONFIG = """\

@@ -16,6 +16,11 @@ g = w / shard_len shards, and its ranks exchange only the sparse rows the patter
 selects, ring-fashion, the diagonal block causal and later shards skipped when causal.
 On one device the ranks are simulated; across processes (world size > 1) each
 process holds one contiguous shard and the sparse rows travel by point-to-point ops.
+
+Blocks come from PyTorch's fused kernels on gathered sparse rows (``ringbench.blocks``)
+or, on one device in half precision, from ``ringbench.fused_dilated``: one Triton
+kernel per pattern and ring step that reads the sparse rows in place and merges as
+it goes. The backward pass always runs on the library kernels.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ringbench import blocks
+from ringbench import blocks, fused_dilated
 from ringbench.comm import TravellingSums
 from ringbench.config import PASSES
 from ringbench.models import DTYPE_BYTES
@@ -34,7 +39,9 @@ from ringbench.registry import Bench, Option, Problem, register
 OPTIONS = {
     "segment_lengths": Option((2048, 4096), help="segment length w of each pattern"),
     "dilation_rates": Option((1, 2), help="dilation rate r of each pattern"),
-    "kernel": Option("auto", choices=blocks.KERNELS, help="block kernel; auto picks the fastest that runs"),
+    "kernel": Option("auto", choices=("auto", "fused", *blocks.KERNELS[1:]),
+                     help="forward blocks: fused (one Triton kernel per pattern and ring step; one device, "
+                          "half precision) or a library kernel; auto picks fused where it runs, else the fastest"),
 }
 
 
@@ -57,9 +64,14 @@ def _check_options(options: Mapping[str, Any]) -> str | None:
 
 def _excludes(cell: Cell) -> str | None:
     options = dict(cell.options)
-    if cell.pass_name != "forward":
-        if options["kernel"] not in blocks.BACKWARD_KERNELS:
-            return f"the backward runs on {', '.join(blocks.BACKWARD_KERNELS[1:])} blocks, not {options['kernel']}"
+    if options["kernel"] == "fused":
+        if cell.world_size > 1:
+            return "the fused kernel runs on one device; across processes blocks come from the library kernels"
+        if cell.dtype not in ("float16", "bfloat16") or cell.head_dim not in fused_dilated.HEAD_DIMS:
+            return (f"the fused kernel takes float16 or bfloat16 with head_dim in "
+                    f"{', '.join(map(str, fused_dilated.HEAD_DIMS))}")
+    elif cell.pass_name != "forward" and options["kernel"] not in blocks.BACKWARD_KERNELS:
+        return f"the backward runs on {', '.join(blocks.BACKWARD_KERNELS[1:])} blocks, not {options['kernel']}"
     for w, r in patterns(options, cell.seq_len):
         if cell.seq_len % w:
             return f"seq_len {cell.seq_len} is not divisible by segment length {w}"
@@ -83,18 +95,21 @@ def _flops(cell: Cell) -> float:
     return total / 2 if cell.causal else total
 
 
-def _memory_model(cell: Cell) -> int:
+def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
     """Bytes beyond the inputs at the peak.
 
     The float32 accumulator and its log-sum-exp live throughout. On top of them
-    comes, at the end, the output in the input dtype, or, while a pattern runs, its
-    transients: the block output and its log-sum-exp and, when r > 1, the gathered
-    sparse q, k, v and the gathered float32 accumulator rows.
+    comes, at the end, the output in the input dtype. The fused kernel needs
+    nothing else; with library kernels, while a pattern runs, its transients come
+    on top instead: the block output and its log-sum-exp and, when r > 1, the
+    gathered sparse q, k, v and the gathered float32 accumulator rows.
     """
     rows = cell.batch_size * cell.heads * cell.seq_len
     element = DTYPE_BYTES[cell.dtype]
     resident = rows * (cell.head_dim * 4 + 4)
     on_top = rows * cell.head_dim * element  # the final output
+    if facts.get("kernel") == "fused":
+        return resident + on_top
     for _, r in patterns(dict(cell.options), cell.seq_len):
         sparse_rows = rows // r
         block = sparse_rows * (cell.head_dim * element + 4)
@@ -190,34 +205,52 @@ def _pattern_backward(tensors, grads, w, r, parts, causal, kernel):
 class _OneDevice:
     """Every pattern on one device; a ring's shards, if any, simulated block by block."""
 
-    def __init__(self, problem: Problem, kernel: str, shard_len: int):
+    def __init__(self, problem: Problem, kernel: str, backward_kernel: str | None, shard_len: int):
         self.q, self.k, self.v = (t.detach() for t in (problem.q, problem.k, problem.v))
-        self.causal, self.kernel = problem.causal, kernel
+        self.causal, self.kernel, self.backward_kernel = problem.causal, kernel, backward_kernel
         self.patterns = [(w, r, w // shard_len if w > shard_len else 1)
                          for w, r in patterns(problem.options, self.q.shape[2])]
 
     def forward(self, keep_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         q = self.q
-        acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        acc_lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-        for w, r, parts in self.patterns:
-            _pattern(q, self.k, self.v, acc, acc_lse, w, r, parts, self.causal, self.kernel)
+        if self.kernel == "fused":
+            acc, acc_lse = fused_dilated.forward(q, self.k, self.v, self.patterns, self.causal)
+        else:
+            acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            acc_lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+            for w, r, parts in self.patterns:
+                _pattern(q, self.k, self.v, acc, acc_lse, w, r, parts, self.causal, self.kernel)
         return acc.to(q.dtype), acc_lse if keep_lse else None
 
     def backward(self, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
         grads = tuple(torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (self.q, self.k, self.v))
         tensors = (self.q, self.k, self.v, dout, out, lse)
         for w, r, parts in self.patterns:
-            _pattern_backward(tensors, grads, w, r, parts, self.causal, self.kernel)
+            _pattern_backward(tensors, grads, w, r, parts, self.causal, self.backward_kernel)
         return tuple(grad.to(self.q.dtype) for grad in grads)
 
 
+def _forward_kernel(option: str, q: torch.Tensor) -> str:
+    """``fused`` where it runs, when named or ``auto``; otherwise the library kernel ``blocks.choose`` picks."""
+    if option in ("auto", "fused") and fused_dilated.runs_on(q):
+        return "fused"
+    if option == "fused":
+        raise ValueError(f"kernel 'fused' needs Triton and a CUDA device (inputs are on {q.device})")
+    return blocks.choose(option, q)
+
+
 def _setup(problem: Problem, sharded: bool):
-    kernel = blocks.choose(problem.options["kernel"], problem.q)
+    option, q = problem.options["kernel"], problem.q
+    kernel = _forward_kernel(option, q)
     problem.facts["kernel"] = kernel
-    problem.facts["merge"] = blocks.merge_path(problem.q.device)
-    seq_len = problem.q.shape[2]
-    dilated = _OneDevice(problem, kernel, seq_len // problem.ring_size if sharded else seq_len)
+    backward_kernel = None
+    if q.requires_grad:
+        backward_kernel = blocks.choose("auto" if option == "fused" else option, q)
+        problem.facts["backward_kernel"] = backward_kernel
+    if kernel != "fused":  # the fused kernel merges as it goes
+        problem.facts["merge"] = blocks.merge_path(q.device)
+    seq_len = q.shape[2]
+    dilated = _OneDevice(problem, kernel, backward_kernel, seq_len // problem.ring_size if sharded else seq_len)
     inputs = (problem.q, problem.k, problem.v)
     return lambda: blocks.Differentiable.apply(*inputs, dilated)
 

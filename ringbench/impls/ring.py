@@ -24,6 +24,7 @@ r and 2P−1−r, so every rank does the same work in every step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 
@@ -307,7 +308,7 @@ def _excludes(cell: Cell) -> str | None:
     return None
 
 
-def _memory_model(cell: Cell) -> int:
+def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
     """Bytes beyond the inputs at the peak of ``run``.
 
     The float32 accumulator (4 bytes per output element) and its log-sum-exp live

@@ -40,7 +40,7 @@ def resolved_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 @register(
     "sdpa",
     options={"backend": Option("auto", choices=("auto", *BACKENDS), help="SDPA kernel; auto lets PyTorch choose")},
-    memory_model=output_bytes,  # fused kernels keep no S×S state: only the output is new
+    memory_model=lambda cell, facts: output_bytes(cell),  # fused kernels keep no S×S state: only the output
     passes=PASSES,
     description="torch.nn.functional.scaled_dot_product_attention",
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 
 from ringbench.config import PASSES
@@ -10,7 +12,7 @@ from ringbench.plan import Cell
 from ringbench.registry import Problem, register
 
 
-def _memory_model(cell: Cell) -> int:
+def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
     """Two S×S temporaries per head: the scores and their softmax."""
     return 2 * cell.batch_size * cell.heads * cell.seq_len**2 * DTYPE_BYTES[cell.dtype]
 
