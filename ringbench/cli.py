@@ -43,11 +43,11 @@ def _load(config_path: Path):
 def _print_plan(source: Path, the_plan) -> None:
     print(f"{source}: {len(the_plan.cells)} cells planned, {len(the_plan.excluded)} left out")
     for cell in the_plan.cells:
-        print(f"  {cell.id}  {cell.label}")
+        print(f"  {cell.id}  {cell.title}")
     if the_plan.excluded:
         print("left out:")
         for exclusion in the_plan.excluded:
-            print(f"  {exclusion.cell.label}: {exclusion.reason}")
+            print(f"  {exclusion.cell.title}: {exclusion.reason}")
 
 
 @app.command()
@@ -126,13 +126,17 @@ def report(
                                       help="markdown; html (one file, figures embedded); csv / json: one row per cell"),
     no_plots: bool = typer.Option(False, "--no-plots", help="skip the figures"),
     merge: bool = typer.Option(False, "--merge", help="several runs as one report, by cell; the newest record wins"),
-    baseline: str = typer.Option("standard", "--baseline",
-                                 help="implementation (name or label) that speed-ups and memory ratios are against"),
+    baseline: Optional[str] = typer.Option(None, "--baseline",
+                                           help="implementation (name or label) that speed-ups and memory ratios are "
+                                                "against; default: standard, else sdpa, else the first one run"),
 ) -> None:
-    """Render stored runs: report.md (or .html / .csv / .json) in the folder given (or -o), also printed."""
+    """Render stored runs. A run folder: its report.md, also printed. A folder of runs: each run's
+    report.md and figures in its own folder (where missing or out of date), and index.md in the
+    folder; the index and the newest run's findings are printed. --merge: one report of all cells."""
     from ringbench import records
-    from ringbench.report import find_runs, load_run, render_merged, render_report, render_table, to_html
+    from ringbench.report import find_runs, index, load_run, render_merged, render_report, render_table, to_html
     from ringbench.report.load import UnreadableRun
+    from ringbench.report.render import render_findings
 
     names = {"markdown": "report.md", "html": "report.html", "csv": "report.csv", "json": "report.json"}
     with _user_errors():
@@ -148,7 +152,30 @@ def report(
             raise UserError("; ".join(skipped))
     for warning in skipped + [warning for run_data in runs for warning in run_data.warnings]:
         print(f"warning: {warning}", file=sys.stderr)
-    target = output or (paths[0] / names[output_format] if len(paths) == 1 else Path(names[output_format]))
+    folders = [path for path in paths if not records.is_run_dir(path)]
+    if output_format == "markdown" and not merge and output is None and (folders or len(runs) > 1):
+        with _user_errors():
+            for run_data in runs:
+                if baseline is not None or no_plots or not index.current(run_data.path):
+                    target = run_data.path / index.REPORT
+                    records.write_text_atomic(target, render_report([run_data], plots_dir=None if no_plots else run_data.path,
+                                                                    baseline=baseline))
+                    print(f"wrote {target}", file=sys.stderr)
+            listing = ""
+            for folder in folders:
+                listing = index.render_index([run_data for run_data in runs if run_data.path.parent == folder], folder)
+                records.write_text_atomic(folder / index.INDEX, listing)
+                print(f"wrote {folder / index.INDEX}", file=sys.stderr)
+            findings = render_findings(max(runs, key=lambda run_data: run_data.path.name), baseline)
+        if not quiet:
+            print(listing or index.render_index(runs, Path.cwd()))
+            print(findings)
+        return
+    if merge and output is None and folders:  # beside the runs, not loose among them
+        (paths[0] / "merged").mkdir(exist_ok=True)
+        target = paths[0] / "merged" / names[output_format]
+    else:
+        target = output or (paths[0] / names[output_format] if len(paths) == 1 else Path(names[output_format]))
 
     def markdown(plots_dir: Optional[Path]) -> str:
         if merge:

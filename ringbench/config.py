@@ -18,7 +18,6 @@ from typing import Any, Callable
 import yaml
 
 from ringbench import registry
-from ringbench.plan import implementation_label
 from ringbench.errors import ConfigError, Invalid
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -58,13 +57,16 @@ class TimingBudget:
 
 @dataclass(frozen=True, repr=False)
 class ImplementationChoice:
-    """An implementation named in the config, with every option resolved (defaults filled in)."""
+    """An implementation named in the config, with every option resolved (defaults filled in), and
+    the label tables and figures show: the config's, or the name with the options set otherwise
+    than by default."""
 
     name: str
     options: tuple[tuple[str, Any], ...] = ()
+    label: str = ""
 
     def __repr__(self) -> str:
-        return implementation_label(self.name, dict(self.options))
+        return self.label or self.name
 
 
 @dataclass(frozen=True)
@@ -241,11 +243,31 @@ def _timing(value: Any, where: str) -> TimingBudget:
 def _implementation(value: Any, where: str) -> ImplementationChoice:
     if isinstance(value, str):  # shorthand: "- sdpa"
         value = {"name": value}
-    fields = {"name": (_string, _REQUIRED), "options": (lambda v, w: _mapping(v, w, _ANY_KEY), {})}
+    fields = {"name": (_string, _REQUIRED), "options": (lambda v, w: _mapping(v, w, _ANY_KEY), {}),
+              "label": (_label, None)}
     clean = _read_fields(value, where, fields)
     implementation = registry.get(clean["name"], f"{where}.name")
     options = implementation.resolve_options(clean["options"], f"{where}.options")
-    return ImplementationChoice(clean["name"], tuple(options.items()))
+    return ImplementationChoice(clean["name"], tuple(options.items()), clean["label"] or implementation.label(options))
+
+
+def _label(value: Any, where: str) -> str:
+    text = _string(value, where)
+    if not text.strip() or "\n" in text:
+        raise Invalid(where, f"expected a one-line label, got {value!r}")
+    return text.strip()
+
+
+def _implementations(value: Any, where: str) -> tuple[ImplementationChoice, ...]:
+    """The implementations list: each entry a different computation under a label of its own."""
+    choices = _list_of(_implementation)(value, where)
+    for i, choice in enumerate(choices):
+        for j, earlier in enumerate(choices[:i]):
+            if (choice.name, choice.options) == (earlier.name, earlier.options):
+                raise Invalid(f"{where}[{i}]", f"same implementation and options as {where}[{j}]")
+            if choice.label == earlier.label:
+                raise Invalid(f"{where}[{i}].label", f"{choice.label!r} already labels {where}[{j}]")
+    return choices
 
 
 class _AnyKey(dict):
@@ -308,7 +330,7 @@ def load(path: str | Path) -> Sweep:
             "name": (_string, Path(path).stem),
             "description": (_string, ""),
             "plugins": (lambda v, w: plugins, ()),
-            "implementations": (_list_of(_implementation), _REQUIRED),
+            "implementations": (_implementations, _REQUIRED),
             "seq_lens": (_list_of(_positive_int), _REQUIRED),
             "ring_sizes": (_list_of(_positive_int), (1,)),
             "world_sizes": (_list_of(_positive_int), (1,)),

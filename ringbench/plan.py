@@ -6,7 +6,7 @@ import hashlib
 import itertools
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:
@@ -15,10 +15,18 @@ if TYPE_CHECKING:
 
 
 def implementation_label(name: str, options: Mapping[str, Any]) -> str:
-    """``sdpa(backend=flash)``: how an implementation with its options is named in tables."""
+    """``sdpa(backend=flash)``: an implementation with all its options, as records from before
+    labels (see ``config.ImplementationChoice``) are named in tables."""
     if not options:
         return name
     return f"{name}({', '.join(f'{k}={_option_text(v)}' for k, v in sorted(options.items()))})"
+
+
+def label_of(entry: Mapping[str, Any]) -> str:
+    """The label a stored record, exclusion or config entry carries (``implementation`` or ``name``,
+    ``options``, ``label``); the full form for those stored before labels."""
+    return entry.get("label") or implementation_label(entry.get("implementation") or entry["name"],
+                                                      dict(entry.get("options") or {}))
 
 
 def _option_text(value: Any) -> str:
@@ -36,7 +44,8 @@ class Cell:
 
     ``ring_size`` is None for implementations that do not shard the sequence.
     ``world_size`` is the number of processes the cell runs on; above 1 each holds
-    one shard, so ``ring_size`` equals it.
+    one shard, so ``ring_size`` equals it. ``label`` names the implementation with
+    its options in tables; it is not part of what the cell computes, nor of its id.
     """
 
     implementation: str
@@ -50,6 +59,7 @@ class Cell:
     causal: bool
     pass_name: str
     world_size: int = 1
+    label: str = field(default="", compare=False)
 
     def params(self) -> dict[str, Any]:
         """The cell as plain JSON types, the form stored in records."""
@@ -74,12 +84,13 @@ class Cell:
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
     @property
-    def label(self) -> str:
+    def title(self) -> str:
+        """The cell on one line, as ``plan`` and the progress bar show it."""
         ring = f" ring={self.ring_size}" if self.ring_size is not None else ""
         ring += f" ranks={self.world_size}" if self.world_size > 1 else ""
         causal = " causal" if self.causal else ""
         return (
-            f"{implementation_label(self.implementation, dict(self.options))} S={self.seq_len}{ring} "
+            f"{self.label or implementation_label(self.implementation, dict(self.options))} S={self.seq_len}{ring} "
             f"B={self.batch_size} H={self.heads} D={self.head_dim} {self.dtype}{causal} {self.pass_name}"
         )
 
@@ -92,7 +103,7 @@ class Exclusion:
     reason: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"cell_id": self.cell.id, **self.cell.params(), "reason": self.reason}
+        return {"cell_id": self.cell.id, **self.cell.params(), "label": self.cell.label, "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -141,7 +152,7 @@ def build(sweep: "Sweep", lookup: Callable[[str], "Implementation"]) -> Plan:
             implementation = lookup(choice.name)
             for ring_size, world_size in _placements(sweep, implementation):
                 cell = Cell(choice.name, choice.options, seq_len, ring_size, batch, heads, head_dim, dtype, causal,
-                            pass_name, world_size)
+                            pass_name, world_size, choice.label)
                 reason = _exclusion_reason(cell, implementation)
                 if reason:
                     excluded.append(Exclusion(cell, reason))

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ringbench import records
-from ringbench.plan import Cell, implementation_label
+from ringbench.plan import Cell, label_of
 from ringbench.report.tables import placement
 
 _STYLE = {records.OK: "green", records.OOM: "yellow", records.ERROR: "red"}
@@ -50,7 +50,7 @@ class ProgressBar:
         self.task = self.progress.add_task("starting", total=total, last="")
 
     def cell_started(self, index: int, cell: Cell) -> None:
-        self.progress.update(self.task, description=cell.label)
+        self.progress.update(self.task, description=cell.title)
 
     def cell_finished(self, index: int, cell: Cell, record: dict[str, Any]) -> None:
         self.progress.update(self.task, advance=1, last=f"last: {_status(record)}")
@@ -65,7 +65,7 @@ def summary_table(cell_records: list[dict[str, Any]]) -> Table:
         stats, memory = record["stats"] or {}, record["memory"] or {}
         peak = memory.get("peak_allocated_mib")
         table.add_row(
-            implementation_label(record["implementation"], record["options"]),
+            label_of(record),
             str(record["seq_len"]),
             placement(record["ring_size"], record.get("world_size", 1)),
             record["dtype"],

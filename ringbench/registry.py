@@ -38,6 +38,7 @@ class Option:
     default: Any
     choices: tuple[Any, ...] | None = None
     help: str = ""
+    short: str | None = None  # the option's name in labels, where it differs from the default
 
     def validate(self, value: Any, where: str) -> Any:
         if isinstance(self.default, tuple):  # a list of positive integers in the YAML
@@ -123,6 +124,13 @@ class Implementation:
     excludes: CellHook | None
     check_options: Callable[[Mapping[str, Any]], str | None] | None
 
+    def label(self, options: Mapping[str, Any]) -> str:
+        """``ring-dilated w=1K,2K,4K r=1,2,4``: the name, and the options that differ from their
+        defaults, in the order the implementation declares them."""
+        changed = [f"{option.short or key}={compact(options[key])}" for key, option in self.options.items()
+                   if options[key] != option.default]
+        return " ".join([self.name, *changed])
+
     def resolve_options(self, given: Mapping[str, Any], where: str) -> dict[str, Any]:
         """Validate user options against the declared ones and fill in defaults."""
         for key in given:
@@ -137,6 +145,20 @@ class Implementation:
         if problem:
             raise Invalid(where, problem)
         return options
+
+
+def compact(value: Any) -> str:
+    """Option values as labels show them: 1K for 1024, 1M for 1048576, lists joined by commas."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+            if value >= size and value % size == 0:
+                return f"{value // size}{unit}"
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return ",".join(compact(item) for item in value)
+    return str(value)
 
 
 _implementations: dict[str, Implementation] = {}

@@ -397,6 +397,7 @@ def make_record(cell: Cell, outcome: dict[str, Any], device: torch.device | None
         "schema_version": records.SCHEMA_VERSION,
         "cell_id": cell.id,
         **cell.params(),
+        "label": cell.label,
         "device": None if device is None else str(device),
         "started_at": started_at,
         "duration_s": None if seconds is None else round(seconds, 3),

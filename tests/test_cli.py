@@ -57,10 +57,15 @@ def test_run_then_report(write_config):
     assert result.exit_code == 0, result.output
     (run_dir,) = out.iterdir()
     assert len((run_dir / "records.jsonl").read_text().splitlines()) == 4
-    report = runner.invoke(app, ["report", str(out), "-q"])
+    report = runner.invoke(app, ["report", str(out)])
     assert report.exit_code == 0, report.output
-    markdown = (out / "report.md").read_text()
+    markdown = (run_dir / "report.md").read_text()
     assert markdown.startswith("# ringbench: test\n") and "**Cells**: 4 of 4 planned recorded" in markdown
+    index = (out / "index.md").read_text()
+    assert f"| [{run_dir.name}]({run_dir.name}/report.md) |" in index and "| 4 ok, 0 failed |" in index
+    # Printed: the index, then the newest run's findings; figures stay in the run's folder.
+    assert report.stdout.startswith(index) and f"## Findings of `{run_dir.name}` (test)\n" in report.stdout
+    assert not list(out.glob("*.png")) and list(run_dir.glob("*.png"))
     missing = runner.invoke(app, ["report", str(path.parent / "nothing")])
     assert missing.exit_code == 2 and missing.stderr.strip() == f"{path.parent / 'nothing'}: no such folder"
 

@@ -26,7 +26,7 @@ ERRORS = [
     ("unknown timing key", replace("  max_reps: 5", "  max_reps: 5\n  reps: 3"),
      "timing.reps: unknown key (known: cold_l2, cuda_graph, max_ms, max_reps, min_reps, noise_target, rep_ms, sample_ms, warmup_ms)"),
     ("unknown implementation key", replace("  - name: standard", "  - name: standard\n    option: {}"),
-     "implementations[0].option: unknown key (known: name, options)"),
+     "implementations[0].option: unknown key (known: label, name, options)"),
     ("unknown option", replace("      backend: auto", "      backend: auto\n      tile: 64"),
      "implementations[1].options.tile: unknown option for 'sdpa' (known: backend)"),
     ("bad option value", replace("backend: auto", "backend: flsh"),
@@ -101,7 +101,35 @@ def test_valid_config_is_frozen_and_filled_with_defaults(write_config):
 
 def test_string_shorthand_and_defaulted_options(write_config):
     sweep = config.load(write_config(BASE_CONFIG.replace("  - name: sdpa\n    options:\n      backend: auto\n", "  - sdpa\n")))
-    assert [repr(choice) for choice in sweep.implementations] == ["standard", "sdpa(backend=auto)"]
+    assert [repr(choice) for choice in sweep.implementations] == ["standard", "sdpa"]
+    assert dict(sweep.implementations[1].options) == {"backend": "auto"}
+
+
+def test_labels_name_the_options_set_otherwise_than_by_default_or_are_given(write_config):
+    sweep = config.load(write_config(
+        "implementations:\n"
+        "  - {name: ring-dilated, options: {segment_lengths: [1024, 2048, 4096], dilation_rates: [1, 2, 4]}}\n"
+        "  - {name: ring-dilated, options: {segment_lengths: [2048, 4096], kernel: math}}\n"
+        "  - {name: ring, options: {zigzag: true}}\n"
+        "  - {name: sdpa, options: {backend: math}, label: '  sdpa on the math path '}\n"
+        "  - {name: dilated, options: {segment_lengths: [1048576, 1536]}}\n"
+        "seq_lens: [64]\nheads: [1]\nhead_dims: [8]\ndtypes: [float32]\n"))
+    assert [choice.label for choice in sweep.implementations] == [
+        "ring-dilated w=1K,2K,4K r=1,2,4", "ring-dilated kernel=math", "ring zigzag=true", "sdpa on the math path",
+        "dilated w=1M,1536"]
+
+
+@pytest.mark.parametrize("entries, message", [
+    ("[{name: sdpa, label: fast}, {name: standard, label: fast}]", "implementations[1].label: 'fast' already labels implementations[0]"),
+    ("[{name: sdpa}, {name: sdpa, options: {backend: auto}, label: b}]", "implementations[1]: same implementation and options as implementations[0]"),
+    ("[{name: sdpa, label: ''}]", "implementations[0].label: expected a one-line label, got ''"),
+    ("[{name: sdpa, label: [1]}]", "implementations[0].label: expected a string, got [1]"),
+])
+def test_labels_are_one_line_and_tell_implementations_apart(write_config, entries, message):
+    path = write_config(f"implementations: {entries}\nseq_lens: [64]\nheads: [1]\nhead_dims: [8]\ndtypes: [float32]\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert str(caught.value) == f"{path}: {message}"
 
 
 def test_config_hash_ignores_formatting_but_not_values(write_config):

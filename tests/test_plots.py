@@ -19,14 +19,14 @@ def test_figures_plot_the_measured_cells():
     drawn = figures(run.frame)
     assert list(drawn) == ["time", "memory", "throughput", "scaling"]
     time_lines = lines_of(drawn["time"])
-    assert time_lines["sdpa(backend=flash)"] == ([4096, 6144, 8192], [0.11, 0.23, 0.42])
+    assert time_lines["sdpa backend=flash"] == ([4096, 6144, 8192], [0.11, 0.23, 0.42])
     assert time_lines["standard"] == ([4096, 6144], [1.22, 2.72])  # the OOM cell has no point
     assert time_lines["ring (2 processes)"] == ([8192], [0.26])
     (axes,) = drawn["time"].axes
     assert axes.get_xscale() == "log" and axes.get_yscale() == "log" and axes.get_xlabel() == "sequence length (tokens)"
     assert lines_of(drawn["memory"])["standard"] == ([4096, 6144], [524.0, 1170.0])  # held inputs + peak
     scaling = lines_of(drawn["scaling"])
-    assert list(scaling) == ["ring S=8192", "torch-cp(backend=flash, rotate=allgather) S=8192"]
+    assert list(scaling) == ["ring S=8192", "torch-cp backend=flash S=8192"]
     assert scaling["ring S=8192"][0] == [1, 2]  # torch-cp has no one-process cell: one point at 2
 
 

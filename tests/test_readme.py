@@ -20,8 +20,9 @@ def test_readme_plugin_example_runs(tmp_path):
     assert result.exit_code == 0, result.output
     report = CliRunner().invoke(app, ["report", str(out), "-q"])
     assert report.exit_code == 0
-    markdown = (out / "report.md").read_text()
-    assert re.search(r"^\| chunked\(chunks=2\) +\| +256 \| +[0-9.]+ ± [0-9.]+ \|$", markdown, re.M)
+    (run_dir,) = [path for path in out.iterdir() if path.is_dir()]
+    markdown = (run_dir / "report.md").read_text()
+    assert re.search(r"^\| chunked chunks=2 +\| no ring +\| +[0-9.]+ ± [0-9.]+ \| +[0-9.]+ ± [0-9.]+ \|$", markdown, re.M)
     assert "Failed cells" not in markdown
 
 

@@ -1,3 +1,4 @@
+import os
 import re
 import csv
 import io
@@ -46,7 +47,7 @@ def test_a_record_outside_the_plan_warns_and_still_renders(tmp_path):
     run = tmp_path / "run"
     shutil.copytree(FIXTURES / "run", run)
     record = json.loads((run / "records.jsonl").read_text().splitlines()[0])
-    stranger = {**record, "cell_id": "0123456789ab", "implementation": "not-installed-here"}
+    stranger = {**record, "cell_id": "0123456789ab", "implementation": "not-installed-here", "label": "not-installed-here"}
     with open(run / "records.jsonl", "a") as stream:
         stream.write(json.dumps(stranger) + "\n")
     loaded = load_run(run)
@@ -72,7 +73,8 @@ def test_merge_shows_each_cell_once_newest_run_winning(tmp_path):
     assert markdown.startswith("# ringbench report: 2 runs merged\n")
     assert "the newest run's record is the one shown. 12 cells in all." in markdown
     assert "| `20260101T000000Z-aaaa` | golden   |" in markdown and markdown.count("| 9             |") == 1
-    assert re.search(r"\| sdpa\(backend=flash\) +\| +4096 \| +0\.2200 ± 0\.0011 \(plain 0\.1120\) \|", markdown)
+    assert re.search(r"^\| sdpa backend=flash +\| no ring +\| +0\.2200 ± 0\.0011 \| +0\.4600 ± 0\.0100 \| +0\.8400 ± 0\.0042 \|$",
+                     markdown, re.M)
     assert "0.1100 ± 0.0011" not in markdown  # the older sdpa record is replaced, not shown beside
 
 
@@ -92,13 +94,25 @@ def test_html_is_one_page_with_figures_embedded_and_text_kept_inert(tmp_path):
 def test_baseline_names_an_implementation_or_a_label(tmp_path):
     loaded = load_run(FIXTURES / "run")
     markdown = render_report([loaded], baseline="sdpa")
-    assert "**Speed-up against `sdpa`: its median time over this one**" in markdown
-    standard_4k = next(line for line in markdown.splitlines()[markdown.splitlines().index(
-        "**Speed-up against `sdpa`: its median time over this one**"):] if line.startswith("| standard "))
-    assert "|      4096 |     0.09× |" in standard_4k  # 0.11 ms against 1.22 ms
-    registered = CliRunner().invoke(app, ["report", str(FIXTURES / "run"), "-o", str(tmp_path / "r.md"), "--no-plots",
-                                          "-q", "--baseline", "nothing-like-it"])
-    assert registered.exit_code == 0 and "Speed-up against" not in (tmp_path / "r.md").read_text()
+    assert "**Speed-up against `sdpa backend=flash`: its median time over this one**" in markdown
+    standard = next(line for line in markdown.splitlines()[markdown.splitlines().index(
+        "**Speed-up against `sdpa backend=flash`: its median time over this one**"):] if line.startswith("| standard "))
+    assert re.match(r"\| standard +\| no ring +\| +0\.09× \| +0\.08× \|", standard)  # 0.11 ms against 1.22 ms
+    assert render_report([loaded], baseline="sdpa backend=flash") == markdown
+    unknown = CliRunner().invoke(app, ["report", str(FIXTURES / "run"), "-o", str(tmp_path / "r.md"), "--no-plots",
+                                       "-q", "--baseline", "nothing-like-it"])
+    assert unknown.exit_code == 2 and not (tmp_path / "r.md").exists()
+    assert unknown.stderr.strip() == ("--baseline: 'nothing-like-it' is not among the implementations in these runs "
+                                      "(standard, sdpa backend=flash, ring, torch-cp backend=flash)")
+
+
+def test_the_default_baseline_is_one_the_run_holds(tmp_path):
+    run = _fixture_with(tmp_path, lambda record: None)
+    lines = [line for line in (run / "records.jsonl").read_text().splitlines() if '"standard"' not in line]
+    (run / "records.jsonl").write_text("\n".join(lines) + "\n")
+    markdown = render_report([load_run(run)])
+    assert "- Best memory reduction against `sdpa backend=flash` at equal shape:" in markdown
+    assert "**Speed-up against `sdpa backend=flash`: its median time over this one**" in markdown
 
 
 def test_several_runs_render_one_section_each(tmp_path):
@@ -109,7 +123,7 @@ def test_several_runs_render_one_section_each(tmp_path):
     assert [run.name for run in runs] == ["20260101T000000Z-aaaa", "20260102T000000Z-bbbb"]
     markdown = render_report([load_run(run) for run in runs])
     assert markdown.startswith("# ringbench report: 2 runs\n")
-    assert markdown.count("\n## ringbench: golden\n") == 2 and markdown.count("\n### Summary\n") == 2
+    assert markdown.count("\n## ringbench: golden\n") == 2 and markdown.count("\n### Findings\n") == 2
 
 
 def test_paths_without_runs_are_user_errors(tmp_path):
@@ -173,13 +187,13 @@ def test_crossovers_name_the_two_lengths_between_which_the_order_changes(tmp_pat
     run = _fixture_with(tmp_path, faster_standard)
     markdown = render_report([load_run(run)])
     assert "- Crossovers:\n" in markdown
-    crossings = markdown.split("- Crossovers:\n")[1].split("\n\n")[0].splitlines()
+    crossings = markdown.split("- Crossovers:\n")[1].split("\n- ")[0].splitlines()
     # standard at 4096 now reads 0.1 ± 0.0122 ms: above the 5% noise target, so what rests on it says so.
     noisy = " — ⚠ rests on a cell timed above the noise target (12.2% IQR / median)"
     assert crossings == [
-        f"  - sdpa(backend=flash) overtakes standard as the fastest between S=4096 and S=6144{noisy}",
-        "  - ring (2 processes) overtakes sdpa(backend=flash) as the fastest between S=6144 and S=8192",
-        f"  - sdpa(backend=flash) overtakes `standard` between S=4096 and S=6144{noisy}",
+        f"  - sdpa backend=flash overtakes standard as the fastest between S=4096 and S=6144{noisy}",
+        "  - ring (2 processes) overtakes sdpa backend=flash as the fastest between S=6144 and S=8192",
+        f"  - sdpa backend=flash overtakes `standard` between S=4096 and S=6144{noisy}",
     ]  # ring (ring 1) is wrong at 4096, so it has no measured pair of lengths beside standard
 
 
@@ -253,9 +267,9 @@ def test_records_without_a_check_or_a_gradient_check_say_so(tmp_path):
             record["check"]["gradients"] = {"checked": True, "rel_error": 0.004, "passed": True}
 
     markdown = render_report([load_run(_fixture_with(tmp_path, edit))])
-    assert re.search(r"\| standard +\| +4096 \| +not checked \|", markdown)
-    assert re.search(r"\| sdpa\(backend=flash\) +\| +4096 \| +1\.5e-03, gradients not checked \|", markdown)
-    assert re.search(r"\| sdpa\(backend=flash\) +\| +8192 \| +1\.5e-03, gradients 4\.0e-03 \|", markdown)
+    assert re.search(r"^\| standard +\| no ring +\| +not checked \|", markdown, re.M)
+    assert re.search(r"^\| sdpa backend=flash +\| no ring +\| +1\.5e-03 / not checked \| +1\.5e-03 / 4\.0e-03 \|$",
+                     markdown, re.M)
 
 
 def _fixture_with(tmp_path, edit):
@@ -267,3 +281,34 @@ def _fixture_with(tmp_path, edit):
         edit(record)
     (run / "records.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     return run
+
+
+def test_a_folder_of_runs_renders_each_report_once_and_again_when_out_of_date(tmp_path):
+    old, new = tmp_path / "20260101T000000Z-aaaa", tmp_path / "20260102T000000Z-bbbb"
+    shutil.copytree(FIXTURES / "run", old)
+    shutil.copytree(FIXTURES / "run", new)
+    first = CliRunner().invoke(app, ["report", str(tmp_path), "--no-plots"])
+    assert first.exit_code == 0, first.output
+    assert first.stderr.count("wrote ") == 3  # both reports and the index
+    index = (tmp_path / "index.md").read_text()
+    rows = [line for line in index.splitlines() if line.startswith("| [")]
+    assert [row.split("]")[0] for row in rows] == ["| [20260102T000000Z-bbbb", "| [20260101T000000Z-aaaa"]  # newest first
+    assert rows[0].endswith("| 9 ok, 3 failed | fastest at S=8192: ring (2 processes), 0.2600 ms |")
+    assert "## Findings of `20260102T000000Z-bbbb` (golden)" in first.stdout
+    assert (new / "report.md").read_text() == (FIXTURES / "golden_report.md").read_text().replace("`run`", f"`{new.name}`")
+    # Rendered again only where the report is older than what it shows.
+    second = CliRunner().invoke(app, ["report", str(tmp_path), "-q"])
+    assert second.exit_code == 0 and second.stderr.count("wrote ") == 1 and second.stdout == ""
+    os.utime(old / "report.md", (0, 0))
+    third = CliRunner().invoke(app, ["report", str(tmp_path), "-q"])
+    assert f"wrote {old / 'report.md'}" in third.stderr and f"wrote {new / 'report.md'}" not in third.stderr
+
+
+def test_merged_reports_and_their_figures_stay_out_of_the_results_folder(tmp_path):
+    for name in ("20260101T000000Z-aaaa", "20260102T000000Z-bbbb"):
+        shutil.copytree(FIXTURES / "run", tmp_path / name)
+    merged = CliRunner().invoke(app, ["report", str(tmp_path), "--merge", "-q"])
+    assert merged.exit_code == 0, merged.output
+    assert (tmp_path / "merged" / "report.md").read_text().startswith("# ringbench report: 2 runs merged")
+    assert list((tmp_path / "merged").glob("*.png")) and not list(tmp_path.glob("*.png"))
+    assert [run.name for run in find_runs([tmp_path])] == ["20260101T000000Z-aaaa", "20260102T000000Z-bbbb"]

@@ -37,8 +37,8 @@ from ringbench.plan import Cell
 from ringbench.registry import Bench, Option, Problem, register
 
 OPTIONS = {
-    "segment_lengths": Option((2048, 4096), help="segment length w of each pattern"),
-    "dilation_rates": Option((1, 2), help="dilation rate r of each pattern"),
+    "segment_lengths": Option((2048, 4096), help="segment length w of each pattern", short="w"),
+    "dilation_rates": Option((1, 2), help="dilation rate r of each pattern", short="r"),
     "kernel": Option("auto", choices=("auto", "fused", *blocks.KERNELS[1:]),
                      help="forward blocks: fused (one Triton kernel per pattern and ring step; one device, "
                           "half precision) or a library kernel; auto picks fused where it runs, else the fastest"),

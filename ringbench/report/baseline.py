@@ -8,18 +8,29 @@ from ringbench import records
 from ringbench.errors import UserError
 from ringbench.report.tables import SHAPE
 
-DEFAULT = "standard"
+# The baseline by default: the first of these the runs hold, else their first implementation.
+PREFERRED = ("standard", "sdpa")
 
 
-def resolve(frame: pd.DataFrame, baseline: str) -> str | None:
-    """The label the baseline stands for: an exact label, or a name with a single label; None if absent."""
+def resolve(frame: pd.DataFrame, baseline: str | None) -> str | None:
+    """The label ratios are taken against: the one ``baseline`` names (a label, or an implementation
+    run with one set of options), or by default the first preferred implementation present. None
+    when no cell is there to compare with."""
     labels = list(dict.fromkeys(frame["label"]))
+    if not labels:
+        return None
+    if baseline is None:
+        named = [label for name in PREFERRED for label in dict.fromkeys(frame.loc[frame["implementation"] == name, "label"])]
+        return (named or labels)[0]
     if baseline in labels:
         return baseline
     matching = list(dict.fromkeys(frame.loc[frame["implementation"] == baseline, "label"]))
     if len(matching) > 1:
         raise UserError(f"--baseline: {baseline!r} ran with several option sets; name one of {', '.join(matching)}")
-    return matching[0] if matching else None
+    if not matching:
+        raise UserError(f"--baseline: {baseline!r} is not among the implementations in these runs "
+                        f"({', '.join(labels)})")
+    return matching[0]
 
 
 def with_ratios(frame: pd.DataFrame, label: str | None) -> pd.DataFrame:

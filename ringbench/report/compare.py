@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from ringbench import records
-from ringbench.plan import implementation_label
+from ringbench.plan import label_of
 from ringbench.report.markdown import escape, ms, table
 from ringbench.report.tables import placement
 from ringbench.stats import mann_whitney_p
@@ -42,7 +42,7 @@ def _latest(run_dir: Path) -> dict[str, dict[str, Any]]:
 def _label(record: dict[str, Any]) -> str:
     where = placement(record.get("ring_size"), record.get("world_size", 1))
     causal = " causal" if record["causal"] else ""
-    return (f"{implementation_label(record['implementation'], record.get('options') or {})} S={record['seq_len']} "
+    return (f"{label_of(record)} S={record['seq_len']} "
             f"{where} {record['dtype']}{causal} {record['pass']}")
 
 

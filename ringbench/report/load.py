@@ -11,7 +11,7 @@ import pandas as pd
 
 from ringbench import records
 from ringbench.errors import UserError
-from ringbench.plan import implementation_label
+from ringbench.plan import label_of
 
 COLUMNS = [
     "cell_id", "implementation", "label", "seq_len", "ring_size", "world_size", "batch_size", "heads", "head_dim",
@@ -56,7 +56,7 @@ def _row(record: dict[str, Any], peaks: dict[str, float]) -> dict[str, Any]:
     return {
         "cell_id": record["cell_id"],
         "implementation": record["implementation"],
-        "label": implementation_label(record["implementation"], record.get("options") or {}),
+        "label": label_of(record),
         "seq_len": record["seq_len"],
         "ring_size": record.get("ring_size"),
         "world_size": record.get("world_size", 1),

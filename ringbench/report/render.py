@@ -9,37 +9,53 @@ from typing import Any
 
 import pandas as pd
 
-from ringbench.plan import implementation_label
+from ringbench.plan import label_of
 from ringbench.report import plots
-from ringbench.report.baseline import DEFAULT, resolve, with_ratios
+from ringbench.report.baseline import resolve, with_ratios
 from ringbench.report.load import Run
 from ringbench.report.markdown import escape, table
-from ringbench.report.summary import ring_efficiency, summary, warnings
-from ringbench.report.tables import METRICS, SHAPE, failures, metric_table, shape_title, tolerances
+from ringbench.report.summary import efficiency_findings, ring_efficiency, summary, throttle_reasons, warnings
+from ringbench.report.tables import METRICS, SHAPE, failures, metric_table, placement, shape_title, tolerances
 
 
 def _heading(level: int, text: str) -> str:
     return f"{'#' * level} {text}"
 
 
-def _date(environment: dict[str, Any]) -> str:
+def stamp_date(environment: dict[str, Any]) -> str:
     return datetime.fromisoformat(environment["date_utc"]).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _commit(git: dict[str, Any]) -> str:
+def stamp_commit(git: dict[str, Any]) -> str:
     commit = git.get("commit", "unknown")
     short = commit[:8] if commit != "unknown" else commit
     return f"{short} (dirty)" if git.get("dirty") else short
 
 
-def _hardware(environment: dict[str, Any]) -> str:
-    gpus = environment.get("gpus") or []
-    if environment["device"].startswith("cuda") and gpus:
-        names = list(dict.fromkeys(gpu["name"] for gpu in gpus))
-        memory = gpus[0]["memory_mib"]
-        return (f"{' / '.join(names)} ×{len(gpus)} ({memory:,} MiB each), driver {environment.get('driver')}, "
-                f"CUDA {environment.get('cuda')}, cuDNN {environment.get('cudnn')}")
-    return f"CPU: {environment.get('cpu')} ({environment.get('cpu_count')} cores)"
+def _gpus_used(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The GPUs a run's cells used on its first host: as many as the most processes a cell ran on,
+    at most those the host has; none on the CPU."""
+    environment = meta["environment"]
+    if not environment["device"].startswith("cuda"):
+        return []
+    processes = max((cell.get("world_size", 1) for cell in meta["planned"]), default=1)
+    return (environment.get("gpus") or [])[:processes]
+
+
+def devices(meta: dict[str, Any]) -> str:
+    """``NVIDIA H200 ×2``, or the CPU: what a run measured on, in short."""
+    gpus = _gpus_used(meta)
+    if gpus:
+        return f"{' / '.join(dict.fromkeys(gpu['name'] for gpu in gpus))} ×{len(gpus)}"
+    return f"CPU: {meta['environment'].get('cpu')} ({meta['environment'].get('cpu_count')} cores)"
+
+
+def _hardware(meta: dict[str, Any]) -> str:
+    environment, gpus = meta["environment"], _gpus_used(meta)
+    if not gpus:
+        return devices(meta)
+    return (f"{devices(meta)} ({gpus[0]['memory_mib']:,} MiB each), driver {environment.get('driver')}, "
+            f"CUDA {environment.get('cuda')}, cuDNN {environment.get('cudnn')}")
 
 
 def _values(values: list[Any]) -> str:
@@ -66,7 +82,7 @@ def _resumptions(meta: dict[str, Any]) -> list[str]:
     for resumed in meta.get("resumed") or []:
         how = " (re-running failed cells)" if resumed["retry_failed"] else ""
         mended = "; a record cut off by the stop was dropped" if resumed["dropped_partial_record"] else ""
-        lines.append(f"**Resumed**: {_date({'date_utc': resumed['date_utc']})}{how}{mended}  ")
+        lines.append(f"**Resumed**: {stamp_date({'date_utc': resumed['date_utc']})}{how}{mended}  ")
     return lines
 
 
@@ -85,7 +101,7 @@ def _sample_span(timing: dict[str, Any]) -> str:
 def _parameters(meta: dict[str, Any]) -> list[str]:
     config, environment = meta["config"], meta["environment"]
     timing = config["timing"]
-    labels = [escape(implementation_label(i["name"], dict(i["options"]))) for i in config["implementations"]]
+    labels = [escape(label_of(i)) for i in config["implementations"]]
     lines = [f"- **implementations**: {', '.join(labels)}"]
     for axis in ("seq_lens", "ring_sizes", "world_sizes", "batch_sizes", "heads", "head_dims", "dtypes", "causal",
                  "passes"):
@@ -123,7 +139,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 def _gpu_state(state: dict[str, Any]) -> str:
     return (f"SM {state.get('clocks.sm')} MHz, memory {state.get('clocks.mem')} MHz, {state.get('power.draw')} W "
             f"of {state.get('power.limit')}, {state.get('temperature.gpu')} °C, "
-            f"throttle reasons {state.get('clocks_throttle_reasons.active')}")
+            f"clocks held back by: {throttle_reasons(state.get('clocks_throttle_reasons.active'))}")
 
 
 def _environment(environment: dict[str, Any]) -> list[str]:
@@ -172,69 +188,91 @@ def _results(frame: pd.DataFrame, level: int, baseline: str | None) -> list[str]
     return lines
 
 
+# Axes a left-out cell may differ in from another, as the excluded table's columns name them.
+_EXCLUDED_AXES = {"seq_len": "seq_len", "dtype": "dtype", "causal": "causal", "pass": "pass", "batch_size": "B",
+                  "heads": "H", "head_dim": "D"}
+
+
 def _excluded(excluded: list[dict[str, Any]]) -> str:
-    frame = pd.DataFrame([
-        {
-            "implementation": escape(implementation_label(e["implementation"], e["options"])),
-            "seq_len": str(e["seq_len"]),
-            "ring_size": str(e["ring_size"]),
-            "reason": escape(e["reason"]),
-        }
-        for e in excluded
-    ])
-    return table(frame)
+    """The cells the plan left out: the implementation, where it would have run, the axes in which
+    the rows differ (so that no two rows read alike), and why."""
+    rows = pd.DataFrame([{
+        "implementation": escape(label_of(e)),
+        "run as": placement(e["ring_size"], e.get("world_size", 1)),
+        **{name: _values([e[axis]]) for axis, name in _EXCLUDED_AXES.items()},
+        "reason": escape(e["reason"]),
+    } for e in excluded])
+    varying = [name for name in _EXCLUDED_AXES.values() if rows[name].nunique() > 1]
+    return table(rows[["implementation", "run as", *varying, "reason"]])
 
 
-def _analysis(frame: pd.DataFrame, level: int, plots_dir: Path | None, prefix: str, baseline: str,
+def _findings(frame: pd.DataFrame, label: str | None, level: int, environments: list[dict[str, Any]]) -> list[str]:
+    """What the cells show, and what a reader should distrust, in bullet points."""
+    lines = [_heading(level, "Findings"), ""]
+    lines += [*summary(frame, label), *efficiency_findings(frame), ""] if not frame.empty else [
+        "No cell has finished yet.", ""]
+    cautions = warnings(frame, environments)
+    if cautions:
+        lines += [_heading(level, "What to distrust"), "", *cautions, ""]
+    return lines
+
+
+def render_findings(run: Run, baseline: str | None = None) -> str:
+    """A run's findings alone, under a heading naming the run."""
+    label = resolve(run.frame, baseline)
+    heading = _heading(2, f"Findings of `{escape(run.path.name)}` ({escape(run.meta['config']['name'])})")
+    lines = _findings(with_ratios(run.frame, label), label, 3, [run.meta["environment"]])
+    return "\n".join([heading, "", *lines[2:]])
+
+
+def _analysis(frame: pd.DataFrame, level: int, plots_dir: Path | None, prefix: str, baseline: str | None,
               excluded: list[dict[str, Any]], environments: list[dict[str, Any]]) -> list[str]:
-    """Everything below the stamp and the parameters: the cells' tables, findings and warnings."""
-    label = resolve(frame, baseline) if not frame.empty else None
+    """Everything below the stamp: findings and what to distrust first, then the cells' tables,
+    figures and what was left out."""
+    label = resolve(frame, baseline)
     frame = with_ratios(frame, label)
-    lines = [_heading(level, "Results"), ""]
-    lines += _results(frame, level, baseline) if not frame.empty else ["No cell has finished yet.", ""]
+    lines = _findings(frame, label, level, environments)
+    if not frame.empty:
+        lines += [_heading(level, "Results"), "", *_results(frame, level, label)]
     efficiency = ring_efficiency(frame)
     if not efficiency.empty:
         lines += [_heading(level, "Efficiency across processes"), "",
                   "TFLOP/s per device, and in brackets the efficiency: that rate over single-device `sdpa` "
                   "with the same kernel at the same total sequence length (or the longest it ran, as named).", "",
                   table(efficiency), ""]
-    if excluded:
-        lines += [_heading(level, "Left out of the plan"), "", _excluded(excluded), ""]
     if plots_dir is not None and not frame.empty:
         linked = plots.save(plots.figures(frame), plots_dir, prefix)
         if linked:
             lines += [_heading(level, "Plots"), "", *(f"![{name}]({file_name})" for name, file_name in linked), ""]
-    lines += [_heading(level, "Summary"), "", *summary(frame, label or baseline), ""]
-    cautions = warnings(frame, environments)
-    if cautions:
-        lines += [_heading(level, "Warnings"), "", *cautions, ""]
+    if excluded:
+        lines += [_heading(level, "Left out of the plan"), "", _excluded(excluded), ""]
     return lines
 
 
 def render_run(run: Run, level: int = 1, plots_dir: Path | None = None, prefix: str = "",
-               baseline: str = DEFAULT) -> str:
+               baseline: str | None = None) -> str:
     meta, frame = run.meta, run.frame
     environment = meta["environment"]
     planned = len(meta["planned"])
     lines = [
         _heading(level, f"ringbench: {escape(meta['config']['name'])}"),
         "",
-        f"**Date**: {_date(environment)}  ",
-        f"**Git Commit**: {_commit(environment['git'])}  ",
-        f"**Hardware**: {_hardware(environment)}  ",
+        f"**Date**: {stamp_date(environment)}  ",
+        f"**Git Commit**: {stamp_commit(environment['git'])}  ",
+        f"**Hardware**: {_hardware(meta)}  ",
         f"**Cells**: {len(frame)} of {planned} planned recorded in `{escape(run.path.name)}`  ",
         *_resumptions(meta),
         "",
     ]
     if meta["config"]["description"]:
         lines += [escape(meta["config"]["description"]), ""]
+    lines += _analysis(frame, level + 1, plots_dir, prefix, baseline, meta["excluded"], [environment])
     lines += [_heading(level + 1, "Parameters"), "", *_parameters(meta), *_resolved(frame), ""]
     lines += [_heading(level + 1, "Environment"), "", *_environment(environment), ""]
-    lines += _analysis(frame, level + 1, plots_dir, prefix, baseline, meta["excluded"], [environment])
     return "\n".join(lines)
 
 
-def render_merged(runs: list[Run], plots_dir: Path | None = None, baseline: str = DEFAULT) -> str:
+def render_merged(runs: list[Run], plots_dir: Path | None = None, baseline: str | None = None) -> str:
     """Several runs as one report: cells matched by id, the newest run's record winning."""
     frame = pd.concat([run.frame.assign(run=run.path.name) for run in runs], ignore_index=True)
     frame = frame.drop_duplicates("cell_id", keep="last").reset_index(drop=True)
@@ -242,9 +280,9 @@ def render_merged(runs: list[Run], plots_dir: Path | None = None, baseline: str 
     sources = pd.DataFrame([{
         "run": f"`{escape(run.path.name)}`",
         "config": escape(run.meta["config"]["name"]),
-        "date": _date(run.meta["environment"]),
-        "commit": _commit(run.meta["environment"]["git"]),
-        "hardware": _hardware(run.meta["environment"]),
+        "date": stamp_date(run.meta["environment"]),
+        "commit": stamp_commit(run.meta["environment"]["git"]),
+        "hardware": _hardware(run.meta),
         "cells shown": str(taken.get(run.path.name, 0)),
     } for run in runs])
     excluded = list({e["cell_id"]: e for run in runs for e in run.meta["excluded"]}.values())
@@ -271,11 +309,12 @@ def render_table(runs: list[Run], output_format: str) -> str:
     return frame.to_json(orient="records", indent=2) + "\n"
 
 
-def render_report(runs: list[Run], plots_dir: Path | None = None, baseline: str = DEFAULT) -> str:
+def render_report(runs: list[Run], plots_dir: Path | None = None, baseline: str | None = None) -> str:
     """One run renders on its own; several render as one section each, oldest first.
 
     With ``plots_dir`` the figures are written there as PNG and linked. ``baseline``
-    names the implementation speed-ups and memory ratios are taken against.
+    names the implementation speed-ups and memory ratios are taken against (by
+    default, see ``baseline.resolve``).
     """
     if len(runs) == 1:
         return render_run(runs[0], plots_dir=plots_dir, baseline=baseline) + "\n"

@@ -77,6 +77,16 @@ def fastest(frame: pd.DataFrame, baseline: str) -> list[str]:
     return lines or ["no successful cell"]
 
 
+def headline(frame: pd.DataFrame) -> str:
+    """A run in a line: the fastest cell at its longest sequence length."""
+    ok = frame[frame["status"] == records.OK]
+    if ok.empty:
+        return "no cell succeeded"
+    longest = ok[ok["seq_len"] == ok["seq_len"].max()]
+    best = longest.loc[longest["median_ms"].idxmin()]
+    return f"fastest at S={best.seq_len}: {_implementation(best)}, {ms(best.median_ms)} ms"
+
+
 def crossovers(frame: pd.DataFrame, baseline: str) -> list[str]:
     """Where, going up in sequence length, the fastest implementation changes, and where one
     overtakes the baseline or falls behind it: between which two measured lengths."""
@@ -99,7 +109,7 @@ def crossovers(frame: pd.DataFrame, baseline: str) -> list[str]:
                              f"{mark((short, long), [before, after])}")
         if base not in times:
             continue
-        for series in times.columns.drop(base):
+        for series in [name for name in dict.fromkeys(group["series"]) if name != base]:  # in the run's order
             both = times[[series, base]].dropna()
             ahead = both[series] < both[base]
             for (short, was), (long, now) in zip(ahead.items(), list(ahead.items())[1:]):
@@ -110,23 +120,27 @@ def crossovers(frame: pd.DataFrame, baseline: str) -> list[str]:
     return lines
 
 
-def ring_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
-    """Multi-process implementations side by side: per-device TFLOP/s and, in brackets,
-    its ratio to single-device `sdpa` with the same kernel.
-
-    One row per shape, total sequence length, process count and kernel. The
-    baseline is `sdpa` at the same total sequence length and shape, or, where that
-    did not run, the longest sequence it ran (then named).
-    """
+def _efficiencies(frame: pd.DataFrame) -> list[tuple[pd.Series, pd.Series]]:
+    """Each multi-process cell with the single-device `sdpa` cell it is measured against: the same
+    kernel and shape at the same total sequence length, or, where that did not run, the longest
+    sequence it ran."""
     ok = frame[frame["status"] == records.OK]
     baselines = ok[(ok["implementation"] == "sdpa") & (ok["world_size"] == 1)]
-    rows: dict[tuple, dict[str, str]] = {}
+    pairs = []
     for _, row in ok[ok["world_size"] > 1].iterrows():
         same = baselines[(baselines["kernel"] == row.kernel) & (baselines["seq_len"] <= row.seq_len)]
         same = same[(same[SHAPE] == row[SHAPE]).all(axis=1)]
-        if same.empty:
-            continue
-        baseline = same.loc[same["seq_len"].idxmax()]
+        if not same.empty:
+            pairs.append((row, same.loc[same["seq_len"].idxmax()]))
+    return pairs
+
+
+def ring_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
+    """Multi-process implementations side by side: per-device TFLOP/s and, in brackets,
+    its ratio to single-device `sdpa` with the same kernel; one row per shape, total
+    sequence length, process count and kernel."""
+    rows: dict[tuple, dict[str, str]] = {}
+    for row, baseline in _efficiencies(frame):
         shorter = f" at S={baseline.seq_len}" if baseline.seq_len != row.seq_len else ""
         key = (tuple(row[SHAPE]), row.seq_len, row.world_size, row.kernel)
         entry = rows.setdefault(key, {
@@ -140,7 +154,25 @@ def ring_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(list(rows.values())).fillna("")
 
 
+def efficiency_findings(frame: pd.DataFrame) -> list[str]:
+    """Per implementation and process count, the range of its per-device efficiency across the cells."""
+    ratios: dict[tuple[str, int], list[float]] = {}
+    for row, baseline in _efficiencies(frame):
+        ratios.setdefault((row.label, row.world_size), []).append(row.tflops_per_device / baseline.tflops_per_device)
+    if not ratios:
+        return []
+    lines = ["- Efficiency across processes: per-device TFLOP/s over single-device `sdpa` with the same kernel"]
+    for (label, processes), values in ratios.items():
+        spread = f"{min(values):.3f}" if len(values) == 1 else f"{min(values):.3f} to {max(values):.3f} over {len(values)} cells"
+        lines.append(f"  - {escape(label)} on {processes} processes: {spread}")
+    return lines
+
+
 GPU_IDLE = 0x1  # the one throttle reason that only says nothing was running
+# nvidia-smi's clocks_throttle_reasons bits, as NVML names them.
+THROTTLE_REASONS = {0x1: "idle", 0x2: "application clocks setting", 0x4: "software power cap",
+                    0x8: "hardware slowdown", 0x10: "sync boost", 0x20: "software thermal slowdown",
+                    0x40: "hardware thermal slowdown", 0x80: "hardware power brake", 0x100: "display clock setting"}
 
 
 def _throttled(reasons: str | None) -> bool:
@@ -148,6 +180,17 @@ def _throttled(reasons: str | None) -> bool:
         return int(reasons, 16) & ~GPU_IDLE != 0
     except (TypeError, ValueError):  # not reported, or "[N/A]"
         return False
+
+
+def throttle_reasons(reasons: str | None) -> str:
+    """nvidia-smi's hex mask in words: "nothing", or the reasons named."""
+    try:
+        mask = int(reasons, 16)
+    except (TypeError, ValueError):
+        return "not reported"
+    named = [name for bit, name in THROTTLE_REASONS.items() if mask & bit]
+    unknown = mask & ~sum(THROTTLE_REASONS)
+    return ", ".join(named + ([f"other ({unknown:#x})"] if unknown else [])) or "nothing"
 
 
 def _differences(environments: list[dict]) -> list[str]:

@@ -1,4 +1,5 @@
-"""Metric tables: rows (implementation, seq_len), one column per ring size, failures written in place."""
+"""Metric tables: a row per implementation and placement, a column per sequence length, failures
+written in place."""
 
 from __future__ import annotations
 
@@ -24,22 +25,26 @@ def _across_processes(group: pd.DataFrame) -> pd.DataFrame:
 
 
 def _beside(column: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
-    """The cells with a ratio to the baseline, and the failed cells at lengths where the baseline ran."""
+    """The cells with a value in ``column``, and the failed cells at lengths where some cell has one."""
     def cells(group: pd.DataFrame) -> pd.DataFrame:
         lengths = group.loc[group[column].notna(), "seq_len"].unique()
         return group[group[column].notna() | ((group["status"] != records.OK) & group["seq_len"].isin(lengths))]
     return cells
 
 
+# A model's figure is shown beside the measured one where they differ by more than this.
+MODEL_DIFFERS = 0.01
+
+
+def _measured_in(column: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """The cells with a value in ``column``, and the failed ones (which say how they failed)."""
+    return lambda group: group[group[column].notna() | (group["status"] != records.OK)]
+
+
 def _memory(row) -> str:
-    modelled = "" if pd.isna(row.modelled_mib) else f" (model {mib(row.modelled_mib)})"
-    return f"{mib(row.peak_mib)}{modelled}"
-
-
-def _projected(row) -> str:
-    if pd.isna(row.projected_ms):
-        return ""
-    return f"{ms(row.projected_ms)} ± {ms(row.projected_iqr_ms)} ms, {mib(row.projected_mib)} MiB"
+    if pd.isna(row.modelled_mib) or abs(row.peak_mib - row.modelled_mib) <= MODEL_DIFFERS * max(row.modelled_mib, 1.0):
+        return mib(row.peak_mib)
+    return f"{mib(row.peak_mib)} (model {mib(row.modelled_mib)})"
 
 
 def _throughput(row) -> str:
@@ -56,18 +61,16 @@ def _error(row) -> str:
     forward = "n/a" if pd.isna(row.rel_error) else f"{row.rel_error:.1e}"
     if row.gradients_checked is None or pd.isna(row.gradients_checked):
         return forward
-    return f"{forward}, gradients {row.grad_rel_error:.1e}" if row.gradients_checked else f"{forward}, gradients not checked"
+    return f"{forward} / {row.grad_rel_error:.1e}" if row.gradients_checked else f"{forward} / not checked"
 
 
 # Plain calls' time is shown beside graph replays' where they differ by more than this.
 PLAIN_DIFFERS = 0.05
 
 
-def _median(row) -> str:
-    text = f"{ms(row.median_ms)} ± {ms(row.iqr_ms)}"
-    if pd.isna(row.plain_ms) or abs(row.plain_ms / row.median_ms - 1) <= PLAIN_DIFFERS:
-        return text
-    return f"{text} (plain {ms(row.plain_ms)})"
+def _plain_differs(group: pd.DataFrame) -> pd.DataFrame:
+    """The cells timed as graph replays whose plain calls took materially longer or shorter."""
+    return group[group["plain_ms"].notna() & ((group["plain_ms"] / group["median_ms"] - 1).abs() > PLAIN_DIFFERS)]
 
 
 @dataclass(frozen=True)
@@ -81,27 +84,34 @@ class Metric:
 
 
 METRICS = (
-    Metric("Median time (ms ± IQR); a call whose launch outweighs its GPU work is timed as CUDA-graph replays, "
-           f"with plain calls' time in brackets where it differs by over {PLAIN_DIFFERS:.0%}", _median),
+    Metric("Median time (ms ± IQR); a call whose launch outweighs its GPU work is timed as CUDA-graph replays",
+           lambda row: f"{ms(row.median_ms)} ± {ms(row.iqr_ms)}"),
+    Metric(f"Plain calls' median time (ms), where the replays' differs from it by over {PLAIN_DIFFERS:.0%}: "
+           "the host's launch included", lambda row: ms(row.plain_ms), lambda group: not _plain_differs(group).empty,
+           cells=_plain_differs),
     Metric("Throughput per device (TFLOP/s; in brackets, share of the measured matmul peak where known)", _throughput,
            _present("tflops")),
-    Metric("Peak memory of a call above what it starts with (inputs, buffers kept by setup), measured (modelled), MiB",
+    Metric("Peak memory of a call above what it starts with (inputs, buffers kept by setup), MiB; the model's "
+           f"figure in brackets where it differs by over {MODEL_DIFFERS:.0%}",
            _memory, _present("peak_mib"), "not measured on the CPU."),
-    Metric("Memory in all, per device: held when a call starts (inputs or a rank's shards, buffers kept by setup, "
-           "library workspaces) + peak above that, MiB",
-           lambda row: f"{mib(row.held_mib)} + {mib(row.peak_mib)} = {mib(row.total_mib)}",
-           _present("total_mib"), rows_with="total_mib"),
+    Metric("Memory in all, per device: what a call starts with (inputs or a rank's shards, buffers kept by setup, "
+           "library workspaces) and its peak above that, MiB",
+           lambda row: mib(row.total_mib), _present("total_mib"), rows_with="total_mib"),
     Metric("Speed-up against `{baseline}`: its median time over this one",
            lambda row: f"{row.speedup:.2f}×", _present("speedup"), cells=_beside("speedup")),
     Metric("Memory in all against `{baseline}`: what this call needs on its device over what the baseline needs",
            lambda row: f"{row.memory_ratio:.3g}×", _present("memory_ratio"), cells=_beside("memory_ratio")),
-    Metric("Projected per rank: one rank's share alone (ms ± IQR, MiB of peak above what its call starts with)", _projected,
-           _present("projected_ms"), rows_with="projected_ms"),
+    Metric("Projected per rank: one rank's share computed alone, median time (ms ± IQR)",
+           lambda row: f"{ms(row.projected_ms)} ± {ms(row.projected_iqr_ms)}", _present("projected_ms"),
+           rows_with="projected_ms", cells=_measured_in("projected_ms")),
+    Metric("Projected per rank: one rank's share computed alone, peak memory above what its call starts with (MiB)",
+           lambda row: mib(row.projected_mib), _present("projected_mib"), rows_with="projected_mib",
+           cells=_measured_in("projected_mib")),
     Metric("Communication per rank: MiB sent per step, share of the call spent waiting for transfers",
            lambda row: "" if pd.isna(row.comm_step_mib) else f"{row.comm_step_mib:,.2f} MiB, {row.comm_wait_share:.1%}",
            _present("comm_step_mib"), rows_with="comm_step_mib", cells=_across_processes),
     Metric("Tokens per second", lambda row: f"{row.tokens_per_s:,.0f}"),
-    Metric("Relative error against the float64 reference", _error),
+    Metric("Relative error against the float64 reference (output / gradients, in backward passes)", _error),
 )
 
 
@@ -117,11 +127,11 @@ def placement(ring_size: float | None, world_size: int) -> str:
     return NO_RING if pd.isna(ring_size) else f"ring {int(ring_size)}"
 
 
-def _column_order(column: str) -> tuple[int, int]:
-    if column == NO_RING:
+def _placement_order(where: str) -> tuple[int, int]:
+    if where == NO_RING:
         return (0, 0)
-    count = int(column.split()[-1] if column.startswith("ring") else column.split()[0])
-    return (1, count) if column.startswith("ring") else (2, count)
+    count = int(where.split()[-1] if where.startswith("ring") else where.split()[0])
+    return (1, count) if where.startswith("ring") else (2, count)
 
 
 def _cell_text(metric: Metric, row) -> str:
@@ -139,16 +149,17 @@ def metric_table(group: pd.DataFrame, metric: Metric) -> str:
         group = group[group["label"].isin(labels)]
     frame = group.assign(
         implementation=group["label"].map(escape),
-        column=[placement(row.ring_size, row.world_size) for row in group.itertuples()],
+        run_as=[placement(row.ring_size, row.world_size) for row in group.itertuples()],
+        column=[f"S={row.seq_len}" for row in group.itertuples()],
         text=[_cell_text(metric, row) for row in group.itertuples()],
     )
     implementations = list(dict.fromkeys(frame["implementation"]))
-    columns = sorted(frame["column"].unique(), key=_column_order)
-    pivot = frame.pivot_table(index=["implementation", "seq_len"], columns="column", values="text", aggfunc="first")
-    order = sorted(pivot.index, key=lambda key: (implementations.index(key[0]), key[1]))
+    columns = [f"S={seq_len}" for seq_len in sorted(group["seq_len"].unique())]
+    pivot = frame.pivot_table(index=["implementation", "run_as"], columns="column", values="text", aggfunc="first")
+    order = sorted(pivot.index, key=lambda key: (implementations.index(key[0]), _placement_order(key[1])))
     pivot = pivot.reindex(index=order, columns=columns).fillna("")
     pivot = pivot.loc[:, (pivot != "").any()]  # a column only rows without this metric would fill
-    return table(pivot.reset_index(), text_columns=1)
+    return table(pivot.reset_index().rename(columns={"run_as": "run as"}), text_columns=2)
 
 
 def tolerances(group: pd.DataFrame) -> str | None:

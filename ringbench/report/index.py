@@ -1,0 +1,50 @@
+"""A folder of runs at a glance: the index (a row per run, linking the run's own report), and
+which runs' reports are out of date."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from ringbench import records
+from ringbench.report.load import Run
+from ringbench.report.markdown import escape, table
+from ringbench.report.render import devices, stamp_commit, stamp_date
+from ringbench.report.summary import headline
+
+REPORT = "report.md"
+INDEX = "index.md"
+_RENDERER = Path(__file__).parent  # the report package: a report older than its code is rendered again
+
+
+def current(run_dir: Path) -> bool:
+    """Whether the run's report is newer than its records, its run.json and the code that renders it."""
+    report = run_dir / REPORT
+    if not report.is_file():
+        return False
+    sources = [run_dir / records.RUN_FILE, run_dir / records.RECORDS_FILE, *_RENDERER.glob("*.py")]
+    return report.stat().st_mtime >= max(path.stat().st_mtime for path in sources if path.exists())
+
+
+def _cells(run: Run) -> str:
+    ok = int((run.frame["status"] == records.OK).sum())
+    failed = len(run.frame) - ok
+    planned = len(run.meta["planned"])
+    unfinished = f", {planned - len(run.frame)} not run" if len(run.frame) < planned else ""
+    return f"{ok} ok, {failed} failed{unfinished}"
+
+
+def render_index(runs: list[Run], root: Path) -> str:
+    """The runs under ``root``, newest first, each linking its report.md."""
+    rows = pd.DataFrame([{
+        "run": f"[{escape(run.path.name)}]({Path(os.path.relpath(run.path, root)).as_posix()}/{REPORT})",
+        "date": stamp_date(run.meta["environment"]),
+        "commit": stamp_commit(run.meta["environment"]["git"]),
+        "hardware": escape(devices(run.meta)),
+        "config": escape(run.meta["config"]["name"]),
+        "cells": _cells(run),
+        "headline": headline(run.frame),
+    } for run in reversed(runs)])
+    return f"# ringbench runs in `{escape(root)}`\n\n{table(rows)}\n"
