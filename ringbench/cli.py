@@ -98,7 +98,8 @@ def run(
     if result.interrupted:
         console.print(f"interrupted: {len(result.records)} finished cells kept in {result.run_dir}")
         raise typer.Exit(EXIT_INTERRUPTED)
-    console.print(f"{len(result.records)} cells recorded in {result.run_dir}; next: ringbench report {result.run_dir}")
+    console.print(f"{len(result.records)} cells recorded; next: ringbench report {result.run_dir}")
+    print(result.run_dir)  # on stdout, for scripts: the run folder
 
 
 @app.command(hidden=True)

@@ -56,11 +56,31 @@ class ProgressBar:
         self.progress.update(self.task, advance=1, last=f"last: {_status(record)}")
 
 
+# The shape axes as the closing table shows them: a column where they vary, else in the title.
+_AXES = {
+    "dtype": lambda record: record["dtype"],
+    "causal": lambda record: "causal" if record["causal"] else "non-causal",
+    "pass": lambda record: record["pass"],
+    "B": lambda record: f"B={record['batch_size']}",
+    "H": lambda record: f"H={record['heads']}",
+    "D": lambda record: f"D={record['head_dim']}",
+}
+
+
 def summary_table(cell_records: list[dict[str, Any]]) -> Table:
-    table = Table(title="ringbench run")
-    columns = ("implementation", "seq_len", "where", "dtype", "causal", "pass", "status", "median ms", "peak MiB", "tokens/s")
-    for column in columns:
-        table.add_column(column, justify="right" if column in ("seq_len", "median ms", "peak MiB", "tokens/s") else "left")
+    """Every finished cell in a table that reads at 80 columns: labels wrap rather than being cut,
+    and axes with one value across the run go to the title."""
+    varying = [name for name, read in _AXES.items() if len({read(record) for record in cell_records}) > 1]
+    constant = [read(cell_records[0]) for name, read in _AXES.items() if name not in varying] if cell_records else []
+    table = Table(title=" · ".join(["ringbench run", *constant]))
+    table.add_column("implementation", overflow="fold", ratio=1)
+    table.add_column("seq_len", justify="right")
+    table.add_column("run as")
+    for name in varying:
+        table.add_column(name, overflow="fold")
+    table.add_column("status")
+    table.add_column("median ms", justify="right")
+    table.add_column("peak MiB", justify="right")
     for record in cell_records:
         stats, memory = record["stats"] or {}, record["memory"] or {}
         peak = memory.get("peak_allocated_mib")
@@ -68,12 +88,9 @@ def summary_table(cell_records: list[dict[str, Any]]) -> Table:
             label_of(record),
             str(record["seq_len"]),
             placement(record["ring_size"], record.get("world_size", 1)),
-            record["dtype"],
-            "yes" if record["causal"] else "no",
-            record["pass"],
+            *(_AXES[name](record) for name in varying),
             _status(record),
             f"{stats['median_ms']:.4g}" if stats else "-",
             f"{peak:,.1f}" if peak is not None else "-",
-            f"{record['tokens_per_s']:,.0f}" if record["tokens_per_s"] else "-",
         )
     return table

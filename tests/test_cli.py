@@ -57,6 +57,7 @@ def test_run_then_report(write_config):
     assert result.exit_code == 0, result.output
     (run_dir,) = out.iterdir()
     assert len((run_dir / "records.jsonl").read_text().splitlines()) == 4
+    assert result.stdout == f"{run_dir}\n"  # the run folder, for scripts; the progress and table go to stderr
     report = runner.invoke(app, ["report", str(out)])
     assert report.exit_code == 0, report.output
     markdown = (run_dir / "report.md").read_text()
@@ -121,3 +122,22 @@ def test_the_thread_count_and_host_load_are_set_and_recorded(write_config):
     log = (run_dir / "worker-1.log").read_text()
     assert "1 intra-op thread" in log
     assert CliRunner().invoke(app, ["plan", str(write_config(BASE_CONFIG + "threads: 0\n"))]).exit_code == 2
+
+
+def test_the_closing_table_reads_at_80_columns_with_labels_whole():
+    from rich.console import Console
+
+    from ringbench.progress import summary_table
+
+    fixture = Path(__file__).parent / "fixtures" / "sample-grid" / "records.jsonl"
+    cell_records = [json.loads(line) for line in fixture.read_text().splitlines()]
+    console = Console(width=80, record=True, color_system=None)
+    console.print(summary_table(cell_records))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text
+    # Axes with one value are in the title; the long label wraps within its column, whole.
+    lines = text.splitlines()
+    assert lines[0].strip() == "ringbench run · float16 · non-causal · forward · B=1 · H=8 · D=64"
+    row = lines.index("│ ring-dilated w=1K,2K,4K  │    8192 │ ring 16 │ ok     │    0.1932 │     24.2 │")
+    assert lines[row + 1].startswith("│ r=1,2,4                  │         │")

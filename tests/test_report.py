@@ -25,6 +25,20 @@ def test_fixture_renders_the_golden_markdown_exactly():
     assert render_report([load_run(FIXTURES / "run")]) == expected
 
 
+@pytest.mark.parametrize("name", ["sample-grid", "multi-process"])
+def test_recorded_runs_render_their_golden_markdown_exactly(name):
+    # sample-grid: configs/sweep.yaml on one H200; multi-process: configs/x4-ring-scaling.yaml on four H200s
+    # (their samples cut to 8 a cell: the report reads the recorded statistics).
+    expected = (FIXTURES / f"{name}.md").read_text(encoding="utf-8")
+    assert render_report([load_run(FIXTURES / name)]) == expected
+
+
+def test_the_sample_grid_tables_fit_in_120_characters():
+    markdown = (FIXTURES / "sample-grid.md").read_text(encoding="utf-8")
+    widths = [len(line) for line in markdown.splitlines() if line.startswith("|")]
+    assert len(widths) > 100 and max(widths) <= 120
+
+
 def test_error_text_cannot_break_the_markdown():
     assert escape("a | b\n<script>*x*</script>") == r"a \| b \<script\>\*x\*\</script\>"
     assert escape("x" * 400, limit=10) == "xxxxxxxxx…"
@@ -89,6 +103,9 @@ def test_html_is_one_page_with_figures_embedded_and_text_kept_inert(tmp_path):
     # The error message holds <b>bad</b>: it must arrive as text, never as markup.
     assert "&lt;b&gt;bad&lt;/b&gt;" in page and "<b>" not in page
     assert "<table>" in page and '<th style="text-align:left">implementation</th>' in page
+    # Legible on a narrow window: scaled to the device, wide tables scrolling in a box of their own.
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page
+    assert page.count('<div class="wide"><table>') == page.count("<table>") > 10 and ".wide { overflow-x: auto;" in page
 
 
 def test_baseline_names_an_implementation_or_a_label(tmp_path):

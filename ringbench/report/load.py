@@ -18,7 +18,8 @@ COLUMNS = [
     "dtype", "causal", "pass", "status", "median_ms", "iqr_ms", "plain_ms", "rel_iqr", "noise_target", "n", "peak_mib", "modelled_mib", "held_mib",
     "total_mib",
     "tokens_per_s",
-    "tflops", "tflops_per_device", "peak_tflops", "kernel", "projected_ms", "projected_iqr_ms", "projected_mib", "rel_error", "max_abs_error", "tolerance",
+    "tflops", "tflops_per_device", "peak_tflops", "kernel", "projected_ms", "projected_iqr_ms", "projected_mib",
+    "projected_total_mib", "rel_error", "max_abs_error", "tolerance",
     "rows_checked", "checked", "grad_rel_error", "gradients_checked", "check_s", "comm_step_mib", "comm_wait_share", "facts", "error_type", "error_message",
 ]
 
@@ -89,6 +90,8 @@ def _row(record: dict[str, Any], peaks: dict[str, float]) -> dict[str, Any]:
         "projected_ms": projected_stats.get("median_ms"),
         "projected_iqr_ms": projected_stats.get("iqr_ms"),
         "projected_mib": projected.get("peak_allocated_mib"),
+        "projected_total_mib": None if projected.get("held_mib") is None or projected.get("peak_allocated_mib") is None
+        else projected["held_mib"] + projected["peak_allocated_mib"],
         "rel_error": check.get("rel_error"),
         "max_abs_error": check.get("max_abs_error"),
         "tolerance": check.get("tolerance"),

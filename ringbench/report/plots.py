@@ -1,6 +1,6 @@
-"""Figures of a run: time, memory and throughput against sequence length, and scaling
-against the number of processes. Drawn with matplotlib's object API (no pyplot, no
-display), so they render headless."""
+"""Figures of a run: time, memory per device and throughput against sequence length, one panel
+per shape, and, for runs across processes, efficiency against the number of processes. Drawn with
+matplotlib's object API (no pyplot, no display), so they render headless."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ringbench import records
+from ringbench.report.summary import efficiencies
 from ringbench.report.tables import NO_RING, SHAPE, placement, shape_title
 
+PANEL = (8.0, 4.5)  # inches: at 110 dpi, about the width of a page's text column
 
 
 def _style(index: int) -> str:
@@ -19,69 +21,94 @@ def _style(index: int) -> str:
     return ("-", "--", ":", "-.")[index // 10 % 4]
 
 
-def _legend(axes) -> None:
-    # Beside the plot, not over it: sweeps easily have a dozen series.
-    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+def _legend(figure: Figure, panels: list) -> None:
+    """One legend under all panels, each series once: beside the plot, a dozen names would squeeze
+    it on a narrow page."""
+    named = {}
+    for axes in panels:
+        for handle, label in zip(*axes.get_legend_handles_labels()):
+            named.setdefault(label, handle)
+    figure.legend(list(named.values()), list(named), loc="outside lower center", ncol=2, fontsize="small",
+                  frameon=False)
 
 
-def _series_name(row: pd.Series, several_shapes: bool) -> str:
+def _series_name(row: pd.Series) -> str:
     where = placement(row["ring_size"], row["world_size"])
-    name = row["label"] if where == NO_RING else f"{row['label']} ({where})"
-    return f"{name}, {shape_title(tuple(row[SHAPE]))}" if several_shapes else name
+    return row["label"] if where == NO_RING else f"{row['label']} ({where})"
+
+
+def _panels(groups: list[tuple[tuple, pd.DataFrame]], title: str) -> tuple[Figure, list]:
+    """A figure with one panel per group, each titled by its shape where there are several."""
+    figure = Figure(figsize=(PANEL[0], PANEL[1] * len(groups)), layout="constrained")
+    panels = figure.subplots(len(groups), 1, squeeze=False)[:, 0]
+    if len(groups) > 1:
+        figure.suptitle(title)
+    for axes, (key, _) in zip(panels, groups):
+        axes.set_title(title if len(groups) == 1 else key)
+    return figure, list(panels)
 
 
 def _against_seq_len(frame: pd.DataFrame, column: str, ylabel: str, title: str) -> Figure | None:
     measured = frame[frame["status"].isin(records.MEASURED) & frame[column].notna()]
     if measured.empty:
         return None
-    several_shapes = measured.groupby(SHAPE).ngroups > 1
-    figure = Figure(figsize=(8, 5))
-    axes = figure.add_subplot()
-    named = measured.assign(series=[_series_name(row, several_shapes) for _, row in measured.iterrows()])
-    for index, (series, points) in enumerate(named.groupby("series", sort=False)):
-        points = points.sort_values("seq_len")
-        axes.plot(points["seq_len"], points[column], marker="o", linestyle=_style(index), label=series)
-    axes.set_xscale("log", base=2)
-    axes.set_yscale("log")
-    axes.set_xlabel("sequence length (tokens)")
-    axes.set_ylabel(ylabel)
-    axes.set_title(title)
-    _legend(axes)
-    axes.grid(True, which="both", alpha=0.3)
+    groups = [(shape_title(key), group) for key, group in measured.groupby(SHAPE, sort=False)]
+    figure, panels = _panels(groups, title)
+    for axes, (_, group) in zip(panels, groups):
+        named = group.assign(series=[_series_name(row) for _, row in group.iterrows()])
+        for index, (series, points) in enumerate(named.groupby("series", sort=False)):
+            points = points.sort_values("seq_len")
+            axes.plot(points["seq_len"], points[column], marker="o", linestyle=_style(index), label=series)
+        axes.set_xscale("log", base=2)
+        axes.set_yscale("log")
+        axes.set_xlabel("sequence length (tokens)")
+        axes.set_ylabel(ylabel)
+        axes.grid(True, which="both", alpha=0.3)
+    _legend(figure, panels)
     return figure
 
 
-def _scaling(frame: pd.DataFrame) -> Figure | None:
-    measured = frame[frame["status"].isin(records.MEASURED) & frame["tflops_per_device"].notna()]
-    if not (measured["world_size"] > 1).any():
+def _efficiency(frame: pd.DataFrame) -> Figure | None:
+    """Per-device TFLOP/s over single-device `sdpa` with the same kernel, against the number of
+    processes: one panel per pass, one line per implementation, length and masking, 1 being ideal."""
+    pairs = efficiencies(frame)
+    if not pairs:
         return None
-    figure = Figure(figsize=(8, 5))
-    axes = figure.add_subplot()
-    distributed = measured[measured["implementation"].isin(measured.loc[measured["world_size"] > 1, "implementation"])]
-    for (label, seq_len, causal), points in distributed.groupby(["label", "seq_len", "causal"], sort=False):
-        if points["world_size"].max() == 1:
-            continue  # measured in one process only: nothing to scale
-        points = points[(points["world_size"] > 1) | (points["ring_size"].fillna(1) == 1)].sort_values("world_size")
-        axes.plot(points["world_size"], points["tflops_per_device"], marker="o", linestyle=_style(len(axes.lines)),
-                  label=f"{label} S={seq_len}{' causal' if causal else ''}")
-    axes.set_xticks(sorted(distributed["world_size"].unique()))
-    axes.set_xlabel("processes (one device each)")
-    axes.set_ylabel("TFLOP/s per device")
-    axes.set_title("Scaling with the number of processes")
-    _legend(axes)
-    axes.grid(True, alpha=0.3)
+    points = pd.DataFrame([{
+        "pass": row["pass"], "processes": row.world_size, "efficiency": row.tflops_per_device / base.tflops_per_device,
+        "series": f"{row.label} S={row.seq_len}{' causal' if row.causal else ''}",
+    } for row, base in pairs])
+    groups = [(f"{pass_name}", group) for pass_name, group in points.groupby("pass", sort=False)]
+    figure, panels = _panels(groups, "Efficiency across processes")
+    for axes, (_, group) in zip(panels, groups):
+        axes.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="ideal: single-device sdpa's rate")
+        for index, (series, line) in enumerate(group.groupby("series", sort=False)):
+            line = line.sort_values("processes")
+            axes.plot(line["processes"], line["efficiency"], marker="o", linestyle=_style(index), label=series)
+        axes.set_xticks([1, *sorted(points["processes"].unique())])
+        axes.set_xlabel("processes (one device each)")
+        axes.set_ylabel("per-device TFLOP/s over single-device sdpa")
+        axes.set_ylim(bottom=0)
+        axes.grid(True, alpha=0.3)
+    _legend(figure, panels)
     return figure
 
 
 def figures(frame: pd.DataFrame) -> dict[str, Figure]:
-    """The run's figures by short name; a figure without data to show is left out."""
+    """The run's figures by short name; a figure without data to show is left out.
+
+    Memory is what one device holds for a cell: for a one-device ring, as one rank
+    of it would (its share computed alone, from the projection), so that the
+    memory a ring saves per device shows.
+    """
+    per_device = frame.assign(device_mib=frame["projected_total_mib"].fillna(frame["total_mib"]))
     candidates = {
         "time": _against_seq_len(frame, "median_ms", "median time (ms)", "Time against sequence length"),
-        "memory": _against_seq_len(frame, "total_mib", "memory in all: held + peak (MiB)",
-                                   "Memory per device against sequence length"),
+        "memory": _against_seq_len(per_device, "device_mib", "memory a device holds (MiB)",
+                                   "Memory per device, as a rank holds it"),
         "throughput": _against_seq_len(frame, "tflops_per_device", "TFLOP/s per device",
                                        "Throughput against sequence length"),
-        "scaling": _scaling(frame),
+        "efficiency": _efficiency(frame),
     }
     return {name: figure for name, figure in candidates.items() if figure is not None}
 

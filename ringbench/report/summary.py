@@ -120,7 +120,7 @@ def crossovers(frame: pd.DataFrame, baseline: str) -> list[str]:
     return lines
 
 
-def _efficiencies(frame: pd.DataFrame) -> list[tuple[pd.Series, pd.Series]]:
+def efficiencies(frame: pd.DataFrame) -> list[tuple[pd.Series, pd.Series]]:
     """Each multi-process cell with the single-device `sdpa` cell it is measured against: the same
     kernel and shape at the same total sequence length, or, where that did not run, the longest
     sequence it ran."""
@@ -140,7 +140,7 @@ def ring_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
     its ratio to single-device `sdpa` with the same kernel; one row per shape, total
     sequence length, process count and kernel."""
     rows: dict[tuple, dict[str, str]] = {}
-    for row, baseline in _efficiencies(frame):
+    for row, baseline in efficiencies(frame):
         shorter = f" at S={baseline.seq_len}" if baseline.seq_len != row.seq_len else ""
         key = (tuple(row[SHAPE]), row.seq_len, row.world_size, row.kernel)
         entry = rows.setdefault(key, {
@@ -157,7 +157,7 @@ def ring_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
 def efficiency_findings(frame: pd.DataFrame) -> list[str]:
     """Per implementation and process count, the range of its per-device efficiency across the cells."""
     ratios: dict[tuple[str, int], list[float]] = {}
-    for row, baseline in _efficiencies(frame):
+    for row, baseline in efficiencies(frame):
         ratios.setdefault((row.label, row.world_size), []).append(row.tflops_per_device / baseline.tflops_per_device)
     if not ratios:
         return []
