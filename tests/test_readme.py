@@ -31,3 +31,17 @@ def test_readme_set_up_commands_match_ci():
     test_command = 'pip install -e ".[test]" && python -m pytest -q'
     assert test_command in README
     assert 'python -m pip install -e ".[test]"' in ci and "python -m pytest -q" in ci
+
+
+def test_ci_installs_the_cpu_build_the_readme_names_on_the_lowest_and_highest_python():
+    root = Path(__file__).parents[1]
+    workflow = (root / ".github" / "workflows" / "ci.yml").read_text()
+    pyproject = (root / "pyproject.toml").read_text()
+    assert "`export PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu`" in README
+    assert "PIP_EXTRA_INDEX_URL: https://download.pytorch.org/whl/cpu" in workflow and "cache: pip" in workflow
+    assert "run: bash .ci/run" in workflow
+    declared = sorted(re.findall(r'"Programming Language :: Python :: (3\.\d+)"', pyproject),
+                      key=lambda version: int(version.split(".")[1]))
+    assert re.search(r'requires-python = ">=(3\.\d+)"', pyproject).group(1) == declared[0]
+    assert re.search(r"python-version: \[(.*)\]", workflow).group(1) == f'"{declared[0]}", "{declared[-1]}"'
+    assert f"({declared[0]} and {declared[-1]})" in README
