@@ -69,21 +69,23 @@ _AXES = {
 
 def summary_table(cell_records: list[dict[str, Any]]) -> Table:
     """Every finished cell in a table that reads at 80 columns: labels wrap rather than being cut,
-    and axes with one value across the run go to the title."""
+    axes with one value across the run go to the title, and memory goes where none was measured (the CPU)."""
     varying = [name for name, read in _AXES.items() if len({read(record) for record in cell_records}) > 1]
     constant = [read(cell_records[0]) for name, read in _AXES.items() if name not in varying] if cell_records else []
     table = Table(title=" · ".join(["ringbench run", *constant]))
-    table.add_column("implementation", overflow="fold", ratio=1)
+    peaks = [(record["memory"] or {}).get("peak_allocated_mib") for record in cell_records]
+    measured = any(peak is not None for peak in peaks)
+    table.add_column("implementation", overflow="fold", ratio=1, min_width=len("implementation"))
     table.add_column("seq_len", justify="right")
     table.add_column("run as")
     for name in varying:
         table.add_column(name, overflow="fold")
     table.add_column("status")
     table.add_column("median ms", justify="right")
-    table.add_column("peak MiB", justify="right")
-    for record in cell_records:
-        stats, memory = record["stats"] or {}, record["memory"] or {}
-        peak = memory.get("peak_allocated_mib")
+    if measured:
+        table.add_column("peak MiB", justify="right")
+    for record, peak in zip(cell_records, peaks):
+        stats = record["stats"] or {}
         table.add_row(
             label_of(record),
             str(record["seq_len"]),
@@ -91,6 +93,6 @@ def summary_table(cell_records: list[dict[str, Any]]) -> Table:
             *(_AXES[name](record) for name in varying),
             _status(record),
             f"{stats['median_ms']:.4g}" if stats else "-",
-            f"{peak:,.1f}" if peak is not None else "-",
+            *([f"{peak:,.1f}" if peak is not None else "-"] if measured else []),
         )
     return table
