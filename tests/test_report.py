@@ -5,6 +5,7 @@ import io
 import json
 import shutil
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -329,3 +330,49 @@ def test_merged_reports_and_their_figures_stay_out_of_the_results_folder(tmp_pat
     assert (tmp_path / "merged" / "report.md").read_text().startswith("# ringbench report: 2 runs merged")
     assert list((tmp_path / "merged").glob("*.png")) and not list(tmp_path.glob("*.png"))
     assert [run.name for run in find_runs([tmp_path])] == ["20260101T000000Z-aaaa", "20260102T000000Z-bbbb"]
+
+
+def _fixture_meta(tmp_path, edit):
+    """A copy of the fixture run whose run.json ``edit`` changed in place."""
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "run", run)
+    meta = json.loads((run / "run.json").read_text())
+    edit(meta)
+    (run / "run.json").write_text(json.dumps(meta))
+    return run
+
+
+def test_the_stamp_names_the_gpus_the_run_used():
+    def two_gpus(meta):
+        meta["environment"]["gpus"].append({**meta["environment"]["gpus"][0], "index": 1})
+
+    def one_process(meta):
+        two_gpus(meta)
+        meta["planned"] = [cell for cell in meta["planned"] if cell.get("world_size", 1) == 1]
+
+    for edit, count in ((two_gpus, 2), (one_process, 1)):
+        with tempfile.TemporaryDirectory() as folder:
+            markdown = render_report([load_run(_fixture_meta(Path(folder), edit))])
+        assert f"**Hardware**: NVIDIA H100 80GB HBM3 ×{count} (81,559 MiB each)" in markdown
+
+
+def test_throttle_masks_read_as_words(tmp_path):
+    def throttled(meta):
+        meta["environment"]["gpu_state"][0]["clocks_throttle_reasons.active"] = "0x0000000000000024"
+        meta["environment"]["gpu_state_end"][0]["clocks_throttle_reasons.active"] = "0x0000000000001001"
+
+    markdown = render_report([load_run(_fixture_meta(tmp_path, throttled))])
+    assert "clocks held back by: software power cap, software thermal slowdown; at the end:" in markdown
+    assert "clocks held back by: idle, other (0x1000)\n" in markdown and "0x00000" not in markdown
+
+
+def test_left_out_rows_show_the_axes_that_tell_them_apart(tmp_path):
+    def varied(meta):
+        for excluded, dtype in zip(meta["excluded"], ["float16", "bfloat16", "float16", "bfloat16", "float16"]):
+            excluded["dtype"] = dtype
+
+    markdown = render_report([load_run(_fixture_meta(tmp_path, varied))])
+    left_out = markdown.split("## Left out of the plan\n\n")[1].split("\n\n")[0].splitlines()
+    assert re.match(r"\| implementation +\| run as +\| seq_len +\| dtype +\| reason +\|$", left_out[0])
+    assert re.match(r"\| ring +\| ring 3 +\| 4096 +\| float16 +\| seq\\_len 4096 is not divisible", left_out[2])
+    assert "None" not in markdown
