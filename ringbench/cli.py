@@ -20,7 +20,6 @@ app = typer.Typer(
     help="Benchmark attention implementations for long context.",
 )
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 
 @contextmanager
@@ -34,10 +33,38 @@ def _user_errors() -> Iterator[None]:
 
 
 def _load(config_path: Path):
-    from ringbench import config, plan, registry
+    """The sweep, its plan and its device, checked alike for ``plan`` and ``run``: a device that is
+    not there, or a plan without a cell, is the config's error."""
+    from collections import Counter
+
+    from ringbench import config, plan, registry, runner
 
     sweep = config.load(config_path)
-    return sweep, plan.build(sweep, registry.get)
+    device = runner.resolve_device(sweep.device, str(config_path))
+    the_plan = plan.build(sweep, registry.get)
+    if not the_plan.cells:
+        reasons = Counter(exclusion.reason for exclusion in the_plan.excluded).most_common()
+        listed = "; ".join(f"{reason} ({count}×)" for reason, count in reasons[:3])
+        more = f"; and {len(reasons) - 3} other reasons" if len(reasons) > 3 else ""
+        raise UserError(f"{config_path}: no cell to run, every combination is left out: {listed}{more}")
+    return sweep, the_plan, device
+
+
+def _version(value: bool) -> None:
+    if value:
+        from ringbench import __version__
+        from ringbench.env import ringbench_source
+
+        source = ringbench_source()
+        commit = f" (commit {source['commit'][:12]}{', dirty' if source['dirty'] else ''})" if source["commit"] else ""
+        print(f"ringbench {__version__}{commit}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                              help="print ringbench's version (and commit, from a checkout) and exit")) -> None:
+    """Benchmark attention implementations for long context."""
 
 
 def _print_plan(source: Path, the_plan) -> None:
@@ -54,7 +81,7 @@ def _print_plan(source: Path, the_plan) -> None:
 def plan(config: Path = typer.Argument(..., help="sweep YAML")) -> None:
     """List the cells a config would run, and what it leaves out, without running anything."""
     with _user_errors():
-        _, the_plan = _load(config)
+        _, the_plan, _ = _load(config)
     _print_plan(config, the_plan)
 
 
@@ -80,9 +107,8 @@ def run(
         if config is None:
             if resume is None:
                 raise UserError("give a sweep config, or --resume RUN_DIR")
-            config = Path(records.read_run(resume)["config_source"])
-        sweep, the_plan = _load(config)
-        device = runner.resolve_device(sweep.device, str(config))
+            config = records.config_file(records.read_run(resume))
+        sweep, the_plan, device = _load(config)
     if dry_run:
         _print_plan(config, the_plan)
         return
@@ -96,8 +122,10 @@ def run(
                             resume, retry_failed, threads)
     console.print(summary_table(result.records))
     if result.interrupted:
-        console.print(f"interrupted: {len(result.records)} finished cells kept in {result.run_dir}")
-        raise typer.Exit(EXIT_INTERRUPTED)
+        # Plainly, not through Rich: the command must stay on one line, to be copied.
+        print(f"interrupted: {len(result.records)} finished cells kept in {result.run_dir}; "
+              f"continue with: ringbench run --resume {result.run_dir}", file=sys.stderr)
+        raise typer.Exit(runner.EXIT_INTERRUPTED)
     console.print(f"{len(result.records)} cells recorded; next: ringbench report {result.run_dir}")
     print(result.run_dir)  # on stdout, for scripts: the run folder
 
@@ -108,10 +136,10 @@ def ranks(run_dir: Path = typer.Argument(..., help="run folder whose run.json na
     """A worker that `run` started (one process, or one rank of a group): runs the cells of its world size."""
     from ringbench import records, runner
 
-    meta = records.read_run(run_dir)
-    source = meta["config_source"]
     with _user_errors():
-        sweep, the_plan = _load(Path(source))
+        meta = records.read_run(run_dir)
+        source = str(records.config_file(meta))
+        sweep, the_plan, _ = _load(Path(source))
         if sweep.hash != meta["config_hash"]:  # edited while the run goes on: its cells are no longer this run's
             raise UserError(f"{source}: changed since the run in {run_dir} started (config hash {sweep.hash}, "
                             f"run {meta['config_hash']}); restore it, or start a new run")
@@ -173,10 +201,11 @@ def report(
             print(findings)
         return
     if merge and output is None and folders:  # beside the runs, not loose among them
-        (paths[0] / "merged").mkdir(exist_ok=True)
         target = paths[0] / "merged" / names[output_format]
     else:
         target = output or (paths[0] / names[output_format] if len(paths) == 1 else Path(names[output_format]))
+    with _user_errors():
+        records.writable(target)
 
     def markdown(plots_dir: Optional[Path]) -> str:
         if merge:
@@ -191,7 +220,7 @@ def report(
                 text = to_html(markdown(None if no_plots else Path(figures)), Path(figures))
         else:
             text = render_table(runs, output_format)
-    records.write_text_atomic(target, text)
+        records.write_text_atomic(target, text)
     if not quiet:
         print(text)
     print(f"wrote {target}", file=sys.stderr)
@@ -218,7 +247,9 @@ def compare(
         for path in (base, new):
             if not records.is_run_dir(path):
                 raise UserError(f"{path}: not a run folder (no {records.RUN_FILE})")
-    comparison = compare_runs(base, new, threshold, alpha)
+        if output:
+            records.writable(output)
+        comparison = compare_runs(base, new, threshold, alpha)
     view = Table(title=f"{new.name} against {base.name}")
     for column in ("cell", "base ms", "new ms", "new / base", "p", "verdict"):
         view.add_column(column, justify="left" if column in ("cell", "verdict") else "right")
@@ -230,7 +261,8 @@ def compare(
     for warning in comparison.warnings:
         console.print(f"warning: {warning}")
     if output:
-        records.write_text_atomic(output, render_markdown(comparison, threshold, alpha))
+        with _user_errors():
+            records.write_text_atomic(output, render_markdown(comparison, threshold, alpha))
     if fail_above is not None and (failing := regressions(comparison, fail_above)):
         print(f"{len(failing)} regression(s) beyond {fail_above:g}x or newly failing", file=sys.stderr)
         raise typer.Exit(1)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import yaml
 
 from ringbench import registry
-from ringbench.errors import ConfigError, Invalid
+from ringbench.errors import ConfigError, Invalid, show
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 # backward is timed without its forward; forward+backward is the training step's attention.
@@ -107,50 +107,58 @@ class Sweep:
 # ---- value readers: each takes (value, where) and returns the clean value or raises Invalid
 
 
+# No axis, count or duration of a sweep comes near this; larger integers are refused, not run.
+MAX_INT = 2**53
+
+
 def _positive_int(value: Any, where: str) -> int:
-    if type(value) is not int or value <= 0:
-        raise Invalid(where, f"expected a positive integer, got {value!r}")
+    if type(value) is not int or not 0 < value <= MAX_INT:
+        raise Invalid(where, f"expected a positive integer up to 2^53, got {show(value)}")
     return value
 
 
 def _non_negative_int(value: Any, where: str) -> int:
-    if type(value) is not int or value < 0:
-        raise Invalid(where, f"expected a non-negative integer, got {value!r}")
+    if type(value) is not int or not 0 <= value <= MAX_INT:
+        raise Invalid(where, f"expected a non-negative integer up to 2^53, got {show(value)}")
     return value
 
 
 def _positive_number(value: Any, where: str) -> float:
-    if type(value) not in (int, float) or not value > 0:
-        raise Invalid(where, f"expected a positive number, got {value!r}")
+    if type(value) not in (int, float) or not 0 < value <= MAX_INT:
+        raise Invalid(where, f"expected a finite positive number, got {show(value)}")
     return float(value)
 
 
 def _non_negative_number(value: Any, where: str) -> float:
-    if type(value) not in (int, float) or not value >= 0:
-        raise Invalid(where, f"expected a non-negative number, got {value!r}")
+    if type(value) not in (int, float) or not 0 <= value <= MAX_INT:
+        raise Invalid(where, f"expected a finite non-negative number, got {show(value)}")
     return float(value)
 
 
 def _boolean(value: Any, where: str) -> bool:
     if type(value) is not bool:
-        raise Invalid(where, f"expected true or false, got {value!r}")
+        raise Invalid(where, f"expected true or false, got {show(value)}")
     return value
 
 
 def _string(value: Any, where: str) -> str:
     if type(value) is not str:
-        raise Invalid(where, f"expected a string, got {value!r}")
+        raise Invalid(where, f"expected a string, got {show(value)}")
     return value
 
 
 def _output_root(value: Any, where: str) -> str:
-    """A folder for run folders; relative ones are taken from where ringbench runs. A path that
-    climbs with '..' is refused: the config must not steer writes outside the tree it names."""
+    """A folder for run folders, taken from where ringbench runs. An absolute path, or one that
+    climbs with '..', is refused: a config must not steer writes outside the tree it is run in
+    (``--output-root`` on the command line may point anywhere)."""
     value = _string(value, where)
     if not value.strip() or "\0" in value:
-        raise Invalid(where, f"expected a folder path, got {value!r}")
+        raise Invalid(where, f"expected a folder path, got {show(value)}")
+    if Path(value).is_absolute() or value.startswith("~"):
+        raise Invalid(where, f"must be relative to where ringbench runs (got {show(value)}); "
+                             "give --output-root to write elsewhere")
     if ".." in Path(value).parts:
-        raise Invalid(where, f"must not climb out with '..' (got {value!r}); name the folder itself")
+        raise Invalid(where, f"must not climb out with '..' (got {show(value)}); name the folder itself")
     return value
 
 
@@ -159,20 +167,20 @@ def _threads(value: Any, where: str) -> int | None:
     if value == "auto":
         return None
     if type(value) is not int or value <= 0:
-        raise Invalid(where, f"expected auto or a positive integer, got {value!r}")
+        raise Invalid(where, f"expected auto or a positive integer, got {show(value)}")
     return value
 
 
 def _device(value: Any, where: str) -> str:
     if type(value) is not str or not _DEVICE.match(value):
-        raise Invalid(where, f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+        raise Invalid(where, f"expected auto, cpu, cuda or cuda:N, got {show(value)}")
     return value
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
     def read(value: Any, where: str) -> str:
         if value not in choices:
-            raise Invalid(where, f"must be one of {', '.join(choices)} (got {value!r})")
+            raise Invalid(where, f"must be one of {', '.join(choices)} (got {show(value)})")
         return value
 
     return read
@@ -181,13 +189,13 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
 def _list_of(read_item: Callable[[Any, str], Any]) -> Callable[[Any, str], tuple]:
     def read(value: Any, where: str) -> tuple:
         if not isinstance(value, list):
-            raise Invalid(where, f"expected a list, got {value!r}")
+            raise Invalid(where, f"expected a list, got {show(value)}")
         if not value:
             raise Invalid(where, "must not be empty")
         items = tuple(read_item(item, f"{where}[{i}]") for i, item in enumerate(value))
         for i, item in enumerate(items):
             if item in items[:i]:
-                raise Invalid(f"{where}[{i}]", f"duplicate value {item!r}")
+                raise Invalid(f"{where}[{i}]", f"duplicate value {show(item)}")
         return items
 
     return read
@@ -195,7 +203,7 @@ def _list_of(read_item: Callable[[Any, str], Any]) -> Callable[[Any, str], tuple
 
 def _mapping(value: Any, where: str, allowed: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise Invalid(where, f"expected a mapping, got {value!r}")
+        raise Invalid(where, f"expected a mapping, got {show(value)}")
     for key in value:
         if key not in allowed:
             path = f"{where}.{key}" if where else str(key)
@@ -254,7 +262,7 @@ def _implementation(value: Any, where: str) -> ImplementationChoice:
 def _label(value: Any, where: str) -> str:
     text = _string(value, where)
     if not text.strip() or "\n" in text:
-        raise Invalid(where, f"expected a one-line label, got {value!r}")
+        raise Invalid(where, f"expected a one-line label, got {show(value)}")
     return text.strip()
 
 
@@ -266,7 +274,7 @@ def _implementations(value: Any, where: str) -> tuple[ImplementationChoice, ...]
             if (choice.name, choice.options) == (earlier.name, earlier.options):
                 raise Invalid(f"{where}[{i}]", f"same implementation and options as {where}[{j}]")
             if choice.label == earlier.label:
-                raise Invalid(f"{where}[{i}].label", f"{choice.label!r} already labels {where}[{j}]")
+                raise Invalid(f"{where}[{i}].label", f"{show(choice.label)} already labels {where}[{j}]")
     return choices
 
 
@@ -280,30 +288,98 @@ class _AnyKey(dict):
 _ANY_KEY = _AnyKey()
 
 
+# Bounds on what a config's YAML may build, checked before anything is built from it: no sweep
+# needs more, and past them an alias bomb or deep nesting would cost the host its memory or stack.
+MAX_DEPTH = 32
+MAX_VALUES = 100_000
+MAX_DIGITS = 30
+
+
+class _Oversized:
+    """An integer literal too long to be a sweep's value: kept, so that its key can be named."""
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"a {self.digits}-digit integer"
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """A safe loader that also refuses duplicate keys, which plain YAML silently overwrites."""
+    """A safe loader that also refuses duplicate keys, which plain YAML silently overwrites, keys
+    that are not plain scalars, and nesting deeper than MAX_DEPTH."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nesting deeper than {MAX_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise yaml.constructor.ConstructorError(None, None, "a key must be a plain word, not a list or mapping",
+                                                        key_node.start_mark)
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                    None, None, f"duplicate key {show(key)}", key_node.start_mark
                 )
             seen.add(key)
         return super().construct_mapping(node, deep)
 
+    def construct_yaml_int(self, node):
+        digits = sum(character.isdigit() for character in node.value)
+        return _Oversized(digits) if digits > MAX_DIGITS else super().construct_yaml_int(node)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+
+
+def _values(node: yaml.Node, counted: dict[int, int]) -> int:
+    """How many values ``node`` stands for once its aliases are expanded (shared nodes counted once
+    per use), stopping early past MAX_VALUES."""
+    if id(node) in counted:
+        return counted[id(node)]
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = []
+    for child in children:
+        total += _values(child, counted)
+        if total > MAX_VALUES:
+            break
+    counted[id(node)] = total
+    return total
+
 
 def _parse_yaml(text: str, source: str) -> Any:
+    loader = _StrictLoader(text)
     try:
-        return yaml.load(text, Loader=_StrictLoader)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _values(node, {}) > MAX_VALUES:
+            raise ConfigError(source, "", f"the YAML expands to more than {MAX_VALUES:,} values (aliases?)")
+        return loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(source, where, f"invalid YAML: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(source, "", f"invalid YAML: {exc}") from None
+    finally:
+        loader.dispose()
 
 
 MAX_CONFIG_BYTES = 2**20

@@ -166,12 +166,21 @@ def snapshot_time() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def snapshot(device: torch.device, threads: int) -> dict[str, Any]:
-    """The stamp; ``threads`` is the intra-op thread count the workers use."""
+def ringbench_source() -> dict[str, Any]:
+    """ringbench's own version and, when it runs from a checkout, that checkout's commit and dirty flag."""
+    package = Path(__file__).resolve().parent
+    checkout = git_state(package) if (package.parent / "pyproject.toml").is_file() else {"commit": None, "dirty": None}
+    return {"version": __version__, **checkout}
+
+
+def snapshot(device: torch.device, threads: int, config_folder: Path) -> dict[str, Any]:
+    """The stamp; ``threads`` is the intra-op thread count the workers use. ``git`` is the repository
+    holding the config and its plugins; ``ringbench`` the code that measured."""
     cuda = torch.cuda.is_available()
     return {
         "date_utc": snapshot_time(),
-        "git": git_state(Path.cwd()),
+        "git": git_state(config_folder),
+        "ringbench": ringbench_source(),
         "ringbench_version": __version__,
         "device": str(device),
         "hostname": socket.gethostname(),

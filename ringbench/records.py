@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from ringbench.errors import UserError, show
+
 SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"
@@ -39,14 +41,31 @@ def create_run_dir(output_root: Path, commit: str) -> Path:
     raise RuntimeError(f"cannot create a run folder under {output_root}")
 
 
+def writable(path: Path) -> Path:
+    """``path`` as a file to write: its missing parent folders made; a folder there is refused."""
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; name a file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot create its folder ({exc.strerror or exc})") from None
+    return path
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and rename, so readers never see half a file."""
+    """Write through a temporary file and rename, so readers never see half a file, and no
+    temporary file stays behind whatever fails."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write it ({exc.strerror or exc})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -74,18 +93,48 @@ class RecordWriter:
         self.close()
 
 
+RUN_KEYS = ("config", "config_hash", "config_source", "environment", "planned", "excluded")
+
+
+def config_file(meta: dict[str, Any]) -> Path:
+    """The config a run was started from: absolute, or as given for runs stored before that."""
+    return Path(meta.get("config_file") or meta["config_source"])
+
+
+class BrokenRun(UserError):
+    """A run folder whose run.json or records.jsonl cannot be used, said in one line naming the file."""
+
+
 def read_run(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+    """The run's run.json, checked to be one ringbench wrote."""
+    path = run_dir / RUN_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # missing, unreadable, not UTF-8, not JSON
+        raise BrokenRun(f"{path}: cannot read it ({type(exc).__name__}: {show(str(exc))[1:-1]})") from None
+    missing = [key for key in RUN_KEYS if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise BrokenRun(f"{path}: not a ringbench run file (missing {', '.join(missing)})")
+    return meta
 
 
 def read_records(run_dir: Path) -> Iterator[dict[str, Any]]:
+    """The run's records; a line that is not a record stops the reading with a BrokenRun."""
     path = run_dir / RECORDS_FILE
     if not path.exists():
         return
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                yield json.loads(line)
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or "cell_id" not in record:
+                    raise ValueError("not a record")
+            except ValueError as exc:
+                raise BrokenRun(f"{path}:{number}: not a record ({show(str(exc))[1:-1]}); a run cut off while "
+                                "writing is mended by resuming it") from None
+            yield record
 
 
 def drop_partial_line(run_dir: Path) -> bool:

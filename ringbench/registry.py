@@ -14,14 +14,16 @@ and neither is imported before a config names it.
 
 from __future__ import annotations
 
-import importlib
+import hashlib
+import importlib.util
+import math
 import sys
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from ringbench.errors import Invalid
+from ringbench.errors import Invalid, show
 
 if TYPE_CHECKING:
     import torch
@@ -43,19 +45,21 @@ class Option:
     def validate(self, value: Any, where: str) -> Any:
         if isinstance(self.default, tuple):  # a list of positive integers in the YAML
             if not isinstance(value, list) or not value:
-                raise Invalid(where, f"expected a non-empty list of positive integers, got {value!r}")
+                raise Invalid(where, f"expected a non-empty list of positive integers, got {show(value)}")
             for index, item in enumerate(value):
-                if type(item) is not int or item <= 0:
-                    raise Invalid(f"{where}[{index}]", f"expected a positive integer, got {item!r}")
+                if type(item) is not int or not 0 < item <= 2**53:
+                    raise Invalid(f"{where}[{index}]", f"expected a positive integer, got {show(item)}")
             return tuple(value)
         expected = type(self.default)
         if expected is float and type(value) is int:
             value = float(value)
         if type(value) is not expected:
-            raise Invalid(where, f"expected {expected.__name__}, got {value!r}")
+            raise Invalid(where, f"expected {expected.__name__}, got {show(value)}")
+        if expected is float and not math.isfinite(value):
+            raise Invalid(where, f"expected a finite number, got {show(value)}")
         if self.choices is not None and value not in self.choices:
             known = ", ".join(str(c) for c in self.choices)
-            raise Invalid(where, f"must be one of {known} (got {value!r})")
+            raise Invalid(where, f"must be one of {known} (got {show(value)})")
         return value
 
 
@@ -235,16 +239,41 @@ def _installed() -> dict[str, Any]:
     return {entry.name: entry for entry in entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def load_plugins(modules: tuple[str, ...], search_dir: Path) -> None:
-    """Import the plugin modules a config names; ``search_dir`` (the config's folder) goes first on the path."""
+# Plugin files already run in this process, by content: a copy of one elsewhere is the same plugin.
+_loaded_plugins: set[str] = set()
+
+
+def load_plugins(names: tuple[str, ...], folder: Path) -> None:
+    """Run the plugin files a config names, ``folder/NAME.py`` (the config's folder), each once.
+
+    A plugin is loaded by its file under a name of ringbench's own, never through
+    ``sys.path``: it cannot shadow an installed module, and nothing else in the
+    folder is imported. Whatever a plugin raises, ``SystemExit`` and
+    ``KeyboardInterrupt`` included, becomes one line naming it.
+    """
     _discover()
-    if str(search_dir) not in sys.path:
-        sys.path.insert(0, str(search_dir))
-    for index, module in enumerate(modules):
+    for index, name in enumerate(names):
+        where = f"plugins[{index}]"
+        if not name.isidentifier():
+            raise Invalid(where, f"expected the name of a Python file beside the config, without .py, got {show(name)}")
+        path = folder / f"{name}.py"
         try:
-            importlib.import_module(module)
-        except Exception as exc:  # a plugin may fail in any way on import; report which one
-            raise Invalid(f"plugins[{index}]", f"cannot import '{module}': {type(exc).__name__}: {exc}") from None
+            source = path.read_bytes()
+        except OSError as exc:
+            raise Invalid(where, f"cannot read {path}: {exc.strerror or exc}") from None
+        digest = hashlib.sha256(source).hexdigest()
+        if digest in _loaded_plugins:
+            continue
+        spec = importlib.util.spec_from_file_location(f"ringbench_plugin_{digest[:16]}_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # so that pickling and dataclasses can find its classes
+        try:
+            spec.loader.exec_module(module)
+        except BaseException as exc:  # noqa: B036 - a plugin may fail in any way, exiting included
+            del sys.modules[spec.name]
+            raise Invalid(where, f"plugin {name} ({path}) failed on import: {type(exc).__name__}: "
+                                 f"{show(str(exc))[1:-1]}") from None
+        _loaded_plugins.add(digest)
 
 
 def known() -> list[str]:
@@ -258,7 +287,7 @@ def get(name: str, where: str = "name") -> Implementation:
         try:  # an installed plugin is imported only once a config names it
             _installed()[name].load()
         except Exception as exc:
-            raise Invalid(where, f"cannot load the plugin for {name!r}: {type(exc).__name__}: {exc}") from None
+            raise Invalid(where, f"cannot load the plugin for {show(name)}: {type(exc).__name__}: {exc}") from None
     if name not in _implementations:
-        raise Invalid(where, f"unknown implementation {name!r} (known: {', '.join(known())})")
+        raise Invalid(where, f"unknown implementation {show(name)} (known: {', '.join(known())})")
     return _implementations[name]

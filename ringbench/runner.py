@@ -73,14 +73,15 @@ def resolve_device(spec: str, source: str) -> torch.device:
 
 
 def _start(sweep: Sweep, plan: Plan, source: str, device: torch.device, output_root: Path, threads: int) -> Path:
-    environment = env.snapshot(device, threads)
+    environment = env.snapshot(device, threads, Path(source).resolve().parent)
     # Measured first, on an idle device: the ceiling every cell's TFLOP/s is set against.
     environment["matmul_peak_tflops"] = {} if device.type != "cuda" else {
         dtype: matmul_peak_tflops(device, DTYPES[dtype]) for dtype in sweep.dtypes}
     run_dir = records.create_run_dir(output_root, environment["git"]["commit"])
     records.write_json_atomic(run_dir / records.RUN_FILE, {
         "schema_version": records.SCHEMA_VERSION,
-        "config_source": source,
+        "config_source": source,  # as given, for the report
+        "config_file": str(Path(source).resolve()),  # absolute, so a resume works from any folder
         "config_hash": sweep.hash,
         "config": sweep.as_dict(),
         "environment": environment,
@@ -110,6 +111,9 @@ def die_with_parent() -> None:
     so no worker outlives a stopped runner and appends records behind a resumed run."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+EXIT_INTERRUPTED = 130  # what a shell reports for a process ended by SIGINT
 
 
 def _inflight_path(run_dir: Path, world_size: int) -> Path:
@@ -258,6 +262,11 @@ def run(sweep: Sweep, plan: Plan, source: str, device: torch.device, observer: O
                 done += len(cells)
         except KeyboardInterrupt:
             result.interrupted = True
+            # A second Ctrl-C stops at once: records are fsynced line by line and run.json is
+            # replaced whole, so ending here loses nothing already stored.
+            signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
+            for mark in run_dir.glob("inflight-*.json"):  # the stopped cells have no record: nothing is in flight
+                mark.unlink(missing_ok=True)
     _finish(run_dir)
     # The file is the truth: an interrupt can fall between writing a record and noting it.
     result.records = list(records.read_records(run_dir))

@@ -71,7 +71,8 @@ def test_run_then_report(write_config):
     assert missing.exit_code == 2 and missing.stderr.strip() == f"{path.parent / 'nothing'}: no such folder"
 
 
-def test_ctrl_c_keeps_every_finished_record(write_config):
+def _started_slow_run(write_config):
+    """A run of slow cells, once it has written three records: (process, records file)."""
     text = BASE_CONFIG.replace("  - name: standard\n", "  - name: test-slow\n") + "plugins: [fake_impls]\n"
     path = write_config(text.replace("seq_lens: [64, 96]", "seq_lens: [8, 16, 24, 32, 40, 48, 56, 64]"))
     out = path.parent / "out"
@@ -89,14 +90,32 @@ def test_ctrl_c_keeps_every_finished_record(write_config):
             break
         time.sleep(0.05)
     assert records_file is not None, "the run never wrote three records"
+    return process, records_file
+
+
+def test_ctrl_c_keeps_every_finished_record_and_says_how_to_resume(write_config):
+    process, records_file = _started_slow_run(write_config)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 130, output
     lines = records_file.read_text().splitlines()
     assert 3 <= len(lines) < 16 and all(json.loads(line)["status"] == "ok" for line in lines)
-    assert f"interrupted: {len(lines)} finished cells kept in" in output
-    planned = json.loads((records_file.parent / "run.json").read_text())["planned"]
+    run_dir = records_file.parent
+    assert f"interrupted: {len(lines)} finished cells kept in {run_dir}; continue with: ringbench run --resume {run_dir}\n" \
+        in output
+    assert not list(run_dir.glob("inflight-*.json"))
+    planned = json.loads((run_dir / "run.json").read_text())["planned"]
     assert [json.loads(line)["cell_id"] for line in lines] == [p["cell_id"] for p in planned[: len(lines)]]
+
+
+def test_a_second_ctrl_c_stops_at_once_and_corrupts_nothing(write_config):
+    process, records_file = _started_slow_run(write_config)
+    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=60)
+    assert process.returncode in (130, -signal.SIGINT)
+    assert all(json.loads(line)["status"] == "ok" for line in records_file.read_text().splitlines())
+    assert "planned" in json.loads((records_file.parent / "run.json").read_text())
 
 
 def test_a_worker_refuses_a_config_edited_since_the_run_started(write_config):
@@ -141,3 +160,37 @@ def test_the_closing_table_reads_at_80_columns_with_labels_whole():
     assert lines[0].strip() == "ringbench run · float16 · non-causal · forward · B=1 · H=8 · D=64"
     row = lines.index("│ ring-dilated w=1K,2K,4K  │    8192 │ ring 16 │ ok     │    0.1932 │     24.2 │")
     assert lines[row + 1].startswith("│ r=1,2,4                  │         │")
+
+
+def test_version_names_the_release_and_the_checkout():
+    import git
+
+    from ringbench import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    head = git.Repo(Path(__file__).parents[1]).head.commit.hexsha[:12]
+    assert result.stdout.startswith(f"ringbench {__version__} (commit {head}")
+
+
+def test_the_stamp_names_the_configs_repository_and_ringbench_apart(write_config, tmp_path):
+    import git
+
+    project = tmp_path / "project"
+    project.mkdir()
+    path = project / "sweep.yaml"
+    path.write_text(write_config().read_text())
+    repo = git.Repo.init(project)
+    repo.index.add(["sweep.yaml"])
+    commit = repo.index.commit("a sweep", author=git.Actor("a", "a@b"), committer=git.Actor("a", "a@b")).hexsha
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["run", str(path), "--output-root", str(out)]).exit_code == 0
+    (run_dir,) = out.iterdir()
+    environment = json.loads((run_dir / "run.json").read_text())["environment"]
+    assert environment["git"] == {"commit": commit, "dirty": False} and run_dir.name.endswith(commit[:8])
+    ours = git.Repo(Path(__file__).parents[1]).head.commit.hexsha
+    assert environment["ringbench"]["commit"] == ours and environment["ringbench"]["version"] == "0.1.0"
+    assert runner.invoke(app, ["report", str(run_dir), "-q", "--no-plots"]).exit_code == 0
+    markdown = (run_dir / "report.md").read_text()
+    assert f"**Git Commit**: {commit[:8]} (the repository holding the config)  \n" in markdown
+    assert f"**ringbench**: 0.1.0, commit {ours[:8]}" in markdown

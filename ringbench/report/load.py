@@ -108,24 +108,15 @@ def _row(record: dict[str, Any], peaks: dict[str, float]) -> dict[str, Any]:
     }
 
 
-RUN_KEYS = ("config", "config_hash", "config_source", "environment", "planned", "excluded")
-
-
 class UnreadableRun(ValueError):
     """A folder that looks like a run (it has a run.json) but whose run.json cannot be used."""
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
     try:
-        meta = records.read_run(path)
-    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
-        raise UnreadableRun(f"{path / records.RUN_FILE}: run skipped, cannot read it ({type(exc).__name__}: {exc})") from None
-    missing = [key for key in RUN_KEYS if not isinstance(meta, dict) or key not in meta]
-    if missing:
-        raise UnreadableRun(f"{path / records.RUN_FILE}: run skipped, not a ringbench run file "
-                            f"(missing {', '.join(missing)})")
-    return meta
-
+        return records.read_run(path)
+    except records.BrokenRun as exc:
+        raise UnreadableRun(str(exc).replace(": ", ": run skipped, ", 1)) from None
 
 def load_run(path: Path) -> Run:
     """One run folder's records as a frame; bad record lines become warnings. Raises

@@ -32,6 +32,15 @@ def stamp_commit(git: dict[str, Any]) -> str:
     return f"{short} (dirty)" if git.get("dirty") else short
 
 
+def _ringbench_line(environment: dict[str, Any]) -> list[str]:
+    """ringbench's version, and its checkout's commit where it ran from one (runs from before say nothing)."""
+    source = environment.get("ringbench")
+    if not source:
+        return []
+    commit = f", commit {stamp_commit(source)}" if source.get("commit") else ""
+    return [f"**ringbench**: {escape(source['version'])}{commit}  "]
+
+
 def _gpus_used(meta: dict[str, Any]) -> list[dict[str, Any]]:
     """The GPUs a run's cells used on its first host: as many as the most processes a cell ran on,
     at most those the host has; none on the CPU."""
@@ -258,7 +267,8 @@ def render_run(run: Run, level: int = 1, plots_dir: Path | None = None, prefix: 
         _heading(level, f"ringbench: {escape(meta['config']['name'])}"),
         "",
         f"**Date**: {stamp_date(environment)}  ",
-        f"**Git Commit**: {stamp_commit(environment['git'])}  ",
+        f"**Git Commit**: {stamp_commit(environment['git'])} (the repository holding the config)  ",
+        *_ringbench_line(environment),
         f"**Hardware**: {_hardware(meta)}  ",
         f"**Cells**: {len(frame)} of {planned} planned recorded in `{escape(run.path.name)}`  ",
         *_resumptions(meta),
