@@ -116,6 +116,13 @@ def die_with_parent() -> None:
 EXIT_INTERRUPTED = 130  # what a shell reports for a process ended by SIGINT
 
 
+def _first_interrupt(*_: object) -> None:
+    """Ctrl-C: stop the sweep, keeping what is stored; a second Ctrl-C ends the process at once.
+    Ending there loses nothing: records are fsynced line by line and run.json is replaced whole."""
+    signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
+    raise KeyboardInterrupt
+
+
 def _inflight_path(run_dir: Path, world_size: int) -> Path:
     return run_dir / f"inflight-{world_size}.json"
 
@@ -253,6 +260,7 @@ def run(sweep: Sweep, plan: Plan, source: str, device: torch.device, observer: O
     done = records.done_ids(run_dir, retry_failed)
     plan = Plan(tuple(cell for cell in plan.cells if cell.id not in done), plan.excluded)
     observer.started(run_dir, len(plan.cells))
+    previous = signal.signal(signal.SIGINT, _first_interrupt)
     with records.RecordWriter(run_dir) as writer:
         try:
             done = 0
@@ -262,12 +270,10 @@ def run(sweep: Sweep, plan: Plan, source: str, device: torch.device, observer: O
                 done += len(cells)
         except KeyboardInterrupt:
             result.interrupted = True
-            # A second Ctrl-C stops at once: records are fsynced line by line and run.json is
-            # replaced whole, so ending here loses nothing already stored.
-            signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
             for mark in run_dir.glob("inflight-*.json"):  # the stopped cells have no record: nothing is in flight
                 mark.unlink(missing_ok=True)
     _finish(run_dir)
+    signal.signal(signal.SIGINT, previous)
     # The file is the truth: an interrupt can fall between writing a record and noting it.
     result.records = list(records.read_records(run_dir))
     return result

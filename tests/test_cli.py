@@ -113,7 +113,7 @@ def test_a_second_ctrl_c_stops_at_once_and_corrupts_nothing(write_config):
     process.send_signal(signal.SIGINT)
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=60)
-    assert process.returncode in (130, -signal.SIGINT)
+    assert process.returncode == 130
     assert all(json.loads(line)["status"] == "ok" for line in records_file.read_text().splitlines())
     assert "planned" in json.loads((records_file.parent / "run.json").read_text())
 
