@@ -279,3 +279,15 @@ def test_output_paths_get_their_folders_and_a_folder_is_never_overwritten(tmp_pa
     assert CliRunner().invoke(app, ["compare", str(run), str(run), "-o", str(compared)]).exit_code == 0
     assert compared.read_text().startswith("# ringbench compare")
     assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.glob("*.png"))
+
+
+def test_a_garbled_records_file_is_reported_in_a_few_lines_and_the_rest_renders(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE_RUN, run)
+    with open(run / "records.jsonl", "ab") as stream:
+        stream.write(b"\xff\xfe garbage\n" * 1000 + b'{"cut off mid-wri')
+    result = CliRunner().invoke(app, ["report", str(run), "-q", "--no-plots"])
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 6 and warnings[-1] == f"warning: {run / 'records.jsonl'}: 996 more lines like these"
+    assert "**Cells**: 12 of 12 planned recorded" in (run / "report.md").read_text()

@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from ringbench import records
-from ringbench.errors import UserError
+from ringbench.errors import UserError, show
 from ringbench.plan import label_of
 
 COLUMNS = [
@@ -108,6 +108,9 @@ def _row(record: dict[str, Any], peaks: dict[str, float]) -> dict[str, Any]:
     }
 
 
+MAX_WARNINGS = 5  # per records file
+
+
 class UnreadableRun(ValueError):
     """A folder that looks like a run (it has a run.json) but whose run.json cannot be used."""
 
@@ -124,7 +127,7 @@ def load_run(path: Path) -> Run:
     meta = _read_meta(path)
     rows, warnings = [], []
     records_path = path / records.RECORDS_FILE
-    lines = records_path.read_text(encoding="utf-8").splitlines() if records_path.exists() else []
+    lines = records_path.read_text(encoding="utf-8", errors="replace").splitlines() if records_path.exists() else []
     planned = {cell["cell_id"] for cell in meta["planned"]}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -135,11 +138,13 @@ def load_run(path: Path) -> Run:
                 raise ValueError(f"schema version {record.get('schema_version')!r}, expected {records.SCHEMA_VERSION}")
             rows.append(_row(record, meta["environment"].get("matmul_peak_tflops") or {}))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            warnings.append(f"{records_path}:{number}: record skipped ({type(exc).__name__}: {exc})")
+            warnings.append(f"{records_path}:{number}: record skipped ({type(exc).__name__}: {show(str(exc))[1:-1]})")
             continue
         if record["cell_id"] not in planned:  # shown all the same: the reader decides what it is worth
-            warnings.append(f"{records_path}:{number}: cell {record['cell_id']} ({record['implementation']}) "
+            warnings.append(f"{records_path}:{number}: cell {str(record['cell_id'])[:40]} ({str(record['implementation'])[:60]}) "
                             "is not in this run's plan")
+    if len(warnings) > MAX_WARNINGS:  # a foreign or garbled file: say so, not once per line
+        warnings[MAX_WARNINGS:] = [f"{records_path}: {len(warnings) - MAX_WARNINGS} more lines like these"]
     # A resumed run with --retry-failed holds several records of a cell: the latest counts.
     frame = pd.DataFrame(rows, columns=COLUMNS).drop_duplicates("cell_id", keep="last")
     return Run(path=path, meta=meta, frame=frame, warnings=warnings)
