@@ -110,3 +110,20 @@ def test_two_runs_writing_into_one_root_at_once_keep_apart(write_config):
         stored = [json.loads(line) for line in lines_of(run_dir)]
         assert [r["cell_id"] for r in stored] == planned and all(r["status"] == "ok" for r in stored)
         assert not list(run_dir.glob(".*.tmp"))  # atomic writes leave nothing half-done behind
+
+
+def test_resume_works_from_any_working_directory(write_config, tmp_path, monkeypatch):
+    path = write_config(BASE_CONFIG)
+    monkeypatch.chdir(path.parent)
+    assert CliRunner().invoke(app, ["run", path.name, "--output-root", "out"]).exit_code == 0  # config named relatively
+    (run_dir,) = (path.parent / "out").iterdir()
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["config_source"] == path.name and meta["config_file"] == str(path.resolve())
+    lines = lines_of(run_dir)
+    (run_dir / "records.jsonl").write_text("\n".join(lines[:2]) + "\n")  # as if stopped after two cells
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(app, ["run", "--resume", str(run_dir.resolve())])
+    assert result.exit_code == 0, result.output
+    assert sorted(json.loads(line)["cell_id"] for line in lines_of(run_dir)) == sorted(p["cell_id"] for p in meta["planned"])
