@@ -45,6 +45,14 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return found
 
 
+def _in_all(memory: dict[str, Any]) -> float | None:
+    """What a call needs on its device in all: what it starts with (inputs or a rank's shards, and
+    whatever setup keeps) plus its peak above that; None where either was not measured."""
+    if memory.get("held_mib") is None or memory.get("peak_allocated_mib") is None:
+        return None
+    return memory["held_mib"] + memory["peak_allocated_mib"]
+
+
 def _row(record: dict[str, Any], peaks: dict[str, float]) -> dict[str, Any]:
     stats = record.get("stats") or {}
     memory = record.get("memory") or {}
@@ -78,10 +86,7 @@ def _row(record: dict[str, Any], peaks: dict[str, float]) -> dict[str, Any]:
         "peak_mib": memory.get("peak_allocated_mib"),
         "modelled_mib": memory.get("modelled_mib"),
         "held_mib": memory.get("held_mib"),
-        # What the call needs on its device in all: what it starts with (inputs or a rank's
-        # shards, and whatever setup keeps) plus its peak above that.
-        "total_mib": None if memory.get("held_mib") is None or memory.get("peak_allocated_mib") is None
-        else memory["held_mib"] + memory["peak_allocated_mib"],
+        "total_mib": _in_all(memory),
         "tokens_per_s": record.get("tokens_per_s"),
         "tflops": record.get("tflops"),
         "tflops_per_device": None if record.get("tflops") is None else record["tflops"] / record.get("world_size", 1),
@@ -90,8 +95,7 @@ def _row(record: dict[str, Any], peaks: dict[str, float]) -> dict[str, Any]:
         "projected_ms": projected_stats.get("median_ms"),
         "projected_iqr_ms": projected_stats.get("iqr_ms"),
         "projected_mib": projected.get("peak_allocated_mib"),
-        "projected_total_mib": None if projected.get("held_mib") is None or projected.get("peak_allocated_mib") is None
-        else projected["held_mib"] + projected["peak_allocated_mib"],
+        "projected_total_mib": _in_all(projected),
         "rel_error": check.get("rel_error"),
         "max_abs_error": check.get("max_abs_error"),
         "tolerance": check.get("tolerance"),
