@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from ringbench import records
 from ringbench.plan import Cell, label_of
@@ -27,14 +27,16 @@ class ProgressBar:
     def __init__(self, console: Console):
         self.console = console
         self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
+            # The cell wraps rather than squeezing the counts off a narrow terminal.
+            TextColumn("{task.description}", table_column=Column(ratio=1, overflow="fold")),
+            BarColumn(bar_width=12),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
             TextColumn("{task.fields[last]}"),
             console=console,
+            expand=True,
         )
         self.task = None
 
