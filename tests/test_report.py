@@ -107,6 +107,7 @@ def test_html_is_one_page_with_figures_embedded_and_text_kept_inert(tmp_path):
     # Legible on a narrow window: scaled to the device, wide tables scrolling in a box of their own.
     assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page
     assert page.count('<div class="wide"><table>') == page.count("<table>") > 10 and ".wide { overflow-x: auto;" in page
+    assert "white-space: nowrap;" in page  # cells keep their lines; the box scrolls instead
 
 
 def test_baseline_names_an_implementation_or_a_label(tmp_path):

@@ -19,7 +19,7 @@ _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 80rem; margin: 2rem auto; padding: 0 1rem; line-height: 1.45; }
 .wide { overflow-x: auto; margin: 0.5rem 0 1.5rem; }
 table { border-collapse: collapse; font-size: 0.9rem; }
-th, td { border: 1px solid #ccc; padding: 0.2rem 0.5rem; }
+th, td { border: 1px solid #ccc; padding: 0.2rem 0.5rem; white-space: nowrap; }
 th { background: #f3f3f3; }
 img { max-width: 100%; }
 code { background: #f3f3f3; padding: 0 0.2rem; }
