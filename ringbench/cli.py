@@ -184,18 +184,10 @@ def report(
     folders = [path for path in paths if not records.is_run_dir(path)]
     if output_format == "markdown" and not merge and output is None and (folders or len(runs) > 1):
         with _user_errors():
-            for run_data in runs:
-                if baseline is not None or no_plots or not index.current(run_data.path):
-                    target = run_data.path / index.REPORT
-                    records.write_text_atomic(target, render_report([run_data], plots_dir=None if no_plots else run_data.path,
-                                                                    baseline=baseline))
-                    print(f"wrote {target}", file=sys.stderr)
-            listing = ""
-            for folder in folders:
-                listing = index.render_index([run_data for run_data in runs if run_data.path.parent == folder], folder)
-                records.write_text_atomic(folder / index.INDEX, listing)
-                print(f"wrote {folder / index.INDEX}", file=sys.stderr)
+            written, listing = index.refresh(runs, folders, baseline, plots=not no_plots)
             findings = render_findings(max(runs, key=lambda run_data: run_data.path.name), baseline)
+        for path in written:
+            print(f"wrote {path}", file=sys.stderr)
         if not quiet:
             print(listing or index.render_index(runs, Path.cwd()))
             print(findings)

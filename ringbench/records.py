@@ -104,6 +104,10 @@ def config_file(meta: dict[str, Any]) -> Path:
 class BrokenRun(UserError):
     """A run folder whose run.json or records.jsonl cannot be used, said in one line naming the file."""
 
+    def __init__(self, where: str, reason: str):
+        self.where, self.reason = where, reason
+        super().__init__(f"{where}: {reason}")
+
 
 def read_run(run_dir: Path) -> dict[str, Any]:
     """The run's run.json, checked to be one ringbench wrote."""
@@ -111,10 +115,10 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:  # missing, unreadable, not UTF-8, not JSON
-        raise BrokenRun(f"{path}: cannot read it ({type(exc).__name__}: {show(str(exc))[1:-1]})") from None
+        raise BrokenRun(str(path), f"cannot read it ({type(exc).__name__}: {show(str(exc))[1:-1]})") from None
     missing = [key for key in RUN_KEYS if not isinstance(meta, dict) or key not in meta]
     if missing:
-        raise BrokenRun(f"{path}: not a ringbench run file (missing {', '.join(missing)})")
+        raise BrokenRun(str(path), f"not a ringbench run file (missing {', '.join(missing)})")
     return meta
 
 
@@ -132,7 +136,7 @@ def read_records(run_dir: Path) -> Iterator[dict[str, Any]]:
                 if not isinstance(record, dict) or "cell_id" not in record:
                     raise ValueError("not a record")
             except ValueError as exc:
-                raise BrokenRun(f"{path}:{number}: not a record ({show(str(exc))[1:-1]}); a run cut off while "
+                raise BrokenRun(f"{path}:{number}", f"not a record ({show(str(exc))[1:-1]}); a run cut off while "
                                 "writing is mended by resuming it") from None
             yield record
 

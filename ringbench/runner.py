@@ -261,19 +261,21 @@ def run(sweep: Sweep, plan: Plan, source: str, device: torch.device, observer: O
     plan = Plan(tuple(cell for cell in plan.cells if cell.id not in done), plan.excluded)
     observer.started(run_dir, len(plan.cells))
     previous = signal.signal(signal.SIGINT, _first_interrupt)
-    with records.RecordWriter(run_dir) as writer:
-        try:
-            done = 0
-            for world_size in sorted({cell.world_size for cell in plan.cells}):
-                cells = [cell for cell in plan.cells if cell.world_size == world_size]
-                _launch(world_size, cells, run_dir, writer, result, observer, done, sweep.cell_timeout_s, threads)
-                done += len(cells)
-        except KeyboardInterrupt:
-            result.interrupted = True
-            for mark in run_dir.glob("inflight-*.json"):  # the stopped cells have no record: nothing is in flight
-                mark.unlink(missing_ok=True)
-    _finish(run_dir)
-    signal.signal(signal.SIGINT, previous)
+    try:
+        with records.RecordWriter(run_dir) as writer:
+            try:
+                done = 0
+                for world_size in sorted({cell.world_size for cell in plan.cells}):
+                    cells = [cell for cell in plan.cells if cell.world_size == world_size]
+                    _launch(world_size, cells, run_dir, writer, result, observer, done, sweep.cell_timeout_s, threads)
+                    done += len(cells)
+            except KeyboardInterrupt:
+                result.interrupted = True
+                for mark in run_dir.glob("inflight-*.json"):  # the stopped cells have no record: nothing is in flight
+                    mark.unlink(missing_ok=True)
+        _finish(run_dir)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     # The file is the truth: an interrupt can fall between writing a record and noting it.
     result.records = list(records.read_records(run_dir))
     return result

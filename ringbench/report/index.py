@@ -11,7 +11,7 @@ import pandas as pd
 from ringbench import records
 from ringbench.report.load import Run
 from ringbench.report.markdown import escape, table
-from ringbench.report.render import devices, stamp_commit, stamp_date
+from ringbench.report.render import devices, render_report, stamp_commit, stamp_date
 from ringbench.report.summary import headline
 
 REPORT = "report.md"
@@ -48,3 +48,20 @@ def render_index(runs: list[Run], root: Path) -> str:
         "headline": headline(run.frame),
     } for run in reversed(runs)])
     return f"# ringbench runs in `{escape(root)}`\n\n{table(rows)}\n"
+
+
+def refresh(runs: list[Run], folders: list[Path], baseline: str | None, plots: bool) -> tuple[list[Path], str]:
+    """Each run's report in its own folder, where missing or out of date (or always, when a baseline
+    is named or figures are left out), and an index in each folder of runs. Returns the files
+    written, and the last index's text."""
+    written, listing = [], ""
+    for run in runs:
+        if baseline is not None or not plots or not current(run.path):
+            target = run.path / REPORT
+            records.write_text_atomic(target, render_report([run], plots_dir=run.path if plots else None, baseline=baseline))
+            written.append(target)
+    for folder in folders:
+        listing = render_index([run for run in runs if run.path.parent == folder], folder)
+        records.write_text_atomic(folder / INDEX, listing)
+        written.append(folder / INDEX)
+    return written, listing

@@ -123,7 +123,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
     try:
         return records.read_run(path)
     except records.BrokenRun as exc:
-        raise UnreadableRun(str(exc).replace(": ", ": run skipped, ", 1)) from None
+        raise UnreadableRun(f"{exc.where}: run skipped, {exc.reason}") from None
 
 def load_run(path: Path) -> Run:
     """One run folder's records as a frame; bad record lines become warnings. Raises
