@@ -2,7 +2,7 @@
 
 import torch
 
-from ringbench.registry import Problem, register
+from ringbench import Problem, register
 
 
 @register("cuda-fault", reference="none",

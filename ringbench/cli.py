@@ -37,10 +37,12 @@ def _load(config_path: Path):
     not there, or a plan without a cell, is the config's error."""
     from collections import Counter
 
-    from ringbench import config, plan, registry, runner
+    from ringbench.attention import registry
+    from ringbench.sweep import config, plan
+    from ringbench.run import supervisor
 
     sweep = config.load(config_path)
-    device = runner.resolve_device(sweep.device, str(config_path))
+    device = supervisor.resolve_device(sweep.device, str(config_path))
     the_plan = plan.build(sweep, registry.get)
     if not the_plan.cells:
         reasons = Counter(exclusion.reason for exclusion in the_plan.excluded).most_common()
@@ -53,7 +55,7 @@ def _load(config_path: Path):
 def _version(value: bool) -> None:
     if value:
         from ringbench import __version__
-        from ringbench.env import ringbench_source
+        from ringbench.run.env import ringbench_source
 
         source = ringbench_source()
         commit = f" (commit {source['commit'][:12]}{', dirty' if source['dirty'] else ''})" if source["commit"] else ""
@@ -96,7 +98,9 @@ def run(
                                           help="torch intra-op threads (overrides the config; default: physical cores)"),
 ) -> None:
     """Run a sweep: every cell timed, memory-measured and recorded under the output root."""
-    from ringbench import distributed, records, runner
+    from ringbench import records
+    from ringbench.run import distributed
+    from ringbench.run import supervisor
     from ringbench.progress import ProgressBar, summary_table
 
     with _user_errors():
@@ -113,19 +117,19 @@ def run(
         _print_plan(config, the_plan)
         return
     if distributed.launched():  # one rank of a group the user started with torchrun
-        run_dir = runner.serve(sweep, the_plan, None, str(config), output_root or Path(sweep.output_root), threads)
+        run_dir = supervisor.serve(sweep, the_plan, None, str(config), output_root or Path(sweep.output_root), threads)
         print(f"records in {run_dir}", file=sys.stderr)
         return
     console = Console(stderr=True)
     with _user_errors(), ProgressBar(console) as bar:
-        result = runner.run(sweep, the_plan, str(config), device, bar, output_root or Path(sweep.output_root),
+        result = supervisor.run(sweep, the_plan, str(config), device, bar, output_root or Path(sweep.output_root),
                             resume, retry_failed, threads)
     console.print(summary_table(result.records))
     if result.interrupted:
         # Plainly, not through Rich: the command must stay on one line, to be copied.
         print(f"interrupted: {len(result.records)} finished cells kept in {result.run_dir}; "
               f"continue with: ringbench run --resume {result.run_dir}", file=sys.stderr)
-        raise typer.Exit(runner.EXIT_INTERRUPTED)
+        raise typer.Exit(supervisor.EXIT_INTERRUPTED)
     console.print(f"{len(result.records)} cells recorded; next: ringbench report {result.run_dir}")
     print(result.run_dir)  # on stdout, for scripts: the run folder
 
@@ -134,7 +138,8 @@ def run(
 def ranks(run_dir: Path = typer.Argument(..., help="run folder whose run.json names the config"),
           threads: Optional[int] = typer.Option(None, "--threads", help="intra-op threads of the host, shared by its ranks")) -> None:
     """A worker that `run` started (one process, or one rank of a group): runs the cells of its world size."""
-    from ringbench import records, runner
+    from ringbench import records
+    from ringbench.run import supervisor
 
     with _user_errors():
         meta = records.read_run(run_dir)
@@ -143,7 +148,7 @@ def ranks(run_dir: Path = typer.Argument(..., help="run folder whose run.json na
         if sweep.hash != meta["config_hash"]:  # edited while the run goes on: its cells are no longer this run's
             raise UserError(f"{source}: changed since the run in {run_dir} started (config hash {sweep.hash}, "
                             f"run {meta['config_hash']}); restore it, or start a new run")
-    runner.serve(sweep, the_plan, run_dir, source, Path(sweep.output_root), threads)
+    supervisor.serve(sweep, the_plan, run_dir, source, Path(sweep.output_root), threads)
 
 
 @app.command()

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column, Table
 
 from ringbench import records
-from ringbench.plan import Cell, label_of
+from ringbench.sweep.plan import Cell, label_of
 from ringbench.report.tables import placement
 
 _STYLE = {records.OK: "green", records.OOM: "yellow", records.ERROR: "red"}

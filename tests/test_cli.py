@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from ringbench import registry
+from ringbench.attention import registry
 from ringbench.cli import app
 
 from conftest import BASE_CONFIG

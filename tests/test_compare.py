@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from ringbench.cli import app
 from ringbench.report.compare import compare_runs, render_markdown
-from ringbench.stats import mann_whitney_p
+from ringbench.run.stats import mann_whitney_p
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run"
 

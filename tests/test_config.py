@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from ringbench import config
+from ringbench.sweep import config
 from ringbench.errors import ConfigError
 
 from conftest import BASE_CONFIG

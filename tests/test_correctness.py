@@ -3,9 +3,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ringbench import correctness, records, registry, worker
-from ringbench.config import TimingBudget
-from ringbench.plan import Cell
+from ringbench.attention import registry
+from ringbench import records
+from ringbench.run import correctness
+from ringbench.run import pipeline
+from ringbench.sweep.config import TimingBudget
+from ringbench.sweep.plan import Cell
 
 BUDGET = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3)
 CPU = torch.device("cpu")
@@ -13,7 +16,7 @@ CPU = torch.device("cpu")
 
 def run(name, seq_len=32, ring_size=None, options=()):
     registry.load_plugins(("fake_impls",), Path(__file__).parent / "plugins")
-    return worker.run_cell(Cell(name, options, seq_len, ring_size, 1, 2, 8, "float32", False, "forward"), CPU, BUDGET, 0)
+    return pipeline.run_cell(Cell(name, options, seq_len, ring_size, 1, 2, 8, "float32", False, "forward"), CPU, BUDGET, 0)
 
 
 def test_a_wrong_implementation_is_timed_and_marked_wrong():
@@ -95,12 +98,12 @@ def test_a_float64_sweep_passes_float32_accumulating_implementations_and_still_c
     def cell(name, options=(), ring_size=None, pass_name="forward"):
         return Cell(name, options, 32, ring_size, 1, 2, 8, "float64", False, pass_name)
 
-    ring = worker.run_cell(cell("ring", (("kernel", "auto"), ("zigzag", False)), 4, "forward+backward"), CPU, BUDGET, 0)
+    ring = pipeline.run_cell(cell("ring", (("kernel", "auto"), ("zigzag", False)), 4, "forward+backward"), CPU, BUDGET, 0)
     assert ring["status"] == records.OK and ring["check"]["tolerance"] == correctness.TOLERANCE["float32"]
     assert 1e-10 < ring["check"]["rel_error"] < 1e-6  # beyond float64's tolerance, well within float32's
-    dilated = worker.run_cell(cell("dilated", (("dilation_rates", (1, 2)), ("kernel", "auto"),
+    dilated = pipeline.run_cell(cell("dilated", (("dilation_rates", (1, 2)), ("kernel", "auto"),
                                                ("segment_lengths", (8, 16)))), CPU, BUDGET, 0)
     assert dilated["status"] == records.OK
     registry.load_plugins(("fake_impls",), Path(__file__).parent / "plugins")
-    wrong = worker.run_cell(cell("test-wrong"), CPU, BUDGET, 0)
+    wrong = pipeline.run_cell(cell("test-wrong"), CPU, BUDGET, 0)
     assert wrong["status"] == records.WRONG and wrong["check"]["tolerance"] == correctness.TOLERANCE["float64"]

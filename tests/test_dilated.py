@@ -3,10 +3,12 @@ import itertools
 import pytest
 import torch
 
-from ringbench import config, correctness, models, plan, registry
+from ringbench.attention import models, registry
+from ringbench.run import correctness
+from ringbench.sweep import config, plan
 from ringbench.errors import ConfigError
-from ringbench.impls.dilated import patterns
-from ringbench.plan import Cell
+from ringbench.attention.impls.dilated import patterns
+from ringbench.sweep.plan import Cell
 
 PATTERNS = [((16, 32), (1, 2)), ((8, 16, 48), (1, 2, 4)), ((24,), (3,)), ((96, 32), (4, 2))]
 
@@ -132,7 +134,7 @@ def test_indivisible_lengths_are_left_out_with_reasons(write_config):
 @pytest.mark.parametrize("parts", [1, 2, 3, 5])
 @pytest.mark.parametrize("causal", [False, True])
 def test_each_ring_step_is_at_most_two_batched_runs_covering_every_block_once(parts, causal):
-    from ringbench.impls.dilated import step_runs
+    from ringbench.attention.impls.dilated import step_runs
 
     seen = []
     for step in range(parts):

@@ -126,7 +126,7 @@ PLUGINS = [  # (id, plugin source, what the one line must contain)
     ("plugin interrupts", "raise KeyboardInterrupt\n", "failed on import: KeyboardInterrupt"),
     ("plugin raises", "raise RuntimeError('x' * 100000)\n", "failed on import: RuntimeError: xxxxxxx"),
     ("plugin syntax error", "def (:\n", "failed on import: SyntaxError"),
-    ("plugin registers a clash", "from ringbench.registry import register\n@register('sdpa')\ndef setup(p):\n    return None\n",
+    ("plugin registers a clash", "from ringbench import register\n@register('sdpa')\ndef setup(p):\n    return None\n",
      "failed on import: ValueError: implementation 'sdpa' is already registered"),
 ]
 

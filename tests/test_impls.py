@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ringbench import registry
+from ringbench.attention import registry
 
 
 def reference(q, k, v, causal):

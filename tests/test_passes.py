@@ -4,9 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ringbench import config, correctness, plan, records, registry, worker
-from ringbench.config import TimingBudget
-from ringbench.plan import Cell
+from ringbench.attention import registry
+from ringbench import records
+from ringbench.run import correctness
+from ringbench.sweep import config, plan
+from ringbench.run import pipeline
+from ringbench.sweep.config import TimingBudget
+from ringbench.sweep.plan import Cell
 
 BUDGET = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=3, max_reps=6, noise_target=100)
 CPU = torch.device("cpu")
@@ -15,7 +19,7 @@ CPU = torch.device("cpu")
 def run(name, pass_name, causal=False, seq_len=32):
     registry.load_plugins(("fake_impls",), Path(__file__).parent / "plugins")
     cell = Cell(name, (("backend", "auto"),) if name == "sdpa" else (), seq_len, None, 2, 2, 8, "float32", causal, pass_name)
-    return worker.run_cell(cell, CPU, BUDGET, 0)
+    return pipeline.run_cell(cell, CPU, BUDGET, 0)
 
 
 @pytest.mark.parametrize("name", ["standard", "sdpa"])
@@ -75,7 +79,7 @@ def test_gpu_only_modes_say_why_they_are_off_on_the_cpu():
     budget = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3, noise_target=100, cold_l2=True,
                           cuda_graph="always")
     cell = Cell("sdpa", (("backend", "auto"),), 32, None, 1, 2, 8, "float32", False, "forward")
-    record = worker.run_cell(cell, CPU, budget, 0)
+    record = pipeline.run_cell(cell, CPU, budget, 0)
     assert record["status"] == records.OK
     assert record["modes"] == {"cold_l2": False, "cuda_graph": False, "calls_per_sample": 1, "launch_ms": None,
                                "device_ms": None,
@@ -83,7 +87,7 @@ def test_gpu_only_modes_say_why_they_are_off_on_the_cpu():
     assert record["plain"] is None
     # Left to decide (auto), the CPU has no graphs to choose and nothing to explain.
     auto = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3, noise_target=100)
-    assert worker.run_cell(cell, CPU, auto, 0)["modes"]["notes"] == []
+    assert pipeline.run_cell(cell, CPU, auto, 0)["modes"]["notes"] == []
 
 
 def test_ring_backward_leaves_out_the_efficient_kernel(write_config):
@@ -97,12 +101,12 @@ def test_ring_backward_leaves_out_the_efficient_kernel(write_config):
 
 def _modes_with(monkeypatch, host_ms, device_ms, budget=None, across_processes=False):
     """The timing modes _modes picks on a (pretended) GPU whose probe reads these times."""
-    from ringbench.timing import Launch
+    from ringbench.run.timing import Launch
 
-    monkeypatch.setattr(worker, "launch_and_work", lambda fn, device: Launch(host_ms, device_ms))
-    monkeypatch.setattr(worker, "graph_replay", lambda fn, device: ((lambda: "replayed"), None))
+    monkeypatch.setattr(pipeline, "launch_and_work", lambda fn, device: Launch(host_ms, device_ms))
+    monkeypatch.setattr(pipeline, "graph_replay", lambda fn, device: ((lambda: "replayed"), None))
     budget = budget or TimingBudget()
-    timed, _, modes = worker._modes(lambda: "plain", torch.device("cuda"), budget, across_processes)
+    timed, _, modes = pipeline._modes(lambda: "plain", torch.device("cuda"), budget, across_processes)
     return timed(), modes
 
 
@@ -119,10 +123,10 @@ def test_auto_timing_replays_a_graph_where_the_launch_outweighs_half_the_gpu_wor
 
 
 def test_a_refused_capture_is_timed_plainly_and_says_why(monkeypatch):
-    from ringbench.timing import Launch
+    from ringbench.run.timing import Launch
 
-    monkeypatch.setattr(worker, "launch_and_work", lambda fn, device: Launch(5.0, 1.0))
-    monkeypatch.setattr(worker, "graph_replay", lambda fn, device: (fn, "capture failed, plain calls timed instead: X"))
-    timed, _, modes = worker._modes(lambda: "plain", torch.device("cuda"), TimingBudget(), False)
+    monkeypatch.setattr(pipeline, "launch_and_work", lambda fn, device: Launch(5.0, 1.0))
+    monkeypatch.setattr(pipeline, "graph_replay", lambda fn, device: (fn, "capture failed, plain calls timed instead: X"))
+    timed, _, modes = pipeline._modes(lambda: "plain", torch.device("cuda"), TimingBudget(), False)
     assert timed() == "plain" and not modes["cuda_graph"]
     assert modes["notes"] == ["capture failed, plain calls timed instead: X"]

@@ -1,4 +1,5 @@
-from ringbench import config, plan, registry
+from ringbench.attention import registry
+from ringbench.sweep import config, plan
 
 from conftest import BASE_CONFIG
 

@@ -3,7 +3,8 @@ import textwrap
 
 import pytest
 
-from ringbench import config, registry
+from ringbench.attention import registry
+from ringbench.sweep import config
 from ringbench.errors import ConfigError, Invalid
 
 
@@ -23,7 +24,7 @@ def test_register_and_resolve_options():
 
 def test_plugin_module_beside_the_config_registers_implementations(write_config):
     (write_config().parent / "beside_config_attention.py").write_text(textwrap.dedent("""
-        from ringbench.registry import register
+        from ringbench import register
 
         @register("test-mine", uses_ring=True)
         def setup(problem):
@@ -47,7 +48,7 @@ def test_plugin_that_raises_on_import_is_a_config_error(write_config):
 def test_entry_points_load_only_when_named(tmp_path, monkeypatch):
     # An installed distribution, as pip would lay it out, declaring the entry point.
     (tmp_path / "ep_attention.py").write_text(textwrap.dedent("""
-        from ringbench.registry import register
+        from ringbench import register
 
         @register("test-entry-point")
         def setup(problem):

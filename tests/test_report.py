@@ -181,7 +181,7 @@ def test_environment_warnings_say_what_to_do():
 
 
 def test_overlap_breaking_settings_are_noticed(monkeypatch):
-    from ringbench import env
+    from ringbench.run import env
 
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     monkeypatch.setenv("TORCH_NCCL_ENABLE_TIMING", "0")

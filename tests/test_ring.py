@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from ringbench import blocks, correctness, registry
-from ringbench.impls.ring import chunk_blocks, positions, ring_block
-from ringbench.plan import Cell
+from ringbench.run import correctness
+from ringbench.attention import blocks, registry
+from ringbench.attention.impls.ring import chunk_blocks, positions, ring_block
+from ringbench.sweep.plan import Cell
 
 
 def _relative(value, reference):
@@ -109,7 +110,7 @@ def test_kernel_choice_on_cpu():
 
 
 def test_zigzag_needs_two_chunks_per_rank(write_config):
-    from ringbench import config, plan
+    from ringbench.sweep import config, plan
 
     path = write_config("implementations: [{name: ring, options: {zigzag: true}}]\nseq_lens: [48, 36]\n"
                         "ring_sizes: [4]\nheads: [1]\nhead_dims: [8]\ndtypes: [float32]\n")

@@ -5,7 +5,11 @@ import sys
 import pytest
 import torch
 
-from ringbench import config, env, plan, records, registry, runner
+from ringbench.attention import registry
+from ringbench import records
+from ringbench.run import env
+from ringbench.sweep import config, plan
+from ringbench.run import supervisor
 from ringbench.errors import ConfigError
 
 from conftest import BASE_CONFIG
@@ -29,7 +33,7 @@ def run_config(path, output_root):
     sweep = config.load(path)
     the_plan = plan.build(sweep, registry.get)
     observer = Recorder()
-    result = runner.run(sweep, the_plan, str(path), torch.device("cpu"), observer, output_root)
+    result = supervisor.run(sweep, the_plan, str(path), torch.device("cpu"), observer, output_root)
     return the_plan, result, observer
 
 
@@ -90,39 +94,39 @@ def test_run_folders_are_never_reused(tmp_path):
 def test_devices_resolve_to_an_indexed_cuda_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert runner.resolve_device("auto", "x.yaml") == torch.device("cuda", 0)
-    assert runner.resolve_device("cuda", "x.yaml") == torch.device("cuda", 0)
-    assert runner.resolve_device("cuda:1", "x.yaml") == torch.device("cuda", 1)
-    assert runner.resolve_device("cpu", "x.yaml") == torch.device("cpu")
+    assert supervisor.resolve_device("auto", "x.yaml") == torch.device("cuda", 0)
+    assert supervisor.resolve_device("cuda", "x.yaml") == torch.device("cuda", 0)
+    assert supervisor.resolve_device("cuda:1", "x.yaml") == torch.device("cuda", 1)
+    assert supervisor.resolve_device("cpu", "x.yaml") == torch.device("cpu")
     with pytest.raises(ConfigError, match=r"^x.yaml: device: 'cuda:2' requested but only 2 CUDA device\(s\) exist$"):
-        runner.resolve_device("cuda:2", "x.yaml")
+        supervisor.resolve_device("cuda:2", "x.yaml")
 
 
 def test_inputs_larger_than_the_device_are_skipped_before_allocating(monkeypatch):
-    from ringbench import worker
-    from ringbench.plan import Cell
+    from ringbench.run import pipeline
+    from ringbench.sweep.plan import Cell
 
     class Properties:
         total_memory = 2**30
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
     cell = Cell("sdpa", (("backend", "auto"),), 2**20, None, 1, 16, 128, "bfloat16", False, "forward")
-    skip = worker._inputs_too_large(cell, torch.device("cuda", 0))
+    skip = pipeline._inputs_too_large(cell, torch.device("cuda", 0))
     assert skip == {"status": "skipped", "error": {
         "type": "Skipped", "message": "q, k and v alone need 12,288 MiB; the device has 1,024 MiB"}}
-    assert worker._inputs_too_large(dataclasses.replace(cell, seq_len=2**10), torch.device("cuda", 0)) is None
+    assert pipeline._inputs_too_large(dataclasses.replace(cell, seq_len=2**10), torch.device("cuda", 0)) is None
 
 
 def test_the_oversized_skip_can_be_turned_off(write_config, monkeypatch):
-    from ringbench import worker
-    from ringbench.plan import Cell
+    from ringbench.run import pipeline
+    from ringbench.sweep.plan import Cell
 
     skip = {"status": "skipped", "error": {"type": "Skipped", "message": "too large"}}
-    monkeypatch.setattr(worker, "_inputs_too_large", lambda cell, device: skip)
+    monkeypatch.setattr(pipeline, "_inputs_too_large", lambda cell, device: skip)
     cell = Cell("sdpa", (("backend", "auto"),), 32, None, 1, 2, 8, "float32", False, "forward")
     budget = config.TimingBudget(warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3)
-    assert worker.run_cell(cell, torch.device("cpu"), budget, 0)["status"] == "skipped"
-    assert worker.run_cell(cell, torch.device("cpu"), budget, 0, skip_oversized=False)["status"] == "ok"
+    assert pipeline.run_cell(cell, torch.device("cpu"), budget, 0)["status"] == "skipped"
+    assert pipeline.run_cell(cell, torch.device("cpu"), budget, 0, skip_oversized=False)["status"] == "ok"
     assert config.load(write_config(BASE_CONFIG + "skip_oversized_inputs: false\n")).skip_oversized_inputs is False
 
 
@@ -174,26 +178,26 @@ def test_a_worker_that_stops_between_cells_blames_none_and_one_that_cannot_start
     # A stand-in worker that records the first pending cell, then exits: as a worker does after
     # a CUDA fault it has recorded. The runner must start another for each remaining cell.
     one_cell = (
-        "import sys, json; from pathlib import Path; from ringbench import records, worker; from ringbench.plan import Cell\n"
+        "import sys, json; from pathlib import Path; from ringbench import records; from ringbench.run import pipeline; from ringbench.sweep.plan import Cell\n"
         "run_dir = Path(sys.argv[1]); meta = records.read_run(run_dir); done = records.done_ids(run_dir, False)\n"
         "cell = next(Cell(p['implementation'], tuple(sorted(p['options'].items())), p['seq_len'], p['ring_size'],\n"
         "  p['batch_size'], p['heads'], p['head_dim'], p['dtype'], p['causal'], p['pass'], p['world_size'])\n"
         "  for p in meta['planned'] if p['cell_id'] not in done)\n"
-        "with records.RecordWriter(run_dir) as w: w.append(worker.make_record(cell, {'status': 'skipped'}))\n"
+        "with records.RecordWriter(run_dir) as w: w.append(pipeline.make_record(cell, {'status': 'skipped'}))\n"
     )
-    monkeypatch.setattr(runner, "_worker_command", lambda world_size, run_dir, threads: [sys.executable, "-c", one_cell, str(run_dir)])
+    monkeypatch.setattr(supervisor, "_worker_command", lambda world_size, run_dir, threads: [sys.executable, "-c", one_cell, str(run_dir)])
     the_plan, result, _ = run_config(path, tmp_path / "out")
     assert [r["status"] for r in result.records] == ["skipped"] * len(the_plan.cells)
     assert [r["cell_id"] for r in result.records] == [c.id for c in the_plan.cells]
     # A worker that dies before any cell (here: at once) is blamed on the first pending cell, then the next...
-    monkeypatch.setattr(runner, "_worker_command", lambda world_size, run_dir, threads: [sys.executable, "-c", "raise SystemExit(3)"])
+    monkeypatch.setattr(supervisor, "_worker_command", lambda world_size, run_dir, threads: [sys.executable, "-c", "raise SystemExit(3)"])
     the_plan, result, _ = run_config(path, tmp_path / "out2")
     assert [r["status"] for r in result.records] == ["crashed"] * len(the_plan.cells)
     assert result.records[0]["error"]["message"].startswith("the worker exited with code 3 before starting this cell")
 
 
 def test_workers_get_fixed_malloc_thresholds_unless_the_user_set_their_own(monkeypatch):
-    from ringbench import env
+    from ringbench.run import env
 
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4096")

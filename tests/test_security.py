@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from ringbench import config
+from ringbench.sweep import config
 
 PACKAGE = Path(__file__).parents[1] / "ringbench"
 

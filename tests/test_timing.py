@@ -4,9 +4,9 @@ import time
 
 import torch
 
-from ringbench.config import TimingBudget
-from ringbench.stats import relative_iqr, summarize
-from ringbench.timing import _more_needed, measure, per_sample
+from ringbench.sweep.config import TimingBudget
+from ringbench.run.stats import relative_iqr, summarize
+from ringbench.run.timing import _more_needed, measure, per_sample
 
 CPU = torch.device("cpu")
 
@@ -87,7 +87,7 @@ def test_samples_spanning_a_clock_swing_are_quiet(monkeypatch):
     # at min_reps, where one-call samples stay noisy up to max_reps.
     def swinging_clock():
         clock = itertools.cycle([1.0, 3.0])
-        monkeypatch.setattr("ringbench.timing._time_calls_cpu", lambda fn, count: [next(clock) for _ in range(count)])
+        monkeypatch.setattr("ringbench.run.timing._time_calls_cpu", lambda fn, count: [next(clock) for _ in range(count)])
 
     budget = TimingBudget(warmup_ms=2, rep_ms=1, min_reps=6, max_reps=40, noise_target=0.02, max_ms=1000)
     swinging_clock()
@@ -109,7 +109,7 @@ def test_max_ms_counts_every_call_of_a_grouped_sample():
 def test_stopping_rule_on_quiet_noisy_and_drifting_streams(monkeypatch):
     def clock(times):
         stream = iter(times)
-        monkeypatch.setattr("ringbench.timing._time_calls_cpu", lambda fn, count: [next(stream) for _ in range(count)])
+        monkeypatch.setattr("ringbench.run.timing._time_calls_cpu", lambda fn, count: [next(stream) for _ in range(count)])
 
     budget = TimingBudget(warmup_ms=1, rep_ms=10, min_reps=8, max_reps=40, noise_target=0.02, max_ms=1000)
     clock(itertools.repeat(2.0))

@@ -16,10 +16,10 @@ from typing import Any
 import pandas as pd
 
 from ringbench import records
-from ringbench.plan import label_of
+from ringbench.sweep.plan import label_of
 from ringbench.report.markdown import escape, ms, table
 from ringbench.report.tables import placement
-from ringbench.stats import mann_whitney_p
+from ringbench.run.stats import mann_whitney_p
 
 FASTER, SLOWER, UNCHANGED = "faster", "slower", "unchanged"
 NEWLY_FAILING, FIXED, STILL_FAILING = "newly failing", "fixed", "still failing"

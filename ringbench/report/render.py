@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from ringbench.plan import label_of
+from ringbench.sweep.plan import label_of
 from ringbench.report import plots
 from ringbench.report.baseline import resolve, with_ratios
 from ringbench.report.load import Run

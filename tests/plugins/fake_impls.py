@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from ringbench.registry import Bench, Option, Problem, register
+from ringbench import Bench, Option, Problem, register
 
 
 @register("test-oom", description="raises CUDA out-of-memory from the closure")

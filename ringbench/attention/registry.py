@@ -28,7 +28,7 @@ from ringbench.errors import Invalid, show
 if TYPE_CHECKING:
     import torch
 
-    from ringbench.comm import WaitClock
+    from ringbench.attention.comm import WaitClock
 
 ENTRY_POINT_GROUP = "ringbench.implementations"
 
@@ -84,7 +84,7 @@ class Problem:
     facts: dict[str, Any] = field(default_factory=dict)
     rank: int = 0
     world_size: int = 1
-    comm: "WaitClock | None" = None  # across processes: hand it sends and waits (see ringbench.comm)
+    comm: "WaitClock | None" = None  # across processes: hand it sends and waits (see ringbench.attention.comm)
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class Bench:
 
 
 Setup = Callable[[Problem], "Callable[[], torch.Tensor] | Bench"]
-# Hooks over a cell's parameters (a ringbench.plan.Cell): they must not need a device.
+# Hooks over a cell's parameters (a ringbench.sweep.plan.Cell): they must not need a device.
 CellHook = Callable[[Any], Any]
 
 
@@ -231,7 +231,7 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    importlib.import_module("ringbench.impls")
+    importlib.import_module("ringbench.attention.impls")
 
 
 def _installed() -> dict[str, Any]:

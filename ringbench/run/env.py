@@ -168,7 +168,7 @@ def snapshot_time() -> str:
 
 def ringbench_source() -> dict[str, Any]:
     """ringbench's own version and, when it runs from a checkout, that checkout's commit and dirty flag."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # ringbench/, beside pyproject.toml in a checkout
     checkout = git_state(package) if (package.parent / "pyproject.toml").is_file() else {"commit": None, "dirty": None}
     return {"version": __version__, **checkout}
 

@@ -24,8 +24,8 @@ from typing import Callable
 
 import torch
 
-from ringbench.config import TimingBudget
-from ringbench.stats import relative_iqr
+from ringbench.sweep.config import TimingBudget
+from ringbench.run.stats import relative_iqr
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from ringbench.impls.dilated import patterns
-from ringbench.registry import Problem
+from ringbench.attention.impls.dilated import patterns
+from ringbench.attention.registry import Problem
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 FULL_CHECK_MAX_SEQ = 4096

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import yaml
 
-from ringbench import registry
+from ringbench.attention import registry
 from ringbench.errors import ConfigError, Invalid, show
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")

@@ -23,10 +23,10 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ringbench.config import PASSES
-from ringbench.impls.sdpa import kernel_choice, resolved_backend
-from ringbench.plan import Cell
-from ringbench.registry import Bench, Option, Problem, register
+from ringbench.sweep.config import PASSES
+from ringbench.attention.impls.sdpa import kernel_choice, resolved_backend
+from ringbench.sweep.plan import Cell
+from ringbench.attention.registry import Bench, Option, Problem, register
 
 ROTATIONS = ("allgather", "alltoall")
 

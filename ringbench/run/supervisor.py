@@ -30,12 +30,13 @@ from typing import Any, Protocol
 
 import torch
 
-from ringbench import distributed, env, records
-from ringbench.config import Sweep
+from ringbench import records
+from ringbench.run import distributed, env
+from ringbench.sweep.config import Sweep
 from ringbench.errors import ConfigError
-from ringbench.plan import Cell, Plan
-from ringbench.modes import matmul_peak_tflops, prime_libraries
-from ringbench.worker import DTYPES, make_record, run_cell, run_cell_on_ranks
+from ringbench.sweep.plan import Cell, Plan
+from ringbench.run.modes import matmul_peak_tflops, prime_libraries
+from ringbench.run.pipeline import DTYPES, make_record, run_cell, run_cell_on_ranks
 
 LOG_TAIL_CHARS = 2000
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from ringbench import fused_merge
+from ringbench.attention import fused_merge
 
 KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
 # Fastest first, as measured on an H100 for bf16 (cuDNN > flash > efficient).

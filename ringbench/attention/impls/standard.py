@@ -6,10 +6,10 @@ from typing import Any, Mapping
 
 import torch
 
-from ringbench.config import PASSES
-from ringbench.models import DTYPE_BYTES
-from ringbench.plan import Cell
-from ringbench.registry import Problem, register
+from ringbench.sweep.config import PASSES
+from ringbench.attention.models import DTYPE_BYTES
+from ringbench.sweep.plan import Cell
+from ringbench.attention.registry import Problem, register
 
 
 def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:

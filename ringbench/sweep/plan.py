@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:
-    from ringbench.config import Sweep
-    from ringbench.registry import Implementation
+    from ringbench.sweep.config import Sweep
+    from ringbench.attention.registry import Implementation
 
 
 def implementation_label(name: str, options: Mapping[str, Any]) -> str:

@@ -28,12 +28,12 @@ from typing import Any, Mapping
 
 import torch
 
-from ringbench import blocks
-from ringbench.comm import TravellingSums
-from ringbench.config import PASSES
-from ringbench.models import DTYPE_BYTES
-from ringbench.plan import Cell
-from ringbench.registry import Bench, Option, Problem, register
+from ringbench.attention import blocks
+from ringbench.attention.comm import TravellingSums
+from ringbench.sweep.config import PASSES
+from ringbench.attention.models import DTYPE_BYTES
+from ringbench.sweep.plan import Cell
+from ringbench.attention.registry import Bench, Option, Problem, register
 
 @dataclass(frozen=True)
 class BlockSpec:

@@ -17,8 +17,8 @@ selects, ring-fashion, the diagonal block causal and later shards skipped when c
 On one device the ranks are simulated; across processes (world size > 1) each
 process holds one contiguous shard and the sparse rows travel by point-to-point ops.
 
-Blocks come from PyTorch's fused kernels on gathered sparse rows (``ringbench.blocks``)
-or, on one device in half precision, from ``ringbench.fused_dilated``: one Triton
+Blocks come from PyTorch's fused kernels on gathered sparse rows (``ringbench.attention.blocks``)
+or, on one device in half precision, from ``ringbench.attention.fused_dilated``: one Triton
 kernel per pattern and ring step that reads the sparse rows in place and merges as
 it goes. The backward pass always runs on the library kernels.
 """
@@ -29,12 +29,12 @@ from typing import Any, Mapping
 
 import torch
 
-from ringbench import blocks, fused_dilated
-from ringbench.comm import TravellingSums
-from ringbench.config import PASSES
-from ringbench.models import DTYPE_BYTES
-from ringbench.plan import Cell
-from ringbench.registry import Bench, Option, Problem, register
+from ringbench.attention import blocks, fused_dilated
+from ringbench.attention.comm import TravellingSums
+from ringbench.sweep.config import PASSES
+from ringbench.attention.models import DTYPE_BYTES
+from ringbench.sweep.plan import Cell
+from ringbench.attention.registry import Bench, Option, Problem, register
 
 OPTIONS = {
     "segment_lengths": Option((2048, 4096), help="segment length w of each pattern", short="w"),

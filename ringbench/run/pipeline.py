@@ -21,16 +21,18 @@ from typing import Any, Callable
 
 import torch
 
-from ringbench import correctness, distributed, records, registry
-from ringbench.comm import WaitClock
-from ringbench.config import TimingBudget
-from ringbench.distributed import Group
-from ringbench.memory import MIB, allocated_mib, measure_peak
-from ringbench.models import PASS_FACTOR, dense_flops, output_bytes
-from ringbench.plan import Cell
-from ringbench.stats import summarize
-from ringbench.modes import graph_replay, l2_flush
-from ringbench.timing import launch_and_work, measure
+from ringbench.attention import registry
+from ringbench import records
+from ringbench.run import correctness, distributed
+from ringbench.attention.comm import WaitClock
+from ringbench.sweep.config import TimingBudget
+from ringbench.run.distributed import Group
+from ringbench.run.memory import MIB, allocated_mib, measure_peak
+from ringbench.attention.models import PASS_FACTOR, dense_flops, output_bytes
+from ringbench.sweep.plan import Cell
+from ringbench.run.stats import summarize
+from ringbench.run.modes import graph_replay, l2_flush
+from ringbench.run.timing import launch_and_work, measure
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 # When ranks fail differently, the record names the most telling failure.

@@ -1,3 +1,0 @@
-"""Bundled attention implementations; importing this package registers them."""
-
-from ringbench.impls import dilated, ring, sdpa, standard, torch_cp  # noqa: F401  (imported for registration)
