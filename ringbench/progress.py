@@ -10,8 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column, Table
 
 from ringbench import records
-from ringbench.sweep.plan import Cell, label_of
-from ringbench.report.tables import placement
+from ringbench.vocabulary import Cell, label_of, placement
 
 _STYLE = {records.OK: "green", records.OOM: "yellow", records.ERROR: "red"}
 
@@ -91,7 +90,7 @@ def summary_table(cell_records: list[dict[str, Any]]) -> Table:
         table.add_row(
             label_of(record),
             str(record["seq_len"]),
-            placement(record["ring_size"], record.get("world_size", 1)),
+            str(placement(record["ring_size"], record.get("world_size", 1))),
             *(_AXES[name](record) for name in varying),
             _status(record),
             f"{stats['median_ms']:.4g}" if stats else "-",

@@ -8,7 +8,7 @@ from ringbench import records
 from ringbench.run import correctness
 from ringbench.run import pipeline
 from ringbench.sweep.config import TimingBudget
-from ringbench.sweep.plan import Cell
+from ringbench.vocabulary import Cell
 
 BUDGET = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3)
 CPU = torch.device("cpu")

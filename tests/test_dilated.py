@@ -8,7 +8,7 @@ from ringbench.run import correctness
 from ringbench.sweep import config, plan
 from ringbench.errors import ConfigError
 from ringbench.attention.impls.dilated import patterns
-from ringbench.sweep.plan import Cell
+from ringbench.vocabulary import Cell
 
 PATTERNS = [((16, 32), (1, 2)), ((8, 16, 48), (1, 2, 4)), ((24,), (3,)), ((96, 32), (4, 2))]
 

@@ -9,7 +9,7 @@ pytest.importorskip("triton")
 from ringbench.attention import registry
 from ringbench.run import correctness  # noqa: E402
 from ringbench.attention.impls.dilated import _OneDevice  # noqa: E402
-from ringbench.sweep.plan import Cell  # noqa: E402
+from ringbench.vocabulary import Cell  # noqa: E402
 
 # (seq_len, ring size, segment lengths, dilation rates): spanning and local patterns, parts of
 # 12 rows (a partly filled tile), no r = 1 pattern (accumulators initialised, some rows unkept).

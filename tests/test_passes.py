@@ -10,7 +10,7 @@ from ringbench.run import correctness
 from ringbench.sweep import config, plan
 from ringbench.run import pipeline
 from ringbench.sweep.config import TimingBudget
-from ringbench.sweep.plan import Cell
+from ringbench.vocabulary import Cell
 
 BUDGET = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=3, max_reps=6, noise_target=100)
 CPU = torch.device("cpu")

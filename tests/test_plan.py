@@ -1,5 +1,6 @@
 from ringbench.attention import registry
 from ringbench.sweep import config, plan
+from ringbench.vocabulary import Cell
 
 from conftest import BASE_CONFIG
 
@@ -14,7 +15,7 @@ def test_ids_are_stable_across_loads_and_pinned(write_config):
     assert [c.id for c in first.cells] == [c.id for c in second.cells]
     assert len({c.id for c in first.cells}) == len(first.cells)
     # A literal pin: the id depends only on the parameters, never on the machine, run or hash seed.
-    cell = plan.Cell("sdpa", (("backend", "auto"),), 4096, None, 1, 8, 64, "float16", False, "forward")
+    cell = Cell("sdpa", (("backend", "auto"),), 4096, None, 1, 8, 64, "float16", False, "forward")
     assert cell.id == "7c9f9d68061e"
 
 

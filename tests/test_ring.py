@@ -7,7 +7,7 @@ import torch
 from ringbench.run import correctness
 from ringbench.attention import blocks, registry
 from ringbench.attention.impls.ring import chunk_blocks, positions, ring_block
-from ringbench.sweep.plan import Cell
+from ringbench.vocabulary import Cell
 
 
 def _relative(value, reference):

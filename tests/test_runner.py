@@ -104,7 +104,7 @@ def test_devices_resolve_to_an_indexed_cuda_device(monkeypatch):
 
 def test_inputs_larger_than_the_device_are_skipped_before_allocating(monkeypatch):
     from ringbench.run import pipeline
-    from ringbench.sweep.plan import Cell
+    from ringbench.vocabulary import Cell
 
     class Properties:
         total_memory = 2**30
@@ -119,7 +119,7 @@ def test_inputs_larger_than_the_device_are_skipped_before_allocating(monkeypatch
 
 def test_the_oversized_skip_can_be_turned_off(write_config, monkeypatch):
     from ringbench.run import pipeline
-    from ringbench.sweep.plan import Cell
+    from ringbench.vocabulary import Cell
 
     skip = {"status": "skipped", "error": {"type": "Skipped", "message": "too large"}}
     monkeypatch.setattr(pipeline, "_inputs_too_large", lambda cell, device: skip)
@@ -178,7 +178,7 @@ def test_a_worker_that_stops_between_cells_blames_none_and_one_that_cannot_start
     # A stand-in worker that records the first pending cell, then exits: as a worker does after
     # a CUDA fault it has recorded. The runner must start another for each remaining cell.
     one_cell = (
-        "import sys, json; from pathlib import Path; from ringbench import records; from ringbench.run import pipeline; from ringbench.sweep.plan import Cell\n"
+        "import sys, json; from pathlib import Path; from ringbench import records; from ringbench.run import pipeline; from ringbench.vocabulary import Cell\n"
         "run_dir = Path(sys.argv[1]); meta = records.read_run(run_dir); done = records.done_ids(run_dir, False)\n"
         "cell = next(Cell(p['implementation'], tuple(sorted(p['options'].items())), p['seq_len'], p['ring_size'],\n"
         "  p['batch_size'], p['heads'], p['head_dim'], p['dtype'], p['causal'], p['pass'], p['world_size'])\n"

@@ -8,9 +8,7 @@ Memory models give bytes beyond the inputs at the peak of one call.
 
 from __future__ import annotations
 
-from ringbench.sweep.plan import Cell
-
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+from ringbench.vocabulary import DTYPE_BYTES, Cell
 
 
 # Backward does 2.5 times the forward's work (two more matrix products per block,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ringbench.errors import Invalid, show
+from ringbench.vocabulary import compact
 
 if TYPE_CHECKING:
     import torch
@@ -108,7 +109,7 @@ class Bench:
 
 
 Setup = Callable[[Problem], "Callable[[], torch.Tensor] | Bench"]
-# Hooks over a cell's parameters (a ringbench.sweep.plan.Cell): they must not need a device.
+# Hooks over a cell's parameters (a ringbench.vocabulary.Cell): they must not need a device.
 CellHook = Callable[[Any], Any]
 
 
@@ -149,20 +150,6 @@ class Implementation:
         if problem:
             raise Invalid(where, problem)
         return options
-
-
-def compact(value: Any) -> str:
-    """Option values as labels show them: 1K for 1024, 1M for 1048576, lists joined by commas."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, int):
-        for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
-            if value >= size and value % size == 0:
-                return f"{value // size}{unit}"
-        return str(value)
-    if isinstance(value, (tuple, list)):
-        return ",".join(compact(item) for item in value)
-    return str(value)
 
 
 _implementations: dict[str, Implementation] = {}

@@ -16,9 +16,8 @@ from typing import Any
 import pandas as pd
 
 from ringbench import records
-from ringbench.sweep.plan import label_of
+from ringbench.vocabulary import label_of, placement
 from ringbench.report.markdown import escape, ms, table
-from ringbench.report.tables import placement
 from ringbench.run.stats import mann_whitney_p
 
 FASTER, SLOWER, UNCHANGED = "faster", "slower", "unchanged"

@@ -11,7 +11,7 @@ import pandas as pd
 
 from ringbench import records
 from ringbench.errors import UserError, show
-from ringbench.sweep.plan import label_of
+from ringbench.vocabulary import label_of
 
 COLUMNS = [
     "cell_id", "implementation", "label", "seq_len", "ring_size", "world_size", "batch_size", "heads", "head_dim",

@@ -11,7 +11,8 @@ from matplotlib.figure import Figure
 
 from ringbench import records
 from ringbench.report.summary import efficiencies
-from ringbench.report.tables import NO_RING, SHAPE, placement, shape_title
+from ringbench.report.tables import SHAPE, shape_title
+from ringbench.vocabulary import placement, series_name
 
 PANEL = (8.0, 4.5)  # inches: at 110 dpi, about the width of a page's text column
 
@@ -33,8 +34,7 @@ def _legend(figure: Figure, panels: list) -> None:
 
 
 def _series_name(row: pd.Series) -> str:
-    where = placement(row["ring_size"], row["world_size"])
-    return row["label"] if where == NO_RING else f"{row['label']} ({where})"
+    return series_name(row["label"], placement(row["ring_size"], row["world_size"]))
 
 
 def _panels(groups: list[tuple[tuple, pd.DataFrame]], title: str) -> tuple[Figure, list]:

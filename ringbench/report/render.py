@@ -9,13 +9,13 @@ from typing import Any
 
 import pandas as pd
 
-from ringbench.sweep.plan import label_of
+from ringbench.vocabulary import label_of, placement
 from ringbench.report import plots
 from ringbench.report.baseline import resolve, with_ratios
 from ringbench.report.load import Run
 from ringbench.report.markdown import escape, table
 from ringbench.report.summary import efficiency_findings, ring_efficiency, summary, throttle_reasons, warnings
-from ringbench.report.tables import METRICS, SHAPE, failures, metric_table, placement, shape_title, tolerances
+from ringbench.report.tables import METRICS, SHAPE, failures, metric_table, shape_title, tolerances
 
 
 def _heading(level: int, text: str) -> str:
@@ -207,7 +207,7 @@ def _excluded(excluded: list[dict[str, Any]]) -> str:
     the rows differ (so that no two rows read alike), and why."""
     rows = pd.DataFrame([{
         "implementation": escape(label_of(e)),
-        "run as": placement(e["ring_size"], e.get("world_size", 1)),
+        "run as": str(placement(e["ring_size"], e.get("world_size", 1))),
         **{name: _values([e[axis]]) for axis, name in _EXCLUDED_AXES.items()},
         "reason": escape(e["reason"]),
     } for e in excluded])

@@ -6,7 +6,8 @@ import pandas as pd
 
 from ringbench import records
 from ringbench.report.markdown import escape, mib, ms
-from ringbench.report.tables import NO_RING, SHAPE, placement, shape_title
+from ringbench.report.tables import SHAPE, shape_title
+from ringbench.vocabulary import placement, series_name
 
 
 def _noisy(row: pd.Series) -> bool:
@@ -30,8 +31,7 @@ def _baseline_row(frame: pd.DataFrame, row: pd.Series, baseline: str) -> pd.Seri
 
 
 def _implementation(row: pd.Series) -> str:
-    where = placement(row.ring_size, row.world_size)
-    return escape(row.label) if where == NO_RING else f"{escape(row.label)} ({where})"
+    return series_name(escape(row.label), placement(row.ring_size, row.world_size))
 
 
 def best_memory_reduction(frame: pd.DataFrame, baseline: str) -> str:

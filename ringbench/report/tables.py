@@ -10,8 +10,8 @@ import pandas as pd
 
 from ringbench import records
 from ringbench.report.markdown import escape, mib, ms, table
+from ringbench.vocabulary import placement
 
-NO_RING = "no ring"
 FAILED = {records.OOM: "OOM", records.ERROR: "error", records.SKIPPED: "skipped"}
 SHAPE = ["pass", "dtype", "causal", "batch_size", "heads", "head_dim"]
 
@@ -120,20 +120,6 @@ def shape_title(key: tuple) -> str:
     return f"{pass_name} · {dtype} · {'causal' if causal else 'non-causal'} · B={batch} H={heads} D={head_dim}"
 
 
-def placement(ring_size: float | None, world_size: int) -> str:
-    """Where a cell ran: one device with or without ring shards, or one shard per process."""
-    if world_size > 1:
-        return f"{world_size} processes"
-    return NO_RING if pd.isna(ring_size) else f"ring {int(ring_size)}"
-
-
-def _placement_order(where: str) -> tuple[int, int]:
-    if where == NO_RING:
-        return (0, 0)
-    count = int(where.split()[-1] if where.startswith("ring") else where.split()[0])
-    return (1, count) if where.startswith("ring") else (2, count)
-
-
 def _cell_text(metric: Metric, row) -> str:
     if row.status not in records.MEASURED:
         return FAILED.get(row.status, row.status)
@@ -156,8 +142,9 @@ def metric_table(group: pd.DataFrame, metric: Metric) -> str:
     implementations = list(dict.fromkeys(frame["implementation"]))
     columns = [f"S={seq_len}" for seq_len in sorted(group["seq_len"].unique())]
     pivot = frame.pivot_table(index=["implementation", "run_as"], columns="column", values="text", aggfunc="first")
-    order = sorted(pivot.index, key=lambda key: (implementations.index(key[0]), _placement_order(key[1])))
+    order = sorted(pivot.index, key=lambda key: (implementations.index(key[0]), key[1]))
     pivot = pivot.reindex(index=order, columns=columns).fillna("")
+    pivot.index = pivot.index.set_levels(pivot.index.levels[1].map(str), level=1)
     pivot = pivot.loc[:, (pivot != "").any()]  # a column only rows without this metric would fill
     return table(pivot.reset_index().rename(columns={"run_as": "run as"}), text_columns=2)
 
@@ -178,12 +165,12 @@ def failures(group: pd.DataFrame) -> str | None:
     """A table of the failed cells: where, status, and the (escaped, shortened) message; None if none failed."""
     rows = []
     for row in group[group["status"] != records.OK].itertuples():
-        where = placement(row.ring_size, row.world_size)
         if row.status == records.WRONG:
             message = (f"relative error {_error(row)} exceeds the tolerance {row.tolerance:.0e} "
                        f"({int(row.rows_checked)} rows checked)")
         else:
             message = escape(f"{row.error_type}: {row.error_message}", limit=300)
-        rows.append({"cell": f"{escape(row.label)} S={row.seq_len}{'' if where == NO_RING else f' ({where})'}",
+        where = placement(row.ring_size, row.world_size)
+        rows.append({"cell": f"{escape(row.label)} S={row.seq_len}{'' if where.whole else f' ({where})'}",
                      "status": FAILED.get(row.status, row.status), "message": message})
     return table(pd.DataFrame(rows)) if rows else None

@@ -29,7 +29,7 @@ from ringbench.sweep.config import TimingBudget
 from ringbench.run.distributed import Group
 from ringbench.run.memory import MIB, allocated_mib, measure_peak
 from ringbench.attention.models import PASS_FACTOR, dense_flops, output_bytes
-from ringbench.sweep.plan import Cell
+from ringbench.vocabulary import Cell
 from ringbench.run.stats import summarize
 from ringbench.run.modes import graph_replay, l2_flush
 from ringbench.run.timing import launch_and_work, measure

@@ -34,7 +34,8 @@ from ringbench import records
 from ringbench.run import distributed, env
 from ringbench.sweep.config import Sweep
 from ringbench.errors import ConfigError
-from ringbench.sweep.plan import Cell, Plan
+from ringbench.sweep.plan import Plan
+from ringbench.vocabulary import Cell
 from ringbench.run.modes import matmul_peak_tflops, prime_libraries
 from ringbench.run.pipeline import DTYPES, make_record, run_cell, run_cell_on_ranks
 

@@ -19,10 +19,8 @@ import yaml
 
 from ringbench.attention import registry
 from ringbench.errors import ConfigError, Invalid, show
+from ringbench.vocabulary import DTYPES, PASSES
 
-DTYPES = ("float16", "bfloat16", "float32", "float64")
-# backward is timed without its forward; forward+backward is the training step's attention.
-PASSES = ("forward", "backward", "forward+backward")
 GRAPH_MODES = ("auto", "always", "never")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 

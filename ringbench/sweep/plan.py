@@ -2,97 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import random
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from ringbench.vocabulary import Cell
 
 if TYPE_CHECKING:
     from ringbench.sweep.config import Sweep
     from ringbench.attention.registry import Implementation
-
-
-def implementation_label(name: str, options: Mapping[str, Any]) -> str:
-    """``sdpa(backend=flash)``: an implementation with all its options, as records from before
-    labels (see ``config.ImplementationChoice``) are named in tables."""
-    if not options:
-        return name
-    return f"{name}({', '.join(f'{k}={_option_text(v)}' for k, v in sorted(options.items()))})"
-
-
-def label_of(entry: Mapping[str, Any]) -> str:
-    """The label a stored record, exclusion or config entry carries (``implementation`` or ``name``,
-    ``options``, ``label``); the full form for those stored before labels."""
-    return entry.get("label") or implementation_label(entry.get("implementation") or entry["name"],
-                                                      dict(entry.get("options") or {}))
-
-
-def _option_text(value: Any) -> str:
-    """Options as the YAML spells them: true/false, [1, 2]."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (tuple, list)):
-        return f"[{', '.join(str(item) for item in value)}]"
-    return str(value)
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One measurement: an implementation with its options at one point of every axis.
-
-    ``ring_size`` is None for implementations that do not shard the sequence.
-    ``world_size`` is the number of processes the cell runs on; above 1 each holds
-    one shard, so ``ring_size`` equals it. ``label`` names the implementation with
-    its options in tables; it is not part of what the cell computes, nor of its id.
-    """
-
-    implementation: str
-    options: tuple[tuple[str, Any], ...]
-    seq_len: int
-    ring_size: int | None
-    batch_size: int
-    heads: int
-    head_dim: int
-    dtype: str
-    causal: bool
-    pass_name: str
-    world_size: int = 1
-    label: str = field(default="", compare=False)
-
-    def params(self) -> dict[str, Any]:
-        """The cell as plain JSON types, the form stored in records."""
-        return {
-            "implementation": self.implementation,
-            "options": dict(self.options),
-            "seq_len": self.seq_len,
-            "ring_size": self.ring_size,
-            "batch_size": self.batch_size,
-            "heads": self.heads,
-            "head_dim": self.head_dim,
-            "dtype": self.dtype,
-            "causal": self.causal,
-            "pass": self.pass_name,
-            "world_size": self.world_size,
-        }
-
-    @property
-    def id(self) -> str:
-        """12 hex digits of sha256 over the canonical parameters: equal on every machine and run."""
-        canonical = json.dumps(self.params(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
-
-    @property
-    def title(self) -> str:
-        """The cell on one line, as ``plan`` and the progress bar show it."""
-        ring = f" ring={self.ring_size}" if self.ring_size is not None else ""
-        ring += f" ranks={self.world_size}" if self.world_size > 1 else ""
-        causal = " causal" if self.causal else ""
-        return (
-            f"{self.label or implementation_label(self.implementation, dict(self.options))} S={self.seq_len}{ring} "
-            f"B={self.batch_size} H={self.heads} D={self.head_dim} {self.dtype}{causal} {self.pass_name}"
-        )
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,8 @@ import torch
 
 from ringbench.attention import blocks, fused_dilated
 from ringbench.attention.comm import TravellingSums
-from ringbench.sweep.config import PASSES
-from ringbench.attention.models import DTYPE_BYTES
-from ringbench.sweep.plan import Cell
 from ringbench.attention.registry import Bench, Option, Problem, register
+from ringbench.vocabulary import Cell, DTYPE_BYTES, PASSES
 
 OPTIONS = {
     "segment_lengths": Option((2048, 4096), help="segment length w of each pattern", short="w"),

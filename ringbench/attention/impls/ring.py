@@ -30,10 +30,8 @@ import torch
 
 from ringbench.attention import blocks
 from ringbench.attention.comm import TravellingSums
-from ringbench.sweep.config import PASSES
-from ringbench.attention.models import DTYPE_BYTES
-from ringbench.sweep.plan import Cell
 from ringbench.attention.registry import Bench, Option, Problem, register
+from ringbench.vocabulary import Cell, DTYPE_BYTES, PASSES
 
 @dataclass(frozen=True)
 class BlockSpec:

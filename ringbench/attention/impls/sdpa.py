@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ringbench.sweep.config import PASSES
 from ringbench.attention.models import output_bytes
 from ringbench.attention.registry import Option, Problem, register
+from ringbench.vocabulary import PASSES
 
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,

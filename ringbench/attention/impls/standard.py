@@ -6,10 +6,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ringbench.sweep.config import PASSES
-from ringbench.attention.models import DTYPE_BYTES
-from ringbench.sweep.plan import Cell
 from ringbench.attention.registry import Problem, register
+from ringbench.vocabulary import Cell, DTYPE_BYTES, PASSES
 
 
 def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:

@@ -23,10 +23,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ringbench.sweep.config import PASSES
 from ringbench.attention.impls.sdpa import kernel_choice, resolved_backend
-from ringbench.sweep.plan import Cell
 from ringbench.attention.registry import Bench, Option, Problem, register
+from ringbench.vocabulary import Cell, PASSES
 
 ROTATIONS = ("allgather", "alltoall")
 
