@@ -37,13 +37,11 @@ def _load(config_path: Path):
     not there, or a plan without a cell, is the config's error."""
     from collections import Counter
 
-    from ringbench.attention import registry
-    from ringbench.sweep import config, plan
     from ringbench.run import supervisor
+    from ringbench.sweep import plan
 
-    sweep = config.load(config_path)
+    sweep, the_plan = plan.load(config_path)
     device = supervisor.resolve_device(sweep.device, str(config_path))
-    the_plan = plan.build(sweep, registry.get)
     if not the_plan.cells:
         reasons = Counter(exclusion.reason for exclusion in the_plan.excluded).most_common()
         listed = "; ".join(f"{reason} ({count}×)" for reason, count in reasons[:3])

@@ -109,8 +109,12 @@ class BrokenRun(UserError):
         super().__init__(f"{where}: {reason}")
 
 
+# Runs stored before implementations declared roles had these two, fixed in the report's code.
+ROLES_BEFORE_DECLARED = {"baseline": ["standard"], "peer": ["sdpa"]}
+
+
 def read_run(run_dir: Path) -> dict[str, Any]:
-    """The run's run.json, checked to be one ringbench wrote."""
+    """The run's run.json, checked to be one ringbench wrote, with what older runs lack filled in."""
     path = run_dir / RUN_FILE
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
@@ -119,6 +123,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     missing = [key for key in RUN_KEYS if not isinstance(meta, dict) or key not in meta]
     if missing:
         raise BrokenRun(str(path), f"not a ringbench run file (missing {', '.join(missing)})")
+    meta.setdefault("roles", ROLES_BEFORE_DECLARED)
     return meta
 
 

@@ -17,6 +17,12 @@ DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 DTYPES = tuple(DTYPE_BYTES)
 # backward is timed without its forward; forward+backward is the training step's attention.
 PASSES = ("forward", "backward", "forward+backward")
+# Roles an implementation may declare at registration, which the report looks for among a run's
+# implementations: the dense baseline that speed-ups and memory savings are taken against (where
+# none ran, the peer stands in), and the single-device peer that the per-device efficiency of runs
+# across processes is set against.
+BASELINE, PEER = "baseline", "peer"
+ROLES = (BASELINE, PEER)
 
 
 def compact(value: Any) -> str:

@@ -7,6 +7,22 @@ import pytest
 
 PLUGINS = Path(__file__).parent / "plugins"
 
+
+def registry_with_fakes():
+    """A registry of the bundled implementations and the misbehaving ones of tests/plugins."""
+    from ringbench.attention.registry import Registry
+
+    registry = Registry.bundled()
+    registry.load_plugins(("fake_impls",), PLUGINS)
+    return registry
+
+
+def measure(cell, device, budget, seed=0, skip_oversized=True):
+    """One cell's record, measured in this process, its implementation found by name."""
+    from ringbench.run import pipeline
+
+    return pipeline.run_cell(cell, registry_with_fakes().get(cell.implementation), device, budget, seed, skip_oversized)
+
 # Triton kernels run on the CPU, interpreted: set before any kernel is defined (ringbench imports them).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 

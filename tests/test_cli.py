@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from ringbench.attention import registry
+from ringbench.attention.registry import Registry
 from ringbench.cli import app
 
 from conftest import BASE_CONFIG
@@ -36,7 +36,7 @@ def test_config_error_is_one_line_exit_2_and_writes_nothing(write_config):
     result = runner.invoke(app, ["run", str(path), "--output-root", str(out)])
     assert result.exit_code == 2
     assert result.stderr.splitlines() == [f"{path}: implementations[1].name: unknown implementation 'rign' "
-                                          f"(known: {', '.join(registry.known())})"]
+                                          f"(known: {', '.join(Registry.bundled().known())})"]
     assert "Traceback" not in result.output and not out.exists()
 
 

@@ -2,6 +2,7 @@ import dataclasses
 
 import pytest
 
+from ringbench.attention.registry import Registry
 from ringbench.sweep import config
 from ringbench.errors import ConfigError
 
@@ -67,18 +68,15 @@ ERRORS = [
 @pytest.mark.parametrize("text, expected", [case[1:] for case in ERRORS], ids=[case[0] for case in ERRORS])
 def test_config_errors_name_file_and_key(write_config, text, expected):
     path = write_config(text)
-    # The fake implementations are registered by an earlier import in this process or not at all;
-    # import them explicitly so the "known" list is the same whatever order tests run in.
-    config.registry.load_plugins(("fake_impls",), path.parent)
     with pytest.raises(ConfigError) as caught:
         config.load(path)
-    assert str(caught.value) == f"{path}: {expected}".replace("{known}", ", ".join(config.registry.known())).replace(
+    assert str(caught.value) == f"{path}: {expected}".replace("{known}", ", ".join(Registry.bundled().known())).replace(
         "{folder}", str(path.parent))
     assert "\n" not in str(caught.value)
 
 
 def test_bundled_implementations_are_known():
-    assert {"dilated", "ring", "ring-dilated", "sdpa", "standard"} <= set(config.registry.known())
+    assert {"dilated", "ring", "ring-dilated", "sdpa", "standard"} <= set(Registry.bundled().known())
 
 
 def test_missing_file_is_a_config_error(tmp_path):

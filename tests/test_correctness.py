@@ -3,20 +3,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from ringbench.attention import registry
-from ringbench import records
+from ringbench import Problem, records
+from ringbench.attention.impls.dilated import DilatedReference
+from ringbench.attention.references import DENSE
 from ringbench.run import correctness
 from ringbench.run import pipeline
 from ringbench.sweep.config import TimingBudget
 from ringbench.vocabulary import Cell
+
+from conftest import measure
 
 BUDGET = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3)
 CPU = torch.device("cpu")
 
 
 def run(name, seq_len=32, ring_size=None, options=()):
-    registry.load_plugins(("fake_impls",), Path(__file__).parent / "plugins")
-    return pipeline.run_cell(Cell(name, options, seq_len, ring_size, 1, 2, 8, "float32", False, "forward"), CPU, BUDGET, 0)
+    return measure(Cell(name, options, seq_len, ring_size, 1, 2, 8, "float32", False, "forward"), CPU, BUDGET, 0)
 
 
 def test_a_wrong_implementation_is_timed_and_marked_wrong():
@@ -55,24 +57,24 @@ def test_long_sequences_are_checked_on_a_fixed_row_subset(monkeypatch):
 def _problem(seq_len, causal, family_options=None, dtype=torch.float64):
     generator = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 3, seq_len, 8, generator=generator, dtype=dtype) for _ in range(3))
-    return registry.Problem(q=q, k=k, v=v, causal=causal, ring_size=None, options=family_options or {})
+    return Problem(q=q, k=k, v=v, causal=causal, ring_size=None, options=family_options or {})
 
 
-@pytest.mark.parametrize("family, options", [("dense", None),
-                                             ("dilated", {"segment_lengths": (8, 16), "dilation_rates": (1, 4)})])
+@pytest.mark.parametrize("reference, options", [(DENSE, None),
+                                                (DilatedReference(), {"segment_lengths": (8, 16), "dilation_rates": (1, 4)})])
 @pytest.mark.parametrize("causal", [False, True])
-def test_streamed_reference_gradients_equal_float64_autograd(monkeypatch, family, options, causal):
+def test_streamed_reference_gradients_equal_float64_autograd(monkeypatch, reference, options, causal):
     monkeypatch.setattr(correctness, "BLOCK_ELEMENTS", 5 * 32)  # blocks of 5 rows, the last one short
     p = _problem(32, causal, options)
     q, k, v = (t[1, 2].clone().requires_grad_() for t in (p.q, p.k, p.v))
     rows = torch.arange(32)
-    bias = correctness._bias(family, p, rows, 2)
+    bias = correctness._bias(reference, p, rows, 2)
     seen = torch.isfinite(bias).any(-1, keepdim=True)
     out = torch.softmax(q @ k.T / 8**0.5 + bias.masked_fill(~seen, 0.0), -1) @ v * seen
     dout = torch.randn(32, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     expected = torch.autograd.grad(out, (q, k, v), dout)
     q_rows, k_rows = torch.tensor([0, 4, 5, 31]), torch.tensor([1, 2, 30])
-    got = correctness.reference_gradients(family, p, 1, 2, dout, q_rows, k_rows)
+    got = correctness.reference_gradients(reference, p, 1, 2, dout, q_rows, k_rows)
     for value, wanted, sampled in zip(got, expected, (q_rows, k_rows, k_rows)):
         torch.testing.assert_close(value, wanted[sampled], rtol=1e-12, atol=1e-12)
 
@@ -98,12 +100,11 @@ def test_a_float64_sweep_passes_float32_accumulating_implementations_and_still_c
     def cell(name, options=(), ring_size=None, pass_name="forward"):
         return Cell(name, options, 32, ring_size, 1, 2, 8, "float64", False, pass_name)
 
-    ring = pipeline.run_cell(cell("ring", (("kernel", "auto"), ("zigzag", False)), 4, "forward+backward"), CPU, BUDGET, 0)
+    ring = measure(cell("ring", (("kernel", "auto"), ("zigzag", False)), 4, "forward+backward"), CPU, BUDGET, 0)
     assert ring["status"] == records.OK and ring["check"]["tolerance"] == correctness.TOLERANCE["float32"]
     assert 1e-10 < ring["check"]["rel_error"] < 1e-6  # beyond float64's tolerance, well within float32's
-    dilated = pipeline.run_cell(cell("dilated", (("dilation_rates", (1, 2)), ("kernel", "auto"),
+    dilated = measure(cell("dilated", (("dilation_rates", (1, 2)), ("kernel", "auto"),
                                                ("segment_lengths", (8, 16)))), CPU, BUDGET, 0)
     assert dilated["status"] == records.OK
-    registry.load_plugins(("fake_impls",), Path(__file__).parent / "plugins")
-    wrong = pipeline.run_cell(cell("test-wrong"), CPU, BUDGET, 0)
+    wrong = measure(cell("test-wrong"), CPU, BUDGET, 0)
     assert wrong["status"] == records.WRONG and wrong["check"]["tolerance"] == correctness.TOLERANCE["float64"]

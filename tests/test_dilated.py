@@ -3,12 +3,17 @@ import itertools
 import pytest
 import torch
 
-from ringbench.attention import models, registry
+from ringbench import Problem
+from ringbench.attention import models
+from ringbench.attention.references import DENSE
+from ringbench.attention.registry import Registry
 from ringbench.run import correctness
 from ringbench.sweep import config, plan
 from ringbench.errors import ConfigError
-from ringbench.attention.impls.dilated import patterns
+from ringbench.attention.impls.dilated import DilatedReference, patterns
 from ringbench.vocabulary import Cell
+
+BUNDLED = Registry.bundled()
 
 PATTERNS = [((16, 32), (1, 2)), ((8, 16, 48), (1, 2, 4)), ((24,), (3,)), ((96, 32), (4, 2))]
 
@@ -20,7 +25,7 @@ def cell(name, seq_len, ring_size, causal, lengths, rates, heads=3):
 
 def runnable(name, seq_len, ring_size, causal, lengths, rates):
     c = cell(name, seq_len, ring_size, causal, lengths, rates)
-    return not (ring_size and seq_len % ring_size) and registry.get(name).excludes(c) is None
+    return not (ring_size and seq_len % ring_size) and BUNDLED.get(name).excludes(c) is None
 
 
 GRID = [
@@ -36,7 +41,7 @@ def make(seq_len, ring_size, causal, lengths, rates, heads=3):
     generator = torch.Generator().manual_seed(seq_len)
     q, k, v = (torch.randn(2, heads, seq_len, 8, generator=generator) for _ in range(3))
     options = {"segment_lengths": lengths, "dilation_rates": rates, "kernel": "auto"}
-    return registry.Problem(q=q, k=k, v=v, causal=causal, ring_size=ring_size, options=options)
+    return Problem(q=q, k=k, v=v, causal=causal, ring_size=ring_size, options=options)
 
 
 def test_grid_covers_spanning_segments_and_rings():
@@ -47,36 +52,36 @@ def test_grid_covers_spanning_segments_and_rings():
 @pytest.mark.parametrize("name, seq_len, ring_size, causal, lengths, rates", GRID)
 def test_dilated_matches_its_reference_and_really_dilates(name, seq_len, ring_size, causal, lengths, rates):
     p = make(seq_len, ring_size, causal, lengths, rates)
-    out = registry.get(name).setup(p)()
+    out = BUNDLED.get(name).setup(p)()
     rows = torch.arange(seq_len)
-    torch.testing.assert_close(out.double(), correctness.reference_rows("dilated", p, rows), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), correctness.reference_rows(DilatedReference(), p, rows), rtol=1e-5, atol=1e-5)
     # Not dense attention in disguise: the output differs from it.
-    assert (out.double() - correctness.reference_rows("dense", p, rows)).abs().max() > 1e-2
+    assert (out.double() - correctness.reference_rows(DENSE, p, rows)).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("name, seq_len, ring_size, causal, lengths, rates", GRID[::3])
 def test_dilated_gradients_match_float64_autograd_of_the_reference(name, seq_len, ring_size, causal, lengths, rates):
     p = make(seq_len, ring_size, causal, lengths, rates)
-    p = registry.Problem(**{**p.__dict__, **{name_: getattr(p, name_).requires_grad_() for name_ in "qkv"}})
-    out = registry.get(name).setup(p)()
+    p = Problem(**{**p.__dict__, **{name_: getattr(p, name_).requires_grad_() for name_ in "qkv"}})
+    out = BUNDLED.get(name).setup(p)()
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad(out, (p.q, p.k, p.v), grad_out)
-    gradients = correctness.check_gradients("dilated", p, grads, grad_out, 1e-4, 0)
+    gradients = correctness.check_gradients(DilatedReference(), p, grads, grad_out, 1e-4, 0)
     assert gradients["checked"] and gradients["rel_error"] < 1e-5, gradients
     # Against dense attention's gradients they are far off: the check sees the difference.
-    assert correctness.check_gradients("dense", p, grads, grad_out, 1e-4, 0)["rel_error"] > 1e-2
+    assert correctness.check_gradients(DENSE, p, grads, grad_out, 1e-4, 0)["rel_error"] > 1e-2
 
 
 def test_one_full_segment_without_dilation_is_dense_attention():
     p = make(64, None, True, (64,), (1,))
-    out = registry.get("dilated").setup(p)()
-    torch.testing.assert_close(out.double(), correctness.reference_rows("dense", p, torch.arange(64)), rtol=1e-5, atol=1e-5)
+    out = BUNDLED.get("dilated").setup(p)()
+    torch.testing.assert_close(out.double(), correctness.reference_rows(DENSE, p, torch.arange(64)), rtol=1e-5, atol=1e-5)
 
 
 def test_rows_no_pattern_selects_are_zero():
     # One pattern with r = 2: head 0 keeps even positions only, so its odd rows get nothing.
     p = make(32, None, False, (16,), (2,), heads=2)
-    out = registry.get("dilated").setup(p)()
+    out = BUNDLED.get("dilated").setup(p)()
     assert torch.equal(out[:, 0, 1::2], torch.zeros_like(out[:, 0, 1::2]))
     assert torch.equal(out[:, 1, 0::2], torch.zeros_like(out[:, 1, 0::2]))
     assert out[:, 0, 0::2].abs().sum() > 0
@@ -97,7 +102,7 @@ def test_flops_count_exactly_the_computed_pairs():
                 kept = (keys % w) % r == h % r
                 same = (keys // w).unsqueeze(0) == (keys // w).unsqueeze(1)
                 pairs += (same & kept.unsqueeze(0) & kept.unsqueeze(1)).sum().item()
-        assert registry.get("dilated").flops(c) == 4 * c.batch_size * c.head_dim * pairs
+        assert BUNDLED.get("dilated").flops(c) == 4 * c.batch_size * c.head_dim * pairs
     dense = Cell("sdpa", (), 96, None, 2, 3, 8, "float32", True, "forward")
     assert models.dense_flops(dense) == 4 * 2 * 3 * 96 * 96 * 8 / 2
 
@@ -121,7 +126,7 @@ def test_pattern_options_are_validated(write_config, options, message):
 def test_indivisible_lengths_are_left_out_with_reasons(write_config):
     path = write_config("implementations: [{name: ring-dilated, options: {segment_lengths: [32], dilation_rates: [2]}}]\n"
                         "seq_lens: [64, 96, 48]\nring_sizes: [2, 3]\nheads: [1]\nhead_dims: [8]\ndtypes: [float32]\n")
-    the_plan = plan.build(config.load(path), registry.get)
+    the_plan = plan.load(path)[1]
     assert [(c.seq_len, c.ring_size) for c in the_plan.cells] == [(64, 2), (96, 3)]
     assert [(e.cell.seq_len, e.cell.ring_size, e.reason) for e in the_plan.excluded] == [
         (64, 3, "seq_len 64 is not divisible by ring_size 3"),

@@ -6,10 +6,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from ringbench.attention import registry
+from ringbench import Problem  # noqa: E402
+from ringbench.attention.registry import Registry  # noqa: E402
 from ringbench.run import correctness  # noqa: E402
-from ringbench.attention.impls.dilated import _OneDevice  # noqa: E402
+from ringbench.attention.impls.dilated import DilatedReference, _OneDevice  # noqa: E402
 from ringbench.vocabulary import Cell  # noqa: E402
+
+BUNDLED = Registry.bundled()
 
 # (seq_len, ring size, segment lengths, dilation rates): spanning and local patterns, parts of
 # 12 rows (a partly filled tile), no r = 1 pattern (accumulators initialised, some rows unkept).
@@ -25,7 +28,7 @@ def _problem(seq_len, ring_size, lengths, rates, causal, dtype):
     generator = torch.Generator().manual_seed(seq_len + ring_size)
     q, k, v = (torch.randn(2, 3, seq_len, 16, generator=generator).to(dtype) for _ in range(3))
     options = {"segment_lengths": lengths, "dilation_rates": rates, "kernel": "fused"}
-    return registry.Problem(q=q, k=k, v=v, causal=causal, ring_size=ring_size, options=options)
+    return Problem(q=q, k=k, v=v, causal=causal, ring_size=ring_size, options=options)
 
 
 @pytest.mark.parametrize("seq_len, ring_size, lengths, rates", CASES)
@@ -35,7 +38,7 @@ def test_fused_steps_match_the_float64_reference(seq_len, ring_size, lengths, ra
     dtype = torch.float16
     problem = _problem(seq_len, ring_size, lengths, rates, causal, dtype)
     out, lse = _OneDevice(problem, "fused", None, seq_len // ring_size).forward(keep_lse=True)
-    reference = correctness.reference_rows("dilated", problem, torch.arange(seq_len))
+    reference = correctness.reference_rows(DilatedReference(), problem, torch.arange(seq_len))
     assert out.dtype == dtype
     assert (out.double() - reference).abs().max() <= 2e-3 * reference.abs().max()
     # The log-sum-exp the backward pass reads is the library path's, computed in float32 on the same rows.
@@ -59,7 +62,7 @@ def _cell(kernel, dtype="float16", head_dim=16, world_size=1, pass_name="forward
 
 
 def test_cells_the_fused_kernel_cannot_run_are_left_out_with_the_reason():
-    excludes = registry.get("ring-dilated").excludes
+    excludes = BUNDLED.get("ring-dilated").excludes
     assert excludes(_cell("fused")) is None
     assert excludes(_cell("fused", pass_name="forward+backward")) is None  # its backward runs on library blocks
     assert excludes(_cell("fused", dtype="float32")) == \
@@ -73,15 +76,15 @@ def test_cells_the_fused_kernel_cannot_run_are_left_out_with_the_reason():
 
 def test_on_the_cpu_auto_takes_library_blocks_and_fused_is_refused():
     problem = _problem(64, 2, (64, 32), (1, 2), False, torch.float16)
-    registry.get("ring-dilated").setup(registry.Problem(**{**problem.__dict__, "options": {
+    BUNDLED.get("ring-dilated").setup(Problem(**{**problem.__dict__, "options": {
         **problem.options, "kernel": "auto"}, "facts": (facts := {})}))
     assert facts == {"kernel": "math", "merge": "eager"}
     with pytest.raises(ValueError, match="kernel 'fused' needs Triton and a CUDA device \\(inputs are on cpu\\)"):
-        registry.get("ring-dilated").setup(problem)
+        BUNDLED.get("ring-dilated").setup(problem)
 
 
 def test_the_memory_model_follows_the_kernel_that_ran():
-    model = registry.get("ring-dilated").memory_model
+    model = BUNDLED.get("ring-dilated").memory_model
     rows, element = 2 * 64, 2  # batch 1 × 2 heads × 64 tokens, float16
     resident = rows * (16 * 4 + 4)  # the float32 accumulator and its log-sum-exp
     assert model(_cell("fused"), {"kernel": "fused"}) == resident + rows * 16 * element

@@ -127,7 +127,7 @@ PLUGINS = [  # (id, plugin source, what the one line must contain)
     ("plugin raises", "raise RuntimeError('x' * 100000)\n", "failed on import: RuntimeError: xxxxxxx"),
     ("plugin syntax error", "def (:\n", "failed on import: SyntaxError"),
     ("plugin registers a clash", "from ringbench import register\n@register('sdpa')\ndef setup(p):\n    return None\n",
-     "failed on import: ValueError: implementation 'sdpa' is already registered"),
+     "hostile_plugin.py): implementation 'sdpa' is already registered"),
 ]
 
 

@@ -3,7 +3,10 @@ import math
 import pytest
 import torch
 
-from ringbench.attention import registry
+from ringbench import Problem
+from ringbench.attention.registry import Registry
+
+BUNDLED = Registry.bundled()
 
 
 def reference(q, k, v, causal):
@@ -22,25 +25,25 @@ def reference(q, k, v, causal):
 def test_matches_float64_reference(name, options, causal, seq_len):
     generator = torch.Generator().manual_seed(seq_len)
     q, k, v = (torch.randn(2, 3, seq_len, 16, generator=generator) for _ in range(3))
-    problem = registry.Problem(q=q, k=k, v=v, causal=causal, ring_size=None, options=options)
-    out = registry.get(name).setup(problem)()
+    problem = Problem(q=q, k=k, v=v, causal=causal, ring_size=None, options=options)
+    out = BUNDLED.get(name).setup(problem)()
     assert out.dtype == torch.float32 and out.shape == q.shape
     torch.testing.assert_close(out.double(), reference(q, k, v, causal), rtol=1e-5, atol=1e-5)
 
 
 def test_sdpa_records_the_backend_it_ran():
     q = torch.randn(1, 2, 32, 16)
-    explicit = registry.Problem(q=q, k=q, v=q, causal=False, ring_size=None, options={"backend": "math"})
-    registry.get("sdpa").setup(explicit)
+    explicit = Problem(q=q, k=q, v=q, causal=False, ring_size=None, options={"backend": "math"})
+    BUNDLED.get("sdpa").setup(explicit)
     assert explicit.facts == {"backend": "math"}
-    auto = registry.Problem(q=q, k=q, v=q, causal=False, ring_size=None, options={"backend": "auto"})
-    registry.get("sdpa").setup(auto)
+    auto = Problem(q=q, k=q, v=q, causal=False, ring_size=None, options={"backend": "auto"})
+    BUNDLED.get("sdpa").setup(auto)
     assert auto.facts["backend"] in {"flash", "efficient", "cudnn", "math"}
 
 
 def test_unavailable_backend_fails_loudly_not_silently():
     q = torch.randn(1, 2, 32, 16)
-    problem = registry.Problem(q=q, k=q, v=q, causal=False, ring_size=None, options={"backend": "cudnn"})
-    run = registry.get("sdpa").setup(problem)
+    problem = Problem(q=q, k=q, v=q, causal=False, ring_size=None, options={"backend": "cudnn"})
+    run = BUNDLED.get("sdpa").setup(problem)
     with pytest.raises(RuntimeError, match="No viable backend"):
         run()

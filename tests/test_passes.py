@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from ringbench.attention import registry
 from ringbench import records
 from ringbench.run import correctness
 from ringbench.sweep import config, plan
@@ -12,14 +11,15 @@ from ringbench.run import pipeline
 from ringbench.sweep.config import TimingBudget
 from ringbench.vocabulary import Cell
 
+from conftest import measure
+
 BUDGET = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=3, max_reps=6, noise_target=100)
 CPU = torch.device("cpu")
 
 
 def run(name, pass_name, causal=False, seq_len=32):
-    registry.load_plugins(("fake_impls",), Path(__file__).parent / "plugins")
     cell = Cell(name, (("backend", "auto"),) if name == "sdpa" else (), seq_len, None, 2, 2, 8, "float32", causal, pass_name)
-    return pipeline.run_cell(cell, CPU, BUDGET, 0)
+    return measure(cell, CPU, BUDGET, 0)
 
 
 @pytest.mark.parametrize("name", ["standard", "sdpa"])
@@ -69,7 +69,7 @@ def test_gradients_of_long_sequences_are_checked_on_a_sample(monkeypatch):
 def test_forward_only_implementations_are_left_out_of_backward_passes(write_config):
     path = write_config("plugins: [fake_impls]\nimplementations: [test-wrong, sdpa]\nseq_lens: [32]\nheads: [1]\n"
                         "head_dims: [8]\ndtypes: [float32]\npasses: [forward, backward]\n")
-    the_plan = plan.build(config.load(path), registry.get)
+    the_plan = plan.load(path)[1]
     assert [(c.implementation, c.pass_name) for c in the_plan.cells] == [
         ("test-wrong", "forward"), ("sdpa", "forward"), ("sdpa", "backward")]
     assert [e.reason for e in the_plan.excluded] == ["test-wrong supports only forward"]
@@ -79,7 +79,7 @@ def test_gpu_only_modes_say_why_they_are_off_on_the_cpu():
     budget = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3, noise_target=100, cold_l2=True,
                           cuda_graph="always")
     cell = Cell("sdpa", (("backend", "auto"),), 32, None, 1, 2, 8, "float32", False, "forward")
-    record = pipeline.run_cell(cell, CPU, budget, 0)
+    record = measure(cell, CPU, budget, 0)
     assert record["status"] == records.OK
     assert record["modes"] == {"cold_l2": False, "cuda_graph": False, "calls_per_sample": 1, "launch_ms": None,
                                "device_ms": None,
@@ -87,13 +87,13 @@ def test_gpu_only_modes_say_why_they_are_off_on_the_cpu():
     assert record["plain"] is None
     # Left to decide (auto), the CPU has no graphs to choose and nothing to explain.
     auto = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3, noise_target=100)
-    assert pipeline.run_cell(cell, CPU, auto, 0)["modes"]["notes"] == []
+    assert measure(cell, CPU, auto, 0)["modes"]["notes"] == []
 
 
 def test_ring_backward_leaves_out_the_efficient_kernel(write_config):
     path = write_config("implementations:\n  - {name: ring, options: {kernel: efficient}}\n  - ring\nseq_lens: [32]\n"
                         "heads: [1]\nhead_dims: [8]\ndtypes: [float32]\npasses: [forward, backward]\n")
-    the_plan = plan.build(config.load(path), registry.get)
+    the_plan = plan.load(path)[1]
     assert [(dict(c.options)["kernel"], c.pass_name) for c in the_plan.cells] == [
         ("efficient", "forward"), ("auto", "forward"), ("auto", "backward")]
     assert [e.reason for e in the_plan.excluded] == ["ring's backward runs on flash, cudnn, math blocks, not efficient"]

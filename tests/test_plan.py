@@ -1,4 +1,3 @@
-from ringbench.attention import registry
 from ringbench.sweep import config, plan
 from ringbench.vocabulary import Cell
 
@@ -6,8 +5,7 @@ from conftest import BASE_CONFIG
 
 
 def build(path):
-    sweep = config.load(path)
-    return plan.build(sweep, registry.get)
+    return plan.load(path)[1]
 
 
 def test_ids_are_stable_across_loads_and_pinned(write_config):

@@ -5,9 +5,14 @@ import pytest
 import torch
 
 from ringbench.run import correctness
-from ringbench.attention import blocks, registry
+from ringbench import Problem
+from ringbench.attention import blocks
+from ringbench.attention.references import DENSE
+from ringbench.attention.registry import Registry
 from ringbench.attention.impls.ring import chunk_blocks, positions, ring_block
 from ringbench.vocabulary import Cell
+
+BUNDLED = Registry.bundled()
 
 
 def _relative(value, reference):
@@ -17,13 +22,13 @@ def _relative(value, reference):
 def problem(seq_len, ring_size, causal, zigzag, kernel="auto", seed=0, dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(2, 3, seq_len, 16, generator=generator, dtype=dtype) for _ in range(3))
-    return registry.Problem(q=q, k=k, v=v, causal=causal, ring_size=ring_size,
+    return Problem(q=q, k=k, v=v, causal=causal, ring_size=ring_size,
                             options={"kernel": kernel, "zigzag": zigzag})
 
 
 def excluded(seq_len, ring_size, zigzag):
     cell = Cell("ring", (("kernel", "auto"), ("zigzag", zigzag)), seq_len, ring_size, 2, 3, 16, "float32", False, "forward")
-    return seq_len % ring_size or registry.get("ring").excludes(cell)
+    return seq_len % ring_size or BUNDLED.get("ring").excludes(cell)
 
 
 GRID = [
@@ -36,18 +41,18 @@ GRID = [
 @pytest.mark.parametrize("seq_len, ring_size, causal, zigzag", GRID)
 def test_ring_matches_float64_reference(seq_len, ring_size, causal, zigzag):
     p = problem(seq_len, ring_size, causal, zigzag)
-    out = registry.get("ring").setup(p).run()
+    out = BUNDLED.get("ring").setup(p).run()
     rows = torch.arange(seq_len)
-    torch.testing.assert_close(out.double(), correctness.reference_rows("dense", p, rows), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), correctness.reference_rows(DENSE, p, rows), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("ring_size, causal, zigzag", [(4, False, False), (4, True, False), (4, True, True), (3, True, True)])
 def test_rank_share_computes_that_ranks_rows(ring_size, causal, zigzag):
     seq_len = 48
     p = problem(seq_len, ring_size, causal, zigzag)
-    share = registry.get("ring").setup(p).rank_share()
+    share = BUNDLED.get("ring").setup(p).rank_share()
     # The last rank's rows, in its shard's order.
-    expected = correctness.reference_rows("dense", p, positions(seq_len, ring_size, zigzag)[-1])
+    expected = correctness.reference_rows(DENSE, p, positions(seq_len, ring_size, zigzag)[-1])
     torch.testing.assert_close(share.double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -114,7 +119,7 @@ def test_zigzag_needs_two_chunks_per_rank(write_config):
 
     path = write_config("implementations: [{name: ring, options: {zigzag: true}}]\nseq_lens: [48, 36]\n"
                         "ring_sizes: [4]\nheads: [1]\nhead_dims: [8]\ndtypes: [float32]\n")
-    the_plan = plan.build(config.load(path), registry.get)
+    the_plan = plan.load(path)[1]
     assert [c.seq_len for c in the_plan.cells] == [48]
     assert the_plan.excluded[0].reason == "zigzag needs seq_len divisible by 2 × ring_size (8)"
 
@@ -131,8 +136,8 @@ def dense_gradients(p, grad_out):
 @pytest.mark.parametrize("seq_len, ring_size, causal, zigzag", GRID)
 def test_ring_gradients_match_float64_reference(seq_len, ring_size, causal, zigzag):
     p = problem(seq_len, ring_size, causal, zigzag)
-    p = registry.Problem(**{**p.__dict__, **{name: getattr(p, name).requires_grad_() for name in "qkv"}})
-    out = registry.get("ring").setup(p).run()
+    p = Problem(**{**p.__dict__, **{name: getattr(p, name).requires_grad_() for name in "qkv"}})
+    out = BUNDLED.get("ring").setup(p).run()
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad(out, (p.q, p.k, p.v), grad_out)
     for value, expected in zip(grads, dense_gradients(p, grad_out)):
@@ -149,8 +154,8 @@ def test_gradient_error_does_not_grow_with_ring_size(causal):
     errors = []
     for ring_size in range(1, 9):
         p = problem(840, ring_size, causal, zigzag=False, dtype=torch.bfloat16)  # 840: divisible by 1 to 8
-        p = registry.Problem(**{**p.__dict__, **{name: getattr(p, name).requires_grad_() for name in "qkv"}})
-        out = registry.get("ring").setup(p).run()
+        p = Problem(**{**p.__dict__, **{name: getattr(p, name).requires_grad_() for name in "qkv"}})
+        out = BUNDLED.get("ring").setup(p).run()
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
         grads = torch.autograd.grad(out, (p.q, p.k, p.v), grad_out)
         errors.append(max(_relative(g, e) for g, e in zip(grads, dense_gradients(p, grad_out))))

@@ -5,14 +5,13 @@ import sys
 import pytest
 import torch
 
-from ringbench.attention import registry
 from ringbench import records
 from ringbench.run import env
 from ringbench.sweep import config, plan
 from ringbench.run import supervisor
 from ringbench.errors import ConfigError
 
-from conftest import BASE_CONFIG
+from conftest import BASE_CONFIG, measure
 
 
 class Recorder:
@@ -30,8 +29,7 @@ class Recorder:
 
 
 def run_config(path, output_root):
-    sweep = config.load(path)
-    the_plan = plan.build(sweep, registry.get)
+    sweep, the_plan = plan.load(path)
     observer = Recorder()
     result = supervisor.run(sweep, the_plan, str(path), torch.device("cpu"), observer, output_root)
     return the_plan, result, observer
@@ -125,8 +123,8 @@ def test_the_oversized_skip_can_be_turned_off(write_config, monkeypatch):
     monkeypatch.setattr(pipeline, "_inputs_too_large", lambda cell, device: skip)
     cell = Cell("sdpa", (("backend", "auto"),), 32, None, 1, 2, 8, "float32", False, "forward")
     budget = config.TimingBudget(warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3)
-    assert pipeline.run_cell(cell, torch.device("cpu"), budget, 0)["status"] == "skipped"
-    assert pipeline.run_cell(cell, torch.device("cpu"), budget, 0, skip_oversized=False)["status"] == "ok"
+    assert measure(cell, torch.device("cpu"), budget, 0)["status"] == "skipped"
+    assert measure(cell, torch.device("cpu"), budget, 0, skip_oversized=False)["status"] == "ok"
     assert config.load(write_config(BASE_CONFIG + "skip_oversized_inputs: false\n")).skip_oversized_inputs is False
 
 

@@ -5,11 +5,13 @@ tensors, already on the device, and the cell's parameters) and returns a
 zero-argument closure that computes the attention output. Setup runs outside the
 timed region; only the closure is timed.
 
-Users add implementations without editing ringbench, either from a module named
-under ``plugins:`` in the sweep YAML or from an installed package that declares an
-entry point in the ``ringbench.implementations`` group, named after the
-implementation. Both simply import a module whose top level calls :func:`register`,
-and neither is imported before a config names it.
+:func:`register` only marks a setup function with its :class:`Implementation`; a
+:class:`Registry` collects the marked functions of the modules it is given: the
+bundled ones (``ringbench.attention.impls``), a plugin file named under ``plugins:``
+in the sweep YAML, or an installed package's module declared as an entry point in
+the ``ringbench.implementations`` group, named after the implementation. No module
+state is kept: each registry holds what it loaded, and nothing is imported before a
+config names it.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import sys
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from ringbench.attention.references import DENSE, Reference
 from ringbench.errors import Invalid, show
-from ringbench.vocabulary import compact
+from ringbench.vocabulary import ROLES, compact
 
 if TYPE_CHECKING:
     import torch
@@ -122,12 +126,13 @@ class Implementation:
     distributed: bool
     passes: tuple[str, ...]
     description: str
-    reference: str
+    reference: Reference | None
     accumulates: str | None
     flops: CellHook | None
     memory_model: Callable[[Any, Mapping[str, Any]], int] | None
     excludes: CellHook | None
     check_options: Callable[[Mapping[str, Any]], str | None] | None
+    roles: tuple[str, ...]
 
     def label(self, options: Mapping[str, Any]) -> str:
         """``ring-dilated w=1K,2K,4K r=1,2,4``: the name, and the options that differ from their
@@ -152,8 +157,8 @@ class Implementation:
         return options
 
 
-_implementations: dict[str, Implementation] = {}
-_discovered = False
+# The attribute register() sets on a setup function.
+_MARK = "__ringbench_implementation__"
 
 
 def register(
@@ -164,35 +169,39 @@ def register(
     distributed: bool = False,
     passes: tuple[str, ...] = ("forward",),
     description: str = "",
-    reference: str = "dense",
+    reference: Reference | None = DENSE,
     accumulates: str | None = None,
     flops: CellHook | None = None,
     memory_model: Callable[[Any, Mapping[str, Any]], int] | None = None,
     excludes: CellHook | None = None,
     check_options: Callable[[Mapping[str, Any]], str | None] | None = None,
+    roles: tuple[str, ...] = (),
 ) -> Callable[[Setup], Setup]:
-    """Decorator: register ``setup`` under ``name``.
+    """Decorator: mark ``setup`` as the implementation ``name``, for a :class:`Registry` to collect.
 
     ``uses_ring`` says the implementation splits the sequence into ``ring_size``
     shards; the plan then makes one cell per ring size, others get one cell in all.
     ``distributed`` says it also runs one shard per process, for world sizes above 1.
     ``passes`` lists the passes it supports; backward ones need its output to be
     differentiable with respect to q, k and v.
-    ``reference`` names the float64 reference its output is checked against
-    (``dense``, ``dilated``, or ``none``); ``accumulates`` the dtype it sums partial
+    ``reference`` is the float64 :class:`Reference` its output is checked against
+    (dense attention by default; a plugin may bring its own; None: not checked);
+    ``accumulates`` the dtype it sums partial
     results in, if coarser than the inputs may be (``float32`` for float32 merges):
     the check's tolerance is then the coarser one's. ``flops(cell)`` and ``memory_model(cell, facts)``
     give the modelled work and memory beyond the inputs, in FLOPs and bytes, the
     memory for the path setup took as its ``facts`` say; without ``flops`` dense
     attention's count is assumed. ``excludes(cell)``
     returns a reason to leave a cell out of the plan, ``check_options(options)`` a
-    reason to reject a combination of options.
+    reason to reject a combination of options. ``roles`` names what the report may
+    measure others against it as (``baseline``, ``peer``; see ``vocabulary.ROLES``).
     """
+    unknown = [role for role in roles if role not in ROLES]
+    if unknown:
+        raise ValueError(f"implementation '{name}': unknown roles {unknown} (known: {', '.join(ROLES)})")
 
     def decorate(setup: Setup) -> Setup:
-        if name in _implementations and _implementations[name].setup is not setup:
-            raise ValueError(f"implementation '{name}' is already registered")
-        _implementations[name] = Implementation(
+        setattr(setup, _MARK, Implementation(
             name=name,
             setup=setup,
             options=dict(options or {}),
@@ -206,19 +215,11 @@ def register(
             memory_model=memory_model,
             excludes=excludes,
             check_options=check_options,
-        )
+            roles=tuple(roles),
+        ))
         return setup
 
     return decorate
-
-
-def _discover() -> None:
-    """Import the bundled implementations, once. Installed plugins wait until named."""
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    importlib.import_module("ringbench.attention.impls")
 
 
 def _installed() -> dict[str, Any]:
@@ -226,55 +227,83 @@ def _installed() -> dict[str, Any]:
     return {entry.name: entry for entry in entry_points(group=ENTRY_POINT_GROUP)}
 
 
-# Plugin files already run in this process, by content: a copy of one elsewhere is the same plugin.
-_loaded_plugins: set[str] = set()
+class Registry:
+    """The implementations one config may name: the bundled ones, and those its plugins bring."""
+
+    def __init__(self) -> None:
+        self._implementations: dict[str, Implementation] = {}
+
+    @classmethod
+    def bundled(cls) -> "Registry":
+        registry = cls()
+        for module in importlib.import_module("ringbench.attention.impls").MODULES:
+            registry.add_module(module)
+        return registry
+
+    def add_module(self, module: ModuleType) -> None:
+        """Collect the implementations ``module`` marked with :func:`register`."""
+        for value in vars(module).values():
+            implementation = getattr(value, _MARK, None)
+            if isinstance(implementation, Implementation):
+                self.add(implementation)
+
+    def add(self, implementation: Implementation) -> None:
+        known = self._implementations.get(implementation.name)
+        if known is not None and known.setup is not implementation.setup:
+            raise ValueError(f"implementation '{implementation.name}' is already registered")
+        self._implementations[implementation.name] = implementation
+
+    def load_plugins(self, names: tuple[str, ...], folder: Path) -> None:
+        """Add the implementations of the plugin files a config names, ``folder/NAME.py`` (the config's folder).
+
+        A plugin is loaded by its file under a name of ringbench's own, never through
+        ``sys.path``: it cannot shadow an installed module, and nothing else in the
+        folder is imported. A file is run once per process (by content: a copy of one
+        elsewhere is the same plugin). Whatever a plugin raises, ``SystemExit`` and
+        ``KeyboardInterrupt`` included, becomes one line naming it.
+        """
+        for index, name in enumerate(names):
+            where = f"plugins[{index}]"
+            if not name.isidentifier():
+                raise Invalid(where, f"expected the name of a Python file beside the config, without .py, got {show(name)}")
+            path = folder / f"{name}.py"
+            try:
+                source = path.read_bytes()
+            except OSError as exc:
+                raise Invalid(where, f"cannot read {path}: {exc.strerror or exc}") from None
+            module_name = f"ringbench_plugin_{hashlib.sha256(source).hexdigest()[:16]}_{name}"
+            module = sys.modules.get(module_name) or _run_plugin(module_name, path, name, where)
+            try:
+                self.add_module(module)
+            except ValueError as exc:
+                raise Invalid(where, f"plugin {name} ({path}): {exc}") from None
+
+    def known(self) -> list[str]:
+        return sorted(set(self._implementations) | set(_installed()))
+
+    def get(self, name: str, where: str = "name") -> Implementation:
+        if name not in self._implementations and name in _installed():
+            try:  # an installed plugin is imported only once a config names it
+                loaded = _installed()[name].load()  # a module, or one marked setup function
+                if isinstance(loaded, ModuleType):
+                    self.add_module(loaded)
+                else:
+                    self.add(getattr(loaded, _MARK))
+            except Exception as exc:
+                raise Invalid(where, f"cannot load the plugin for {show(name)}: {type(exc).__name__}: {exc}") from None
+        if name not in self._implementations:
+            raise Invalid(where, f"unknown implementation {show(name)} (known: {', '.join(self.known())})")
+        return self._implementations[name]
 
 
-def load_plugins(names: tuple[str, ...], folder: Path) -> None:
-    """Run the plugin files a config names, ``folder/NAME.py`` (the config's folder), each once.
-
-    A plugin is loaded by its file under a name of ringbench's own, never through
-    ``sys.path``: it cannot shadow an installed module, and nothing else in the
-    folder is imported. Whatever a plugin raises, ``SystemExit`` and
-    ``KeyboardInterrupt`` included, becomes one line naming it.
-    """
-    _discover()
-    for index, name in enumerate(names):
-        where = f"plugins[{index}]"
-        if not name.isidentifier():
-            raise Invalid(where, f"expected the name of a Python file beside the config, without .py, got {show(name)}")
-        path = folder / f"{name}.py"
-        try:
-            source = path.read_bytes()
-        except OSError as exc:
-            raise Invalid(where, f"cannot read {path}: {exc.strerror or exc}") from None
-        digest = hashlib.sha256(source).hexdigest()
-        if digest in _loaded_plugins:
-            continue
-        spec = importlib.util.spec_from_file_location(f"ringbench_plugin_{digest[:16]}_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # so that pickling and dataclasses can find its classes
-        try:
-            spec.loader.exec_module(module)
-        except BaseException as exc:  # noqa: B036 - a plugin may fail in any way, exiting included
-            del sys.modules[spec.name]
-            raise Invalid(where, f"plugin {name} ({path}) failed on import: {type(exc).__name__}: "
-                                 f"{show(str(exc))[1:-1]}") from None
-        _loaded_plugins.add(digest)
-
-
-def known() -> list[str]:
-    _discover()
-    return sorted(set(_implementations) | set(_installed()))
-
-
-def get(name: str, where: str = "name") -> Implementation:
-    _discover()
-    if name not in _implementations and name in _installed():
-        try:  # an installed plugin is imported only once a config names it
-            _installed()[name].load()
-        except Exception as exc:
-            raise Invalid(where, f"cannot load the plugin for {show(name)}: {type(exc).__name__}: {exc}") from None
-    if name not in _implementations:
-        raise Invalid(where, f"unknown implementation {show(name)} (known: {', '.join(known())})")
-    return _implementations[name]
+def _run_plugin(module_name: str, path: Path, name: str, where: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # so that pickling and dataclasses can find its classes
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as exc:  # noqa: B036 - a plugin may fail in any way, exiting included
+        del sys.modules[module_name]
+        raise Invalid(where, f"plugin {name} ({path}) failed on import: {type(exc).__name__}: "
+                             f"{show(str(exc))[1:-1]}") from None
+    return module

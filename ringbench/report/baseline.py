@@ -7,20 +7,20 @@ import pandas as pd
 from ringbench import records
 from ringbench.errors import UserError
 from ringbench.report.tables import SHAPE
+from ringbench.vocabulary import BASELINE, PEER
 
-# The baseline by default: the first of these the runs hold, else their first implementation.
-PREFERRED = ("standard", "sdpa")
 
 
 def resolve(frame: pd.DataFrame, baseline: str | None) -> str | None:
     """The label ratios are taken against: the one ``baseline`` names (a label, or an implementation
-    run with one set of options), or by default the first preferred implementation present. None
-    when no cell is there to compare with."""
+    run with one set of options), or by default the first implementation declaring the baseline
+    role, else the first declaring the peer role, else the first. None when no cell is there to
+    compare with."""
     labels = list(dict.fromkeys(frame["label"]))
     if not labels:
         return None
     if baseline is None:
-        named = [label for name in PREFERRED for label in dict.fromkeys(frame.loc[frame["implementation"] == name, "label"])]
+        named = [label for role in (BASELINE, PEER) for label in dict.fromkeys(frame.loc[frame[role], "label"])]
         return (named or labels)[0]
     if baseline in labels:
         return baseline

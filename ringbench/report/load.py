@@ -151,4 +151,6 @@ def load_run(path: Path) -> Run:
         warnings[MAX_WARNINGS:] = [f"{records_path}: {len(warnings) - MAX_WARNINGS} more lines like these"]
     # A resumed run with --retry-failed holds several records of a cell: the latest counts.
     frame = pd.DataFrame(rows, columns=COLUMNS).drop_duplicates("cell_id", keep="last")
+    # The roles the run's implementations declared (vocabulary.ROLES), on each of their cells.
+    frame = frame.assign(**{role: frame["implementation"].isin(names) for role, names in meta["roles"].items()})
     return Run(path=path, meta=meta, frame=frame, warnings=warnings)

@@ -10,7 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ringbench import records
-from ringbench.report.summary import efficiencies
+from ringbench.report.summary import efficiencies, peer_name
 from ringbench.report.tables import SHAPE, shape_title
 from ringbench.vocabulary import placement, series_name
 
@@ -69,7 +69,7 @@ def _against_seq_len(frame: pd.DataFrame, column: str, ylabel: str, title: str) 
 
 
 def _efficiency(frame: pd.DataFrame) -> Figure | None:
-    """Per-device TFLOP/s over single-device `sdpa` with the same kernel, against the number of
+    """Per-device TFLOP/s over the single-device peer with the same kernel, against the number of
     processes: one panel per pass, one line per implementation, length and masking, 1 being ideal."""
     pairs = efficiencies(frame)
     if not pairs:
@@ -79,15 +79,16 @@ def _efficiency(frame: pd.DataFrame) -> Figure | None:
         "series": f"{row.label} S={row.seq_len}{' causal' if row.causal else ''}",
     } for row, base in pairs])
     groups = [(f"{pass_name}", group) for pass_name, group in points.groupby("pass", sort=False)]
+    peer = peer_name(frame)
     figure, panels = _panels(groups, "Efficiency across processes")
     for axes, (_, group) in zip(panels, groups):
-        axes.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="ideal: single-device sdpa's rate")
+        axes.axhline(1.0, color="grey", linestyle="--", linewidth=1, label=f"ideal: single-device {peer}'s rate")
         for index, (series, line) in enumerate(group.groupby("series", sort=False)):
             line = line.sort_values("processes")
             axes.plot(line["processes"], line["efficiency"], marker="o", linestyle=_style(index), label=series)
         axes.set_xticks([1, *sorted(points["processes"].unique())])
         axes.set_xlabel("processes (one device each)")
-        axes.set_ylabel("per-device TFLOP/s over single-device sdpa")
+        axes.set_ylabel(f"per-device TFLOP/s over single-device {peer}")
         axes.set_ylim(bottom=0)
         axes.grid(True, alpha=0.3)
     _legend(figure, panels)

@@ -14,7 +14,8 @@ from ringbench.report import plots
 from ringbench.report.baseline import resolve, with_ratios
 from ringbench.report.load import Run
 from ringbench.report.markdown import escape, table
-from ringbench.report.summary import efficiency_findings, ring_efficiency, summary, throttle_reasons, warnings
+from ringbench.report.summary import (efficiency_findings, peer_name, ring_efficiency, summary, throttle_reasons,
+                                      warnings)
 from ringbench.report.tables import METRICS, SHAPE, failures, metric_table, shape_title, tolerances
 
 
@@ -246,8 +247,8 @@ def _analysis(frame: pd.DataFrame, level: int, plots_dir: Path | None, prefix: s
     efficiency = ring_efficiency(frame)
     if not efficiency.empty:
         lines += [_heading(level, "Efficiency across processes"), "",
-                  "TFLOP/s per device, and in brackets the efficiency: that rate over single-device `sdpa` "
-                  "with the same kernel at the same total sequence length (or the longest it ran, as named).", "",
+                  "TFLOP/s per device, and in brackets the efficiency: that rate over single-device "
+                  f"`{escape(peer_name(frame))}` with the same kernel at the same total sequence length (or the longest it ran, as named).", "",
                   table(efficiency), ""]
     if plots_dir is not None and not frame.empty:
         linked = plots.save(plots.figures(frame), plots_dir, prefix)

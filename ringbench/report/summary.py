@@ -7,7 +7,7 @@ import pandas as pd
 from ringbench import records
 from ringbench.report.markdown import escape, mib, ms
 from ringbench.report.tables import SHAPE, shape_title
-from ringbench.vocabulary import placement, series_name
+from ringbench.vocabulary import PEER, placement, series_name
 
 
 def _noisy(row: pd.Series) -> bool:
@@ -121,11 +121,11 @@ def crossovers(frame: pd.DataFrame, baseline: str) -> list[str]:
 
 
 def efficiencies(frame: pd.DataFrame) -> list[tuple[pd.Series, pd.Series]]:
-    """Each multi-process cell with the single-device `sdpa` cell it is measured against: the same
-    kernel and shape at the same total sequence length, or, where that did not run, the longest
-    sequence it ran."""
+    """Each multi-process cell with the single-device peer's cell it is measured against (an
+    implementation declaring the peer role): the same kernel and shape at the same total sequence
+    length, or, where that did not run, the longest sequence it ran."""
     ok = frame[frame["status"] == records.OK]
-    baselines = ok[(ok["implementation"] == "sdpa") & (ok["world_size"] == 1)]
+    baselines = ok[ok[PEER] & (ok["world_size"] == 1)]
     pairs = []
     for _, row in ok[ok["world_size"] > 1].iterrows():
         same = baselines[(baselines["kernel"] == row.kernel) & (baselines["seq_len"] <= row.seq_len)]
@@ -135,9 +135,14 @@ def efficiencies(frame: pd.DataFrame) -> list[tuple[pd.Series, pd.Series]]:
     return pairs
 
 
+def peer_name(frame: pd.DataFrame) -> str:
+    """The single-device peer's name as the report writes it: its implementation(s)."""
+    return "/".join(dict.fromkeys(frame.loc[frame[PEER], "implementation"])) or "peer"
+
+
 def ring_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
     """Multi-process implementations side by side: per-device TFLOP/s and, in brackets,
-    its ratio to single-device `sdpa` with the same kernel; one row per shape, total
+    its ratio to the single-device peer with the same kernel; one row per shape, total
     sequence length, process count and kernel."""
     rows: dict[tuple, dict[str, str]] = {}
     for row, baseline in efficiencies(frame):
@@ -148,7 +153,7 @@ def ring_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
             "seq_len": str(row.seq_len),
             "processes": str(row.world_size),
             "kernel": escape(row.kernel),
-            "sdpa on one device": f"{baseline.tflops_per_device:,.1f}{shorter}",
+            f"{peer_name(frame)} on one device": f"{baseline.tflops_per_device:,.1f}{shorter}",
         })
         entry[escape(row.label)] = f"{row.tflops_per_device:,.1f} ({row.tflops_per_device / baseline.tflops_per_device:.3f})"
     return pd.DataFrame(list(rows.values())).fillna("")
@@ -161,7 +166,8 @@ def efficiency_findings(frame: pd.DataFrame) -> list[str]:
         ratios.setdefault((row.label, row.world_size), []).append(row.tflops_per_device / baseline.tflops_per_device)
     if not ratios:
         return []
-    lines = ["- Efficiency across processes: per-device TFLOP/s over single-device `sdpa` with the same kernel"]
+    lines = ["- Efficiency across processes: per-device TFLOP/s over single-device "
+             f"`{escape(peer_name(frame))}` with the same kernel"]
     for (label, processes), values in ratios.items():
         spread = f"{min(values):.3f}" if len(values) == 1 else f"{min(values):.3f} to {max(values):.3f} over {len(values)} cells"
         lines.append(f"  - {escape(label)} on {processes} processes: {spread}")

@@ -1,9 +1,7 @@
 """Checking an output against a float64 reference, before the cell is timed.
 
-References, by family:
-- ``dense``: softmax(q kᵀ/√d) v, causal-masked when causal.
-- ``dilated``: the same with log(number of patterns covering (q, k)) added to each
-  score and −inf where no pattern covers the pair; a row no pattern selects is 0.
+The reference is the implementation's registered :class:`Reference`:
+softmax(q kᵀ/√d + bias) v, causal-masked when causal; a row that sees no key is 0.
 
 The whole output is checked when the sequence is at most ``FULL_CHECK_MAX_SEQ``;
 beyond that, a fixed-size random subset of query rows (seeded by the sweep's seed)
@@ -27,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ringbench.attention.impls.dilated import patterns
+from ringbench.attention.references import Reference
 from ringbench.attention.registry import Problem
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
@@ -35,25 +33,12 @@ FULL_CHECK_MAX_SEQ = 4096
 SUBSET_ROWS = 256
 
 
-def _coverage_log(rows: torch.Tensor, seq_len: int, head: int, options: dict) -> torch.Tensor:
-    """log(number of dilated patterns covering each (row, key) pair), −inf where none do."""
-    keys = torch.arange(seq_len, device=rows.device)
-    count = torch.zeros(len(rows), seq_len, dtype=torch.float64, device=rows.device)
-    for w, r in patterns(options, seq_len):
-        offset = head % r
-        same_segment = (rows // w).unsqueeze(1) == (keys // w).unsqueeze(0)
-        row_kept = ((rows % w) % r == offset).unsqueeze(1)
-        key_kept = ((keys % w) % r == offset).unsqueeze(0)
-        count += (same_segment & row_kept & key_kept).double()
-    return count.log()
-
-
-def _bias(family: str, problem: Problem, rows: torch.Tensor, head: int) -> torch.Tensor:
-    """What the family adds to head ``head``'s scores at ``rows``: the dilated coverage, the causal mask."""
+def _bias(reference: Reference, problem: Problem, rows: torch.Tensor, head: int) -> torch.Tensor:
+    """What the reference adds to head ``head``'s scores at ``rows``, and the causal mask."""
     seq_len = problem.q.shape[2]
-    bias = torch.zeros(len(rows), seq_len, dtype=torch.float64, device=rows.device)
-    if family == "dilated":
-        bias = _coverage_log(rows, seq_len, head, dict(problem.options))
+    bias = reference.bias(problem, rows, head)
+    if bias is None:
+        bias = torch.zeros(len(rows), seq_len, dtype=torch.float64, device=rows.device)
     if problem.causal:
         keys = torch.arange(seq_len, device=rows.device)
         bias = bias.masked_fill(keys.unsqueeze(0) > rows.unsqueeze(1), float("-inf"))
@@ -61,13 +46,13 @@ def _bias(family: str, problem: Problem, rows: torch.Tensor, head: int) -> torch
 
 
 @torch.no_grad()
-def reference_rows(family: str, problem: Problem, rows: torch.Tensor) -> torch.Tensor:
+def reference_rows(reference: Reference, problem: Problem, rows: torch.Tensor) -> torch.Tensor:
     """The reference output at ``rows`` (all heads and batches), float64, shape (B, H, R, D)."""
     q, k, v = problem.q, problem.k, problem.v
     batch, heads, seq_len, head_dim = q.shape
     out = torch.empty(batch, heads, len(rows), head_dim, dtype=torch.float64, device=q.device)
     for h in range(heads):  # one head at a time bounds the float64 scores to R × S
-        bias = _bias(family, problem, rows, h)
+        bias = _bias(reference, problem, rows, h)
         for b in range(batch):
             scores = q[b, h, rows].double() @ k[b, h].double().T / math.sqrt(head_dim) + bias
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key at all give 0
@@ -86,7 +71,7 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def partial_errors(family: str, problem: Problem, output: torch.Tensor, output_rows: torch.Tensor | None,
+def partial_errors(reference: Reference, problem: Problem, output: torch.Tensor, output_rows: torch.Tensor | None,
                    seed: int) -> list[float]:
     """[Σ(out − ref)², Σref², max |out − ref|, rows checked] over the checked rows this process holds.
 
@@ -100,9 +85,9 @@ def partial_errors(family: str, problem: Problem, output: torch.Tensor, output_r
     rows = held[wanted]
     if len(rows) == 0:
         return [0.0, 0.0, 0.0, 0.0]
-    reference = reference_rows(family, problem, rows)
-    difference = output[:, :, wanted].double() - reference
-    return [difference.pow(2).sum().item(), reference.pow(2).sum().item(), difference.abs().max().item(),
+    expected = reference_rows(reference, problem, rows)
+    difference = output[:, :, wanted].double() - expected
+    return [difference.pow(2).sum().item(), expected.pow(2).sum().item(), difference.abs().max().item(),
             float(len(rows))]
 
 
@@ -113,12 +98,12 @@ def tolerance(dtype: str, accumulates: str | None) -> float:
     return own if accumulates is None else max(own, TOLERANCE[accumulates])
 
 
-def verdict(family: str, partials: list[float], tolerance: float) -> dict[str, Any]:
+def verdict(reference: Reference, partials: list[float], tolerance: float) -> dict[str, Any]:
     """The check's record from (combined) partial errors."""
     squared_error, squared_reference, max_abs, rows = partials
     relative = math.sqrt(squared_error / squared_reference) if squared_reference > 0 else max_abs
     return {
-        "reference": family,
+        "reference": reference.name,
         "rows_checked": int(rows),
         "max_abs_error": _finite_or_none(max_abs),
         "rel_error": _finite_or_none(relative),
@@ -163,7 +148,7 @@ class GradientSample:
 
 
 @torch.no_grad()
-def reference_gradients(family: str, problem: Problem, batch: int, head: int, dout: torch.Tensor,
+def reference_gradients(reference: Reference, problem: Problem, batch: int, head: int, dout: torch.Tensor,
                         q_rows: torch.Tensor, k_rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """float64 dq at ``q_rows`` and dk, dv at ``k_rows`` of one (batch, head), streamed over
     blocks of query rows; ``dout`` is that head's output gradient, (S, D).
@@ -181,7 +166,7 @@ def reference_gradients(family: str, problem: Problem, batch: int, head: int, do
     rows_per_block = max(1, BLOCK_ELEMENTS // seq_len)
     for start in range(0, seq_len, rows_per_block):
         rows = torch.arange(start, min(seq_len, start + rows_per_block), device=q.device)
-        bias = _bias(family, problem, rows, head)
+        bias = _bias(reference, problem, rows, head)
         seen = torch.isfinite(bias).any(-1, keepdim=True)
         probs = torch.softmax(q[rows] @ k.T * scale + bias.masked_fill(~seen, 0.0), -1) * seen  # (R, S)
         d_out = dout[rows].double()
@@ -196,10 +181,10 @@ def reference_gradients(family: str, problem: Problem, batch: int, head: int, do
     return dq, dk, dv
 
 
-def gradient_partials(family: str, problem: Problem, grads: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
+def gradient_partials(reference: Reference, problem: Problem, grads: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
                       seed: int, rows: torch.Tensor | None = None) -> list[float]:
     """[Σ(g − ref)², Σref²] for dq, dk and dv in turn, over the entries of ``GradientSample``
-    this process holds, against the float64 reference of the family.
+    this process holds, against the float64 reference.
 
     ``grad_out`` is the gradient of the whole output; ``rows`` are the sequence
     positions of the rows ``grads`` hold (None: all, in order), so the sums of the
@@ -213,9 +198,9 @@ def gradient_partials(family: str, problem: Problem, grads: tuple[torch.Tensor, 
     place[held] = torch.arange(len(held), device=device)
     sums = [0.0] * (2 * len(GRADIENTS))
     for b, h in sample.pairs:
-        reference = reference_gradients(family, problem, b, h, grad_out[b, h], sample.q_rows, sample.k_rows)
+        expected_grads = reference_gradients(reference, problem, b, h, grad_out[b, h], sample.q_rows, sample.k_rows)
         for index, (grad, sampled, expected) in enumerate(zip(grads, (sample.q_rows, sample.k_rows, sample.k_rows),
-                                                             reference)):
+                                                             expected_grads)):
             local = place[sampled]
             mine = local >= 0
             value = grad[b, h, local[mine]].double()
@@ -236,13 +221,13 @@ def gradient_verdict(partials: list[float], tolerance: float, sample: GradientSa
             "rel_error": _finite_or_none(worst), "passed": math.isfinite(worst) and worst <= tolerance}
 
 
-def check_gradients(family: str, problem: Problem, grads: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
+def check_gradients(reference: Reference, problem: Problem, grads: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
                     tolerance: float, seed: int) -> dict[str, Any]:
     """dq, dk, dv of one process (all rows) against the float64 reference."""
-    sums = gradient_partials(family, problem, grads, grad_out, seed)
+    sums = gradient_partials(reference, problem, grads, grad_out, seed)
     return gradient_verdict(sums, tolerance, GradientSample.of(problem.q, seed))
 
 
-def check(family: str, problem: Problem, output: torch.Tensor, tolerance: float, seed: int) -> dict[str, Any]:
-    """Compare a whole output (all rows, in order) with the family's reference."""
-    return verdict(family, partial_errors(family, problem, output, None, seed), tolerance)
+def check(reference: Reference, problem: Problem, output: torch.Tensor, tolerance: float, seed: int) -> dict[str, Any]:
+    """Compare a whole output (all rows, in order) with the reference."""
+    return verdict(reference, partial_errors(reference, problem, output, None, seed), tolerance)

@@ -199,9 +199,8 @@ def _inputs_mib(problem: registry.Problem) -> float:
     return sum(t.numel() * t.element_size() for t in (problem.q, problem.k, problem.v)) / MIB
 
 
-def _measure(cell: Cell, device: torch.device, budget: TimingBudget, seed: int, skip_oversized: bool,
-             floor_mib: float) -> dict[str, Any]:
-    implementation = registry.get(cell.implementation)
+def _measure(cell: Cell, implementation: registry.Implementation, device: torch.device, budget: TimingBudget,
+             seed: int, skip_oversized: bool, floor_mib: float) -> dict[str, Any]:
     if skip_oversized and (skip := _inputs_too_large(cell, device)):
         return skip
     try:
@@ -228,17 +227,17 @@ def _check_and_time(cell: Cell, implementation: registry.Implementation, problem
     # Checked before it is timed; a wrong output is still timed, and marked.
     check, grad_out = None, None
     inputs = bench.inputs or (problem.q, problem.k, problem.v)
-    family, tolerance = implementation.reference, _tolerance(cell, implementation)
-    if family != "none" or cell.pass_name != "forward":
+    reference, tolerance = implementation.reference, _tolerance(cell, implementation)
+    if reference is not None or cell.pass_name != "forward":
         output = bench.run()
         checking = time.perf_counter()  # what the check costs is reported beside what it found
-        if family != "none":
-            check = correctness.check(family, problem, output, tolerance, seed)
+        if reference is not None:
+            check = correctness.check(reference, problem, output, tolerance, seed)
         if cell.pass_name != "forward":
             grad_out = _output_gradient(problem, seed)
             grads = torch.autograd.grad(output, inputs, grad_out)
             if check is not None:
-                gradients = correctness.check_gradients(family, problem, grads, grad_out, tolerance, seed)
+                gradients = correctness.check_gradients(reference, problem, grads, grad_out, tolerance, seed)
                 check = {**check, "gradients": gradients, "passed": check["passed"] and gradients["passed"]}
             del grads
         if check is not None:
@@ -304,22 +303,23 @@ def _combine_traffic(traffic: dict[str, float]) -> dict[str, Any] | None:
     }
 
 
-def _measure_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int, skip_oversized: bool,
-                      floor_mib: float) -> dict[str, Any]:
+def _measure_on_ranks(cell: Cell, implementation: registry.Implementation, group: Group, budget: TimingBudget,
+                      seed: int, skip_oversized: bool, floor_mib: float) -> dict[str, Any]:
     opened: list[registry.Bench] = []
-    outcome = _set_up_check_and_time_on_ranks(cell, group, budget, seed, skip_oversized, floor_mib, opened)
+    outcome = _set_up_check_and_time_on_ranks(cell, implementation, group, budget, seed, skip_oversized, floor_mib,
+                                              opened)
     # Every rank agrees on closing, including ranks whose setup failed (they have nothing to close).
     return _agree(_guarded(opened[0].close) if opened else None) or outcome
 
 
-def _set_up_check_and_time_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int, skip_oversized: bool,
-                                    floor_mib: float, opened: list[registry.Bench]) -> dict[str, Any]:
+def _set_up_check_and_time_on_ranks(cell: Cell, implementation: registry.Implementation, group: Group,
+                                    budget: TimingBudget, seed: int, skip_oversized: bool, floor_mib: float,
+                                    opened: list[registry.Bench]) -> dict[str, Any]:
     """The cell's outcome on this rank; the bench setup returned goes into ``opened``.
 
     The bench is handed out that way, not returned, so that no caller's frame holds
     the whole inputs while this one measures with only its shard.
     """
-    implementation = registry.get(cell.implementation)
     device = group.device
     if skip_oversized and (skip := _inputs_too_large(cell, device)):  # every rank decides alike
         return skip
@@ -334,21 +334,21 @@ def _set_up_check_and_time_on_ranks(cell: Cell, group: Group, budget: TimingBudg
         return failure
     facts, inputs_mib, clock = problem.facts, _inputs_mib(problem) / cell.world_size, problem.comm
     inputs = bench.inputs or (problem.q, problem.k, problem.v)
-    family, tolerance = implementation.reference, _tolerance(cell, implementation)
-    checked = family != "none"
+    reference, tolerance = implementation.reference, _tolerance(cell, implementation)
+    checked = reference is not None
     backward = cell.pass_name != "forward"
     partials, gradient_sums, grad_out, check_s = [0.0, 0.0, 0.0, 0.0], None, None, 0.0
     try:
         output = bench.run()
         checking = time.perf_counter()
         if checked:
-            partials = correctness.partial_errors(family, problem, output, bench.rows, seed)
+            partials = correctness.partial_errors(reference, problem, output, bench.rows, seed)
         if backward:
             whole = _output_gradient(problem, seed)
             grad_out = whole if bench.rows is None else whole.index_select(2, bench.rows)
             grads = torch.autograd.grad(output, inputs, grad_out)
             if checked:
-                gradient_sums = correctness.gradient_partials(family, problem, grads, whole, seed, bench.rows)
+                gradient_sums = correctness.gradient_partials(reference, problem, grads, whole, seed, bench.rows)
                 sample = correctness.GradientSample.of(problem.q, seed)
             del grads, whole
         check_s = time.perf_counter() - checking
@@ -362,7 +362,7 @@ def _set_up_check_and_time_on_ranks(cell: Cell, group: Group, budget: TimingBudg
     if checked:
         squared_error, squared_reference, rows = distributed.sum_over_ranks([partials[0], partials[1], partials[3]], device)
         max_abs = distributed.max_over_ranks(partials[2], device)
-        check = correctness.verdict(family, [squared_error, squared_reference, max_abs, rows], tolerance)
+        check = correctness.verdict(reference, [squared_error, squared_reference, max_abs, rows], tolerance)
         if backward:
             gradients = correctness.gradient_verdict(distributed.sum_over_ranks(gradient_sums, device), tolerance, sample)
             check = {**check, "gradients": gradients, "passed": check["passed"] and gradients["passed"]}
@@ -427,25 +427,25 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def run_cell(cell: Cell, device: torch.device, budget: TimingBudget, seed: int,
-             skip_oversized: bool = True) -> dict[str, Any]:
+def run_cell(cell: Cell, implementation: registry.Implementation, device: torch.device, budget: TimingBudget,
+             seed: int, skip_oversized: bool = True) -> dict[str, Any]:
     """Measure one cell in this process and return its record; never raises for a failing implementation.
 
     With ``skip_oversized`` a cell whose inputs alone exceed the device's memory is
     recorded as skipped without allocating anything.
     """
     started_at, start = _now(), time.perf_counter()
-    outcome = _measure(cell, device, budget, seed, skip_oversized, allocated_mib(device))
+    outcome = _measure(cell, implementation, device, budget, seed, skip_oversized, allocated_mib(device))
     _release(device)
     return make_record(cell, outcome, device, started_at, time.perf_counter() - start)
 
 
-def run_cell_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int,
-                      skip_oversized: bool = True) -> dict[str, Any]:
+def run_cell_on_ranks(cell: Cell, implementation: registry.Implementation, group: Group, budget: TimingBudget,
+                      seed: int, skip_oversized: bool = True) -> dict[str, Any]:
     """Measure one cell on every rank of the group (all ranks call this); every rank gets the agreed record."""
     distributed.barrier()
     started_at, start = _now(), time.perf_counter()
-    outcome = _measure_on_ranks(cell, group, budget, seed, skip_oversized, allocated_mib(group.device))
+    outcome = _measure_on_ranks(cell, implementation, group, budget, seed, skip_oversized, allocated_mib(group.device))
     _release(group.device)
     distributed.barrier()
     return make_record(cell, outcome, group.device, started_at, time.perf_counter() - start)

@@ -89,6 +89,7 @@ def _start(sweep: Sweep, plan: Plan, source: str, device: torch.device, output_r
         "environment": environment,
         "planned": [{"cell_id": cell.id, **cell.params()} for cell in plan.cells],
         "excluded": [exclusion.as_dict() for exclusion in plan.excluded],
+        "roles": plan.roles(),
     })
     return run_dir
 
@@ -260,7 +261,7 @@ def run(sweep: Sweep, plan: Plan, source: str, device: torch.device, observer: O
     run_dir = resume or _start(sweep, plan, source, device, output_root, threads)
     result = RunResult(run_dir, records=list(records.read_records(run_dir)))
     done = records.done_ids(run_dir, retry_failed)
-    plan = Plan(tuple(cell for cell in plan.cells if cell.id not in done), plan.excluded)
+    plan = plan.pending(done)
     observer.started(run_dir, len(plan.cells))
     previous = signal.signal(signal.SIGINT, _first_interrupt)
     try:
@@ -330,7 +331,8 @@ def serve(sweep: Sweep, plan: Plan, run_dir: Path | None, source: str, output_ro
         with records.RecordWriter(run_dir) as writer:
             for cell in _pending(run_dir, plan, 1):
                 mark_inflight(run_dir, cell)
-                writer.append(run_cell(cell, device, sweep.timing, sweep.seed, sweep.skip_oversized_inputs))
+                writer.append(run_cell(cell, plan.implementations[cell.implementation], device, sweep.timing, sweep.seed,
+                                       sweep.skip_oversized_inputs))
                 if not _usable(device):
                     print("the CUDA context is broken (a sticky error); a fresh worker takes the next cells", flush=True)
                     os._exit(0)  # its teardown could hang on the broken context; the record is already on disk
@@ -347,7 +349,8 @@ def serve(sweep: Sweep, plan: Plan, run_dir: Path | None, source: str, output_ro
         for cell in cells:
             if writer:
                 mark_inflight(run_dir, cell)
-            record = run_cell_on_ranks(cell, group, sweep.timing, sweep.seed, sweep.skip_oversized_inputs)
+            record = run_cell_on_ranks(cell, plan.implementations[cell.implementation], group, sweep.timing,
+                                       sweep.seed, sweep.skip_oversized_inputs)
             if writer:
                 writer.append(record)
         if writer:

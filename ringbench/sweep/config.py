@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import yaml
 
-from ringbench.attention import registry
+from ringbench.attention.registry import Registry
 from ringbench.errors import ConfigError, Invalid, show
 from ringbench.vocabulary import DTYPES, PASSES
 
@@ -246,15 +246,19 @@ def _timing(value: Any, where: str) -> TimingBudget:
     return budget
 
 
-def _implementation(value: Any, where: str) -> ImplementationChoice:
-    if isinstance(value, str):  # shorthand: "- sdpa"
-        value = {"name": value}
-    fields = {"name": (_string, _REQUIRED), "options": (lambda v, w: _mapping(v, w, _ANY_KEY), {}),
-              "label": (_label, None)}
-    clean = _read_fields(value, where, fields)
-    implementation = registry.get(clean["name"], f"{where}.name")
-    options = implementation.resolve_options(clean["options"], f"{where}.options")
-    return ImplementationChoice(clean["name"], tuple(options.items()), clean["label"] or implementation.label(options))
+def _implementation(registry: Registry) -> Callable[[Any, str], ImplementationChoice]:
+    def read(value: Any, where: str) -> ImplementationChoice:
+        if isinstance(value, str):  # shorthand: "- sdpa"
+            value = {"name": value}
+        fields = {"name": (_string, _REQUIRED), "options": (lambda v, w: _mapping(v, w, _ANY_KEY), {}),
+                  "label": (_label, None)}
+        clean = _read_fields(value, where, fields)
+        implementation = registry.get(clean["name"], f"{where}.name")
+        options = implementation.resolve_options(clean["options"], f"{where}.options")
+        label = clean["label"] or implementation.label(options)
+        return ImplementationChoice(clean["name"], tuple(options.items()), label)
+
+    return read
 
 
 def _label(value: Any, where: str) -> str:
@@ -264,16 +268,21 @@ def _label(value: Any, where: str) -> str:
     return text.strip()
 
 
-def _implementations(value: Any, where: str) -> tuple[ImplementationChoice, ...]:
-    """The implementations list: each entry a different computation under a label of its own."""
-    choices = _list_of(_implementation)(value, where)
-    for i, choice in enumerate(choices):
-        for j, earlier in enumerate(choices[:i]):
-            if (choice.name, choice.options) == (earlier.name, earlier.options):
-                raise Invalid(f"{where}[{i}]", f"same implementation and options as {where}[{j}]")
-            if choice.label == earlier.label:
-                raise Invalid(f"{where}[{i}].label", f"{show(choice.label)} already labels {where}[{j}]")
-    return choices
+def _implementations(registry: Registry) -> Callable[[Any, str], tuple[ImplementationChoice, ...]]:
+    """The implementations list, looked up in ``registry``: each entry a different computation under a
+    label of its own."""
+
+    def read(value: Any, where: str) -> tuple[ImplementationChoice, ...]:
+        choices = _list_of(_implementation(registry))(value, where)
+        for i, choice in enumerate(choices):
+            for j, earlier in enumerate(choices[:i]):
+                if (choice.name, choice.options) == (earlier.name, earlier.options):
+                    raise Invalid(f"{where}[{i}]", f"same implementation and options as {where}[{j}]")
+                if choice.label == earlier.label:
+                    raise Invalid(f"{where}[{i}].label", f"{show(choice.label)} already labels {where}[{j}]")
+        return choices
+
+    return read
 
 
 class _AnyKey(dict):
@@ -384,8 +393,13 @@ MAX_CONFIG_BYTES = 2**20
 DEFAULT_CELL_TIMEOUT_S = 1800.0
 
 
-def load(path: str | Path) -> Sweep:
-    """Read, parse and validate a sweep config; raise ConfigError on the first problem."""
+def load(path: str | Path, registry: Registry | None = None) -> Sweep:
+    """Read, parse and validate a sweep config; raise ConfigError on the first problem.
+
+    Implementations are looked up in ``registry`` (by default a fresh one of the bundled
+    implementations), and the config's plugins are added to it.
+    """
+    registry = registry or Registry.bundled()
     source = str(path)
     try:
         if Path(path).stat().st_size > MAX_CONFIG_BYTES:
@@ -404,7 +418,7 @@ def load(path: str | Path) -> Sweep:
             "name": (_string, Path(path).stem),
             "description": (_string, ""),
             "plugins": (lambda v, w: plugins, ()),
-            "implementations": (_implementations, _REQUIRED),
+            "implementations": (_implementations(registry), _REQUIRED),
             "seq_lens": (_list_of(_positive_int), _REQUIRED),
             "ring_sizes": (_list_of(_positive_int), (1,)),
             "world_sizes": (_list_of(_positive_int), (1,)),

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
-from ringbench.vocabulary import Cell
+from ringbench.vocabulary import ROLES, Cell
 
-if TYPE_CHECKING:
-    from ringbench.sweep.config import Sweep
-    from ringbench.attention.registry import Implementation
+from ringbench.attention.registry import Implementation, Registry
+from ringbench.sweep import config
+from ringbench.sweep.config import Sweep
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,23 @@ class Exclusion:
 
 @dataclass(frozen=True)
 class Plan:
+    """The cells to run, those left out, and the implementations that run them, by name."""
+
     cells: tuple[Cell, ...]
     excluded: tuple[Exclusion, ...]
+    implementations: Mapping[str, Implementation] = field(default_factory=dict, compare=False)
+
+    def pending(self, done: set[str]) -> "Plan":
+        """The plan less the cells whose ids are in ``done``."""
+        return replace(self, cells=tuple(cell for cell in self.cells if cell.id not in done))
+
+    def roles(self) -> dict[str, list[str]]:
+        """For each role an implementation may declare (``vocabulary.ROLES``), the planned implementations
+        declaring it, in the sweep's order: what a run stores for the report."""
+        return {role: [name for name, impl in self.implementations.items() if role in impl.roles] for role in ROLES}
 
 
-def _exclusion_reason(cell: Cell, implementation: "Implementation") -> str | None:
+def _exclusion_reason(cell: Cell, implementation: Implementation) -> str | None:
     if cell.pass_name not in implementation.passes:
         return f"{cell.implementation} supports only {', '.join(implementation.passes)}"
     if cell.ring_size is not None and cell.seq_len % cell.ring_size:
@@ -39,7 +52,7 @@ def _exclusion_reason(cell: Cell, implementation: "Implementation") -> str | Non
     return implementation.excludes(cell) if implementation.excludes else None
 
 
-def _placements(sweep: "Sweep", implementation: "Implementation") -> list[tuple[int | None, int]]:
+def _placements(sweep: Sweep, implementation: Implementation) -> list[tuple[int | None, int]]:
     """(ring_size, world_size) pairs an implementation runs at.
 
     In one process every ring size is simulated on one device; across processes
@@ -53,7 +66,7 @@ def _placements(sweep: "Sweep", implementation: "Implementation") -> list[tuple[
     return placements + [(world, world) for world in sweep.world_sizes if world > 1]
 
 
-def build(sweep: "Sweep", lookup: Callable[[str], "Implementation"]) -> Plan:
+def build(sweep: Sweep, lookup: Callable[[str], Implementation]) -> Plan:
     """Expand a sweep into cells, shape axes outermost so one shape's cells run together
     (in a seeded random order within the shape when the sweep asks for ``shuffle``).
 
@@ -82,4 +95,12 @@ def build(sweep: "Sweep", lookup: Callable[[str], "Implementation"]) -> Plan:
             # first; the shuffle is seeded by the sweep's seed and the shape, so it repeats exactly.
             random.Random(f"{sweep.seed}:{shape}").shuffle(shape_cells)
         cells.extend(shape_cells)
-    return Plan(tuple(cells), tuple(excluded))
+    return Plan(tuple(cells), tuple(excluded), {choice.name: lookup(choice.name) for choice in sweep.implementations})
+
+
+def load(path: str | Path) -> tuple[Sweep, Plan]:
+    """A sweep config read and expanded into its plan, its implementations looked up in a registry
+    of its own: the bundled ones and those its plugins bring."""
+    registry = Registry.bundled()
+    sweep = config.load(path, registry)
+    return sweep, build(sweep, registry.get)

@@ -21,7 +21,7 @@ def error(problem: Problem):
     raise ValueError("bad | input\nsecond line")
 
 
-@register("test-slow", options={"sleep_ms": Option(50.0)}, reference="none", description="sleeps, then returns q")
+@register("test-slow", options={"sleep_ms": Option(50.0)}, reference=None, description="sleeps, then returns q")
 def slow(problem: Problem):
     seconds = problem.options["sleep_ms"] / 1e3
 
@@ -54,7 +54,7 @@ def rank_oom(problem: Problem):
     return lambda: problem.q
 
 
-@register("test-rank-exit", distributed=True, reference="none", description="rank 1 dies inside the first call")
+@register("test-rank-exit", distributed=True, reference=None, description="rank 1 dies inside the first call")
 def rank_exit(problem: Problem):
     def run():
         if problem.rank == 1:
@@ -119,14 +119,14 @@ def bad_close(problem: Problem):
                  close=close)
 
 
-@register("test-segfault", reference="none", description="dereferences a null pointer: the worker process dies")
+@register("test-segfault", reference=None, description="dereferences a null pointer: the worker process dies")
 def segfault(problem: Problem):
     import ctypes
 
     return lambda: ctypes.string_at(0)
 
 
-@register("test-exit", reference="none", description="calls os._exit inside the call")
+@register("test-exit", reference=None, description="calls os._exit inside the call")
 def exits(problem: Problem):
     def run():
         os._exit(7)
@@ -134,7 +134,7 @@ def exits(problem: Problem):
     return run
 
 
-@register("test-hang", reference="none", description="never returns")
+@register("test-hang", reference=None, description="never returns")
 def hang(problem: Problem):
     def run():
         time.sleep(3600)
@@ -142,7 +142,7 @@ def hang(problem: Problem):
     return run
 
 
-@register("test-alloc", reference="none", description="allocates ever larger buffers, without bound")
+@register("test-alloc", reference=None, description="allocates ever larger buffers, without bound")
 def alloc(problem: Problem):
     def run():
         held, size = [], 2**30
@@ -153,7 +153,7 @@ def alloc(problem: Problem):
     return run
 
 
-@register("test-rank-hang", distributed=True, reference="none", description="rank 1 never returns from its call")
+@register("test-rank-hang", distributed=True, reference=None, description="rank 1 never returns from its call")
 def rank_hang(problem: Problem):
     def run():
         if problem.rank == 1:

@@ -1,3 +1,6 @@
-"""Bundled attention implementations; importing this package registers them."""
+"""Bundled attention implementations."""
 
-from ringbench.attention.impls import dilated, ring, sdpa, standard, torch_cp  # noqa: F401  (imported for registration)
+from ringbench.attention.impls import dilated, ring, sdpa, standard, torch_cp
+
+# What Registry.bundled() collects.
+MODULES = (standard, sdpa, ring, dilated, torch_cp)

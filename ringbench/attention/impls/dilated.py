@@ -31,6 +31,7 @@ import torch
 
 from ringbench.attention import blocks, fused_dilated
 from ringbench.attention.comm import TravellingSums
+from ringbench.attention.references import Reference
 from ringbench.attention.registry import Bench, Option, Problem, register
 from ringbench.vocabulary import Cell, DTYPE_BYTES, PASSES
 
@@ -46,6 +47,25 @@ OPTIONS = {
 def patterns(options: Mapping[str, Any], seq_len: int) -> list[tuple[int, int]]:
     """Effective (w, r) pairs for a sequence: segments longer than it are clipped to it."""
     return [(min(w, seq_len), r) for w, r in zip(options["segment_lengths"], options["dilation_rates"])]
+
+
+class DilatedReference(Reference):
+    """Dense attention with log(number of patterns covering (q, k)) added to each score, and −inf
+    where no pattern covers the pair: what merging the patterns' softmaxes by their sums computes."""
+
+    name = "dilated"
+
+    def bias(self, problem: Problem, rows: torch.Tensor, head: int) -> torch.Tensor:
+        seq_len = problem.q.shape[2]
+        keys = torch.arange(seq_len, device=rows.device)
+        count = torch.zeros(len(rows), seq_len, dtype=torch.float64, device=rows.device)
+        for w, r in patterns(problem.options, seq_len):
+            offset = head % r
+            same_segment = (rows // w).unsqueeze(1) == (keys // w).unsqueeze(0)
+            row_kept = ((rows % w) % r == offset).unsqueeze(1)
+            key_kept = ((keys % w) % r == offset).unsqueeze(0)
+            count += (same_segment & row_kept & key_kept).double()
+        return count.log()
 
 
 def _check_options(options: Mapping[str, Any]) -> str | None:
@@ -367,7 +387,7 @@ def _one_rank(problem: Problem) -> Bench:
 
 
 # Blocks and patterns merge, and gradients add up, in float32.
-COMMON = dict(options=OPTIONS, reference="dilated", accumulates="float32", flops=_flops, memory_model=_memory_model,
+COMMON = dict(options=OPTIONS, reference=DilatedReference(), accumulates="float32", flops=_flops, memory_model=_memory_model,
               excludes=_excludes, check_options=_check_options, passes=PASSES)
 
 

@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ringbench.attention.models import output_bytes
 from ringbench.attention.registry import Option, Problem, register
-from ringbench.vocabulary import PASSES
+from ringbench.vocabulary import PASSES, PEER
 
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -42,6 +42,7 @@ def resolved_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     options={"backend": Option("auto", choices=("auto", *BACKENDS), help="SDPA kernel; auto lets PyTorch choose")},
     memory_model=lambda cell, facts: output_bytes(cell),  # fused kernels keep no S×S state: only the output
     passes=PASSES,
+    roles=(PEER,),
     description="torch.nn.functional.scaled_dot_product_attention",
 )
 def setup(problem: Problem):

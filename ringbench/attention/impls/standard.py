@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import torch
 
 from ringbench.attention.registry import Problem, register
-from ringbench.vocabulary import Cell, DTYPE_BYTES, PASSES
+from ringbench.vocabulary import BASELINE, DTYPE_BYTES, PASSES, Cell
 
 
 def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
@@ -19,6 +19,7 @@ def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
     "standard",
     memory_model=_memory_model,
     passes=PASSES,
+    roles=(BASELINE,),
     description="explicit matmul → softmax → matmul (materialises two S×S temporaries)",
 )
 def setup(problem: Problem):
