@@ -37,11 +37,11 @@ def _load(config_path: Path):
     not there, or a plan without a cell, is the config's error."""
     from collections import Counter
 
-    from ringbench.run import supervisor
+    from ringbench.run import env
     from ringbench.sweep import plan
 
     sweep, the_plan = plan.load(config_path)
-    device = supervisor.resolve_device(sweep.device, str(config_path))
+    device = env.resolve_device(sweep.device, str(config_path))
     if not the_plan.cells:
         reasons = Counter(exclusion.reason for exclusion in the_plan.excluded).most_common()
         listed = "; ".join(f"{reason} ({count}×)" for reason, count in reasons[:3])
@@ -97,8 +97,7 @@ def run(
 ) -> None:
     """Run a sweep: every cell timed, memory-measured and recorded under the output root."""
     from ringbench import records
-    from ringbench.run import distributed
-    from ringbench.run import supervisor
+    from ringbench.run import distributed, supervisor, worker
     from ringbench.progress import ProgressBar, summary_table
 
     with _user_errors():
@@ -115,7 +114,8 @@ def run(
         _print_plan(config, the_plan)
         return
     if distributed.launched():  # one rank of a group the user started with torchrun
-        run_dir = supervisor.serve(sweep, the_plan, None, str(config), output_root or Path(sweep.output_root), threads)
+        run_dir = worker.serve(sweep, the_plan, None, None, str(config), output_root or Path(sweep.output_root),
+                               threads)
         print(f"records in {run_dir}", file=sys.stderr)
         return
     console = Console(stderr=True)
@@ -130,23 +130,6 @@ def run(
         raise typer.Exit(supervisor.EXIT_INTERRUPTED)
     console.print(f"{len(result.records)} cells recorded; next: ringbench report {result.run_dir}")
     print(result.run_dir)  # on stdout, for scripts: the run folder
-
-
-@app.command(hidden=True)
-def ranks(run_dir: Path = typer.Argument(..., help="run folder whose run.json names the config"),
-          threads: Optional[int] = typer.Option(None, "--threads", help="intra-op threads of the host, shared by its ranks")) -> None:
-    """A worker that `run` started (one process, or one rank of a group): runs the cells of its world size."""
-    from ringbench import records
-    from ringbench.run import supervisor
-
-    with _user_errors():
-        meta = records.read_run(run_dir)
-        source = str(records.config_file(meta))
-        sweep, the_plan, _ = _load(Path(source))
-        if sweep.hash != meta["config_hash"]:  # edited while the run goes on: its cells are no longer this run's
-            raise UserError(f"{source}: changed since the run in {run_dir} started (config hash {sweep.hash}, "
-                            f"run {meta['config_hash']}); restore it, or start a new run")
-    supervisor.serve(sweep, the_plan, run_dir, source, Path(sweep.output_root), threads)
 
 
 @app.command()

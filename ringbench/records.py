@@ -127,6 +127,17 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     return meta
 
 
+def _parse(line: str, where: str) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+        if not isinstance(record, dict) or "cell_id" not in record:
+            raise ValueError("not a record")
+    except ValueError as exc:
+        raise BrokenRun(where, f"not a record ({show(str(exc))[1:-1]}); a run cut off while "
+                        "writing is mended by resuming it") from None
+    return record
+
+
 def read_records(run_dir: Path) -> Iterator[dict[str, Any]]:
     """The run's records; a line that is not a record stops the reading with a BrokenRun."""
     path = run_dir / RECORDS_FILE
@@ -134,16 +145,30 @@ def read_records(run_dir: Path) -> Iterator[dict[str, Any]]:
         return
     with path.open(encoding="utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or "cell_id" not in record:
-                    raise ValueError("not a record")
-            except ValueError as exc:
-                raise BrokenRun(f"{path}:{number}", f"not a record ({show(str(exc))[1:-1]}); a run cut off while "
-                                "writing is mended by resuming it") from None
-            yield record
+            if line.strip():
+                yield _parse(line, f"{path}:{number}")
+
+
+class RecordTail:
+    """The records appended to a run's records.jsonl since the last look, read from where the last
+    look stopped: the supervisor follows its workers at a cost that does not grow with the run.
+    A line still being written (no newline yet) waits for the next look."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / RECORDS_FILE
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+
+    def new(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            data = handle.read()
+        complete = data[:data.rfind(b"\n") + 1]
+        lines = complete.decode("utf-8", errors="replace").splitlines()
+        found = [_parse(line, f"{self.path}@{self.offset}") for line in lines if line.strip()]
+        self.offset += len(complete)
+        return found
 
 
 def drop_partial_line(run_dir: Path) -> bool:

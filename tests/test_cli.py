@@ -6,10 +6,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from ringbench.attention.registry import Registry
 from ringbench.cli import app
+from ringbench.run import worker
 
 from conftest import BASE_CONFIG
 
@@ -118,15 +120,16 @@ def test_a_second_ctrl_c_stops_at_once_and_corrupts_nothing(write_config):
     assert "planned" in json.loads((records_file.parent / "run.json").read_text())
 
 
-def test_a_worker_refuses_a_config_edited_since_the_run_started(write_config):
+def test_a_worker_refuses_a_config_edited_since_the_run_started(write_config, capsys):
     path = write_config()
     out = path.parent / "out"
     assert CliRunner().invoke(app, ["run", str(path), "--output-root", str(out)]).exit_code == 0
     (run_dir,) = out.iterdir()
     path.write_text(path.read_text().replace("seq_lens: [64, 96]", "seq_lens: [64, 128]"))
-    result = CliRunner().invoke(app, ["ranks", str(run_dir)])
-    assert result.exit_code == 2
-    assert f"{path}: changed since the run in {run_dir} started" in result.output
+    with pytest.raises(SystemExit) as exited:
+        worker.main([str(run_dir), str(run_dir / "pending-1.json")])
+    assert exited.value.code == 2
+    assert f"{path}: changed since the run in {run_dir} started" in capsys.readouterr().err
 
 
 def test_the_thread_count_and_host_load_are_set_and_recorded(write_config):

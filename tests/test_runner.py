@@ -8,7 +8,7 @@ import torch
 from ringbench import records
 from ringbench.run import env
 from ringbench.sweep import config, plan
-from ringbench.run import supervisor
+from ringbench.run import supervisor, worker
 from ringbench.errors import ConfigError
 
 from conftest import BASE_CONFIG, measure
@@ -92,12 +92,12 @@ def test_run_folders_are_never_reused(tmp_path):
 def test_devices_resolve_to_an_indexed_cuda_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert supervisor.resolve_device("auto", "x.yaml") == torch.device("cuda", 0)
-    assert supervisor.resolve_device("cuda", "x.yaml") == torch.device("cuda", 0)
-    assert supervisor.resolve_device("cuda:1", "x.yaml") == torch.device("cuda", 1)
-    assert supervisor.resolve_device("cpu", "x.yaml") == torch.device("cpu")
+    assert env.resolve_device("auto", "x.yaml") == torch.device("cuda", 0)
+    assert env.resolve_device("cuda", "x.yaml") == torch.device("cuda", 0)
+    assert env.resolve_device("cuda:1", "x.yaml") == torch.device("cuda", 1)
+    assert env.resolve_device("cpu", "x.yaml") == torch.device("cpu")
     with pytest.raises(ConfigError, match=r"^x.yaml: device: 'cuda:2' requested but only 2 CUDA device\(s\) exist$"):
-        supervisor.resolve_device("cuda:2", "x.yaml")
+        env.resolve_device("cuda:2", "x.yaml")
 
 
 def test_inputs_larger_than_the_device_are_skipped_before_allocating(monkeypatch):
@@ -183,12 +183,12 @@ def test_a_worker_that_stops_between_cells_blames_none_and_one_that_cannot_start
         "  for p in meta['planned'] if p['cell_id'] not in done)\n"
         "with records.RecordWriter(run_dir) as w: w.append(pipeline.make_record(cell, {'status': 'skipped'}))\n"
     )
-    monkeypatch.setattr(supervisor, "_worker_command", lambda world_size, run_dir, threads: [sys.executable, "-c", one_cell, str(run_dir)])
+    monkeypatch.setattr(worker, "command", lambda world_size, run_dir, pending, threads: [sys.executable, "-c", one_cell, str(run_dir)])
     the_plan, result, _ = run_config(path, tmp_path / "out")
     assert [r["status"] for r in result.records] == ["skipped"] * len(the_plan.cells)
     assert [r["cell_id"] for r in result.records] == [c.id for c in the_plan.cells]
     # A worker that dies before any cell (here: at once) is blamed on the first pending cell, then the next...
-    monkeypatch.setattr(supervisor, "_worker_command", lambda world_size, run_dir, threads: [sys.executable, "-c", "raise SystemExit(3)"])
+    monkeypatch.setattr(worker, "command", lambda world_size, run_dir, pending, threads: [sys.executable, "-c", "raise SystemExit(3)"])
     the_plan, result, _ = run_config(path, tmp_path / "out2")
     assert [r["status"] for r in result.records] == ["crashed"] * len(the_plan.cells)
     assert result.records[0]["error"]["message"].startswith("the worker exited with code 3 before starting this cell")

@@ -19,6 +19,7 @@ import psutil
 import torch
 
 from ringbench import __version__
+from ringbench.errors import ConfigError
 
 UNKNOWN = "unknown"
 
@@ -160,6 +161,21 @@ FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOL
 
 def worker_environment() -> dict[str, str]:
     return {**FIXED_MALLOC, **os.environ}
+
+
+def resolve_device(spec: str, source: str) -> torch.device:
+    """Turn the config's device into a usable torch.device, or fail before anything is written."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(source, "device", f"'{spec}' requested but no CUDA device is available")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(source, "device", f"'{spec}' requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        device = torch.device("cuda", index)
+    return device
 
 
 def snapshot_time() -> str:

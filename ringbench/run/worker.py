@@ -1,0 +1,148 @@
+"""A worker: the process, or across processes each rank of a group, that runs one world size's
+cells in the order given, marking each in flight; rank 0 alone appends the records.
+
+The supervisor starts one as ``python -m ringbench.run.worker RUN_DIR PENDING_FILE``; a user's
+own launcher (torchrun) starts the ranks through ``ringbench run``, and then rank 0 creates the
+run folder itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from ringbench import records
+from ringbench.errors import UserError
+from ringbench.run import distributed, env, folder
+from ringbench.run.modes import prime_libraries
+from ringbench.run.pipeline import run_cell, run_cell_on_ranks
+from ringbench.sweep import plan as plans
+from ringbench.sweep.config import Sweep
+from ringbench.sweep.plan import Plan
+from ringbench.vocabulary import Cell
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies, SIGKILL included (Linux only),
+    so no worker outlives a stopped supervisor and appends records behind a resumed run."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _usable(device: torch.device) -> bool:
+    """False after a sticky CUDA error (an illegal access, a device-side assert): every later
+    call in this process would fail, whatever the cell."""
+    if device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize(device)
+        torch.zeros(1, device=device).add_(1).item()
+        return True
+    except RuntimeError:
+        return False
+
+
+def _prepare(device: torch.device, sweep: Sweep, threads: int, world_size: int) -> None:
+    """Threads and libraries set up before the first cell, alike for every cell."""
+    # The ranks of one host share its cores: each takes its part.
+    torch.set_num_threads(max(1, threads // world_size))
+    print(f"{torch.get_num_threads()} intra-op thread(s)", flush=True)
+    prime_libraries(device, [folder.TORCH_DTYPES[dtype] for dtype in sweep.dtypes])
+
+
+def serve(sweep: Sweep, plan: Plan, cells: list[Cell] | None, run_dir: Path | None, source: str, output_root: Path,
+          threads: int | None = None) -> Path:
+    """Run ``cells`` (None: every planned cell of this world size), marking each in flight.
+
+    In one process ``run_dir`` is the supervisor's. Across processes, ``run_dir`` is None
+    under a user's own launcher, and rank 0 creates the run folder. ``threads`` is the
+    intra-op thread count of the host, shared by the ranks on it.
+    """
+    die_with_parent()
+    print(f"ringbench worker {os.getpid()} started", flush=True)  # one line per start in the worker's log
+    threads = threads or sweep.threads or env.default_threads()
+    if not distributed.launched():
+        device = env.resolve_device(sweep.device, source)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        _prepare(device, sweep, threads, 1)
+        with records.RecordWriter(run_dir) as writer:
+            for cell in cells:
+                folder.mark_inflight(run_dir, cell)
+                writer.append(run_cell(cell, plan.implementations[cell.implementation], device, sweep.timing,
+                                       sweep.seed, sweep.skip_oversized_inputs))
+                if not _usable(device):
+                    print("the CUDA context is broken (a sticky error); a fresh worker takes the next cells", flush=True)
+                    os._exit(0)  # its teardown could hang on the broken context; the record is already on disk
+        return run_dir
+    group = distributed.join(env.resolve_device(sweep.device, source).type)
+    try:
+        _prepare(group.device, sweep, threads, distributed.local_world_size())
+        created = group.is_leader and run_dir is None
+        if created:
+            run_dir = folder.start(sweep, plan, source, group.device, output_root, threads)
+        run_dir = Path(distributed.broadcast(str(run_dir) if group.is_leader else None))
+        if cells is None:
+            cells = [cell for cell in plan.cells if cell.world_size == group.world_size]
+        writer = records.RecordWriter(run_dir) if group.is_leader else None
+        for cell in cells:
+            if writer:
+                folder.mark_inflight(run_dir, cell)
+            record = run_cell_on_ranks(cell, plan.implementations[cell.implementation], group, sweep.timing,
+                                       sweep.seed, sweep.skip_oversized_inputs)
+            if writer:
+                writer.append(record)
+        if writer:
+            writer.close()
+        if created:
+            folder.clear_notes(run_dir)
+            folder.finish(run_dir)
+        return run_dir
+    finally:
+        distributed.leave()
+
+
+def command(world_size: int, run_dir: Path, pending: Path, threads: int) -> list[str]:
+    """How the supervisor starts a worker of ``world_size``: one process, or that many through PyTorch's launcher."""
+    worker = ["-m", "ringbench.run.worker", str(run_dir), str(pending), "--threads", str(threads)]
+    if world_size == 1:
+        return [sys.executable, *worker]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}", *worker]
+
+
+def _load(run_dir: Path) -> tuple[Sweep, Plan, str]:
+    """The sweep and plan of the run in ``run_dir``, from the config it names, unchanged since it started."""
+    meta = records.read_run(run_dir)
+    source = str(records.config_file(meta))
+    sweep, plan = plans.load(source)
+    if sweep.hash != meta["config_hash"]:  # edited while the run goes on: its cells are no longer this run's
+        raise UserError(f"{source}: changed since the run in {run_dir} started (config hash {sweep.hash}, "
+                        f"run {meta['config_hash']}); restore it, or start a new run")
+    return sweep, plan, source
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ringbench.run.worker", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path, help="the run folder; its run.json names the config")
+    parser.add_argument("pending", type=Path, help="the cells to run, as the supervisor wrote them")
+    parser.add_argument("--threads", type=int, help="intra-op threads of the host, shared by its ranks")
+    arguments = parser.parse_args(argv)
+    try:
+        sweep, plan, source = _load(arguments.run_dir)
+        cells = folder.read_pending(arguments.pending, plan)
+    except UserError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+    serve(sweep, plan, cells, arguments.run_dir, source, Path(sweep.output_root), arguments.threads)
+
+
+if __name__ == "__main__":
+    main()

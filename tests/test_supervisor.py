@@ -1,0 +1,39 @@
+"""The supervisor's judgement of a worker that stopped, and how it follows the records file."""
+
+import json
+
+from ringbench import records
+from ringbench.run.supervisor import WorkerEnd, blame
+
+
+def test_a_worker_that_stopped_between_cells_after_progress_is_not_blamed():
+    assert blame(WorkerEnd(recorded=2, in_flight=False, timed_out=False, returncode=0), 30, "log") is None
+
+
+def test_a_worker_that_died_in_a_cell_is_blamed_for_it():
+    assert blame(WorkerEnd(recorded=2, in_flight=True, timed_out=False, returncode=-11), 30, "Segmentation fault") == (
+        records.CRASHED, "the worker exited with code -11 during this cell; its output ended: Segmentation fault")
+
+
+def test_a_worker_that_never_finished_a_cell_is_blamed_so_it_cannot_loop():
+    assert blame(WorkerEnd(recorded=0, in_flight=False, timed_out=False, returncode=3), 30, "") == (
+        records.CRASHED, "the worker exited with code 3 before starting this cell; its output ended: ")
+
+
+def test_a_cell_past_its_timeout_is_recorded_as_such():
+    assert blame(WorkerEnd(recorded=0, in_flight=True, timed_out=True, returncode=-9), 8, "busy") == (
+        records.TIMEOUT, "the cell ran past cell_timeout_s (8 s) and its worker was stopped; its output ended: busy")
+
+
+def test_the_tail_reads_each_record_once_and_waits_for_a_line_being_written(tmp_path):
+    path = tmp_path / records.RECORDS_FILE
+    path.write_text(json.dumps({"cell_id": "before"}) + "\n")
+    tail = records.RecordTail(tmp_path)  # starts where the file ends: what was there is the run's past
+    assert tail.new() == []
+    with path.open("a") as handle:
+        handle.write(json.dumps({"cell_id": "a"}) + "\n" + '{"cell_id": "b"')
+    assert [record["cell_id"] for record in tail.new()] == ["a"]
+    with path.open("a") as handle:
+        handle.write("}\n")
+    assert [record["cell_id"] for record in tail.new()] == ["b"]
+    assert tail.new() == []
