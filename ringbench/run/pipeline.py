@@ -1,4 +1,4 @@
-"""Running one cell: inputs → setup → check → timing → memory → a record (a plain dict).
+"""Running one cell: inputs → setup → check → timing → memory → a record (``ringbench.schema.Record``).
 
 Failures never escape: out-of-memory becomes status ``oom``, any other exception
 status ``error``, an output beyond tolerance status ``wrong``; the cell's tensors
@@ -30,6 +30,8 @@ from ringbench.run.distributed import Group
 from ringbench.run.memory import MIB, allocated_mib, measure_peak
 from ringbench.attention.models import PASS_FACTOR, dense_flops, output_bytes
 from ringbench.vocabulary import Cell
+from ringbench.schema import Check, Comm, Failure, GradientCheck, Memory, Modes, Noise, Plain, Projected, RankFigures
+from ringbench.schema import RankTraffic, Record, Stats
 from ringbench.run.stats import summarize
 from ringbench.run.modes import graph_replay, l2_flush
 from ringbench.run.timing import launch_and_work, measure
@@ -37,6 +39,8 @@ from ringbench.run.timing import launch_and_work, measure
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 # When ranks fail differently, the record names the most telling failure.
 _PRECEDENCE = (records.OOM, records.ERROR)
+# What measuring a cell found: Record fields by name (a failure's status and error, or every measurement).
+Outcome = dict[str, Any]
 
 
 def make_problem(cell: Cell, device: torch.device, seed: int, rank: int = 0) -> registry.Problem:
@@ -71,7 +75,7 @@ def _pass_closure(pass_name: str, run: Callable[[], torch.Tensor], inputs: tuple
     return lambda: torch.autograd.grad(run(), inputs, grad_out)
 
 
-def _inputs_too_large(cell: Cell, device: torch.device) -> dict[str, Any] | None:
+def _inputs_too_large(cell: Cell, device: torch.device) -> Outcome | None:
     """A skip, decided before allocating, for a cell whose q, k, v alone exceed the device's memory."""
     if device.type != "cuda":
         return None
@@ -79,8 +83,8 @@ def _inputs_too_large(cell: Cell, device: torch.device) -> dict[str, Any] | None
     total = torch.cuda.get_device_properties(device).total_memory
     if needed <= total:
         return None
-    return {"status": records.SKIPPED, "error": {"type": "Skipped", "message":
-            f"q, k and v alone need {needed / MIB:,.0f} MiB; the device has {total / MIB:,.0f} MiB"}}
+    return {"status": records.SKIPPED, "error": Failure("Skipped",
+            f"q, k and v alone need {needed / MIB:,.0f} MiB; the device has {total / MIB:,.0f} MiB")}
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -89,9 +93,9 @@ def _out_of_memory(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc))
 
 
-def _failure(exc: BaseException) -> dict[str, Any]:
+def _failure(exc: BaseException) -> Outcome:
     status = records.OOM if _out_of_memory(exc) else records.ERROR
-    return {"status": status, "error": {"type": type(exc).__name__, "message": str(exc)}}
+    return {"status": status, "error": Failure(type(exc).__name__, str(exc))}
 
 
 def _as_bench(prepared: Callable[[], torch.Tensor] | registry.Bench) -> registry.Bench:
@@ -132,7 +136,7 @@ def _modes(fn: Callable[[], object], device: torch.device, budget: TimingBudget,
 
 
 def _time_and_measure(fn: Callable[[], object], device: torch.device, budget: TimingBudget, floor_mib: float,
-                      agree: Callable[[float], float] | None = None) -> dict[str, Any]:
+                      agree: Callable[[float], float] | None = None) -> Projected:
     across_processes = agree is not None
     agree = agree or (lambda value: value)
     # Memory first, from plain calls: no timing mode may change what a cell is found to hold.
@@ -144,47 +148,46 @@ def _time_and_measure(fn: Callable[[], object], device: torch.device, budget: Ti
         del timed  # the graph and its memory pool go before plain calls are timed
         # What the call costs where it is used, launch included; sampled within rep_ms.
         eager = measure(fn, device, replace(budget, max_ms=budget.rep_ms), agree, flush)
-        plain = {"samples_ms": list(eager.samples_ms), "stats": summarize(eager.samples_ms),
-                 "calls_per_sample": eager.calls_per_sample}
-    return {
-        "modes": {**modes, "calls_per_sample": timing.calls_per_sample},
-        "warmup_ms": list(timing.warmup_ms),
-        "samples_ms": list(timing.samples_ms),
-        "stats": summarize(timing.samples_ms),
-        "plain": plain,
-        "peak_allocated_mib": memory.peak_allocated_mib if memory else None,
-        "peak_reserved_mib": memory.peak_reserved_mib if memory else None,
-        "held_mib": memory.held_mib if memory else None,
-    }
+        plain = Plain(tuple(eager.samples_ms), Stats(**summarize(eager.samples_ms)), eager.calls_per_sample)
+    return Projected(
+        modes=Modes(**{**modes, "notes": tuple(modes["notes"])}, calls_per_sample=timing.calls_per_sample),
+        warmup_ms=tuple(timing.warmup_ms),
+        samples_ms=tuple(timing.samples_ms),
+        stats=Stats(**summarize(timing.samples_ms)),
+        plain=plain,
+        peak_allocated_mib=memory.peak_allocated_mib if memory else None,
+        peak_reserved_mib=memory.peak_reserved_mib if memory else None,
+        held_mib=memory.held_mib if memory else None,
+    )
 
 
 def _outcome(cell: Cell, implementation: registry.Implementation, budget: TimingBudget, facts: dict,
-             check: dict | None, main: dict[str, Any], projected: dict | None, inputs_mib: float) -> dict[str, Any]:
-    stats = main["stats"]
-    seconds = stats["median_ms"] / 1e3
+             check: Check | None, main: Projected, projected: Projected | None, inputs_mib: float,
+             ranks: tuple[RankFigures, ...] | None = None) -> Outcome:
+    stats = main.stats
+    seconds = stats.median_ms / 1e3
     flops = (implementation.flops(cell) if implementation.flops else dense_flops(cell)) * PASS_FACTOR[cell.pass_name]
     # The memory models describe a forward call.
     modelled = implementation.memory_model(cell, facts) if implementation.memory_model and cell.pass_name == "forward" else None
     return {
-        "status": records.WRONG if check and not check["passed"] else records.OK,
+        "status": records.WRONG if check and not check.passed else records.OK,
         "facts": facts,
         "check": check,
-        "warmup_ms": main["warmup_ms"],
-        "samples_ms": main["samples_ms"],
+        "warmup_ms": main.warmup_ms,
+        "samples_ms": main.samples_ms,
         "stats": stats,
-        "noise": {"target": budget.noise_target, "rel_iqr": stats["rel_iqr"],
-                  "reached": stats["rel_iqr"] <= budget.noise_target},
-        "modes": main["modes"],
-        "plain": main["plain"],
-        "memory": {
-            "inputs_mib": inputs_mib,
-            "peak_allocated_mib": main["peak_allocated_mib"],
-            "peak_reserved_mib": main["peak_reserved_mib"],
-            "held_mib": main["held_mib"],
-            "modelled_mib": modelled / MIB if modelled is not None else None,
-        },
+        "noise": Noise(target=budget.noise_target, rel_iqr=stats.rel_iqr, reached=stats.rel_iqr <= budget.noise_target),
+        "modes": main.modes,
+        "plain": main.plain,
+        "memory": Memory(
+            inputs_mib=inputs_mib,
+            peak_allocated_mib=main.peak_allocated_mib,
+            peak_reserved_mib=main.peak_reserved_mib,
+            held_mib=main.held_mib,
+            modelled_mib=modelled / MIB if modelled is not None else None,
+        ),
         "projected": projected,
-        "ranks": main.get("ranks"),
+        "ranks": ranks,
         "flops": flops,
         "tflops": flops / seconds / 1e12,
         "tokens_per_s": cell.batch_size * cell.seq_len / seconds,
@@ -200,7 +203,7 @@ def _inputs_mib(problem: registry.Problem) -> float:
 
 
 def _measure(cell: Cell, device: torch.device, budget: TimingBudget, seed: int, skip_oversized: bool,
-             floor_mib: float) -> dict[str, Any]:
+             floor_mib: float) -> Outcome:
     implementation = registry.get(cell.implementation)
     if skip_oversized and (skip := _inputs_too_large(cell, device)):
         return skip
@@ -214,7 +217,7 @@ def _measure(cell: Cell, device: torch.device, budget: TimingBudget, seed: int, 
     return closed or outcome
 
 
-def _guarded(step: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+def _guarded(step: Callable[[], Outcome | None]) -> Outcome | None:
     """``step``'s result, or the failure record of the exception it raised."""
     try:
         return step()
@@ -224,7 +227,7 @@ def _guarded(step: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None
 
 def _check_and_time(cell: Cell, implementation: registry.Implementation, problem: registry.Problem,
                     bench: registry.Bench, device: torch.device, budget: TimingBudget, seed: int,
-                    floor_mib: float) -> dict[str, Any]:
+                    floor_mib: float) -> Outcome:
     # Checked before it is timed; a wrong output is still timed, and marked.
     check, grad_out = None, None
     inputs = bench.inputs or (problem.q, problem.k, problem.v)
@@ -242,7 +245,7 @@ def _check_and_time(cell: Cell, implementation: registry.Implementation, problem
                 check = {**check, "gradients": gradients, "passed": check["passed"] and gradients["passed"]}
             del grads
         if check is not None:
-            check["seconds"] = round(time.perf_counter() - checking, 3)
+            check = _checked(check, time.perf_counter() - checking)
         del output
     main = _time_and_measure(_pass_closure(cell.pass_name, bench.run, inputs, grad_out), device, budget, floor_mib)
     # A rank's share is a forward computation: it projects forward cells only.
@@ -251,37 +254,40 @@ def _check_and_time(cell: Cell, implementation: registry.Implementation, problem
     return _outcome(cell, implementation, budget, problem.facts, check, main, projected, _inputs_mib(problem))
 
 
-def _agree(failure: dict | None) -> dict | None:
+def _checked(verdict: dict[str, Any], seconds: float) -> Check:
+    """The check as recorded: correctness's verdict (holding its gradients' in backward passes) and its cost."""
+    gradients = verdict.get("gradients")
+    return Check(**{**verdict, "gradients": GradientCheck(**gradients) if gradients else None},
+                 seconds=round(seconds, 3))
+
+
+def _agree(failure: Outcome | None) -> Outcome | None:
     """Every rank's failure so far, reduced to the one all ranks record (None if all are fine)."""
     failures = [(rank, f) for rank, f in enumerate(distributed.gather(failure)) if f]
     if not failures:
         return None
     rank, chosen = min(failures, key=lambda item: _PRECEDENCE.index(item[1]["status"]))
     error = chosen["error"]
-    return {"status": chosen["status"], "error": {"type": error["type"], "message": f"rank {rank}: {error['message']}"}}
+    return {"status": chosen["status"], "error": Failure(error.type, f"rank {rank}: {error.message}")}
 
 
-def _combine_ranks(main: dict[str, Any]) -> dict[str, Any]:
-    """Rank 0's view of every rank's timing: the slowest rank per repetition, the largest memory figures."""
-    everyone = distributed.gather({key: main[key] for key in ("samples_ms", "stats", "peak_allocated_mib", "held_mib")})
-    samples = [max(values) for values in zip(*(rank["samples_ms"] for rank in everyone))]
+def _combine_ranks(main: Projected) -> tuple[Projected, tuple[RankFigures, ...]]:
+    """Rank 0's view of every rank's timing: the slowest rank per repetition, the largest memory
+    figures; and every rank's own."""
+    everyone: list[Projected] = distributed.gather(main)
+    samples = tuple(max(values) for values in zip(*(rank.samples_ms for rank in everyone)))
 
     def largest(key: str) -> float | None:
-        values = [rank[key] for rank in everyone]
+        values = [getattr(rank, key) for rank in everyone]
         return None if None in values else max(values)
 
-    return {
-        **main,
-        "samples_ms": samples,
-        "stats": summarize(samples),
-        "peak_allocated_mib": largest("peak_allocated_mib"),
-        "held_mib": largest("held_mib"),
-        "ranks": [{"rank": rank, "median_ms": data["stats"]["median_ms"], "peak_allocated_mib": data["peak_allocated_mib"],
-                   "held_mib": data["held_mib"]} for rank, data in enumerate(everyone)],
-    }
+    combined = replace(main, samples_ms=samples, stats=Stats(**summarize(samples)),
+                       peak_allocated_mib=largest("peak_allocated_mib"), held_mib=largest("held_mib"))
+    return combined, tuple(RankFigures(rank, data.stats.median_ms, data.peak_allocated_mib, data.held_mib)
+                           for rank, data in enumerate(everyone))
 
 
-def _combine_traffic(traffic: dict[str, float]) -> dict[str, Any] | None:
+def _combine_traffic(traffic: dict[str, float]) -> Comm | None:
     """Every rank's bytes sent and time waiting in one instrumented call; the headline is the worst rank.
 
     None when no rank sent through the clock: the implementation communicates in
@@ -290,22 +296,22 @@ def _combine_traffic(traffic: dict[str, float]) -> dict[str, Any] | None:
     everyone = distributed.gather(traffic)
     if not any(data["sends"] for data in everyone):
         return None
-    ranks = [{
-        "rank": rank,
-        "sent_bytes_per_step": data["sent_bytes"] / data["sends"] if data["sends"] else 0.0,
-        "wait_ms": data["wait_ms"],
-        "call_ms": data["call_ms"],
-        "wait_share": data["wait_ms"] / data["call_ms"] if data["call_ms"] > 0 else 0.0,
-    } for rank, data in enumerate(everyone)]
-    return {
-        "sent_bytes_per_step": max(rank["sent_bytes_per_step"] for rank in ranks),
-        "wait_share": max(rank["wait_share"] for rank in ranks),
-        "ranks": ranks,
-    }
+    ranks = tuple(RankTraffic(
+        rank=rank,
+        sent_bytes_per_step=data["sent_bytes"] / data["sends"] if data["sends"] else 0.0,
+        wait_ms=data["wait_ms"],
+        call_ms=data["call_ms"],
+        wait_share=data["wait_ms"] / data["call_ms"] if data["call_ms"] > 0 else 0.0,
+    ) for rank, data in enumerate(everyone))
+    return Comm(
+        sent_bytes_per_step=max(rank.sent_bytes_per_step for rank in ranks),
+        wait_share=max(rank.wait_share for rank in ranks),
+        ranks=ranks,
+    )
 
 
 def _measure_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int, skip_oversized: bool,
-                      floor_mib: float) -> dict[str, Any]:
+                      floor_mib: float) -> Outcome:
     opened: list[registry.Bench] = []
     outcome = _set_up_check_and_time_on_ranks(cell, group, budget, seed, skip_oversized, floor_mib, opened)
     # Every rank agrees on closing, including ranks whose setup failed (they have nothing to close).
@@ -313,7 +319,7 @@ def _measure_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int,
 
 
 def _set_up_check_and_time_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int, skip_oversized: bool,
-                                    floor_mib: float, opened: list[registry.Bench]) -> dict[str, Any]:
+                                    floor_mib: float, opened: list[registry.Bench]) -> Outcome:
     """The cell's outcome on this rank; the bench setup returned goes into ``opened``.
 
     The bench is handed out that way, not returned, so that no caller's frame holds
@@ -366,7 +372,7 @@ def _set_up_check_and_time_on_ranks(cell: Cell, group: Group, budget: TimingBudg
         if backward:
             gradients = correctness.gradient_verdict(distributed.sum_over_ranks(gradient_sums, device), tolerance, sample)
             check = {**check, "gradients": gradients, "passed": check["passed"] and gradients["passed"]}
-        check["seconds"] = round(distributed.max_over_ranks(check_s, device), 3)
+        check = _checked(check, distributed.max_over_ranks(check_s, device))
     try:
         timed = _pass_closure(cell.pass_name, bench.run, inputs, grad_out)
         main = _time_and_measure(timed, device, budget, floor_mib,
@@ -376,7 +382,8 @@ def _set_up_check_and_time_on_ranks(cell: Cell, group: Group, budget: TimingBudg
         failure = _failure(exc)
     if failure := _agree(failure):
         return failure
-    outcome = _outcome(cell, implementation, budget, facts, check, _combine_ranks(main), None, inputs_mib)
+    combined, ranks = _combine_ranks(main)
+    outcome = _outcome(cell, implementation, budget, facts, check, combined, None, inputs_mib, ranks)
     return {**outcome, "comm": _combine_traffic(traffic)}
 
 
@@ -392,35 +399,11 @@ def _release(device: torch.device) -> None:
             pass
 
 
-def make_record(cell: Cell, outcome: dict[str, Any], device: torch.device | None = None, started_at: str | None = None,
-                seconds: float | None = None) -> dict[str, Any]:
-    """A record with every field present; what was not measured stays null."""
-    return {
-        "schema_version": records.SCHEMA_VERSION,
-        "cell_id": cell.id,
-        **cell.params(),
-        "label": cell.label,
-        "device": None if device is None else str(device),
-        "started_at": started_at,
-        "duration_s": None if seconds is None else round(seconds, 3),
-        "error": None,
-        "facts": {},
-        "check": None,
-        "warmup_ms": [],
-        "samples_ms": [],
-        "stats": None,
-        "noise": None,
-        "modes": None,
-        "plain": None,
-        "memory": None,
-        "projected": None,
-        "ranks": None,
-        "comm": None,
-        "flops": None,
-        "tflops": None,
-        "tokens_per_s": None,
-        **outcome,
-    }
+def make_record(cell: Cell, outcome: Outcome, device: torch.device | None = None, started_at: str | None = None,
+                seconds: float | None = None) -> Record:
+    """The cell's record; what was not measured stays null."""
+    return Record.of_cell(cell, device=None if device is None else str(device), started_at=started_at,
+                          duration_s=None if seconds is None else round(seconds, 3), **outcome)
 
 
 def _now() -> str:
@@ -428,7 +411,7 @@ def _now() -> str:
 
 
 def run_cell(cell: Cell, device: torch.device, budget: TimingBudget, seed: int,
-             skip_oversized: bool = True) -> dict[str, Any]:
+             skip_oversized: bool = True) -> Record:
     """Measure one cell in this process and return its record; never raises for a failing implementation.
 
     With ``skip_oversized`` a cell whose inputs alone exceed the device's memory is
@@ -441,7 +424,7 @@ def run_cell(cell: Cell, device: torch.device, budget: TimingBudget, seed: int,
 
 
 def run_cell_on_ranks(cell: Cell, group: Group, budget: TimingBudget, seed: int,
-                      skip_oversized: bool = True) -> dict[str, Any]:
+                      skip_oversized: bool = True) -> Record:
     """Measure one cell on every rank of the group (all ranks call this); every rank gets the agreed record."""
     distributed.barrier()
     started_at, start = _now(), time.perf_counter()

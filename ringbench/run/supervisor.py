@@ -34,6 +34,7 @@ from ringbench import records
 from ringbench.run import distributed, env
 from ringbench.sweep.config import Sweep
 from ringbench.errors import ConfigError
+from ringbench.schema import Failure, Record
 from ringbench.sweep.plan import Plan
 from ringbench.vocabulary import Cell
 from ringbench.run.modes import matmul_peak_tflops, prime_libraries
@@ -49,13 +50,13 @@ class Observer(Protocol):
 
     def cell_started(self, index: int, cell: Cell) -> None: ...
 
-    def cell_finished(self, index: int, cell: Cell, record: dict[str, Any]) -> None: ...
+    def cell_finished(self, index: int, cell: Cell, record: Record) -> None: ...
 
 
 @dataclass
 class RunResult:
     run_dir: Path
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
     interrupted: bool = False
 
 
@@ -101,8 +102,8 @@ def _finish(run_dir: Path) -> None:
     records.write_json_atomic(run_dir / records.RUN_FILE, meta)
 
 
-def _failed(cell: Cell, status: str, message: str) -> dict[str, Any]:
-    return make_record(cell, {"status": status, "error": {"type": status.capitalize(), "message": message}})
+def _failed(cell: Cell, status: str, message: str) -> Record:
+    return make_record(cell, {"status": status, "error": Failure(status.capitalize(), message)})
 
 
 _PR_SET_PDEATHSIG = 1
@@ -161,9 +162,9 @@ def _launch(world_size: int, cells: list[Cell], run_dir: Path, writer: records.R
     pending = list(cells)
     log_path = run_dir / f"worker-{world_size}.log"
 
-    def finished(record: dict[str, Any]) -> None:
-        pending.remove(by_id[record["cell_id"]])
-        observer.cell_finished(first_index + len(cells) - len(pending) - 1, by_id[record["cell_id"]], record)
+    def finished(record: Record) -> None:
+        pending.remove(by_id[record.cell_id])
+        observer.cell_finished(first_index + len(cells) - len(pending) - 1, by_id[record.cell_id], record)
         if pending:
             observer.cell_started(first_index + len(cells) - len(pending), pending[0])
 
@@ -188,7 +189,7 @@ def _launch(world_size: int, cells: list[Cell], run_dir: Path, writer: records.R
                 progress = time.time()
                 while pending:
                     exited = process.poll() is not None  # read before the records, so none written at exit is missed
-                    new = [record for record in _new_records(run_dir, result) if record["cell_id"] in by_id]
+                    new = [record for record in _new_records(run_dir, result) if record.cell_id in by_id]
                     for record in new:
                         finished(record)
                         progress = time.time()
@@ -225,7 +226,7 @@ def _launch(world_size: int, cells: list[Cell], run_dir: Path, writer: records.R
     _inflight_path(run_dir, world_size).unlink(missing_ok=True)  # every cell has its record: nothing is in flight
 
 
-def _new_records(run_dir: Path, result: RunResult) -> list[dict[str, Any]]:
+def _new_records(run_dir: Path, result: RunResult) -> list[Record]:
     """Records appended by the workers since the last look."""
     stored = list(records.read_records(run_dir))
     new = stored[len(result.records):]
