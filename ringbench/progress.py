@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
 from ringbench import records
-from ringbench.vocabulary import Cell, label_of, placement
+from ringbench.schema import Record
+from ringbench.vocabulary import Cell
 
 _STYLE = {records.OK: "green", records.OOM: "yellow", records.ERROR: "red"}
 
 
-def _status(record: dict[str, Any]) -> str:
-    status = record["status"]
+def _status(record: Record) -> str:
+    status = record.status
     return f"[{_STYLE.get(status, 'magenta')}]{status}[/]"
 
 
@@ -53,28 +53,28 @@ class ProgressBar:
     def cell_started(self, index: int, cell: Cell) -> None:
         self.progress.update(self.task, description=cell.title)
 
-    def cell_finished(self, index: int, cell: Cell, record: dict[str, Any]) -> None:
+    def cell_finished(self, index: int, cell: Cell, record: Record) -> None:
         self.progress.update(self.task, advance=1, last=f"last: {_status(record)}")
 
 
 # The shape axes as the closing table shows them: a column where they vary, else in the title.
 _AXES = {
-    "dtype": lambda record: record["dtype"],
-    "causal": lambda record: "causal" if record["causal"] else "non-causal",
-    "pass": lambda record: record["pass"],
-    "B": lambda record: f"B={record['batch_size']}",
-    "H": lambda record: f"H={record['heads']}",
-    "D": lambda record: f"D={record['head_dim']}",
+    "dtype": lambda record: record.dtype,
+    "causal": lambda record: "causal" if record.causal else "non-causal",
+    "pass": lambda record: record.pass_name,
+    "B": lambda record: f"B={record.batch_size}",
+    "H": lambda record: f"H={record.heads}",
+    "D": lambda record: f"D={record.head_dim}",
 }
 
 
-def summary_table(cell_records: list[dict[str, Any]]) -> Table:
+def summary_table(cell_records: list[Record]) -> Table:
     """Every finished cell in a table that reads at 80 columns: labels wrap rather than being cut,
     axes with one value across the run go to the title, and memory goes where none was measured (the CPU)."""
     varying = [name for name, read in _AXES.items() if len({read(record) for record in cell_records}) > 1]
     constant = [read(cell_records[0]) for name, read in _AXES.items() if name not in varying] if cell_records else []
     table = Table(title=" · ".join(["ringbench run", *constant]))
-    peaks = [(record["memory"] or {}).get("peak_allocated_mib") for record in cell_records]
+    peaks = [record.memory.peak_allocated_mib if record.memory else None for record in cell_records]
     measured = any(peak is not None for peak in peaks)
     table.add_column("implementation", overflow="fold", ratio=1, min_width=len("implementation"))
     table.add_column("seq_len", justify="right")
@@ -86,14 +86,13 @@ def summary_table(cell_records: list[dict[str, Any]]) -> Table:
     if measured:
         table.add_column("peak MiB", justify="right")
     for record, peak in zip(cell_records, peaks):
-        stats = record["stats"] or {}
         table.add_row(
-            label_of(record),
-            str(record["seq_len"]),
-            str(placement(record["ring_size"], record.get("world_size", 1))),
+            record.display_label,
+            str(record.seq_len),
+            str(record.cell.placement),
             *(_AXES[name](record) for name in varying),
             _status(record),
-            f"{stats['median_ms']:.4g}" if stats else "-",
+            f"{record.median_ms:.4g}" if record.median_ms is not None else "-",
             *([f"{peak:,.1f}" if peak is not None else "-"] if measured else []),
         )
     return table

@@ -1,8 +1,8 @@
 """Stored results: a run folder holding ``run.json`` (environment, config, plan) and
 ``records.jsonl`` (one line per finished cell, appended and fsynced as it ends).
 
-Every stored object carries ``schema_version``. This module never imports torch:
-the report reads through it.
+Every stored object carries ``schema_version``; a record is read and written as a
+``ringbench.schema.Record``. This module never imports torch: the report reads through it.
 """
 
 from __future__ import annotations
@@ -14,16 +14,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ringbench.errors import UserError, show
+# The statuses are the record's (the schema checks them); callers name them from here, beside the files.
+from ringbench.schema import (  # noqa: F401  (re-exported)
+    CRASHED, ERROR, FAILED, MEASURED, OK, OOM, SCHEMA_VERSION, SKIPPED, TIMEOUT, WRONG, Record)
 
-SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"
-
-OK, WRONG, OOM, ERROR, CRASHED, TIMEOUT, SKIPPED = "ok", "wrong", "oom", "error", "crashed", "timeout", "skipped"
-# Statuses `--retry-failed` runs again (a skip is a decision, not a failure).
-FAILED = (OOM, ERROR, CRASHED, TIMEOUT)
-# Statuses whose records carry timings (a wrong output is still timed).
-MEASURED = (OK, WRONG)
 
 
 def create_run_dir(output_root: Path, commit: str) -> Path:
@@ -78,8 +74,8 @@ class RecordWriter:
     def __init__(self, run_dir: Path):
         self._handle = (run_dir / RECORDS_FILE).open("a", encoding="utf-8")
 
-    def append(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
+    def append(self, record: Record) -> None:
+        self._handle.write(json.dumps(record.to_json(), sort_keys=True, allow_nan=False) + "\n")
         self._handle.flush()
         os.fsync(self._handle.fileno())
 
@@ -127,18 +123,15 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def _parse(line: str, where: str) -> dict[str, Any]:
+def _parse(line: str, where: str) -> Record:
     try:
-        record = json.loads(line)
-        if not isinstance(record, dict) or "cell_id" not in record:
-            raise ValueError("not a record")
+        return Record.from_json(json.loads(line))
     except ValueError as exc:
         raise BrokenRun(where, f"not a record ({show(str(exc))[1:-1]}); a run cut off while "
                         "writing is mended by resuming it") from None
-    return record
 
 
-def read_records(run_dir: Path) -> Iterator[dict[str, Any]]:
+def read_records(run_dir: Path) -> Iterator[Record]:
     """The run's records; a line that is not a record stops the reading with a BrokenRun."""
     path = run_dir / RECORDS_FILE
     if not path.exists():
@@ -158,7 +151,7 @@ class RecordTail:
         self.path = run_dir / RECORDS_FILE
         self.offset = self.path.stat().st_size if self.path.exists() else 0
 
-    def new(self) -> list[dict[str, Any]]:
+    def new(self) -> list[Record]:
         if not self.path.exists():
             return []
         with self.path.open("rb") as handle:
@@ -187,7 +180,7 @@ def drop_partial_line(run_dir: Path) -> bool:
 
 def done_ids(run_dir: Path, retry_failed: bool) -> set[str]:
     """Cells a resumed run need not run again: the latest record of each decides."""
-    latest = {record["cell_id"]: record["status"] for record in read_records(run_dir)}
+    latest = {record.cell_id: record.status for record in read_records(run_dir)}
     return {cell_id for cell_id, status in latest.items() if not (retry_failed and status in FAILED)}
 
 

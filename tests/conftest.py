@@ -20,8 +20,10 @@ def registry_with_fakes():
 def measure(cell, device, budget, seed=0, skip_oversized=True):
     """One cell's record, measured in this process, its implementation found by name."""
     from ringbench.run import pipeline
+    from ringbench.run.distributed import OneProcess
 
-    return pipeline.run_cell(cell, registry_with_fakes().get(cell.implementation), device, budget, seed, skip_oversized)
+    return pipeline.run_cell(cell, registry_with_fakes().get(cell.implementation), OneProcess(device), budget, seed,
+                             skip_oversized)
 
 # Triton kernels run on the CPU, interpreted: set before any kernel is defined (ringbench imports them).
 os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -150,9 +150,10 @@ def test_the_closing_table_reads_at_80_columns_with_labels_whole():
     from rich.console import Console
 
     from ringbench.progress import summary_table
+    from ringbench.schema import Record
 
     fixture = Path(__file__).parent / "fixtures" / "sample-grid" / "records.jsonl"
-    cell_records = [json.loads(line) for line in fixture.read_text().splitlines()]
+    cell_records = [Record.from_json(json.loads(line)) for line in fixture.read_text().splitlines()]
     console = Console(width=80, record=True, color_system=None)
     console.print(summary_table(cell_records))
     text = console.export_text()

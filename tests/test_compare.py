@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from ringbench.cli import app
 from ringbench.report.compare import compare_runs, render_markdown
-from ringbench.run.stats import mann_whitney_p
+from ringbench.run.stats import mann_whitney_p, summarize
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run"
 
@@ -48,7 +48,7 @@ def edit(record):
     elif key == ("standard", 6144, 1):
         record.update(status="oom", stats=None, samples_ms=[])
     elif key == ("standard", 8192, 1):
-        record.update(status="ok", stats={"median_ms": 5.0}, samples_ms=[5.0] * 5)
+        record.update(status="ok", stats=summarize([5.0] * 5), samples_ms=[5.0] * 5)
     elif key == ("ring", 8192, 1) and record["ring_size"] == 1:
         # The median moves by 1.128× (0.47 → 0.53 ms), but the samples overlap: not significant.
         record["samples_ms"] = [0.44, 0.53, 0.54, 0.55, 0.49]

@@ -23,23 +23,23 @@ def run(name, seq_len=32, ring_size=None, options=()):
 
 def test_a_wrong_implementation_is_timed_and_marked_wrong():
     record = run("test-wrong")
-    assert record["status"] == records.WRONG
-    assert record["check"]["passed"] is False and record["check"]["rel_error"] > 0.1
-    assert record["check"]["rows_checked"] == 32 and record["check"]["tolerance"] == correctness.TOLERANCE["float32"]
-    assert record["stats"]["n"] >= 2 and record["samples_ms"]
+    assert record.status == records.WRONG
+    assert record.check.passed is False and record.check.rel_error > 0.1
+    assert record.check.rows_checked == 32 and record.check.tolerance == correctness.TOLERANCE["float32"]
+    assert record.stats.n >= 2 and record.samples_ms
 
 
 def test_nan_output_is_wrong_and_stored_as_null():
     record = run("test-nan")
-    assert record["status"] == records.WRONG
-    assert record["check"]["rel_error"] is None and record["check"]["max_abs_error"] is None
+    assert record.status == records.WRONG
+    assert record.check.rel_error is None and record.check.max_abs_error is None
 
 
 def test_correct_implementations_pass_with_small_recorded_errors():
     record = run("ring", ring_size=4, options=(("kernel", "auto"), ("zigzag", True)))
-    assert record["status"] == records.OK and record["check"]["rel_error"] < 1e-6
-    assert record["projected"]["stats"]["n"] >= 2
-    assert record["flops"] == 4 * 2 * 32 * 32 * 8
+    assert record.status == records.OK and record.check.rel_error < 1e-6
+    assert record.projected.stats.n >= 2
+    assert record.flops == 4 * 2 * 32 * 32 * 8
 
 
 def test_long_sequences_are_checked_on_a_fixed_row_subset(monkeypatch):
@@ -49,9 +49,9 @@ def test_long_sequences_are_checked_on_a_fixed_row_subset(monkeypatch):
     assert len(rows) == 5 and torch.equal(rows, correctness.check_rows(64, seed=3, device=CPU))
     assert torch.equal(rows, rows.sort().values) and not torch.equal(rows, correctness.check_rows(64, seed=4, device=CPU))
     wrong = run("test-wrong", seq_len=64)
-    assert wrong["check"]["rows_checked"] == 5 and wrong["status"] == records.WRONG
+    assert wrong.check.rows_checked == 5 and wrong.status == records.WRONG
     right = run("sdpa", seq_len=64, options=(("backend", "auto"),))
-    assert right["check"]["rows_checked"] == 5 and right["status"] == records.OK
+    assert right.check.rows_checked == 5 and right.status == records.OK
 
 
 def _problem(seq_len, causal, family_options=None, dtype=torch.float64):
@@ -101,10 +101,10 @@ def test_a_float64_sweep_passes_float32_accumulating_implementations_and_still_c
         return Cell(name, options, 32, ring_size, 1, 2, 8, "float64", False, pass_name)
 
     ring = measure(cell("ring", (("kernel", "auto"), ("zigzag", False)), 4, "forward+backward"), CPU, BUDGET, 0)
-    assert ring["status"] == records.OK and ring["check"]["tolerance"] == correctness.TOLERANCE["float32"]
-    assert 1e-10 < ring["check"]["rel_error"] < 1e-6  # beyond float64's tolerance, well within float32's
+    assert ring.status == records.OK and ring.check.tolerance == correctness.TOLERANCE["float32"]
+    assert 1e-10 < ring.check.rel_error < 1e-6  # beyond float64's tolerance, well within float32's
     dilated = measure(cell("dilated", (("dilation_rates", (1, 2)), ("kernel", "auto"),
                                                ("segment_lengths", (8, 16)))), CPU, BUDGET, 0)
-    assert dilated["status"] == records.OK
+    assert dilated.status == records.OK
     wrong = measure(cell("test-wrong"), CPU, BUDGET, 0)
-    assert wrong["status"] == records.WRONG and wrong["check"]["tolerance"] == correctness.TOLERANCE["float64"]
+    assert wrong.status == records.WRONG and wrong.check.tolerance == correctness.TOLERANCE["float64"]

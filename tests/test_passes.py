@@ -8,6 +8,7 @@ from ringbench import records
 from ringbench.run import correctness
 from ringbench.sweep import config, plan
 from ringbench.run import pipeline
+from ringbench.schema import Modes
 from ringbench.sweep.config import TimingBudget
 from ringbench.vocabulary import Cell
 
@@ -27,12 +28,12 @@ def run(name, pass_name, causal=False, seq_len=32):
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradients_match_float64_reference(name, pass_name, causal):
     record = run(name, pass_name, causal)
-    assert record["status"] == records.OK, record["error"]
-    gradients = record["check"]["gradients"]
-    assert gradients["checked"] and max(gradients[f"d{x}_rel_error"] for x in "qkv") < 1e-5
+    assert record.status == records.OK, record.error
+    gradients = record.check.gradients
+    assert gradients.checked and max(getattr(gradients, f"d{x}_rel_error") for x in "qkv") < 1e-5
     factor = {"backward": 2.5, "forward+backward": 3.5}[pass_name]
-    assert record["flops"] == factor * 4 * 2 * 2 * 32 * 32 * 8 / (2 if causal else 1)
-    assert record["memory"]["modelled_mib"] is None  # models describe the forward call only
+    assert record.flops == factor * 4 * 2 * 2 * 32 * 32 * 8 / (2 if causal else 1)
+    assert record.memory.modelled_mib is None  # models describe the forward call only
 
 
 def test_backward_time_holds_no_forward():
@@ -42,28 +43,28 @@ def test_backward_time_holds_no_forward():
     fake.forward_calls.clear()
     record = run("test-counting", "backward")
     # One forward for the check, one whose graph every timed backward reuses.
-    assert len(fake.forward_calls) == 2 and record["stats"]["n"] >= 3
+    assert len(fake.forward_calls) == 2 and record.stats.n >= 3
     fake.forward_calls.clear()
     record = run("test-counting", "forward+backward")
-    assert len(fake.forward_calls) == 1 + len(record["warmup_ms"]) + len(record["samples_ms"])
+    assert len(fake.forward_calls) == 1 + len(record.warmup_ms) + len(record.samples_ms)
 
 
 def test_wrong_gradients_make_the_cell_wrong():
     record = run("test-bad-grad", "backward")
-    assert record["status"] == records.WRONG
-    assert record["check"]["rel_error"] < 1e-5 and not record["check"]["gradients"]["passed"]
-    assert record["check"]["gradients"]["dq_rel_error"] == pytest.approx(1.0)
+    assert record.status == records.WRONG
+    assert record.check.rel_error < 1e-5 and not record.check.gradients.passed
+    assert record.check.gradients.dq_rel_error == pytest.approx(1.0)
 
 
 def test_gradients_of_long_sequences_are_checked_on_a_sample(monkeypatch):
     monkeypatch.setattr(correctness, "GRADIENT_FULL_MAX_SEQ", 16)
     monkeypatch.setattr(correctness, "GRADIENT_SAMPLE_ROWS", 5)
     monkeypatch.setattr(correctness, "BLOCK_ELEMENTS", 7 * 32)  # blocks of 7 rows: the last one short
-    right = run("standard", "backward")["check"]["gradients"]
-    assert right["checked"] and right["passed"] and right["rel_error"] < 1e-6
-    assert (right["heads_checked"], right["rows_checked"]) == (2, 5)
+    right = run("standard", "backward").check.gradients
+    assert right.checked and right.passed and right.rel_error < 1e-6
+    assert (right.heads_checked, right.rows_checked) == (2, 5)
     wrong = run("test-bad-grad", "forward+backward")
-    assert wrong["status"] == records.WRONG and wrong["check"]["gradients"]["dq_rel_error"] == pytest.approx(1.0)
+    assert wrong.status == records.WRONG and wrong.check.gradients.dq_rel_error == pytest.approx(1.0)
 
 
 def test_forward_only_implementations_are_left_out_of_backward_passes(write_config):
@@ -80,14 +81,13 @@ def test_gpu_only_modes_say_why_they_are_off_on_the_cpu():
                           cuda_graph="always")
     cell = Cell("sdpa", (("backend", "auto"),), 32, None, 1, 2, 8, "float32", False, "forward")
     record = measure(cell, CPU, budget, 0)
-    assert record["status"] == records.OK
-    assert record["modes"] == {"cold_l2": False, "cuda_graph": False, "calls_per_sample": 1, "launch_ms": None,
-                               "device_ms": None,
-                               "notes": ["cold L2 applies to GPUs only", "CUDA graphs need a CUDA device"]}
-    assert record["plain"] is None
+    assert record.status == records.OK
+    assert record.modes == Modes(cold_l2=False, cuda_graph=False, launch_ms=None, device_ms=None, calls_per_sample=1,
+                                 notes=("cold L2 applies to GPUs only", "CUDA graphs need a CUDA device"))
+    assert record.plain is None
     # Left to decide (auto), the CPU has no graphs to choose and nothing to explain.
     auto = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3, noise_target=100)
-    assert measure(cell, CPU, auto, 0)["modes"]["notes"] == []
+    assert measure(cell, CPU, auto, 0).modes.notes == ()
 
 
 def test_ring_backward_leaves_out_the_efficient_kernel(write_config):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from ringbench import records
 from ringbench.cli import app
 
 from conftest import BASE_CONFIG
@@ -42,9 +43,10 @@ def test_sigkill_at_random_moments_then_resume(write_config):
         before = [json.loads(line) for line in lines_of(run_dir) if line.endswith("}")]
         result = CliRunner().invoke(app, ["run", "--resume", str(run_dir)])
         assert result.exit_code == 0, result.output
-        after = [json.loads(line) for line in lines_of(run_dir)]  # every line parses
+        after = [json.loads(line) for line in lines_of(run_dir)]
         planned = [p["cell_id"] for p in json.loads((run_dir / "run.json").read_text())["planned"]]
-        assert sorted(r["cell_id"] for r in after) == sorted(planned)  # none lost, none twice
+        # Every line is a record, and none is lost or there twice.
+        assert sorted(r.cell_id for r in records.read_records(run_dir)) == sorted(planned)
         assert after[: len(before)] == before  # finished records untouched
         assert json.loads((run_dir / "run.json").read_text())["resumed"][0]["retry_failed"] is False
 
@@ -59,7 +61,7 @@ def test_retry_failed_reruns_failures_and_the_report_keeps_the_latest(write_conf
     assert nothing.exit_code == 0 and len(lines_of(run_dir)) == 4  # nothing was missing
     retried = CliRunner().invoke(app, ["run", "--resume", str(run_dir), "--retry-failed"])
     assert retried.exit_code == 0
-    statuses = [json.loads(line)["status"] for line in lines_of(run_dir)]
+    statuses = [record.status for record in records.read_records(run_dir)]
     assert statuses[4:] == ["oom", "oom"]  # only the two failed cells ran again
     CliRunner().invoke(app, ["report", str(run_dir), "-q"])
     markdown = (run_dir / "report.md").read_text()
@@ -107,8 +109,8 @@ def test_two_runs_writing_into_one_root_at_once_keep_apart(write_config):
     assert len(run_dirs) == 2  # started in the same second, they still get a folder each
     for run_dir in run_dirs:
         planned = [p["cell_id"] for p in json.loads((run_dir / "run.json").read_text())["planned"]]
-        stored = [json.loads(line) for line in lines_of(run_dir)]
-        assert [r["cell_id"] for r in stored] == planned and all(r["status"] == "ok" for r in stored)
+        stored = list(records.read_records(run_dir))
+        assert [r.cell_id for r in stored] == planned and all(r.status == "ok" for r in stored)
         assert not list(run_dir.glob(".*.tmp"))  # atomic writes leave nothing half-done behind
 
 
@@ -126,4 +128,4 @@ def test_resume_works_from_any_working_directory(write_config, tmp_path, monkeyp
     monkeypatch.chdir(elsewhere)
     result = CliRunner().invoke(app, ["run", "--resume", str(run_dir.resolve())])
     assert result.exit_code == 0, result.output
-    assert sorted(json.loads(line)["cell_id"] for line in lines_of(run_dir)) == sorted(p["cell_id"] for p in meta["planned"])
+    assert sorted(r.cell_id for r in records.read_records(run_dir)) == sorted(p["cell_id"] for p in meta["planned"])

@@ -10,6 +10,7 @@ from ringbench.run import env
 from ringbench.sweep import config, plan
 from ringbench.run import supervisor, worker
 from ringbench.errors import ConfigError
+from ringbench.schema import Failure
 
 from conftest import BASE_CONFIG, measure
 
@@ -25,7 +26,7 @@ class Recorder:
         self.events.append(("cell", index))
 
     def cell_finished(self, index, cell, record):
-        self.events.append(("done", index, record["status"]))
+        self.events.append(("done", index, record.status))
 
 
 def run_config(path, output_root):
@@ -42,20 +43,21 @@ def test_failures_become_records_and_the_sweep_goes_on(write_config, tmp_path):
     assert stored == result.records and len(stored) == len(the_plan.cells) == 8
     by_impl = {}
     for record in stored:
-        by_impl.setdefault(record["implementation"], []).append(record)
-    assert {r["status"] for r in by_impl["test-oom"]} == {"oom"}
-    assert by_impl["test-oom"][0]["error"] == {"type": "OutOfMemoryError", "message": "CUDA out of memory. Tried to allocate 1024.00 GiB"}
-    assert {r["status"] for r in by_impl["test-error"]} == {"error"}
-    assert by_impl["test-error"][0]["error"] == {"type": "ValueError", "message": "bad | input\nsecond line"}
+        by_impl.setdefault(record.implementation, []).append(record)
+    assert {r.status for r in by_impl["test-oom"]} == {"oom"}
+    assert by_impl["test-oom"][0].error == Failure("OutOfMemoryError",
+                                                   "CUDA out of memory. Tried to allocate 1024.00 GiB")
+    assert {r.status for r in by_impl["test-error"]} == {"error"}
+    assert by_impl["test-error"][0].error == Failure("ValueError", "bad | input\nsecond line")
     for record in by_impl["standard"] + by_impl["sdpa"]:
-        assert record["status"] == "ok" and record["error"] is None
-        assert len(record["samples_ms"]) == record["stats"]["n"] >= 2 and record["warmup_ms"]
+        assert record.status == "ok" and record.error is None
+        assert len(record.samples_ms) == record.stats.n >= 2 and record.warmup_ms
         # CPU: no memory is measured, so none is invented; the inputs' size is exact.
-        assert record["memory"]["peak_allocated_mib"] is None and record["memory"]["peak_reserved_mib"] is None
-        assert record["memory"]["inputs_mib"] == 3 * 2 * record["seq_len"] * 16 * 4 / 2**20
-        assert record["tokens_per_s"] == record["seq_len"] / (record["stats"]["median_ms"] / 1e3)
+        assert record.memory.peak_allocated_mib is None and record.memory.peak_reserved_mib is None
+        assert record.memory.inputs_mib == 3 * 2 * record.seq_len * 16 * 4 / 2**20
+        assert record.tokens_per_s == record.seq_len / (record.stats.median_ms / 1e3)
     assert observer.events[0] == ("started", 8) and observer.events[-1] == ("done", 7, "ok")
-    assert [r["cell_id"] for r in stored] == [c.id for c in the_plan.cells]
+    assert [r.cell_id for r in stored] == [c.id for c in the_plan.cells]
 
 
 def test_run_file_stamps_environment_config_and_plan(write_config, tmp_path):
@@ -110,8 +112,8 @@ def test_inputs_larger_than_the_device_are_skipped_before_allocating(monkeypatch
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
     cell = Cell("sdpa", (("backend", "auto"),), 2**20, None, 1, 16, 128, "bfloat16", False, "forward")
     skip = pipeline._inputs_too_large(cell, torch.device("cuda", 0))
-    assert skip == {"status": "skipped", "error": {
-        "type": "Skipped", "message": "q, k and v alone need 12,288 MiB; the device has 1,024 MiB"}}
+    assert skip == {"status": "skipped", "error": Failure(
+        "Skipped", "q, k and v alone need 12,288 MiB; the device has 1,024 MiB")}
     assert pipeline._inputs_too_large(dataclasses.replace(cell, seq_len=2**10), torch.device("cuda", 0)) is None
 
 
@@ -119,12 +121,12 @@ def test_the_oversized_skip_can_be_turned_off(write_config, monkeypatch):
     from ringbench.run import pipeline
     from ringbench.vocabulary import Cell
 
-    skip = {"status": "skipped", "error": {"type": "Skipped", "message": "too large"}}
+    skip = {"status": "skipped", "error": Failure("Skipped", "too large")}
     monkeypatch.setattr(pipeline, "_inputs_too_large", lambda cell, device: skip)
     cell = Cell("sdpa", (("backend", "auto"),), 32, None, 1, 2, 8, "float32", False, "forward")
     budget = config.TimingBudget(warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3)
-    assert measure(cell, torch.device("cpu"), budget, 0)["status"] == "skipped"
-    assert measure(cell, torch.device("cpu"), budget, 0, skip_oversized=False)["status"] == "ok"
+    assert measure(cell, torch.device("cpu"), budget, 0).status == "skipped"
+    assert measure(cell, torch.device("cpu"), budget, 0, skip_oversized=False).status == "ok"
     assert config.load(write_config(BASE_CONFIG + "skip_oversized_inputs: false\n")).skip_oversized_inputs is False
 
 
@@ -136,13 +138,13 @@ def test_close_undoes_setup_and_a_failing_close_is_the_cells_error(write_config,
     _, result, _ = run_config(write_config(text + "plugins: [fake_impls]\n"), tmp_path / "out")
     by_impl = {}
     for record in result.records:
-        by_impl.setdefault((record["implementation"], record["options"].get("tag")), []).append(record)
+        by_impl.setdefault((record.implementation, record.options.get("tag")), []).append(record)
     for key in [("test-patching", 0), ("test-patching", 1), ("sdpa", None)]:
-        assert {r["status"] for r in by_impl[key]} == {"ok"}, by_impl[key][0]["error"]
-        assert all(r["check"]["rel_error"] < 1e-5 for r in by_impl[key])
+        assert {r.status for r in by_impl[key]} == {"ok"}, by_impl[key][0].error
+        assert all(r.check.rel_error < 1e-5 for r in by_impl[key])
     for record in by_impl[("test-bad-close", None)]:
-        assert record["status"] == "error"
-        assert record["error"] == {"type": "RuntimeError", "message": "could not undo the setup"}
+        assert record.status == "error"
+        assert record.error == Failure("RuntimeError", "could not undo the setup")
 
 
 def test_a_dying_or_hanging_cell_costs_only_itself(write_config, tmp_path):
@@ -152,18 +154,18 @@ def test_a_dying_or_hanging_cell_costs_only_itself(write_config, tmp_path):
                                "  - test-hang\n  - test-alloc\n")
     path = write_config(text.replace("seq_lens: [64, 96]", "seq_lens: [64]") + "plugins: [fake_impls]\ncell_timeout_s: 8\n")
     _, result, _ = run_config(path, tmp_path / "out")
-    by_name = {record["implementation"]: record for record in result.records}
-    assert [record["implementation"] for record in result.records] == [
+    by_name = {record.implementation: record for record in result.records}
+    assert [record.implementation for record in result.records] == [
         "standard", "test-segfault", "test-exit", "test-hang", "test-alloc", "sdpa"]
-    assert by_name["standard"]["status"] == by_name["sdpa"]["status"] == "ok"
-    assert by_name["test-segfault"]["status"] == "crashed"
-    assert by_name["test-segfault"]["error"]["message"].startswith("the worker exited with code -11 during this cell")
-    assert by_name["test-exit"]["status"] == "crashed"
-    assert by_name["test-exit"]["error"]["message"].startswith("the worker exited with code 7 during this cell")
-    assert by_name["test-hang"]["status"] == "timeout"
-    assert by_name["test-hang"]["error"]["message"].startswith(
+    assert by_name["standard"].status == by_name["sdpa"].status == "ok"
+    assert by_name["test-segfault"].status == "crashed"
+    assert by_name["test-segfault"].error.message.startswith("the worker exited with code -11 during this cell")
+    assert by_name["test-exit"].status == "crashed"
+    assert by_name["test-exit"].error.message.startswith("the worker exited with code 7 during this cell")
+    assert by_name["test-hang"].status == "timeout"
+    assert by_name["test-hang"].error.message.startswith(
         "the cell ran past cell_timeout_s (8 s) and its worker was stopped; its output ended: ")
-    assert by_name["test-alloc"]["status"] == "oom" and "can't allocate memory" in by_name["test-alloc"]["error"]["message"]
+    assert by_name["test-alloc"].status == "oom" and "can't allocate memory" in by_name["test-alloc"].error.message
     # Start-up is paid once, and again only after each worker that died or was stopped.
     log = (result.run_dir / "worker-1.log").read_text()
     assert log.count("ringbench worker ") == 4
@@ -185,13 +187,13 @@ def test_a_worker_that_stops_between_cells_blames_none_and_one_that_cannot_start
     )
     monkeypatch.setattr(worker, "command", lambda world_size, run_dir, pending, threads: [sys.executable, "-c", one_cell, str(run_dir)])
     the_plan, result, _ = run_config(path, tmp_path / "out")
-    assert [r["status"] for r in result.records] == ["skipped"] * len(the_plan.cells)
-    assert [r["cell_id"] for r in result.records] == [c.id for c in the_plan.cells]
+    assert [r.status for r in result.records] == ["skipped"] * len(the_plan.cells)
+    assert [r.cell_id for r in result.records] == [c.id for c in the_plan.cells]
     # A worker that dies before any cell (here: at once) is blamed on the first pending cell, then the next...
     monkeypatch.setattr(worker, "command", lambda world_size, run_dir, pending, threads: [sys.executable, "-c", "raise SystemExit(3)"])
     the_plan, result, _ = run_config(path, tmp_path / "out2")
-    assert [r["status"] for r in result.records] == ["crashed"] * len(the_plan.cells)
-    assert result.records[0]["error"]["message"].startswith("the worker exited with code 3 before starting this cell")
+    assert [r.status for r in result.records] == ["crashed"] * len(the_plan.cells)
+    assert result.records[0].error.message.startswith("the worker exited with code 3 before starting this cell")
 
 
 def test_workers_get_fixed_malloc_thresholds_unless_the_user_set_their_own(monkeypatch):

@@ -3,7 +3,9 @@
 import json
 
 from ringbench import records
+from ringbench.run.pipeline import make_record
 from ringbench.run.supervisor import WorkerEnd, blame
+from ringbench.vocabulary import Cell
 
 
 def test_a_worker_that_stopped_between_cells_after_progress_is_not_blamed():
@@ -25,15 +27,21 @@ def test_a_cell_past_its_timeout_is_recorded_as_such():
         records.TIMEOUT, "the cell ran past cell_timeout_s (8 s) and its worker was stopped; its output ended: busy")
 
 
+def _line(seq_len):
+    cell = Cell("sdpa", (("backend", "auto"),), seq_len, None, 1, 1, 8, "float32", False, "forward")
+    return json.dumps(make_record(cell, {"status": records.SKIPPED}).to_json()) + "\n", cell.id
+
+
 def test_the_tail_reads_each_record_once_and_waits_for_a_line_being_written(tmp_path):
+    (before, _), (first, first_id), (second, second_id) = _line(8), _line(16), _line(32)
     path = tmp_path / records.RECORDS_FILE
-    path.write_text(json.dumps({"cell_id": "before"}) + "\n")
+    path.write_text(before)
     tail = records.RecordTail(tmp_path)  # starts where the file ends: what was there is the run's past
     assert tail.new() == []
     with path.open("a") as handle:
-        handle.write(json.dumps({"cell_id": "a"}) + "\n" + '{"cell_id": "b"')
-    assert [record["cell_id"] for record in tail.new()] == ["a"]
+        handle.write(first + second[:10])
+    assert [record.cell_id for record in tail.new()] == [first_id]
     with path.open("a") as handle:
-        handle.write("}\n")
-    assert [record["cell_id"] for record in tail.new()] == ["b"]
+        handle.write(second[10:])
+    assert [record.cell_id for record in tail.new()] == [second_id]
     assert tail.new() == []

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from ringbench import records
-from ringbench.vocabulary import label_of, placement
+from ringbench.schema import Record
 from ringbench.report.markdown import escape, ms, table
 from ringbench.run.stats import mann_whitney_p
 
@@ -34,30 +34,29 @@ class Comparison:
     warnings: list[str] = field(default_factory=list)
 
 
-def _latest(run_dir: Path) -> dict[str, dict[str, Any]]:
-    return {record["cell_id"]: record for record in records.read_records(run_dir)}
+def _latest(run_dir: Path) -> dict[str, Record]:
+    return {record.cell_id: record for record in records.read_records(run_dir)}
 
 
-def _label(record: dict[str, Any]) -> str:
-    where = placement(record.get("ring_size"), record.get("world_size", 1))
-    causal = " causal" if record["causal"] else ""
-    return (f"{label_of(record)} S={record['seq_len']} "
-            f"{where} {record['dtype']}{causal} {record['pass']}")
+def _label(record: Record) -> str:
+    causal = " causal" if record.causal else ""
+    return (f"{record.display_label} S={record.seq_len} "
+            f"{record.cell.placement} {record.dtype}{causal} {record.pass_name}")
 
 
 def _gpus(environment: dict[str, Any]) -> list[str]:
     return [gpu["name"] for gpu in environment.get("gpus") or []] or [f"CPU: {environment.get('cpu')}"]
 
 
-def _verdict(base: dict | None, new: dict | None, threshold: float, alpha: float, comparable: bool):
+def _verdict(base: Record | None, new: Record | None, threshold: float, alpha: float, comparable: bool):
     """(verdict, ratio, p) for one cell id."""
     if base is None or new is None:
         return (ONLY_NEW if base is None else ONLY_BASE), None, None
-    base_ok, new_ok = base["status"] in records.MEASURED, new["status"] in records.MEASURED
+    base_ok, new_ok = base.measured, new.measured
     if not (base_ok and new_ok):
         return {(True, False): NEWLY_FAILING, (False, True): FIXED, (False, False): STILL_FAILING}[base_ok, new_ok], None, None
-    ratio = new["stats"]["median_ms"] / base["stats"]["median_ms"]
-    p = mann_whitney_p(base["samples_ms"], new["samples_ms"])
+    ratio = new.median_ms / base.median_ms
+    p = mann_whitney_p(base.samples_ms, new.samples_ms)
     if not comparable:
         return INCOMPARABLE, ratio, p
     if p < alpha and ratio >= threshold:
@@ -83,8 +82,8 @@ def compare_runs(base: Path, new: Path, threshold: float = 1.1, alpha: float = 0
         verdict, ratio, p = _verdict(old, fresh, threshold, alpha, comparable)
         comparison.rows.append({
             "cell": _label(old or fresh),
-            "base_ms": old["stats"]["median_ms"] if old and old.get("stats") else None,
-            "new_ms": fresh["stats"]["median_ms"] if fresh and fresh.get("stats") else None,
+            "base_ms": old.median_ms if old else None,
+            "new_ms": fresh.median_ms if fresh else None,
             "ratio": ratio,
             "p": p,
             "verdict": verdict,

@@ -11,7 +11,7 @@ import pandas as pd
 
 from ringbench import records
 from ringbench.errors import UserError, show
-from ringbench.vocabulary import label_of
+from ringbench.schema import Memory, Projected, Record
 
 COLUMNS = [
     "cell_id", "implementation", "label", "seq_len", "ring_size", "world_size", "batch_size", "heads", "head_dim",
@@ -45,70 +45,65 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return found
 
 
-def _in_all(memory: dict[str, Any]) -> float | None:
+def _in_all(memory: Memory | Projected | None) -> float | None:
     """What a call needs on its device in all: what it starts with (inputs or a rank's shards, and
     whatever setup keeps) plus its peak above that; None where either was not measured."""
-    if memory.get("held_mib") is None or memory.get("peak_allocated_mib") is None:
+    if memory is None or memory.held_mib is None or memory.peak_allocated_mib is None:
         return None
-    return memory["held_mib"] + memory["peak_allocated_mib"]
+    return memory.held_mib + memory.peak_allocated_mib
 
 
-def _row(record: dict[str, Any], peaks: dict[str, float]) -> dict[str, Any]:
-    stats = record.get("stats") or {}
-    memory = record.get("memory") or {}
-    error = record.get("error") or {}
-    check = record.get("check") or {}
-    projected = record.get("projected") or {}
-    projected_stats = projected.get("stats") or {}
-    facts = record.get("facts") or {}
-    comm = record.get("comm") or {}
+def _row(record: Record, peaks: dict[str, float]) -> dict[str, Any]:
+    stats, memory, check, projected, comm = record.stats, record.memory, record.check, record.projected, record.comm
+    gradients = check.gradients if check else None
+    facts = record.facts
     return {
-        "cell_id": record["cell_id"],
-        "implementation": record["implementation"],
-        "label": label_of(record),
-        "seq_len": record["seq_len"],
-        "ring_size": record.get("ring_size"),
-        "world_size": record.get("world_size", 1),
-        "batch_size": record["batch_size"],
-        "heads": record["heads"],
-        "head_dim": record["head_dim"],
-        "dtype": record["dtype"],
-        "causal": record["causal"],
-        "pass": record["pass"],
-        "status": record["status"],
-        "median_ms": stats.get("median_ms"),
-        "iqr_ms": stats.get("iqr_ms"),
-        # Plain calls' time where the headline is graph replays' (records from before lack it).
-        "plain_ms": ((record.get("plain") or {}).get("stats") or {}).get("median_ms"),
-        "rel_iqr": None if not stats.get("median_ms") else stats["iqr_ms"] / stats["median_ms"],
-        "noise_target": (record.get("noise") or {}).get("target"),
-        "n": stats.get("n"),
-        "peak_mib": memory.get("peak_allocated_mib"),
-        "modelled_mib": memory.get("modelled_mib"),
-        "held_mib": memory.get("held_mib"),
+        "cell_id": record.cell_id,
+        "implementation": record.implementation,
+        "label": record.display_label,
+        "seq_len": record.seq_len,
+        "ring_size": record.ring_size,
+        "world_size": record.world_size,
+        "batch_size": record.batch_size,
+        "heads": record.heads,
+        "head_dim": record.head_dim,
+        "dtype": record.dtype,
+        "causal": record.causal,
+        "pass": record.pass_name,
+        "status": record.status,
+        "median_ms": record.median_ms,
+        "iqr_ms": stats.iqr_ms if stats else None,
+        # Plain calls' time where the headline is graph replays'.
+        "plain_ms": record.plain.stats.median_ms if record.plain else None,
+        "rel_iqr": stats.iqr_ms / stats.median_ms if stats and stats.median_ms else None,
+        "noise_target": record.noise.target if record.noise else None,
+        "n": stats.n if stats else None,
+        "peak_mib": memory.peak_allocated_mib if memory else None,
+        "modelled_mib": memory.modelled_mib if memory else None,
+        "held_mib": memory.held_mib if memory else None,
         "total_mib": _in_all(memory),
-        "tokens_per_s": record.get("tokens_per_s"),
-        "tflops": record.get("tflops"),
-        "tflops_per_device": None if record.get("tflops") is None else record["tflops"] / record.get("world_size", 1),
-        "peak_tflops": peaks.get(record["dtype"]),
+        "tokens_per_s": record.tokens_per_s,
+        "tflops": record.tflops,
+        "tflops_per_device": None if record.tflops is None else record.tflops / record.world_size,
+        "peak_tflops": peaks.get(record.dtype),
         "kernel": facts.get("kernel", facts.get("backend")),
-        "projected_ms": projected_stats.get("median_ms"),
-        "projected_iqr_ms": projected_stats.get("iqr_ms"),
-        "projected_mib": projected.get("peak_allocated_mib"),
+        "projected_ms": projected.stats.median_ms if projected else None,
+        "projected_iqr_ms": projected.stats.iqr_ms if projected else None,
+        "projected_mib": projected.peak_allocated_mib if projected else None,
         "projected_total_mib": _in_all(projected),
-        "rel_error": check.get("rel_error"),
-        "max_abs_error": check.get("max_abs_error"),
-        "tolerance": check.get("tolerance"),
-        "rows_checked": check.get("rows_checked"),
-        "checked": bool(check),
-        "grad_rel_error": (check.get("gradients") or {}).get("rel_error"),
-        "gradients_checked": None if record["pass"] == "forward" else bool((check.get("gradients") or {}).get("checked")),
-        "check_s": check.get("seconds"),
-        "comm_step_mib": None if comm.get("sent_bytes_per_step") is None else comm["sent_bytes_per_step"] / 2**20,
-        "comm_wait_share": comm.get("wait_share"),
+        "rel_error": check.rel_error if check else None,
+        "max_abs_error": check.max_abs_error if check else None,
+        "tolerance": check.tolerance if check else None,
+        "rows_checked": check.rows_checked if check else None,
+        "checked": check is not None,
+        "grad_rel_error": gradients.rel_error if gradients else None,
+        "gradients_checked": None if record.pass_name == "forward" else bool(gradients and gradients.checked),
+        "check_s": check.seconds if check else None,
+        "comm_step_mib": comm.sent_bytes_per_step / 2**20 if comm else None,
+        "comm_wait_share": comm.wait_share if comm else None,
         "facts": ", ".join(f"{key} {value}" for key, value in sorted(facts.items())) or None,
-        "error_type": error.get("type"),
-        "error_message": error.get("message"),
+        "error_type": record.error.type if record.error else None,
+        "error_message": record.error.message if record.error else None,
     }
 
 
@@ -137,15 +132,13 @@ def load_run(path: Path) -> Run:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-            if record.get("schema_version") != records.SCHEMA_VERSION:
-                raise ValueError(f"schema version {record.get('schema_version')!r}, expected {records.SCHEMA_VERSION}")
-            rows.append(_row(record, meta["environment"].get("matmul_peak_tflops") or {}))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            record = Record.from_json(json.loads(line))
+        except ValueError as exc:  # JSON that does not parse, or is not a record this version reads
             warnings.append(f"{records_path}:{number}: record skipped ({type(exc).__name__}: {show(str(exc))[1:-1]})")
             continue
-        if record["cell_id"] not in planned:  # shown all the same: the reader decides what it is worth
-            warnings.append(f"{records_path}:{number}: cell {str(record['cell_id'])[:40]} ({str(record['implementation'])[:60]}) "
+        rows.append(_row(record, meta["environment"].get("matmul_peak_tflops") or {}))
+        if record.cell_id not in planned:  # shown all the same: the reader decides what it is worth
+            warnings.append(f"{records_path}:{number}: cell {record.cell_id[:40]} ({record.implementation[:60]}) "
                             "is not in this run's plan")
     if len(warnings) > MAX_WARNINGS:  # a foreign or garbled file: say so, not once per line
         warnings[MAX_WARNINGS:] = [f"{records_path}: {len(warnings) - MAX_WARNINGS} more lines like these"]

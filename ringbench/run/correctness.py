@@ -71,12 +71,31 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def partial_errors(reference: Reference, problem: Problem, output: torch.Tensor, output_rows: torch.Tensor | None,
-                   seed: int) -> list[float]:
-    """[Σ(out − ref)², Σref², max |out − ref|, rows checked] over the checked rows this process holds.
+@dataclass(frozen=True)
+class Sums:
+    """What one process found checking the rows it holds: Σ(out − ref)², Σref², max |out − ref| and
+    the rows checked; for backward passes also Σ(g − ref)² and Σref² of dq, dk and dv in turn.
+    Sums add and maxima combine across the ranks of a process group."""
 
-    ``output_rows`` are the sequence positions of ``output``'s rows (None: all, in
-    order). Sums add and maxima combine across the ranks of a process group.
+    squared_error: float = 0.0
+    squared_reference: float = 0.0
+    max_abs: float = 0.0
+    rows: int = 0
+    gradients: tuple[float, ...] | None = None
+
+    @staticmethod
+    def combine(parts: list["Sums"]) -> "Sums":
+        gradients = [part.gradients for part in parts if part.gradients is not None]
+        return Sums(sum(part.squared_error for part in parts), sum(part.squared_reference for part in parts),
+                    max(part.max_abs for part in parts), sum(part.rows for part in parts),
+                    tuple(map(sum, zip(*gradients))) if gradients else None)
+
+
+def partial_errors(reference: Reference, problem: Problem, output: torch.Tensor, output_rows: torch.Tensor | None,
+                   seed: int) -> Sums:
+    """The output's errors over the checked rows this process holds.
+
+    ``output_rows`` are the sequence positions of ``output``'s rows (None: all, in order).
     """
     seq_len = problem.q.shape[2]
     device = problem.q.device
@@ -84,11 +103,10 @@ def partial_errors(reference: Reference, problem: Problem, output: torch.Tensor,
     wanted = torch.isin(held, check_rows(seq_len, seed, device))
     rows = held[wanted]
     if len(rows) == 0:
-        return [0.0, 0.0, 0.0, 0.0]
+        return Sums()
     expected = reference_rows(reference, problem, rows)
     difference = output[:, :, wanted].double() - expected
-    return [difference.pow(2).sum().item(), expected.pow(2).sum().item(), difference.abs().max().item(),
-            float(len(rows))]
+    return Sums(difference.pow(2).sum().item(), expected.pow(2).sum().item(), difference.abs().max().item(), len(rows))
 
 
 def tolerance(dtype: str, accumulates: str | None) -> float:
@@ -98,18 +116,21 @@ def tolerance(dtype: str, accumulates: str | None) -> float:
     return own if accumulates is None else max(own, TOLERANCE[accumulates])
 
 
-def verdict(reference: Reference, partials: list[float], tolerance: float) -> dict[str, Any]:
-    """The check's record from (combined) partial errors."""
-    squared_error, squared_reference, max_abs, rows = partials
-    relative = math.sqrt(squared_error / squared_reference) if squared_reference > 0 else max_abs
-    return {
+def verdict(reference: Reference, sums: Sums, tolerance: float, sample: "GradientSample | None") -> dict[str, Any]:
+    """The check's record from (combined) sums; with the gradients' where they were checked, on ``sample``."""
+    relative = math.sqrt(sums.squared_error / sums.squared_reference) if sums.squared_reference > 0 else sums.max_abs
+    found = {
         "reference": reference.name,
-        "rows_checked": int(rows),
-        "max_abs_error": _finite_or_none(max_abs),
+        "rows_checked": sums.rows,
+        "max_abs_error": _finite_or_none(sums.max_abs),
         "rel_error": _finite_or_none(relative),
         "tolerance": tolerance,
         "passed": math.isfinite(relative) and relative <= tolerance,
     }
+    if sums.gradients is None:
+        return found
+    gradients = gradient_verdict(sums.gradients, tolerance, sample)
+    return {**found, "gradients": gradients, "passed": found["passed"] and gradients["passed"]}
 
 
 GRADIENTS = ("dq", "dk", "dv")
@@ -182,7 +203,7 @@ def reference_gradients(reference: Reference, problem: Problem, batch: int, head
 
 
 def gradient_partials(reference: Reference, problem: Problem, grads: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
-                      seed: int, rows: torch.Tensor | None = None) -> list[float]:
+                      seed: int, rows: torch.Tensor | None = None) -> tuple[float, ...]:
     """[Σ(g − ref)², Σref²] for dq, dk and dv in turn, over the entries of ``GradientSample``
     this process holds, against the float64 reference.
 
@@ -206,10 +227,10 @@ def gradient_partials(reference: Reference, problem: Problem, grads: tuple[torch
             value = grad[b, h, local[mine]].double()
             sums[2 * index] += (value - expected[mine]).pow(2).sum().item()
             sums[2 * index + 1] += expected[mine].pow(2).sum().item()
-    return sums
+    return tuple(sums)
 
 
-def gradient_verdict(partials: list[float], tolerance: float, sample: GradientSample) -> dict[str, Any]:
+def gradient_verdict(partials: tuple[float, ...], tolerance: float, sample: GradientSample) -> dict[str, Any]:
     """The gradient check's record from (combined) partial sums; each gradient by its relative error."""
     errors = {}
     for index, name in enumerate(GRADIENTS):
@@ -219,15 +240,3 @@ def gradient_verdict(partials: list[float], tolerance: float, sample: GradientSa
     return {"checked": True, "heads_checked": len(sample.pairs), "rows_checked": len(sample.q_rows),
             **{f"{name}_rel_error": _finite_or_none(e) for name, e in errors.items()},
             "rel_error": _finite_or_none(worst), "passed": math.isfinite(worst) and worst <= tolerance}
-
-
-def check_gradients(reference: Reference, problem: Problem, grads: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
-                    tolerance: float, seed: int) -> dict[str, Any]:
-    """dq, dk, dv of one process (all rows) against the float64 reference."""
-    sums = gradient_partials(reference, problem, grads, grad_out, seed)
-    return gradient_verdict(sums, tolerance, GradientSample.of(problem.q, seed))
-
-
-def check(reference: Reference, problem: Problem, output: torch.Tensor, tolerance: float, seed: int) -> dict[str, Any]:
-    """Compare a whole output (all rows, in order) with the reference."""
-    return verdict(reference, partial_errors(reference, problem, output, None, seed), tolerance)

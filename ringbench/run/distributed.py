@@ -1,9 +1,13 @@
-"""Process groups: joining the one a launcher started, and agreeing across its ranks.
+"""Process groups: the ranks that run a cell together, and how they agree.
 
-ringbench never opens sockets itself: the ranks of a world size are started by
-PyTorch's launcher (``torch.distributed.run``, i.e. torchrun), which sets RANK,
-WORLD_SIZE, LOCAL_RANK and the rendezvous address. NCCL serves CUDA devices, gloo
-the CPU. Every wait is bounded by the group's timeout.
+A cell runs on a group. In one process that is :class:`OneProcess`, where
+gathering, the maximum and barriers are trivial, so that a single-process cell and
+a multi-process one run the same phase code. Across processes it is
+:class:`ProcessGroup`, joined from the launcher's environment: ringbench never
+opens sockets itself, the ranks of a world size are started by PyTorch's launcher
+(``torch.distributed.run``, i.e. torchrun), which sets RANK, WORLD_SIZE,
+LOCAL_RANK and the rendezvous address. NCCL serves CUDA devices, gloo the CPU.
+Every wait is bounded by the group's timeout.
 """
 
 from __future__ import annotations
@@ -20,16 +24,61 @@ TIMEOUT = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
-class Group:
-    """This process's place in the running group."""
+class OneProcess:
+    """A group of one: this process alone, on ``device``."""
 
-    rank: int
-    world_size: int
     device: torch.device
+    rank: int = 0
+    world_size: int = 1
 
     @property
     def is_leader(self) -> bool:
         return self.rank == 0
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        return [value]
+
+    def max(self, value: float) -> float:
+        """The largest of every rank's ``value``, on every rank."""
+        return value
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank."""
+        return value
+
+    def barrier(self) -> None:
+        """Wait until every rank is here."""
+
+    def leave(self) -> None:
+        """Leave the group (after the last cell)."""
+
+
+@dataclass(frozen=True)
+class ProcessGroup(OneProcess):
+    """This process's place in the group a launcher started: the same operations, across ranks."""
+
+    def gather(self, value: Any) -> list[Any]:
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def max(self, value: float) -> float:
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.item()
+
+    def broadcast(self, value: Any) -> Any:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def leave(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def launched() -> bool:
@@ -42,49 +91,17 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-def join(device_type: str, timeout: timedelta = TIMEOUT) -> Group:
-    """Join the process group the launcher prepared; one CUDA device per local rank."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_type == "cuda":
-        device = torch.device("cuda", local_rank)
+def join(device: torch.device, timeout: timedelta = TIMEOUT) -> OneProcess:
+    """This process's group: the one the launcher prepared (one CUDA device per local rank), or,
+    outside a launcher, this process alone on ``device``."""
+    if not launched():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return OneProcess(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", timeout=timeout, device_id=device)
     else:
-        device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timeout)
-    return Group(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
-
-
-def leave() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def max_over_ranks(value: float, device: torch.device) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.item()
-
-
-def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
-
-
-def gather(value: Any) -> list[Any]:
-    """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
-def broadcast(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank."""
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def barrier() -> None:
-    dist.barrier()
+    return ProcessGroup(device, dist.get_rank(), dist.get_world_size())

@@ -20,12 +20,11 @@ import torch
 from ringbench import records
 from ringbench.run import env
 from ringbench.run.modes import matmul_peak_tflops
+from ringbench.run.pipeline import TORCH_DTYPES
 from ringbench.sweep.config import Sweep
 from ringbench.sweep.plan import Plan
 from ringbench.vocabulary import Cell
 
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-                "float64": torch.float64}
 
 
 def start(sweep: Sweep, plan: Plan, source: str, device: torch.device, output_root: Path, threads: int) -> Path:

@@ -1,21 +1,22 @@
-"""Running one cell: inputs → setup → check → timing → memory → a record (a plain dict).
+"""Running one cell: inputs → setup → check → timing → memory → a record (``ringbench.schema.Record``).
 
 Failures never escape: out-of-memory becomes status ``oom``, any other exception
 status ``error``, an output beyond tolerance status ``wrong``; the cell's tensors
 are released before the next cell starts.
 
-A cell of world size above 1 runs on every rank of a process group. The ranks
-agree after each phase (setup, check, timing), so a failure on one rank becomes
-the cell's status on all of them; they use the same repetition counts; and the
-record, which rank 0 alone keeps, holds the maximum over ranks of each sample and
-of peak memory, beside every rank's own figures.
+A cell runs on a process group (``ringbench.run.distributed``): one process, or
+every rank of a group, through the same phases. The ranks agree after each phase
+(setup, check, timing), so a failure on one rank becomes the cell's status on all
+of them; they use the same repetition counts; and the record, which rank 0 alone
+keeps, holds the maximum over ranks of each sample and of peak memory, beside
+every rank's own figures. In one process each of these agreements is trivial.
 """
 
 from __future__ import annotations
 
 import gc
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -23,20 +24,24 @@ import torch
 
 from ringbench.attention import registry
 from ringbench import records
-from ringbench.run import correctness, distributed
+from ringbench.run import correctness
 from ringbench.attention.comm import WaitClock
 from ringbench.sweep.config import TimingBudget
-from ringbench.run.distributed import Group
+from ringbench.run.distributed import OneProcess
 from ringbench.run.memory import MIB, allocated_mib, measure_peak
 from ringbench.attention.models import PASS_FACTOR, dense_flops, output_bytes
 from ringbench.vocabulary import Cell
+from ringbench.schema import Check, Comm, Failure, GradientCheck, Memory, Modes, Noise, Plain, Projected, RankFigures
+from ringbench.schema import RankTraffic, Record, Stats
 from ringbench.run.stats import summarize
 from ringbench.run.modes import graph_replay, l2_flush
 from ringbench.run.timing import launch_and_work, measure
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 # When ranks fail differently, the record names the most telling failure.
 _PRECEDENCE = (records.OOM, records.ERROR)
+# What measuring a cell found: Record fields by name (a failure's status and error, or every measurement).
+Outcome = dict[str, Any]
 
 
 def make_problem(cell: Cell, device: torch.device, seed: int, rank: int = 0) -> registry.Problem:
@@ -46,7 +51,7 @@ def make_problem(cell: Cell, device: torch.device, seed: int, rank: int = 0) -> 
     """
     generator = torch.Generator(device=device).manual_seed(seed)
     shape = (cell.batch_size, cell.heads, cell.seq_len, cell.head_dim)
-    q, k, v = (torch.randn(shape, generator=generator, device=device, dtype=DTYPES[cell.dtype],
+    q, k, v = (torch.randn(shape, generator=generator, device=device, dtype=TORCH_DTYPES[cell.dtype],
                            requires_grad=cell.pass_name != "forward") for _ in range(3))
     return registry.Problem(q=q, k=k, v=v, causal=cell.causal, ring_size=cell.ring_size, options=dict(cell.options),
                             rank=rank, world_size=cell.world_size,
@@ -71,7 +76,7 @@ def _pass_closure(pass_name: str, run: Callable[[], torch.Tensor], inputs: tuple
     return lambda: torch.autograd.grad(run(), inputs, grad_out)
 
 
-def _inputs_too_large(cell: Cell, device: torch.device) -> dict[str, Any] | None:
+def _inputs_too_large(cell: Cell, device: torch.device) -> Outcome | None:
     """A skip, decided before allocating, for a cell whose q, k, v alone exceed the device's memory."""
     if device.type != "cuda":
         return None
@@ -79,8 +84,8 @@ def _inputs_too_large(cell: Cell, device: torch.device) -> dict[str, Any] | None
     total = torch.cuda.get_device_properties(device).total_memory
     if needed <= total:
         return None
-    return {"status": records.SKIPPED, "error": {"type": "Skipped", "message":
-            f"q, k and v alone need {needed / MIB:,.0f} MiB; the device has {total / MIB:,.0f} MiB"}}
+    return {"status": records.SKIPPED, "error": Failure("Skipped",
+            f"q, k and v alone need {needed / MIB:,.0f} MiB; the device has {total / MIB:,.0f} MiB")}
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -89,9 +94,9 @@ def _out_of_memory(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc))
 
 
-def _failure(exc: BaseException) -> dict[str, Any]:
+def _failure(exc: BaseException) -> Outcome:
     status = records.OOM if _out_of_memory(exc) else records.ERROR
-    return {"status": status, "error": {"type": type(exc).__name__, "message": str(exc)}}
+    return {"status": status, "error": Failure(type(exc).__name__, str(exc))}
 
 
 def _as_bench(prepared: Callable[[], torch.Tensor] | registry.Bench) -> registry.Bench:
@@ -132,88 +137,69 @@ def _modes(fn: Callable[[], object], device: torch.device, budget: TimingBudget,
 
 
 def _time_and_measure(fn: Callable[[], object], device: torch.device, budget: TimingBudget, floor_mib: float,
-                      agree: Callable[[float], float] | None = None) -> dict[str, Any]:
-    across_processes = agree is not None
-    agree = agree or (lambda value: value)
+                      group: OneProcess) -> Projected:
+    """Memory, then time of ``fn``; every rank takes the same number of calls (the group's maximum)."""
+    agree = group.max
     # Memory first, from plain calls: no timing mode may change what a cell is found to hold.
     memory = measure_peak(fn, device, floor_mib)
-    timed, flush, modes = _modes(fn, device, budget, across_processes)
+    timed, flush, modes = _modes(fn, device, budget, group.world_size > 1)
     timing = measure(timed, device, budget, agree, flush, hold=modes["cuda_graph"])
     plain = None
     if modes["cuda_graph"]:
         del timed  # the graph and its memory pool go before plain calls are timed
         # What the call costs where it is used, launch included; sampled within rep_ms.
         eager = measure(fn, device, replace(budget, max_ms=budget.rep_ms), agree, flush)
-        plain = {"samples_ms": list(eager.samples_ms), "stats": summarize(eager.samples_ms),
-                 "calls_per_sample": eager.calls_per_sample}
-    return {
-        "modes": {**modes, "calls_per_sample": timing.calls_per_sample},
-        "warmup_ms": list(timing.warmup_ms),
-        "samples_ms": list(timing.samples_ms),
-        "stats": summarize(timing.samples_ms),
-        "plain": plain,
-        "peak_allocated_mib": memory.peak_allocated_mib if memory else None,
-        "peak_reserved_mib": memory.peak_reserved_mib if memory else None,
-        "held_mib": memory.held_mib if memory else None,
-    }
+        plain = Plain(tuple(eager.samples_ms), Stats(**summarize(eager.samples_ms)), eager.calls_per_sample)
+    return Projected(
+        modes=Modes(**{**modes, "notes": tuple(modes["notes"])}, calls_per_sample=timing.calls_per_sample),
+        warmup_ms=tuple(timing.warmup_ms),
+        samples_ms=tuple(timing.samples_ms),
+        stats=Stats(**summarize(timing.samples_ms)),
+        plain=plain,
+        peak_allocated_mib=memory.peak_allocated_mib if memory else None,
+        peak_reserved_mib=memory.peak_reserved_mib if memory else None,
+        held_mib=memory.held_mib if memory else None,
+    )
 
 
 def _outcome(cell: Cell, implementation: registry.Implementation, budget: TimingBudget, facts: dict,
-             check: dict | None, main: dict[str, Any], projected: dict | None, inputs_mib: float) -> dict[str, Any]:
-    stats = main["stats"]
-    seconds = stats["median_ms"] / 1e3
+             check: Check | None, main: Projected, projected: Projected | None, inputs_mib: float,
+             ranks: tuple[RankFigures, ...] | None = None) -> Outcome:
+    stats = main.stats
+    seconds = stats.median_ms / 1e3
     flops = (implementation.flops(cell) if implementation.flops else dense_flops(cell)) * PASS_FACTOR[cell.pass_name]
     # The memory models describe a forward call.
     modelled = implementation.memory_model(cell, facts) if implementation.memory_model and cell.pass_name == "forward" else None
     return {
-        "status": records.WRONG if check and not check["passed"] else records.OK,
+        "status": records.WRONG if check and not check.passed else records.OK,
         "facts": facts,
         "check": check,
-        "warmup_ms": main["warmup_ms"],
-        "samples_ms": main["samples_ms"],
+        "warmup_ms": main.warmup_ms,
+        "samples_ms": main.samples_ms,
         "stats": stats,
-        "noise": {"target": budget.noise_target, "rel_iqr": stats["rel_iqr"],
-                  "reached": stats["rel_iqr"] <= budget.noise_target},
-        "modes": main["modes"],
-        "plain": main["plain"],
-        "memory": {
-            "inputs_mib": inputs_mib,
-            "peak_allocated_mib": main["peak_allocated_mib"],
-            "peak_reserved_mib": main["peak_reserved_mib"],
-            "held_mib": main["held_mib"],
-            "modelled_mib": modelled / MIB if modelled is not None else None,
-        },
+        "noise": Noise(target=budget.noise_target, rel_iqr=stats.rel_iqr, reached=stats.rel_iqr <= budget.noise_target),
+        "modes": main.modes,
+        "plain": main.plain,
+        "memory": Memory(
+            inputs_mib=inputs_mib,
+            peak_allocated_mib=main.peak_allocated_mib,
+            peak_reserved_mib=main.peak_reserved_mib,
+            held_mib=main.held_mib,
+            modelled_mib=modelled / MIB if modelled is not None else None,
+        ),
         "projected": projected,
-        "ranks": main.get("ranks"),
+        "ranks": ranks,
         "flops": flops,
         "tflops": flops / seconds / 1e12,
         "tokens_per_s": cell.batch_size * cell.seq_len / seconds,
     }
 
 
-def _tolerance(cell: Cell, implementation: registry.Implementation) -> float:
-    return correctness.tolerance(cell.dtype, implementation.accumulates)
-
-
 def _inputs_mib(problem: registry.Problem) -> float:
     return sum(t.numel() * t.element_size() for t in (problem.q, problem.k, problem.v)) / MIB
 
 
-def _measure(cell: Cell, implementation: registry.Implementation, device: torch.device, budget: TimingBudget,
-             seed: int, skip_oversized: bool, floor_mib: float) -> dict[str, Any]:
-    if skip_oversized and (skip := _inputs_too_large(cell, device)):
-        return skip
-    try:
-        problem = make_problem(cell, device, seed)
-        bench = _as_bench(implementation.setup(problem))
-    except Exception as exc:  # any failure of user or library code is this cell's result, not the sweep's
-        return _failure(exc)
-    outcome = _guarded(lambda: _check_and_time(cell, implementation, problem, bench, device, budget, seed, floor_mib))
-    closed = _guarded(bench.close)
-    return closed or outcome
-
-
-def _guarded(step: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+def _guarded(step: Callable[[], Outcome | None]) -> Outcome | None:
     """``step``'s result, or the failure record of the exception it raised."""
     try:
         return step()
@@ -221,163 +207,155 @@ def _guarded(step: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None
         return _failure(exc)
 
 
-def _check_and_time(cell: Cell, implementation: registry.Implementation, problem: registry.Problem,
-                    bench: registry.Bench, device: torch.device, budget: TimingBudget, seed: int,
-                    floor_mib: float) -> dict[str, Any]:
-    # Checked before it is timed; a wrong output is still timed, and marked.
-    check, grad_out = None, None
-    inputs = bench.inputs or (problem.q, problem.k, problem.v)
-    reference, tolerance = implementation.reference, _tolerance(cell, implementation)
-    if reference is not None or cell.pass_name != "forward":
-        output = bench.run()
-        checking = time.perf_counter()  # what the check costs is reported beside what it found
-        if reference is not None:
-            check = correctness.check(reference, problem, output, tolerance, seed)
-        if cell.pass_name != "forward":
-            grad_out = _output_gradient(problem, seed)
-            grads = torch.autograd.grad(output, inputs, grad_out)
-            if check is not None:
-                gradients = correctness.check_gradients(reference, problem, grads, grad_out, tolerance, seed)
-                check = {**check, "gradients": gradients, "passed": check["passed"] and gradients["passed"]}
-            del grads
-        if check is not None:
-            check["seconds"] = round(time.perf_counter() - checking, 3)
-        del output
-    main = _time_and_measure(_pass_closure(cell.pass_name, bench.run, inputs, grad_out), device, budget, floor_mib)
-    # A rank's share is a forward computation: it projects forward cells only.
-    projected = (_time_and_measure(bench.rank_share, device, budget, floor_mib)
-                 if bench.rank_share and cell.pass_name == "forward" else None)
-    return _outcome(cell, implementation, budget, problem.facts, check, main, projected, _inputs_mib(problem))
+def _checked(verdict: dict[str, Any], seconds: float) -> Check:
+    """The check as recorded: correctness's verdict (holding its gradients' in backward passes) and its cost."""
+    gradients = verdict.get("gradients")
+    return Check(**{**verdict, "gradients": GradientCheck(**gradients) if gradients else None},
+                 seconds=round(seconds, 3))
 
 
-def _agree(failure: dict | None) -> dict | None:
-    """Every rank's failure so far, reduced to the one all ranks record (None if all are fine)."""
-    failures = [(rank, f) for rank, f in enumerate(distributed.gather(failure)) if f]
+def _agree(group: OneProcess, failure: Outcome | None) -> Outcome | None:
+    """Every rank's failure so far, reduced to the one all ranks record (None if all are fine); across
+    processes its message names the rank it happened on."""
+    failures = [(rank, f) for rank, f in enumerate(group.gather(failure)) if f]
     if not failures:
         return None
     rank, chosen = min(failures, key=lambda item: _PRECEDENCE.index(item[1]["status"]))
-    error = chosen["error"]
-    return {"status": chosen["status"], "error": {"type": error["type"], "message": f"rank {rank}: {error['message']}"}}
+    if group.world_size == 1:
+        return chosen
+    return {"status": chosen["status"], "error": Failure(chosen["error"].type, f"rank {rank}: {chosen['error'].message}")}
 
 
-def _combine_ranks(main: dict[str, Any]) -> dict[str, Any]:
-    """Rank 0's view of every rank's timing: the slowest rank per repetition, the largest memory figures."""
-    everyone = distributed.gather({key: main[key] for key in ("samples_ms", "stats", "peak_allocated_mib", "held_mib")})
-    samples = [max(values) for values in zip(*(rank["samples_ms"] for rank in everyone))]
+def _combine_ranks(group: OneProcess, main: Projected) -> tuple[Projected, tuple[RankFigures, ...] | None]:
+    """Rank 0's view of every rank's timing: the slowest rank per repetition, the largest memory
+    figures; and, across processes, every rank's own."""
+    everyone: list[Projected] = group.gather(main)
+    if group.world_size == 1:
+        return main, None
+    samples = tuple(max(values) for values in zip(*(rank.samples_ms for rank in everyone)))
 
     def largest(key: str) -> float | None:
-        values = [rank[key] for rank in everyone]
+        values = [getattr(rank, key) for rank in everyone]
         return None if None in values else max(values)
 
-    return {
-        **main,
-        "samples_ms": samples,
-        "stats": summarize(samples),
-        "peak_allocated_mib": largest("peak_allocated_mib"),
-        "held_mib": largest("held_mib"),
-        "ranks": [{"rank": rank, "median_ms": data["stats"]["median_ms"], "peak_allocated_mib": data["peak_allocated_mib"],
-                   "held_mib": data["held_mib"]} for rank, data in enumerate(everyone)],
-    }
+    combined = replace(main, samples_ms=samples, stats=Stats(**summarize(samples)),
+                       peak_allocated_mib=largest("peak_allocated_mib"), held_mib=largest("held_mib"))
+    return combined, tuple(RankFigures(rank, data.stats.median_ms, data.peak_allocated_mib, data.held_mib)
+                           for rank, data in enumerate(everyone))
 
 
-def _combine_traffic(traffic: dict[str, float]) -> dict[str, Any] | None:
+def _combine_traffic(group: OneProcess, traffic: dict[str, float] | None) -> Comm | None:
     """Every rank's bytes sent and time waiting in one instrumented call; the headline is the worst rank.
 
-    None when no rank sent through the clock: the implementation communicates in
-    a way ringbench cannot see (inside a library), which must not read as "no traffic".
+    None in one process, and when no rank sent through the clock: the implementation
+    communicates in a way ringbench cannot see (inside a library), which must not read
+    as "no traffic".
     """
-    everyone = distributed.gather(traffic)
-    if not any(data["sends"] for data in everyone):
+    everyone = group.gather(traffic)
+    if traffic is None or not any(data["sends"] for data in everyone):
         return None
-    ranks = [{
-        "rank": rank,
-        "sent_bytes_per_step": data["sent_bytes"] / data["sends"] if data["sends"] else 0.0,
-        "wait_ms": data["wait_ms"],
-        "call_ms": data["call_ms"],
-        "wait_share": data["wait_ms"] / data["call_ms"] if data["call_ms"] > 0 else 0.0,
-    } for rank, data in enumerate(everyone)]
-    return {
-        "sent_bytes_per_step": max(rank["sent_bytes_per_step"] for rank in ranks),
-        "wait_share": max(rank["wait_share"] for rank in ranks),
-        "ranks": ranks,
-    }
+    ranks = tuple(RankTraffic(
+        rank=rank,
+        sent_bytes_per_step=data["sent_bytes"] / data["sends"] if data["sends"] else 0.0,
+        wait_ms=data["wait_ms"],
+        call_ms=data["call_ms"],
+        wait_share=data["wait_ms"] / data["call_ms"] if data["call_ms"] > 0 else 0.0,
+    ) for rank, data in enumerate(everyone))
+    return Comm(
+        sent_bytes_per_step=max(rank.sent_bytes_per_step for rank in ranks),
+        wait_share=max(rank.wait_share for rank in ranks),
+        ranks=ranks,
+    )
 
 
-def _measure_on_ranks(cell: Cell, implementation: registry.Implementation, group: Group, budget: TimingBudget,
-                      seed: int, skip_oversized: bool, floor_mib: float) -> dict[str, Any]:
-    opened: list[registry.Bench] = []
-    outcome = _set_up_check_and_time_on_ranks(cell, implementation, group, budget, seed, skip_oversized, floor_mib,
-                                              opened)
-    # Every rank agrees on closing, including ranks whose setup failed (they have nothing to close).
-    return _agree(_guarded(opened[0].close) if opened else None) or outcome
+@dataclass(frozen=True)
+class _Checking:
+    """What checking left behind for timing: this rank's sums, the gradient fed to backward passes
+    (of this rank's rows), where gradients were sampled, and what the check cost."""
+
+    sums: correctness.Sums | None
+    grad_out: torch.Tensor | None
+    sample: correctness.GradientSample | None
+    seconds: float
 
 
-def _set_up_check_and_time_on_ranks(cell: Cell, implementation: registry.Implementation, group: Group,
-                                    budget: TimingBudget, seed: int, skip_oversized: bool, floor_mib: float,
-                                    opened: list[registry.Bench]) -> dict[str, Any]:
+def _check(cell: Cell, implementation: registry.Implementation, problem: registry.Problem, bench: registry.Bench,
+           inputs: tuple[torch.Tensor, ...], seed: int) -> _Checking:
+    """One call checked against the reference on the rows this rank holds (gradients too, in
+    backward passes). Checked before it is timed; a wrong output is still timed, and marked."""
+    reference, backward = implementation.reference, cell.pass_name != "forward"
+    if reference is None and not backward:
+        return _Checking(None, None, None, 0.0)
+    output = bench.run()
+    checking = time.perf_counter()  # what the check costs is reported beside what it found
+    sums = correctness.partial_errors(reference, problem, output, bench.rows, seed) if reference else None
+    grad_out, sample = None, None
+    if backward:
+        whole = _output_gradient(problem, seed)
+        grad_out = whole if bench.rows is None else whole.index_select(2, bench.rows)
+        grads = torch.autograd.grad(output, inputs, grad_out)
+        if reference:
+            sample = correctness.GradientSample.of(problem.q, seed)
+            sums = replace(sums, gradients=correctness.gradient_partials(reference, problem, grads, whole, seed,
+                                                                         bench.rows))
+    return _Checking(sums, grad_out, sample, time.perf_counter() - checking)
+
+
+def _phases(cell: Cell, implementation: registry.Implementation, group: OneProcess, budget: TimingBudget, seed: int,
+            skip_oversized: bool, floor_mib: float, opened: list[registry.Bench]) -> Outcome:
     """The cell's outcome on this rank; the bench setup returned goes into ``opened``.
 
     The bench is handed out that way, not returned, so that no caller's frame holds
-    the whole inputs while this one measures with only its shard.
+    the whole inputs while a rank measures with only its shard.
     """
-    device = group.device
+    device, failure = group.device, None
     if skip_oversized and (skip := _inputs_too_large(cell, device)):  # every rank decides alike
         return skip
-    failure = None
     try:
         problem = make_problem(cell, device, seed, group.rank)
         bench = _as_bench(implementation.setup(problem))
         opened.append(bench)
-    except Exception as exc:  # recorded once every rank has said how its setup went
+    except Exception as exc:  # any failure of user or library code is this cell's result, not the sweep's
         failure = _failure(exc)
-    if failure := _agree(failure):
+    if failure := _agree(group, failure):
         return failure
     facts, inputs_mib, clock = problem.facts, _inputs_mib(problem) / cell.world_size, problem.comm
     inputs = bench.inputs or (problem.q, problem.k, problem.v)
-    reference, tolerance = implementation.reference, _tolerance(cell, implementation)
-    checked = reference is not None
-    backward = cell.pass_name != "forward"
-    partials, gradient_sums, grad_out, check_s = [0.0, 0.0, 0.0, 0.0], None, None, 0.0
     try:
-        output = bench.run()
-        checking = time.perf_counter()
-        if checked:
-            partials = correctness.partial_errors(reference, problem, output, bench.rows, seed)
-        if backward:
-            whole = _output_gradient(problem, seed)
-            grad_out = whole if bench.rows is None else whole.index_select(2, bench.rows)
-            grads = torch.autograd.grad(output, inputs, grad_out)
-            if checked:
-                gradient_sums = correctness.gradient_partials(reference, problem, grads, whole, seed, bench.rows)
-                sample = correctness.GradientSample.of(problem.q, seed)
-            del grads, whole
-        check_s = time.perf_counter() - checking
-        # Only this rank's shard (kept by setup) stays: the whole inputs go before measuring.
-        del output, problem
+        checking = _check(cell, implementation, problem, bench, inputs, seed)
+        del problem  # across processes only this rank's shard (kept by setup) stays while measuring
     except Exception as exc:
         failure = _failure(exc)
-    if failure := _agree(failure):
+    if failure := _agree(group, failure):
         return failure
     check = None
-    if checked:
-        squared_error, squared_reference, rows = distributed.sum_over_ranks([partials[0], partials[1], partials[3]], device)
-        max_abs = distributed.max_over_ranks(partials[2], device)
-        check = correctness.verdict(reference, [squared_error, squared_reference, max_abs, rows], tolerance)
-        if backward:
-            gradients = correctness.gradient_verdict(distributed.sum_over_ranks(gradient_sums, device), tolerance, sample)
-            check = {**check, "gradients": gradients, "passed": check["passed"] and gradients["passed"]}
-        check["seconds"] = round(distributed.max_over_ranks(check_s, device), 3)
+    if checking.sums is not None:
+        tolerance = correctness.tolerance(cell.dtype, implementation.accumulates)
+        verdict = correctness.verdict(implementation.reference, correctness.Sums.combine(group.gather(checking.sums)),
+                                      tolerance, checking.sample)
+        check = _checked(verdict, group.max(checking.seconds))
     try:
-        timed = _pass_closure(cell.pass_name, bench.run, inputs, grad_out)
-        main = _time_and_measure(timed, device, budget, floor_mib,
-                                 agree=lambda value: distributed.max_over_ranks(value, device))
-        traffic = clock.measure(timed)
+        timed = _pass_closure(cell.pass_name, bench.run, inputs, checking.grad_out)
+        main = _time_and_measure(timed, device, budget, floor_mib, group)
+        # A rank's share is a forward computation: it projects forward cells only.
+        projected = (_time_and_measure(bench.rank_share, device, budget, floor_mib, group)
+                     if bench.rank_share and cell.pass_name == "forward" else None)
+        traffic = clock.measure(timed) if clock else None
     except Exception as exc:
         failure = _failure(exc)
-    if failure := _agree(failure):
+    if failure := _agree(group, failure):
         return failure
-    outcome = _outcome(cell, implementation, budget, facts, check, _combine_ranks(main), None, inputs_mib)
-    return {**outcome, "comm": _combine_traffic(traffic)}
+    combined, ranks = _combine_ranks(group, main)
+    outcome = _outcome(cell, implementation, budget, facts, check, combined, projected, inputs_mib, ranks)
+    return {**outcome, "comm": _combine_traffic(group, traffic)}
+
+
+def _measure(cell: Cell, implementation: registry.Implementation, group: OneProcess, budget: TimingBudget,
+             seed: int, skip_oversized: bool, floor_mib: float) -> Outcome:
+    opened: list[registry.Bench] = []
+    outcome = _phases(cell, implementation, group, budget, seed, skip_oversized, floor_mib, opened)
+    # Every rank agrees on closing, including ranks whose setup failed (they have nothing to close).
+    return _agree(group, _guarded(opened[0].close) if opened else None) or outcome
 
 
 def _release(device: torch.device) -> None:
@@ -392,60 +370,28 @@ def _release(device: torch.device) -> None:
             pass
 
 
-def make_record(cell: Cell, outcome: dict[str, Any], device: torch.device | None = None, started_at: str | None = None,
-                seconds: float | None = None) -> dict[str, Any]:
-    """A record with every field present; what was not measured stays null."""
-    return {
-        "schema_version": records.SCHEMA_VERSION,
-        "cell_id": cell.id,
-        **cell.params(),
-        "label": cell.label,
-        "device": None if device is None else str(device),
-        "started_at": started_at,
-        "duration_s": None if seconds is None else round(seconds, 3),
-        "error": None,
-        "facts": {},
-        "check": None,
-        "warmup_ms": [],
-        "samples_ms": [],
-        "stats": None,
-        "noise": None,
-        "modes": None,
-        "plain": None,
-        "memory": None,
-        "projected": None,
-        "ranks": None,
-        "comm": None,
-        "flops": None,
-        "tflops": None,
-        "tokens_per_s": None,
-        **outcome,
-    }
+def make_record(cell: Cell, outcome: Outcome, device: torch.device | None = None, started_at: str | None = None,
+                seconds: float | None = None) -> Record:
+    """The cell's record; what was not measured stays null."""
+    return Record.of_cell(cell, device=None if device is None else str(device), started_at=started_at,
+                          duration_s=None if seconds is None else round(seconds, 3), **outcome)
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def run_cell(cell: Cell, implementation: registry.Implementation, device: torch.device, budget: TimingBudget,
-             seed: int, skip_oversized: bool = True) -> dict[str, Any]:
-    """Measure one cell in this process and return its record; never raises for a failing implementation.
+def run_cell(cell: Cell, implementation: registry.Implementation, group: OneProcess, budget: TimingBudget,
+             seed: int, skip_oversized: bool = True) -> Record:
+    """Measure one cell on every rank of ``group`` (all ranks call this) and return the agreed record;
+    never raises for a failing implementation.
 
     With ``skip_oversized`` a cell whose inputs alone exceed the device's memory is
     recorded as skipped without allocating anything.
     """
+    group.barrier()
     started_at, start = _now(), time.perf_counter()
-    outcome = _measure(cell, implementation, device, budget, seed, skip_oversized, allocated_mib(device))
-    _release(device)
-    return make_record(cell, outcome, device, started_at, time.perf_counter() - start)
-
-
-def run_cell_on_ranks(cell: Cell, implementation: registry.Implementation, group: Group, budget: TimingBudget,
-                      seed: int, skip_oversized: bool = True) -> dict[str, Any]:
-    """Measure one cell on every rank of the group (all ranks call this); every rank gets the agreed record."""
-    distributed.barrier()
-    started_at, start = _now(), time.perf_counter()
-    outcome = _measure_on_ranks(cell, implementation, group, budget, seed, skip_oversized, allocated_mib(group.device))
+    outcome = _measure(cell, implementation, group, budget, seed, skip_oversized, allocated_mib(group.device))
     _release(group.device)
-    distributed.barrier()
+    group.barrier()
     return make_record(cell, outcome, group.device, started_at, time.perf_counter() - start)

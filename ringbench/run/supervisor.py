@@ -23,7 +23,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -31,6 +31,7 @@ from ringbench import records
 from ringbench.errors import ConfigError
 from ringbench.run import env, folder, worker
 from ringbench.run.pipeline import make_record
+from ringbench.schema import Failure, Record
 from ringbench.sweep.config import Sweep
 from ringbench.sweep.plan import Plan
 from ringbench.vocabulary import Cell
@@ -48,13 +49,13 @@ class Observer(Protocol):
 
     def cell_started(self, index: int, cell: Cell) -> None: ...
 
-    def cell_finished(self, index: int, cell: Cell, record: dict[str, Any]) -> None: ...
+    def cell_finished(self, index: int, cell: Cell, record: Record) -> None: ...
 
 
 @dataclass
 class RunResult:
     run_dir: Path
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
     interrupted: bool = False
 
 
@@ -109,14 +110,14 @@ class _WorldSize:
     world_size: int
     pending: list[Cell]
     tail: records.RecordTail
-    on_record: Callable[[dict[str, Any]], None]
+    on_record: Callable[[Record], None]
 
     def take_new_records(self) -> bool:
         """Pass on the records appended since the last look; True if any was this world size's."""
         by_id = {cell.id: cell for cell in self.pending}
-        mine = [record for record in self.tail.new() if record["cell_id"] in by_id]
+        mine = [record for record in self.tail.new() if record.cell_id in by_id]
         for record in mine:
-            self.pending.remove(by_id[record["cell_id"]])
+            self.pending.remove(by_id[record.cell_id])
             self.on_record(record)
         return bool(mine)
 
@@ -165,8 +166,8 @@ def _run_world_size(world: _WorldSize, timeout_s: float, threads: int) -> None:
         if verdict:
             status, message = verdict
             with records.RecordWriter(world.run_dir) as writer:
-                writer.append(make_record(world.pending[0], {"status": status, "error": {
-                    "type": status.capitalize(), "message": message}}))
+                writer.append(make_record(world.pending[0], {"status": status,
+                                                             "error": Failure(status.capitalize(), message)}))
             world.take_new_records()  # the file is the one source of records, the supervisor's own included
     folder.clear_notes(world.run_dir, world.world_size)  # every cell has its record: nothing is pending
 
@@ -203,10 +204,10 @@ def run(sweep: Sweep, plan: Plan, source: str, device: torch.device, observer: O
     by_id = {cell.id: cell for cell in cells}
     finished = 0
 
-    def on_record(record: dict[str, Any]) -> None:
+    def on_record(record: Record) -> None:
         nonlocal finished
         result.records.append(record)
-        observer.cell_finished(finished, by_id[record["cell_id"]], record)
+        observer.cell_finished(finished, by_id[record.cell_id], record)
         finished += 1
         if finished < len(cells):
             observer.cell_started(finished, cells[finished])

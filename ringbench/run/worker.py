@@ -9,6 +9,7 @@ run folder itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import signal
@@ -21,7 +22,7 @@ from ringbench import records
 from ringbench.errors import UserError
 from ringbench.run import distributed, env, folder
 from ringbench.run.modes import prime_libraries
-from ringbench.run.pipeline import run_cell, run_cell_on_ranks
+from ringbench.run.pipeline import TORCH_DTYPES, run_cell
 from ringbench.sweep import plan as plans
 from ringbench.sweep.config import Sweep
 from ringbench.sweep.plan import Plan
@@ -55,59 +56,47 @@ def _prepare(device: torch.device, sweep: Sweep, threads: int, world_size: int) 
     # The ranks of one host share its cores: each takes its part.
     torch.set_num_threads(max(1, threads // world_size))
     print(f"{torch.get_num_threads()} intra-op thread(s)", flush=True)
-    prime_libraries(device, [folder.TORCH_DTYPES[dtype] for dtype in sweep.dtypes])
+    prime_libraries(device, [TORCH_DTYPES[dtype] for dtype in sweep.dtypes])
 
 
 def serve(sweep: Sweep, plan: Plan, cells: list[Cell] | None, run_dir: Path | None, source: str, output_root: Path,
           threads: int | None = None) -> Path:
-    """Run ``cells`` (None: every planned cell of this world size), marking each in flight.
+    """Run ``cells`` (None: every planned cell of this world size) on this process's group, rank 0
+    marking each in flight and appending its record.
 
-    In one process ``run_dir`` is the supervisor's. Across processes, ``run_dir`` is None
-    under a user's own launcher, and rank 0 creates the run folder. ``threads`` is the
-    intra-op thread count of the host, shared by the ranks on it.
+    Started by the supervisor, ``run_dir`` is its run folder. Under a user's own launcher
+    ``run_dir`` is None: rank 0 creates the run folder and stamps it at the end. ``threads``
+    is the intra-op thread count of the host, shared by the ranks on it.
     """
     die_with_parent()
     print(f"ringbench worker {os.getpid()} started", flush=True)  # one line per start in the worker's log
     threads = threads or sweep.threads or env.default_threads()
-    if not distributed.launched():
-        device = env.resolve_device(sweep.device, source)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        _prepare(device, sweep, threads, 1)
-        with records.RecordWriter(run_dir) as writer:
-            for cell in cells:
-                folder.mark_inflight(run_dir, cell)
-                writer.append(run_cell(cell, plan.implementations[cell.implementation], device, sweep.timing,
-                                       sweep.seed, sweep.skip_oversized_inputs))
-                if not _usable(device):
-                    print("the CUDA context is broken (a sticky error); a fresh worker takes the next cells", flush=True)
-                    os._exit(0)  # its teardown could hang on the broken context; the record is already on disk
-        return run_dir
-    group = distributed.join(env.resolve_device(sweep.device, source).type)
+    group = distributed.join(env.resolve_device(sweep.device, source))
     try:
         _prepare(group.device, sweep, threads, distributed.local_world_size())
         created = group.is_leader and run_dir is None
         if created:
             run_dir = folder.start(sweep, plan, source, group.device, output_root, threads)
-        run_dir = Path(distributed.broadcast(str(run_dir) if group.is_leader else None))
+        run_dir = Path(group.broadcast(str(run_dir) if group.is_leader else None))
         if cells is None:
             cells = [cell for cell in plan.cells if cell.world_size == group.world_size]
-        writer = records.RecordWriter(run_dir) if group.is_leader else None
-        for cell in cells:
-            if writer:
-                folder.mark_inflight(run_dir, cell)
-            record = run_cell_on_ranks(cell, plan.implementations[cell.implementation], group, sweep.timing,
-                                       sweep.seed, sweep.skip_oversized_inputs)
-            if writer:
-                writer.append(record)
-        if writer:
-            writer.close()
+        with records.RecordWriter(run_dir) if group.is_leader else contextlib.nullcontext() as writer:
+            for cell in cells:
+                if writer:
+                    folder.mark_inflight(run_dir, cell)
+                record = run_cell(cell, plan.implementations[cell.implementation], group, sweep.timing, sweep.seed,
+                                  sweep.skip_oversized_inputs)
+                if writer:
+                    writer.append(record)
+                if group.world_size == 1 and not _usable(group.device):
+                    print("the CUDA context is broken (a sticky error); a fresh worker takes the next cells", flush=True)
+                    os._exit(0)  # its teardown could hang on the broken context; the record is already on disk
         if created:
             folder.clear_notes(run_dir)
             folder.finish(run_dir)
         return run_dir
     finally:
-        distributed.leave()
+        group.leave()
 
 
 def command(world_size: int, run_dir: Path, pending: Path, threads: int) -> list[str]:
