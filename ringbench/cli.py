@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
 
 import typer
 from rich.console import Console
@@ -62,8 +62,15 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main_options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                              help="print ringbench's version (and commit, from a checkout) and exit")) -> None:
+def main_options(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_version,
+        is_eager=True,
+        help="print ringbench's version (and commit, from a checkout) and exit",
+    ),
+) -> None:
     """Benchmark attention implementations for long context."""
 
 
@@ -87,18 +94,21 @@ def plan(config: Path = typer.Argument(..., help="sweep YAML")) -> None:
 
 @app.command()
 def run(
-    config: Optional[Path] = typer.Argument(None, help="sweep YAML (with --resume: the run's own, by default)"),
+    config: Path | None = typer.Argument(None, help="sweep YAML (with --resume: the run's own, by default)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and stop"),
-    output_root: Optional[Path] = typer.Option(None, "--output-root", help="overrides the config's output_root"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="run folder of a stopped run: run what it lacks"),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="with --resume: also re-run oom/error/crashed cells"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1,
-                                          help="torch intra-op threads (overrides the config; default: physical cores)"),
+    output_root: Path | None = typer.Option(None, "--output-root", help="overrides the config's output_root"),
+    resume: Path | None = typer.Option(None, "--resume", help="run folder of a stopped run: run what it lacks"),
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="with --resume: also re-run oom/error/crashed cells"
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, help="torch intra-op threads (overrides the config; default: physical cores)"
+    ),
 ) -> None:
     """Run a sweep: every cell timed, memory-measured and recorded under the output root."""
     from ringbench import records
-    from ringbench.run import distributed, supervisor, worker
     from ringbench.progress import ProgressBar, summary_table
+    from ringbench.run import distributed, supervisor, worker
 
     with _user_errors():
         if resume is not None and not records.is_run_dir(resume):
@@ -114,59 +124,84 @@ def run(
         _print_plan(config, the_plan)
         return
     if distributed.launched():  # one rank of a group the user started with torchrun
-        run_dir = worker.serve(sweep, the_plan, None, None, str(config), output_root or Path(sweep.output_root),
-                               threads)
+        run_dir = worker.serve(
+            sweep, the_plan, None, None, str(config), output_root or Path(sweep.output_root), threads
+        )
         print(f"records in {run_dir}", file=sys.stderr)
         return
     console = Console(stderr=True)
     with _user_errors(), ProgressBar(console) as bar:
-        result = supervisor.run(sweep, the_plan, str(config), device, bar, output_root or Path(sweep.output_root),
-                            resume, retry_failed, threads)
+        result = supervisor.run(
+            sweep,
+            the_plan,
+            str(config),
+            device,
+            bar,
+            output_root or Path(sweep.output_root),
+            resume,
+            retry_failed,
+            threads,
+        )
     console.print(summary_table(result.records))
     if result.interrupted:
         # Plainly, not through Rich: the command must stay on one line, to be copied.
-        print(f"interrupted: {len(result.records)} finished cells kept in {result.run_dir}; "
-              f"continue with: ringbench run --resume {result.run_dir}", file=sys.stderr)
+        print(
+            f"interrupted: {len(result.records)} finished cells kept in {result.run_dir}; "
+            f"continue with: ringbench run --resume {result.run_dir}",
+            file=sys.stderr,
+        )
         raise typer.Exit(supervisor.EXIT_INTERRUPTED)
     console.print(f"{len(result.records)} cells recorded; next: ringbench report {result.run_dir}")
     print(result.run_dir)  # on stdout, for scripts: the run folder
 
 
+def _load_runs(paths: list[Path]) -> list:
+    """The runs the paths hold; a run that cannot be read is a warning while others can."""
+    from ringbench.report import find_runs, load_run
+    from ringbench.report.load import UnreadableRun
+
+    runs, skipped = [], []
+    for path in find_runs(paths):
+        try:
+            runs.append(load_run(path))
+        except UnreadableRun as exc:  # the other runs still render
+            skipped.append(str(exc))
+    if not runs:
+        raise UserError("; ".join(skipped))
+    for warning in skipped + [warning for run_data in runs for warning in run_data.warnings]:
+        print(f"warning: {warning}", file=sys.stderr)
+    return runs
+
+
 @app.command()
 def report(
-    paths: List[Path] = typer.Argument(..., help="run folders, or folders holding them"),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the report"),
+    paths: list[Path] = typer.Argument(..., help="run folders, or folders holding them"),
+    output: Path | None = typer.Option(None, "-o", "--output", help="where to write the report"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="write the file without printing it"),
-    output_format: str = typer.Option("markdown", "--format",
-                                      help="markdown; html (one file, figures embedded); csv / json: one row per cell"),
+    output_format: str = typer.Option(
+        "markdown", "--format", help="markdown; html (one file, figures embedded); csv / json: one row per cell"
+    ),
     no_plots: bool = typer.Option(False, "--no-plots", help="skip the figures"),
     merge: bool = typer.Option(False, "--merge", help="several runs as one report, by cell; the newest record wins"),
-    baseline: Optional[str] = typer.Option(None, "--baseline",
-                                           help="implementation (name or label) that speed-ups and memory ratios are "
-                                                "against; default: standard, else sdpa, else the first one run"),
+    baseline: str | None = typer.Option(
+        None,
+        "--baseline",
+        help="implementation (name or label) that speed-ups and memory ratios are against; default: the one "
+        "declaring the baseline role (standard), else the peer role (sdpa), else the first one run",
+    ),
 ) -> None:
     """Render stored runs. A run folder: its report.md, also printed. A folder of runs: each run's
     report.md and figures in its own folder (where missing or out of date), and index.md in the
     folder; the index and the newest run's findings are printed. --merge: one report of all cells."""
     from ringbench import records
-    from ringbench.report import find_runs, index, load_run, render_merged, render_report, render_table, to_html
-    from ringbench.report.load import UnreadableRun
+    from ringbench.report import index, render_merged, render_report, render_table, to_html
     from ringbench.report.render import render_findings
 
     names = {"markdown": "report.md", "html": "report.html", "csv": "report.csv", "json": "report.json"}
     with _user_errors():
         if output_format not in names:
             raise UserError(f"--format: expected {', '.join(names)}, got {output_format!r}")
-        runs, skipped = [], []
-        for path in find_runs(paths):
-            try:
-                runs.append(load_run(path))
-            except UnreadableRun as exc:  # the other runs still render
-                skipped.append(str(exc))
-        if not runs:
-            raise UserError("; ".join(skipped))
-    for warning in skipped + [warning for run_data in runs for warning in run_data.warnings]:
-        print(f"warning: {warning}", file=sys.stderr)
+        runs = _load_runs(paths)
     folders = [path for path in paths if not records.is_run_dir(path)]
     if output_format == "markdown" and not merge and output is None and (folders or len(runs) > 1):
         with _user_errors():
@@ -185,7 +220,7 @@ def report(
     with _user_errors():
         records.writable(target)
 
-    def markdown(plots_dir: Optional[Path]) -> str:
+    def markdown(plots_dir: Path | None) -> str:
         if merge:
             return render_merged(runs, plots_dir=plots_dir, baseline=baseline)
         return render_report(runs, plots_dir=plots_dir, baseline=baseline)
@@ -210,10 +245,10 @@ def compare(
     new: Path = typer.Argument(..., help="run folder measured after it"),
     threshold: float = typer.Option(1.1, help="ratio of medians that counts as a change"),
     alpha: float = typer.Option(0.05, help="significance level of the Mann-Whitney U test"),
-    fail_above: Optional[float] = typer.Option(None, "--fail-above",
-                                               help="exit 1 if a cell is significantly slower by more than this ratio, "
-                                                    "or newly failing"),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="also write the comparison as Markdown"),
+    fail_above: float | None = typer.Option(
+        None, "--fail-above", help="exit 1 if a cell is significantly slower by more than this ratio, or newly failing"
+    ),
+    output: Path | None = typer.Option(None, "-o", "--output", help="also write the comparison as Markdown"),
 ) -> None:
     """Compare two runs cell by cell: faster, slower, unchanged, newly failing, fixed."""
     from rich.table import Table
@@ -232,8 +267,11 @@ def compare(
     for column in ("cell", "base ms", "new ms", "new / base", "p", "verdict"):
         view.add_column(column, justify="left" if column in ("cell", "verdict") else "right")
     for row in comparison.rows:
-        view.add_row(row["cell"], *("-" if row[key] is None else f"{row[key]:.4g}" for key in ("base_ms", "new_ms", "ratio", "p")),
-                     row["verdict"])
+        view.add_row(
+            row["cell"],
+            *("-" if row[key] is None else f"{row[key]:.4g}" for key in ("base_ms", "new_ms", "ratio", "p")),
+            row["verdict"],
+        )
     console = Console()
     console.print(view)
     for warning in comparison.warnings:

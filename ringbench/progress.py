@@ -39,7 +39,7 @@ class ProgressBar:
         )
         self.task = None
 
-    def __enter__(self) -> "ProgressBar":
+    def __enter__(self) -> ProgressBar:
         self.progress.start()
         return self
 

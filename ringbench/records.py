@@ -9,14 +9,27 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ringbench.errors import UserError, show
+
 # The statuses are the record's (the schema checks them); callers name them from here, beside the files.
 from ringbench.schema import (  # noqa: F401  (re-exported)
-    CRASHED, ERROR, FAILED, MEASURED, OK, OOM, SCHEMA_VERSION, SKIPPED, TIMEOUT, WRONG, Record)
+    CRASHED,
+    ERROR,
+    FAILED,
+    MEASURED,
+    OK,
+    OOM,
+    SCHEMA_VERSION,
+    SKIPPED,
+    TIMEOUT,
+    WRONG,
+    Record,
+)
 
 RUN_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"
@@ -82,7 +95,7 @@ class RecordWriter:
     def close(self) -> None:
         self._handle.close()
 
-    def __enter__(self) -> "RecordWriter":
+    def __enter__(self) -> RecordWriter:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -127,8 +140,9 @@ def _parse(line: str, where: str) -> Record:
     try:
         return Record.from_json(json.loads(line))
     except ValueError as exc:
-        raise BrokenRun(where, f"not a record ({show(str(exc))[1:-1]}); a run cut off while "
-                        "writing is mended by resuming it") from None
+        raise BrokenRun(
+            where, f"not a record ({show(str(exc))[1:-1]}); a run cut off while writing is mended by resuming it"
+        ) from None
 
 
 def read_records(run_dir: Path) -> Iterator[Record]:
@@ -157,7 +171,7 @@ class RecordTail:
         with self.path.open("rb") as handle:
             handle.seek(self.offset)
             data = handle.read()
-        complete = data[:data.rfind(b"\n") + 1]
+        complete = data[: data.rfind(b"\n") + 1]
         lines = complete.decode("utf-8", errors="replace").splitlines()
         found = [_parse(line, f"{self.path}@{self.offset}") for line in lines if line.strip()]
         self.offset += len(complete)

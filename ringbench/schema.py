@@ -31,8 +31,9 @@ from __future__ import annotations
 import functools
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ringbench.errors import show
 from ringbench.vocabulary import DTYPES, PASSES, Cell, implementation_label
@@ -57,8 +58,11 @@ class _Stored:
     """What every part of a record shares: written as JSON by field name (``_build`` reads it back)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {_KEYS.get(f.name, f.name): _json(getattr(self, f.name)) for f in fields(self)
-                if not (f.metadata.get("omitted_when_none") and getattr(self, f.name) is None)}
+        return {
+            _KEYS.get(f.name, f.name): _json(getattr(self, f.name))
+            for f in fields(self)
+            if not (f.metadata.get("omitted_when_none") and getattr(self, f.name) is None)
+        }
 
 
 @dataclass(frozen=True)
@@ -239,14 +243,14 @@ class Record(_Stored):
     tokens_per_s: float | None = None
 
     @classmethod
-    def of_cell(cls, cell: Cell, status: str, **found: Any) -> "Record":
+    def of_cell(cls, cell: Cell, status: str, **found: Any) -> Record:
         """The record of ``cell``; ``found`` holds what measuring it found, by field name (the rest
         stays None or empty)."""
         params = {_FIELDS.get(key, key): value for key, value in _json(cell.params()).items()}
         return cls(cell_id=cell.id, **params, label=cell.label, status=status, **found)
 
     @classmethod
-    def from_json(cls, data: Any) -> "Record":
+    def from_json(cls, data: Any) -> Record:
         """The record a parsed line holds, whatever version wrote it; a ValueError says what is wrong."""
         if not isinstance(data, dict):
             raise ValueError(f"expected a JSON object, got {show(data)}")
@@ -255,11 +259,14 @@ class Record(_Stored):
             raise ValueError(f"schema_version: expected a version number, got {show(version)}")
         if version > SCHEMA_VERSION:
             raise ValueError(f"schema version {version}, newer than this ringbench reads ({SCHEMA_VERSION})")
-        for upgrade in _UPGRADES[version - 1:]:
+        for upgrade in _UPGRADES[version - 1 :]:
             data = upgrade(data)
         record = _build(cls, {key: value for key, value in data.items() if key != "schema_version"}, "")
-        for name, value, allowed in (("status", record.status, STATUSES), ("pass", record.pass_name, PASSES),
-                                     ("dtype", record.dtype, DTYPES)):
+        for name, value, allowed in (
+            ("status", record.status, STATUSES),
+            ("pass", record.pass_name, PASSES),
+            ("dtype", record.dtype, DTYPES),
+        ):
             if value not in allowed:
                 raise ValueError(f"{name}: {show(value)} is not a {name}")
         return record
@@ -304,6 +311,7 @@ def _json(value: Any) -> Any:
 
 
 # Reading: a line is upgraded to the current version, then built, each field's type checked.
+
 
 def _with(section: Any, **defaults: Any) -> Any:
     """``section`` with ``defaults`` under the keys it lacks; anything but an object is left for
@@ -370,14 +378,34 @@ def _upgrade_1_to_2(old: dict[str, Any]) -> dict[str, Any]:
     recorded) for everything measured since."""
     options = old.get("options")
     label = implementation_label(str(old.get("implementation")), options if isinstance(options, dict) else {})
-    record = _with(old, world_size=1, label=label, check=None, flops=None, tflops=None, projected=None, ranks=None,
-                   comm=None, noise=None, modes=None, plain=None)
-    for key, upgrade in (("stats", _stats_1), ("modes", _modes_1), ("plain", _plain_1), ("check", _check_1),
-                         ("projected", _projected_1)):
+    record = _with(
+        old,
+        world_size=1,
+        label=label,
+        check=None,
+        flops=None,
+        tflops=None,
+        projected=None,
+        ranks=None,
+        comm=None,
+        noise=None,
+        modes=None,
+        plain=None,
+    )
+    for key, upgrade in (
+        ("stats", _stats_1),
+        ("modes", _modes_1),
+        ("plain", _plain_1),
+        ("check", _check_1),
+        ("projected", _projected_1),
+    ):
         _amend(record, key, upgrade)
     _amend(record, "memory", lambda memory: _with(memory, modelled_mib=None, held_mib=None))
-    _amend(record, "ranks", lambda ranks: [_with(rank, held_mib=None) for rank in ranks]
-           if isinstance(ranks, list) else ranks)
+    _amend(
+        record,
+        "ranks",
+        lambda ranks: [_with(rank, held_mib=None) for rank in ranks] if isinstance(ranks, list) else ranks,
+    )
     return record
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 DTYPES = tuple(DTYPE_BYTES)
@@ -59,8 +60,9 @@ def implementation_label(name: str, options: Mapping[str, Any]) -> str:
 def label_of(entry: Mapping[str, Any]) -> str:
     """The label a stored record, exclusion or config entry carries (``implementation`` or ``name``,
     ``options``, ``label``); the full form for those stored before labels."""
-    return entry.get("label") or implementation_label(entry.get("implementation") or entry["name"],
-                                                      dict(entry.get("options") or {}))
+    return entry.get("label") or implementation_label(
+        entry.get("implementation") or entry["name"], dict(entry.get("options") or {})
+    )
 
 
 @dataclass(frozen=True, order=True)
@@ -138,11 +140,22 @@ class Cell:
         }
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any], label: str = "") -> "Cell":
+    def from_params(cls, params: Mapping[str, Any], label: str = "") -> Cell:
         """The cell ``params()`` describes."""
-        return cls(params["implementation"], tuple(sorted(dict(params["options"]).items())), params["seq_len"],
-                   params["ring_size"], params["batch_size"], params["heads"], params["head_dim"], params["dtype"],
-                   params["causal"], params["pass"], params.get("world_size", 1), label)
+        return cls(
+            params["implementation"],
+            tuple(sorted(dict(params["options"]).items())),
+            params["seq_len"],
+            params["ring_size"],
+            params["batch_size"],
+            params["heads"],
+            params["head_dim"],
+            params["dtype"],
+            params["causal"],
+            params["pass"],
+            params.get("world_size", 1),
+            label,
+        )
 
     @property
     def id(self) -> str:

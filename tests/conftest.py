@@ -22,8 +22,10 @@ def measure(cell, device, budget, seed=0, skip_oversized=True):
     from ringbench.run import pipeline
     from ringbench.run.distributed import OneProcess
 
-    return pipeline.run_cell(cell, registry_with_fakes().get(cell.implementation), OneProcess(device), budget, seed,
-                             skip_oversized)
+    return pipeline.run_cell(
+        cell, registry_with_fakes().get(cell.implementation), OneProcess(device), budget, seed, skip_oversized
+    )
+
 
 # Triton kernels run on the CPU, interpreted: set before any kernel is defined (ringbench imports them).
 os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -7,26 +7,31 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import BASE_CONFIG
 from typer.testing import CliRunner
 
 from ringbench.attention.registry import Registry
 from ringbench.cli import app
 from ringbench.run import worker
 
-from conftest import BASE_CONFIG
-
 runner = CliRunner()
 
 
 def test_plan_lists_cells_and_exclusions(write_config):
-    text = BASE_CONFIG.replace("  - name: standard\n", "  - name: test-ring\n") + "ring_sizes: [1, 3]\nplugins: [fake_impls]\n"
+    text = (
+        BASE_CONFIG.replace("  - name: standard\n", "  - name: test-ring\n")
+        + "ring_sizes: [1, 3]\nplugins: [fake_impls]\n"
+    )
     path = write_config(text)
     result = runner.invoke(app, ["plan", str(path)])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == f"{path}: 5 cells planned, 1 left out"
     assert lines[1].endswith("test-ring S=64 ring=1 B=1 H=2 D=16 float32 forward")
-    assert lines[-2:] == ["left out:", "  test-ring S=64 ring=3 B=1 H=2 D=16 float32 forward: seq_len 64 is not divisible by ring_size 3"]
+    assert lines[-2:] == [
+        "left out:",
+        "  test-ring S=64 ring=3 B=1 H=2 D=16 float32 forward: seq_len 64 is not divisible by ring_size 3",
+    ]
     dry = runner.invoke(app, ["run", str(path), "--dry-run", "--output-root", str(path.parent / "out")])
     assert dry.exit_code == 0 and dry.output == result.output
     assert not (path.parent / "out").exists()
@@ -37,8 +42,10 @@ def test_config_error_is_one_line_exit_2_and_writes_nothing(write_config):
     out = path.parent / "out"
     result = runner.invoke(app, ["run", str(path), "--output-root", str(out)])
     assert result.exit_code == 2
-    assert result.stderr.splitlines() == [f"{path}: implementations[1].name: unknown implementation 'rign' "
-                                          f"(known: {', '.join(Registry.bundled().known())})"]
+    assert result.stderr.splitlines() == [
+        f"{path}: implementations[1].name: unknown implementation 'rign' "
+        f"(known: {', '.join(Registry.bundled().known())})"
+    ]
     assert "Traceback" not in result.output and not out.exists()
 
 
@@ -80,7 +87,9 @@ def _started_slow_run(write_config):
     out = path.parent / "out"
     process = subprocess.Popen(
         [sys.executable, "-m", "ringbench", "run", str(path), "--output-root", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
     )
     deadline = time.monotonic() + 120
@@ -103,8 +112,10 @@ def test_ctrl_c_keeps_every_finished_record_and_says_how_to_resume(write_config)
     lines = records_file.read_text().splitlines()
     assert 3 <= len(lines) < 16 and all(json.loads(line)["status"] == "ok" for line in lines)
     run_dir = records_file.parent
-    assert f"interrupted: {len(lines)} finished cells kept in {run_dir}; continue with: ringbench run --resume {run_dir}\n" \
+    assert (
+        f"interrupted: {len(lines)} finished cells kept in {run_dir}; continue with: ringbench run --resume {run_dir}\n"
         in output
+    )
     assert not list(run_dir.glob("inflight-*.json"))
     planned = json.loads((run_dir / "run.json").read_text())["planned"]
     assert [json.loads(line)["cell_id"] for line in lines] == [p["cell_id"] for p in planned[: len(lines)]]

@@ -71,12 +71,20 @@ def test_verdicts_need_ratio_and_significance(tmp_path):
     markdown = render_markdown(comparison, 1.1, 0.05)
     row = next(line for line in markdown.splitlines() if line.startswith("| sdpa backend=flash S=4096"))
     assert [cell.strip() for cell in row.strip("|").split("|")] == [
-        "sdpa backend=flash S=4096 no ring float16 forward", "slower", "0.1100", "0.2200", "2.000", "0.015"]
+        "sdpa backend=flash S=4096 no ring float16 forward",
+        "slower",
+        "0.1100",
+        "0.2200",
+        "2.000",
+        "0.015",
+    ]
 
 
 def test_fail_above_gates_ci(tmp_path):
     new = changed_run(tmp_path, edit)
-    failing = CliRunner().invoke(app, ["compare", str(FIXTURE), str(new), "--fail-above", "1.2", "-o", str(tmp_path / "c.md")])
+    failing = CliRunner().invoke(
+        app, ["compare", str(FIXTURE), str(new), "--fail-above", "1.2", "-o", str(tmp_path / "c.md")]
+    )
     assert failing.exit_code == 1 and "2 regression(s) beyond 1.2x or newly failing" in failing.stderr
     assert (tmp_path / "c.md").read_text().startswith("# ringbench compare: `new` against `run`")
     calm = changed_run(tmp_path / "calm", lambda record: None)

@@ -1,17 +1,13 @@
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import measure
 
 from ringbench import Problem, records
 from ringbench.attention.impls.dilated import DilatedReference
 from ringbench.attention.references import DENSE
 from ringbench.run import correctness
-from ringbench.run import pipeline
 from ringbench.sweep.config import TimingBudget
 from ringbench.vocabulary import Cell
-
-from conftest import measure
 
 BUDGET = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3)
 CPU = torch.device("cpu")
@@ -47,7 +43,9 @@ def test_long_sequences_are_checked_on_a_fixed_row_subset(monkeypatch):
     monkeypatch.setattr(correctness, "SUBSET_ROWS", 5)
     rows = correctness.check_rows(64, seed=3, device=CPU)
     assert len(rows) == 5 and torch.equal(rows, correctness.check_rows(64, seed=3, device=CPU))
-    assert torch.equal(rows, rows.sort().values) and not torch.equal(rows, correctness.check_rows(64, seed=4, device=CPU))
+    assert torch.equal(rows, rows.sort().values) and not torch.equal(
+        rows, correctness.check_rows(64, seed=4, device=CPU)
+    )
     wrong = run("test-wrong", seq_len=64)
     assert wrong.check.rows_checked == 5 and wrong.status == records.WRONG
     right = run("sdpa", seq_len=64, options=(("backend", "auto"),))
@@ -60,8 +58,9 @@ def _problem(seq_len, causal, family_options=None, dtype=torch.float64):
     return Problem(q=q, k=k, v=v, causal=causal, ring_size=None, options=family_options or {})
 
 
-@pytest.mark.parametrize("reference, options", [(DENSE, None),
-                                                (DilatedReference(), {"segment_lengths": (8, 16), "dilation_rates": (1, 4)})])
+@pytest.mark.parametrize(
+    "reference, options", [(DENSE, None), (DilatedReference(), {"segment_lengths": (8, 16), "dilation_rates": (1, 4)})]
+)
 @pytest.mark.parametrize("causal", [False, True])
 def test_streamed_reference_gradients_equal_float64_autograd(monkeypatch, reference, options, causal):
     monkeypatch.setattr(correctness, "BLOCK_ELEMENTS", 5 * 32)  # blocks of 5 rows, the last one short
@@ -103,8 +102,9 @@ def test_a_float64_sweep_passes_float32_accumulating_implementations_and_still_c
     ring = measure(cell("ring", (("kernel", "auto"), ("zigzag", False)), 4, "forward+backward"), CPU, BUDGET, 0)
     assert ring.status == records.OK and ring.check.tolerance == correctness.TOLERANCE["float32"]
     assert 1e-10 < ring.check.rel_error < 1e-6  # beyond float64's tolerance, well within float32's
-    dilated = measure(cell("dilated", (("dilation_rates", (1, 2)), ("kernel", "auto"),
-                                               ("segment_lengths", (8, 16)))), CPU, BUDGET, 0)
+    dilated = measure(
+        cell("dilated", (("dilation_rates", (1, 2)), ("kernel", "auto"), ("segment_lengths", (8, 16)))), CPU, BUDGET, 0
+    )
     assert dilated.status == records.OK
     wrong = measure(cell("test-wrong"), CPU, BUDGET, 0)
     assert wrong.status == records.WRONG and wrong.check.tolerance == correctness.TOLERANCE["float64"]

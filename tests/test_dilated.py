@@ -5,12 +5,12 @@ import torch
 
 from ringbench import Problem
 from ringbench.attention import models
+from ringbench.attention.impls.dilated import DilatedReference, patterns
 from ringbench.attention.references import DENSE
 from ringbench.attention.registry import Registry
+from ringbench.errors import ConfigError
 from ringbench.run import correctness
 from ringbench.sweep import config, plan
-from ringbench.errors import ConfigError
-from ringbench.attention.impls.dilated import DilatedReference, patterns
 from ringbench.vocabulary import Cell
 
 BUNDLED = Registry.bundled()
@@ -31,7 +31,8 @@ def runnable(name, seq_len, ring_size, causal, lengths, rates):
 GRID = [
     (name, seq_len, ring_size, causal, lengths, rates)
     for (name, ring_sizes), seq_len, causal, (lengths, rates) in itertools.product(
-        [("dilated", [None]), ("ring-dilated", range(1, 9))], [48, 96, 192], [False, True], PATTERNS)
+        [("dilated", [None]), ("ring-dilated", range(1, 9))], [48, 96, 192], [False, True], PATTERNS
+    )
     for ring_size in ring_sizes
     if runnable(name, seq_len, ring_size, causal, lengths, rates)
 ]
@@ -54,7 +55,9 @@ def test_dilated_matches_its_reference_and_really_dilates(name, seq_len, ring_si
     p = make(seq_len, ring_size, causal, lengths, rates)
     out = BUNDLED.get(name).setup(p)()
     rows = torch.arange(seq_len)
-    torch.testing.assert_close(out.double(), correctness.reference_rows(DilatedReference(), p, rows), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out.double(), correctness.reference_rows(DilatedReference(), p, rows), rtol=1e-5, atol=1e-5
+    )
     # Not dense attention in disguise: the output differs from it.
     assert (out.double() - correctness.reference_rows(DENSE, p, rows)).abs().max() > 1e-2
 
@@ -80,7 +83,9 @@ def _gradient_check(reference, p, grads, grad_out):
 def test_one_full_segment_without_dilation_is_dense_attention():
     p = make(64, None, True, (64,), (1,))
     out = BUNDLED.get("dilated").setup(p)()
-    torch.testing.assert_close(out.double(), correctness.reference_rows(DENSE, p, torch.arange(64)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out.double(), correctness.reference_rows(DENSE, p, torch.arange(64)), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_rows_no_pattern_selects_are_zero():
@@ -112,25 +117,38 @@ def test_flops_count_exactly_the_computed_pairs():
     assert models.dense_flops(dense) == 4 * 2 * 3 * 96 * 96 * 8 / 2
 
 
-@pytest.mark.parametrize("options, message", [
-    ("{segment_lengths: [8, 16], dilation_rates: [1]}", "segment_lengths and dilation_rates differ in length (2 and 1)"),
-    ("{segment_lengths: [12], dilation_rates: [5]}", "segment length 12 is not divisible by its dilation rate 5"),
-    ("{segment_lengths: [8, 8], dilation_rates: [2, 2]}", "a pattern (segment length, dilation rate) is repeated"),
-    ("{segment_lengths: [8, 0], dilation_rates: [1, 1]}", None),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            "{segment_lengths: [8, 16], dilation_rates: [1]}",
+            "segment_lengths and dilation_rates differ in length (2 and 1)",
+        ),
+        ("{segment_lengths: [12], dilation_rates: [5]}", "segment length 12 is not divisible by its dilation rate 5"),
+        ("{segment_lengths: [8, 8], dilation_rates: [2, 2]}", "a pattern (segment length, dilation rate) is repeated"),
+        ("{segment_lengths: [8, 0], dilation_rates: [1, 1]}", None),
+    ],
+)
 def test_pattern_options_are_validated(write_config, options, message):
-    path = write_config(f"implementations: [{{name: dilated, options: {options}}}]\nseq_lens: [64]\nheads: [1]\n"
-                        "head_dims: [8]\ndtypes: [float32]\n")
+    path = write_config(
+        f"implementations: [{{name: dilated, options: {options}}}]\nseq_lens: [64]\nheads: [1]\n"
+        "head_dims: [8]\ndtypes: [float32]\n"
+    )
     with pytest.raises(ConfigError) as caught:
         config.load(path)
-    expected = (f"{path}: implementations[0].options: {message}" if message else
-                f"{path}: implementations[0].options.segment_lengths[1]: expected a positive integer, got 0")
+    expected = (
+        f"{path}: implementations[0].options: {message}"
+        if message
+        else f"{path}: implementations[0].options.segment_lengths[1]: expected a positive integer, got 0"
+    )
     assert str(caught.value) == expected
 
 
 def test_indivisible_lengths_are_left_out_with_reasons(write_config):
-    path = write_config("implementations: [{name: ring-dilated, options: {segment_lengths: [32], dilation_rates: [2]}}]\n"
-                        "seq_lens: [64, 96, 48]\nring_sizes: [2, 3]\nheads: [1]\nhead_dims: [8]\ndtypes: [float32]\n")
+    path = write_config(
+        "implementations: [{name: ring-dilated, options: {segment_lengths: [32], dilation_rates: [2]}}]\n"
+        "seq_lens: [64, 96, 48]\nring_sizes: [2, 3]\nheads: [1]\nhead_dims: [8]\ndtypes: [float32]\n"
+    )
     the_plan = plan.load(path)[1]
     assert [(c.seq_len, c.ring_size) for c in the_plan.cells] == [(64, 2), (96, 3)]
     assert [(e.cell.seq_len, e.cell.ring_size, e.reason) for e in the_plan.excluded] == [

@@ -20,21 +20,33 @@ def run_sweep(write_config, body):
 
 
 def test_world_sizes_one_and_two_in_one_run_match_the_reference(write_config):
-    run_dir, stored = run_sweep(write_config, (
-        "implementations:\n  - ring\n  - {name: ring, options: {zigzag: true}}\n"
-        # One pattern within each rank's shard, one spanning both ranks (only its sparse rows travel).
-        "  - {name: ring-dilated, options: {segment_lengths: [16, 64], dilation_rates: [1, 2]}}\n"
-        "seq_lens: [64]\nworld_sizes: [1, 2]\nheads: [2]\nhead_dims: [8]\ndtypes: [float32]\ncausal: [false, true]\n"
-    ))
+    run_dir, stored = run_sweep(
+        write_config,
+        (
+            "implementations:\n  - ring\n  - {name: ring, options: {zigzag: true}}\n"
+            # One pattern within each rank's shard, one spanning both ranks (only its sparse rows travel).
+            "  - {name: ring-dilated, options: {segment_lengths: [16, 64], dilation_rates: [1, 2]}}\n"
+            "seq_lens: [64]\nworld_sizes: [1, 2]\nheads: [2]\nhead_dims: [8]\ndtypes: [float32]\ncausal: [false, true]\n"
+        ),
+    )
     planned = json.loads((run_dir / "run.json").read_text())["planned"]
     assert sorted(r["cell_id"] for r in stored) == sorted(p["cell_id"] for p in planned) and len(stored) == 12
     distributed = [r for r in stored if r["world_size"] == 2]
-    assert len(distributed) == 6 and {(r["implementation"], r["causal"], r["options"].get("zigzag")) for r in distributed} == {
-        ("ring", False, False), ("ring", False, True), ("ring", True, False), ("ring", True, True),
-        ("ring-dilated", False, None), ("ring-dilated", True, None)}
+    assert len(distributed) == 6 and {
+        (r["implementation"], r["causal"], r["options"].get("zigzag")) for r in distributed
+    } == {
+        ("ring", False, False),
+        ("ring", False, True),
+        ("ring", True, False),
+        ("ring", True, True),
+        ("ring-dilated", False, None),
+        ("ring-dilated", True, None),
+    }
     for record in distributed:
         assert record["status"] == "ok", record["error"]
-        assert record["ring_size"] == 2 and record["check"]["rows_checked"] == 64 and record["check"]["rel_error"] < 1e-5
+        assert (
+            record["ring_size"] == 2 and record["check"]["rows_checked"] == 64 and record["check"]["rel_error"] < 1e-5
+        )
         assert [rank["rank"] for rank in record["ranks"]] == [0, 1]
         # The recorded median is over the slowest rank of each repetition.
         assert record["stats"]["median_ms"] >= min(rank["median_ms"] for rank in record["ranks"])
@@ -46,11 +58,14 @@ def test_world_sizes_one_and_two_in_one_run_match_the_reference(write_config):
 
 
 def test_failures_on_ranks_become_the_cells_status_and_close_runs_on_every_rank(write_config):
-    _, stored = run_sweep(write_config, (
-        "plugins: [fake_impls]\nimplementations:\n  - test-rank-oom\n  - torch-cp\n  - test-patching\n"
-        "  - test-bad-close\n  - {name: test-patching, options: {tag: 1}}\n  - ring\n"
-        "seq_lens: [32]\nworld_sizes: [2]\nheads: [1]\nhead_dims: [8]\ndtypes: [float32]\n"
-    ))
+    _, stored = run_sweep(
+        write_config,
+        (
+            "plugins: [fake_impls]\nimplementations:\n  - test-rank-oom\n  - torch-cp\n  - test-patching\n"
+            "  - test-bad-close\n  - {name: test-patching, options: {tag: 1}}\n  - ring\n"
+            "seq_lens: [32]\nworld_sizes: [2]\nheads: [1]\nhead_dims: [8]\ndtypes: [float32]\n"
+        ),
+    )
     by_name = {(r["implementation"], r["options"].get("tag")): r for r in stored}
     assert len(stored) == 6 and all(r["world_size"] == 2 for r in stored)
     assert by_name["test-rank-oom", None]["status"] == "oom"
@@ -58,7 +73,8 @@ def test_failures_on_ranks_become_the_cells_status_and_close_runs_on_every_rank(
     # PyTorch's context parallel shards only CUDA kernels: a clear error, agreed by both ranks, no hang.
     assert by_name["torch-cp", None]["status"] == "error"
     assert by_name["torch-cp", None]["error"]["message"] == (
-        "rank 0: torch-cp needs CUDA devices: PyTorch's context parallel shards only its CUDA SDPA kernels")
+        "rank 0: torch-cp needs CUDA devices: PyTorch's context parallel shards only its CUDA SDPA kernels"
+    )
     # The second test-patching cell starts only if close() undid the first one's patch on its rank.
     for key in [("test-patching", 0), ("test-patching", 1), ("ring", None)]:
         assert by_name[key]["status"] == "ok", by_name[key]["error"]
@@ -66,10 +82,13 @@ def test_failures_on_ranks_become_the_cells_status_and_close_runs_on_every_rank(
 
 
 def test_a_dying_or_hanging_rank_costs_only_its_cell(write_config):
-    run_dir, stored = run_sweep(write_config, (
-        "plugins: [fake_impls]\nimplementations: [test-rank-exit, test-rank-hang, ring]\ncell_timeout_s: 12\n"
-        "seq_lens: [32]\nworld_sizes: [2]\nheads: [1]\nhead_dims: [8]\ndtypes: [float32]\n"
-    ))
+    run_dir, stored = run_sweep(
+        write_config,
+        (
+            "plugins: [fake_impls]\nimplementations: [test-rank-exit, test-rank-hang, ring]\ncell_timeout_s: 12\n"
+            "seq_lens: [32]\nworld_sizes: [2]\nheads: [1]\nhead_dims: [8]\ndtypes: [float32]\n"
+        ),
+    )
     by_name = {r["implementation"]: r for r in stored if r["world_size"] == 2}
     assert by_name["test-rank-exit"]["status"] == "crashed"
     assert "the worker exited with code" in by_name["test-rank-exit"]["error"]["message"]
@@ -80,12 +99,15 @@ def test_a_dying_or_hanging_rank_costs_only_its_cell(write_config):
 
 
 def test_four_processes_with_segments_spanning_two_and_four_ranks(write_config):
-    _, stored = run_sweep(write_config, (
-        "implementations:\n  - {name: ring, options: {zigzag: true}}\n"
-        "  - {name: ring-dilated, options: {segment_lengths: [16, 32, 64], dilation_rates: [1, 2, 4]}}\n"
-        "seq_lens: [64]\nworld_sizes: [4]\nheads: [4]\nhead_dims: [8]\ndtypes: [float32]\ncausal: [true]\n"
-        "passes: [forward, forward+backward]\n"
-    ))
+    _, stored = run_sweep(
+        write_config,
+        (
+            "implementations:\n  - {name: ring, options: {zigzag: true}}\n"
+            "  - {name: ring-dilated, options: {segment_lengths: [16, 32, 64], dilation_rates: [1, 2, 4]}}\n"
+            "seq_lens: [64]\nworld_sizes: [4]\nheads: [4]\nhead_dims: [8]\ndtypes: [float32]\ncausal: [true]\n"
+            "passes: [forward, forward+backward]\n"
+        ),
+    )
     assert len(stored) == 4
     for record in stored:
         assert record["world_size"] == 4 and record["status"] == "ok", record["error"]
@@ -96,13 +118,16 @@ def test_four_processes_with_segments_spanning_two_and_four_ranks(write_config):
 
 
 def test_ring_gradients_across_two_processes_match_the_reference(write_config):
-    _, stored = run_sweep(write_config, (
-        "implementations:\n  - ring\n  - {name: ring, options: {zigzag: true}}\n"
-        # One pattern within each rank's shard, one spanning both ranks (its sparse rows and their sums travel).
-        "  - {name: ring-dilated, options: {segment_lengths: [16, 64], dilation_rates: [1, 2]}}\n"
-        "seq_lens: [64]\nworld_sizes: [2]\nheads: [2]\nhead_dims: [8]\ndtypes: [float32]\ncausal: [false, true]\n"
-        "passes: [backward, forward+backward]\n"
-    ))
+    _, stored = run_sweep(
+        write_config,
+        (
+            "implementations:\n  - ring\n  - {name: ring, options: {zigzag: true}}\n"
+            # One pattern within each rank's shard, one spanning both ranks (its sparse rows and their sums travel).
+            "  - {name: ring-dilated, options: {segment_lengths: [16, 64], dilation_rates: [1, 2]}}\n"
+            "seq_lens: [64]\nworld_sizes: [2]\nheads: [2]\nhead_dims: [8]\ndtypes: [float32]\ncausal: [false, true]\n"
+            "passes: [backward, forward+backward]\n"
+        ),
+    )
     assert len(stored) == 12
     for record in stored:
         assert record["status"] == "ok", record["error"]
@@ -115,12 +140,15 @@ def test_ring_gradients_across_two_processes_match_the_reference(write_config):
 
 
 def test_eight_processes_forward_and_backward_match_the_reference(write_config):
-    _, stored = run_sweep(write_config, (
-        "implementations:\n  - {name: ring, options: {zigzag: true}}\n"
-        "  - {name: ring-dilated, options: {segment_lengths: [16, 64], dilation_rates: [1, 2]}}\n"
-        "seq_lens: [128]\nworld_sizes: [8]\nheads: [2]\nhead_dims: [8]\ndtypes: [float32]\ncausal: [true]\n"
-        "passes: [forward+backward]\n"
-    ))
+    _, stored = run_sweep(
+        write_config,
+        (
+            "implementations:\n  - {name: ring, options: {zigzag: true}}\n"
+            "  - {name: ring-dilated, options: {segment_lengths: [16, 64], dilation_rates: [1, 2]}}\n"
+            "seq_lens: [128]\nworld_sizes: [8]\nheads: [2]\nhead_dims: [8]\ndtypes: [float32]\ncausal: [true]\n"
+            "passes: [forward+backward]\n"
+        ),
+    )
     assert len(stored) == 2
     for record in stored:
         assert record["world_size"] == 8 and record["status"] == "ok", record["error"]

@@ -7,9 +7,9 @@ import torch
 pytest.importorskip("triton")
 
 from ringbench import Problem  # noqa: E402
+from ringbench.attention.impls.dilated import DilatedReference, _OneDevice  # noqa: E402
 from ringbench.attention.registry import Registry  # noqa: E402
 from ringbench.run import correctness  # noqa: E402
-from ringbench.attention.impls.dilated import DilatedReference, _OneDevice  # noqa: E402
 from ringbench.vocabulary import Cell  # noqa: E402
 
 BUNDLED = Registry.bundled()
@@ -42,8 +42,9 @@ def test_fused_steps_match_the_float64_reference(seq_len, ring_size, lengths, ra
     assert out.dtype == dtype
     assert (out.double() - reference).abs().max() <= 2e-3 * reference.abs().max()
     # The log-sum-exp the backward pass reads is the library path's, computed in float32 on the same rows.
-    library = _OneDevice(_problem(seq_len, ring_size, lengths, rates, causal, dtype), "math", None,
-                         seq_len // ring_size).forward(keep_lse=True)[1]
+    library = _OneDevice(
+        _problem(seq_len, ring_size, lengths, rates, causal, dtype), "math", None, seq_len // ring_size
+    ).forward(keep_lse=True)[1]
     torch.testing.assert_close(lse, library, rtol=0, atol=1e-5)
 
 
@@ -65,19 +66,26 @@ def test_cells_the_fused_kernel_cannot_run_are_left_out_with_the_reason():
     excludes = BUNDLED.get("ring-dilated").excludes
     assert excludes(_cell("fused")) is None
     assert excludes(_cell("fused", pass_name="forward+backward")) is None  # its backward runs on library blocks
-    assert excludes(_cell("fused", dtype="float32")) == \
-        "the fused kernel takes float16 or bfloat16 with head_dim in 16, 32, 64, 128"
-    assert excludes(_cell("fused", head_dim=80)) == \
-        "the fused kernel takes float16 or bfloat16 with head_dim in 16, 32, 64, 128"
-    assert excludes(_cell("fused", world_size=2)) == \
-        "the fused kernel runs on one device; across processes blocks come from the library kernels"
+    assert (
+        excludes(_cell("fused", dtype="float32"))
+        == "the fused kernel takes float16 or bfloat16 with head_dim in 16, 32, 64, 128"
+    )
+    assert (
+        excludes(_cell("fused", head_dim=80))
+        == "the fused kernel takes float16 or bfloat16 with head_dim in 16, 32, 64, 128"
+    )
+    assert (
+        excludes(_cell("fused", world_size=2))
+        == "the fused kernel runs on one device; across processes blocks come from the library kernels"
+    )
     assert excludes(_cell("auto", dtype="float32", world_size=2)) is None
 
 
 def test_on_the_cpu_auto_takes_library_blocks_and_fused_is_refused():
     problem = _problem(64, 2, (64, 32), (1, 2), False, torch.float16)
-    BUNDLED.get("ring-dilated").setup(Problem(**{**problem.__dict__, "options": {
-        **problem.options, "kernel": "auto"}, "facts": (facts := {})}))
+    BUNDLED.get("ring-dilated").setup(
+        Problem(**{**problem.__dict__, "options": {**problem.options, "kernel": "auto"}, "facts": (facts := {})})
+    )
     assert facts == {"kernel": "math", "merge": "eager"}
     with pytest.raises(ValueError, match="kernel 'fused' needs Triton and a CUDA device \\(inputs are on cpu\\)"):
         BUNDLED.get("ring-dilated").setup(problem)

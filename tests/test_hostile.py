@@ -42,29 +42,82 @@ def alias_bomb(levels: int) -> str:
 CONFIGS = [
     ("alias bomb in seq_lens", alias_bomb(9) + with_key("seq_lens: *a9"), "expands to more than 100,000 values"),
     ("alias bomb in description", alias_bomb(9) + with_key("description: *a9"), "expands to more than 100,000 values"),
-    ("alias bomb in options", alias_bomb(9) + with_key("implementations: [{name: dilated, options: {segment_lengths: *a9}}]"),
-     "expands to more than 100,000 values"),
+    (
+        "alias bomb in options",
+        alias_bomb(9) + with_key("implementations: [{name: dilated, options: {segment_lengths: *a9}}]"),
+        "expands to more than 100,000 values",
+    ),
     ("deep nesting", "seq_lens: " + "[" * 20000 + "]" * 20000 + "\n", "nesting deeper than 32 levels"),
     ("nesting 40 levels", with_key("description: " + "[" * 40 + "1" + "]" * 40), "nesting deeper than 32 levels"),
     ("list as key", VALID + "? [a, b]\n: 1\n", "a key must be a plain word"),
     ("mapping as key", VALID + "{a: 1}: 2\n", "a key must be a plain word"),
-    ("list as option key", with_key("implementations: [{name: sdpa, options: {[a]: 1}}]"), "a key must be a plain word"),
+    (
+        "list as option key",
+        with_key("implementations: [{name: sdpa, options: {[a]: 1}}]"),
+        "a key must be a plain word",
+    ),
     ("duplicate key", VALID + "heads: [2]\n", "duplicate key 'heads'"),
-    ("5000-digit seq_len", with_key("seq_lens: [" + "9" * 5000 + "]"), "seq_lens[0]: expected a positive integer up to 2^53, got a 5000-digit integer"),
-    ("5000-digit seed", VALID + "seed: " + "1" * 5000 + "\n", "seed: expected a non-negative integer up to 2^53, got a 5000-digit integer"),
-    ("5000-digit timing", with_key("timing: {warmup_ms: " + "7" * 5000 + "}"), "timing.warmup_ms: expected a finite positive number, got a 5000-digit integer"),
-    ("5000-digit option", with_key("implementations: [{name: dilated, options: {segment_lengths: [" + "8" * 5000 + "]}}]"),
-     "implementations[0].options.segment_lengths[0]: expected a positive integer, got a 5000-digit integer"),
+    (
+        "5000-digit seq_len",
+        with_key("seq_lens: [" + "9" * 5000 + "]"),
+        "seq_lens[0]: expected a positive integer up to 2^53, got a 5000-digit integer",
+    ),
+    (
+        "5000-digit seed",
+        VALID + "seed: " + "1" * 5000 + "\n",
+        "seed: expected a non-negative integer up to 2^53, got a 5000-digit integer",
+    ),
+    (
+        "5000-digit timing",
+        with_key("timing: {warmup_ms: " + "7" * 5000 + "}"),
+        "timing.warmup_ms: expected a finite positive number, got a 5000-digit integer",
+    ),
+    (
+        "5000-digit option",
+        with_key("implementations: [{name: dilated, options: {segment_lengths: [" + "8" * 5000 + "]}}]"),
+        "implementations[0].options.segment_lengths[0]: expected a positive integer, got a 5000-digit integer",
+    ),
     ("2^60 heads", with_key(f"heads: [{2**60}]"), "heads[0]: expected a positive integer up to 2^53"),
-    ("2^60 segment", with_key(f"implementations: [{{name: dilated, options: {{segment_lengths: [{2**60}]}}}}]"),
-     "segment_lengths[0]: expected a positive integer"),
-    ("infinite warm-up", with_key("timing: {warmup_ms: .inf}"), "timing.warmup_ms: expected a finite positive number, got inf"),
-    ("nan repetitions", with_key("timing: {rep_ms: .nan}"), "timing.rep_ms: expected a finite positive number, got nan"),
-    ("infinite max_ms", with_key("timing: {max_ms: .inf}"), "timing.max_ms: expected a finite positive number, got inf"),
-    ("infinite sample", with_key("timing: {sample_ms: .inf}"), "timing.sample_ms: expected a finite non-negative number, got inf"),
-    ("negative infinite timeout", VALID + "cell_timeout_s: -.inf\n", "cell_timeout_s: expected a finite positive number, got -inf"),
-    ("infinite timeout", VALID + "cell_timeout_s: .inf\n", "cell_timeout_s: expected a finite positive number, got inf"),
-    ("nan noise target", with_key("timing: {noise_target: .nan}"), "timing.noise_target: expected a finite positive number"),
+    (
+        "2^60 segment",
+        with_key(f"implementations: [{{name: dilated, options: {{segment_lengths: [{2**60}]}}}}]"),
+        "segment_lengths[0]: expected a positive integer",
+    ),
+    (
+        "infinite warm-up",
+        with_key("timing: {warmup_ms: .inf}"),
+        "timing.warmup_ms: expected a finite positive number, got inf",
+    ),
+    (
+        "nan repetitions",
+        with_key("timing: {rep_ms: .nan}"),
+        "timing.rep_ms: expected a finite positive number, got nan",
+    ),
+    (
+        "infinite max_ms",
+        with_key("timing: {max_ms: .inf}"),
+        "timing.max_ms: expected a finite positive number, got inf",
+    ),
+    (
+        "infinite sample",
+        with_key("timing: {sample_ms: .inf}"),
+        "timing.sample_ms: expected a finite non-negative number, got inf",
+    ),
+    (
+        "negative infinite timeout",
+        VALID + "cell_timeout_s: -.inf\n",
+        "cell_timeout_s: expected a finite positive number, got -inf",
+    ),
+    (
+        "infinite timeout",
+        VALID + "cell_timeout_s: .inf\n",
+        "cell_timeout_s: expected a finite positive number, got inf",
+    ),
+    (
+        "nan noise target",
+        with_key("timing: {noise_target: .nan}"),
+        "timing.noise_target: expected a finite positive number",
+    ),
     ("zero heads", with_key("heads: [0]"), "heads[0]: expected a positive integer up to 2^53, got 0"),
     ("negative seq_len", with_key("seq_lens: [-32]"), "seq_lens[0]: expected a positive integer up to 2^53, got -32"),
     ("float head_dim", with_key("head_dims: [8.5]"), "head_dims[0]: expected a positive integer up to 2^53, got 8.5"),
@@ -73,9 +126,21 @@ CONFIGS = [
     ("null axis", with_key("heads: null"), "heads: expected a list, got None"),
     ("mapping axis", with_key("heads: {a: 1}"), "heads: expected a list, got {'a': 1}"),
     ("empty axis", with_key("dtypes: []"), "dtypes: must not be empty"),
-    ("long string shown short", with_key("seq_lens: " + "x" * 100_000), "seq_lens: expected a list, got 'xxxxxxxxxxxxxxxxxxxxxxxx"),
-    ("long list shown short", with_key("heads: [" + ", ".join(["'h'"] * 5000) + "]"), "heads[0]: expected a positive integer"),
-    ("unknown dtype", with_key("dtypes: [float8]"), "dtypes[0]: must be one of float16, bfloat16, float32, float64 (got 'float8')"),
+    (
+        "long string shown short",
+        with_key("seq_lens: " + "x" * 100_000),
+        "seq_lens: expected a list, got 'xxxxxxxxxxxxxxxxxxxxxxxx",
+    ),
+    (
+        "long list shown short",
+        with_key("heads: [" + ", ".join(["'h'"] * 5000) + "]"),
+        "heads[0]: expected a positive integer",
+    ),
+    (
+        "unknown dtype",
+        with_key("dtypes: [float8]"),
+        "dtypes[0]: must be one of float16, bfloat16, float32, float64 (got 'float8')",
+    ),
     ("unknown pass", VALID + "passes: [sideways]\n", "passes[0]: must be one of forward, backward, forward+backward"),
     ("non-bool causal", VALID + "causal: [1]\n", "causal[0]: expected true or false, got 1"),
     ("unknown device", VALID + "device: tpu\n", "device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
@@ -83,11 +148,23 @@ CONFIGS = [
     ("unknown top-level key", VALID + "sequence_lengths: [1]\n", "sequence_lengths: unknown key"),
     ("unknown timing key", with_key("timing: {warmup: 1}"), "timing.warmup: unknown key"),
     ("timing not a mapping", with_key("timing: fast"), "timing: expected a mapping, got 'fast'"),
-    ("min above max reps", with_key("timing: {min_reps: 9, max_reps: 3}"), "timing.min_reps: must not exceed max_reps (9 > 3)"),
-    ("unknown graph mode", with_key("timing: {cuda_graph: sometimes}"), "timing.cuda_graph: must be one of auto, always, never"),
+    (
+        "min above max reps",
+        with_key("timing: {min_reps: 9, max_reps: 3}"),
+        "timing.min_reps: must not exceed max_reps (9 > 3)",
+    ),
+    (
+        "unknown graph mode",
+        with_key("timing: {cuda_graph: sometimes}"),
+        "timing.cuda_graph: must be one of auto, always, never",
+    ),
     ("zero threads", VALID + "threads: 0\n", "threads: expected auto or a positive integer, got 0"),
     ("word threads", VALID + "threads: many\n", "threads: expected auto or a positive integer, got 'many'"),
-    ("absolute output root", VALID + "output_root: /etc\n", "output_root: must be relative to where ringbench runs (got '/etc')"),
+    (
+        "absolute output root",
+        VALID + "output_root: /etc\n",
+        "output_root: must be relative to where ringbench runs (got '/etc')",
+    ),
     ("home output root", VALID + "output_root: ~/results\n", "output_root: must be relative to where ringbench runs"),
     ("climbing output root", VALID + "output_root: a/../../b\n", "output_root: must not climb out with '..'"),
     ("blank output root", VALID + "output_root: ''\n", "output_root: expected a folder path, got ''"),
@@ -95,19 +172,61 @@ CONFIGS = [
     ("no implementations", with_key("implementations: []"), "implementations: must not be empty"),
     ("implementations mapping", with_key("implementations: {standard: 1}"), "implementations: expected a list"),
     ("implementation number", with_key("implementations: [7]"), "implementations[0]: expected a mapping, got 7"),
-    ("unknown implementation", with_key("implementations: [attention9000]"), "implementations[0].name: unknown implementation 'attention9000'"),
-    ("unknown option", with_key("implementations: [{name: sdpa, options: {tile: 64}}]"), "implementations[0].options.tile: unknown option for 'sdpa'"),
-    ("option of the wrong type", with_key("implementations: [{name: ring, options: {zigzag: 'yes'}}]"), "implementations[0].options.zigzag: expected bool, got 'yes'"),
-    ("option list of strings", with_key("implementations: [{name: dilated, options: {dilation_rates: [a]}}]"), "dilation_rates[0]: expected a positive integer, got 'a'"),
-    ("options not a mapping", with_key("implementations: [{name: sdpa, options: [1]}]"), "implementations[0].options: expected a mapping, got [1]"),
-    ("unknown implementation key", with_key("implementations: [{name: sdpa, speed: 11}]"), "implementations[0].speed: unknown key"),
-    ("two-line label", with_key("implementations: [{name: sdpa, label: \"a\\nb\"}]"), "implementations[0].label: expected a one-line label"),
-    ("duplicate label", with_key("implementations: [{name: sdpa, label: x}, {name: standard, label: x}]"), "implementations[1].label: 'x' already labels implementations[0]"),
-    ("same implementation twice", with_key("implementations: [sdpa, {name: sdpa, label: again}]"), "implementations[1]: same implementation and options as implementations[0]"),
-    ("every cell left out", with_key("implementations: [{name: ring}]") + "ring_sizes: [3]\n",
-     "no cell to run, every combination is left out: seq_len 32 is not divisible by ring_size 3 (1×)"),
-    ("dilated left out everywhere", with_key("implementations: [{name: dilated, options: {segment_lengths: [24], dilation_rates: [1]}}]"),
-     "no cell to run, every combination is left out: seq_len 32 is not divisible by segment length 24 (1×)"),
+    (
+        "unknown implementation",
+        with_key("implementations: [attention9000]"),
+        "implementations[0].name: unknown implementation 'attention9000'",
+    ),
+    (
+        "unknown option",
+        with_key("implementations: [{name: sdpa, options: {tile: 64}}]"),
+        "implementations[0].options.tile: unknown option for 'sdpa'",
+    ),
+    (
+        "option of the wrong type",
+        with_key("implementations: [{name: ring, options: {zigzag: 'yes'}}]"),
+        "implementations[0].options.zigzag: expected bool, got 'yes'",
+    ),
+    (
+        "option list of strings",
+        with_key("implementations: [{name: dilated, options: {dilation_rates: [a]}}]"),
+        "dilation_rates[0]: expected a positive integer, got 'a'",
+    ),
+    (
+        "options not a mapping",
+        with_key("implementations: [{name: sdpa, options: [1]}]"),
+        "implementations[0].options: expected a mapping, got [1]",
+    ),
+    (
+        "unknown implementation key",
+        with_key("implementations: [{name: sdpa, speed: 11}]"),
+        "implementations[0].speed: unknown key",
+    ),
+    (
+        "two-line label",
+        with_key('implementations: [{name: sdpa, label: "a\\nb"}]'),
+        "implementations[0].label: expected a one-line label",
+    ),
+    (
+        "duplicate label",
+        with_key("implementations: [{name: sdpa, label: x}, {name: standard, label: x}]"),
+        "implementations[1].label: 'x' already labels implementations[0]",
+    ),
+    (
+        "same implementation twice",
+        with_key("implementations: [sdpa, {name: sdpa, label: again}]"),
+        "implementations[1]: same implementation and options as implementations[0]",
+    ),
+    (
+        "every cell left out",
+        with_key("implementations: [{name: ring}]") + "ring_sizes: [3]\n",
+        "no cell to run, every combination is left out: seq_len 32 is not divisible by ring_size 3 (1×)",
+    ),
+    (
+        "dilated left out everywhere",
+        with_key("implementations: [{name: dilated, options: {segment_lengths: [24], dilation_rates: [1]}}]"),
+        "no cell to run, every combination is left out: seq_len 32 is not divisible by segment length 24 (1×)",
+    ),
     ("top-level list", "- 1\n- 2\n", "expected a mapping of config keys at the top level"),
     ("top-level scalar", "hello\n", "expected a mapping of config keys at the top level"),
     ("empty file", "", "expected a mapping of config keys at the top level"),
@@ -115,8 +234,16 @@ CONFIGS = [
     ("tab indentation", "timing:\n\twarmup_ms: 1\n", "invalid YAML"),
     ("undefined alias", with_key("seq_lens: *nowhere"), "invalid YAML: found undefined alias 'nowhere'"),
     ("python object tag", with_key("seq_lens: !!python/object/apply:os.system ['echo hi']"), "invalid YAML"),
-    ("plugin not a name", VALID + "plugins: ['../evil']\n", "plugins[0]: expected the name of a Python file beside the config, without .py, got '../evil'"),
-    ("plugin dotted", VALID + "plugins: [os.path]\n", "plugins[0]: expected the name of a Python file beside the config"),
+    (
+        "plugin not a name",
+        VALID + "plugins: ['../evil']\n",
+        "plugins[0]: expected the name of a Python file beside the config, without .py, got '../evil'",
+    ),
+    (
+        "plugin dotted",
+        VALID + "plugins: [os.path]\n",
+        "plugins[0]: expected the name of a Python file beside the config",
+    ),
     ("plugin missing", VALID + "plugins: [nowhere]\n", "plugins[0]: cannot read"),
     ("plugin a number", VALID + "plugins: [3]\n", "plugins[0]: expected a string, got 3"),
 ]
@@ -126,8 +253,11 @@ PLUGINS = [  # (id, plugin source, what the one line must contain)
     ("plugin interrupts", "raise KeyboardInterrupt\n", "failed on import: KeyboardInterrupt"),
     ("plugin raises", "raise RuntimeError('x' * 100000)\n", "failed on import: RuntimeError: xxxxxxx"),
     ("plugin syntax error", "def (:\n", "failed on import: SyntaxError"),
-    ("plugin registers a clash", "from ringbench import register\n@register('sdpa')\ndef setup(p):\n    return None\n",
-     "hostile_plugin.py): implementation 'sdpa' is already registered"),
+    (
+        "plugin registers a clash",
+        "from ringbench import register\n@register('sdpa')\ndef setup(p):\n    return None\n",
+        "hostile_plugin.py): implementation 'sdpa' is already registered",
+    ),
 ]
 
 
@@ -236,8 +366,15 @@ def _broken(tmp_path: Path, how: str) -> Path:
     return run
 
 
-BROKEN_META = ["missing run.json", "empty run.json", "truncated run.json", "foreign run.json", "run.json missing keys",
-               "binary run.json", "run.json a folder"]
+BROKEN_META = [
+    "missing run.json",
+    "empty run.json",
+    "truncated run.json",
+    "foreign run.json",
+    "run.json missing keys",
+    "binary run.json",
+    "run.json a folder",
+]
 
 
 @pytest.mark.parametrize("how", BROKEN_META)
@@ -247,8 +384,11 @@ def test_broken_run_folders_end_in_one_line(tmp_path, monkeypatch, how, command)
     good = tmp_path / "runs" / "20260102T000000Z-good"
     shutil.copytree(FIXTURE_RUN, good)
     monkeypatch.chdir(tmp_path)
-    arguments = {"report": ["report", str(run), "-q"], "compare": ["compare", str(good), str(run)],
-                 "resume": ["run", "--resume", str(run)]}[command]
+    arguments = {
+        "report": ["report", str(run), "-q"],
+        "compare": ["compare", str(good), str(run)],
+        "resume": ["run", "--resume", str(run)],
+    }[command]
     before = sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*"))
     expected = str(run / "run.json")
     if how in ("missing run.json", "run.json a folder"):
@@ -272,8 +412,10 @@ def test_output_paths_get_their_folders_and_a_folder_is_never_overwritten(tmp_pa
     assert CliRunner().invoke(app, ["report", str(run), "-o", str(nested), "-q", "--no-plots"]).exit_code == 0
     assert nested.read_text().startswith("# ringbench: golden")
     (tmp_path / "taken").mkdir()
-    for arguments in (["report", str(run), "-o", str(tmp_path / "taken"), "-q"],
-                      ["compare", str(run), str(run), "-o", str(tmp_path / "taken")]):
+    for arguments in (
+        ["report", str(run), "-o", str(tmp_path / "taken"), "-q"],
+        ["compare", str(run), str(run), "-o", str(tmp_path / "taken")],
+    ):
         one_line_exit_2(CliRunner().invoke(app, arguments), f"{tmp_path / 'taken'}: is a folder; name a file to write")
     compared = tmp_path / "c" / "d" / "compare.md"
     assert CliRunner().invoke(app, ["compare", str(run), str(run), "-o", str(compared)]).exit_code == 0

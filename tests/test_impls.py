@@ -18,8 +18,10 @@ def reference(q, k, v, causal):
     return torch.softmax(scores, dim=-1) @ v
 
 
-@pytest.mark.parametrize("name, options", [("standard", {}), ("sdpa", {"backend": "auto"}), ("sdpa", {"backend": "math"}),
-                                           ("sdpa", {"backend": "flash"})])
+@pytest.mark.parametrize(
+    "name, options",
+    [("standard", {}), ("sdpa", {"backend": "auto"}), ("sdpa", {"backend": "math"}), ("sdpa", {"backend": "flash"})],
+)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("seq_len", [1, 37, 128])
 def test_matches_float64_reference(name, options, causal, seq_len):

@@ -1,25 +1,24 @@
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import measure, registry_with_fakes
 
 from ringbench import records
-from ringbench.run import correctness
-from ringbench.sweep import config, plan
-from ringbench.run import pipeline
+from ringbench.run import correctness, pipeline
 from ringbench.schema import Modes
+from ringbench.sweep import plan
 from ringbench.sweep.config import TimingBudget
 from ringbench.vocabulary import Cell
-
-from conftest import measure
 
 BUDGET = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=3, max_reps=6, noise_target=100)
 CPU = torch.device("cpu")
 
 
 def run(name, pass_name, causal=False, seq_len=32):
-    cell = Cell(name, (("backend", "auto"),) if name == "sdpa" else (), seq_len, None, 2, 2, 8, "float32", causal, pass_name)
+    cell = Cell(
+        name, (("backend", "auto"),) if name == "sdpa" else (), seq_len, None, 2, 2, 8, "float32", causal, pass_name
+    )
     return measure(cell, CPU, BUDGET, 0)
 
 
@@ -37,9 +36,12 @@ def test_gradients_match_float64_reference(name, pass_name, causal):
 
 
 def test_backward_time_holds_no_forward():
-    # Plugins load under a name of ringbench's own (see registry.load_plugins).
-    fake = next(module for name, module in sys.modules.items()
-                if name.startswith("ringbench_plugin_") and name.endswith("_fake_impls"))
+    registry_with_fakes()  # loads the plugin, under a name of ringbench's own (see Registry.load_plugins)
+    fake = next(
+        module
+        for name, module in sys.modules.items()
+        if name.startswith("ringbench_plugin_") and name.endswith("_fake_impls")
+    )
     fake.forward_calls.clear()
     record = run("test-counting", "backward")
     # One forward for the check, one whose graph every timed backward reuses.
@@ -68,22 +70,34 @@ def test_gradients_of_long_sequences_are_checked_on_a_sample(monkeypatch):
 
 
 def test_forward_only_implementations_are_left_out_of_backward_passes(write_config):
-    path = write_config("plugins: [fake_impls]\nimplementations: [test-wrong, sdpa]\nseq_lens: [32]\nheads: [1]\n"
-                        "head_dims: [8]\ndtypes: [float32]\npasses: [forward, backward]\n")
+    path = write_config(
+        "plugins: [fake_impls]\nimplementations: [test-wrong, sdpa]\nseq_lens: [32]\nheads: [1]\n"
+        "head_dims: [8]\ndtypes: [float32]\npasses: [forward, backward]\n"
+    )
     the_plan = plan.load(path)[1]
     assert [(c.implementation, c.pass_name) for c in the_plan.cells] == [
-        ("test-wrong", "forward"), ("sdpa", "forward"), ("sdpa", "backward")]
+        ("test-wrong", "forward"),
+        ("sdpa", "forward"),
+        ("sdpa", "backward"),
+    ]
     assert [e.reason for e in the_plan.excluded] == ["test-wrong supports only forward"]
 
 
 def test_gpu_only_modes_say_why_they_are_off_on_the_cpu():
-    budget = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3, noise_target=100, cold_l2=True,
-                          cuda_graph="always")
+    budget = TimingBudget(
+        warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3, noise_target=100, cold_l2=True, cuda_graph="always"
+    )
     cell = Cell("sdpa", (("backend", "auto"),), 32, None, 1, 2, 8, "float32", False, "forward")
     record = measure(cell, CPU, budget, 0)
     assert record.status == records.OK
-    assert record.modes == Modes(cold_l2=False, cuda_graph=False, launch_ms=None, device_ms=None, calls_per_sample=1,
-                                 notes=("cold L2 applies to GPUs only", "CUDA graphs need a CUDA device"))
+    assert record.modes == Modes(
+        cold_l2=False,
+        cuda_graph=False,
+        launch_ms=None,
+        device_ms=None,
+        calls_per_sample=1,
+        notes=("cold L2 applies to GPUs only", "CUDA graphs need a CUDA device"),
+    )
     assert record.plain is None
     # Left to decide (auto), the CPU has no graphs to choose and nothing to explain.
     auto = TimingBudget(warmup_ms=1, rep_ms=2, min_reps=2, max_reps=3, noise_target=100)
@@ -91,11 +105,16 @@ def test_gpu_only_modes_say_why_they_are_off_on_the_cpu():
 
 
 def test_ring_backward_leaves_out_the_efficient_kernel(write_config):
-    path = write_config("implementations:\n  - {name: ring, options: {kernel: efficient}}\n  - ring\nseq_lens: [32]\n"
-                        "heads: [1]\nhead_dims: [8]\ndtypes: [float32]\npasses: [forward, backward]\n")
+    path = write_config(
+        "implementations:\n  - {name: ring, options: {kernel: efficient}}\n  - ring\nseq_lens: [32]\n"
+        "heads: [1]\nhead_dims: [8]\ndtypes: [float32]\npasses: [forward, backward]\n"
+    )
     the_plan = plan.load(path)[1]
     assert [(dict(c.options)["kernel"], c.pass_name) for c in the_plan.cells] == [
-        ("efficient", "forward"), ("auto", "forward"), ("auto", "backward")]
+        ("efficient", "forward"),
+        ("auto", "forward"),
+        ("auto", "backward"),
+    ]
     assert [e.reason for e in the_plan.excluded] == ["ring's backward runs on flash, cudnn, math blocks, not efficient"]
 
 
@@ -111,8 +130,10 @@ def _modes_with(monkeypatch, host_ms, device_ms, budget=None, across_processes=F
 
 
 def test_auto_timing_replays_a_graph_where_the_launch_outweighs_half_the_gpu_work(monkeypatch):
-    assert _modes_with(monkeypatch, host_ms=0.6, device_ms=1.0) == ("replayed", {
-        "cold_l2": False, "cuda_graph": True, "launch_ms": 0.6, "device_ms": 1.0, "notes": []})
+    assert _modes_with(monkeypatch, host_ms=0.6, device_ms=1.0) == (
+        "replayed",
+        {"cold_l2": False, "cuda_graph": True, "launch_ms": 0.6, "device_ms": 1.0, "notes": []},
+    )
     timed, modes = _modes_with(monkeypatch, host_ms=0.4, device_ms=1.0)
     assert timed == "plain" and not modes["cuda_graph"] and modes["launch_ms"] == 0.4
     assert _modes_with(monkeypatch, 0.1, 1.0, TimingBudget(cuda_graph="always"))[0] == "replayed"
@@ -126,7 +147,9 @@ def test_a_refused_capture_is_timed_plainly_and_says_why(monkeypatch):
     from ringbench.run.timing import Launch
 
     monkeypatch.setattr(pipeline, "launch_and_work", lambda fn, device: Launch(5.0, 1.0))
-    monkeypatch.setattr(pipeline, "graph_replay", lambda fn, device: (fn, "capture failed, plain calls timed instead: X"))
+    monkeypatch.setattr(
+        pipeline, "graph_replay", lambda fn, device: (fn, "capture failed, plain calls timed instead: X")
+    )
     timed, _, modes = pipeline._modes(lambda: "plain", torch.device("cuda"), TimingBudget(), False)
     assert timed() == "plain" and not modes["cuda_graph"]
     assert modes["notes"] == ["capture failed, plain calls timed instead: X"]

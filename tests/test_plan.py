@@ -1,7 +1,7 @@
-from ringbench.sweep import config, plan
-from ringbench.vocabulary import Cell
-
 from conftest import BASE_CONFIG
+
+from ringbench.sweep import plan
+from ringbench.vocabulary import Cell
 
 
 def build(path):
@@ -26,7 +26,10 @@ def test_ringless_implementations_take_one_cell_per_combination(write_config):
 
 
 def test_indivisible_ring_sizes_are_left_out_with_a_reason(write_config):
-    text = BASE_CONFIG.replace("  - name: standard\n", "  - name: test-ring\n") + "ring_sizes: [1, 3, 4]\nplugins: [fake_impls]\n"
+    text = (
+        BASE_CONFIG.replace("  - name: standard\n", "  - name: test-ring\n")
+        + "ring_sizes: [1, 3, 4]\nplugins: [fake_impls]\n"
+    )
     the_plan = build(write_config(text))
     ring_cells = [(c.seq_len, c.ring_size) for c in the_plan.cells if c.implementation == "test-ring"]
     assert ring_cells == [(64, 1), (64, 4), (96, 1), (96, 3), (96, 4)]
@@ -40,13 +43,21 @@ def test_cells_of_one_shape_run_together(write_config):
     the_plan = build(write_config(BASE_CONFIG + "causal: [false, true]\n"))
     keys = [(c.causal, c.seq_len, c.implementation) for c in the_plan.cells]
     assert keys == [
-        (False, 64, "standard"), (False, 64, "sdpa"), (False, 96, "standard"), (False, 96, "sdpa"),
-        (True, 64, "standard"), (True, 64, "sdpa"), (True, 96, "standard"), (True, 96, "sdpa"),
+        (False, 64, "standard"),
+        (False, 64, "sdpa"),
+        (False, 96, "standard"),
+        (False, 96, "sdpa"),
+        (True, 64, "standard"),
+        (True, 64, "sdpa"),
+        (True, 96, "standard"),
+        (True, 96, "sdpa"),
     ]
 
 
 def test_shuffle_reorders_within_each_shape_and_repeats_exactly(write_config):
-    text = BASE_CONFIG.replace("  - name: standard\n", "  - name: standard\n  - name: ring\n") + "ring_sizes: [1, 2, 4]\n"
+    text = (
+        BASE_CONFIG.replace("  - name: standard\n", "  - name: standard\n  - name: ring\n") + "ring_sizes: [1, 2, 4]\n"
+    )
     ordered = build(write_config(text))
     shuffled = build(write_config(text + "shuffle: true\n", "shuffled.yaml"))
     again = build(write_config(text + "shuffle: true\n", "again.yaml"))
@@ -62,7 +73,11 @@ def test_torch_cp_runs_only_across_processes(write_config):
     text = BASE_CONFIG.replace("  - name: standard\n", "  - {name: torch-cp, options: {backend: cudnn}}\n")
     the_plan = build(write_config(text + "world_sizes: [1, 2, 4]\n"))
     assert [(c.implementation, c.seq_len, c.world_size, c.ring_size) for c in the_plan.cells if c.world_size > 1] == [
-        ("torch-cp", 64, 2, 2), ("torch-cp", 64, 4, 4), ("torch-cp", 96, 2, 2), ("torch-cp", 96, 4, 4)]
+        ("torch-cp", 64, 2, 2),
+        ("torch-cp", 64, 4, 4),
+        ("torch-cp", 96, 2, 2),
+        ("torch-cp", 96, 4, 4),
+    ]
     assert [(e.cell.seq_len, e.cell.world_size, e.reason) for e in the_plan.excluded] == [
         (64, 1, "torch-cp runs across processes only (in one process it is sdpa)"),
         (96, 1, "torch-cp runs across processes only (in one process it is sdpa)"),

@@ -1,7 +1,6 @@
 from pathlib import Path
 
 import pandas as pd
-
 from typer.testing import CliRunner
 
 from ringbench.cli import app

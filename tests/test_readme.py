@@ -22,7 +22,9 @@ def test_readme_plugin_example_runs(tmp_path):
     assert report.exit_code == 0
     (run_dir,) = [path for path in out.iterdir() if path.is_dir()]
     markdown = (run_dir / "report.md").read_text()
-    assert re.search(r"^\| chunked chunks=2 +\| no ring +\| +[0-9.]+ ± [0-9.]+ \| +[0-9.]+ ± [0-9.]+ \|$", markdown, re.M)
+    assert re.search(
+        r"^\| chunked chunks=2 +\| no ring +\| +[0-9.]+ ± [0-9.]+ \| +[0-9.]+ ± [0-9.]+ \|$", markdown, re.M
+    )
     assert "Failed cells" not in markdown
 
 
@@ -40,8 +42,10 @@ def test_ci_installs_the_cpu_build_the_readme_names_on_the_lowest_and_highest_py
     assert "`export PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu`" in README
     assert "PIP_EXTRA_INDEX_URL: https://download.pytorch.org/whl/cpu" in workflow and "cache: pip" in workflow
     assert "run: bash .ci/run" in workflow
-    declared = sorted(re.findall(r'"Programming Language :: Python :: (3\.\d+)"', pyproject),
-                      key=lambda version: int(version.split(".")[1]))
+    declared = sorted(
+        re.findall(r'"Programming Language :: Python :: (3\.\d+)"', pyproject),
+        key=lambda version: int(version.split(".")[1]),
+    )
     assert re.search(r'requires-python = ">=(3\.\d+)"', pyproject).group(1) == declared[0]
     assert re.search(r"python-version: \[(.*)\]", workflow).group(1) == f'"{declared[0]}", "{declared[-1]}"'
     assert f"({declared[0]} and {declared[-1]})" in README

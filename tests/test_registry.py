@@ -3,16 +3,17 @@ import textwrap
 import types
 
 import pytest
+from conftest import PLUGINS
 
 from ringbench.attention import registry
-from ringbench.sweep import config
 from ringbench.errors import ConfigError, Invalid
-
-from conftest import PLUGINS
+from ringbench.sweep import config
 
 
 def test_register_and_resolve_options():
-    @registry.register("test-registry-demo", options={"tile": registry.Option(64, choices=(32, 64)), "scale": registry.Option(1.0)})
+    @registry.register(
+        "test-registry-demo", options={"tile": registry.Option(64, choices=(32, 64)), "scale": registry.Option(1.0)}
+    )
     def setup(problem):
         return lambda: problem.q
 
@@ -44,13 +45,15 @@ def test_roles_are_declared_at_registration():
 
 
 def test_plugin_module_beside_the_config_registers_implementations(write_config):
-    (write_config().parent / "beside_config_attention.py").write_text(textwrap.dedent("""
+    (write_config().parent / "beside_config_attention.py").write_text(
+        textwrap.dedent("""
         from ringbench import register
 
         @register("test-mine", uses_ring=True)
         def setup(problem):
             return lambda: problem.v
-    """))
+    """)
+    )
     path = write_config(
         "plugins: [beside_config_attention]\nimplementations: [test-mine]\nseq_lens: [8]\nheads: [1]\nhead_dims: [4]\ndtypes: [float32]\n"
     )
@@ -62,20 +65,27 @@ def test_plugin_module_beside_the_config_registers_implementations(write_config)
 
 def test_plugin_that_raises_on_import_is_a_config_error(write_config):
     (write_config().parent / "broken_plugin.py").write_text("raise RuntimeError('no GPU here')\n")
-    path = write_config("plugins: [broken_plugin]\nimplementations: [standard]\nseq_lens: [8]\nheads: [1]\nhead_dims: [4]\ndtypes: [float32]\n")
-    with pytest.raises(ConfigError, match=r"plugins\[0\]: plugin broken_plugin \(.*broken_plugin.py\) failed on import: RuntimeError: no GPU here$"):
+    path = write_config(
+        "plugins: [broken_plugin]\nimplementations: [standard]\nseq_lens: [8]\nheads: [1]\nhead_dims: [4]\ndtypes: [float32]\n"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"plugins\[0\]: plugin broken_plugin \(.*broken_plugin.py\) failed on import: RuntimeError: no GPU here$",
+    ):
         config.load(path)
 
 
 def test_entry_points_load_only_when_named(tmp_path, monkeypatch):
     # An installed distribution, as pip would lay it out, declaring the entry point.
-    (tmp_path / "ep_attention.py").write_text(textwrap.dedent("""
+    (tmp_path / "ep_attention.py").write_text(
+        textwrap.dedent("""
         from ringbench import register
 
         @register("test-entry-point")
         def setup(problem):
             return lambda: problem.q
-    """))
+    """)
+    )
     dist = tmp_path / "ep_attention-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-attention\nVersion: 1.0\n")
@@ -86,3 +96,4 @@ def test_entry_points_load_only_when_named(tmp_path, monkeypatch):
     assert "ep_attention" not in sys.modules  # listed, not imported
     assert bundled.get("test-entry-point").name == "test-entry-point"
     assert "ep_attention" in sys.modules
+    monkeypatch.delitem(sys.modules, "ep_attention")  # its folder leaves sys.path with the test: so does it

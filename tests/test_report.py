@@ -1,20 +1,19 @@
-import os
-import re
 import csv
 import io
 import json
+import os
+import re
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
-
-from ringbench.errors import UserError
 from typer.testing import CliRunner
 
 from ringbench.cli import app
+from ringbench.errors import UserError
 from ringbench.report import find_runs, load_run, render_merged, render_report, render_table
 from ringbench.report.markdown import escape
 
@@ -53,8 +52,10 @@ def test_truncated_last_line_and_foreign_schema_warn_and_still_render(tmp_path):
     (run / "records.jsonl").write_text("\n".join(lines) + "\n" + lines[1][:40])
     loaded = load_run(run)
     assert len(loaded.frame) == len(lines) - 1
-    assert loaded.warnings[0] == (f"{run / 'records.jsonl'}:1: record skipped "
-                                  "(ValueError: schema version 99, newer than this ringbench reads (2))")
+    assert loaded.warnings[0] == (
+        f"{run / 'records.jsonl'}:1: record skipped "
+        "(ValueError: schema version 99, newer than this ringbench reads (2))"
+    )
     assert loaded.warnings[1].startswith(f"{run / 'records.jsonl'}:{len(lines) + 1}: record skipped (JSONDecodeError")
     assert f"**Cells**: {len(lines) - 1} of {len(lines)} planned recorded" in render_report([loaded])
 
@@ -63,13 +64,19 @@ def test_a_record_outside_the_plan_warns_and_still_renders(tmp_path):
     run = tmp_path / "run"
     shutil.copytree(FIXTURES / "run", run)
     record = json.loads((run / "records.jsonl").read_text().splitlines()[0])
-    stranger = {**record, "cell_id": "0123456789ab", "implementation": "not-installed-here", "label": "not-installed-here"}
+    stranger = {
+        **record,
+        "cell_id": "0123456789ab",
+        "implementation": "not-installed-here",
+        "label": "not-installed-here",
+    }
     with open(run / "records.jsonl", "a") as stream:
         stream.write(json.dumps(stranger) + "\n")
     loaded = load_run(run)
     count = len((run / "records.jsonl").read_text().splitlines())
     assert loaded.warnings == [
-        f"{run / 'records.jsonl'}:{count}: cell 0123456789ab (not-installed-here) is not in this run's plan"]
+        f"{run / 'records.jsonl'}:{count}: cell 0123456789ab (not-installed-here) is not in this run's plan"
+    ]
     assert "| not-installed-here " in render_report([loaded])
 
 
@@ -89,8 +96,11 @@ def test_merge_shows_each_cell_once_newest_run_winning(tmp_path):
     assert markdown.startswith("# ringbench report: 2 runs merged\n")
     assert "the newest run's record is the one shown. 12 cells in all." in markdown
     assert "| `20260101T000000Z-aaaa` | golden   |" in markdown and markdown.count("| 9             |") == 1
-    assert re.search(r"^\| sdpa backend=flash +\| no ring +\| +0\.2200 ± 0\.0011 \| +0\.4600 ± 0\.0100 \| +0\.8400 ± 0\.0042 \|$",
-                     markdown, re.M)
+    assert re.search(
+        r"^\| sdpa backend=flash +\| no ring +\| +0\.2200 ± 0\.0011 \| +0\.4600 ± 0\.0100 \| +0\.8400 ± 0\.0042 \|$",
+        markdown,
+        re.M,
+    )
     assert "0.1100 ± 0.0011" not in markdown  # the older sdpa record is replaced, not shown beside
 
 
@@ -115,15 +125,33 @@ def test_baseline_names_an_implementation_or_a_label(tmp_path):
     loaded = load_run(FIXTURES / "run")
     markdown = render_report([loaded], baseline="sdpa")
     assert "**Speed-up against `sdpa backend=flash`: its median time over this one**" in markdown
-    standard = next(line for line in markdown.splitlines()[markdown.splitlines().index(
-        "**Speed-up against `sdpa backend=flash`: its median time over this one**"):] if line.startswith("| standard "))
+    standard = next(
+        line
+        for line in markdown.splitlines()[
+            markdown.splitlines().index("**Speed-up against `sdpa backend=flash`: its median time over this one**") :
+        ]
+        if line.startswith("| standard ")
+    )
     assert re.match(r"\| standard +\| no ring +\| +0\.09× \| +0\.08× \|", standard)  # 0.11 ms against 1.22 ms
     assert render_report([loaded], baseline="sdpa backend=flash") == markdown
-    unknown = CliRunner().invoke(app, ["report", str(FIXTURES / "run"), "-o", str(tmp_path / "r.md"), "--no-plots",
-                                       "-q", "--baseline", "nothing-like-it"])
+    unknown = CliRunner().invoke(
+        app,
+        [
+            "report",
+            str(FIXTURES / "run"),
+            "-o",
+            str(tmp_path / "r.md"),
+            "--no-plots",
+            "-q",
+            "--baseline",
+            "nothing-like-it",
+        ],
+    )
     assert unknown.exit_code == 2 and not (tmp_path / "r.md").exists()
-    assert unknown.stderr.strip() == ("--baseline: 'nothing-like-it' is not among the implementations in these runs "
-                                      "(standard, sdpa backend=flash, ring, torch-cp backend=flash)")
+    assert unknown.stderr.strip() == (
+        "--baseline: 'nothing-like-it' is not among the implementations in these runs "
+        "(standard, sdpa backend=flash, ring, torch-cp backend=flash)"
+    )
 
 
 def test_the_default_baseline_is_one_the_run_holds(tmp_path):
@@ -166,7 +194,9 @@ def test_environment_warnings_say_what_to_do():
 
     environment = {
         "git": {"commit": "abc", "dirty": False},
-        "overlap_warnings": ["CUDA_DEVICE_MAX_CONNECTIONS=1: one hardware queue: NCCL kernels and compute kernels serialise"],
+        "overlap_warnings": [
+            "CUDA_DEVICE_MAX_CONNECTIONS=1: one hardware queue: NCCL kernels and compute kernels serialise"
+        ],
         "foreign_processes": [{"pid": "42", "name": "python", "memory_mib": "1024"}],
         "gpu_state": [{"index": "0", "clocks_throttle_reasons.active": "0x0000000000000001"}],
         "gpu_state_end": [{"index": "1", "clocks_throttle_reasons.active": "0x0000000000000004"}],
@@ -187,7 +217,8 @@ def test_overlap_breaking_settings_are_noticed(monkeypatch):
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     monkeypatch.setenv("TORCH_NCCL_ENABLE_TIMING", "0")
     assert env.overlap_warnings() == [
-        "CUDA_DEVICE_MAX_CONNECTIONS=1: one hardware queue: NCCL kernels and compute kernels serialise"]
+        "CUDA_DEVICE_MAX_CONNECTIONS=1: one hardware queue: NCCL kernels and compute kernels serialise"
+    ]
 
 
 def test_csv_and_json_hold_one_row_per_cell():
@@ -225,8 +256,10 @@ def test_merged_runs_from_differing_environments_are_flagged(tmp_path):
     meta["environment"]["torch"] = "2.99.0"
     (new / "run.json").write_text(json.dumps(meta))
     markdown = render_merged([load_run(old), load_run(new)])
-    assert ("- The runs shown together differ in torch: compare their cells with care, or rerun them on one machine."
-            in markdown)
+    assert (
+        "- The runs shown together differ in torch: compare their cells with care, or rerun them on one machine."
+        in markdown
+    )
 
 
 def test_a_results_root_with_garbage_renders_what_it_can(tmp_path):
@@ -242,9 +275,13 @@ def test_a_results_root_with_garbage_renders_what_it_can(tmp_path):
     (tmp_path / "notes.txt").write_text("not a run")
     result = CliRunner().invoke(app, ["report", str(tmp_path), "-o", str(tmp_path / "all.md"), "-q", "--no-plots"])
     assert result.exit_code == 0, result.output
-    assert f"warning: {tmp_path / '20260103T000000Z-garbage' / 'run.json'}: run skipped, cannot read it" in result.stderr
-    assert (f"warning: {tmp_path / '20260104T000000Z-foreign' / 'run.json'}: run skipped, not a ringbench run file "
-            "(missing config, config_hash, config_source, environment, planned, excluded)") in result.stderr
+    assert (
+        f"warning: {tmp_path / '20260103T000000Z-garbage' / 'run.json'}: run skipped, cannot read it" in result.stderr
+    )
+    assert (
+        f"warning: {tmp_path / '20260104T000000Z-foreign' / 'run.json'}: run skipped, not a ringbench run file "
+        "(missing config, config_hash, config_source, environment, planned, excluded)"
+    ) in result.stderr
     assert f"{cut / 'records.jsonl'}:" in result.stderr and "record skipped (JSONDecodeError" in result.stderr
     markdown = (tmp_path / "all.md").read_text()
     assert markdown.startswith("# ringbench report: 2 runs\n") and markdown.count("## ringbench: golden") == 2
@@ -270,8 +307,10 @@ def test_records_without_held_memory_compare_no_memory_in_all(tmp_path):
         (record.get("memory") or {}).pop("held_mib", None)  # as written before held memory was recorded
     (run / "records.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     markdown = render_report([load_run(run)])
-    assert ("- Best memory reduction against `standard` at equal shape: not known: these records predate the memory "
-            "held when a call starts") in markdown
+    assert (
+        "- Best memory reduction against `standard` at equal shape: not known: these records predate the memory "
+        "held when a call starts"
+    ) in markdown
     assert "**Memory in all" not in markdown and "**Peak memory of a call" in markdown
 
 
@@ -284,13 +323,20 @@ def test_records_without_a_check_or_a_gradient_check_say_so(tmp_path):
             record["check"]["gradients"] = {"checked": False, "reason": "seq_len above 8192", "passed": True}
         if record["implementation"] == "sdpa" and record["seq_len"] == 8192:
             record["pass"] = "backward"
-            record["check"]["gradients"] = {"checked": True, "dq_rel_error": 0.004, "dk_rel_error": 0.003,
-                                            "dv_rel_error": 0.002, "rel_error": 0.004, "passed": True}
+            record["check"]["gradients"] = {
+                "checked": True,
+                "dq_rel_error": 0.004,
+                "dk_rel_error": 0.003,
+                "dv_rel_error": 0.002,
+                "rel_error": 0.004,
+                "passed": True,
+            }
 
     markdown = render_report([load_run(_fixture_with(tmp_path, edit))])
     assert re.search(r"^\| standard +\| no ring +\| +not checked \|", markdown, re.M)
-    assert re.search(r"^\| sdpa backend=flash +\| no ring +\| +1\.5e-03 / not checked \| +1\.5e-03 / 4\.0e-03 \|$",
-                     markdown, re.M)
+    assert re.search(
+        r"^\| sdpa backend=flash +\| no ring +\| +1\.5e-03 / not checked \| +1\.5e-03 / 4\.0e-03 \|$", markdown, re.M
+    )
 
 
 def _fixture_with(tmp_path, edit):
@@ -313,10 +359,15 @@ def test_a_folder_of_runs_renders_each_report_once_and_again_when_out_of_date(tm
     assert first.stderr.count("wrote ") == 3  # both reports and the index
     index = (tmp_path / "index.md").read_text()
     rows = [line for line in index.splitlines() if line.startswith("| [")]
-    assert [row.split("]")[0] for row in rows] == ["| [20260102T000000Z-bbbb", "| [20260101T000000Z-aaaa"]  # newest first
+    assert [row.split("]")[0] for row in rows] == [
+        "| [20260102T000000Z-bbbb",
+        "| [20260101T000000Z-aaaa",
+    ]  # newest first
     assert rows[0].endswith("| 9 ok, 3 failed | fastest at S=8192: ring (2 processes), 0.2600 ms |")
     assert "## Findings of `20260102T000000Z-bbbb` (golden)" in first.stdout
-    assert (new / "report.md").read_text() == (FIXTURES / "golden_report.md").read_text().replace("`run`", f"`{new.name}`")
+    assert (new / "report.md").read_text() == (FIXTURES / "golden_report.md").read_text().replace(
+        "`run`", f"`{new.name}`"
+    )
     # Rendered again only where the report is older than what it shows.
     second = CliRunner().invoke(app, ["report", str(tmp_path), "-q"])
     assert second.exit_code == 0 and second.stderr.count("wrote ") == 1 and second.stdout == ""

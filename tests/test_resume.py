@@ -9,16 +9,19 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import BASE_CONFIG
 from typer.testing import CliRunner
 
 from ringbench import records
 from ringbench.cli import app
 
-from conftest import BASE_CONFIG
-
 ROOT = Path(__file__).parents[1]
-SLOW = BASE_CONFIG.replace("  - name: standard\n", "  - name: test-slow\n    options: {sleep_ms: 20.0}\n").replace(
-    "seq_lens: [64, 96]", "seq_lens: [8, 16, 24, 32, 40, 48]") + "plugins: [fake_impls]\n"
+SLOW = (
+    BASE_CONFIG.replace("  - name: standard\n", "  - name: test-slow\n    options: {sleep_ms: 20.0}\n").replace(
+        "seq_lens: [64, 96]", "seq_lens: [8, 16, 24, 32, 40, 48]"
+    )
+    + "plugins: [fake_impls]\n"
+)
 
 
 def lines_of(run_dir):
@@ -30,9 +33,12 @@ def test_sigkill_at_random_moments_then_resume(write_config):
     chooser = random.Random(1234)
     for trial in range(3):
         out = path.parent / f"out{trial}"
-        process = subprocess.Popen([sys.executable, "-m", "ringbench", "run", str(path), "--output-root", str(out)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ringbench", "run", str(path), "--output-root", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         deadline = time.monotonic() + 60
         while not list(out.glob("*/records.jsonl")) and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -101,8 +107,12 @@ def test_two_runs_writing_into_one_root_at_once_keep_apart(write_config):
     path = write_config(SLOW)
     out = path.parent / "shared"
     command = [sys.executable, "-m", "ringbench", "run", str(path), "--output-root", str(out)]
-    processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  env={**os.environ, "PYTHONPATH": str(ROOT)}) for _ in range(2)]
+    processes = [
+        subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)}
+        )
+        for _ in range(2)
+    ]
     for process in processes:
         assert process.wait(timeout=300) == 0, process.stderr.read().decode()
     run_dirs = sorted(out.iterdir())

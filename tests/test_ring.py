@@ -4,12 +4,12 @@ import math
 import pytest
 import torch
 
-from ringbench.run import correctness
 from ringbench import Problem
 from ringbench.attention import blocks
+from ringbench.attention.impls.ring import chunk_blocks, positions, ring_block
 from ringbench.attention.references import DENSE
 from ringbench.attention.registry import Registry
-from ringbench.attention.impls.ring import chunk_blocks, positions, ring_block
+from ringbench.run import correctness
 from ringbench.vocabulary import Cell
 
 BUNDLED = Registry.bundled()
@@ -22,12 +22,13 @@ def _relative(value, reference):
 def problem(seq_len, ring_size, causal, zigzag, kernel="auto", seed=0, dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(2, 3, seq_len, 16, generator=generator, dtype=dtype) for _ in range(3))
-    return Problem(q=q, k=k, v=v, causal=causal, ring_size=ring_size,
-                            options={"kernel": kernel, "zigzag": zigzag})
+    return Problem(q=q, k=k, v=v, causal=causal, ring_size=ring_size, options={"kernel": kernel, "zigzag": zigzag})
 
 
 def excluded(seq_len, ring_size, zigzag):
-    cell = Cell("ring", (("kernel", "auto"), ("zigzag", zigzag)), seq_len, ring_size, 2, 3, 16, "float32", False, "forward")
+    cell = Cell(
+        "ring", (("kernel", "auto"), ("zigzag", zigzag)), seq_len, ring_size, 2, 3, 16, "float32", False, "forward"
+    )
     return seq_len % ring_size or BUNDLED.get("ring").excludes(cell)
 
 
@@ -46,7 +47,9 @@ def test_ring_matches_float64_reference(seq_len, ring_size, causal, zigzag):
     torch.testing.assert_close(out.double(), correctness.reference_rows(DENSE, p, rows), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("ring_size, causal, zigzag", [(4, False, False), (4, True, False), (4, True, True), (3, True, True)])
+@pytest.mark.parametrize(
+    "ring_size, causal, zigzag", [(4, False, False), (4, True, False), (4, True, True), (3, True, True)]
+)
 def test_rank_share_computes_that_ranks_rows(ring_size, causal, zigzag):
     seq_len = 48
     p = problem(seq_len, ring_size, causal, zigzag)
@@ -115,10 +118,12 @@ def test_kernel_choice_on_cpu():
 
 
 def test_zigzag_needs_two_chunks_per_rank(write_config):
-    from ringbench.sweep import config, plan
+    from ringbench.sweep import plan
 
-    path = write_config("implementations: [{name: ring, options: {zigzag: true}}]\nseq_lens: [48, 36]\n"
-                        "ring_sizes: [4]\nheads: [1]\nhead_dims: [8]\ndtypes: [float32]\n")
+    path = write_config(
+        "implementations: [{name: ring, options: {zigzag: true}}]\nseq_lens: [48, 36]\n"
+        "ring_sizes: [4]\nheads: [1]\nhead_dims: [8]\ndtypes: [float32]\n"
+    )
     the_plan = plan.load(path)[1]
     assert [c.seq_len for c in the_plan.cells] == [48]
     assert the_plan.excluded[0].reason == "zigzag needs seq_len divisible by 2 × ring_size (8)"

@@ -4,15 +4,13 @@ import sys
 
 import pytest
 import torch
+from conftest import BASE_CONFIG, measure
 
 from ringbench import records
-from ringbench.run import env
-from ringbench.sweep import config, plan
-from ringbench.run import supervisor, worker
 from ringbench.errors import ConfigError
+from ringbench.run import env, supervisor, worker
 from ringbench.schema import Failure
-
-from conftest import BASE_CONFIG, measure
+from ringbench.sweep import config, plan
 
 
 class Recorder:
@@ -45,8 +43,9 @@ def test_failures_become_records_and_the_sweep_goes_on(write_config, tmp_path):
     for record in stored:
         by_impl.setdefault(record.implementation, []).append(record)
     assert {r.status for r in by_impl["test-oom"]} == {"oom"}
-    assert by_impl["test-oom"][0].error == Failure("OutOfMemoryError",
-                                                   "CUDA out of memory. Tried to allocate 1024.00 GiB")
+    assert by_impl["test-oom"][0].error == Failure(
+        "OutOfMemoryError", "CUDA out of memory. Tried to allocate 1024.00 GiB"
+    )
     assert {r.status for r in by_impl["test-error"]} == {"error"}
     assert by_impl["test-error"][0].error == Failure("ValueError", "bad | input\nsecond line")
     for record in by_impl["standard"] + by_impl["sdpa"]:
@@ -68,7 +67,10 @@ def test_run_file_stamps_environment_config_and_plan(write_config, tmp_path):
     assert meta["schema_version"] == records.SCHEMA_VERSION
     assert meta["config"] == config.load(path).as_dict() and meta["config_hash"] == config.load(path).hash
     assert [p["cell_id"] for p in meta["planned"]] == [c.id for c in the_plan.cells]
-    assert [e["reason"] for e in meta["excluded"]] == ["seq_len 64 is not divisible by ring_size 5", "seq_len 96 is not divisible by ring_size 5"]
+    assert [e["reason"] for e in meta["excluded"]] == [
+        "seq_len 64 is not divisible by ring_size 5",
+        "seq_len 96 is not divisible by ring_size 5",
+    ]
     environment = meta["environment"]
     assert environment["device"] == "cpu" and environment["gpus"] == [] and environment["torch"] == torch.__version__
     # CPU runs get plain fallbacks for every GPU probe, never a crash.
@@ -77,8 +79,10 @@ def test_run_file_stamps_environment_config_and_plan(write_config, tmp_path):
     assert environment["matmul_peak_tflops"] == {}
     assert set(environment["git"]) == {"commit", "dirty"}
     assert result.run_dir.parent == tmp_path / "out"
-    assert all(json.loads(line)["schema_version"] == records.SCHEMA_VERSION
-               for line in (result.run_dir / records.RECORDS_FILE).read_text().splitlines())
+    assert all(
+        json.loads(line)["schema_version"] == records.SCHEMA_VERSION
+        for line in (result.run_dir / records.RECORDS_FILE).read_text().splitlines()
+    )
 
 
 def test_git_state_is_unknown_outside_a_checkout(tmp_path):
@@ -112,8 +116,10 @@ def test_inputs_larger_than_the_device_are_skipped_before_allocating(monkeypatch
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
     cell = Cell("sdpa", (("backend", "auto"),), 2**20, None, 1, 16, 128, "bfloat16", False, "forward")
     skip = pipeline._inputs_too_large(cell, torch.device("cuda", 0))
-    assert skip == {"status": "skipped", "error": Failure(
-        "Skipped", "q, k and v alone need 12,288 MiB; the device has 1,024 MiB")}
+    assert skip == {
+        "status": "skipped",
+        "error": Failure("Skipped", "q, k and v alone need 12,288 MiB; the device has 1,024 MiB"),
+    }
     assert pipeline._inputs_too_large(dataclasses.replace(cell, seq_len=2**10), torch.device("cuda", 0)) is None
 
 
@@ -133,8 +139,10 @@ def test_the_oversized_skip_can_be_turned_off(write_config, monkeypatch):
 def test_close_undoes_setup_and_a_failing_close_is_the_cells_error(write_config, tmp_path):
     # test-patching replaces F.scaled_dot_product_attention until its close(): sdpa after it is
     # right only if close() ran; a second test-patching cell refuses to start over a leaked patch.
-    text = BASE_CONFIG.replace("  - name: standard\n", "  - name: test-patching\n  - name: test-bad-close\n"
-                               "  - {name: test-patching, options: {tag: 1}}\n")
+    text = BASE_CONFIG.replace(
+        "  - name: standard\n",
+        "  - name: test-patching\n  - name: test-bad-close\n  - {name: test-patching, options: {tag: 1}}\n",
+    )
     _, result, _ = run_config(write_config(text + "plugins: [fake_impls]\n"), tmp_path / "out")
     by_impl = {}
     for record in result.records:
@@ -150,13 +158,22 @@ def test_close_undoes_setup_and_a_failing_close_is_the_cells_error(write_config,
 def test_a_dying_or_hanging_cell_costs_only_itself(write_config, tmp_path):
     # One worker runs the cells; a segfault, an os._exit and a hang each end theirs (the hang
     # by the cell timeout) and a fresh worker takes the rest. Allocation without bound is an OOM.
-    text = BASE_CONFIG.replace("  - name: standard\n", "  - name: standard\n  - test-segfault\n  - test-exit\n"
-                               "  - test-hang\n  - test-alloc\n")
-    path = write_config(text.replace("seq_lens: [64, 96]", "seq_lens: [64]") + "plugins: [fake_impls]\ncell_timeout_s: 8\n")
+    text = BASE_CONFIG.replace(
+        "  - name: standard\n", "  - name: standard\n  - test-segfault\n  - test-exit\n  - test-hang\n  - test-alloc\n"
+    )
+    path = write_config(
+        text.replace("seq_lens: [64, 96]", "seq_lens: [64]") + "plugins: [fake_impls]\ncell_timeout_s: 8\n"
+    )
     _, result, _ = run_config(path, tmp_path / "out")
     by_name = {record.implementation: record for record in result.records}
     assert [record.implementation for record in result.records] == [
-        "standard", "test-segfault", "test-exit", "test-hang", "test-alloc", "sdpa"]
+        "standard",
+        "test-segfault",
+        "test-exit",
+        "test-hang",
+        "test-alloc",
+        "sdpa",
+    ]
     assert by_name["standard"].status == by_name["sdpa"].status == "ok"
     assert by_name["test-segfault"].status == "crashed"
     assert by_name["test-segfault"].error.message.startswith("the worker exited with code -11 during this cell")
@@ -164,7 +181,8 @@ def test_a_dying_or_hanging_cell_costs_only_itself(write_config, tmp_path):
     assert by_name["test-exit"].error.message.startswith("the worker exited with code 7 during this cell")
     assert by_name["test-hang"].status == "timeout"
     assert by_name["test-hang"].error.message.startswith(
-        "the cell ran past cell_timeout_s (8 s) and its worker was stopped; its output ended: ")
+        "the cell ran past cell_timeout_s (8 s) and its worker was stopped; its output ended: "
+    )
     assert by_name["test-alloc"].status == "oom" and "can't allocate memory" in by_name["test-alloc"].error.message
     # Start-up is paid once, and again only after each worker that died or was stopped.
     log = (result.run_dir / "worker-1.log").read_text()
@@ -173,7 +191,8 @@ def test_a_dying_or_hanging_cell_costs_only_itself(write_config, tmp_path):
 
 
 def test_a_worker_that_stops_between_cells_blames_none_and_one_that_cannot_start_blames_one(
-        write_config, tmp_path, monkeypatch):
+    write_config, tmp_path, monkeypatch
+):
     path = write_config()
     # A stand-in worker that records the first pending cell, then exits: as a worker does after
     # a CUDA fault it has recorded. The runner must start another for each remaining cell.
@@ -185,12 +204,16 @@ def test_a_worker_that_stops_between_cells_blames_none_and_one_that_cannot_start
         "  for p in meta['planned'] if p['cell_id'] not in done)\n"
         "with records.RecordWriter(run_dir) as w: w.append(pipeline.make_record(cell, {'status': 'skipped'}))\n"
     )
-    monkeypatch.setattr(worker, "command", lambda world_size, run_dir, pending, threads: [sys.executable, "-c", one_cell, str(run_dir)])
+    monkeypatch.setattr(
+        worker, "command", lambda world_size, run_dir, pending, threads: [sys.executable, "-c", one_cell, str(run_dir)]
+    )
     the_plan, result, _ = run_config(path, tmp_path / "out")
     assert [r.status for r in result.records] == ["skipped"] * len(the_plan.cells)
     assert [r.cell_id for r in result.records] == [c.id for c in the_plan.cells]
     # A worker that dies before any cell (here: at once) is blamed on the first pending cell, then the next...
-    monkeypatch.setattr(worker, "command", lambda world_size, run_dir, pending, threads: [sys.executable, "-c", "raise SystemExit(3)"])
+    monkeypatch.setattr(
+        worker, "command", lambda world_size, run_dir, pending, threads: [sys.executable, "-c", "raise SystemExit(3)"]
+    )
     the_plan, result, _ = run_config(path, tmp_path / "out2")
     assert [r.status for r in result.records] == ["crashed"] * len(the_plan.cells)
     assert result.records[0].error.message.startswith("the worker exited with code 3 before starting this cell")

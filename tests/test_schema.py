@@ -6,14 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import measure
 
 from ringbench import records
 from ringbench.report import load_run, render_report
 from ringbench.schema import SCHEMA_VERSION, GradientCheck, Memory, Modes, RankFigures, Record, Stats
 from ringbench.sweep.config import TimingBudget
 from ringbench.vocabulary import Cell
-
-from conftest import measure
 
 EVIDENCE = Path(__file__).parents[1] / "results" / "evidence"
 COMMITTED_RUNS = sorted(path for path in EVIDENCE.iterdir() if (path / records.RUN_FILE).is_file())
@@ -33,8 +32,11 @@ def test_every_committed_run_reads_as_typed_records_and_renders(run_dir):
 
 def test_the_committed_runs_span_several_ages():
     assert len(COMMITTED_RUNS) >= 40
-    keys = {frozenset(json.loads(line)) for run in COMMITTED_RUNS
-            for line in (run / records.RECORDS_FILE).read_text().splitlines()[:1]}
+    keys = {
+        frozenset(json.loads(line))
+        for run in COMMITTED_RUNS
+        for line in (run / records.RECORDS_FILE).read_text().splitlines()[:1]
+    }
     assert len(keys) >= 5
 
 
@@ -43,12 +45,18 @@ def _fresh(name, pass_name="forward", ring_size=None, options=()):
     return measure(cell, torch.device("cpu"), BUDGET, 0)
 
 
-@pytest.mark.parametrize("fresh", [
-    lambda: _fresh("ring", ring_size=4, options=(("kernel", "auto"), ("zigzag", True))),  # a projected rank share
-    lambda: _fresh("standard", "backward"),  # gradients checked
-    lambda: _fresh("dilated", options=(("dilation_rates", (1, 2)), ("kernel", "auto"), ("segment_lengths", (8, 16)))),
-    lambda: _fresh("test-error"),  # a failure
-], ids=["ring", "backward", "dilated", "error"])
+@pytest.mark.parametrize(
+    "fresh",
+    [
+        lambda: _fresh("ring", ring_size=4, options=(("kernel", "auto"), ("zigzag", True))),  # a projected rank share
+        lambda: _fresh("standard", "backward"),  # gradients checked
+        lambda: _fresh(
+            "dilated", options=(("dilation_rates", (1, 2)), ("kernel", "auto"), ("segment_lengths", (8, 16)))
+        ),
+        lambda: _fresh("test-error"),  # a failure
+    ],
+    ids=["ring", "backward", "dilated", "error"],
+)
 def test_a_fresh_record_reads_back_equal_and_writes_what_it_always_has(fresh, tmp_path):
     record = fresh()
     with records.RecordWriter(tmp_path) as writer:
@@ -57,11 +65,44 @@ def test_a_fresh_record_reads_back_equal_and_writes_what_it_always_has(fresh, tm
     stored = json.loads(line)
     assert Record.from_json(stored) == record and stored == json.loads(json.dumps(record.to_json()))
     assert stored["schema_version"] == SCHEMA_VERSION == 2
-    assert sorted(stored) == sorted([
-        "schema_version", "cell_id", "implementation", "options", "seq_len", "ring_size", "batch_size", "heads",
-        "head_dim", "dtype", "causal", "pass", "world_size", "label", "device", "started_at", "duration_s", "error",
-        "facts", "check", "warmup_ms", "samples_ms", "stats", "noise", "modes", "plain", "memory", "projected",
-        "ranks", "comm", "flops", "tflops", "tokens_per_s", "status"])
+    assert sorted(stored) == sorted(
+        [
+            "schema_version",
+            "cell_id",
+            "implementation",
+            "options",
+            "seq_len",
+            "ring_size",
+            "batch_size",
+            "heads",
+            "head_dim",
+            "dtype",
+            "causal",
+            "pass",
+            "world_size",
+            "label",
+            "device",
+            "started_at",
+            "duration_s",
+            "error",
+            "facts",
+            "check",
+            "warmup_ms",
+            "samples_ms",
+            "stats",
+            "noise",
+            "modes",
+            "plain",
+            "memory",
+            "projected",
+            "ranks",
+            "comm",
+            "flops",
+            "tflops",
+            "tokens_per_s",
+            "status",
+        ]
+    )
     assert stored["cell_id"] == record.cell.id and stored["label"] == record.cell.label and hash(record.cell)
     if stored["pass"] == "forward" and stored["check"]:  # a forward check has never written a gradients key
         assert "gradients" not in stored["check"]
@@ -69,12 +110,37 @@ def test_a_fresh_record_reads_back_equal_and_writes_what_it_always_has(fresh, tm
 
 # The oldest form committed (results/evidence/20261125T203402Z-9678da70), samples cut short.
 OLDEST = {
-    "schema_version": 1, "cell_id": "de7ca527161d", "implementation": "sdpa", "options": {"backend": "flash"},
-    "seq_len": 1024, "ring_size": None, "batch_size": 1, "heads": 8, "head_dim": 64, "dtype": "float16",
-    "causal": False, "pass": "forward", "device": "cuda:0", "started_at": "2026-11-25T20:34:02+00:00",
-    "duration_s": 0.484, "error": None, "facts": {}, "status": "ok", "warmup_ms": [0.5], "samples_ms": [0.2, 0.3],
-    "stats": {"n": 2, "median_ms": 0.25, "mean_ms": 0.25, "std_ms": 0.07, "q1_ms": 0.225, "q3_ms": 0.275,
-              "iqr_ms": 0.05, "min_ms": 0.2, "max_ms": 0.3},
+    "schema_version": 1,
+    "cell_id": "de7ca527161d",
+    "implementation": "sdpa",
+    "options": {"backend": "flash"},
+    "seq_len": 1024,
+    "ring_size": None,
+    "batch_size": 1,
+    "heads": 8,
+    "head_dim": 64,
+    "dtype": "float16",
+    "causal": False,
+    "pass": "forward",
+    "device": "cuda:0",
+    "started_at": "2026-11-25T20:34:02+00:00",
+    "duration_s": 0.484,
+    "error": None,
+    "facts": {},
+    "status": "ok",
+    "warmup_ms": [0.5],
+    "samples_ms": [0.2, 0.3],
+    "stats": {
+        "n": 2,
+        "median_ms": 0.25,
+        "mean_ms": 0.25,
+        "std_ms": 0.07,
+        "q1_ms": 0.225,
+        "q3_ms": 0.275,
+        "iqr_ms": 0.05,
+        "min_ms": 0.2,
+        "max_ms": 0.3,
+    },
     "memory": {"inputs_mib": 3.0, "peak_allocated_mib": 32.0, "peak_reserved_mib": 68.0},
     "tokens_per_s": 4096000.0,
 }
@@ -83,10 +149,20 @@ OLDEST = {
 def test_the_oldest_version_1_record_upgrades_with_the_documented_defaults():
     record = Record.from_json(OLDEST)
     assert (record.world_size, record.label) == (1, "sdpa(backend=flash)")
-    assert (record.check, record.flops, record.tflops, record.projected, record.ranks, record.comm, record.noise,
-            record.modes, record.plain) == (None,) * 9
-    assert record.memory == Memory(inputs_mib=3.0, peak_allocated_mib=32.0, peak_reserved_mib=68.0, held_mib=None,
-                                   modelled_mib=None)
+    assert (
+        record.check,
+        record.flops,
+        record.tflops,
+        record.projected,
+        record.ranks,
+        record.comm,
+        record.noise,
+        record.modes,
+        record.plain,
+    ) == (None,) * 9
+    assert record.memory == Memory(
+        inputs_mib=3.0, peak_allocated_mib=32.0, peak_reserved_mib=68.0, held_mib=None, modelled_mib=None
+    )
     assert record.stats.rel_iqr == 0.05 / 0.25
     assert record.samples_ms == (0.2, 0.3) and record.median_ms == 0.25 and record.measured
     assert record.to_json()["schema_version"] == 2 and OLDEST["schema_version"] == 1  # the input is left as it was
@@ -94,43 +170,81 @@ def test_the_oldest_version_1_record_upgrades_with_the_documented_defaults():
 
 def test_a_middle_aged_version_1_record_upgrades_each_part():
     middle = {
-        **OLDEST, "world_size": 2, "ring_size": 2, "flops": 1.0, "tflops": 1.0, "comm": None, "plain": None,
+        **OLDEST,
+        "world_size": 2,
+        "ring_size": 2,
+        "flops": 1.0,
+        "tflops": 1.0,
+        "comm": None,
+        "plain": None,
         "noise": {"target": 0.05, "rel_iqr": 0.2, "reached": False},
         "modes": {"cold_l2": True, "cuda_graph": False, "notes": []},
-        "check": {"reference": "dense", "rows_checked": 256, "max_abs_error": 0.001, "rel_error": 0.002,
-                  "tolerance": 0.005, "passed": True,
-                  "gradients": {"checked": False, "passed": True, "reason": "seq_len above 8192"}},
-        "projected": {"warmup_ms": [0.5], "samples_ms": [0.2, 0.3], "stats": OLDEST["stats"],
-                      "peak_allocated_mib": 1.0, "peak_reserved_mib": 2.0},
+        "check": {
+            "reference": "dense",
+            "rows_checked": 256,
+            "max_abs_error": 0.001,
+            "rel_error": 0.002,
+            "tolerance": 0.005,
+            "passed": True,
+            "gradients": {"checked": False, "passed": True, "reason": "seq_len above 8192"},
+        },
+        "projected": {
+            "warmup_ms": [0.5],
+            "samples_ms": [0.2, 0.3],
+            "stats": OLDEST["stats"],
+            "peak_allocated_mib": 1.0,
+            "peak_reserved_mib": 2.0,
+        },
         "ranks": [{"rank": 0, "median_ms": 0.25, "peak_allocated_mib": 1.0}],
         "memory": {**OLDEST["memory"], "modelled_mib": 30.0},
     }
     record = Record.from_json(middle)
-    assert record.modes == Modes(cold_l2=True, cuda_graph=False, launch_ms=None, device_ms=None, notes=(),
-                                 calls_per_sample=1)
+    assert record.modes == Modes(
+        cold_l2=True, cuda_graph=False, launch_ms=None, device_ms=None, notes=(), calls_per_sample=1
+    )
     assert record.check.seconds is None
-    assert record.check.gradients == GradientCheck(checked=False, heads_checked=None, rows_checked=None,
-                                                   dq_rel_error=None, dk_rel_error=None, dv_rel_error=None,
-                                                   rel_error=None, passed=True)
+    assert record.check.gradients == GradientCheck(
+        checked=False,
+        heads_checked=None,
+        rows_checked=None,
+        dq_rel_error=None,
+        dk_rel_error=None,
+        dv_rel_error=None,
+        rel_error=None,
+        passed=True,
+    )
     projected = record.projected
     assert (projected.modes, projected.held_mib, projected.plain) == (None, None, None)
-    assert projected.stats == Stats(n=2, median_ms=0.25, mean_ms=0.25, std_ms=0.07, q1_ms=0.225, q3_ms=0.275,
-                                    iqr_ms=0.05, rel_iqr=0.05 / 0.25, min_ms=0.2, max_ms=0.3)
+    assert projected.stats == Stats(
+        n=2,
+        median_ms=0.25,
+        mean_ms=0.25,
+        std_ms=0.07,
+        q1_ms=0.225,
+        q3_ms=0.275,
+        iqr_ms=0.05,
+        rel_iqr=0.05 / 0.25,
+        min_ms=0.2,
+        max_ms=0.3,
+    )
     assert record.ranks == (RankFigures(rank=0, median_ms=0.25, peak_allocated_mib=1.0, held_mib=None),)
     assert record.memory.modelled_mib == 30.0 and record.memory.held_mib is None
     assert str(record.cell.placement) == "2 processes"
 
 
-@pytest.mark.parametrize("change, reason", [
-    ({"schema_version": 3}, "schema version 3, newer than this ringbench reads (2)"),
-    ({"schema_version": "1"}, "schema_version: expected a version number, got '1'"),
-    ({"seq_len": "1024"}, "seq_len: expected a whole number, got '1024'"),
-    ({"causal": 0}, "causal: expected true or false, got 0"),
-    ({"samples_ms": [0.2, None]}, "samples_ms[1]: expected a number, got None"),
-    ({"memory": {"inputs_mib": 3.0}}, "memory.peak_allocated_mib: missing"),
-    ({"stats": None, "status": "finished"}, "status: 'finished' is not a status"),
-    ({"colour": "blue"}, "record: unknown field 'colour'"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"schema_version": 3}, "schema version 3, newer than this ringbench reads (2)"),
+        ({"schema_version": "1"}, "schema_version: expected a version number, got '1'"),
+        ({"seq_len": "1024"}, "seq_len: expected a whole number, got '1024'"),
+        ({"causal": 0}, "causal: expected true or false, got 0"),
+        ({"samples_ms": [0.2, None]}, "samples_ms[1]: expected a number, got None"),
+        ({"memory": {"inputs_mib": 3.0}}, "memory.peak_allocated_mib: missing"),
+        ({"stats": None, "status": "finished"}, "status: 'finished' is not a status"),
+        ({"colour": "blue"}, "record: unknown field 'colour'"),
+    ],
+)
 def test_a_future_version_or_a_wrong_type_is_refused_with_the_reason(change, reason):
     with pytest.raises(ValueError) as refused:
         Record.from_json({**OLDEST, **change})

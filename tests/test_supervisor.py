@@ -14,17 +14,23 @@ def test_a_worker_that_stopped_between_cells_after_progress_is_not_blamed():
 
 def test_a_worker_that_died_in_a_cell_is_blamed_for_it():
     assert blame(WorkerEnd(recorded=2, in_flight=True, timed_out=False, returncode=-11), 30, "Segmentation fault") == (
-        records.CRASHED, "the worker exited with code -11 during this cell; its output ended: Segmentation fault")
+        records.CRASHED,
+        "the worker exited with code -11 during this cell; its output ended: Segmentation fault",
+    )
 
 
 def test_a_worker_that_never_finished_a_cell_is_blamed_so_it_cannot_loop():
     assert blame(WorkerEnd(recorded=0, in_flight=False, timed_out=False, returncode=3), 30, "") == (
-        records.CRASHED, "the worker exited with code 3 before starting this cell; its output ended: ")
+        records.CRASHED,
+        "the worker exited with code 3 before starting this cell; its output ended: ",
+    )
 
 
 def test_a_cell_past_its_timeout_is_recorded_as_such():
     assert blame(WorkerEnd(recorded=0, in_flight=True, timed_out=True, returncode=-9), 8, "busy") == (
-        records.TIMEOUT, "the cell ran past cell_timeout_s (8 s) and its worker was stopped; its output ended: busy")
+        records.TIMEOUT,
+        "the cell ran past cell_timeout_s (8 s) and its worker was stopped; its output ended: busy",
+    )
 
 
 def _line(seq_len):

@@ -4,9 +4,9 @@ import time
 
 import torch
 
-from ringbench.sweep.config import TimingBudget
 from ringbench.run.stats import relative_iqr, summarize
 from ringbench.run.timing import _more_needed, measure, per_sample
+from ringbench.sweep.config import TimingBudget
 
 CPU = torch.device("cpu")
 
@@ -16,19 +16,25 @@ def sleeper(ms: float):
 
 
 def test_repetitions_are_clamped_to_max():
-    timing = measure(sleeper(1), CPU, TimingBudget(warmup_ms=0.001, rep_ms=10_000, min_reps=2, max_reps=7, noise_target=100))
+    timing = measure(
+        sleeper(1), CPU, TimingBudget(warmup_ms=0.001, rep_ms=10_000, min_reps=2, max_reps=7, noise_target=100)
+    )
     assert len(timing.samples_ms) == 7
     assert len(timing.warmup_ms) == 2  # the first call, then one that spends the whole warm-up budget
     assert all(sample >= 1.0 for sample in timing.samples_ms + timing.warmup_ms)
 
 
 def test_repetitions_are_clamped_to_min():
-    timing = measure(sleeper(2), CPU, TimingBudget(warmup_ms=0.001, rep_ms=0.001, min_reps=4, max_reps=100, noise_target=100))
+    timing = measure(
+        sleeper(2), CPU, TimingBudget(warmup_ms=0.001, rep_ms=0.001, min_reps=4, max_reps=100, noise_target=100)
+    )
     assert len(timing.samples_ms) == 4
 
 
 def test_warmup_stops_at_max_reps_for_trivial_closures():
-    timing = measure(lambda: None, CPU, TimingBudget(warmup_ms=10_000, rep_ms=1e-9, min_reps=1, max_reps=5, noise_target=100))
+    timing = measure(
+        lambda: None, CPU, TimingBudget(warmup_ms=10_000, rep_ms=1e-9, min_reps=1, max_reps=5, noise_target=100)
+    )
     assert len(timing.warmup_ms) == 1 + 5 and len(timing.samples_ms) == 1
 
 
@@ -39,7 +45,9 @@ def test_a_slow_first_call_does_not_shrink_the_sample():
         time.sleep(0.2 if not calls else 0.001)
         calls.append(1)
 
-    timing = measure(cold_then_fast, CPU, TimingBudget(warmup_ms=5, rep_ms=30, min_reps=2, max_reps=1000, noise_target=100))
+    timing = measure(
+        cold_then_fast, CPU, TimingBudget(warmup_ms=5, rep_ms=30, min_reps=2, max_reps=1000, noise_target=100)
+    )
     assert timing.warmup_ms[0] >= 200 and len(timing.warmup_ms) >= 2
     assert len(timing.samples_ms) >= 5  # estimated from warm calls (~1 ms), not from the 200 ms first one
 
@@ -47,8 +55,16 @@ def test_a_slow_first_call_does_not_shrink_the_sample():
 def test_summary_statistics():
     stats = summarize([1.0, 2.0, 3.0, 4.0, 10.0])
     assert stats == {
-        "n": 5, "median_ms": 3.0, "mean_ms": 4.0, "std_ms": (sum((x - 4) ** 2 for x in [1, 2, 3, 4, 10]) / 4) ** 0.5,
-        "q1_ms": 2.0, "q3_ms": 4.0, "iqr_ms": 2.0, "rel_iqr": 2.0 / 3.0, "min_ms": 1.0, "max_ms": 10.0,
+        "n": 5,
+        "median_ms": 3.0,
+        "mean_ms": 4.0,
+        "std_ms": (sum((x - 4) ** 2 for x in [1, 2, 3, 4, 10]) / 4) ** 0.5,
+        "q1_ms": 2.0,
+        "q3_ms": 4.0,
+        "iqr_ms": 2.0,
+        "rel_iqr": 2.0 / 3.0,
+        "min_ms": 1.0,
+        "max_ms": 10.0,
     }
     assert summarize([5.0])["std_ms"] == 0.0
 
@@ -70,8 +86,11 @@ def test_sampling_continues_while_noisy():
         time.sleep(0.001 if len(calls) % 2 else 0.004)
         calls.append(1)
 
-    timing = measure(alternating, CPU, TimingBudget(warmup_ms=0.001, rep_ms=0.001, min_reps=4, max_reps=30,
-                                                      noise_target=0.02, max_ms=10_000))
+    timing = measure(
+        alternating,
+        CPU,
+        TimingBudget(warmup_ms=0.001, rep_ms=0.001, min_reps=4, max_reps=30, noise_target=0.02, max_ms=10_000),
+    )
     assert len(timing.samples_ms) == 30
 
 
@@ -87,7 +106,9 @@ def test_samples_spanning_a_clock_swing_are_quiet(monkeypatch):
     # at min_reps, where one-call samples stay noisy up to max_reps.
     def swinging_clock():
         clock = itertools.cycle([1.0, 3.0])
-        monkeypatch.setattr("ringbench.run.timing._time_calls_cpu", lambda fn, count: [next(clock) for _ in range(count)])
+        monkeypatch.setattr(
+            "ringbench.run.timing._time_calls_cpu", lambda fn, count: [next(clock) for _ in range(count)]
+        )
 
     budget = TimingBudget(warmup_ms=2, rep_ms=1, min_reps=6, max_reps=40, noise_target=0.02, max_ms=1000)
     swinging_clock()
@@ -109,7 +130,9 @@ def test_max_ms_counts_every_call_of_a_grouped_sample():
 def test_stopping_rule_on_quiet_noisy_and_drifting_streams(monkeypatch):
     def clock(times):
         stream = iter(times)
-        monkeypatch.setattr("ringbench.run.timing._time_calls_cpu", lambda fn, count: [next(stream) for _ in range(count)])
+        monkeypatch.setattr(
+            "ringbench.run.timing._time_calls_cpu", lambda fn, count: [next(stream) for _ in range(count)]
+        )
 
     budget = TimingBudget(warmup_ms=1, rep_ms=10, min_reps=8, max_reps=40, noise_target=0.02, max_ms=1000)
     clock(itertools.repeat(2.0))

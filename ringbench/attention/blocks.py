@@ -13,8 +13,8 @@ from a plain PyTorch block computed in float32.
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Callable
+from collections.abc import Callable
+from functools import cache
 
 import torch
 
@@ -69,7 +69,8 @@ def _no_rng(device: torch.device) -> torch.Tensor:
 def _flash_backward(dout, q, k, v, out, lse, causal):
     rng = _no_rng(q.device)
     return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        dout, q, k, v, out, lse, None, None, q.shape[-2], k.shape[-2], 0.0, causal, rng, rng)[:3]
+        dout, q, k, v, out, lse, None, None, q.shape[-2], k.shape[-2], 0.0, causal, rng, rng
+    )[:3]
 
 
 def _cudnn_backward(dout, q, k, v, out, lse, causal):
@@ -77,8 +78,22 @@ def _cudnn_backward(dout, q, k, v, out, lse, causal):
     # Row slices of larger tensors go in as they are (checked on an H100 against dense copies);
     # only the log-sum-exp must be in the forward's own layout, (B, H, S, 1).
     return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        dout, q, k, v, out, lse.unsqueeze(-1).contiguous(), rng, rng, None, None, None, q.shape[-2], k.shape[-2],
-        0.0, causal)[:3]
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse.unsqueeze(-1).contiguous(),
+        rng,
+        rng,
+        None,
+        None,
+        None,
+        q.shape[-2],
+        k.shape[-2],
+        0.0,
+        causal,
+    )[:3]
 
 
 def _math_backward(dout, q, k, v, out, lse, causal):
@@ -91,8 +106,11 @@ def _math_backward(dout, q, k, v, out, lse, causal):
         scores.masked_fill_(torch.ones(rows, cols, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     probs = torch.exp(scores - lse.to(compute).unsqueeze(-1))
     d_scores = probs * (torch.matmul(dout, v.transpose(-2, -1)) - (dout * out).sum(-1, keepdim=True))
-    return (torch.matmul(d_scores, k) * scale, torch.matmul(d_scores.transpose(-2, -1), q) * scale,
-            torch.matmul(probs.transpose(-2, -1), dout))
+    return (
+        torch.matmul(d_scores, k) * scale,
+        torch.matmul(d_scores.transpose(-2, -1), q) * scale,
+        torch.matmul(probs.transpose(-2, -1), dout),
+    )
 
 
 # The memory-efficient kernel's backward is left out: fed a merged log-sum-exp it gave
@@ -101,7 +119,7 @@ BACKWARD_KERNELS = ("auto", "flash", "cudnn", "math")
 _BACKWARDS = {"flash": _flash_backward, "cudnn": _cudnn_backward, "math": _math_backward}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _works(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether a fused kernel accepts inputs like these, tried on a tiny problem."""
     try:
@@ -134,8 +152,16 @@ def attend(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     return _BLOCKS[kernel](q, k, v, causal)
 
 
-def attend_backward(kernel: str, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    out: torch.Tensor, lse: torch.Tensor, causal: bool):
+def attend_backward(
+    kernel: str,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+):
     """One block's (dq, dk, dv), given the rows' final output ``out`` and log-sum-exp ``lse``.
 
     A slice of the log-sum-exp is copied to be dense: the fused kernels read it

@@ -15,7 +15,7 @@ belong to: :class:`TravellingSums`.
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,9 +39,12 @@ class WaitClock:
         if self._on:
             self.sent_bytes += send.numel() * send.element_size()
             self.sends += 1
-        return dist.batch_isend_irecv([
-            dist.P2POp(dist.isend, send, send_to), dist.P2POp(dist.irecv, receive, receive_from),
-        ])
+        return dist.batch_isend_irecv(
+            [
+                dist.P2POp(dist.isend, send, send_to),
+                dist.P2POp(dist.irecv, receive, receive_from),
+            ]
+        )
 
     def wait(self, transfers: Sequence) -> None:
         if not self._on:

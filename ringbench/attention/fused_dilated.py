@@ -34,11 +34,48 @@ def runs_on(q: torch.Tensor) -> bool:
 
 
 if triton is not None:
+    # Over 60 lines: a Triton kernel is one function, compiled whole; its parts could not be calls.
     @triton.jit
-    def _step_kernel(q, k, v, acc, acc_lse, heads, segments, w, r, parts, n, step, scale_log2,
-                     q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, a0, a1, a2, a3, l0, l1, l2,
-                     CAUSAL: tl.constexpr, DIAGONAL: tl.constexpr, FRESH: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    def _step_kernel(
+        q,
+        k,
+        v,
+        acc,
+        acc_lse,
+        heads,
+        segments,
+        w,
+        r,
+        parts,
+        n,
+        step,
+        scale_log2,
+        q0,
+        q1,
+        q2,
+        q3,
+        k0,
+        k1,
+        k2,
+        k3,
+        v0,
+        v1,
+        v2,
+        v3,
+        a0,
+        a1,
+        a2,
+        a3,
+        l0,
+        l1,
+        l2,
+        CAUSAL: tl.constexpr,
+        DIAGONAL: tl.constexpr,
+        FRESH: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+    ):
         block = tl.program_id(0)  # ((b·heads + h)·segments + segment)·parts + query part
         part = block % parts
         segment = (block // parts) % segments
@@ -63,8 +100,9 @@ if triton is not None:
             key_local = start + tl.arange(0, BLOCK_N)
             key_live = key_local < n
             key_rows = first + r * (kv_part * n + key_local)
-            keys = tl.load(k + b * k0 + h * k1 + key_rows[:, None] * k2 + column[None, :] * k3,
-                           mask=key_live[:, None], other=0.0)
+            keys = tl.load(
+                k + b * k0 + h * k1 + key_rows[:, None] * k2 + column[None, :] * k3, mask=key_live[:, None], other=0.0
+            )
             scores = tl.dot(query, tl.trans(keys)) * scale_log2
             seen = key_live[None, :]
             if DIAGONAL:
@@ -74,8 +112,9 @@ if triton is not None:
             weights = tl.exp2(scores - new_top[:, None])
             rescale = tl.exp2(top - new_top)
             total = total * rescale + tl.sum(weights, 1)
-            values = tl.load(v + b * v0 + h * v1 + key_rows[:, None] * v2 + column[None, :] * v3,
-                             mask=key_live[:, None], other=0.0)
+            values = tl.load(
+                v + b * v0 + h * v1 + key_rows[:, None] * v2 + column[None, :] * v3, mask=key_live[:, None], other=0.0
+            )
             out = out * rescale[:, None] + tl.dot(weights.to(values.dtype), values)
             top = new_top
 
@@ -91,8 +130,10 @@ if triton is not None:
             merged_top = tl.maximum(old_lse, block_lse)
             old_weight, new_weight = tl.exp(old_lse - merged_top), tl.exp(block_lse - merged_top)
             weight_sum = old_weight + new_weight
-            merged = (tl.load(acc_at, mask=live[:, None], other=0.0) * (old_weight / weight_sum)[:, None]
-                      + out * (new_weight / (weight_sum * total))[:, None])
+            merged = (
+                tl.load(acc_at, mask=live[:, None], other=0.0) * (old_weight / weight_sum)[:, None]
+                + out * (new_weight / (weight_sum * total))[:, None]
+            )
             tl.store(acc_at, merged, mask=live[:, None])
             tl.store(lse_at, merged_top + tl.log(weight_sum), mask=live)
 
@@ -108,15 +149,39 @@ def _step(q, k, v, acc, acc_lse, w, r, parts, step, causal, fresh):
     n = w // r // parts
     tile = _tile(n)
     grid = (batch * heads * (seq_len // w) * parts, triton.cdiv(n, tile))
-    _step_kernel[grid](q, k, v, acc, acc_lse, heads, seq_len // w, w, r, parts, n, step,
-                       head_dim**-0.5 * 1.4426950408889634,  # scores in base 2: exp2 is the fast path
-                       *q.stride(), *k.stride(), *v.stride(), *acc.stride(), *acc_lse.stride(),
-                       CAUSAL=causal, DIAGONAL=causal and step == 0, FRESH=fresh, BLOCK_M=tile, BLOCK_N=tile,
-                       HEAD_DIM=head_dim, num_warps=4, num_stages=3)
+    _step_kernel[grid](
+        q,
+        k,
+        v,
+        acc,
+        acc_lse,
+        heads,
+        seq_len // w,
+        w,
+        r,
+        parts,
+        n,
+        step,
+        head_dim**-0.5 * 1.4426950408889634,  # scores in base 2: exp2 is the fast path
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *acc.stride(),
+        *acc_lse.stride(),
+        CAUSAL=causal,
+        DIAGONAL=causal and step == 0,
+        FRESH=fresh,
+        BLOCK_M=tile,
+        BLOCK_N=tile,
+        HEAD_DIM=head_dim,
+        num_warps=4,
+        num_stages=3,
+    )
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patterns: list[tuple[int, int, int]],
-            causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patterns: list[tuple[int, int, int]], causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The float32 output and log-sum-exp of dilated attention over ``patterns`` (w, r, parts),
     each pattern's segments split into ``parts`` shards and taken a ring step at a time.
 

@@ -25,10 +25,34 @@ ROWS_PER_PROGRAM = 16
 
 
 if AVAILABLE:
+
     @triton.jit
-    def _merge_kernel(acc, acc_lse, out, lse, rows, dim1, dim2, head_dim,
-                      a0, a1, a2, a3, al0, al1, al2, o0, o1, o2, o3, ol0, ol1, ol2,
-                      BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _merge_kernel(
+        acc,
+        acc_lse,
+        out,
+        lse,
+        rows,
+        dim1,
+        dim2,
+        head_dim,
+        a0,
+        a1,
+        a2,
+        a3,
+        al0,
+        al1,
+        al2,
+        o0,
+        o1,
+        o2,
+        o3,
+        ol0,
+        ol1,
+        ol2,
+        BLOCK_ROWS: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         row = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
         live = row < rows
         i2 = row % dim2  # row → (i0, i1, i2) of the (dim0, dim1, dim2) leading shape
@@ -49,8 +73,10 @@ if AVAILABLE:
 
         acc_at = acc + (i0 * a0 + i1 * a1 + i2 * a2)[:, None] + column[None, :] * a3
         out_at = out + (i0 * o0 + i1 * o1 + i2 * o2)[:, None] + column[None, :] * o3
-        merged = (tl.load(acc_at, mask=cell, other=0.0) * old_weight[:, None]
-                  + tl.load(out_at, mask=cell, other=0.0).to(tl.float32) * new_weight[:, None])
+        merged = (
+            tl.load(acc_at, mask=cell, other=0.0) * old_weight[:, None]
+            + tl.load(out_at, mask=cell, other=0.0).to(tl.float32) * new_weight[:, None]
+        )
         tl.store(acc_at, merged, mask=cell)
         tl.store(acc_lse + i0 * al0 + i1 * al1 + i2 * al2, merged_lse, mask=live)
 
@@ -75,6 +101,19 @@ def merge_(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: tor
     if rows == 0:
         return
     grid = (triton.cdiv(rows, ROWS_PER_PROGRAM),)
-    _merge_kernel[grid](acc, acc_lse, out, lse, rows, dim1, dim2, head_dim,
-                        *acc.stride(), *acc_lse.stride(), *out.stride(), *lse.stride(),
-                        BLOCK_ROWS=ROWS_PER_PROGRAM, BLOCK_D=triton.next_power_of_2(head_dim))
+    _merge_kernel[grid](
+        acc,
+        acc_lse,
+        out,
+        lse,
+        rows,
+        dim1,
+        dim2,
+        head_dim,
+        *acc.stride(),
+        *acc_lse.stride(),
+        *out.stride(),
+        *lse.stride(),
+        BLOCK_ROWS=ROWS_PER_PROGRAM,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+    )

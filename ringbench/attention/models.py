@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from ringbench.vocabulary import DTYPE_BYTES, Cell
 
-
 # Backward does 2.5 times the forward's work (two more matrix products per block,
 # plus recomputing the scores); a training step does both.
 PASS_FACTOR = {"forward": 1.0, "backward": 2.5, "forward+backward": 3.5}

@@ -20,11 +20,12 @@ import hashlib
 import importlib.util
 import math
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from ringbench.attention.references import DENSE, Reference
 from ringbench.errors import Invalid, show
@@ -80,16 +81,16 @@ class Problem:
     its rank holds, since the worker frees them after setup.
     """
 
-    q: "torch.Tensor"
-    k: "torch.Tensor"
-    v: "torch.Tensor"
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
     causal: bool
     ring_size: int | None
     options: Mapping[str, Any]
     facts: dict[str, Any] = field(default_factory=dict)
     rank: int = 0
     world_size: int = 1
-    comm: "WaitClock | None" = None  # across processes: hand it sends and waits (see ringbench.attention.comm)
+    comm: WaitClock | None = None  # across processes: hand it sends and waits (see ringbench.attention.comm)
 
 
 @dataclass(frozen=True)
@@ -103,13 +104,13 @@ class Bench:
     function, say); the worker calls it once the cell is over, however it ended.
     """
 
-    run: Callable[[], "torch.Tensor"]
+    run: Callable[[], torch.Tensor]
     rank_share: Callable[[], object] | None = None
-    rows: "torch.Tensor | None" = None  # sequence positions of run()'s output rows; None: all, in order
+    rows: torch.Tensor | None = None  # sequence positions of run()'s output rows; None: all, in order
     close: Callable[[], None] = lambda: None
     # What backward passes differentiate run()'s output against; None: the problem's q, k, v.
     # Across processes, this rank's shards, so that gradients stop there.
-    inputs: "tuple[torch.Tensor, ...] | None" = None
+    inputs: tuple[torch.Tensor, ...] | None = None
 
 
 Setup = Callable[[Problem], "Callable[[], torch.Tensor] | Bench"]
@@ -137,8 +138,11 @@ class Implementation:
     def label(self, options: Mapping[str, Any]) -> str:
         """``ring-dilated w=1K,2K,4K r=1,2,4``: the name, and the options that differ from their
         defaults, in the order the implementation declares them."""
-        changed = [f"{option.short or key}={compact(options[key])}" for key, option in self.options.items()
-                   if options[key] != option.default]
+        changed = [
+            f"{option.short or key}={compact(options[key])}"
+            for key, option in self.options.items()
+            if options[key] != option.default
+        ]
         return " ".join([self.name, *changed])
 
     def resolve_options(self, given: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -161,6 +165,7 @@ class Implementation:
 _MARK = "__ringbench_implementation__"
 
 
+# Over 60 lines: its docstring documents each of its arguments, which plugins read as the contract.
 def register(
     name: str,
     *,
@@ -201,22 +206,26 @@ def register(
         raise ValueError(f"implementation '{name}': unknown roles {unknown} (known: {', '.join(ROLES)})")
 
     def decorate(setup: Setup) -> Setup:
-        setattr(setup, _MARK, Implementation(
-            name=name,
-            setup=setup,
-            options=dict(options or {}),
-            uses_ring=uses_ring,
-            distributed=distributed,
-            passes=tuple(passes),
-            description=description or (setup.__doc__ or "").strip().split("\n")[0],
-            reference=reference,
-            accumulates=accumulates,
-            flops=flops,
-            memory_model=memory_model,
-            excludes=excludes,
-            check_options=check_options,
-            roles=tuple(roles),
-        ))
+        setattr(
+            setup,
+            _MARK,
+            Implementation(
+                name=name,
+                setup=setup,
+                options=dict(options or {}),
+                uses_ring=uses_ring,
+                distributed=distributed,
+                passes=tuple(passes),
+                description=description or (setup.__doc__ or "").strip().split("\n")[0],
+                reference=reference,
+                accumulates=accumulates,
+                flops=flops,
+                memory_model=memory_model,
+                excludes=excludes,
+                check_options=check_options,
+                roles=tuple(roles),
+            ),
+        )
         return setup
 
     return decorate
@@ -234,7 +243,7 @@ class Registry:
         self._implementations: dict[str, Implementation] = {}
 
     @classmethod
-    def bundled(cls) -> "Registry":
+    def bundled(cls) -> Registry:
         registry = cls()
         for module in importlib.import_module("ringbench.attention.impls").MODULES:
             registry.add_module(module)
@@ -265,7 +274,9 @@ class Registry:
         for index, name in enumerate(names):
             where = f"plugins[{index}]"
             if not name.isidentifier():
-                raise Invalid(where, f"expected the name of a Python file beside the config, without .py, got {show(name)}")
+                raise Invalid(
+                    where, f"expected the name of a Python file beside the config, without .py, got {show(name)}"
+                )
             path = folder / f"{name}.py"
             try:
                 source = path.read_bytes()
@@ -304,6 +315,7 @@ def _run_plugin(module_name: str, path: Path, name: str, where: str) -> ModuleTy
         spec.loader.exec_module(module)
     except BaseException as exc:  # noqa: B036 - a plugin may fail in any way, exiting included
         del sys.modules[module_name]
-        raise Invalid(where, f"plugin {name} ({path}) failed on import: {type(exc).__name__}: "
-                             f"{show(str(exc))[1:-1]}") from None
+        raise Invalid(
+            where, f"plugin {name} ({path}) failed on import: {type(exc).__name__}: {show(str(exc))[1:-1]}"
+        ) from None
     return module

@@ -10,7 +10,6 @@ from ringbench.report.tables import SHAPE
 from ringbench.vocabulary import BASELINE, PEER
 
 
-
 def resolve(frame: pd.DataFrame, baseline: str | None) -> str | None:
     """The label ratios are taken against: the one ``baseline`` names (a label, or an implementation
     run with one set of options), or by default the first implementation declaring the baseline
@@ -28,8 +27,9 @@ def resolve(frame: pd.DataFrame, baseline: str | None) -> str | None:
     if len(matching) > 1:
         raise UserError(f"--baseline: {baseline!r} ran with several option sets; name one of {', '.join(matching)}")
     if not matching:
-        raise UserError(f"--baseline: {baseline!r} is not among the implementations in these runs "
-                        f"({', '.join(labels)})")
+        raise UserError(
+            f"--baseline: {baseline!r} is not among the implementations in these runs ({', '.join(labels)})"
+        )
     return matching[0]
 
 

@@ -16,9 +16,9 @@ from typing import Any
 import pandas as pd
 
 from ringbench import records
-from ringbench.schema import Record
 from ringbench.report.markdown import escape, ms, table
 from ringbench.run.stats import mann_whitney_p
+from ringbench.schema import Record
 
 FASTER, SLOWER, UNCHANGED = "faster", "slower", "unchanged"
 NEWLY_FAILING, FIXED, STILL_FAILING = "newly failing", "fixed", "still failing"
@@ -40,8 +40,9 @@ def _latest(run_dir: Path) -> dict[str, Record]:
 
 def _label(record: Record) -> str:
     causal = " causal" if record.causal else ""
-    return (f"{record.display_label} S={record.seq_len} "
-            f"{record.cell.placement} {record.dtype}{causal} {record.pass_name}")
+    return (
+        f"{record.display_label} S={record.seq_len} {record.cell.placement} {record.dtype}{causal} {record.pass_name}"
+    )
 
 
 def _gpus(environment: dict[str, Any]) -> list[str]:
@@ -54,7 +55,11 @@ def _verdict(base: Record | None, new: Record | None, threshold: float, alpha: f
         return (ONLY_NEW if base is None else ONLY_BASE), None, None
     base_ok, new_ok = base.measured, new.measured
     if not (base_ok and new_ok):
-        return {(True, False): NEWLY_FAILING, (False, True): FIXED, (False, False): STILL_FAILING}[base_ok, new_ok], None, None
+        return (
+            {(True, False): NEWLY_FAILING, (False, True): FIXED, (False, False): STILL_FAILING}[base_ok, new_ok],
+            None,
+            None,
+        )
     ratio = new.median_ms / base.median_ms
     p = mann_whitney_p(base.samples_ms, new.samples_ms)
     if not comparable:
@@ -71,8 +76,10 @@ def compare_runs(base: Path, new: Path, threshold: float = 1.1, alpha: float = 0
     base_env, new_env = records.read_run(base)["environment"], records.read_run(new)["environment"]
     comparable = _gpus(base_env) == _gpus(new_env)
     if not comparable:
-        comparison.warnings.append(f"Different hardware ({', '.join(_gpus(base_env))} against "
-                                   f"{', '.join(_gpus(new_env))}): no timing is compared.")
+        comparison.warnings.append(
+            f"Different hardware ({', '.join(_gpus(base_env))} against "
+            f"{', '.join(_gpus(new_env))}): no timing is compared."
+        )
     for key in _ENVIRONMENT_KEYS:
         if base_env.get(key) != new_env.get(key):
             comparison.warnings.append(f"{key} differs: {base_env.get(key)} against {new_env.get(key)}.")
@@ -80,33 +87,44 @@ def compare_runs(base: Path, new: Path, threshold: float = 1.1, alpha: float = 0
     for cell_id in list(base_records) + [i for i in new_records if i not in base_records]:
         old, fresh = base_records.get(cell_id), new_records.get(cell_id)
         verdict, ratio, p = _verdict(old, fresh, threshold, alpha, comparable)
-        comparison.rows.append({
-            "cell": _label(old or fresh),
-            "base_ms": old.median_ms if old else None,
-            "new_ms": fresh.median_ms if fresh else None,
-            "ratio": ratio,
-            "p": p,
-            "verdict": verdict,
-        })
+        comparison.rows.append(
+            {
+                "cell": _label(old or fresh),
+                "base_ms": old.median_ms if old else None,
+                "new_ms": fresh.median_ms if fresh else None,
+                "ratio": ratio,
+                "p": p,
+                "verdict": verdict,
+            }
+        )
     return comparison
 
 
 def regressions(comparison: Comparison, fail_above: float) -> list[dict[str, Any]]:
     """Rows a CI gate should fail on: slower beyond ``fail_above`` (significantly), or newly failing."""
-    return [row for row in comparison.rows
-            if row["verdict"] == NEWLY_FAILING or (row["verdict"] == SLOWER and row["ratio"] > fail_above)]
+    return [
+        row
+        for row in comparison.rows
+        if row["verdict"] == NEWLY_FAILING or (row["verdict"] == SLOWER and row["ratio"] > fail_above)
+    ]
 
 
 def render_markdown(comparison: Comparison, threshold: float, alpha: float) -> str:
     counts = pd.Series([row["verdict"] for row in comparison.rows]).value_counts()
-    frame = pd.DataFrame([{
-        "cell": escape(row["cell"]),
-        "verdict": row["verdict"],
-        "base ms": "" if row["base_ms"] is None else ms(row["base_ms"]),
-        "new ms": "" if row["new_ms"] is None else ms(row["new_ms"]),
-        "new / base": "" if row["ratio"] is None else f"{row['ratio']:.3f}",
-        "p": "" if row["p"] is None else f"{row['p']:.2g}",
-    } for row in comparison.rows], columns=["cell", "verdict", "base ms", "new ms", "new / base", "p"])
+    frame = pd.DataFrame(
+        [
+            {
+                "cell": escape(row["cell"]),
+                "verdict": row["verdict"],
+                "base ms": "" if row["base_ms"] is None else ms(row["base_ms"]),
+                "new ms": "" if row["new_ms"] is None else ms(row["new_ms"]),
+                "new / base": "" if row["ratio"] is None else f"{row['ratio']:.3f}",
+                "p": "" if row["p"] is None else f"{row['p']:.2g}",
+            }
+            for row in comparison.rows
+        ],
+        columns=["cell", "verdict", "base ms", "new ms", "new / base", "p"],
+    )
     lines = [
         f"# ringbench compare: `{escape(comparison.new.name)}` against `{escape(comparison.base.name)}`",
         "",

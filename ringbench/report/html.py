@@ -42,6 +42,8 @@ def to_html(markdown: str, figures: Path | None) -> str:
     body = body.replace("<table>", '<div class="wide"><table>').replace("</table>", "</table></div>")
     first = next((line for line in markdown.splitlines() if line.startswith("#")), "ringbench report")
     title = html.escape(first.lstrip("#").strip().replace("\\", ""))
-    return ('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{title}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n{body}</body>\n</html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{title}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n{body}</body>\n</html>\n"
+    )

@@ -38,15 +38,20 @@ def _cells(run: Run) -> str:
 
 def render_index(runs: list[Run], root: Path) -> str:
     """The runs under ``root``, newest first, each linking its report.md."""
-    rows = pd.DataFrame([{
-        "run": f"[{escape(run.path.name)}]({Path(os.path.relpath(run.path, root)).as_posix()}/{REPORT})",
-        "date": stamp_date(run.meta["environment"]),
-        "commit": stamp_commit(run.meta["environment"]["git"]),
-        "hardware": escape(devices(run.meta)),
-        "config": escape(run.meta["config"]["name"]),
-        "cells": _cells(run),
-        "headline": headline(run.frame),
-    } for run in reversed(runs)])
+    rows = pd.DataFrame(
+        [
+            {
+                "run": f"[{escape(run.path.name)}]({Path(os.path.relpath(run.path, root)).as_posix()}/{REPORT})",
+                "date": stamp_date(run.meta["environment"]),
+                "commit": stamp_commit(run.meta["environment"]["git"]),
+                "hardware": escape(devices(run.meta)),
+                "config": escape(run.meta["config"]["name"]),
+                "cells": _cells(run),
+                "headline": headline(run.frame),
+            }
+            for run in reversed(runs)
+        ]
+    )
     return f"# ringbench runs in `{escape(root)}`\n\n{table(rows)}\n"
 
 
@@ -58,7 +63,9 @@ def refresh(runs: list[Run], folders: list[Path], baseline: str | None, plots: b
     for run in runs:
         if baseline is not None or not plots or not current(run.path):
             target = run.path / REPORT
-            records.write_text_atomic(target, render_report([run], plots_dir=run.path if plots else None, baseline=baseline))
+            records.write_text_atomic(
+                target, render_report([run], plots_dir=run.path if plots else None, baseline=baseline)
+            )
             written.append(target)
     for folder in folders:
         listing = render_index([run for run in runs if run.path.parent == folder], folder)

@@ -14,13 +14,51 @@ from ringbench.errors import UserError, show
 from ringbench.schema import Memory, Projected, Record
 
 COLUMNS = [
-    "cell_id", "implementation", "label", "seq_len", "ring_size", "world_size", "batch_size", "heads", "head_dim",
-    "dtype", "causal", "pass", "status", "median_ms", "iqr_ms", "plain_ms", "rel_iqr", "noise_target", "n", "peak_mib", "modelled_mib", "held_mib",
+    "cell_id",
+    "implementation",
+    "label",
+    "seq_len",
+    "ring_size",
+    "world_size",
+    "batch_size",
+    "heads",
+    "head_dim",
+    "dtype",
+    "causal",
+    "pass",
+    "status",
+    "median_ms",
+    "iqr_ms",
+    "plain_ms",
+    "rel_iqr",
+    "noise_target",
+    "n",
+    "peak_mib",
+    "modelled_mib",
+    "held_mib",
     "total_mib",
     "tokens_per_s",
-    "tflops", "tflops_per_device", "peak_tflops", "kernel", "projected_ms", "projected_iqr_ms", "projected_mib",
-    "projected_total_mib", "rel_error", "max_abs_error", "tolerance",
-    "rows_checked", "checked", "grad_rel_error", "gradients_checked", "check_s", "comm_step_mib", "comm_wait_share", "facts", "error_type", "error_message",
+    "tflops",
+    "tflops_per_device",
+    "peak_tflops",
+    "kernel",
+    "projected_ms",
+    "projected_iqr_ms",
+    "projected_mib",
+    "projected_total_mib",
+    "rel_error",
+    "max_abs_error",
+    "tolerance",
+    "rows_checked",
+    "checked",
+    "grad_rel_error",
+    "gradients_checked",
+    "check_s",
+    "comm_step_mib",
+    "comm_wait_share",
+    "facts",
+    "error_type",
+    "error_message",
 ]
 
 
@@ -120,6 +158,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
     except records.BrokenRun as exc:
         raise UnreadableRun(f"{exc.where}: run skipped, {exc.reason}") from None
 
+
 def load_run(path: Path) -> Run:
     """One run folder's records as a frame; bad record lines become warnings. Raises
     UnreadableRun when the folder's run.json is not a ringbench run file."""
@@ -138,8 +177,10 @@ def load_run(path: Path) -> Run:
             continue
         rows.append(_row(record, meta["environment"].get("matmul_peak_tflops") or {}))
         if record.cell_id not in planned:  # shown all the same: the reader decides what it is worth
-            warnings.append(f"{records_path}:{number}: cell {record.cell_id[:40]} ({record.implementation[:60]}) "
-                            "is not in this run's plan")
+            warnings.append(
+                f"{records_path}:{number}: cell {record.cell_id[:40]} ({record.implementation[:60]}) "
+                "is not in this run's plan"
+            )
     if len(warnings) > MAX_WARNINGS:  # a foreign or garbled file: say so, not once per line
         warnings[MAX_WARNINGS:] = [f"{records_path}: {len(warnings) - MAX_WARNINGS} more lines like these"]
     # A resumed run with --retry-failed holds several records of a cell: the latest counts.

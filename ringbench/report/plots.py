@@ -29,8 +29,9 @@ def _legend(figure: Figure, panels: list) -> None:
     for axes in panels:
         for handle, label in zip(*axes.get_legend_handles_labels()):
             named.setdefault(label, handle)
-    figure.legend(list(named.values()), list(named), loc="outside lower center", ncol=2, fontsize="small",
-                  frameon=False)
+    figure.legend(
+        list(named.values()), list(named), loc="outside lower center", ncol=2, fontsize="small", frameon=False
+    )
 
 
 def _series_name(row: pd.Series) -> str:
@@ -74,10 +75,17 @@ def _efficiency(frame: pd.DataFrame) -> Figure | None:
     pairs = efficiencies(frame)
     if not pairs:
         return None
-    points = pd.DataFrame([{
-        "pass": row["pass"], "processes": row.world_size, "efficiency": row.tflops_per_device / base.tflops_per_device,
-        "series": f"{row.label} S={row.seq_len}{' causal' if row.causal else ''}",
-    } for row, base in pairs])
+    points = pd.DataFrame(
+        [
+            {
+                "pass": row["pass"],
+                "processes": row.world_size,
+                "efficiency": row.tflops_per_device / base.tflops_per_device,
+                "series": f"{row.label} S={row.seq_len}{' causal' if row.causal else ''}",
+            }
+            for row, base in pairs
+        ]
+    )
     groups = [(f"{pass_name}", group) for pass_name, group in points.groupby("pass", sort=False)]
     peer = peer_name(frame)
     figure, panels = _panels(groups, "Efficiency across processes")
@@ -105,10 +113,12 @@ def figures(frame: pd.DataFrame) -> dict[str, Figure]:
     per_device = frame.assign(device_mib=frame["projected_total_mib"].fillna(frame["total_mib"]))
     candidates = {
         "time": _against_seq_len(frame, "median_ms", "median time (ms)", "Time against sequence length"),
-        "memory": _against_seq_len(per_device, "device_mib", "memory a device holds (MiB)",
-                                   "Memory per device, as a rank holds it"),
-        "throughput": _against_seq_len(frame, "tflops_per_device", "TFLOP/s per device",
-                                       "Throughput against sequence length"),
+        "memory": _against_seq_len(
+            per_device, "device_mib", "memory a device holds (MiB)", "Memory per device, as a rank holds it"
+        ),
+        "throughput": _against_seq_len(
+            frame, "tflops_per_device", "TFLOP/s per device", "Throughput against sequence length"
+        ),
         "efficiency": _efficiency(frame),
     }
     return {name: figure for name, figure in candidates.items() if figure is not None}

@@ -9,14 +9,20 @@ from typing import Any
 
 import pandas as pd
 
-from ringbench.vocabulary import label_of, placement
 from ringbench.report import plots
 from ringbench.report.baseline import resolve, with_ratios
 from ringbench.report.load import Run
 from ringbench.report.markdown import escape, table
-from ringbench.report.summary import (efficiency_findings, peer_name, ring_efficiency, summary, throttle_reasons,
-                                      warnings)
+from ringbench.report.summary import (
+    efficiency_findings,
+    peer_name,
+    ring_efficiency,
+    summary,
+    throttle_reasons,
+    warnings,
+)
 from ringbench.report.tables import METRICS, SHAPE, failures, metric_table, shape_title, tolerances
+from ringbench.vocabulary import label_of, placement
 
 
 def _heading(level: int, text: str) -> str:
@@ -64,8 +70,10 @@ def _hardware(meta: dict[str, Any]) -> str:
     environment, gpus = meta["environment"], _gpus_used(meta)
     if not gpus:
         return devices(meta)
-    return (f"{devices(meta)} ({gpus[0]['memory_mib']:,} MiB each), driver {environment.get('driver')}, "
-            f"CUDA {environment.get('cuda')}, cuDNN {environment.get('cudnn')}")
+    return (
+        f"{devices(meta)} ({gpus[0]['memory_mib']:,} MiB each), driver {environment.get('driver')}, "
+        f"CUDA {environment.get('cuda')}, cuDNN {environment.get('cudnn')}"
+    )
 
 
 def _values(values: list[Any]) -> str:
@@ -75,8 +83,10 @@ def _values(values: list[Any]) -> str:
 def _resolved(frame: pd.DataFrame) -> list[str]:
     """What implementations reported choosing (e.g. the kernel behind ``backend=auto``), per implementation."""
     chosen = frame.dropna(subset=["facts"]).groupby("label", sort=False)["facts"].unique()
-    return [f"- **{escape(label)} ran**: {'; '.join(escape(facts) for facts in choices)}"
-            for label, choices in chosen.items()]
+    return [
+        f"- **{escape(label)} ran**: {'; '.join(escape(facts) for facts in choices)}"
+        for label, choices in chosen.items()
+    ]
 
 
 def _peaks(environment: dict[str, Any]) -> list[str]:
@@ -113,8 +123,17 @@ def _parameters(meta: dict[str, Any]) -> list[str]:
     timing = config["timing"]
     labels = [escape(label_of(i)) for i in config["implementations"]]
     lines = [f"- **implementations**: {', '.join(labels)}"]
-    for axis in ("seq_lens", "ring_sizes", "world_sizes", "batch_sizes", "heads", "head_dims", "dtypes", "causal",
-                 "passes"):
+    for axis in (
+        "seq_lens",
+        "ring_sizes",
+        "world_sizes",
+        "batch_sizes",
+        "heads",
+        "head_dims",
+        "dtypes",
+        "causal",
+        "passes",
+    ):
         lines.append(f"- **{axis}**: {_values(config.get(axis, [1]))}")  # runs older than an axis ran at 1
     lines += [
         f"- **device**: {environment['device']} (config: {config['device']})",
@@ -127,8 +146,12 @@ def _parameters(meta: dict[str, Any]) -> list[str]:
 
 
 def _load(load: dict[str, Any]) -> str:
-    busy = ", ".join(f"{escape(p['name'])} (pid {p['pid']}, {p['cpu_percent']:g}% of a core)"
-                     for p in load["busy_processes"]) or "no other process busy"
+    busy = (
+        ", ".join(
+            f"{escape(p['name'])} (pid {p['pid']}, {p['cpu_percent']:g}% of a core)" for p in load["busy_processes"]
+        )
+        or "no other process busy"
+    )
     return f"load average {' / '.join(f'{value:g}' for value in load['load_average'])}, {busy}"
 
 
@@ -138,8 +161,10 @@ def _host(environment: dict[str, Any]) -> list[str]:
         return []
     lines = [f"- **threads**: {environment['threads']} intra-op (physical cores: {environment['physical_cores']})"]
     end = environment.get("host_load_end")
-    lines.append(f"- **host load** at the start: {_load(environment['host_load'])}"
-                 + (f"; at the end: {_load(end)}" if end else ""))
+    lines.append(
+        f"- **host load** at the start: {_load(environment['host_load'])}"
+        + (f"; at the end: {_load(end)}" if end else "")
+    )
     return lines
 
 
@@ -147,15 +172,20 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _gpu_state(state: dict[str, Any]) -> str:
-    return (f"SM {state.get('clocks.sm')} MHz, memory {state.get('clocks.mem')} MHz, {state.get('power.draw')} W "
-            f"of {state.get('power.limit')}, {state.get('temperature.gpu')} °C, "
-            f"clocks held back by: {throttle_reasons(state.get('clocks_throttle_reasons.active'))}")
+    return (
+        f"SM {state.get('clocks.sm')} MHz, memory {state.get('clocks.mem')} MHz, {state.get('power.draw')} W "
+        f"of {state.get('power.limit')}, {state.get('temperature.gpu')} °C, "
+        f"clocks held back by: {throttle_reasons(state.get('clocks_throttle_reasons.active'))}"
+    )
 
 
 def _environment(environment: dict[str, Any]) -> list[str]:
     """Where the numbers were measured, beyond the stamp: software, and the GPUs' state at start and end."""
-    libraries = ", ".join(f"{name} {environment[key]}" for name, key in (("CUDA", "cuda"), ("cuDNN", "cudnn"),
-                                                                        ("NCCL", "nccl")) if environment.get(key))
+    libraries = ", ".join(
+        f"{name} {environment[key]}"
+        for name, key in (("CUDA", "cuda"), ("cuDNN", "cudnn"), ("NCCL", "nccl"))
+        if environment.get(key)
+    )
     lines = [
         f"- **software**: torch {escape(environment['torch'])}{f' ({libraries})' if libraries else ''}, "
         f"Python {escape(environment['python'])}, {escape(environment.get('platform', 'unknown platform'))}",
@@ -166,8 +196,10 @@ def _environment(environment: dict[str, Any]) -> list[str]:
     ends = {state["index"]: state for state in environment.get("gpu_state_end") or []}
     for state in environment.get("gpu_state") or []:
         end = ends.get(state["index"])
-        lines.append(f"- **GPU {escape(state['index'])}** at the start: {escape(_gpu_state(state))}"
-                     + (f"; at the end: {escape(_gpu_state(end))}" if end else ""))
+        lines.append(
+            f"- **GPU {escape(state['index'])}** at the start: {escape(_gpu_state(state))}"
+            + (f"; at the end: {escape(_gpu_state(end))}" if end else "")
+        )
     if environment.get("pytorch_cuda_alloc_conf"):
         lines.append(f"- **PYTORCH_CUDA_ALLOC_CONF**: {escape(environment['pytorch_cuda_alloc_conf'])}")
     topology = environment.get("topology")
@@ -199,19 +231,31 @@ def _results(frame: pd.DataFrame, level: int, baseline: str | None) -> list[str]
 
 
 # Axes a left-out cell may differ in from another, as the excluded table's columns name them.
-_EXCLUDED_AXES = {"seq_len": "seq_len", "dtype": "dtype", "causal": "causal", "pass": "pass", "batch_size": "B",
-                  "heads": "H", "head_dim": "D"}
+_EXCLUDED_AXES = {
+    "seq_len": "seq_len",
+    "dtype": "dtype",
+    "causal": "causal",
+    "pass": "pass",
+    "batch_size": "B",
+    "heads": "H",
+    "head_dim": "D",
+}
 
 
 def _excluded(excluded: list[dict[str, Any]]) -> str:
     """The cells the plan left out: the implementation, where it would have run, the axes in which
     the rows differ (so that no two rows read alike), and why."""
-    rows = pd.DataFrame([{
-        "implementation": escape(label_of(e)),
-        "run as": str(placement(e["ring_size"], e.get("world_size", 1))),
-        **{name: _values([e[axis]]) for axis, name in _EXCLUDED_AXES.items()},
-        "reason": escape(e["reason"]),
-    } for e in excluded])
+    rows = pd.DataFrame(
+        [
+            {
+                "implementation": escape(label_of(e)),
+                "run as": str(placement(e["ring_size"], e.get("world_size", 1))),
+                **{name: _values([e[axis]]) for axis, name in _EXCLUDED_AXES.items()},
+                "reason": escape(e["reason"]),
+            }
+            for e in excluded
+        ]
+    )
     varying = [name for name in _EXCLUDED_AXES.values() if rows[name].nunique() > 1]
     return table(rows[["implementation", "run as", *varying, "reason"]])
 
@@ -219,8 +263,11 @@ def _excluded(excluded: list[dict[str, Any]]) -> str:
 def _findings(frame: pd.DataFrame, label: str | None, level: int, environments: list[dict[str, Any]]) -> list[str]:
     """What the cells show, and what a reader should distrust, in bullet points."""
     lines = [_heading(level, "Findings"), ""]
-    lines += [*summary(frame, label), *efficiency_findings(frame), ""] if not frame.empty else [
-        "No cell has finished yet.", ""]
+    lines += (
+        [*summary(frame, label), *efficiency_findings(frame), ""]
+        if not frame.empty
+        else ["No cell has finished yet.", ""]
+    )
     cautions = warnings(frame, environments)
     if cautions:
         lines += [_heading(level, "What to distrust"), "", *cautions, ""]
@@ -235,8 +282,15 @@ def render_findings(run: Run, baseline: str | None = None) -> str:
     return "\n".join([heading, "", *lines[2:]])
 
 
-def _analysis(frame: pd.DataFrame, level: int, plots_dir: Path | None, prefix: str, baseline: str | None,
-              excluded: list[dict[str, Any]], environments: list[dict[str, Any]]) -> list[str]:
+def _analysis(
+    frame: pd.DataFrame,
+    level: int,
+    plots_dir: Path | None,
+    prefix: str,
+    baseline: str | None,
+    excluded: list[dict[str, Any]],
+    environments: list[dict[str, Any]],
+) -> list[str]:
     """Everything below the stamp: findings and what to distrust first, then the cells' tables,
     figures and what was left out."""
     label = resolve(frame, baseline)
@@ -246,10 +300,16 @@ def _analysis(frame: pd.DataFrame, level: int, plots_dir: Path | None, prefix: s
         lines += [_heading(level, "Results"), "", *_results(frame, level, label)]
     efficiency = ring_efficiency(frame)
     if not efficiency.empty:
-        lines += [_heading(level, "Efficiency across processes"), "",
-                  "TFLOP/s per device, and in brackets the efficiency: that rate over single-device "
-                  f"`{escape(peer_name(frame))}` with the same kernel at the same total sequence length (or the longest it ran, as named).", "",
-                  table(efficiency), ""]
+        lines += [
+            _heading(level, "Efficiency across processes"),
+            "",
+            "TFLOP/s per device, and in brackets the efficiency: that rate over single-device "
+            f"`{escape(peer_name(frame))}` with the same kernel at the same total sequence length "
+            "(or the longest it ran, as named).",
+            "",
+            table(efficiency),
+            "",
+        ]
     if plots_dir is not None and not frame.empty:
         linked = plots.save(plots.figures(frame), plots_dir, prefix)
         if linked:
@@ -259,8 +319,9 @@ def _analysis(frame: pd.DataFrame, level: int, plots_dir: Path | None, prefix: s
     return lines
 
 
-def render_run(run: Run, level: int = 1, plots_dir: Path | None = None, prefix: str = "",
-               baseline: str | None = None) -> str:
+def render_run(
+    run: Run, level: int = 1, plots_dir: Path | None = None, prefix: str = "", baseline: str | None = None
+) -> str:
     meta, frame = run.meta, run.frame
     environment = meta["environment"]
     planned = len(meta["planned"])
@@ -288,14 +349,19 @@ def render_merged(runs: list[Run], plots_dir: Path | None = None, baseline: str 
     frame = pd.concat([run.frame.assign(run=run.path.name) for run in runs], ignore_index=True)
     frame = frame.drop_duplicates("cell_id", keep="last").reset_index(drop=True)
     taken = frame["run"].value_counts()
-    sources = pd.DataFrame([{
-        "run": f"`{escape(run.path.name)}`",
-        "config": escape(run.meta["config"]["name"]),
-        "date": stamp_date(run.meta["environment"]),
-        "commit": stamp_commit(run.meta["environment"]["git"]),
-        "hardware": _hardware(run.meta),
-        "cells shown": str(taken.get(run.path.name, 0)),
-    } for run in runs])
+    sources = pd.DataFrame(
+        [
+            {
+                "run": f"`{escape(run.path.name)}`",
+                "config": escape(run.meta["config"]["name"]),
+                "date": stamp_date(run.meta["environment"]),
+                "commit": stamp_commit(run.meta["environment"]["git"]),
+                "hardware": _hardware(run.meta),
+                "cells shown": str(taken.get(run.path.name, 0)),
+            }
+            for run in runs
+        ]
+    )
     excluded = list({e["cell_id"]: e for run in runs for e in run.meta["excluded"]}.values())
     lines = [
         _heading(1, f"ringbench report: {len(runs)} runs merged"),
@@ -306,8 +372,9 @@ def render_merged(runs: list[Run], plots_dir: Path | None = None, baseline: str 
         table(sources),
         "",
     ]
-    lines += _analysis(frame.drop(columns="run"), 2, plots_dir, "", baseline, excluded,
-                       [run.meta["environment"] for run in runs])
+    lines += _analysis(
+        frame.drop(columns="run"), 2, plots_dir, "", baseline, excluded, [run.meta["environment"] for run in runs]
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -329,6 +396,7 @@ def render_report(runs: list[Run], plots_dir: Path | None = None, baseline: str 
     """
     if len(runs) == 1:
         return render_run(runs[0], plots_dir=plots_dir, baseline=baseline) + "\n"
-    sections = [render_run(run, level=2, plots_dir=plots_dir, prefix=f"{run.path.name}-", baseline=baseline)
-                for run in runs]
+    sections = [
+        render_run(run, level=2, plots_dir=plots_dir, prefix=f"{run.path.name}-", baseline=baseline) for run in runs
+    ]
     return "\n".join([_heading(1, f"ringbench report: {len(runs)} runs"), "", *sections]) + "\n"

@@ -25,8 +25,13 @@ def _noise_mark(rows: list[pd.Series]) -> str:
 
 def _baseline_row(frame: pd.DataFrame, row: pd.Series, baseline: str) -> pd.Series | None:
     """The baseline's cell that ``row``'s ratios were taken against (see baseline.with_ratios)."""
-    same = frame[(frame["label"] == baseline) & (frame["status"] == records.OK) & (frame["world_size"] == 1)
-                 & (frame["seq_len"] == row.seq_len) & (frame[SHAPE] == row[SHAPE]).all(axis=1)]
+    same = frame[
+        (frame["label"] == baseline)
+        & (frame["status"] == records.OK)
+        & (frame["world_size"] == 1)
+        & (frame["seq_len"] == row.seq_len)
+        & (frame[SHAPE] == row[SHAPE]).all(axis=1)
+    ]
     return None if same.empty else same.sort_values("ring_size", na_position="first").iloc[0]
 
 
@@ -70,7 +75,9 @@ def fastest(frame: pd.DataFrame, baseline: str) -> list[str]:
     for key, group in ok.groupby(SHAPE + ["seq_len"], sort=False):
         best = group.loc[group["median_ms"].idxmin()]
         shape = f" ({shape_title(key[:-1])})" if several_shapes else ""
-        against = "" if pd.isna(best.speedup) or best.label == baseline else f", {best.speedup:.2f}× `{escape(baseline)}`"
+        against = (
+            "" if pd.isna(best.speedup) or best.label == baseline else f", {best.speedup:.2f}× `{escape(baseline)}`"
+        )
         # Fastest is a claim against every cell of the length, so any of them being noisy counts.
         mark = _noise_mark([row for _, row in group.iterrows()])
         lines.append(f"S={key[-1]}{shape}: {_implementation(best)}, {ms(best.median_ms)} ms{against}{mark}")
@@ -90,23 +97,26 @@ def headline(frame: pd.DataFrame) -> str:
 def crossovers(frame: pd.DataFrame, baseline: str) -> list[str]:
     """Where, going up in sequence length, the fastest implementation changes, and where one
     overtakes the baseline or falls behind it: between which two measured lengths."""
-    ok = frame[frame["status"] == records.OK].assign(series=[_implementation(row) for _, row in
-                                                             frame[frame["status"] == records.OK].iterrows()])
+    ok = frame[frame["status"] == records.OK].assign(
+        series=[_implementation(row) for _, row in frame[frame["status"] == records.OK].iterrows()]
+    )
     base = escape(baseline)
     lines = []
     for key, group in ok.groupby(SHAPE, sort=False):
         times = group.pivot_table(index="seq_len", columns="series", values="median_ms", aggfunc="first").sort_index()
         cells = {(row.seq_len, row.series): row for _, row in group.iterrows()}
 
-        def mark(lengths: tuple[int, int], series: list[str]) -> str:
+        def mark(lengths: tuple[int, int], series: list[str], cells: dict = cells) -> str:  # this shape's cells
             return _noise_mark([cells[(s, name)] for s in lengths for name in series if (s, name) in cells])
 
         shape = f" ({shape_title(key)})" if ok.groupby(SHAPE).ngroups > 1 else ""
         leaders = times.idxmin(axis=1)
         for (short, before), (long, after) in zip(leaders.items(), list(leaders.items())[1:]):
             if before != after:
-                lines.append(f"{after} overtakes {before} as the fastest between S={short} and S={long}{shape}"
-                             f"{mark((short, long), [before, after])}")
+                lines.append(
+                    f"{after} overtakes {before} as the fastest between S={short} and S={long}{shape}"
+                    f"{mark((short, long), [before, after])}"
+                )
         if base not in times:
             continue
         for series in [name for name in dict.fromkeys(group["series"]) if name != base]:  # in the run's order
@@ -115,8 +125,10 @@ def crossovers(frame: pd.DataFrame, baseline: str) -> list[str]:
             for (short, was), (long, now) in zip(ahead.items(), list(ahead.items())[1:]):
                 if was != now:
                     verb = "overtakes" if now else "falls behind"
-                    lines.append(f"{series} {verb} `{base}` between S={short} and S={long}{shape}"
-                                 f"{mark((short, long), [series, base])}")
+                    lines.append(
+                        f"{series} {verb} `{base}` between S={short} and S={long}{shape}"
+                        f"{mark((short, long), [series, base])}"
+                    )
     return lines
 
 
@@ -148,14 +160,19 @@ def ring_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
     for row, baseline in efficiencies(frame):
         shorter = f" at S={baseline.seq_len}" if baseline.seq_len != row.seq_len else ""
         key = (tuple(row[SHAPE]), row.seq_len, row.world_size, row.kernel)
-        entry = rows.setdefault(key, {
-            "shape": shape_title(key[0]),
-            "seq_len": str(row.seq_len),
-            "processes": str(row.world_size),
-            "kernel": escape(row.kernel),
-            f"{peer_name(frame)} on one device": f"{baseline.tflops_per_device:,.1f}{shorter}",
-        })
-        entry[escape(row.label)] = f"{row.tflops_per_device:,.1f} ({row.tflops_per_device / baseline.tflops_per_device:.3f})"
+        entry = rows.setdefault(
+            key,
+            {
+                "shape": shape_title(key[0]),
+                "seq_len": str(row.seq_len),
+                "processes": str(row.world_size),
+                "kernel": escape(row.kernel),
+                f"{peer_name(frame)} on one device": f"{baseline.tflops_per_device:,.1f}{shorter}",
+            },
+        )
+        entry[escape(row.label)] = (
+            f"{row.tflops_per_device:,.1f} ({row.tflops_per_device / baseline.tflops_per_device:.3f})"
+        )
     return pd.DataFrame(list(rows.values())).fillna("")
 
 
@@ -166,19 +183,33 @@ def efficiency_findings(frame: pd.DataFrame) -> list[str]:
         ratios.setdefault((row.label, row.world_size), []).append(row.tflops_per_device / baseline.tflops_per_device)
     if not ratios:
         return []
-    lines = ["- Efficiency across processes: per-device TFLOP/s over single-device "
-             f"`{escape(peer_name(frame))}` with the same kernel"]
+    lines = [
+        "- Efficiency across processes: per-device TFLOP/s over single-device "
+        f"`{escape(peer_name(frame))}` with the same kernel"
+    ]
     for (label, processes), values in ratios.items():
-        spread = f"{min(values):.3f}" if len(values) == 1 else f"{min(values):.3f} to {max(values):.3f} over {len(values)} cells"
+        spread = (
+            f"{min(values):.3f}"
+            if len(values) == 1
+            else f"{min(values):.3f} to {max(values):.3f} over {len(values)} cells"
+        )
         lines.append(f"  - {escape(label)} on {processes} processes: {spread}")
     return lines
 
 
 GPU_IDLE = 0x1  # the one throttle reason that only says nothing was running
 # nvidia-smi's clocks_throttle_reasons bits, as NVML names them.
-THROTTLE_REASONS = {0x1: "idle", 0x2: "application clocks setting", 0x4: "software power cap",
-                    0x8: "hardware slowdown", 0x10: "sync boost", 0x20: "software thermal slowdown",
-                    0x40: "hardware thermal slowdown", 0x80: "hardware power brake", 0x100: "display clock setting"}
+THROTTLE_REASONS = {
+    0x1: "idle",
+    0x2: "application clocks setting",
+    0x4: "software power cap",
+    0x8: "hardware slowdown",
+    0x10: "sync boost",
+    0x20: "software thermal slowdown",
+    0x40: "hardware thermal slowdown",
+    0x80: "hardware power brake",
+    0x100: "display clock setting",
+}
 
 
 def _throttled(reasons: str | None) -> bool:
@@ -215,8 +246,10 @@ def warnings(frame: pd.DataFrame, environments: list[dict]) -> list[str]:
     """What a reader should know before trusting the numbers, each with what to do about it."""
     lines = []
     if differing := _differences(environments):
-        lines.append(f"- The runs shown together differ in {', '.join(differing)}: compare their cells with care, "
-                     "or rerun them on one machine.")
+        lines.append(
+            f"- The runs shown together differ in {', '.join(differing)}: compare their cells with care, "
+            "or rerun them on one machine."
+        )
     for environment in environments:
         lines += _environment_warnings(environment)
     return list(dict.fromkeys(lines)) + _noise_warning(frame)
@@ -225,26 +258,41 @@ def warnings(frame: pd.DataFrame, environments: list[dict]) -> list[str]:
 def _environment_warnings(environment: dict) -> list[str]:
     lines = []
     if environment["git"].get("dirty"):
-        lines.append("- The git tree had uncommitted changes: the code measured is not exactly the commit named. "
-                     "Commit, then run again, before citing these numbers.")
+        lines.append(
+            "- The git tree had uncommitted changes: the code measured is not exactly the commit named. "
+            "Commit, then run again, before citing these numbers."
+        )
     for warning in environment.get("overlap_warnings") or []:
         lines.append(f"- {escape(warning)}. Unset it to let communication overlap computation.")
     foreign = environment.get("foreign_processes") or []
     if foreign:
         names = ", ".join(f"{escape(p['name'])} (pid {p['pid']}, {p['memory_mib']} MiB)" for p in foreign)
-        lines.append(f"- Other processes were computing on the GPUs at the start: {names}. They share the GPUs "
-                     "with the benchmark; stop them and run again.")
-    busy = {f"{p['name']} (pid {p['pid']})" for load in (environment.get("host_load"), environment.get("host_load_end"))
-            if load for p in load["busy_processes"]}
+        lines.append(
+            f"- Other processes were computing on the GPUs at the start: {names}. They share the GPUs "
+            "with the benchmark; stop them and run again."
+        )
+    busy = {
+        f"{p['name']} (pid {p['pid']})"
+        for load in (environment.get("host_load"), environment.get("host_load_end"))
+        if load
+        for p in load["busy_processes"]
+    }
     if busy:
-        lines.append(f"- Other processes kept the host's CPUs busy at the start or end of the run: "
-                     f"{escape(', '.join(sorted(busy)))}. They compete with the benchmark for cores and for launching "
-                     "kernels; stop them and run again.")
-    throttled = [state["index"] for state in (environment.get("gpu_state") or []) + (environment.get("gpu_state_end") or [])
-                 if _throttled(state.get("clocks_throttle_reasons.active"))]
+        lines.append(
+            f"- Other processes kept the host's CPUs busy at the start or end of the run: "
+            f"{escape(', '.join(sorted(busy)))}. They compete with the benchmark for cores and for launching "
+            "kernels; stop them and run again."
+        )
+    throttled = [
+        state["index"]
+        for state in (environment.get("gpu_state") or []) + (environment.get("gpu_state_end") or [])
+        if _throttled(state.get("clocks_throttle_reasons.active"))
+    ]
     if throttled:
-        lines.append(f"- GPU {', '.join(sorted(set(throttled)))} reported clock throttle reasons at the start or end "
-                     "(see `gpu_state` in run.json): clocks may have moved during the run.")
+        lines.append(
+            f"- GPU {', '.join(sorted(set(throttled)))} reported clock throttle reasons at the start or end "
+            "(see `gpu_state` in run.json): clocks may have moved during the run."
+        )
     return lines
 
 
@@ -253,19 +301,23 @@ def _noise_warning(frame: pd.DataFrame) -> list[str]:
     measured = frame[frame["status"].isin(records.MEASURED) & frame["noise_target"].notna()]
     noisy = measured[measured["rel_iqr"] > measured["noise_target"]].sort_values("rel_iqr", ascending=False)
     if not noisy.empty:
-        worst = ", ".join(f"{_implementation(row)} S={row.seq_len} ({row.rel_iqr:.1%})" for _, row in noisy.head(5).iterrows())
+        worst = ", ".join(
+            f"{_implementation(row)} S={row.seq_len} ({row.rel_iqr:.1%})" for _, row in noisy.head(5).iterrows()
+        )
         lines.append(
             f"- Noise above the {noisy['noise_target'].iloc[0]:.0%} target (IQR / median) in {len(noisy)} of "
-            f"{len(measured)} cells; the noisiest: {worst}. Raise `timing.max_ms` and `timing.max_reps` for more samples, keep other work "
-            "off the device, and check clocks for power or thermal throttling; where the clocks swing, "
-            "`timing.sample_ms` of a second or more makes each sample span the swing.")
+            f"{len(measured)} cells; the noisiest: {worst}. Raise `timing.max_ms` and `timing.max_reps` for more "
+            "samples, keep other work off the device, and check clocks for power or thermal throttling; where the "
+            "clocks swing, `timing.sample_ms` of a second or more makes each sample span the swing."
+        )
     return lines
 
 
 def summary(frame: pd.DataFrame, baseline: str) -> list[str]:
     """The summary section's bullet lines; ``baseline`` is the label ratios are taken against."""
     lines = [
-        f"- Best memory reduction against `{escape(baseline)}` at equal shape: {best_memory_reduction(frame, baseline)}",
+        f"- Best memory reduction against `{escape(baseline)}` at equal shape: "
+        f"{best_memory_reduction(frame, baseline)}",
         "- Largest seq_len run without OOM:",
         *(f"  - {line}" for line in largest_seq_len(frame)),
         "- Fastest implementation per seq_len:",

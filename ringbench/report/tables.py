@@ -3,8 +3,8 @@ written in place."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pandas as pd
 
@@ -26,9 +26,11 @@ def _across_processes(group: pd.DataFrame) -> pd.DataFrame:
 
 def _beside(column: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
     """The cells with a value in ``column``, and the failed cells at lengths where some cell has one."""
+
     def cells(group: pd.DataFrame) -> pd.DataFrame:
         lengths = group.loc[group[column].notna(), "seq_len"].unique()
         return group[group[column].notna() | ((group["status"] != records.OK) & group["seq_len"].isin(lengths))]
+
     return cells
 
 
@@ -84,32 +86,69 @@ class Metric:
 
 
 METRICS = (
-    Metric("Median time (ms ± IQR); a call whose launch outweighs its GPU work is timed as CUDA-graph replays",
-           lambda row: f"{ms(row.median_ms)} ± {ms(row.iqr_ms)}"),
-    Metric(f"Plain calls' median time (ms), where the replays' differs from it by over {PLAIN_DIFFERS:.0%}: "
-           "the host's launch included", lambda row: ms(row.plain_ms), lambda group: not _plain_differs(group).empty,
-           cells=_plain_differs),
-    Metric("Throughput per device (TFLOP/s; in brackets, share of the measured matmul peak where known)", _throughput,
-           _present("tflops")),
-    Metric("Peak memory of a call above what it starts with (inputs, buffers kept by setup), MiB; the model's "
-           f"figure in brackets where it differs by over {MODEL_DIFFERS:.0%}",
-           _memory, _present("peak_mib"), "not measured on the CPU."),
-    Metric("Memory in all, per device: what a call starts with (inputs or a rank's shards, buffers kept by setup, "
-           "library workspaces) and its peak above that, MiB",
-           lambda row: mib(row.total_mib), _present("total_mib"), rows_with="total_mib"),
-    Metric("Speed-up against `{baseline}`: its median time over this one",
-           lambda row: f"{row.speedup:.2f}×", _present("speedup"), cells=_beside("speedup")),
-    Metric("Memory in all against `{baseline}`: what this call needs on its device over what the baseline needs",
-           lambda row: f"{row.memory_ratio:.3g}×", _present("memory_ratio"), cells=_beside("memory_ratio")),
-    Metric("Projected per rank: one rank's share computed alone, median time (ms ± IQR)",
-           lambda row: f"{ms(row.projected_ms)} ± {ms(row.projected_iqr_ms)}", _present("projected_ms"),
-           rows_with="projected_ms", cells=_measured_in("projected_ms")),
-    Metric("Projected per rank: one rank's share computed alone, peak memory above what its call starts with (MiB)",
-           lambda row: mib(row.projected_mib), _present("projected_mib"), rows_with="projected_mib",
-           cells=_measured_in("projected_mib")),
-    Metric("Communication per rank: MiB sent per step, share of the call spent waiting for transfers",
-           lambda row: "" if pd.isna(row.comm_step_mib) else f"{row.comm_step_mib:,.2f} MiB, {row.comm_wait_share:.1%}",
-           _present("comm_step_mib"), rows_with="comm_step_mib", cells=_across_processes),
+    Metric(
+        "Median time (ms ± IQR); a call whose launch outweighs its GPU work is timed as CUDA-graph replays",
+        lambda row: f"{ms(row.median_ms)} ± {ms(row.iqr_ms)}",
+    ),
+    Metric(
+        f"Plain calls' median time (ms), where the replays' differs from it by over {PLAIN_DIFFERS:.0%}: "
+        "the host's launch included",
+        lambda row: ms(row.plain_ms),
+        lambda group: not _plain_differs(group).empty,
+        cells=_plain_differs,
+    ),
+    Metric(
+        "Throughput per device (TFLOP/s; in brackets, share of the measured matmul peak where known)",
+        _throughput,
+        _present("tflops"),
+    ),
+    Metric(
+        "Peak memory of a call above what it starts with (inputs, buffers kept by setup), MiB; the model's "
+        f"figure in brackets where it differs by over {MODEL_DIFFERS:.0%}",
+        _memory,
+        _present("peak_mib"),
+        "not measured on the CPU.",
+    ),
+    Metric(
+        "Memory in all, per device: what a call starts with (inputs or a rank's shards, buffers kept by setup, "
+        "library workspaces) and its peak above that, MiB",
+        lambda row: mib(row.total_mib),
+        _present("total_mib"),
+        rows_with="total_mib",
+    ),
+    Metric(
+        "Speed-up against `{baseline}`: its median time over this one",
+        lambda row: f"{row.speedup:.2f}×",
+        _present("speedup"),
+        cells=_beside("speedup"),
+    ),
+    Metric(
+        "Memory in all against `{baseline}`: what this call needs on its device over what the baseline needs",
+        lambda row: f"{row.memory_ratio:.3g}×",
+        _present("memory_ratio"),
+        cells=_beside("memory_ratio"),
+    ),
+    Metric(
+        "Projected per rank: one rank's share computed alone, median time (ms ± IQR)",
+        lambda row: f"{ms(row.projected_ms)} ± {ms(row.projected_iqr_ms)}",
+        _present("projected_ms"),
+        rows_with="projected_ms",
+        cells=_measured_in("projected_ms"),
+    ),
+    Metric(
+        "Projected per rank: one rank's share computed alone, peak memory above what its call starts with (MiB)",
+        lambda row: mib(row.projected_mib),
+        _present("projected_mib"),
+        rows_with="projected_mib",
+        cells=_measured_in("projected_mib"),
+    ),
+    Metric(
+        "Communication per rank: MiB sent per step, share of the call spent waiting for transfers",
+        lambda row: "" if pd.isna(row.comm_step_mib) else f"{row.comm_step_mib:,.2f} MiB, {row.comm_wait_share:.1%}",
+        _present("comm_step_mib"),
+        rows_with="comm_step_mib",
+        cells=_across_processes,
+    ),
     Metric("Tokens per second", lambda row: f"{row.tokens_per_s:,.0f}"),
     Metric("Relative error against the float64 reference (output / gradients, in backward passes)", _error),
 )
@@ -155,7 +194,9 @@ def tolerances(group: pd.DataFrame) -> str | None:
     checked = group[group["checked"].astype(bool) & group["tolerance"].notna()]
     if checked.empty:
         return None
-    allowed = "; ".join(f"{escape(label)} {cells['tolerance'].max():.0e}" for label, cells in checked.groupby("label", sort=False))
+    allowed = "; ".join(
+        f"{escape(label)} {cells['tolerance'].max():.0e}" for label, cells in checked.groupby("label", sort=False)
+    )
     cost = checked["check_s"].dropna()
     spent = f" Checks took {cost.sum():.1f} s in all, at most {cost.max():.2f} s a cell." if not cost.empty else ""
     return f"Tolerance: {allowed}.{spent}"
@@ -166,11 +207,18 @@ def failures(group: pd.DataFrame) -> str | None:
     rows = []
     for row in group[group["status"] != records.OK].itertuples():
         if row.status == records.WRONG:
-            message = (f"relative error {_error(row)} exceeds the tolerance {row.tolerance:.0e} "
-                       f"({int(row.rows_checked)} rows checked)")
+            message = (
+                f"relative error {_error(row)} exceeds the tolerance {row.tolerance:.0e} "
+                f"({int(row.rows_checked)} rows checked)"
+            )
         else:
             message = escape(f"{row.error_type}: {row.error_message}", limit=300)
         where = placement(row.ring_size, row.world_size)
-        rows.append({"cell": f"{escape(row.label)} S={row.seq_len}{'' if where.whole else f' ({where})'}",
-                     "status": FAILED.get(row.status, row.status), "message": message})
+        rows.append(
+            {
+                "cell": f"{escape(row.label)} S={row.seq_len}{'' if where.whole else f' ({where})'}",
+                "status": FAILED.get(row.status, row.status),
+                "message": message,
+            }
+        )
     return table(pd.DataFrame(rows)) if rows else None

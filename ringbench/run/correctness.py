@@ -84,15 +84,20 @@ class Sums:
     gradients: tuple[float, ...] | None = None
 
     @staticmethod
-    def combine(parts: list["Sums"]) -> "Sums":
+    def combine(parts: list[Sums]) -> Sums:
         gradients = [part.gradients for part in parts if part.gradients is not None]
-        return Sums(sum(part.squared_error for part in parts), sum(part.squared_reference for part in parts),
-                    max(part.max_abs for part in parts), sum(part.rows for part in parts),
-                    tuple(map(sum, zip(*gradients))) if gradients else None)
+        return Sums(
+            sum(part.squared_error for part in parts),
+            sum(part.squared_reference for part in parts),
+            max(part.max_abs for part in parts),
+            sum(part.rows for part in parts),
+            tuple(map(sum, zip(*gradients))) if gradients else None,
+        )
 
 
-def partial_errors(reference: Reference, problem: Problem, output: torch.Tensor, output_rows: torch.Tensor | None,
-                   seed: int) -> Sums:
+def partial_errors(
+    reference: Reference, problem: Problem, output: torch.Tensor, output_rows: torch.Tensor | None, seed: int
+) -> Sums:
     """The output's errors over the checked rows this process holds.
 
     ``output_rows`` are the sequence positions of ``output``'s rows (None: all, in order).
@@ -116,7 +121,7 @@ def tolerance(dtype: str, accumulates: str | None) -> float:
     return own if accumulates is None else max(own, TOLERANCE[accumulates])
 
 
-def verdict(reference: Reference, sums: Sums, tolerance: float, sample: "GradientSample | None") -> dict[str, Any]:
+def verdict(reference: Reference, sums: Sums, tolerance: float, sample: GradientSample | None) -> dict[str, Any]:
     """The check's record from (combined) sums; with the gradients' where they were checked, on ``sample``."""
     relative = math.sqrt(sums.squared_error / sums.squared_reference) if sums.squared_reference > 0 else sums.max_abs
     found = {
@@ -157,20 +162,28 @@ class GradientSample:
     k_rows: torch.Tensor
 
     @classmethod
-    def of(cls, q: torch.Tensor, seed: int) -> "GradientSample":
+    def of(cls, q: torch.Tensor, seed: int) -> GradientSample:
         batch, heads, seq_len = q.shape[:3]
         if seq_len <= GRADIENT_FULL_MAX_SEQ:
             every = torch.arange(seq_len, device=q.device)
             return cls(tuple((b, h) for b in range(batch) for h in range(heads)), every, every)
         draw = torch.Generator().manual_seed(seed + 2)
-        q_rows, k_rows = (torch.randperm(seq_len, generator=draw)[:GRADIENT_SAMPLE_ROWS].sort().values.to(q.device)
-                          for _ in range(2))
+        q_rows, k_rows = (
+            torch.randperm(seq_len, generator=draw)[:GRADIENT_SAMPLE_ROWS].sort().values.to(q.device) for _ in range(2)
+        )
         return cls(tuple(dict.fromkeys([(0, 0), (batch - 1, heads - 1)])), q_rows, k_rows)
 
 
 @torch.no_grad()
-def reference_gradients(reference: Reference, problem: Problem, batch: int, head: int, dout: torch.Tensor,
-                        q_rows: torch.Tensor, k_rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def reference_gradients(
+    reference: Reference,
+    problem: Problem,
+    batch: int,
+    head: int,
+    dout: torch.Tensor,
+    q_rows: torch.Tensor,
+    k_rows: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
     """float64 dq at ``q_rows`` and dk, dv at ``k_rows`` of one (batch, head), streamed over
     blocks of query rows; ``dout`` is that head's output gradient, (S, D).
 
@@ -180,7 +193,7 @@ def reference_gradients(reference: Reference, problem: Problem, batch: int, head
     """
     q, k, v = (t[batch, head].double() for t in (problem.q, problem.k, problem.v))
     seq_len, head_dim = q.shape
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     dq = torch.zeros(len(q_rows), head_dim, dtype=torch.float64, device=q.device)
     dk, dv = (torch.zeros(len(k_rows), head_dim, dtype=torch.float64, device=q.device) for _ in range(2))
     v_sampled = v[k_rows]
@@ -202,8 +215,14 @@ def reference_gradients(reference: Reference, problem: Problem, batch: int, head
     return dq, dk, dv
 
 
-def gradient_partials(reference: Reference, problem: Problem, grads: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
-                      seed: int, rows: torch.Tensor | None = None) -> tuple[float, ...]:
+def gradient_partials(
+    reference: Reference,
+    problem: Problem,
+    grads: tuple[torch.Tensor, ...],
+    grad_out: torch.Tensor,
+    seed: int,
+    rows: torch.Tensor | None = None,
+) -> tuple[float, ...]:
     """[Σ(g − ref)², Σref²] for dq, dk and dv in turn, over the entries of ``GradientSample``
     this process holds, against the float64 reference.
 
@@ -220,8 +239,9 @@ def gradient_partials(reference: Reference, problem: Problem, grads: tuple[torch
     sums = [0.0] * (2 * len(GRADIENTS))
     for b, h in sample.pairs:
         expected_grads = reference_gradients(reference, problem, b, h, grad_out[b, h], sample.q_rows, sample.k_rows)
-        for index, (grad, sampled, expected) in enumerate(zip(grads, (sample.q_rows, sample.k_rows, sample.k_rows),
-                                                             expected_grads)):
+        for index, (grad, sampled, expected) in enumerate(
+            zip(grads, (sample.q_rows, sample.k_rows, sample.k_rows), expected_grads)
+        ):
             local = place[sampled]
             mine = local >= 0
             value = grad[b, h, local[mine]].double()
@@ -237,6 +257,11 @@ def gradient_verdict(partials: tuple[float, ...], tolerance: float, sample: Grad
         error, norm = partials[2 * index], partials[2 * index + 1]
         errors[name] = math.sqrt(error / norm) if norm > 0 else math.sqrt(error)
     worst = max(errors.values())
-    return {"checked": True, "heads_checked": len(sample.pairs), "rows_checked": len(sample.q_rows),
-            **{f"{name}_rel_error": _finite_or_none(e) for name, e in errors.items()},
-            "rel_error": _finite_or_none(worst), "passed": math.isfinite(worst) and worst <= tolerance}
+    return {
+        "checked": True,
+        "heads_checked": len(sample.pairs),
+        "rows_checked": len(sample.q_rows),
+        **{f"{name}_rel_error": _finite_or_none(e) for name, e in errors.items()},
+        "rel_error": _finite_or_none(worst),
+        "passed": math.isfinite(worst) and worst <= tolerance,
+    }

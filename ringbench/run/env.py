@@ -64,8 +64,17 @@ def _query(fields: list[str]) -> list[dict[str, str]]:
 
 def gpu_state() -> list[dict[str, str]]:
     """What can change a GPU's speed between runs: clocks, throttle reasons, temperature, power."""
-    return _query(["index", "clocks.sm", "clocks.mem", "clocks_throttle_reasons.active", "temperature.gpu",
-                   "power.draw", "power.limit"])
+    return _query(
+        [
+            "index",
+            "clocks.sm",
+            "clocks.mem",
+            "clocks_throttle_reasons.active",
+            "temperature.gpu",
+            "power.draw",
+            "power.limit",
+        ]
+    )
 
 
 def _foreign_processes() -> list[dict[str, str]] | None:
@@ -73,7 +82,9 @@ def _foreign_processes() -> list[dict[str, str]] | None:
     output = _nvidia_smi("--query-compute-apps=pid,process_name,used_memory", "--format=csv,noheader,nounits")
     if output is None:
         return None
-    rows = [dict(zip(("pid", "name", "memory_mib"), (v.strip() for v in line.split(",")))) for line in output.splitlines()]
+    rows = [
+        dict(zip(("pid", "name", "memory_mib"), (v.strip() for v in line.split(",")))) for line in output.splitlines()
+    ]
     return [row for row in rows if row["pid"] != str(os.getpid())]
 
 
@@ -86,8 +97,11 @@ OVERLAP_BREAKERS = {
 
 
 def overlap_warnings() -> list[str]:
-    return [f"{name}={os.environ[name]}: {why}" for name, (value, why) in OVERLAP_BREAKERS.items()
-            if os.environ.get(name) == value]
+    return [
+        f"{name}={os.environ[name]}: {why}"
+        for name, (value, why) in OVERLAP_BREAKERS.items()
+        if os.environ.get(name) == value
+    ]
 
 
 def _gpus() -> list[dict[str, Any]]:
@@ -96,13 +110,15 @@ def _gpus() -> list[dict[str, Any]]:
     gpus = []
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)
-        gpus.append({
-            "index": index,
-            "name": props.name,
-            "memory_mib": props.total_memory // 2**20,
-            "capability": f"{props.major}.{props.minor}",
-            "multiprocessors": props.multi_processor_count,
-        })
+        gpus.append(
+            {
+                "index": index,
+                "name": props.name,
+                "memory_mib": props.total_memory // 2**20,
+                "capability": f"{props.major}.{props.minor}",
+                "multiprocessors": props.multi_processor_count,
+            }
+        )
     return gpus
 
 
@@ -147,8 +163,10 @@ def host_load() -> dict[str, Any]:
             continue
         if percent > BUSY_CPU_PERCENT:
             busy.append({"pid": process.pid, "name": process.info["name"], "cpu_percent": round(percent, 1)})
-    return {"load_average": [round(value, 2) for value in os.getloadavg()],
-            "busy_processes": sorted(busy, key=lambda p: -p["cpu_percent"])}
+    return {
+        "load_average": [round(value, 2) for value in os.getloadavg()],
+        "busy_processes": sorted(busy, key=lambda p: -p["cpu_percent"]),
+    }
 
 
 # glibc adjusts its mmap and trim thresholds to the allocations it has seen, so a tensor of a
@@ -173,7 +191,9 @@ def resolve_device(spec: str, source: str) -> torch.device:
             raise ConfigError(source, "device", f"'{spec}' requested but no CUDA device is available")
         index = device.index or 0
         if index >= torch.cuda.device_count():
-            raise ConfigError(source, "device", f"'{spec}' requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise ConfigError(
+                source, "device", f"'{spec}' requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
         device = torch.device("cuda", index)
     return device
 

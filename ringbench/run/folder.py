@@ -26,25 +26,30 @@ from ringbench.sweep.plan import Plan
 from ringbench.vocabulary import Cell
 
 
-
 def start(sweep: Sweep, plan: Plan, source: str, device: torch.device, output_root: Path, threads: int) -> Path:
     """A new run folder holding run.json: the config, the plan, the roles, the environment."""
     environment = env.snapshot(device, threads, Path(source).resolve().parent)
     # Measured first, on an idle device: the ceiling every cell's TFLOP/s is set against.
-    environment["matmul_peak_tflops"] = {} if device.type != "cuda" else {
-        dtype: matmul_peak_tflops(device, TORCH_DTYPES[dtype]) for dtype in sweep.dtypes}
+    environment["matmul_peak_tflops"] = (
+        {}
+        if device.type != "cuda"
+        else {dtype: matmul_peak_tflops(device, TORCH_DTYPES[dtype]) for dtype in sweep.dtypes}
+    )
     run_dir = records.create_run_dir(output_root, environment["git"]["commit"])
-    records.write_json_atomic(run_dir / records.RUN_FILE, {
-        "schema_version": records.SCHEMA_VERSION,
-        "config_source": source,  # as given, for the report
-        "config_file": str(Path(source).resolve()),  # absolute, so a resume works from any folder
-        "config_hash": sweep.hash,
-        "config": sweep.as_dict(),
-        "environment": environment,
-        "planned": [{"cell_id": cell.id, **cell.params()} for cell in plan.cells],
-        "excluded": [exclusion.as_dict() for exclusion in plan.excluded],
-        "roles": plan.roles(),
-    })
+    records.write_json_atomic(
+        run_dir / records.RUN_FILE,
+        {
+            "schema_version": records.SCHEMA_VERSION,
+            "config_source": source,  # as given, for the report
+            "config_file": str(Path(source).resolve()),  # absolute, so a resume works from any folder
+            "config_hash": sweep.hash,
+            "config": sweep.as_dict(),
+            "environment": environment,
+            "planned": [{"cell_id": cell.id, **cell.params()} for cell in plan.cells],
+            "excluded": [exclusion.as_dict() for exclusion in plan.excluded],
+            "roles": plan.roles(),
+        },
+    )
     return run_dir
 
 

@@ -14,8 +14,8 @@
 from __future__ import annotations
 
 import statistics
-from functools import lru_cache
-from typing import Callable
+from collections.abc import Callable
+from functools import cache
 
 import torch
 
@@ -33,7 +33,7 @@ def l2_flush(device: torch.device) -> Callable[[], None] | None:
     return lambda: buffer.fill_(0)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     # One side stream for the worker's life: cuBLAS keeps a workspace per stream for as
     # long as the process lives, so a fresh stream per cell would leave one behind each time.

@@ -16,28 +16,47 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ringbench.attention import registry
 from ringbench import records
-from ringbench.run import correctness
+from ringbench.attention import registry
 from ringbench.attention.comm import WaitClock
-from ringbench.sweep.config import TimingBudget
+from ringbench.attention.models import PASS_FACTOR, dense_flops, output_bytes
+from ringbench.run import correctness
 from ringbench.run.distributed import OneProcess
 from ringbench.run.memory import MIB, allocated_mib, measure_peak
-from ringbench.attention.models import PASS_FACTOR, dense_flops, output_bytes
-from ringbench.vocabulary import Cell
-from ringbench.schema import Check, Comm, Failure, GradientCheck, Memory, Modes, Noise, Plain, Projected, RankFigures
-from ringbench.schema import RankTraffic, Record, Stats
-from ringbench.run.stats import summarize
 from ringbench.run.modes import graph_replay, l2_flush
+from ringbench.run.stats import summarize
 from ringbench.run.timing import launch_and_work, measure
+from ringbench.schema import (
+    Check,
+    Comm,
+    Failure,
+    GradientCheck,
+    Memory,
+    Modes,
+    Noise,
+    Plain,
+    Projected,
+    RankFigures,
+    RankTraffic,
+    Record,
+    Stats,
+)
+from ringbench.sweep.config import TimingBudget
+from ringbench.vocabulary import Cell
 
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+TORCH_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
 # When ranks fail differently, the record names the most telling failure.
 _PRECEDENCE = (records.OOM, records.ERROR)
 # What measuring a cell found: Record fields by name (a failure's status and error, or every measurement).
@@ -51,11 +70,27 @@ def make_problem(cell: Cell, device: torch.device, seed: int, rank: int = 0) -> 
     """
     generator = torch.Generator(device=device).manual_seed(seed)
     shape = (cell.batch_size, cell.heads, cell.seq_len, cell.head_dim)
-    q, k, v = (torch.randn(shape, generator=generator, device=device, dtype=TORCH_DTYPES[cell.dtype],
-                           requires_grad=cell.pass_name != "forward") for _ in range(3))
-    return registry.Problem(q=q, k=k, v=v, causal=cell.causal, ring_size=cell.ring_size, options=dict(cell.options),
-                            rank=rank, world_size=cell.world_size,
-                            comm=WaitClock(device) if cell.world_size > 1 else None)
+    q, k, v = (
+        torch.randn(
+            shape,
+            generator=generator,
+            device=device,
+            dtype=TORCH_DTYPES[cell.dtype],
+            requires_grad=cell.pass_name != "forward",
+        )
+        for _ in range(3)
+    )
+    return registry.Problem(
+        q=q,
+        k=k,
+        v=v,
+        causal=cell.causal,
+        ring_size=cell.ring_size,
+        options=dict(cell.options),
+        rank=rank,
+        world_size=cell.world_size,
+        comm=WaitClock(device) if cell.world_size > 1 else None,
+    )
 
 
 def _output_gradient(problem: registry.Problem, seed: int) -> torch.Tensor:
@@ -64,8 +99,9 @@ def _output_gradient(problem: registry.Problem, seed: int) -> torch.Tensor:
     return torch.randn(problem.q.shape, generator=generator, device=problem.q.device, dtype=problem.q.dtype)
 
 
-def _pass_closure(pass_name: str, run: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...],
-                  grad_out: torch.Tensor | None) -> Callable[[], object]:
+def _pass_closure(
+    pass_name: str, run: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor | None
+) -> Callable[[], object]:
     """What is timed for a pass. Backward alone reuses one forward's graph (kept with
     retain_graph), so its time holds no forward; forward+backward runs both each call."""
     if pass_name == "forward":
@@ -84,14 +120,19 @@ def _inputs_too_large(cell: Cell, device: torch.device) -> Outcome | None:
     total = torch.cuda.get_device_properties(device).total_memory
     if needed <= total:
         return None
-    return {"status": records.SKIPPED, "error": Failure("Skipped",
-            f"q, k and v alone need {needed / MIB:,.0f} MiB; the device has {total / MIB:,.0f} MiB")}
+    return {
+        "status": records.SKIPPED,
+        "error": Failure(
+            "Skipped", f"q, k and v alone need {needed / MIB:,.0f} MiB; the device has {total / MIB:,.0f} MiB"
+        ),
+    }
 
 
 def _out_of_memory(exc: BaseException) -> bool:
     # The CPU allocator raises a plain RuntimeError; its message is the only mark.
     return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or (
-        isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc))
+        isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
+    )
 
 
 def _failure(exc: BaseException) -> Outcome:
@@ -109,8 +150,9 @@ def _as_bench(prepared: Callable[[], torch.Tensor] | registry.Bench) -> registry
 HOST_BOUND_SHARE = 0.5
 
 
-def _modes(fn: Callable[[], object], device: torch.device, budget: TimingBudget,
-           across_processes: bool) -> tuple[Callable[[], object], Callable[[], None] | None, dict[str, Any]]:
+def _modes(
+    fn: Callable[[], object], device: torch.device, budget: TimingBudget, across_processes: bool
+) -> tuple[Callable[[], object], Callable[[], None] | None, dict[str, Any]]:
     """The closure to time (perhaps a graph replay), the cache flush, and the modes as recorded."""
     notes = []
     flush = l2_flush(device) if budget.cold_l2 else None
@@ -127,17 +169,22 @@ def _modes(fn: Callable[[], object], device: torch.device, budget: TimingBudget,
             if budget.cuda_graph == "always" or launch.host_ms > HOST_BOUND_SHARE * launch.device_ms:
                 timed, why = graph_replay(fn, device)
                 notes += [why] if why else []
-    return timed, flush, {
-        "cold_l2": flush is not None,
-        "cuda_graph": timed is not fn,
-        "launch_ms": launch.host_ms if launch else None,
-        "device_ms": launch.device_ms if launch else None,
-        "notes": notes,
-    }
+    return (
+        timed,
+        flush,
+        {
+            "cold_l2": flush is not None,
+            "cuda_graph": timed is not fn,
+            "launch_ms": launch.host_ms if launch else None,
+            "device_ms": launch.device_ms if launch else None,
+            "notes": notes,
+        },
+    )
 
 
-def _time_and_measure(fn: Callable[[], object], device: torch.device, budget: TimingBudget, floor_mib: float,
-                      group: OneProcess) -> Projected:
+def _time_and_measure(
+    fn: Callable[[], object], device: torch.device, budget: TimingBudget, floor_mib: float, group: OneProcess
+) -> Projected:
     """Memory, then time of ``fn``; every rank takes the same number of calls (the group's maximum)."""
     agree = group.max
     # Memory first, from plain calls: no timing mode may change what a cell is found to hold.
@@ -162,14 +209,26 @@ def _time_and_measure(fn: Callable[[], object], device: torch.device, budget: Ti
     )
 
 
-def _outcome(cell: Cell, implementation: registry.Implementation, budget: TimingBudget, facts: dict,
-             check: Check | None, main: Projected, projected: Projected | None, inputs_mib: float,
-             ranks: tuple[RankFigures, ...] | None = None) -> Outcome:
+def _outcome(
+    cell: Cell,
+    implementation: registry.Implementation,
+    budget: TimingBudget,
+    facts: dict,
+    check: Check | None,
+    main: Projected,
+    projected: Projected | None,
+    inputs_mib: float,
+    ranks: tuple[RankFigures, ...] | None = None,
+) -> Outcome:
     stats = main.stats
     seconds = stats.median_ms / 1e3
     flops = (implementation.flops(cell) if implementation.flops else dense_flops(cell)) * PASS_FACTOR[cell.pass_name]
     # The memory models describe a forward call.
-    modelled = implementation.memory_model(cell, facts) if implementation.memory_model and cell.pass_name == "forward" else None
+    modelled = (
+        implementation.memory_model(cell, facts)
+        if implementation.memory_model and cell.pass_name == "forward"
+        else None
+    )
     return {
         "status": records.WRONG if check and not check.passed else records.OK,
         "facts": facts,
@@ -210,8 +269,9 @@ def _guarded(step: Callable[[], Outcome | None]) -> Outcome | None:
 def _checked(verdict: dict[str, Any], seconds: float) -> Check:
     """The check as recorded: correctness's verdict (holding its gradients' in backward passes) and its cost."""
     gradients = verdict.get("gradients")
-    return Check(**{**verdict, "gradients": GradientCheck(**gradients) if gradients else None},
-                 seconds=round(seconds, 3))
+    return Check(
+        **{**verdict, "gradients": GradientCheck(**gradients) if gradients else None}, seconds=round(seconds, 3)
+    )
 
 
 def _agree(group: OneProcess, failure: Outcome | None) -> Outcome | None:
@@ -223,7 +283,10 @@ def _agree(group: OneProcess, failure: Outcome | None) -> Outcome | None:
     rank, chosen = min(failures, key=lambda item: _PRECEDENCE.index(item[1]["status"]))
     if group.world_size == 1:
         return chosen
-    return {"status": chosen["status"], "error": Failure(chosen["error"].type, f"rank {rank}: {chosen['error'].message}")}
+    return {
+        "status": chosen["status"],
+        "error": Failure(chosen["error"].type, f"rank {rank}: {chosen['error'].message}"),
+    }
 
 
 def _combine_ranks(group: OneProcess, main: Projected) -> tuple[Projected, tuple[RankFigures, ...] | None]:
@@ -238,10 +301,17 @@ def _combine_ranks(group: OneProcess, main: Projected) -> tuple[Projected, tuple
         values = [getattr(rank, key) for rank in everyone]
         return None if None in values else max(values)
 
-    combined = replace(main, samples_ms=samples, stats=Stats(**summarize(samples)),
-                       peak_allocated_mib=largest("peak_allocated_mib"), held_mib=largest("held_mib"))
-    return combined, tuple(RankFigures(rank, data.stats.median_ms, data.peak_allocated_mib, data.held_mib)
-                           for rank, data in enumerate(everyone))
+    combined = replace(
+        main,
+        samples_ms=samples,
+        stats=Stats(**summarize(samples)),
+        peak_allocated_mib=largest("peak_allocated_mib"),
+        held_mib=largest("held_mib"),
+    )
+    return combined, tuple(
+        RankFigures(rank, data.stats.median_ms, data.peak_allocated_mib, data.held_mib)
+        for rank, data in enumerate(everyone)
+    )
 
 
 def _combine_traffic(group: OneProcess, traffic: dict[str, float] | None) -> Comm | None:
@@ -254,13 +324,16 @@ def _combine_traffic(group: OneProcess, traffic: dict[str, float] | None) -> Com
     everyone = group.gather(traffic)
     if traffic is None or not any(data["sends"] for data in everyone):
         return None
-    ranks = tuple(RankTraffic(
-        rank=rank,
-        sent_bytes_per_step=data["sent_bytes"] / data["sends"] if data["sends"] else 0.0,
-        wait_ms=data["wait_ms"],
-        call_ms=data["call_ms"],
-        wait_share=data["wait_ms"] / data["call_ms"] if data["call_ms"] > 0 else 0.0,
-    ) for rank, data in enumerate(everyone))
+    ranks = tuple(
+        RankTraffic(
+            rank=rank,
+            sent_bytes_per_step=data["sent_bytes"] / data["sends"] if data["sends"] else 0.0,
+            wait_ms=data["wait_ms"],
+            call_ms=data["call_ms"],
+            wait_share=data["wait_ms"] / data["call_ms"] if data["call_ms"] > 0 else 0.0,
+        )
+        for rank, data in enumerate(everyone)
+    )
     return Comm(
         sent_bytes_per_step=max(rank.sent_bytes_per_step for rank in ranks),
         wait_share=max(rank.wait_share for rank in ranks),
@@ -279,8 +352,14 @@ class _Checking:
     seconds: float
 
 
-def _check(cell: Cell, implementation: registry.Implementation, problem: registry.Problem, bench: registry.Bench,
-           inputs: tuple[torch.Tensor, ...], seed: int) -> _Checking:
+def _check(
+    cell: Cell,
+    implementation: registry.Implementation,
+    problem: registry.Problem,
+    bench: registry.Bench,
+    inputs: tuple[torch.Tensor, ...],
+    seed: int,
+) -> _Checking:
     """One call checked against the reference on the rows this rank holds (gradients too, in
     backward passes). Checked before it is timed; a wrong output is still timed, and marked."""
     reference, backward = implementation.reference, cell.pass_name != "forward"
@@ -296,13 +375,22 @@ def _check(cell: Cell, implementation: registry.Implementation, problem: registr
         grads = torch.autograd.grad(output, inputs, grad_out)
         if reference:
             sample = correctness.GradientSample.of(problem.q, seed)
-            sums = replace(sums, gradients=correctness.gradient_partials(reference, problem, grads, whole, seed,
-                                                                         bench.rows))
+            sums = replace(
+                sums, gradients=correctness.gradient_partials(reference, problem, grads, whole, seed, bench.rows)
+            )
     return _Checking(sums, grad_out, sample, time.perf_counter() - checking)
 
 
-def _phases(cell: Cell, implementation: registry.Implementation, group: OneProcess, budget: TimingBudget, seed: int,
-            skip_oversized: bool, floor_mib: float, opened: list[registry.Bench]) -> Outcome:
+def _phases(
+    cell: Cell,
+    implementation: registry.Implementation,
+    group: OneProcess,
+    budget: TimingBudget,
+    seed: int,
+    skip_oversized: bool,
+    floor_mib: float,
+    opened: list[registry.Bench],
+) -> Outcome:
     """The cell's outcome on this rank; the bench setup returned goes into ``opened``.
 
     The bench is handed out that way, not returned, so that no caller's frame holds
@@ -331,15 +419,19 @@ def _phases(cell: Cell, implementation: registry.Implementation, group: OneProce
     check = None
     if checking.sums is not None:
         tolerance = correctness.tolerance(cell.dtype, implementation.accumulates)
-        verdict = correctness.verdict(implementation.reference, correctness.Sums.combine(group.gather(checking.sums)),
-                                      tolerance, checking.sample)
+        verdict = correctness.verdict(
+            implementation.reference, correctness.Sums.combine(group.gather(checking.sums)), tolerance, checking.sample
+        )
         check = _checked(verdict, group.max(checking.seconds))
     try:
         timed = _pass_closure(cell.pass_name, bench.run, inputs, checking.grad_out)
         main = _time_and_measure(timed, device, budget, floor_mib, group)
         # A rank's share is a forward computation: it projects forward cells only.
-        projected = (_time_and_measure(bench.rank_share, device, budget, floor_mib, group)
-                     if bench.rank_share and cell.pass_name == "forward" else None)
+        projected = (
+            _time_and_measure(bench.rank_share, device, budget, floor_mib, group)
+            if bench.rank_share and cell.pass_name == "forward"
+            else None
+        )
         traffic = clock.measure(timed) if clock else None
     except Exception as exc:
         failure = _failure(exc)
@@ -350,8 +442,15 @@ def _phases(cell: Cell, implementation: registry.Implementation, group: OneProce
     return {**outcome, "comm": _combine_traffic(group, traffic)}
 
 
-def _measure(cell: Cell, implementation: registry.Implementation, group: OneProcess, budget: TimingBudget,
-             seed: int, skip_oversized: bool, floor_mib: float) -> Outcome:
+def _measure(
+    cell: Cell,
+    implementation: registry.Implementation,
+    group: OneProcess,
+    budget: TimingBudget,
+    seed: int,
+    skip_oversized: bool,
+    floor_mib: float,
+) -> Outcome:
     opened: list[registry.Bench] = []
     outcome = _phases(cell, implementation, group, budget, seed, skip_oversized, floor_mib, opened)
     # Every rank agrees on closing, including ranks whose setup failed (they have nothing to close).
@@ -370,19 +469,35 @@ def _release(device: torch.device) -> None:
             pass
 
 
-def make_record(cell: Cell, outcome: Outcome, device: torch.device | None = None, started_at: str | None = None,
-                seconds: float | None = None) -> Record:
+def make_record(
+    cell: Cell,
+    outcome: Outcome,
+    device: torch.device | None = None,
+    started_at: str | None = None,
+    seconds: float | None = None,
+) -> Record:
     """The cell's record; what was not measured stays null."""
-    return Record.of_cell(cell, device=None if device is None else str(device), started_at=started_at,
-                          duration_s=None if seconds is None else round(seconds, 3), **outcome)
+    return Record.of_cell(
+        cell,
+        device=None if device is None else str(device),
+        started_at=started_at,
+        duration_s=None if seconds is None else round(seconds, 3),
+        **outcome,
+    )
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def run_cell(cell: Cell, implementation: registry.Implementation, group: OneProcess, budget: TimingBudget,
-             seed: int, skip_oversized: bool = True) -> Record:
+def run_cell(
+    cell: Cell,
+    implementation: registry.Implementation,
+    group: OneProcess,
+    budget: TimingBudget,
+    seed: int,
+    skip_oversized: bool = True,
+) -> Record:
     """Measure one cell on every rank of ``group`` (all ranks call this) and return the agreed record;
     never raises for a failing implementation.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -52,7 +52,7 @@ def mann_whitney_p(first: Sequence[float], second: Sequence[float]) -> float:
         end = start
         while end + 1 < values.size and sorted_values[end + 1] == sorted_values[start]:
             end += 1
-        ranks[order[start:end + 1]] = (start + end) / 2 + 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
         count = end - start + 1
         ties += count**3 - count
         start = end + 1

@@ -21,9 +21,10 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -80,8 +81,9 @@ def blame(end: WorkerEnd, timeout_s: float, output: str) -> tuple[str, str] | No
     if not end.in_flight and end.recorded > 0:
         return None
     if end.timed_out:
-        return records.TIMEOUT, (f"the cell ran past cell_timeout_s ({timeout_s:g} s) and its worker was stopped; "
-                                 f"its output ended: {output}")
+        return records.TIMEOUT, (
+            f"the cell ran past cell_timeout_s ({timeout_s:g} s) and its worker was stopped; its output ended: {output}"
+        )
     when = "during this cell" if end.in_flight else "before starting this cell"
     return records.CRASHED, f"the worker exited with code {end.returncode} {when}; its output ended: {output}"
 
@@ -130,8 +132,14 @@ class _WorldSize:
         """Start a worker and follow it until it exits, every cell has its record, or a cell runs too long."""
         before, timed_out = len(self.pending), False
         with log_path.open("ab") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env.worker_environment(),
-                                       start_new_session=True, preexec_fn=worker.die_with_parent)
+            process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env.worker_environment(),
+                start_new_session=True,
+                preexec_fn=worker.die_with_parent,
+            )
             try:
                 progress = time.time()
                 while self.pending:
@@ -162,12 +170,15 @@ def _run_world_size(world: _WorldSize, timeout_s: float, threads: int) -> None:
     while world.pending:
         pending_file = folder.write_pending(world.run_dir, world.world_size, world.pending)
         end = world.watch(worker.command(world.world_size, world.run_dir, pending_file, threads), log_path, timeout_s)
-        verdict = blame(end, timeout_s, log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]) if world.pending else None
+        verdict = (
+            blame(end, timeout_s, log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]) if world.pending else None
+        )
         if verdict:
             status, message = verdict
             with records.RecordWriter(world.run_dir) as writer:
-                writer.append(make_record(world.pending[0], {"status": status,
-                                                             "error": Failure(status.capitalize(), message)}))
+                writer.append(
+                    make_record(world.pending[0], {"status": status, "error": Failure(status.capitalize(), message)})
+                )
             world.take_new_records()  # the file is the one source of records, the supervisor's own included
     folder.clear_notes(world.run_dir, world.world_size)  # every cell has its record: nothing is pending
 
@@ -178,15 +189,28 @@ def _resume(run_dir: Path, sweep: Sweep, plan: Plan, source: str, retry_failed: 
     if meta["config_hash"] != sweep.hash or [p["cell_id"] for p in meta["planned"]] != [c.id for c in plan.cells]:
         raise ConfigError(source, "", f"does not describe the sweep in {run_dir} (its config has changed since)")
     repaired = records.drop_partial_line(run_dir)
-    meta.setdefault("resumed", []).append({
-        "date_utc": env.snapshot_time(), "retry_failed": retry_failed, "dropped_partial_record": repaired,
-        "threads": threads,
-    })
+    meta.setdefault("resumed", []).append(
+        {
+            "date_utc": env.snapshot_time(),
+            "retry_failed": retry_failed,
+            "dropped_partial_record": repaired,
+            "threads": threads,
+        }
+    )
     records.write_json_atomic(run_dir / records.RUN_FILE, meta)
 
 
-def run(sweep: Sweep, plan: Plan, source: str, device: torch.device, observer: Observer, output_root: Path,
-        resume: Path | None = None, retry_failed: bool = False, threads: int | None = None) -> RunResult:
+def run(
+    sweep: Sweep,
+    plan: Plan,
+    source: str,
+    device: torch.device,
+    observer: Observer,
+    output_root: Path,
+    resume: Path | None = None,
+    retry_failed: bool = False,
+    threads: int | None = None,
+) -> RunResult:
     """Run the plan in a new run folder, or, with ``resume``, the cells a stopped run has not finished.
 
     ``threads``, the workers' intra-op thread count, overrides the config's (default: physical cores).
@@ -218,8 +242,11 @@ def run(sweep: Sweep, plan: Plan, source: str, device: torch.device, observer: O
             observer.cell_started(0, cells[0])
         for world_size in sorted({cell.world_size for cell in cells}):
             world_cells = [cell for cell in cells if cell.world_size == world_size]
-            _run_world_size(_WorldSize(run_dir, world_size, world_cells, records.RecordTail(run_dir), on_record),
-                            sweep.cell_timeout_s, threads)
+            _run_world_size(
+                _WorldSize(run_dir, world_size, world_cells, records.RecordTail(run_dir), on_record),
+                sweep.cell_timeout_s,
+                threads,
+            )
     except KeyboardInterrupt:
         result.interrupted = True
         folder.clear_notes(run_dir)  # the stopped cells have no record: nothing is pending or in flight

@@ -19,13 +19,13 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from ringbench.sweep.config import TimingBudget
 from ringbench.run.stats import relative_iqr
+from ringbench.sweep.config import TimingBudget
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,9 @@ def _queue(fn: Callable[[], object], pairs: list, flush: Callable[[], None] | No
         end.record()
 
 
-def _time_calls_cuda(fn: Callable[[], object], count: int, flush: Callable[[], None] | None = None,
-                     hold: bool = False) -> list[float]:
+def _time_calls_cuda(
+    fn: Callable[[], object], count: int, flush: Callable[[], None] | None = None, hold: bool = False
+) -> list[float]:
     # One event pair per call and a single synchronize at the end, so the host never
     # stalls the queue between repetitions.
     pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(count)]
@@ -75,7 +76,7 @@ def _time_calls_cuda(fn: Callable[[], object], count: int, flush: Callable[[], N
         for first in range(0, count, HOLD_CHUNK):
             _hold(min(max(2 * quickest_ms, HOLD_MS[0]), HOLD_MS[1]))
             queuing = time.perf_counter()
-            _queue(fn, pairs[first:first + HOLD_CHUNK], flush)
+            _queue(fn, pairs[first : first + HOLD_CHUNK], flush)
             quickest_ms = min(quickest_ms, 1e3 * (time.perf_counter() - queuing))
     else:
         _queue(fn, pairs, flush)
@@ -103,6 +104,7 @@ def measure(
     CUDA-graph replays.
     """
     if device.type == "cuda":
+
         def time_calls(fn: Callable[[], object], count: int) -> list[float]:
             return _time_calls_cuda(fn, count, flush, hold)
     else:
@@ -130,7 +132,7 @@ def measure(
 
 def per_sample(call_ms: list[float], calls: int) -> list[float]:
     """Consecutive calls' times, ``calls`` at a time, as mean milliseconds per call."""
-    return [statistics.fmean(call_ms[start:start + calls]) for start in range(0, len(call_ms), calls)]
+    return [statistics.fmean(call_ms[start : start + calls]) for start in range(0, len(call_ms), calls)]
 
 
 @dataclass(frozen=True)

@@ -59,8 +59,15 @@ def _prepare(device: torch.device, sweep: Sweep, threads: int, world_size: int) 
     prime_libraries(device, [TORCH_DTYPES[dtype] for dtype in sweep.dtypes])
 
 
-def serve(sweep: Sweep, plan: Plan, cells: list[Cell] | None, run_dir: Path | None, source: str, output_root: Path,
-          threads: int | None = None) -> Path:
+def serve(
+    sweep: Sweep,
+    plan: Plan,
+    cells: list[Cell] | None,
+    run_dir: Path | None,
+    source: str,
+    output_root: Path,
+    threads: int | None = None,
+) -> Path:
     """Run ``cells`` (None: every planned cell of this world size) on this process's group, rank 0
     marking each in flight and appending its record.
 
@@ -84,12 +91,20 @@ def serve(sweep: Sweep, plan: Plan, cells: list[Cell] | None, run_dir: Path | No
             for cell in cells:
                 if writer:
                     folder.mark_inflight(run_dir, cell)
-                record = run_cell(cell, plan.implementations[cell.implementation], group, sweep.timing, sweep.seed,
-                                  sweep.skip_oversized_inputs)
+                record = run_cell(
+                    cell,
+                    plan.implementations[cell.implementation],
+                    group,
+                    sweep.timing,
+                    sweep.seed,
+                    sweep.skip_oversized_inputs,
+                )
                 if writer:
                     writer.append(record)
                 if group.world_size == 1 and not _usable(group.device):
-                    print("the CUDA context is broken (a sticky error); a fresh worker takes the next cells", flush=True)
+                    print(
+                        "the CUDA context is broken (a sticky error); a fresh worker takes the next cells", flush=True
+                    )
                     os._exit(0)  # its teardown could hang on the broken context; the record is already on disk
         if created:
             folder.clear_notes(run_dir)
@@ -113,8 +128,10 @@ def _load(run_dir: Path) -> tuple[Sweep, Plan, str]:
     source = str(records.config_file(meta))
     sweep, plan = plans.load(source)
     if sweep.hash != meta["config_hash"]:  # edited while the run goes on: its cells are no longer this run's
-        raise UserError(f"{source}: changed since the run in {run_dir} started (config hash {sweep.hash}, "
-                        f"run {meta['config_hash']}); restore it, or start a new run")
+        raise UserError(
+            f"{source}: changed since the run in {run_dir} started (config hash {sweep.hash}, "
+            f"run {meta['config_hash']}); restore it, or start a new run"
+        )
     return sweep, plan, source
 
 

@@ -11,9 +11,10 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -153,8 +154,10 @@ def _output_root(value: Any, where: str) -> str:
     if not value.strip() or "\0" in value:
         raise Invalid(where, f"expected a folder path, got {show(value)}")
     if Path(value).is_absolute() or value.startswith("~"):
-        raise Invalid(where, f"must be relative to where ringbench runs (got {show(value)}); "
-                             "give --output-root to write elsewhere")
+        raise Invalid(
+            where,
+            f"must be relative to where ringbench runs (got {show(value)}); give --output-root to write elsewhere",
+        )
     if ".." in Path(value).parts:
         raise Invalid(where, f"must not climb out with '..' (got {show(value)}); name the folder itself")
     return value
@@ -250,8 +253,11 @@ def _implementation(registry: Registry) -> Callable[[Any, str], ImplementationCh
     def read(value: Any, where: str) -> ImplementationChoice:
         if isinstance(value, str):  # shorthand: "- sdpa"
             value = {"name": value}
-        fields = {"name": (_string, _REQUIRED), "options": (lambda v, w: _mapping(v, w, _ANY_KEY), {}),
-                  "label": (_label, None)}
+        fields = {
+            "name": (_string, _REQUIRED),
+            "options": (lambda v, w: _mapping(v, w, _ANY_KEY), {}),
+            "label": (_label, None),
+        }
         clean = _read_fields(value, where, fields)
         implementation = registry.get(clean["name"], f"{where}.name")
         options = implementation.resolve_options(clean["options"], f"{where}.options")
@@ -322,8 +328,9 @@ class _StrictLoader(yaml.SafeLoader):
         self.depth += 1
         try:
             if self.depth > MAX_DEPTH:
-                raise yaml.composer.ComposerError(None, None, f"nesting deeper than {MAX_DEPTH} levels",
-                                                  self.peek_event().start_mark)
+                raise yaml.composer.ComposerError(
+                    None, None, f"nesting deeper than {MAX_DEPTH} levels", self.peek_event().start_mark
+                )
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
@@ -332,13 +339,12 @@ class _StrictLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
-                raise yaml.constructor.ConstructorError(None, None, "a key must be a plain word, not a list or mapping",
-                                                        key_node.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a plain word, not a list or mapping", key_node.start_mark
+                )
             key = self.construct_object(key_node, deep=True)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {show(key)}", key_node.start_mark
-                )
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {show(key)}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -403,7 +409,9 @@ def load(path: str | Path, registry: Registry | None = None) -> Sweep:
     source = str(path)
     try:
         if Path(path).stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(source, "", f"config is larger than {MAX_CONFIG_BYTES // 2**20} MiB; is it the right file?")
+            raise ConfigError(
+                source, "", f"config is larger than {MAX_CONFIG_BYTES // 2**20} MiB; is it the right file?"
+            )
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(source, "", f"cannot read config: {exc}") from None

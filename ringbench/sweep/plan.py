@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
-
-from ringbench.vocabulary import ROLES, Cell
+from typing import Any
 
 from ringbench.attention.registry import Implementation, Registry
 from ringbench.sweep import config
 from ringbench.sweep.config import Sweep
+from ringbench.vocabulary import ROLES, Cell
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Plan:
     excluded: tuple[Exclusion, ...]
     implementations: Mapping[str, Implementation] = field(default_factory=dict, compare=False)
 
-    def pending(self, done: set[str]) -> "Plan":
+    def pending(self, done: set[str]) -> Plan:
         """The plan less the cells whose ids are in ``done``."""
         return replace(self, cells=tuple(cell for cell in self.cells if cell.id not in done))
 
@@ -83,8 +83,20 @@ def build(sweep: Sweep, lookup: Callable[[str], Implementation]) -> Plan:
         for choice in sweep.implementations:
             implementation = lookup(choice.name)
             for ring_size, world_size in _placements(sweep, implementation):
-                cell = Cell(choice.name, choice.options, seq_len, ring_size, batch, heads, head_dim, dtype, causal,
-                            pass_name, world_size, choice.label)
+                cell = Cell(
+                    choice.name,
+                    choice.options,
+                    seq_len,
+                    ring_size,
+                    batch,
+                    heads,
+                    head_dim,
+                    dtype,
+                    causal,
+                    pass_name,
+                    world_size,
+                    choice.label,
+                )
                 reason = _exclusion_reason(cell, implementation)
                 if reason:
                     excluded.append(Exclusion(cell, reason))

@@ -97,8 +97,12 @@ def bad_grad(problem: Problem):
 _original_sdpa = torch.nn.functional.scaled_dot_product_attention
 
 
-@register("test-patching", options={"tag": Option(0)}, distributed=True,
-          description="patches F.scaled_dot_product_attention for its cell and undoes that in close()")
+@register(
+    "test-patching",
+    options={"tag": Option(0)},
+    distributed=True,
+    description="patches F.scaled_dot_product_attention for its cell and undoes that in close()",
+)
 def patching(problem: Problem):
     if torch.nn.functional.scaled_dot_product_attention is not _original_sdpa:
         raise RuntimeError("F.scaled_dot_product_attention is still patched by an earlier cell")
@@ -115,8 +119,9 @@ def bad_close(problem: Problem):
     def close():
         raise RuntimeError("could not undo the setup")
 
-    return Bench(run=lambda: torch.nn.functional.scaled_dot_product_attention(problem.q, problem.k, problem.v),
-                 close=close)
+    return Bench(
+        run=lambda: torch.nn.functional.scaled_dot_product_attention(problem.q, problem.k, problem.v), close=close
+    )
 
 
 @register("test-segfault", reference=None, description="dereferences a null pointer: the worker process dies")

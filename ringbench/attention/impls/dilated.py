@@ -25,7 +25,8 @@ it goes. The backward pass always runs on the library kernels.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -33,14 +34,17 @@ from ringbench.attention import blocks, fused_dilated
 from ringbench.attention.comm import TravellingSums
 from ringbench.attention.references import Reference
 from ringbench.attention.registry import Bench, Option, Problem, register
-from ringbench.vocabulary import Cell, DTYPE_BYTES, PASSES
+from ringbench.vocabulary import DTYPE_BYTES, PASSES, Cell
 
 OPTIONS = {
     "segment_lengths": Option((2048, 4096), help="segment length w of each pattern", short="w"),
     "dilation_rates": Option((1, 2), help="dilation rate r of each pattern", short="r"),
-    "kernel": Option("auto", choices=("auto", "fused", *blocks.KERNELS[1:]),
-                     help="forward blocks: fused (one Triton kernel per pattern and ring step; one device, "
-                          "half precision) or a library kernel; auto picks fused where it runs, else the fastest"),
+    "kernel": Option(
+        "auto",
+        choices=("auto", "fused", *blocks.KERNELS[1:]),
+        help="forward blocks: fused (one Triton kernel per pattern and ring step; one device, "
+        "half precision) or a library kernel; auto picks fused where it runs, else the fastest",
+    ),
 }
 
 
@@ -86,8 +90,10 @@ def _excludes(cell: Cell) -> str | None:
         if cell.world_size > 1:
             return "the fused kernel runs on one device; across processes blocks come from the library kernels"
         if cell.dtype not in ("float16", "bfloat16") or cell.head_dim not in fused_dilated.HEAD_DIMS:
-            return (f"the fused kernel takes float16 or bfloat16 with head_dim in "
-                    f"{', '.join(map(str, fused_dilated.HEAD_DIMS))}")
+            return (
+                f"the fused kernel takes float16 or bfloat16 with head_dim in "
+                f"{', '.join(map(str, fused_dilated.HEAD_DIMS))}"
+            )
     elif cell.pass_name != "forward" and options["kernel"] not in blocks.BACKWARD_KERNELS:
         return f"the backward runs on {', '.join(blocks.BACKWARD_KERNELS[1:])} blocks, not {options['kernel']}"
     for w, r in patterns(options, cell.seq_len):
@@ -212,8 +218,16 @@ def _pattern_backward(tensors, grads, w, r, parts, causal, kernel):
     for step in range(parts):
         for q0, kv0, count, block_causal in step_runs(parts, step, causal):
             queries, keys = slice(q0, q0 + count), slice(kv0, kv0 + count)
-            shares = blocks.attend_backward(kernel, douts[:, queries], qs[:, queries], ks[:, keys], vs[:, keys],
-                                            outs[:, queries], lses[:, queries], block_causal)
+            shares = blocks.attend_backward(
+                kernel,
+                douts[:, queries],
+                qs[:, queries],
+                ks[:, keys],
+                vs[:, keys],
+                outs[:, queries],
+                lses[:, queries],
+                block_causal,
+            )
             for target, where, share in zip((dqs, dks, dvs), (queries, keys, keys), shares):
                 target[:, where].add_(share)
     for grad, rows in zip(grads, grad_rows):
@@ -226,8 +240,9 @@ class _OneDevice:
     def __init__(self, problem: Problem, kernel: str, backward_kernel: str | None, shard_len: int):
         self.q, self.k, self.v = (t.detach() for t in (problem.q, problem.k, problem.v))
         self.causal, self.kernel, self.backward_kernel = problem.causal, kernel, backward_kernel
-        self.patterns = [(w, r, w // shard_len if w > shard_len else 1)
-                         for w, r in patterns(problem.options, self.q.shape[2])]
+        self.patterns = [
+            (w, r, w // shard_len if w > shard_len else 1) for w, r in patterns(problem.options, self.q.shape[2])
+        ]
 
     def forward(self, keep_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         q = self.q
@@ -316,8 +331,9 @@ def _spanning_pattern_backward(tensors, grads, w, r, rank, causal, kernel, comm)
         transfers = comm.exchange(current, spare, send_to, receive_from) if step + 1 < span else []
         active = not (causal and (place - step) % span > place)
         if active:
-            block_dq, block_dk, block_dv = blocks.attend_backward(kernel, douts, qs, current[0], current[1], outs, lses,
-                                                                  causal and step == 0)
+            block_dq, block_dk, block_dv = blocks.attend_backward(
+                kernel, douts, qs, current[0], current[1], outs, lses, causal and step == 0
+            )
             dq_rows += block_dq
         held = sums.held(step)
         if active:
@@ -350,8 +366,10 @@ class _OneRank:
         start = self.rank * self.shard_len
         self.rows = torch.arange(start, start + self.shard_len, device=problem.q.device)
         # Leaves of their own, so that gradients stop at this rank's shard, not at the whole inputs.
-        self.q, self.k, self.v = (t.detach()[:, :, start:start + self.shard_len].clone().requires_grad_(t.requires_grad)
-                                  for t in (problem.q, problem.k, problem.v))
+        self.q, self.k, self.v = (
+            t.detach()[:, :, start : start + self.shard_len].clone().requires_grad_(t.requires_grad)
+            for t in (problem.q, problem.k, problem.v)
+        )
         self.patterns = patterns(problem.options, seq_len)
 
     def forward(self, keep_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -387,8 +405,16 @@ def _one_rank(problem: Problem) -> Bench:
 
 
 # Blocks and patterns merge, and gradients add up, in float32.
-COMMON = dict(options=OPTIONS, reference=DilatedReference(), accumulates="float32", flops=_flops, memory_model=_memory_model,
-              excludes=_excludes, check_options=_check_options, passes=PASSES)
+COMMON = dict(
+    options=OPTIONS,
+    reference=DilatedReference(),
+    accumulates="float32",
+    flops=_flops,
+    memory_model=_memory_model,
+    excludes=_excludes,
+    check_options=_check_options,
+    passes=PASSES,
+)
 
 
 @register("dilated", description="LongNet dilated attention on one device", **COMMON)
@@ -396,8 +422,9 @@ def setup_dilated(problem: Problem):
     return _setup(problem, sharded=False)
 
 
-@register("ring-dilated", uses_ring=True, distributed=True, description="LongNet dilated attention, ring-sharded",
-          **COMMON)
+@register(
+    "ring-dilated", uses_ring=True, distributed=True, description="LongNet dilated attention, ring-sharded", **COMMON
+)
 def setup_ring_dilated(problem: Problem):
     if problem.world_size > 1:
         return _one_rank(problem)

@@ -23,15 +23,17 @@ r and 2P−1−r, so every rank does the same work in every step.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from ringbench.attention import blocks
 from ringbench.attention.comm import TravellingSums
 from ringbench.attention.registry import Bench, Option, Problem, register
-from ringbench.vocabulary import Cell, DTYPE_BYTES, PASSES
+from ringbench.vocabulary import DTYPE_BYTES, PASSES, Cell
+
 
 @dataclass(frozen=True)
 class BlockSpec:
@@ -166,8 +168,15 @@ class _AllRanks:
             for i in range(j if self.causal else 0, self.ring_size):
                 q_rows = chunks[i]
                 block_dq, block_dk, block_dv = blocks.attend_backward(
-                    self.kernel, dout[:, :, q_rows], q[:, :, q_rows], k[:, :, kv_rows], v[:, :, kv_rows],
-                    out[:, :, q_rows], lse[:, :, q_rows], self.causal and i == j)
+                    self.kernel,
+                    dout[:, :, q_rows],
+                    q[:, :, q_rows],
+                    k[:, :, kv_rows],
+                    v[:, :, kv_rows],
+                    out[:, :, q_rows],
+                    lse[:, :, q_rows],
+                    self.causal and i == j,
+                )
                 dq[:, :, q_rows] += block_dq
                 if dk_sum is None:
                     dk_sum, dv_sum = block_dk.float(), block_dv.float()
@@ -201,8 +210,13 @@ def _all_ranks(problem: Problem, kernel: str, zigzag: bool) -> Bench:
             # What the receive from the neighbour would deliver.
             torch.index_select(k, 2, shard_rows[spec.kv_rank], out=received_k)
             torch.index_select(v, 2, shard_rows[spec.kv_rank], out=received_v)
-            out, lse = blocks.attend(kernel, own["q"][:, :, spec.q_rows], received_k[:, :, spec.kv_rows],
-                                     received_v[:, :, spec.kv_rows], spec.causal)
+            out, lse = blocks.attend(
+                kernel,
+                own["q"][:, :, spec.q_rows],
+                received_k[:, :, spec.kv_rows],
+                received_v[:, :, spec.kv_rows],
+                spec.causal,
+            )
             if acc is None:
                 acc, acc_lse = out.float(), lse
             else:
@@ -254,8 +268,13 @@ class _OneRank:
             transfers, incoming = self._pass_on(current, step)
             spec = self._block(step)
             if spec is not None:
-                out, lse = blocks.attend(self.kernel, q[:, :, spec.q_rows], current[0][:, :, spec.kv_rows],
-                                         current[1][:, :, spec.kv_rows], spec.causal)
+                out, lse = blocks.attend(
+                    self.kernel,
+                    q[:, :, spec.q_rows],
+                    current[0][:, :, spec.kv_rows],
+                    current[1][:, :, spec.kv_rows],
+                    spec.causal,
+                )
                 if acc is None:  # step 0 is the full diagonal block
                     acc, acc_lse = out.float(), lse
                 else:
@@ -276,8 +295,15 @@ class _OneRank:
             spec = self._block(step)
             if spec is not None:
                 block_dq, block_dk, block_dv = blocks.attend_backward(
-                    self.kernel, dout[:, :, spec.q_rows], q[:, :, spec.q_rows], current[0][:, :, spec.kv_rows],
-                    current[1][:, :, spec.kv_rows], out[:, :, spec.q_rows], lse[:, :, spec.q_rows], spec.causal)
+                    self.kernel,
+                    dout[:, :, spec.q_rows],
+                    q[:, :, spec.q_rows],
+                    current[0][:, :, spec.kv_rows],
+                    current[1][:, :, spec.kv_rows],
+                    out[:, :, spec.q_rows],
+                    lse[:, :, spec.q_rows],
+                    spec.causal,
+                )
                 dq[:, :, spec.q_rows] += block_dq
             held = sums.held(step)
             if spec is not None:

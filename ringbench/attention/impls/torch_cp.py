@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ringbench.attention.impls.sdpa import kernel_choice, resolved_backend
 from ringbench.attention.registry import Bench, Option, Problem, register
-from ringbench.vocabulary import Cell, PASSES
+from ringbench.vocabulary import PASSES, Cell
 
 ROTATIONS = ("allgather", "alltoall")
 
@@ -40,8 +40,11 @@ def _excludes(cell: Cell) -> str | None:
     "torch-cp",
     distributed=True,
     options={
-        "backend": Option("auto", choices=("auto", "flash", "efficient", "cudnn"),
-                          help="SDPA kernel each block runs; auto lets PyTorch choose"),
+        "backend": Option(
+            "auto",
+            choices=("auto", "flash", "efficient", "cudnn"),
+            help="SDPA kernel each block runs; auto lets PyTorch choose",
+        ),
         "rotate": Option("allgather", choices=ROTATIONS, help="how K/V shards travel (PyTorch's set_rotate_method)"),
     },
     passes=PASSES,
@@ -68,8 +71,9 @@ def setup(problem: Problem) -> Bench:
         opened.enter_context(context_parallel(mesh, buffers=[positions], buffer_seq_dims=[2]))
         rows = positions.flatten()
         # Leaves of their own, so that gradients stop at this rank's shard, not at the whole inputs.
-        q, k, v = (t.detach().index_select(2, rows).requires_grad_(t.requires_grad)
-                   for t in (problem.q, problem.k, problem.v))
+        q, k, v = (
+            t.detach().index_select(2, rows).requires_grad_(t.requires_grad) for t in (problem.q, problem.k, problem.v)
+        )
         problem.facts["backend"] = resolved_backend(backend, q, k, v, causal)
         problem.facts["rotate"] = problem.options["rotate"]
         close = opened.pop_all().close
