@@ -23,7 +23,11 @@ Versions:
    recorded. Unchecked gradients carry None for each error; their reason (always the
    length) is dropped.
 
-``run.json`` carries the same number; its layout did not change in version 2.
+3. Facts name the block kernel an implementation ran ``kernel``, whichever it is; up to
+   version 2 ``sdpa`` and ``torch-cp`` named theirs ``backend``, renamed on reading.
+
+``run.json`` carries the same number; version 3 adds ``roles`` to it (``records.read_run``
+fills them in for older runs).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from typing import Any
 from ringbench.errors import show
 from ringbench.vocabulary import DTYPES, PASSES, Cell, implementation_label
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 OK, WRONG, OOM, ERROR, CRASHED, TIMEOUT, SKIPPED = "ok", "wrong", "oom", "error", "crashed", "timeout", "skipped"
 STATUSES = (OK, WRONG, OOM, ERROR, CRASHED, TIMEOUT, SKIPPED)
@@ -409,8 +413,17 @@ def _upgrade_1_to_2(old: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def _upgrade_2_to_3(old: dict[str, Any]) -> dict[str, Any]:
+    """The kernel fact under one name: ``backend`` (sdpa's, torch-cp's) becomes ``kernel``."""
+    facts = old.get("facts")
+    if not isinstance(facts, dict) or "backend" not in facts or "kernel" in facts:
+        return old
+    renamed = {("kernel" if key == "backend" else key): value for key, value in facts.items()}
+    return {**old, "facts": renamed}
+
+
 # _UPGRADES[v - 1] turns version v into v + 1.
-_UPGRADES: tuple[Callable[[dict[str, Any]], dict[str, Any]], ...] = (_upgrade_1_to_2,)
+_UPGRADES: tuple[Callable[[dict[str, Any]], dict[str, Any]], ...] = (_upgrade_1_to_2, _upgrade_2_to_3)
 
 
 @functools.cache

@@ -37,10 +37,10 @@ def test_sdpa_records_the_backend_it_ran():
     q = torch.randn(1, 2, 32, 16)
     explicit = Problem(q=q, k=q, v=q, causal=False, ring_size=None, options={"backend": "math"})
     BUNDLED.get("sdpa").setup(explicit)
-    assert explicit.facts == {"backend": "math"}
+    assert explicit.facts == {"kernel": "math"}
     auto = Problem(q=q, k=q, v=q, causal=False, ring_size=None, options={"backend": "auto"})
     BUNDLED.get("sdpa").setup(auto)
-    assert auto.facts["backend"] in {"flash", "efficient", "cudnn", "math"}
+    assert auto.facts["kernel"] in {"flash", "efficient", "cudnn", "math"}
 
 
 def test_unavailable_backend_fails_loudly_not_silently():

@@ -124,7 +124,7 @@ def _row(record: Record, peaks: dict[str, float]) -> dict[str, Any]:
         "tflops": record.tflops,
         "tflops_per_device": None if record.tflops is None else record.tflops / record.world_size,
         "peak_tflops": peaks.get(record.dtype),
-        "kernel": facts.get("kernel", facts.get("backend")),
+        "kernel": facts.get("kernel"),
         "projected_ms": projected.stats.median_ms if projected else None,
         "projected_iqr_ms": projected.stats.iqr_ms if projected else None,
         "projected_mib": projected.peak_allocated_mib if projected else None,

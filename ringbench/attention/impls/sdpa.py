@@ -48,7 +48,7 @@ def resolved_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 def setup(problem: Problem):
     q, k, v, causal = problem.q, problem.k, problem.v, problem.causal
     backend = problem.options["backend"]
-    problem.facts["backend"] = resolved_backend(backend, q, k, v, causal)
+    problem.facts["kernel"] = resolved_backend(backend, q, k, v, causal)
 
     def run() -> torch.Tensor:
         with kernel_choice(backend):

@@ -74,7 +74,7 @@ def setup(problem: Problem) -> Bench:
         q, k, v = (
             t.detach().index_select(2, rows).requires_grad_(t.requires_grad) for t in (problem.q, problem.k, problem.v)
         )
-        problem.facts["backend"] = resolved_backend(backend, q, k, v, causal)
+        problem.facts["kernel"] = resolved_backend(backend, q, k, v, causal)
         problem.facts["rotate"] = problem.options["rotate"]
         close = opened.pop_all().close
 
