@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Column, Table
 
 from ringbench import records
@@ -37,7 +45,7 @@ class ProgressBar:
             console=console,
             expand=True,
         )
-        self.task = None
+        self.task: TaskID | None = None  # from ``started``, which the runner calls before any cell
 
     def __enter__(self) -> ProgressBar:
         self.progress.start()
@@ -51,9 +59,11 @@ class ProgressBar:
         self.task = self.progress.add_task("starting", total=total, last="")
 
     def cell_started(self, index: int, cell: Cell) -> None:
+        assert self.task is not None, "started before any cell"
         self.progress.update(self.task, description=cell.title)
 
     def cell_finished(self, index: int, cell: Cell, record: Record) -> None:
+        assert self.task is not None, "started before any cell"
         self.progress.update(self.task, advance=1, last=f"last: {_status(record)}")
 
 

@@ -37,7 +37,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard
 
 from ringbench.errors import show
 from ringbench.vocabulary import DTYPES, PASSES, Cell, implementation_label
@@ -60,6 +60,10 @@ _OMITTED_WHEN_NONE = {"omitted_when_none": True}
 
 class _Stored:
     """What every part of a record shares: written as JSON by field name (``_build`` reads it back)."""
+
+    if TYPE_CHECKING:
+        # Every part is a dataclass; this says so to the type checker (``fields`` wants one).
+        __dataclass_fields__: ClassVar[dict[str, Any]]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -328,12 +332,17 @@ def _amend(record: dict[str, Any], key: str, change: Callable[[Any], Any]) -> No
         record[key] = change(record[key])
 
 
+def _is_number(value: Any) -> TypeGuard[float]:
+    """Whether ``value`` is a JSON number (bool, an int to Python, is not)."""
+    return type(value) in (int, float)
+
+
 def _stats_1(stats: Any) -> Any:
     """Statistics from before the noise measure: it is the IQR over the median (0 at a zero median)."""
     if not isinstance(stats, dict) or "rel_iqr" in stats:
         return stats
     iqr, median = stats.get("iqr_ms"), stats.get("median_ms")
-    if not all(type(value) in (int, float) for value in (iqr, median)):
+    if not (_is_number(iqr) and _is_number(median)):
         return stats
     return {**stats, "rel_iqr": iqr / median if median > 0 else 0.0}
 
@@ -463,7 +472,7 @@ def _parse(kind: Any, value: Any, where: str) -> Any:
             return None
         (kind,) = [argument for argument in arguments if argument is not type(None)]
         return _parse(kind, value, where)
-    if is_dataclass(kind):
+    if isinstance(kind, type) and is_dataclass(kind):
         return _build(kind, value, where)
     if origin is tuple:
         if not isinstance(value, list):

@@ -309,6 +309,7 @@ class Registry:
 
 def _run_plugin(module_name: str, path: Path, name: str, where: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None, "a .py file always has a spec with a loader"
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # so that pickling and dataclasses can find its classes
     try:

@@ -49,7 +49,9 @@ def _gpus(environment: dict[str, Any]) -> list[str]:
     return [gpu["name"] for gpu in environment.get("gpus") or []] or [f"CPU: {environment.get('cpu')}"]
 
 
-def _verdict(base: Record | None, new: Record | None, threshold: float, alpha: float, comparable: bool):
+def _verdict(
+    base: Record | None, new: Record | None, threshold: float, alpha: float, comparable: bool
+) -> tuple[str, float | None, float | None]:
     """(verdict, ratio, p) for one cell id."""
     if base is None or new is None:
         return (ONLY_NEW if base is None else ONLY_BASE), None, None
@@ -60,7 +62,9 @@ def _verdict(base: Record | None, new: Record | None, threshold: float, alpha: f
             None,
             None,
         )
-    ratio = new.median_ms / base.median_ms
+    base_ms, new_ms = base.median_ms, new.median_ms
+    assert base_ms is not None and new_ms is not None, "measured records carry statistics"
+    ratio = new_ms / base_ms
     p = mann_whitney_p(base.samples_ms, new.samples_ms)
     if not comparable:
         return INCOMPARABLE, ratio, p
@@ -86,10 +90,12 @@ def compare_runs(base: Path, new: Path, threshold: float = 1.1, alpha: float = 0
     base_records, new_records = _latest(base), _latest(new)
     for cell_id in list(base_records) + [i for i in new_records if i not in base_records]:
         old, fresh = base_records.get(cell_id), new_records.get(cell_id)
+        either = old or fresh
+        assert either is not None, "each cell id comes from one run or the other"
         verdict, ratio, p = _verdict(old, fresh, threshold, alpha, comparable)
         comparison.rows.append(
             {
-                "cell": _label(old or fresh),
+                "cell": _label(either),
                 "base_ms": old.median_ms if old else None,
                 "new_ms": fresh.median_ms if fresh else None,
                 "ratio": ratio,

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.artist import Artist
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ringbench import records
@@ -22,10 +24,10 @@ def _style(index: int) -> str:
     return ("-", "--", ":", "-.")[index // 10 % 4]
 
 
-def _legend(figure: Figure, panels: list) -> None:
+def _legend(figure: Figure, panels: list[Axes]) -> None:
     """One legend under all panels, each series once: beside the plot, a dozen names would squeeze
     it on a narrow page."""
-    named = {}
+    named: dict[str, Artist] = {}
     for axes in panels:
         for handle, label in zip(*axes.get_legend_handles_labels()):
             named.setdefault(label, handle)
@@ -38,7 +40,7 @@ def _series_name(row: pd.Series) -> str:
     return series_name(row["label"], placement(row["ring_size"], row["world_size"]))
 
 
-def _panels(groups: list[tuple[tuple, pd.DataFrame]], title: str) -> tuple[Figure, list]:
+def _panels(groups: list[tuple[str, pd.DataFrame]], title: str) -> tuple[Figure, list[Axes]]:
     """A figure with one panel per group, each titled by its shape where there are several."""
     figure = Figure(figsize=(PANEL[0], PANEL[1] * len(groups)), layout="constrained")
     panels = figure.subplots(len(groups), 1, squeeze=False)[:, 0]

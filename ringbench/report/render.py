@@ -263,11 +263,11 @@ def _excluded(excluded: list[dict[str, Any]]) -> str:
 def _findings(frame: pd.DataFrame, label: str | None, level: int, environments: list[dict[str, Any]]) -> list[str]:
     """What the cells show, and what a reader should distrust, in bullet points."""
     lines = [_heading(level, "Findings"), ""]
-    lines += (
-        [*summary(frame, label), *efficiency_findings(frame), ""]
-        if not frame.empty
-        else ["No cell has finished yet.", ""]
-    )
+    if frame.empty:
+        lines += ["No cell has finished yet.", ""]
+    else:
+        assert label is not None, "a frame with cells resolves a baseline label"
+        lines += [*summary(frame, label), *efficiency_findings(frame), ""]
     cautions = warnings(frame, environments)
     if cautions:
         lines += [_heading(level, "What to distrust"), "", *cautions, ""]

@@ -213,14 +213,18 @@ THROTTLE_REASONS = {
 
 
 def _throttled(reasons: str | None) -> bool:
+    if reasons is None:  # not reported
+        return False
     try:
         return int(reasons, 16) & ~GPU_IDLE != 0
-    except (TypeError, ValueError):  # not reported, or "[N/A]"
+    except (TypeError, ValueError):  # not a hex mask: "[N/A]"
         return False
 
 
 def throttle_reasons(reasons: str | None) -> str:
     """nvidia-smi's hex mask in words: "nothing", or the reasons named."""
+    if reasons is None:
+        return "not reported"
     try:
         mask = int(reasons, 16)
     except (TypeError, ValueError):

@@ -134,6 +134,7 @@ def verdict(reference: Reference, sums: Sums, tolerance: float, sample: Gradient
     }
     if sums.gradients is None:
         return found
+    assert sample is not None, "gradients are sampled wherever they are checked"
     gradients = gradient_verdict(sums.gradients, tolerance, sample)
     return {**found, "gradients": gradients, "passed": found["passed"] and gradients["passed"]}
 

@@ -30,7 +30,11 @@ def l2_flush(device: torch.device) -> Callable[[], None] | None:
     if device.type != "cuda":
         return None
     buffer = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
-    return lambda: buffer.fill_(0)
+
+    def flush() -> None:
+        buffer.fill_(0)
+
+    return flush
 
 
 @cache

@@ -375,6 +375,7 @@ def _check(
         grads = torch.autograd.grad(output, inputs, grad_out)
         if reference:
             sample = correctness.GradientSample.of(problem.q, seed)
+            assert sums is not None, "the output's errors are found wherever there is a reference"
             sums = replace(
                 sums, gradients=correctness.gradient_partials(reference, problem, grads, whole, seed, bench.rows)
             )
@@ -418,6 +419,7 @@ def _phases(
         return failure
     check = None
     if checking.sums is not None:
+        assert implementation.reference is not None, "sums are found only against a reference"
         tolerance = correctness.tolerance(cell.dtype, implementation.accumulates)
         verdict = correctness.verdict(
             implementation.reference, correctness.Sums.combine(group.gather(checking.sums)), tolerance, checking.sample

@@ -4,11 +4,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypedDict
 
 import numpy as np
+import numpy.typing as npt
 
 
-def summarize(samples_ms: Sequence[float]) -> dict[str, float | int]:
+class Summary(TypedDict):
+    """What ``summarize`` finds: the fields of ``ringbench.schema.Stats``."""
+
+    n: int
+    median_ms: float
+    mean_ms: float
+    std_ms: float
+    q1_ms: float
+    q3_ms: float
+    iqr_ms: float
+    rel_iqr: float
+    min_ms: float
+    max_ms: float
+
+
+def summarize(samples_ms: Sequence[float]) -> Summary:
     """Median, mean, std (sample), quartiles, IQR (also relative to the median), min, max and count."""
     values = np.asarray(samples_ms, dtype=np.float64)
     q1, median, q3 = np.percentile(values, [25, 50, 75])
@@ -26,7 +43,7 @@ def summarize(samples_ms: Sequence[float]) -> dict[str, float | int]:
     }
 
 
-def relative_iqr(samples_ms: Sequence[float]) -> float:
+def relative_iqr(samples_ms: Sequence[float] | npt.NDArray[np.float64]) -> float:
     """IQR / median: the noise measure sampling tries to bring under its target."""
     q1, median, q3 = np.percentile(np.asarray(samples_ms, dtype=np.float64), [25, 50, 75])
     return float((q3 - q1) / median) if median > 0 else 0.0

@@ -25,15 +25,15 @@ it goes. The backward pass always runs on the library kernels.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypedDict
 
 import torch
 
 from ringbench.attention import blocks, fused_dilated
 from ringbench.attention.comm import TravellingSums
 from ringbench.attention.references import Reference
-from ringbench.attention.registry import Bench, Option, Problem, register
+from ringbench.attention.registry import Bench, CellHook, Option, Problem, register
 from ringbench.vocabulary import DTYPE_BYTES, PASSES, Cell
 
 OPTIONS = {
@@ -282,8 +282,11 @@ def _setup(problem: Problem, sharded: bool):
         problem.facts["backward_kernel"] = backward_kernel
     if kernel != "fused":  # the fused kernel merges as it goes
         problem.facts["merge"] = blocks.merge_path(q.device)
-    seq_len = q.shape[2]
-    dilated = _OneDevice(problem, kernel, backward_kernel, seq_len // problem.ring_size if sharded else seq_len)
+    shard_len = q.shape[2]  # the whole sequence, unless sharded
+    if sharded:
+        assert problem.ring_size is not None, "ring-dilated shards the sequence: its cells have a ring size"
+        shard_len //= problem.ring_size
+    dilated = _OneDevice(problem, kernel, backward_kernel, shard_len)
     inputs = (problem.q, problem.k, problem.v)
     return lambda: blocks.Differentiable.apply(*inputs, dilated)
 
@@ -404,8 +407,21 @@ def _one_rank(problem: Problem) -> Bench:
     return Bench(run=lambda: blocks.Differentiable.apply(*inputs, dilated), rows=dilated.rows, inputs=inputs)
 
 
+class _Common(TypedDict):
+    """What both registrations share: ``register``'s keyword arguments, typed as it takes them."""
+
+    options: Mapping[str, Option]
+    reference: Reference | None
+    accumulates: str | None
+    flops: CellHook | None
+    memory_model: Callable[[Any, Mapping[str, Any]], int] | None
+    excludes: CellHook | None
+    check_options: Callable[[Mapping[str, Any]], str | None] | None
+    passes: tuple[str, ...]
+
+
 # Blocks and patterns merge, and gradients add up, in float32.
-COMMON = dict(
+COMMON: _Common = dict(
     options=OPTIONS,
     reference=DilatedReference(),
     accumulates="float32",

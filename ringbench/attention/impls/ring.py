@@ -127,6 +127,7 @@ class _AllRanks:
     def __init__(self, problem: Problem, kernel: str, zigzag: bool):
         self.kernel, self.zigzag, self.causal, self.dtype = kernel, zigzag, problem.causal, problem.q.dtype
         self.natural = tuple(t.detach() for t in (problem.q, problem.k, problem.v))
+        assert problem.ring_size is not None, "ring shards the sequence: its cells have a ring size"
         self.ring_size = problem.ring_size
         self.shard_len = problem.q.shape[2] // problem.ring_size
         self.chunk_count = self.ring_size * (2 if zigzag else 1)
@@ -184,6 +185,7 @@ class _AllRanks:
                     dk_sum += block_dk
                     dv_sum += block_dv
                 del block_dq, block_dk, block_dv
+            assert dk_sum is not None and dv_sum is not None, "every K/V chunk is seen by its own query chunk"
             dk[:, :, kv_rows], dv[:, :, kv_rows] = dk_sum, dv_sum
         return dq.to(self.dtype), dk, dv
 
@@ -220,8 +222,10 @@ def _all_ranks(problem: Problem, kernel: str, zigzag: bool) -> Bench:
             if acc is None:
                 acc, acc_lse = out.float(), lse
             else:
+                assert acc_lse is not None, "set with acc"
                 blocks.merge_(acc[:, :, spec.q_rows], acc_lse[:, :, spec.q_rows], out, lse)
             del out, lse
+        assert acc is not None, "step 0's block, the diagonal, is never skipped"
         return acc
 
     inputs = (problem.q, problem.k, problem.v)
@@ -233,6 +237,7 @@ class _OneRank:
 
     def __init__(self, problem: Problem, kernel: str, zigzag: bool):
         self.kernel, self.zigzag, self.causal, self.dtype = kernel, zigzag, problem.causal, problem.q.dtype
+        assert problem.comm is not None, "across processes the worker hands setup a clock"
         self.rank, self.ring_size, self.comm = problem.rank, problem.world_size, problem.comm
         self.rows = positions(problem.q.shape[2], self.ring_size, zigzag, problem.q.device)[self.rank]
         # Leaves of their own, so that gradients stop at this rank's shard, not at the whole inputs;
@@ -278,10 +283,13 @@ class _OneRank:
                 if acc is None:  # step 0 is the full diagonal block
                     acc, acc_lse = out.float(), lse
                 else:
+                    assert acc_lse is not None, "set with acc"
                     blocks.merge_(acc[:, :, spec.q_rows], acc_lse[:, :, spec.q_rows], out, lse)
                 del out, lse
             comm.wait(transfers)
-            current = incoming
+            if incoming is not None:  # none after the last step
+                current = incoming
+        assert acc is not None, "step 0's block, the diagonal, is never skipped"
         return acc.to(self.dtype), acc_lse if keep_lse else None
 
     def backward(self, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
@@ -312,7 +320,8 @@ class _OneRank:
                 del block_dq, block_dk, block_dv
             sums.pass_on()
             comm.wait(transfers)
-            current = incoming
+            if incoming is not None:  # none after the last step
+                current = incoming
         mine = sums.own()
         return dq.to(self.dtype), mine[0].to(self.dtype), mine[1].to(self.dtype)
 
@@ -324,6 +333,7 @@ def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
 
 
 def _excludes(cell: Cell) -> str | None:
+    assert cell.ring_size is not None, "ring shards the sequence: its cells have a ring size"
     kernel = dict(cell.options)["kernel"]
     if cell.pass_name != "forward" and kernel not in blocks.BACKWARD_KERNELS:
         return f"ring's backward runs on {', '.join(blocks.BACKWARD_KERNELS[1:])} blocks, not {kernel}"
