@@ -169,11 +169,11 @@ class Cell:
 
     @property
     def title(self) -> str:
-        """The cell on one line, as ``plan`` and the progress bar show it."""
-        ring = f" ring={self.ring_size}" if self.ring_size is not None else ""
-        ring += f" ranks={self.world_size}" if self.world_size > 1 else ""
+        """The cell on one line, as ``plan``, the progress bar and ``compare`` name it: every axis, so
+        that no two cells of a sweep read alike."""
+        name = self.label or implementation_label(self.implementation, dict(self.options))
         causal = " causal" if self.causal else ""
         return (
-            f"{self.label or implementation_label(self.implementation, dict(self.options))} S={self.seq_len}{ring} "
-            f"B={self.batch_size} H={self.heads} D={self.head_dim} {self.dtype}{causal} {self.pass_name}"
+            f"{name} S={self.seq_len} {self.placement} B={self.batch_size} H={self.heads} D={self.head_dim} "
+            f"{self.dtype}{causal} {self.pass_name}"
         )

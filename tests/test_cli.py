@@ -27,10 +27,10 @@ def test_plan_lists_cells_and_exclusions(write_config):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == f"{path}: 5 cells planned, 1 left out"
-    assert lines[1].endswith("test-ring S=64 ring=1 B=1 H=2 D=16 float32 forward")
+    assert lines[1].endswith("test-ring S=64 ring 1 B=1 H=2 D=16 float32 forward")
     assert lines[-2:] == [
         "left out:",
-        "  test-ring S=64 ring=3 B=1 H=2 D=16 float32 forward: seq_len 64 is not divisible by ring_size 3",
+        "  test-ring S=64 ring 3 B=1 H=2 D=16 float32 forward: seq_len 64 is not divisible by ring_size 3",
     ]
     dry = runner.invoke(app, ["run", str(path), "--dry-run", "--output-root", str(path.parent / "out")])
     assert dry.exit_code == 0 and dry.output == result.output

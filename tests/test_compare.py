@@ -58,20 +58,20 @@ def edit(record):
 def test_verdicts_need_ratio_and_significance(tmp_path):
     comparison = compare_runs(FIXTURE, changed_run(tmp_path, edit))
     verdicts = {row["cell"]: row["verdict"] for row in comparison.rows}
-    assert verdicts["sdpa backend=flash S=4096 no ring float16 forward"] == "slower"
-    assert verdicts["sdpa backend=flash S=6144 no ring float16 forward"] == "unchanged"
-    assert verdicts["sdpa backend=flash S=8192 no ring float16 forward"] == "faster"
-    assert verdicts["standard S=6144 no ring float16 forward"] == "newly failing"
-    assert verdicts["standard S=8192 no ring float16 forward"] == "fixed"
-    assert verdicts["ring S=6144 ring 3 float16 forward"] == "still failing"
-    assert verdicts["ring S=8192 ring 1 float16 forward"] == "unchanged"
-    ring = next(row for row in comparison.rows if row["cell"] == "ring S=8192 ring 1 float16 forward")
+    assert verdicts["sdpa backend=flash S=4096 no ring B=1 H=8 D=64 float16 forward"] == "slower"
+    assert verdicts["sdpa backend=flash S=6144 no ring B=1 H=8 D=64 float16 forward"] == "unchanged"
+    assert verdicts["sdpa backend=flash S=8192 no ring B=1 H=8 D=64 float16 forward"] == "faster"
+    assert verdicts["standard S=6144 no ring B=1 H=8 D=64 float16 forward"] == "newly failing"
+    assert verdicts["standard S=8192 no ring B=1 H=8 D=64 float16 forward"] == "fixed"
+    assert verdicts["ring S=6144 ring 3 B=1 H=8 D=64 float16 forward"] == "still failing"
+    assert verdicts["ring S=8192 ring 1 B=1 H=8 D=64 float16 forward"] == "unchanged"
+    ring = next(row for row in comparison.rows if row["cell"] == "ring S=8192 ring 1 B=1 H=8 D=64 float16 forward")
     assert ring["ratio"] == pytest.approx(0.53 / 0.47) and ring["p"] == pytest.approx(0.2101, abs=1e-4)
     assert comparison.warnings == []
     markdown = render_markdown(comparison, 1.1, 0.05)
     row = next(line for line in markdown.splitlines() if line.startswith("| sdpa backend=flash S=4096"))
     assert [cell.strip() for cell in row.strip("|").split("|")] == [
-        "sdpa backend=flash S=4096 no ring float16 forward",
+        "sdpa backend=flash S=4096 no ring B=1 H=8 D=64 float16 forward",
         "slower",
         "0.1100",
         "0.2200",

@@ -38,13 +38,6 @@ def _latest(run_dir: Path) -> dict[str, Record]:
     return {record.cell_id: record for record in records.read_records(run_dir)}
 
 
-def _label(record: Record) -> str:
-    causal = " causal" if record.causal else ""
-    return (
-        f"{record.display_label} S={record.seq_len} {record.cell.placement} {record.dtype}{causal} {record.pass_name}"
-    )
-
-
 def _gpus(environment: dict[str, Any]) -> list[str]:
     return [gpu["name"] for gpu in environment.get("gpus") or []] or [f"CPU: {environment.get('cpu')}"]
 
@@ -95,7 +88,7 @@ def compare_runs(base: Path, new: Path, threshold: float = 1.1, alpha: float = 0
         verdict, ratio, p = _verdict(old, fresh, threshold, alpha, comparable)
         comparison.rows.append(
             {
-                "cell": _label(either),
+                "cell": either.cell.title,
                 "base_ms": old.median_ms if old else None,
                 "new_ms": fresh.median_ms if fresh else None,
                 "ratio": ratio,
