@@ -91,12 +91,30 @@ def test_fail_above_gates_ci(tmp_path):
     assert CliRunner().invoke(app, ["compare", str(FIXTURE), str(calm), "--fail-above", "1.2"]).exit_code == 0
 
 
+def test_a_gpu_a_cell_did_not_use_leaves_it_comparable(tmp_path):
+    gpus = json.loads((FIXTURE / "run.json").read_text())["environment"]["gpus"]
+    larger_host = changed_run(
+        tmp_path, lambda record: None, {"gpus": gpus + [{"name": "NVIDIA H200", "memory_mib": 1}]}
+    )
+    comparison = compare_runs(FIXTURE, larger_host)
+    verdicts = {
+        row["verdict"] for row in comparison.rows if row["ratio"] is not None and "processes" not in row["cell"]
+    }
+    assert verdicts == {"unchanged"}  # one process: the first GPU, the same in both
+    across = [row["verdict"] for row in comparison.rows if row["ratio"] is not None and "2 processes" in row["cell"]]
+    assert across and set(across) == {"incomparable"}  # two processes: the second GPU differs
+    assert comparison.warnings == [
+        "Different hardware (NVIDIA H100 80GB HBM3 against NVIDIA H100 80GB HBM3, NVIDIA H200): "
+        "those cells' timings are not compared."
+    ]
+
+
 def test_different_hardware_is_incomparable_and_versions_warn(tmp_path):
     other_gpu = changed_run(tmp_path, edit, {"gpus": [{"name": "NVIDIA H200", "memory_mib": 1}], "torch": "9.9"})
     comparison = compare_runs(FIXTURE, other_gpu)
     measured = [row for row in comparison.rows if row["ratio"] is not None]
     assert measured and {row["verdict"] for row in measured} == {"incomparable"}
     assert comparison.warnings == [
-        "Different hardware (NVIDIA H100 80GB HBM3 against NVIDIA H200): no timing is compared.",
+        "Different hardware (NVIDIA H100 80GB HBM3 against NVIDIA H200): those cells' timings are not compared.",
         "torch differs: 2.9.0 against 9.9.",
     ]

@@ -3,8 +3,9 @@
 Cells are matched by id. A measured pair's verdict needs both a ratio of medians
 beyond the threshold and a Mann-Whitney U test on the raw samples below ``alpha``:
 a large ratio on noisy samples, or a significant but tiny shift, is "unchanged".
-Runs on different GPUs are not compared at all (every pair is "incomparable");
-other environment differences are listed as warnings.
+A cell measured on different GPUs in the two runs — those its processes ran on, the
+host's first — is not compared at all ("incomparable"); other environment
+differences are listed as warnings.
 """
 
 from __future__ import annotations
@@ -38,8 +39,13 @@ def _latest(run_dir: Path) -> dict[str, Record]:
     return {record.cell_id: record for record in records.read_records(run_dir)}
 
 
-def _gpus(environment: dict[str, Any]) -> list[str]:
-    return [gpu["name"] for gpu in environment.get("gpus") or []] or [f"CPU: {environment.get('cpu')}"]
+def _hardware(environment: dict[str, Any], world_size: int) -> str:
+    """What a cell of ``world_size`` processes ran on: the host's first GPUs (one per process), or its CPU.
+    A host's other GPUs do not make its cells incomparable."""
+    gpus = environment.get("gpus") or []
+    if not environment.get("device", "").startswith("cuda") or not gpus:
+        return f"CPU: {environment.get('cpu')}"
+    return ", ".join(gpu["name"] for gpu in gpus[:world_size])
 
 
 def _verdict(
@@ -71,12 +77,7 @@ def _verdict(
 def compare_runs(base: Path, new: Path, threshold: float = 1.1, alpha: float = 0.05) -> Comparison:
     comparison = Comparison(base, new)
     base_env, new_env = records.read_run(base)["environment"], records.read_run(new)["environment"]
-    comparable = _gpus(base_env) == _gpus(new_env)
-    if not comparable:
-        comparison.warnings.append(
-            f"Different hardware ({', '.join(_gpus(base_env))} against "
-            f"{', '.join(_gpus(new_env))}): no timing is compared."
-        )
+    differing: dict[tuple[str, str], None] = {}
     for key in _ENVIRONMENT_KEYS:
         if base_env.get(key) != new_env.get(key):
             comparison.warnings.append(f"{key} differs: {base_env.get(key)} against {new_env.get(key)}.")
@@ -85,7 +86,10 @@ def compare_runs(base: Path, new: Path, threshold: float = 1.1, alpha: float = 0
         old, fresh = base_records.get(cell_id), new_records.get(cell_id)
         either = old or fresh
         assert either is not None, "each cell id comes from one run or the other"
-        verdict, ratio, p = _verdict(old, fresh, threshold, alpha, comparable)
+        hardware = (_hardware(base_env, either.world_size), _hardware(new_env, either.world_size))
+        if hardware[0] != hardware[1]:
+            differing[hardware] = None
+        verdict, ratio, p = _verdict(old, fresh, threshold, alpha, hardware[0] == hardware[1])
         comparison.rows.append(
             {
                 "cell": either.cell.title,
@@ -96,6 +100,10 @@ def compare_runs(base: Path, new: Path, threshold: float = 1.1, alpha: float = 0
                 "verdict": verdict,
             }
         )
+    comparison.warnings[:0] = [
+        f"Different hardware ({base_hw} against {new_hw}): those cells' timings are not compared."
+        for base_hw, new_hw in differing
+    ]
     return comparison
 
 
