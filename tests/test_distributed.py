@@ -154,3 +154,22 @@ def test_eight_processes_forward_and_backward_match_the_reference(write_config):
         assert record["world_size"] == 8 and record["status"] == "ok", record["error"]
         assert record["check"]["rel_error"] < 1e-5 and record["check"]["gradients"]["rel_error"] < 1e-5
         assert len(record["ranks"]) == 8
+
+
+def test_ulysses_at_two_and_four_processes_matches_the_reference_outputs_and_gradients(write_config):
+    _, stored = run_sweep(
+        write_config,
+        (
+            "implementations:\n  - ulysses\nseq_lens: [64]\nworld_sizes: [1, 2, 3, 4]\nheads: [4]\nhead_dims: [8]\n"
+            "dtypes: [float32]\ncausal: [false, true]\npasses: [forward, forward+backward]\n"
+        ),
+    )
+    # One process is sdpa, and three do not divide 4 heads (or 64 tokens): those cells are left out.
+    assert sorted({r["world_size"] for r in stored}) == [2, 4] and len(stored) == 8
+    for record in stored:
+        assert record["status"] == "ok", record["error"]
+        check = record["check"]
+        assert check["rows_checked"] == 64 and check["rel_error"] < 1e-5, check
+        if record["pass"] == "forward+backward":
+            assert check["gradients"]["checked"] and check["gradients"]["rel_error"] < 1e-5, check
+        assert [rank["rank"] for rank in record["ranks"]] == list(range(record["world_size"]))

@@ -1,6 +1,6 @@
 """Bundled attention implementations."""
 
-from ringbench.attention.impls import dilated, ring, sdpa, standard, torch_cp
+from ringbench.attention.impls import dilated, ring, sdpa, standard, torch_cp, ulysses
 
 # What Registry.bundled() collects.
-MODULES = (standard, sdpa, ring, dilated, torch_cp)
+MODULES = (standard, sdpa, ring, dilated, torch_cp, ulysses)
