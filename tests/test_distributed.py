@@ -173,3 +173,50 @@ def test_ulysses_at_two_and_four_processes_matches_the_reference_outputs_and_gra
         if record["pass"] == "forward+backward":
             assert check["gradients"]["checked"] and check["gradients"]["rel_error"] < 1e-5, check
         assert [rank["rank"] for rank in record["ranks"]] == list(range(record["world_size"]))
+
+
+def test_usp_at_every_ulysses_degree_matches_the_reference_and_ring_and_ulysses(write_config):
+    _, stored = run_sweep(
+        write_config,
+        (
+            "implementations:\n  - ring\n  - ulysses\n  - usp\n  - {name: usp, options: {ulysses_degree: 2}}\n"
+            "  - {name: usp, options: {ulysses_degree: 4}}\n"
+            "  - {name: usp, options: {ulysses_degree: 2, zigzag: true}}\n"
+            "seq_lens: [64]\nworld_sizes: [2, 4]\nheads: [4]\nhead_dims: [8]\ndtypes: [float32]\n"
+            "causal: [false, true]\npasses: [forward, forward+backward]\n"
+        ),
+    )
+    usp = [r for r in stored if r["implementation"] == "usp"]
+    # Degree 4 does not divide two processes: left out there.
+    assert sorted((r["world_size"], r["options"]["ulysses_degree"], r["options"]["zigzag"]) for r in usp) == sorted(
+        (world, degree, zigzag)
+        for world, degree, zigzag in [(2, 1, False), (2, 2, False), (2, 2, True)]
+        + [(4, 1, False), (4, 2, False), (4, 4, False), (4, 2, True)]
+        for _ in range(4)
+    )
+    for record in stored:
+        assert record["status"] == "ok", record["error"]
+        check = record["check"]
+        assert check["rows_checked"] == 64 and check["rel_error"] < 1e-5, check
+        if record["pass"] == "forward+backward":
+            assert check["gradients"]["checked"] and check["gradients"]["rel_error"] < 1e-5, check
+        assert [rank["rank"] for rank in record["ranks"]] == list(range(record["world_size"]))
+
+    def errors(name, degree):
+        return {
+            (r["world_size"], r["causal"], r["pass"]): (
+                r["check"]["max_abs_error"],
+                (r["check"].get("gradients") or {}).get("rel_error"),
+            )
+            for r in stored
+            if r["implementation"] == name
+            and r["options"].get("ulysses_degree") == degree
+            and not r["options"].get("zigzag")
+        }
+
+    # Degree 1 is ring across processes: the same blocks, merged in the same order, so the same outputs
+    # and gradients.
+    assert len(errors("ring", None)) == 8 and errors("usp", 1) == errors("ring", None)
+    # Degree P is Ulysses (its blocked kernel in place of SDPA): within float32 rounding of it.
+    for (world, causal, pass_name), (error, _) in errors("ulysses", None).items():
+        assert abs(errors("usp", world)[world, causal, pass_name][0] - error) < 1e-6

@@ -83,3 +83,28 @@ def test_torch_cp_runs_only_across_processes(write_config):
         (96, 1, "torch-cp runs across processes only (in one process it is sdpa)"),
     ]
     assert dict(the_plan.cells[0].options) == {"backend": "cudnn", "rotate": "allgather"}
+
+
+def test_usp_leaves_out_grids_its_degree_does_not_fit_with_a_reason(write_config):
+    text = BASE_CONFIG.replace(
+        "  - name: standard\n  - name: sdpa\n    options:\n      backend: auto\n",
+        "  - {name: usp, options: {ulysses_degree: 2}}\n  - {name: usp, options: {ulysses_degree: 4, zigzag: true}}\n"
+        "  - {name: usp, options: {ulysses_degree: 2, kernel: efficient}}\n"
+        "  - {name: usp, options: {ulysses_degree: 2, zigzag: true}}\n",
+    ).replace("seq_lens: [64, 96]", "seq_lens: [36]")
+    the_plan = build(write_config(text + "world_sizes: [1, 2, 3, 4, 8]\npasses: [forward+backward]\n"))
+    assert [(c.label, c.world_size) for c in the_plan.cells] == [
+        ("usp u=2", 2),
+        ("usp u=2", 4),
+        ("usp u=2 zigzag=true", 2),
+    ]
+    reasons = {(e.cell.label, e.cell.world_size): e.reason for e in the_plan.excluded}
+    assert reasons["usp u=2", 1] == "usp runs across processes only"
+    assert reasons["usp u=2", 3] == "usp needs the world size divisible by ulysses_degree (3 processes, degree 2)"
+    assert reasons["usp u=2", 8] == "seq_len 36 is not divisible by ring_size 8"
+    assert reasons["usp u=2 zigzag=true", 4] == "seq_len 36 is not divisible by 2 × the world size (8)"
+    assert reasons["usp u=4 zigzag=true", 2] == (
+        "usp needs the world size divisible by ulysses_degree (2 processes, degree 4)"
+    )
+    assert reasons["usp u=4 zigzag=true", 4] == "usp needs heads divisible by ulysses_degree (2 heads, degree 4)"
+    assert reasons["usp u=2 kernel=efficient", 2] == "usp's backward runs on flash, cudnn, math blocks, not efficient"

@@ -34,8 +34,12 @@ class WaitClock:
         """Post one ring step's transfer, sending ``send`` and receiving into ``receive``; returns the requests.
 
         Sends and receives go in one batch: NCCL then pairs them up without the
-        deadlock that separately issued blocking sends would risk.
+        deadlock that separately issued blocking sends would risk. A rank that is its
+        own neighbour (a ring of one) sends nothing: the message is copied.
         """
+        if send_to == receive_from == dist.get_rank():
+            receive.copy_(send)
+            return []
         if self._on:
             self.sent_bytes += send.numel() * send.element_size()
             self.sends += 1

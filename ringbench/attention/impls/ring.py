@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ringbench.attention import blocks
-from ringbench.attention.comm import TravellingSums
+from ringbench.attention.comm import TravellingSums, WaitClock
 from ringbench.attention.registry import Bench, Option, Problem, register
 from ringbench.vocabulary import DTYPE_BYTES, PASSES, Cell
 
@@ -233,25 +233,37 @@ def _all_ranks(problem: Problem, kernel: str, zigzag: bool) -> Bench:
 
 
 class _OneRank:
-    """This process's rank of a real ring: K/V travel between processes by point-to-point ops."""
+    """One rank of a real ring: K/V travel between processes by point-to-point ops.
 
-    def __init__(self, problem: Problem, kernel: str, zigzag: bool):
-        self.kernel, self.zigzag, self.causal, self.dtype = kernel, zigzag, problem.causal, problem.q.dtype
-        assert problem.comm is not None, "across processes the worker hands setup a clock"
-        self.rank, self.ring_size, self.comm = problem.rank, problem.world_size, problem.comm
-        self.rows = positions(problem.q.shape[2], self.ring_size, zigzag, problem.q.device)[self.rank]
-        # Leaves of their own, so that gradients stop at this rank's shard, not at the whole inputs;
-        # k and v are views of the one K/V message each step sends.
-        needs_grad = problem.q.requires_grad
-        self.q = problem.q.detach().index_select(2, self.rows).requires_grad_(needs_grad)
-        self.kv = torch.stack([t.detach().index_select(2, self.rows) for t in (problem.k, problem.v)])
-        self.k, self.v = (part.requires_grad_(needs_grad) for part in self.kv.unbind())
+    Built from this rank's shards as they are: ``q`` and ``kv`` (K and V stacked,
+    the one message each step sends), in the row order of ring rank ``rank``'s
+    shard (``positions``); ``send_to`` and ``receive_from`` are the global ranks of
+    its neighbours in the ring.
+    """
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        *,
+        causal: bool,
+        kernel: str,
+        zigzag: bool,
+        comm: WaitClock,
+        rank: int,
+        ring_size: int,
+        send_to: int,
+        receive_from: int,
+    ):
+        self.kernel, self.zigzag, self.causal, self.dtype = kernel, zigzag, causal, q.dtype
+        self.rank, self.ring_size, self.comm = rank, ring_size, comm
+        self.q, self.kv = q, kv
         # Received K/V land in these by turns. The rank's own shard is never written
         # over, since every call starts from it; the buffer being sent is never the
         # one being received into. One is enough when only one transfer happens.
         self.received = tuple(torch.empty_like(self.kv) for _ in range(min(2, self.ring_size - 1)))
-        self.shard_len = len(self.rows)
-        self.send_to, self.receive_from = (self.rank + 1) % self.ring_size, (self.rank - 1) % self.ring_size
+        self.shard_len = q.shape[2]
+        self.send_to, self.receive_from = send_to, receive_from
 
     def _pass_on(self, current: torch.Tensor, step: int) -> tuple[list, torch.Tensor | None]:
         """Post step ``step``'s transfer: ``current`` to the next rank, the previous rank's K/V
@@ -327,9 +339,29 @@ class _OneRank:
 
 
 def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
-    ring = _OneRank(problem, kernel, zigzag)
-    inputs = (ring.q, ring.k, ring.v)
-    return Bench(run=lambda: blocks.Differentiable.apply(*inputs, ring), rows=ring.rows, inputs=inputs)
+    assert problem.comm is not None, "across processes the worker hands setup a clock"
+    rank, ring_size = problem.rank, problem.world_size
+    rows = positions(problem.q.shape[2], ring_size, zigzag, problem.q.device)[rank]
+    # Leaves of their own, so that gradients stop at this rank's shard, not at the whole inputs;
+    # k and v are views of the one K/V message each step sends.
+    needs_grad = problem.q.requires_grad
+    q = problem.q.detach().index_select(2, rows).requires_grad_(needs_grad)
+    kv = torch.stack([t.detach().index_select(2, rows) for t in (problem.k, problem.v)])
+    k, v = (part.requires_grad_(needs_grad) for part in kv.unbind())
+    ring = _OneRank(
+        q,
+        kv,
+        causal=problem.causal,
+        kernel=kernel,
+        zigzag=zigzag,
+        comm=problem.comm,
+        rank=rank,
+        ring_size=ring_size,
+        send_to=(rank + 1) % ring_size,
+        receive_from=(rank - 1) % ring_size,
+    )
+    inputs = (q, k, v)
+    return Bench(run=lambda: blocks.Differentiable.apply(*inputs, ring), rows=rows, inputs=inputs)
 
 
 def _excludes(cell: Cell) -> str | None:

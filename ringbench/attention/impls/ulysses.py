@@ -11,6 +11,7 @@ back the same way.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
@@ -29,23 +30,24 @@ def _excludes(cell: Cell) -> str | None:
     return None
 
 
-def to_heads(x: torch.Tensor, processes: int) -> torch.Tensor:
-    """(B, H, S/P, D) sequence shard → (B, H/P, S, D) head shard, through one all-to-all."""
+def to_heads(x: torch.Tensor, processes: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """(B, H, S/P, D) sequence shard → (B, H/P, S, D) head shard, through one all-to-all
+    among the ``processes`` ranks of ``group`` (the default group: every rank)."""
     batch, heads, shard, dim = x.shape
     # (P, B, H/P, S/P, D): block j goes to rank j, which owns heads j·H/P … (j+1)·H/P.
     outgoing = x.reshape(batch, processes, heads // processes, shard, dim).transpose(0, 1).contiguous()
-    incoming = dist_nn.all_to_all_single(torch.empty_like(outgoing), outgoing)
+    incoming = dist_nn.all_to_all_single(torch.empty_like(outgoing), outgoing, group=group)
     # Block i came from rank i: sequence chunk i of this rank's heads.
     return incoming.permute(1, 2, 0, 3, 4).reshape(batch, heads // processes, processes * shard, dim)
 
 
-def to_sequence(x: torch.Tensor, processes: int) -> torch.Tensor:
+def to_sequence(x: torch.Tensor, processes: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """(B, H/P, S, D) head shard → (B, H, S/P, D) sequence shard: ``to_heads`` undone."""
     batch, heads_here, seq_len, dim = x.shape
     shard = seq_len // processes
     # (P, B, H/P, S/P, D): sequence chunk j goes back to rank j.
     outgoing = x.reshape(batch, heads_here, processes, shard, dim).permute(2, 0, 1, 3, 4).contiguous()
-    incoming = dist_nn.all_to_all_single(torch.empty_like(outgoing), outgoing)
+    incoming = dist_nn.all_to_all_single(torch.empty_like(outgoing), outgoing, group=group)
     # Block i came from rank i: heads i·H/P … of this rank's sequence chunk.
     return incoming.transpose(0, 1).reshape(batch, processes * heads_here, shard, dim)
 

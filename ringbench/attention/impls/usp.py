@@ -1,0 +1,130 @@
+"""Unified sequence parallelism: Ulysses within groups of ranks, a ring across them.
+
+As in the long-context-attention (yunchang) project, the P processes form a grid of
+u × r: global rank = ring index × u + Ulysses index, so the u ranks of a Ulysses
+group are contiguous. Each ring shard of the sequence (``ring.positions``: with
+``zigzag``, chunks i and 2r−1−i for ring index i) is split contiguously among
+the u ranks of its Ulysses group. An all-to-all within the group turns each
+rank's rows into the whole ring shard for H/u heads; the ranks sharing a Ulysses
+index then run ring attention over the r shards (``ring._OneRank``, K/V between
+processes by point-to-point ops); one more all-to-all turns the output back into
+the rank's rows for every head. Both all-to-alls and the ring are differentiable.
+
+Degree 1 is ``ring`` across processes; degree P is ``ulysses`` with the ring's
+blocked kernels instead of SDPA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ringbench.attention import blocks
+from ringbench.attention.impls.ring import _OneRank, positions
+from ringbench.attention.impls.ulysses import to_heads, to_sequence
+from ringbench.attention.registry import Bench, Option, Problem, register
+from ringbench.vocabulary import PASSES, Cell
+
+# The Ulysses groups of this process, by (world size, degree). Every rank must create
+# every group, in the same order, so they are made once per process (a worker joins its
+# process group once) rather than once per cell.
+_GROUPS: dict[tuple[int, int], list[dist.ProcessGroup]] = {}
+
+
+def _ulysses_group(world_size: int, degree: int, ring_index: int) -> dist.ProcessGroup:
+    """The group of the ``degree`` contiguous ranks that share ring index ``ring_index``."""
+    if (world_size, degree) not in _GROUPS:
+        groups = []
+        for index in range(world_size // degree):
+            group = dist.new_group(list(range(index * degree, (index + 1) * degree)))
+            assert group is not None, "every rank creates every group"
+            groups.append(group)
+        _GROUPS[world_size, degree] = groups
+    return _GROUPS[world_size, degree][ring_index]
+
+
+def _check_options(options: Mapping[str, Any]) -> str | None:
+    if options["ulysses_degree"] < 1:
+        return f"ulysses_degree must be at least 1 (got {options['ulysses_degree']})"
+    return None
+
+
+def _excludes(cell: Cell) -> str | None:
+    options = dict(cell.options)
+    degree, processes, zigzag = options["ulysses_degree"], cell.world_size, options["zigzag"]
+    if processes == 1:
+        return "usp runs across processes only"
+    if processes % degree:
+        return f"usp needs the world size divisible by ulysses_degree ({processes} processes, degree {degree})"
+    if cell.heads % degree:
+        return f"usp needs heads divisible by ulysses_degree ({cell.heads} heads, degree {degree})"
+    chunks = processes * (2 if zigzag else 1)
+    if cell.seq_len % chunks:
+        return f"seq_len {cell.seq_len} is not divisible by {'2 × ' if zigzag else ''}the world size ({chunks})"
+    if cell.pass_name != "forward" and options["kernel"] not in blocks.BACKWARD_KERNELS:
+        kernel = options["kernel"]
+        return f"usp's backward runs on {', '.join(blocks.BACKWARD_KERNELS[1:])} blocks, not {kernel}"
+    return None
+
+
+@register(
+    "usp",
+    distributed=True,
+    options={
+        "ulysses_degree": Option(1, help="ranks per Ulysses group (u); the ring spans P / u of them", short="u"),
+        "kernel": Option("auto", choices=blocks.KERNELS, help="block kernel of the ring, as ring's"),
+        "zigzag": Option(False, help="the ring's shards as ring's zigzag: ring shard i holds chunks i and 2r−1−i"),
+    },
+    passes=PASSES,
+    excludes=_excludes,
+    check_options=_check_options,
+    accumulates="float32",  # the ring's blocks merge, and its gradients add up, in float32
+    description="Ulysses × ring: all-to-all to H/u heads within groups of u ranks, ring attention across P/u groups",
+)
+def setup(problem: Problem) -> Bench:
+    assert problem.comm is not None, "across processes the worker hands setup a clock"
+    kernel = blocks.choose(problem.options["kernel"], problem.q)
+    problem.facts["kernel"] = kernel
+    problem.facts["merge"] = blocks.merge_path(problem.q.device)
+    degree, zigzag, comm = problem.options["ulysses_degree"], problem.options["zigzag"], problem.comm
+    ring_size = problem.world_size // degree
+    ring_index, ulysses_index = divmod(problem.rank, degree)
+    group = _ulysses_group(problem.world_size, degree, ring_index) if degree > 1 else None
+    # The ring shard's positions, in its order; this rank holds the Ulysses index-th contiguous part.
+    shard = positions(problem.q.shape[2], ring_size, zigzag, problem.q.device)[ring_index]
+    rows = shard.view(degree, -1)[ulysses_index]
+    # Leaves of their own, so that gradients stop at this rank's rows, not at the whole inputs.
+    q, k, v = (
+        t.detach().index_select(2, rows).requires_grad_(t.requires_grad) for t in (problem.q, problem.k, problem.v)
+    )
+    neighbours = {
+        "send_to": (ring_index + 1) % ring_size * degree + ulysses_index,
+        "receive_from": (ring_index - 1) % ring_size * degree + ulysses_index,
+    }
+
+    def run() -> torch.Tensor:
+        # K and V stacked travel as one message: one all-to-all here, one point-to-point per ring step.
+        kv = torch.stack([k, v])
+        if degree > 1:  # to the ring shard's rows (gathered in Ulysses index order, the shard's) for H/u heads
+            q_heads = to_heads(q, degree, group)
+            kv = to_heads(kv.flatten(0, 1), degree, group).unflatten(0, (2, q.shape[0]))
+        else:
+            q_heads = q
+        ring = _OneRank(
+            q_heads,
+            kv,
+            causal=problem.causal,
+            kernel=kernel,
+            zigzag=zigzag,
+            comm=comm,
+            rank=ring_index,
+            ring_size=ring_size,
+            **neighbours,
+        )
+        out = blocks.Differentiable.apply(q_heads, *kv.unbind(), ring)
+        return to_sequence(out, degree, group) if degree > 1 else out
+
+    return Bench(run=run, rows=rows, inputs=(q, k, v))
