@@ -4,29 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TypedDict
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 
-class Summary(TypedDict):
-    """What ``summarize`` finds: the fields of ``ringbench.schema.Stats``."""
-
-    n: int
-    median_ms: float
-    mean_ms: float
-    std_ms: float
-    q1_ms: float
-    q3_ms: float
-    iqr_ms: float
-    rel_iqr: float
-    min_ms: float
-    max_ms: float
-
-
-def summarize(samples_ms: Sequence[float]) -> Summary:
-    """Median, mean, std (sample), quartiles, IQR (also relative to the median), min, max and count."""
+def summarize(samples_ms: Sequence[float]) -> dict[str, Any]:
+    """Median, mean, std (sample), quartiles, IQR (also relative to the median), min, max and count: the fields
+    of ``ringbench.schema.Stats``, by name."""
     values = np.asarray(samples_ms, dtype=np.float64)
     q1, median, q3 = np.percentile(values, [25, 50, 75])
     return {

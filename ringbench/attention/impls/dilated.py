@@ -25,15 +25,16 @@ it goes. The backward pass always runs on the library kernels.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, TypedDict
+import functools
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from ringbench.attention import blocks, fused_dilated
 from ringbench.attention.comm import TravellingSums
 from ringbench.attention.references import Reference
-from ringbench.attention.registry import Bench, CellHook, Option, Problem, register
+from ringbench.attention.registry import Bench, Option, Problem, register
 from ringbench.vocabulary import DTYPE_BYTES, PASSES, Cell
 
 OPTIONS = {
@@ -407,21 +408,9 @@ def _one_rank(problem: Problem) -> Bench:
     return Bench(run=lambda: blocks.Differentiable.apply(*inputs, dilated), rows=dilated.rows, inputs=inputs)
 
 
-class _Common(TypedDict):
-    """What both registrations share: ``register``'s keyword arguments, typed as it takes them."""
-
-    options: Mapping[str, Option]
-    reference: Reference | None
-    accumulates: str | None
-    flops: CellHook | None
-    memory_model: Callable[[Any, Mapping[str, Any]], int] | None
-    excludes: CellHook | None
-    check_options: Callable[[Mapping[str, Any]], str | None] | None
-    passes: tuple[str, ...]
-
-
 # Blocks and patterns merge, and gradients add up, in float32.
-COMMON: _Common = dict(
+register_dilated = functools.partial(
+    register,
     options=OPTIONS,
     reference=DilatedReference(),
     accumulates="float32",
@@ -433,13 +422,13 @@ COMMON: _Common = dict(
 )
 
 
-@register("dilated", description="LongNet dilated attention on one device", **COMMON)
+@register_dilated("dilated", description="LongNet dilated attention on one device")
 def setup_dilated(problem: Problem):
     return _setup(problem, sharded=False)
 
 
-@register(
-    "ring-dilated", uses_ring=True, distributed=True, description="LongNet dilated attention, ring-sharded", **COMMON
+@register_dilated(
+    "ring-dilated", uses_ring=True, distributed=True, description="LongNet dilated attention, ring-sharded"
 )
 def setup_ring_dilated(problem: Problem):
     if problem.world_size > 1:
