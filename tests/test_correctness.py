@@ -55,7 +55,8 @@ def test_long_sequences_are_checked_on_a_fixed_row_subset(monkeypatch):
 def _problem(seq_len, causal, family_options=None, dtype=torch.float64):
     generator = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 3, seq_len, 8, generator=generator, dtype=dtype) for _ in range(3))
-    return Problem(q=q, k=k, v=v, causal=causal, ring_size=None, options=family_options or {})
+    dout = torch.randn(2, 3, seq_len, 8, generator=generator, dtype=dtype)
+    return Problem.of(q, k, v, dout=dout, causal=causal, ring_size=None, options=family_options or {})
 
 
 @pytest.mark.parametrize(
@@ -63,29 +64,29 @@ def _problem(seq_len, causal, family_options=None, dtype=torch.float64):
 )
 @pytest.mark.parametrize("causal", [False, True])
 def test_streamed_reference_gradients_equal_float64_autograd(monkeypatch, reference, options, causal):
-    monkeypatch.setattr(correctness, "BLOCK_ELEMENTS", 5 * 32)  # blocks of 5 rows, the last one short
+    monkeypatch.setattr(correctness, "QUERY_BLOCK", 5)  # blocks of 5 rows, the last one short
+    monkeypatch.setattr(correctness, "KEY_BLOCK", 7)
     p = _problem(32, causal, options)
     q, k, v = (t[1, 2].clone().requires_grad_() for t in (p.q, p.k, p.v))
     rows = torch.arange(32)
-    bias = correctness._bias(reference, p, rows, 2)
+    bias = correctness._bias(reference, p, rows, rows, 2)
     seen = torch.isfinite(bias).any(-1, keepdim=True)
     out = torch.softmax(q @ k.T / 8**0.5 + bias.masked_fill(~seen, 0.0), -1) @ v * seen
-    dout = torch.randn(32, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    expected = torch.autograd.grad(out, (q, k, v), dout)
+    expected = torch.autograd.grad(out, (q, k, v), p.inputs.everything("dout")[1, 2])
     q_rows, k_rows = torch.tensor([0, 4, 5, 31]), torch.tensor([1, 2, 30])
-    got = correctness.reference_gradients(reference, p, 1, 2, dout, q_rows, k_rows)
+    got = correctness.reference_gradients(reference, p, 1, 2, q_rows, k_rows)
     for value, wanted, sampled in zip(got, expected, (q_rows, k_rows, k_rows)):
         torch.testing.assert_close(value, wanted[sampled], rtol=1e-12, atol=1e-12)
 
 
 def test_the_gradient_sample_is_whole_up_to_the_limit_then_seeded(monkeypatch):
-    whole = correctness.GradientSample.of(torch.empty(2, 3, 16, 4), seed=0)
+    whole = correctness.GradientSample.of((2, 3, 16, 4), CPU, seed=0)
     assert len(whole.pairs) == 6 and torch.equal(whole.q_rows, torch.arange(16))
     monkeypatch.setattr(correctness, "GRADIENT_FULL_MAX_SEQ", 8)
     monkeypatch.setattr(correctness, "GRADIENT_SAMPLE_ROWS", 4)
-    sample = correctness.GradientSample.of(torch.empty(2, 3, 16, 4), seed=0)
+    sample = correctness.GradientSample.of((2, 3, 16, 4), CPU, seed=0)
     assert sample.pairs == ((0, 0), (1, 2)) and len(sample.q_rows) == len(sample.k_rows) == 4
-    again = correctness.GradientSample.of(torch.empty(2, 3, 16, 4), seed=0)
+    again = correctness.GradientSample.of((2, 3, 16, 4), CPU, seed=0)
     assert torch.equal(sample.q_rows, again.q_rows) and torch.equal(sample.k_rows, again.k_rows)
 
 

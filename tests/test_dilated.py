@@ -1,4 +1,5 @@
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch
 from ringbench import Problem
 from ringbench.attention import models
 from ringbench.attention.impls.dilated import DilatedReference, patterns
+from ringbench.attention.inputs import Given
 from ringbench.attention.references import DENSE
 from ringbench.attention.registry import Registry
 from ringbench.errors import ConfigError
@@ -42,7 +44,7 @@ def make(seq_len, ring_size, causal, lengths, rates, heads=3):
     generator = torch.Generator().manual_seed(seq_len)
     q, k, v = (torch.randn(2, heads, seq_len, 8, generator=generator) for _ in range(3))
     options = {"segment_lengths": lengths, "dilation_rates": rates, "kernel": "auto"}
-    return Problem(q=q, k=k, v=v, causal=causal, ring_size=ring_size, options=options)
+    return Problem.of(q, k, v, causal=causal, ring_size=ring_size, options=options)
 
 
 def test_grid_covers_spanning_segments_and_rings():
@@ -65,19 +67,19 @@ def test_dilated_matches_its_reference_and_really_dilates(name, seq_len, ring_si
 @pytest.mark.parametrize("name, seq_len, ring_size, causal, lengths, rates", GRID[::3])
 def test_dilated_gradients_match_float64_autograd_of_the_reference(name, seq_len, ring_size, causal, lengths, rates):
     p = make(seq_len, ring_size, causal, lengths, rates)
-    p = Problem(**{**p.__dict__, **{name_: getattr(p, name_).requires_grad_() for name_ in "qkv"}})
+    grad_out = torch.randn(p.q.shape, generator=torch.Generator().manual_seed(1))
+    p = replace(p, inputs=Given(*(t.requires_grad_() for t in (p.q, p.k, p.v)), grad_out))
     out = BUNDLED.get(name).setup(p)()
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad(out, (p.q, p.k, p.v), grad_out)
-    gradients = _gradient_check(DilatedReference(), p, grads, grad_out)
+    gradients = _gradient_check(DilatedReference(), p, grads)
     assert gradients["checked"] and gradients["rel_error"] < 1e-5, gradients
     # Against dense attention's gradients they are far off: the check sees the difference.
-    assert _gradient_check(DENSE, p, grads, grad_out)["rel_error"] > 1e-2
+    assert _gradient_check(DENSE, p, grads)["rel_error"] > 1e-2
 
 
-def _gradient_check(reference, p, grads, grad_out):
-    sums = correctness.gradient_partials(reference, p, grads, grad_out, 0)
-    return correctness.gradient_verdict(sums, 1e-4, correctness.GradientSample.of(p.q, 0))
+def _gradient_check(reference, p, grads):
+    sums = correctness.gradient_partials(reference, p, grads, 0)
+    return correctness.gradient_verdict(sums, 1e-4, correctness.GradientSample.of(p.inputs.shape, p.device, 0))
 
 
 def test_one_full_segment_without_dilation_is_dense_attention():

@@ -1,7 +1,9 @@
 """Real process groups on the CPU (gloo), started by `ringbench run` through torch.distributed.run."""
 
 import json
+import shutil
 
+from conftest import PLUGINS
 from typer.testing import CliRunner
 
 from ringbench.cli import app
@@ -220,3 +222,32 @@ def test_usp_at_every_ulysses_degree_matches_the_reference_and_ring_and_ulysses(
     # Degree P is Ulysses (its blocked kernel in place of SDPA): within float32 rounding of it.
     for (world, causal, pass_name), (error, _) in errors("ulysses", None).items():
         assert abs(errors("usp", world)[world, causal, pass_name][0] - error) < 1e-6
+
+
+def test_no_rank_makes_or_holds_a_whole_input(write_config, monkeypatch, tmp_path):
+    """Every distributed implementation runs on the rows its rank holds: no rank asks for more rows of
+    any input than its share, nor for a whole input, and (at four processes) no operation on a rank,
+    the float64 check included, produces a tensor larger than its shard of K and V together."""
+    shutil.copy(PLUGINS / "shard_watch.py", tmp_path / "shard_watch.py")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    monkeypatch.setenv("RINGBENCH_SHARD_WATCH", str(watch))
+    batch, heads, seq_len, head_dim = 1, 4, 64, 32
+    _, stored = run_sweep(
+        write_config,
+        (
+            "plugins: [shard_watch]\nimplementations:\n  - ring\n  - {name: ring, options: {zigzag: true}}\n"
+            "  - {name: ring-dilated, options: {segment_lengths: [16, 64], dilation_rates: [1, 2]}}\n"
+            "  - ulysses\n  - {name: usp, options: {ulysses_degree: 2}}\n"
+            f"seq_lens: [{seq_len}]\nworld_sizes: [2, 4]\nheads: [{heads}]\nhead_dims: [{head_dim}]\n"
+            "dtypes: [float32]\ncausal: [true]\npasses: [forward+backward]\n"
+        ),
+    )
+    assert len(stored) == 10 and all(r["status"] == "ok" for r in stored), [r["error"] for r in stored]
+    for world_size in (2, 4):
+        for rank in range(world_size):
+            seen = json.loads((watch / f"world-{world_size}-rank-{rank}.json").read_text())
+            assert seen["requests"] and not [r for r in seen["requests"] if r[0] == "everything"]
+            assert max(rows for _, _, rows in seen["requests"]) <= batch * heads * seq_len // world_size
+            if world_size == 4:
+                assert seen["largest"] <= 2 * batch * heads * seq_len * head_dim // world_size, seen["largest_op"]

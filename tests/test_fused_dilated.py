@@ -1,6 +1,8 @@
 """The fused dilated kernel, run by Triton's interpreter on the CPU (conftest sets TRITON_INTERPRET),
 against the float64 reference; and how the dilated implementations choose it."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -28,7 +30,7 @@ def _problem(seq_len, ring_size, lengths, rates, causal, dtype):
     generator = torch.Generator().manual_seed(seq_len + ring_size)
     q, k, v = (torch.randn(2, 3, seq_len, 16, generator=generator).to(dtype) for _ in range(3))
     options = {"segment_lengths": lengths, "dilation_rates": rates, "kernel": "fused"}
-    return Problem(q=q, k=k, v=v, causal=causal, ring_size=ring_size, options=options)
+    return Problem.of(q, k, v, causal=causal, ring_size=ring_size, options=options)
 
 
 @pytest.mark.parametrize("seq_len, ring_size, lengths, rates", CASES)
@@ -84,7 +86,7 @@ def test_cells_the_fused_kernel_cannot_run_are_left_out_with_the_reason():
 def test_on_the_cpu_auto_takes_library_blocks_and_fused_is_refused():
     problem = _problem(64, 2, (64, 32), (1, 2), False, torch.float16)
     BUNDLED.get("ring-dilated").setup(
-        Problem(**{**problem.__dict__, "options": {**problem.options, "kernel": "auto"}, "facts": (facts := {})})
+        replace(problem, options={**problem.options, "kernel": "auto"}, facts=(facts := {}))
     )
     assert facts == {"kernel": "math", "merge": "eager"}
     with pytest.raises(ValueError, match="kernel 'fused' needs Triton and a CUDA device \\(inputs are on cpu\\)"):

@@ -27,7 +27,7 @@ def reference(q, k, v, causal):
 def test_matches_float64_reference(name, options, causal, seq_len):
     generator = torch.Generator().manual_seed(seq_len)
     q, k, v = (torch.randn(2, 3, seq_len, 16, generator=generator) for _ in range(3))
-    problem = Problem(q=q, k=k, v=v, causal=causal, ring_size=None, options=options)
+    problem = Problem.of(q, k, v, causal=causal, ring_size=None, options=options)
     out = BUNDLED.get(name).setup(problem)()
     assert out.dtype == torch.float32 and out.shape == q.shape
     torch.testing.assert_close(out.double(), reference(q, k, v, causal), rtol=1e-5, atol=1e-5)
@@ -35,17 +35,17 @@ def test_matches_float64_reference(name, options, causal, seq_len):
 
 def test_sdpa_records_the_backend_it_ran():
     q = torch.randn(1, 2, 32, 16)
-    explicit = Problem(q=q, k=q, v=q, causal=False, ring_size=None, options={"backend": "math"})
+    explicit = Problem.of(q, q, q, causal=False, ring_size=None, options={"backend": "math"})
     BUNDLED.get("sdpa").setup(explicit)
     assert explicit.facts == {"kernel": "math"}
-    auto = Problem(q=q, k=q, v=q, causal=False, ring_size=None, options={"backend": "auto"})
+    auto = Problem.of(q, q, q, causal=False, ring_size=None, options={"backend": "auto"})
     BUNDLED.get("sdpa").setup(auto)
     assert auto.facts["kernel"] in {"flash", "efficient", "cudnn", "math"}
 
 
 def test_unavailable_backend_fails_loudly_not_silently():
     q = torch.randn(1, 2, 32, 16)
-    problem = Problem(q=q, k=q, v=q, causal=False, ring_size=None, options={"backend": "cudnn"})
+    problem = Problem.of(q, q, q, causal=False, ring_size=None, options={"backend": "cudnn"})
     run = BUNDLED.get("sdpa").setup(problem)
     with pytest.raises(RuntimeError, match="No viable backend"):
         run()

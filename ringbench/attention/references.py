@@ -23,9 +23,9 @@ class Reference:
 
     name = "dense"  # as records name the reference a cell was checked against
 
-    def bias(self, problem: Problem, rows: torch.Tensor, head: int) -> torch.Tensor | None:
-        """float64 scores bias for head ``head`` at query positions ``rows``, shape (len(rows), seq_len);
-        None for none."""
+    def bias(self, problem: Problem, rows: torch.Tensor, keys: torch.Tensor, head: int) -> torch.Tensor | None:
+        """float64 scores bias for head ``head`` at query positions ``rows`` and key positions ``keys``,
+        shape (len(rows), len(keys)); None for none."""
         return None
 
 

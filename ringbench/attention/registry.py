@@ -16,6 +16,7 @@ config names it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import math
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     import torch
 
     from ringbench.attention.comm import WaitClock
+    from ringbench.attention.inputs import Inputs
 
 ENTRY_POINT_GROUP = "ringbench.implementations"
 
@@ -71,19 +73,19 @@ class Option:
 
 @dataclass(frozen=True)
 class Problem:
-    """What setup receives: inputs shaped (batch, heads, seq_len, head_dim) and the cell's knobs.
+    """What setup receives: the cell's inputs, shaped (batch, heads, seq_len, head_dim), and its knobs.
+
+    In one process ``q``, ``k`` and ``v`` are the whole inputs (made on first use).
+    With ``world_size`` > 1 this process is rank ``rank`` of a process group, and
+    setup takes only the rows its rank holds, with :meth:`shard`: no rank ever makes
+    the whole inputs, so the longest sequence a world size runs is not capped by one
+    device. Rows are the same wherever they are made (``ringbench.attention.inputs``).
 
     ``facts`` is for the implementation to note what it actually chose (for example
     the SDPA kernel that ``backend: auto`` resolved to); it is stored in the record.
-
-    With ``world_size`` > 1 this process is rank ``rank`` of a process group: q, k, v
-    are the whole (identical on every rank) inputs, and setup must keep only what
-    its rank holds, since the worker frees them after setup.
     """
 
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
+    inputs: Inputs
     causal: bool
     ring_size: int | None
     options: Mapping[str, Any]
@@ -91,6 +93,52 @@ class Problem:
     rank: int = 0
     world_size: int = 1
     comm: WaitClock | None = None  # across processes: hand it sends and waits (see ringbench.attention.comm)
+
+    @classmethod
+    def of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **knobs: Any) -> Problem:
+        """A problem over tensors that exist already (see ``inputs.Given``)."""
+        from ringbench.attention.inputs import Given  # the registry loads without torch
+
+        return cls(inputs=Given(q, k, v, knobs.pop("dout", None)), **knobs)
+
+    @functools.cached_property
+    def _whole(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.inputs.everything(name) for name in "qkv")
+
+    @property
+    def q(self) -> torch.Tensor:
+        return self._whole[0]
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self._whole[1]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self._whole[2]
+
+    def shard(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k and v at ``positions`` (all batches and heads): leaves of this rank's own, requiring
+        gradients in backward passes, so that gradients stop at them."""
+        q, k, v = (self.inputs.rows(name, positions).requires_grad_(self.inputs.requires_grad) for name in "qkv")
+        return q, k, v
+
+    @property
+    def seq_len(self) -> int:
+        return self.inputs.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.inputs.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inputs.dtype
+
+    def probe(self, rows: int, heads: int | None = None) -> torch.Tensor:
+        """An empty (B, heads, rows, D) tensor of the inputs' dtype on their device (all heads unless
+        given): for asking a library which kernel would run a shape, without the inputs."""
+        return self.inputs.empty(rows, heads)
 
 
 @dataclass(frozen=True)

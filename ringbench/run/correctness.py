@@ -12,9 +12,13 @@ accumulates in where that is less precise (``tolerance``). The maximum absolute
 error is recorded beside it.
 
 For backward passes dq, dk and dv are also compared, each by the same relative
-error, with a float64 reference streamed over blocks of query rows on the device,
-at every length: whole up to ``GRADIENT_FULL_MAX_SEQ``, on a sample beyond it
-(see ``GradientSample``).
+error, at every length: whole up to ``GRADIENT_FULL_MAX_SEQ``, on a sample beyond
+it (see ``GradientSample``).
+
+The reference never holds a whole input: it makes the rows it needs
+(``ringbench.attention.inputs``) and streams K and V in blocks no longer than a
+rank's shard, so a rank checks its rows with no other rank's data and no more
+memory than its own inputs take.
 """
 
 from __future__ import annotations
@@ -31,33 +35,71 @@ from ringbench.attention.registry import Problem
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 FULL_CHECK_MAX_SEQ = 4096
 SUBSET_ROWS = 256
+# float64 scores (every head) per block of keys in the streamed output reference: 128 MiB.
+BLOCK_ELEMENTS = 2**24
 
 
-def _bias(reference: Reference, problem: Problem, rows: torch.Tensor, head: int) -> torch.Tensor:
-    """What the reference adds to head ``head``'s scores at ``rows``, and the causal mask."""
-    seq_len = problem.q.shape[2]
-    bias = reference.bias(problem, rows, head)
+def _bias(reference: Reference, problem: Problem, rows: torch.Tensor, keys: torch.Tensor, head: int) -> torch.Tensor:
+    """What the reference adds to head ``head``'s scores of ``rows`` against ``keys``, and the causal mask."""
+    bias = reference.bias(problem, rows, keys, head)
     if bias is None:
-        bias = torch.zeros(len(rows), seq_len, dtype=torch.float64, device=rows.device)
+        bias = torch.zeros(len(rows), len(keys), dtype=torch.float64, device=rows.device)
     if problem.causal:
-        keys = torch.arange(seq_len, device=rows.device)
         bias = bias.masked_fill(keys.unsqueeze(0) > rows.unsqueeze(1), float("-inf"))
     return bias
 
 
+def _blocks(problem: Problem, length: int) -> list[torch.Tensor]:
+    """The sequence's positions in blocks of at most ``length``, and never more than a rank's shard:
+    the check holds no more of K and V at a time than the rank itself does."""
+    seq_len = problem.seq_len
+    length = max(1, min(length, -(-seq_len // problem.world_size)))
+    return [
+        torch.arange(start, min(seq_len, start + length), device=problem.device) for start in range(0, seq_len, length)
+    ]
+
+
+class _Softmax:
+    """Softmax-weighted sums over key blocks, kept online (float64): per row the running maximum
+    score m, Σ exp(s − m) and Σ exp(s − m)·x for each summed quantity x."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device):
+        self.top = torch.full(shape, float("-inf"), dtype=torch.float64, device=device)
+        self.total = torch.zeros(shape, dtype=torch.float64, device=device)
+
+    def weights(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """exp(scores − m') for a new block, and the factor that rescales sums so far to m'."""
+        top = torch.maximum(self.top, scores.amax(-1))
+        finite = torch.where(torch.isfinite(top), top, 0.0)  # a row that has seen no key yet
+        rescale, self.top = torch.exp(self.top - finite), top
+        weights = torch.exp(scores - finite.unsqueeze(-1))
+        self.total = self.total * rescale + weights.sum(-1)
+        return weights, rescale
+
+    def normalised(self, sums: torch.Tensor) -> torch.Tensor:
+        """Σ p·x from Σ exp(s − m)·x; 0 for a row that sees no key."""
+        total = self.total.unsqueeze(-1) if sums.dim() > self.total.dim() else self.total
+        return torch.where(total > 0, sums / total.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+
+    def lse(self) -> torch.Tensor:
+        return self.top + self.total.log()  # −inf for a row that sees no key
+
+
 @torch.no_grad()
 def reference_rows(reference: Reference, problem: Problem, rows: torch.Tensor) -> torch.Tensor:
-    """The reference output at ``rows`` (all heads and batches), float64, shape (B, H, R, D)."""
-    q, k, v = problem.q, problem.k, problem.v
-    batch, heads, seq_len, head_dim = q.shape
-    out = torch.empty(batch, heads, len(rows), head_dim, dtype=torch.float64, device=q.device)
-    for h in range(heads):  # one head at a time bounds the float64 scores to R × S
-        bias = _bias(reference, problem, rows, h)
-        for b in range(batch):
-            scores = q[b, h, rows].double() @ k[b, h].double().T / math.sqrt(head_dim) + bias
-            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key at all give 0
-            out[b, h] = probs @ v[b, h].double()
-    return out
+    """The reference output at ``rows`` (all heads and batches), float64, shape (B, H, R, D), with K and V
+    streamed in blocks."""
+    inputs = problem.inputs
+    q = inputs.rows("q", rows).double() * inputs.shape[3] ** -0.5
+    softmax = _Softmax(q.shape[:-1], q.device)
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    batch, heads = inputs.shape[:2]
+    for keys in _blocks(problem, BLOCK_ELEMENTS // (batch * heads * max(1, len(rows)))):
+        bias = torch.stack([_bias(reference, problem, rows, keys, head) for head in range(heads)])
+        k, v = (inputs.rows(name, keys).double() for name in "kv")
+        weights, rescale = softmax.weights(q @ k.transpose(-1, -2) + bias)
+        out = out * rescale.unsqueeze(-1) + weights @ v
+    return softmax.normalised(out)
 
 
 def check_rows(seq_len: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -102,8 +144,7 @@ def partial_errors(
 
     ``output_rows`` are the sequence positions of ``output``'s rows (None: all, in order).
     """
-    seq_len = problem.q.shape[2]
-    device = problem.q.device
+    seq_len, device = problem.seq_len, problem.device
     held = torch.arange(seq_len, device=device) if output_rows is None else output_rows
     wanted = torch.isin(held, check_rows(seq_len, seed, device))
     rows = held[wanted]
@@ -143,8 +184,9 @@ GRADIENTS = ("dq", "dk", "dv")
 # Up to this length every row of every (batch, head) is checked; beyond it a sample.
 GRADIENT_FULL_MAX_SEQ = 8192
 GRADIENT_SAMPLE_ROWS = 256
-# float64 scores per block of query rows in the streamed reference: 128 MiB, plus as much for probabilities.
-BLOCK_ELEMENTS = 2**24
+# The streamed gradient reference takes one head's scores in blocks of query rows × keys
+# (float64: 128 MiB, plus as much for probabilities).
+QUERY_BLOCK = KEY_BLOCK = 4096
 
 
 @dataclass(frozen=True)
@@ -163,83 +205,97 @@ class GradientSample:
     k_rows: torch.Tensor
 
     @classmethod
-    def of(cls, q: torch.Tensor, seed: int) -> GradientSample:
-        batch, heads, seq_len = q.shape[:3]
+    def of(cls, shape: tuple[int, ...], device: torch.device, seed: int) -> GradientSample:
+        batch, heads, seq_len = shape[:3]
         if seq_len <= GRADIENT_FULL_MAX_SEQ:
-            every = torch.arange(seq_len, device=q.device)
+            every = torch.arange(seq_len, device=device)
             return cls(tuple((b, h) for b in range(batch) for h in range(heads)), every, every)
         draw = torch.Generator().manual_seed(seed + 2)
         q_rows, k_rows = (
-            torch.randperm(seq_len, generator=draw)[:GRADIENT_SAMPLE_ROWS].sort().values.to(q.device) for _ in range(2)
+            torch.randperm(seq_len, generator=draw)[:GRADIENT_SAMPLE_ROWS].sort().values.to(device) for _ in range(2)
         )
         return cls(tuple(dict.fromkeys([(0, 0), (batch - 1, heads - 1)])), q_rows, k_rows)
 
 
 @torch.no_grad()
 def reference_gradients(
-    reference: Reference,
-    problem: Problem,
-    batch: int,
-    head: int,
-    dout: torch.Tensor,
-    q_rows: torch.Tensor,
-    k_rows: torch.Tensor,
+    reference: Reference, problem: Problem, batch: int, head: int, q_rows: torch.Tensor, k_rows: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
-    """float64 dq at ``q_rows`` and dk, dv at ``k_rows`` of one (batch, head), streamed over
-    blocks of query rows; ``dout`` is that head's output gradient, (S, D).
+    """float64 dq at ``q_rows`` and dk, dv at ``k_rows`` of one (batch, head), for the output gradient
+    of the problem's inputs, every tensor made in blocks.
 
-    With P = softmax(scores + bias), O = P·V and Δ = rowsum(dO ∘ O):
+    With P = softmax(scores + bias), O = P·V and Δ = rowsum(dO ∘ O) = Σⱼ Pᵢⱼ (dOᵢ·vⱼ):
     dS = P ∘ (dO·Vᵀ − Δ), dQ = dS·K·scale, dK = dSᵀ·Q·scale, dV = Pᵀ·dO.
-    A row no key may see has output 0 and no gradient.
+    First every row's log-sum-exp and Δ (a key's gradient sums over every query row),
+    streaming K and V for blocks of query rows; then dK and dV at ``k_rows`` over those
+    blocks, and dQ at ``q_rows`` over blocks of keys. A row no key may see has output 0
+    and no gradient.
     """
-    q, k, v = (t[batch, head].double() for t in (problem.q, problem.k, problem.v))
-    seq_len, head_dim = q.shape
+    head_rows = problem.inputs.head_rows
+    seq_len, head_dim = problem.inputs.shape[2:]
     scale = head_dim**-0.5
-    dq = torch.zeros(len(q_rows), head_dim, dtype=torch.float64, device=q.device)
-    dk, dv = (torch.zeros(len(k_rows), head_dim, dtype=torch.float64, device=q.device) for _ in range(2))
-    v_sampled = v[k_rows]
-    rows_per_block = max(1, BLOCK_ELEMENTS // seq_len)
-    for start in range(0, seq_len, rows_per_block):
-        rows = torch.arange(start, min(seq_len, start + rows_per_block), device=q.device)
-        bias = _bias(reference, problem, rows, head)
-        seen = torch.isfinite(bias).any(-1, keepdim=True)
-        probs = torch.softmax(q[rows] @ k.T * scale + bias.masked_fill(~seen, 0.0), -1) * seen  # (R, S)
-        d_out = dout[rows].double()
-        delta = (d_out * (probs @ v)).sum(-1, keepdim=True)  # (R, 1)
-        columns = probs[:, k_rows]  # (R, sampled keys)
-        dk += (columns * (d_out @ v_sampled.T - delta)).T @ q[rows] * scale
-        dv += columns.T @ d_out
-        inside = (q_rows >= rows[0]) & (q_rows <= rows[-1])
-        if inside.any():
-            local = q_rows[inside] - start
-            dq[inside] = (probs[local] * (d_out[local] @ v.T - delta[local])) @ k * scale
+    key_blocks = _blocks(problem, KEY_BLOCK)
+    query_blocks = [
+        torch.arange(start, min(seq_len, start + QUERY_BLOCK), device=problem.device)
+        for start in range(0, seq_len, QUERY_BLOCK)
+    ]
+
+    def part(name: str, rows: torch.Tensor) -> torch.Tensor:
+        return head_rows(name, batch, head, rows).double()
+
+    def probabilities(rows, keys, q, k, lse):
+        scores = q @ k.T * scale + _bias(reference, problem, rows, keys, head)
+        return torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))  # 0 where −inf
+
+    lse = torch.empty(seq_len, dtype=torch.float64, device=problem.device)
+    delta = torch.empty_like(lse)
+    for rows in query_blocks:
+        q, d_out = part("q", rows), part("dout", rows)
+        softmax = _Softmax((len(rows),), q.device)
+        weighted = torch.zeros(len(rows), dtype=torch.float64, device=q.device)
+        for keys in key_blocks:
+            scores = q @ part("k", keys).T * scale + _bias(reference, problem, rows, keys, head)
+            weights, rescale = softmax.weights(scores)
+            weighted = weighted * rescale + (weights * (d_out @ part("v", keys).T)).sum(-1)
+        lse[rows], delta[rows] = softmax.lse(), softmax.normalised(weighted)
+
+    k_sampled, v_sampled = part("k", k_rows), part("v", k_rows)
+    dk, dv = (torch.zeros(len(k_rows), head_dim, dtype=torch.float64, device=problem.device) for _ in range(2))
+    for rows in query_blocks:
+        q, d_out = part("q", rows), part("dout", rows)
+        probs = probabilities(rows, k_rows, q, k_sampled, lse[rows])
+        d_scores = probs * (d_out @ v_sampled.T - delta[rows].unsqueeze(-1))
+        dk += d_scores.T @ q * scale
+        dv += probs.T @ d_out
+
+    q, d_out = part("q", q_rows), part("dout", q_rows)
+    dq = torch.zeros(len(q_rows), head_dim, dtype=torch.float64, device=problem.device)
+    for keys in key_blocks:
+        k, v = part("k", keys), part("v", keys)
+        probs = probabilities(q_rows, keys, q, k, lse[q_rows])
+        dq += probs * (d_out @ v.T - delta[q_rows].unsqueeze(-1)) @ k * scale
     return dq, dk, dv
 
 
 def gradient_partials(
-    reference: Reference,
-    problem: Problem,
-    grads: tuple[torch.Tensor, ...],
-    grad_out: torch.Tensor,
-    seed: int,
-    rows: torch.Tensor | None = None,
+    reference: Reference, problem: Problem, grads: tuple[torch.Tensor, ...], seed: int, rows: torch.Tensor | None = None
 ) -> tuple[float, ...]:
     """[Σ(g − ref)², Σref²] for dq, dk and dv in turn, over the entries of ``GradientSample``
     this process holds, against the float64 reference.
 
-    ``grad_out`` is the gradient of the whole output; ``rows`` are the sequence
-    positions of the rows ``grads`` hold (None: all, in order), so the sums of the
-    ranks of a process group add up to the whole.
+    ``grads`` are for the inputs' own output gradient (``dout``); ``rows`` are the
+    sequence positions of the rows ``grads`` hold (None: all, in order), so the sums
+    of the ranks of a process group add up to the whole.
     """
-    seq_len = problem.q.shape[2]
-    device = problem.q.device
-    sample = GradientSample.of(problem.q, seed)
+    seq_len = problem.seq_len
+    device = problem.device
+    sample = GradientSample.of(problem.inputs.shape, device, seed)
     place = torch.full((seq_len,), -1, dtype=torch.long, device=device)  # sequence position → row of grads
     held = torch.arange(seq_len, device=device) if rows is None else rows
     place[held] = torch.arange(len(held), device=device)
     sums = [0.0] * (2 * len(GRADIENTS))
     for b, h in sample.pairs:
-        expected_grads = reference_gradients(reference, problem, b, h, grad_out[b, h], sample.q_rows, sample.k_rows)
+        expected_grads = reference_gradients(reference, problem, b, h, sample.q_rows, sample.k_rows)
         for index, (grad, sampled, expected) in enumerate(
             zip(grads, (sample.q_rows, sample.k_rows, sample.k_rows), expected_grads)
         ):

@@ -26,6 +26,7 @@ import torch
 from ringbench import records
 from ringbench.attention import registry
 from ringbench.attention.comm import WaitClock
+from ringbench.attention.inputs import Generated
 from ringbench.attention.models import PASS_FACTOR, dense_flops, output_bytes
 from ringbench.run import correctness
 from ringbench.run.distributed import OneProcess
@@ -64,26 +65,11 @@ Outcome = dict[str, Any]
 
 
 def make_problem(cell: Cell, device: torch.device, seed: int, rank: int = 0) -> registry.Problem:
-    """Random q, k, v of the cell's shape; the same seed gives every implementation (and rank) the same inputs.
-
-    For backward passes they require gradients.
-    """
-    generator = torch.Generator(device=device).manual_seed(seed)
+    """The cell's problem on rank ``rank``: inputs made only where asked for (``attention.inputs``), the
+    same for every implementation and rank with the same seed."""
     shape = (cell.batch_size, cell.heads, cell.seq_len, cell.head_dim)
-    q, k, v = (
-        torch.randn(
-            shape,
-            generator=generator,
-            device=device,
-            dtype=TORCH_DTYPES[cell.dtype],
-            requires_grad=cell.pass_name != "forward",
-        )
-        for _ in range(3)
-    )
     return registry.Problem(
-        q=q,
-        k=k,
-        v=v,
+        inputs=Generated(shape, TORCH_DTYPES[cell.dtype], device, seed, requires_grad=cell.pass_name != "forward"),
         causal=cell.causal,
         ring_size=cell.ring_size,
         options=dict(cell.options),
@@ -91,12 +77,6 @@ def make_problem(cell: Cell, device: torch.device, seed: int, rank: int = 0) -> 
         world_size=cell.world_size,
         comm=WaitClock(device) if cell.world_size > 1 else None,
     )
-
-
-def _output_gradient(problem: registry.Problem, seed: int) -> torch.Tensor:
-    """The gradient fed to backward passes, for the whole output: the same on every rank and run."""
-    generator = torch.Generator(device=problem.q.device).manual_seed(seed + 1)
-    return torch.randn(problem.q.shape, generator=generator, device=problem.q.device, dtype=problem.q.dtype)
 
 
 def _pass_closure(
@@ -112,11 +92,16 @@ def _pass_closure(
     return lambda: torch.autograd.grad(run(), inputs, grad_out)
 
 
+def _inputs_mib(cell: Cell) -> float:
+    """What a rank's q, k and v take: its share of the sequence (all of it in one process)."""
+    return 3 * output_bytes(cell) / cell.world_size / MIB
+
+
 def _inputs_too_large(cell: Cell, device: torch.device) -> Outcome | None:
     """A skip, decided before allocating, for a cell whose q, k, v alone exceed the device's memory."""
     if device.type != "cuda":
         return None
-    needed = 3 * output_bytes(cell)
+    needed = _inputs_mib(cell) * MIB
     total = torch.cuda.get_device_properties(device).total_memory
     if needed <= total:
         return None
@@ -254,10 +239,6 @@ def _outcome(
     }
 
 
-def _inputs_mib(problem: registry.Problem) -> float:
-    return sum(t.numel() * t.element_size() for t in (problem.q, problem.k, problem.v)) / MIB
-
-
 def _guarded(step: Callable[[], Outcome | None]) -> Outcome | None:
     """``step``'s result, or the failure record of the exception it raised."""
     try:
@@ -370,15 +351,13 @@ def _check(
     sums = correctness.partial_errors(reference, problem, output, bench.rows, seed) if reference else None
     grad_out, sample = None, None
     if backward:
-        whole = _output_gradient(problem, seed)
-        grad_out = whole if bench.rows is None else whole.index_select(2, bench.rows)
+        held = torch.arange(problem.seq_len, device=problem.device) if bench.rows is None else bench.rows
+        grad_out = problem.inputs.rows("dout", held)
         grads = torch.autograd.grad(output, inputs, grad_out)
         if reference:
-            sample = correctness.GradientSample.of(problem.q, seed)
+            sample = correctness.GradientSample.of(problem.inputs.shape, problem.device, seed)
             assert sums is not None, "the output's errors are found wherever there is a reference"
-            sums = replace(
-                sums, gradients=correctness.gradient_partials(reference, problem, grads, whole, seed, bench.rows)
-            )
+            sums = replace(sums, gradients=correctness.gradient_partials(reference, problem, grads, seed, bench.rows))
     return _Checking(sums, grad_out, sample, time.perf_counter() - checking)
 
 
@@ -408,11 +387,11 @@ def _phases(
         failure = _failure(exc)
     if failure := _agree(group, failure):
         return failure
-    facts, inputs_mib, clock = problem.facts, _inputs_mib(problem) / cell.world_size, problem.comm
+    facts, inputs_mib, clock = problem.facts, _inputs_mib(cell), problem.comm
     inputs = bench.inputs or (problem.q, problem.k, problem.v)
     try:
         checking = _check(cell, implementation, problem, bench, inputs, seed)
-        del problem  # across processes only this rank's shard (kept by setup) stays while measuring
+        del problem  # whole inputs made in one process (problem.q) stay only where setup kept them
     except Exception as exc:
         failure = _failure(exc)
     if failure := _agree(group, failure):

@@ -60,11 +60,9 @@ class DilatedReference(Reference):
 
     name = "dilated"
 
-    def bias(self, problem: Problem, rows: torch.Tensor, head: int) -> torch.Tensor:
-        seq_len = problem.q.shape[2]
-        keys = torch.arange(seq_len, device=rows.device)
-        count = torch.zeros(len(rows), seq_len, dtype=torch.float64, device=rows.device)
-        for w, r in patterns(problem.options, seq_len):
+    def bias(self, problem: Problem, rows: torch.Tensor, keys: torch.Tensor, head: int) -> torch.Tensor:
+        count = torch.zeros(len(rows), len(keys), dtype=torch.float64, device=rows.device)
+        for w, r in patterns(problem.options, problem.seq_len):
             offset = head % r
             same_segment = (rows // w).unsqueeze(1) == (keys // w).unsqueeze(0)
             row_kept = ((rows % w) % r == offset).unsqueeze(1)
@@ -365,16 +363,11 @@ class _OneRank:
 
     def __init__(self, problem: Problem, kernel: str):
         self.rank, self.causal, self.kernel, self.comm = problem.rank, problem.causal, kernel, problem.comm
-        seq_len = problem.q.shape[2]
-        self.shard_len = seq_len // problem.world_size
+        self.shard_len = problem.seq_len // problem.world_size
         start = self.rank * self.shard_len
-        self.rows = torch.arange(start, start + self.shard_len, device=problem.q.device)
-        # Leaves of their own, so that gradients stop at this rank's shard, not at the whole inputs.
-        self.q, self.k, self.v = (
-            t.detach()[:, :, start : start + self.shard_len].clone().requires_grad_(t.requires_grad)
-            for t in (problem.q, problem.k, problem.v)
-        )
-        self.patterns = patterns(problem.options, seq_len)
+        self.rows = torch.arange(start, start + self.shard_len, device=problem.device)
+        self.q, self.k, self.v = problem.shard(self.rows)
+        self.patterns = patterns(problem.options, problem.seq_len)
 
     def forward(self, keep_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         q, k, v = (t.detach() for t in (self.q, self.k, self.v))
@@ -400,9 +393,9 @@ class _OneRank:
 
 
 def _one_rank(problem: Problem) -> Bench:
-    kernel = blocks.choose(problem.options["kernel"], problem.q)
+    kernel = blocks.choose(problem.options["kernel"], problem.probe(1))
     problem.facts["kernel"] = kernel
-    problem.facts["merge"] = blocks.merge_path(problem.q.device)
+    problem.facts["merge"] = blocks.merge_path(problem.device)
     dilated = _OneRank(problem, kernel)
     inputs = (dilated.q, dilated.k, dilated.v)
     return Bench(run=lambda: blocks.Differentiable.apply(*inputs, dilated), rows=dilated.rows, inputs=inputs)

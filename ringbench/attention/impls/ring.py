@@ -341,13 +341,11 @@ class _OneRank:
 def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
     assert problem.comm is not None, "across processes the worker hands setup a clock"
     rank, ring_size = problem.rank, problem.world_size
-    rows = positions(problem.q.shape[2], ring_size, zigzag, problem.q.device)[rank]
-    # Leaves of their own, so that gradients stop at this rank's shard, not at the whole inputs;
-    # k and v are views of the one K/V message each step sends.
-    needs_grad = problem.q.requires_grad
-    q = problem.q.detach().index_select(2, rows).requires_grad_(needs_grad)
-    kv = torch.stack([t.detach().index_select(2, rows) for t in (problem.k, problem.v)])
-    k, v = (part.requires_grad_(needs_grad) for part in kv.unbind())
+    rows = positions(problem.seq_len, ring_size, zigzag, problem.device)[rank]
+    q, k, v = problem.shard(rows)
+    # k and v become views of the one K/V message each step sends, leaves of their own.
+    kv = torch.stack([k.detach(), v.detach()])
+    k, v = (part.requires_grad_(q.requires_grad) for part in kv.unbind())
     ring = _OneRank(
         q,
         kv,
@@ -403,9 +401,9 @@ def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
     description="ring attention on one device: fused blocks with log-sum-exp, merged in float32",
 )
 def setup(problem: Problem) -> Bench:
-    kernel = blocks.choose(problem.options["kernel"], problem.q)
+    kernel = blocks.choose(problem.options["kernel"], problem.probe(1))
     problem.facts["kernel"] = kernel
-    problem.facts["merge"] = blocks.merge_path(problem.q.device)
+    problem.facts["merge"] = blocks.merge_path(problem.device)
     if problem.world_size > 1:
         return _one_rank(problem, kernel, problem.options["zigzag"])
     return _all_ranks(problem, kernel, problem.options["zigzag"])

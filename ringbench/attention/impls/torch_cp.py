@@ -52,14 +52,14 @@ def _excludes(cell: Cell) -> str | None:
     description="PyTorch context parallel: torch.distributed.tensor.experimental.context_parallel",
 )
 def setup(problem: Problem) -> Bench:
-    device = problem.q.device
+    device = problem.device
     if device.type != "cuda":
         raise RuntimeError("torch-cp needs CUDA devices: PyTorch's context parallel shards only its CUDA SDPA kernels")
     # PyTorch exposes the rotation and load-balancing switches only in this private module.
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.experimental._attention import _cp_options, context_parallel, set_rotate_method
 
-    backend, causal, seq_len = problem.options["backend"], problem.causal, problem.q.shape[2]
+    backend, causal, seq_len = problem.options["backend"], problem.causal, problem.seq_len
     mesh = init_device_mesh(device.type, (problem.world_size,))
     set_rotate_method(problem.options["rotate"])
     # PyTorch balances causal work by reordering the sequence head-tail (in 2P chunks),
@@ -70,10 +70,7 @@ def setup(problem: Problem) -> Bench:
     with contextlib.ExitStack() as opened:  # closed here if anything below fails, else by Bench.close
         opened.enter_context(context_parallel(mesh, buffers=[positions], buffer_seq_dims=[2]))
         rows = positions.flatten()
-        # Leaves of their own, so that gradients stop at this rank's shard, not at the whole inputs.
-        q, k, v = (
-            t.detach().index_select(2, rows).requires_grad_(t.requires_grad) for t in (problem.q, problem.k, problem.v)
-        )
+        q, k, v = problem.shard(rows)
         problem.facts["kernel"] = resolved_backend(backend, q, k, v, causal)
         problem.facts["rotate"] = problem.options["rotate"]
         close = opened.pop_all().close

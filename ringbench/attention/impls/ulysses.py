@@ -68,15 +68,12 @@ def to_sequence(x: torch.Tensor, processes: int, group: dist.ProcessGroup | None
 )
 def setup(problem: Problem) -> Bench:
     backend, causal, processes = problem.options["backend"], problem.causal, problem.world_size
-    seq_len = problem.q.shape[2]
+    seq_len = problem.seq_len
     shard = seq_len // processes
-    rows = torch.arange(problem.rank * shard, (problem.rank + 1) * shard, device=problem.q.device)
-    # Leaves of their own, so that gradients stop at this rank's shard, not at the whole inputs.
-    q, k, v = (
-        t.detach().index_select(2, rows).requires_grad_(t.requires_grad) for t in (problem.q, problem.k, problem.v)
-    )
+    rows = torch.arange(problem.rank * shard, (problem.rank + 1) * shard, device=problem.device)
+    q, k, v = problem.shard(rows)
     # The kernel SDPA picks for what each rank attends: H/P heads, the whole sequence.
-    probe = q.new_empty(q.shape[0], q.shape[1] // processes, seq_len, q.shape[3])
+    probe = problem.probe(seq_len, q.shape[1] // processes)
     problem.facts["kernel"] = resolved_backend(backend, probe, probe, probe, causal)
 
     def run() -> torch.Tensor:

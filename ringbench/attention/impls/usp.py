@@ -86,20 +86,17 @@ def _excludes(cell: Cell) -> str | None:
 )
 def setup(problem: Problem) -> Bench:
     assert problem.comm is not None, "across processes the worker hands setup a clock"
-    kernel = blocks.choose(problem.options["kernel"], problem.q)
+    kernel = blocks.choose(problem.options["kernel"], problem.probe(1))
     problem.facts["kernel"] = kernel
-    problem.facts["merge"] = blocks.merge_path(problem.q.device)
+    problem.facts["merge"] = blocks.merge_path(problem.device)
     degree, zigzag, comm = problem.options["ulysses_degree"], problem.options["zigzag"], problem.comm
     ring_size = problem.world_size // degree
     ring_index, ulysses_index = divmod(problem.rank, degree)
     group = _ulysses_group(problem.world_size, degree, ring_index) if degree > 1 else None
     # The ring shard's positions, in its order; this rank holds the Ulysses index-th contiguous part.
-    shard = positions(problem.q.shape[2], ring_size, zigzag, problem.q.device)[ring_index]
+    shard = positions(problem.seq_len, ring_size, zigzag, problem.device)[ring_index]
     rows = shard.view(degree, -1)[ulysses_index]
-    # Leaves of their own, so that gradients stop at this rank's rows, not at the whole inputs.
-    q, k, v = (
-        t.detach().index_select(2, rows).requires_grad_(t.requires_grad) for t in (problem.q, problem.k, problem.v)
-    )
+    q, k, v = problem.shard(rows)
     neighbours = {
         "send_to": (ring_index + 1) % ring_size * degree + ulysses_index,
         "receive_from": (ring_index - 1) % ring_size * degree + ulysses_index,
