@@ -87,12 +87,12 @@ class Generated(Inputs):
         return torch.randn(length, self.shape[3], generator=self._generator, device=self.device, dtype=self.dtype)
 
     def head_rows(self, name: str, batch: int, head: int, positions: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(len(positions), self.shape[3], dtype=self.dtype, device=self.device)
         blocks = positions // CHUNK
-        for block in blocks.unique().tolist():
-            where = (blocks == block).nonzero().flatten()
-            out[where] = self._block(name, batch, head, block)[positions[where] - block * CHUNK]
-        return out
+        needed = blocks.unique()  # sorted
+        made = torch.cat([self._block(name, batch, head, block) for block in needed.tolist()])
+        # Every made block but the sequence's last is CHUNK long: position p lies in made block
+        # searchsorted(needed, p // CHUNK), at p % CHUNK.
+        return made[torch.searchsorted(needed, blocks) * CHUNK + positions % CHUNK]
 
 
 class Given(Inputs):
