@@ -50,10 +50,10 @@ def test_world_sizes_one_and_two_in_one_run_match_the_reference(write_config):
         assert [rank["rank"] for rank in record["ranks"]] == [0, 1]
         # The recorded median is over the slowest rank of each repetition.
         assert record["stats"]["median_ms"] >= min(rank["median_ms"] for rank in record["ranks"])
-        # K and V of a 32-row shard (B=1, H=2, D=8, float32) per ring step; the dilated pattern
-        # spanning both ranks sends only its 16 kept rows.
+        # K and V of a 32-row shard (B=1, H=2, D=8, float32) in the one ring step of two ranks; the
+        # dilated pattern spanning both ranks sends only its 16 kept rows.
         rows = 32 if record["implementation"] == "ring" else 16
-        assert record["comm"]["sent_bytes_per_step"] == 2 * 2 * rows * 8 * 4
+        assert record["comm"]["sent_bytes_per_call"] == 2 * 2 * rows * 8 * 4
         assert 0 <= record["comm"]["wait_share"] <= 1 and len(record["comm"]["ranks"]) == 2
 
 
@@ -133,10 +133,12 @@ def test_ring_gradients_across_two_processes_match_the_reference(write_config):
         assert record["status"] == "ok", record["error"]
         gradients = record["check"]["gradients"]
         assert gradients["checked"] and gradients["rel_error"] < 1e-5, gradients
-        # Each step sends K and V (float32, 32 rows; 16 for the spanning pattern) one way and
-        # their float32 gradient sums the same way: the headline is bytes per message.
+        # The backward pass sends K and V (float32, 32 rows; 16 for the spanning pattern) in its one
+        # ring step and their float32 gradient sums in both (the second brings them home); forward
+        # passes send K and V once more.
         rows = 32 if record["implementation"] == "ring" else 16
-        assert record["comm"]["sent_bytes_per_step"] == 2 * 2 * rows * 8 * 4
+        messages = 3 if record["pass"] == "backward" else 4
+        assert record["comm"]["sent_bytes_per_call"] == messages * 2 * 2 * rows * 8 * 4
 
 
 def test_eight_processes_forward_and_backward_match_the_reference(write_config):
