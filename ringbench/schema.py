@@ -26,6 +26,13 @@ Versions:
 3. Facts name the block kernel an implementation ran ``kernel``, whichever it is; up to
    version 2 ``sdpa`` and ``torch-cp`` named theirs ``backend``, renamed on reading.
 
+4. Communication is what a rank sends in a whole call, ``sent_bytes_per_call``, summed
+   over every transfer the clock saw (ring steps and all-to-alls alike), so that
+   strategies compare. Up to version 3 records held the mean bytes of one transfer
+   (one ring step's message), ``sent_bytes_per_step``; they keep it, and read
+   ``sent_bytes_per_call`` as None (not recorded). Records from version 4 on omit
+   ``sent_bytes_per_step``.
+
 ``run.json`` carries the same number; version 3 adds ``roles`` to it (``records.read_run``
 fills them in for older runs).
 """
@@ -42,7 +49,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard
 from ringbench.errors import show
 from ringbench.vocabulary import DTYPES, PASSES, Cell, implementation_label
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 OK, WRONG, OOM, ERROR, CRASHED, TIMEOUT, SKIPPED = "ok", "wrong", "oom", "error", "crashed", "timeout", "skipped"
 STATUSES = (OK, WRONG, OOM, ERROR, CRASHED, TIMEOUT, SKIPPED)
@@ -185,22 +192,25 @@ class RankFigures(_Stored):
 
 @dataclass(frozen=True)
 class RankTraffic(_Stored):
-    """What one process sent per ring step, and its share of a call spent waiting."""
+    """What one process sent to others in a call (None before version 4, which kept the mean
+    per ring step instead), and its share of the call spent waiting."""
 
     rank: int
-    sent_bytes_per_step: float
+    sent_bytes_per_call: float | None
     wait_ms: float
     call_ms: float
     wait_share: float
+    sent_bytes_per_step: float | None = field(default=None, metadata=_OMITTED_WHEN_NONE)
 
 
 @dataclass(frozen=True)
 class Comm(_Stored):
     """Communication in one instrumented call; the headline figures are the worst rank's."""
 
-    sent_bytes_per_step: float
+    sent_bytes_per_call: float | None
     wait_share: float
     ranks: tuple[RankTraffic, ...]
+    sent_bytes_per_step: float | None = field(default=None, metadata=_OMITTED_WHEN_NONE)
 
 
 @dataclass(frozen=True)
@@ -431,8 +441,26 @@ def _upgrade_2_to_3(old: dict[str, Any]) -> dict[str, Any]:
     return {**old, "facts": renamed}
 
 
+def _upgrade_3_to_4(old: dict[str, Any]) -> dict[str, Any]:
+    """Bytes per call were not recorded before version 4 (only the mean per ring step)."""
+    comm = old.get("comm")
+    if not isinstance(comm, dict):
+        return old
+    comm = _with(comm, sent_bytes_per_call=None)
+    _amend(
+        comm,
+        "ranks",
+        lambda ranks: [_with(rank, sent_bytes_per_call=None) for rank in ranks] if isinstance(ranks, list) else ranks,
+    )
+    return {**old, "comm": comm}
+
+
 # _UPGRADES[v - 1] turns version v into v + 1.
-_UPGRADES: tuple[Callable[[dict[str, Any]], dict[str, Any]], ...] = (_upgrade_1_to_2, _upgrade_2_to_3)
+_UPGRADES: tuple[Callable[[dict[str, Any]], dict[str, Any]], ...] = (
+    _upgrade_1_to_2,
+    _upgrade_2_to_3,
+    _upgrade_3_to_4,
+)
 
 
 @functools.cache

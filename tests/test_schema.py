@@ -10,7 +10,17 @@ from conftest import measure
 
 from ringbench import records
 from ringbench.report import load_run, render_report
-from ringbench.schema import SCHEMA_VERSION, GradientCheck, Memory, Modes, RankFigures, Record, Stats
+from ringbench.schema import (
+    SCHEMA_VERSION,
+    Comm,
+    GradientCheck,
+    Memory,
+    Modes,
+    RankFigures,
+    RankTraffic,
+    Record,
+    Stats,
+)
 from ringbench.sweep.config import TimingBudget
 from ringbench.vocabulary import Cell
 
@@ -64,7 +74,7 @@ def test_a_fresh_record_reads_back_equal_and_writes_what_it_always_has(fresh, tm
     (line,) = (tmp_path / records.RECORDS_FILE).read_text().splitlines()
     stored = json.loads(line)
     assert Record.from_json(stored) == record and stored == json.loads(json.dumps(record.to_json()))
-    assert stored["schema_version"] == SCHEMA_VERSION == 3
+    assert stored["schema_version"] == SCHEMA_VERSION == 4
     assert sorted(stored) == sorted(
         [
             "schema_version",
@@ -165,7 +175,7 @@ def test_the_oldest_version_1_record_upgrades_with_the_documented_defaults():
     )
     assert record.stats.rel_iqr == 0.05 / 0.25
     assert record.samples_ms == (0.2, 0.3) and record.median_ms == 0.25 and record.measured
-    assert record.to_json()["schema_version"] == 3 and OLDEST["schema_version"] == 1  # the input is left as it was
+    assert record.to_json()["schema_version"] == 4 and OLDEST["schema_version"] == 1  # the input is left as it was
 
 
 def test_a_version_2_kernel_fact_named_backend_reads_as_kernel():
@@ -173,6 +183,20 @@ def test_a_version_2_kernel_fact_named_backend_reads_as_kernel():
     version_2 = {**fresh, "schema_version": 2, "facts": {"backend": fresh["facts"]["kernel"]}}
     assert Record.from_json(version_2).facts == fresh["facts"] and set(fresh["facts"]) == {"kernel"}
     assert Record.from_json({**version_2, "facts": {"kernel": "flash", "backend": "x"}}).facts["kernel"] == "flash"
+
+
+def test_a_version_3_record_keeps_its_bytes_per_ring_step_and_has_none_per_call():
+    traffic = {"rank": 0, "sent_bytes_per_step": 512.0, "wait_ms": 1.0, "call_ms": 4.0, "wait_share": 0.25}
+    comm = {"sent_bytes_per_step": 512.0, "wait_share": 0.25, "ranks": [traffic]}
+    version_3 = {**_fresh("sdpa", options=(("backend", "auto"),)).to_json(), "schema_version": 3, "comm": comm}
+    record = Record.from_json(version_3)
+    assert record.comm == Comm(
+        sent_bytes_per_call=None,
+        wait_share=0.25,
+        ranks=(RankTraffic(0, None, 1.0, 4.0, 0.25, sent_bytes_per_step=512.0),),
+        sent_bytes_per_step=512.0,
+    )
+    assert Record.from_json(record.to_json()) == record
 
 
 def test_a_middle_aged_version_1_record_upgrades_each_part():
@@ -242,7 +266,7 @@ def test_a_middle_aged_version_1_record_upgrades_each_part():
 @pytest.mark.parametrize(
     "change, reason",
     [
-        ({"schema_version": 4}, "schema version 4, newer than this ringbench reads (3)"),
+        ({"schema_version": 5}, "schema version 5, newer than this ringbench reads (4)"),
         ({"schema_version": "1"}, "schema_version: expected a version number, got '1'"),
         ({"seq_len": "1024"}, "seq_len: expected a whole number, got '1024'"),
         ({"causal": 0}, "causal: expected true or false, got 0"),

@@ -1,12 +1,15 @@
-"""Point-to-point transfers between ranks, and how long a rank waits for them.
+"""Transfers between ranks, what they send, and how long a rank waits for them.
 
-Implementations post each ring step's transfer with :meth:`WaitClock.exchange` and
-hand the requests to :meth:`WaitClock.wait` instead of waiting on them directly.
+Implementations post each ring step's transfer with :meth:`WaitClock.exchange`, and
+each all-to-all with :meth:`WaitClock.all_to_all` (differentiably: :func:`post_all_to_all`),
+and hand the requests to :meth:`WaitClock.wait` instead of waiting on them directly.
 Normally that is all it does. In the worker's communication pass the clock is on
-for one call: on the CPU it adds up the host time spent blocked in ``wait()``; on
-a GPU, where ``wait()`` only makes the compute stream wait for the transfer, it
-records a CUDA event before and after each wait, and the time between them on the
-stream is the stall.
+for one call: it adds up the bytes each transfer sends to other ranks (what stays on
+the rank, a ring of one's copy or the block of an all-to-all a rank addresses to
+itself, is not sent), and the time spent waiting: on the CPU the host time blocked
+in ``wait()``; on a GPU, where ``wait()`` only makes the compute stream wait for the
+transfer, a CUDA event before and after each wait, the time between them on the
+stream being the stall.
 
 Backward passes send gradient sums around the ring behind the K/V blocks they
 belong to: :class:`TravellingSums`.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -25,7 +29,7 @@ class WaitClock:
     def __init__(self, device: torch.device):
         self.device = device
         self.sent_bytes = 0
-        self.sends = 0
+        self.transfers = 0
         self._on = False
         self._cpu_ms = 0.0
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -42,13 +46,27 @@ class WaitClock:
             return []
         if self._on:
             self.sent_bytes += send.numel() * send.element_size()
-            self.sends += 1
+            self.transfers += 1
         return dist.batch_isend_irecv(
             [
                 dist.P2POp(dist.isend, send, send_to),
                 dist.P2POp(dist.irecv, receive, receive_from),
             ]
         )
+
+    def all_to_all(self, send: torch.Tensor, receive: torch.Tensor, group: dist.ProcessGroup | None = None) -> list:
+        """Post an all-to-all among the ranks of ``group`` (the default group: every rank); returns the request.
+
+        ``send`` and ``receive`` are cut along their first dimension into as many equal
+        blocks as the group has ranks: block j of ``send`` goes to the group's j-th
+        rank, block i of ``receive`` comes from its i-th. The block a rank addresses to
+        itself stays on the rank, so it is not counted as sent.
+        """
+        if self._on:
+            ranks = dist.get_world_size(group)
+            self.sent_bytes += send.numel() * send.element_size() // ranks * (ranks - 1)
+            self.transfers += 1
+        return [dist.all_to_all_single(receive, send, group=group, async_op=True)]
 
     def wait(self, transfers: Sequence) -> None:
         if not self._on:
@@ -69,8 +87,9 @@ class WaitClock:
             self._cpu_ms += (time.perf_counter_ns() - start) / 1e6
 
     def measure(self, fn: Callable[[], object]) -> dict[str, float]:
-        """One call of ``fn`` with the clock on: its time, the time spent waiting, what was sent."""
-        self._on, self._cpu_ms, self._events, self.sent_bytes, self.sends = True, 0.0, [], 0, 0
+        """One call of ``fn`` with the clock on: its time, the time spent waiting, the bytes sent to other
+        ranks over the whole call, and the number of transfers that sent them."""
+        self._on, self._cpu_ms, self._events, self.sent_bytes, self.transfers = True, 0.0, [], 0, 0
         try:
             if self.device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -87,7 +106,65 @@ class WaitClock:
                 wait_ms = self._cpu_ms
         finally:
             self._on = False
-        return {"call_ms": call_ms, "wait_ms": wait_ms, "sent_bytes": float(self.sent_bytes), "sends": self.sends}
+        return {
+            "call_ms": call_ms,
+            "wait_ms": wait_ms,
+            "sent_bytes": float(self.sent_bytes),
+            "transfers": self.transfers,
+        }
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """An all-to-all posted through ``clock`` and not yet waited for: :meth:`arrived` waits and
+    returns what it received."""
+
+    received: torch.Tensor
+    transfers: list
+    clock: WaitClock
+
+    def arrived(self) -> torch.Tensor:
+        return _Arrived.apply(self.received, self.clock, self.transfers)
+
+
+def post_all_to_all(send: torch.Tensor, clock: WaitClock, group: dist.ProcessGroup | None = None) -> InFlight:
+    """Post :meth:`WaitClock.all_to_all` of ``send`` (contiguous), differentiably: the gradient of what
+    arrives goes back by the same all-to-all, which undoes it (block i came from rank i, so its
+    gradient goes to rank i). Work queued between posting and ``arrived()`` overlaps the transfer."""
+    transfers: list = []
+    return InFlight(_Posted.apply(send, clock, group, transfers), transfers, clock)
+
+
+class _Posted(torch.autograd.Function):
+    """Posts the all-to-all (its requests into ``transfers``) and returns the buffer it receives into."""
+
+    @staticmethod
+    def forward(ctx, send, clock, group, transfers):
+        receive = torch.empty_like(send)
+        transfers.extend(clock.all_to_all(send, receive, group))
+        ctx.clock, ctx.group = clock, group
+        return receive
+
+    @staticmethod
+    def backward(ctx, grad_received):
+        # The backward pass waits at once: autograd gives no later point to wait at.
+        grad_received = grad_received.contiguous()  # and so, made like it, the buffer it lands in
+        grad_send = torch.empty_like(grad_received)
+        ctx.clock.wait(ctx.clock.all_to_all(grad_received, grad_send, ctx.group))
+        return grad_send, None, None, None
+
+
+class _Arrived(torch.autograd.Function):
+    """Waits for the all-to-all that fills ``received``; to gradients, the identity."""
+
+    @staticmethod
+    def forward(ctx, received, clock, transfers):
+        clock.wait(transfers)
+        return received
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
 
 
 class TravellingSums:

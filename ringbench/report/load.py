@@ -54,6 +54,7 @@ COLUMNS = [
     "grad_rel_error",
     "gradients_checked",
     "check_s",
+    "comm_call_mib",
     "comm_step_mib",
     "comm_wait_share",
     "facts",
@@ -137,7 +138,9 @@ def _row(record: Record, peaks: dict[str, float]) -> dict[str, Any]:
         "grad_rel_error": gradients.rel_error if gradients else None,
         "gradients_checked": None if record.pass_name == "forward" else bool(gradients and gradients.checked),
         "check_s": check.seconds if check else None,
-        "comm_step_mib": comm.sent_bytes_per_step / 2**20 if comm else None,
+        "comm_call_mib": comm.sent_bytes_per_call / 2**20 if comm and comm.sent_bytes_per_call is not None else None,
+        # What records before schema 4 kept instead: the mean per ring step.
+        "comm_step_mib": comm.sent_bytes_per_step / 2**20 if comm and comm.sent_bytes_per_step is not None else None,
         "comm_wait_share": comm.wait_share if comm else None,
         "facts": ", ".join(f"{key} {value}" for key, value in sorted(facts.items())) or None,
         "error_type": record.error.type if record.error else None,

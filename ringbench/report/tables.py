@@ -55,6 +55,18 @@ def _throughput(row) -> str:
     return f"{row.tflops_per_device:,.1f} ({row.tflops_per_device / row.peak_tflops:.0%})"
 
 
+def _communication(row) -> str:
+    if pd.isna(row.comm_wait_share):
+        return ""
+    # Records before schema 4 kept the mean of one ring step's message instead, and say so.
+    sent = (
+        f"{row.comm_call_mib:,.2f} MiB"
+        if pd.notna(row.comm_call_mib)
+        else f"{row.comm_step_mib:,.2f} MiB per ring step"
+    )
+    return f"{sent}, {row.comm_wait_share:.1%}"
+
+
 def _error(row) -> str:
     """The output's relative error and, in backward passes, the gradients'; saying so where a
     record carries no check (an implementation registered without a reference, or an old record)."""
@@ -143,10 +155,10 @@ METRICS = (
         cells=_measured_in("projected_mib"),
     ),
     Metric(
-        "Communication per rank: MiB sent per step, share of the call spent waiting for transfers",
-        lambda row: "" if pd.isna(row.comm_step_mib) else f"{row.comm_step_mib:,.2f} MiB, {row.comm_wait_share:.1%}",
-        _present("comm_step_mib"),
-        rows_with="comm_step_mib",
+        "Communication per rank: MiB sent to other ranks in one call, share of the call spent waiting for transfers",
+        _communication,
+        _present("comm_wait_share"),
+        rows_with="comm_wait_share",
         cells=_across_processes,
     ),
     Metric("Tokens per second", lambda row: f"{row.tokens_per_s:,.0f}"),

@@ -303,12 +303,12 @@ def _combine_traffic(group: OneProcess, traffic: dict[str, float] | None) -> Com
     as "no traffic".
     """
     everyone = group.gather(traffic)
-    if traffic is None or not any(data["sends"] for data in everyone):
+    if traffic is None or not any(data["transfers"] for data in everyone):
         return None
     ranks = tuple(
         RankTraffic(
             rank=rank,
-            sent_bytes_per_step=data["sent_bytes"] / data["sends"] if data["sends"] else 0.0,
+            sent_bytes_per_call=data["sent_bytes"],
             wait_ms=data["wait_ms"],
             call_ms=data["call_ms"],
             wait_share=data["wait_ms"] / data["call_ms"] if data["call_ms"] > 0 else 0.0,
@@ -316,7 +316,7 @@ def _combine_traffic(group: OneProcess, traffic: dict[str, float] | None) -> Com
         for rank, data in enumerate(everyone)
     )
     return Comm(
-        sent_bytes_per_step=max(rank.sent_bytes_per_step for rank in ranks),
+        sent_bytes_per_call=max(data["sent_bytes"] for data in everyone),
         wait_share=max(rank.wait_share for rank in ranks),
         ranks=ranks,
     )

@@ -23,7 +23,7 @@ r and 2P−1−r, so every rank does the same work in every step.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,13 +232,25 @@ def _all_ranks(problem: Problem, kernel: str, zigzag: bool) -> Bench:
     return Bench(run=lambda: blocks.Differentiable.apply(*inputs, ring), rank_share=rank_share)
 
 
-class _OneRank:
+def receive_buffers(shape: Sequence[int], like: torch.Tensor, ring_size: int) -> tuple[torch.Tensor, ...]:
+    """Where a rank of a ring of ``ring_size`` receives K/V messages of ``shape`` (in ``like``'s dtype,
+    on its device), by turns.
+
+    The rank's own shard is never written over, since every call starts from it; the
+    buffer being sent is never the one being received into. One is enough when only
+    one transfer happens, none in a ring of one. Made once per cell, so that no call
+    allocates them.
+    """
+    return tuple(like.new_empty(shape) for _ in range(min(2, ring_size - 1)))
+
+
+class OneRank:
     """One rank of a real ring: K/V travel between processes by point-to-point ops.
 
     Built from this rank's shards as they are: ``q`` and ``kv`` (K and V stacked,
     the one message each step sends), in the row order of ring rank ``rank``'s
     shard (``positions``); ``send_to`` and ``receive_from`` are the global ranks of
-    its neighbours in the ring.
+    its neighbours in the ring, ``received`` its :func:`receive_buffers`.
     """
 
     def __init__(
@@ -254,14 +266,11 @@ class _OneRank:
         ring_size: int,
         send_to: int,
         receive_from: int,
+        received: tuple[torch.Tensor, ...],
     ):
         self.kernel, self.zigzag, self.causal, self.dtype = kernel, zigzag, causal, q.dtype
         self.rank, self.ring_size, self.comm = rank, ring_size, comm
-        self.q, self.kv = q, kv
-        # Received K/V land in these by turns. The rank's own shard is never written
-        # over, since every call starts from it; the buffer being sent is never the
-        # one being received into. One is enough when only one transfer happens.
-        self.received = tuple(torch.empty_like(self.kv) for _ in range(min(2, self.ring_size - 1)))
+        self.q, self.kv, self.received = q, kv, received
         self.shard_len = q.shape[2]
         self.send_to, self.receive_from = send_to, receive_from
 
@@ -346,7 +355,7 @@ def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
     # k and v become views of the one K/V message each step sends, leaves of their own.
     kv = torch.stack([k.detach(), v.detach()])
     k, v = (part.requires_grad_(q.requires_grad) for part in kv.unbind())
-    ring = _OneRank(
+    ring = OneRank(
         q,
         kv,
         causal=problem.causal,
@@ -357,6 +366,7 @@ def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
         ring_size=ring_size,
         send_to=(rank + 1) % ring_size,
         receive_from=(rank - 1) % ring_size,
+        received=receive_buffers(kv.shape, kv, ring_size),
     )
     inputs = (q, k, v)
     return Bench(run=lambda: blocks.Differentiable.apply(*inputs, ring), rows=rows, inputs=inputs)

@@ -6,9 +6,10 @@ group are contiguous. Each ring shard of the sequence (``ring.positions``: with
 ``zigzag``, chunks i and 2r−1−i for ring index i) is split contiguously among
 the u ranks of its Ulysses group. An all-to-all within the group turns each
 rank's rows into the whole ring shard for H/u heads; the ranks sharing a Ulysses
-index then run ring attention over the r shards (``ring._OneRank``, K/V between
+index then run ring attention over the r shards (``ring.OneRank``, K/V between
 processes by point-to-point ops); one more all-to-all turns the output back into
-the rank's rows for every head. Both all-to-alls and the ring are differentiable.
+the rank's rows for every head. Both all-to-alls and the ring are differentiable,
+and all of them go through the worker's clock.
 
 Degree 1 is ``ring`` across processes; degree P is ``ulysses`` with the ring's
 blocked kernels instead of SDPA.
@@ -16,6 +17,7 @@ blocked kernels instead of SDPA.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from ringbench.attention import blocks
-from ringbench.attention.impls.ring import _OneRank, positions
-from ringbench.attention.impls.ulysses import to_heads, to_sequence
+from ringbench.attention.impls.ring import OneRank, positions, receive_buffers
+from ringbench.attention.impls.ulysses import as_heads, as_sequence, send_to_heads, send_to_sequence
 from ringbench.attention.registry import Bench, Option, Problem, register
 from ringbench.vocabulary import PASSES, Cell
 
@@ -97,31 +99,35 @@ def setup(problem: Problem) -> Bench:
     shard = positions(problem.seq_len, ring_size, zigzag, problem.device)[ring_index]
     rows = shard.view(degree, -1)[ulysses_index]
     q, k, v = problem.shard(rows)
-    neighbours = {
-        "send_to": (ring_index + 1) % ring_size * degree + ulysses_index,
-        "receive_from": (ring_index - 1) % ring_size * degree + ulysses_index,
-    }
+    # This rank's place in its ring, for the ring built once (degree 1) or on each call's head shards.
+    ring_rank = functools.partial(
+        OneRank,
+        causal=problem.causal,
+        kernel=kernel,
+        zigzag=zigzag,
+        comm=comm,
+        rank=ring_index,
+        ring_size=ring_size,
+        send_to=(ring_index + 1) % ring_size * degree + ulysses_index,
+        receive_from=(ring_index - 1) % ring_size * degree + ulysses_index,
+    )
+    if degree == 1:  # ring across processes, built as ring builds it
+        # K and V stacked once into the message each ring step sends; k and v become leaves viewing it.
+        kv = torch.stack([k.detach(), v.detach()])
+        k, v = (part.requires_grad_(q.requires_grad) for part in kv.unbind())
+        ring = ring_rank(q, kv, received=receive_buffers(kv.shape, kv, ring_size))
+        inputs = (q, k, v)
+        return Bench(run=lambda: blocks.Differentiable.apply(*inputs, ring), rows=rows, inputs=inputs)
+
+    batch, heads, shard_rows, dim = q.shape
+    received = receive_buffers((2, batch, heads // degree, shard_rows * degree, dim), q, ring_size)
 
     def run() -> torch.Tensor:
-        # K and V stacked travel as one message: one all-to-all here, one point-to-point per ring step.
-        kv = torch.stack([k, v])
-        if degree > 1:  # to the ring shard's rows (gathered in Ulysses index order, the shard's) for H/u heads
-            q_heads = to_heads(q, degree, group)
-            kv = to_heads(kv.flatten(0, 1), degree, group).unflatten(0, (2, q.shape[0]))
-        else:
-            q_heads = q
-        ring = _OneRank(
-            q_heads,
-            kv,
-            causal=problem.causal,
-            kernel=kernel,
-            zigzag=zigzag,
-            comm=comm,
-            rank=ring_index,
-            ring_size=ring_size,
-            **neighbours,
-        )
-        out = blocks.Differentiable.apply(q_heads, *kv.unbind(), ring)
-        return to_sequence(out, degree, group) if degree > 1 else out
+        # One all-to-all to the ring shard's rows (gathered in Ulysses index order, the shard's) for H/u
+        # heads; K and V arrive stacked, the one message each ring step sends.
+        arrived = as_heads(send_to_heads((q, k, v), degree, comm, group))
+        ring = ring_rank(arrived[0], arrived[1:], received=received)
+        out = blocks.Differentiable.apply(*arrived.unbind(), ring)
+        return as_sequence([send_to_sequence(out, degree, comm, group)])
 
     return Bench(run=run, rows=rows, inputs=(q, k, v))
