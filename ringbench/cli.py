@@ -42,7 +42,7 @@ def _load(config_path: Path):
 
     sweep, the_plan = plan.load(config_path)
     device = env.resolve_device(sweep.device, str(config_path))
-    if not the_plan.cells:
+    if not the_plan.cells and not the_plan.searches:
         reasons = Counter(exclusion.reason for exclusion in the_plan.excluded).most_common()
         listed = "; ".join(f"{reason} ({count}×)" for reason, count in reasons[:3])
         more = f"; and {len(reasons) - 3} other reasons" if len(reasons) > 3 else ""
@@ -75,9 +75,12 @@ def main_options(
 
 
 def _print_plan(source: Path, the_plan) -> None:
-    print(f"{source}: {len(the_plan.cells)} cells planned, {len(the_plan.excluded)} left out")
-    for cell in the_plan.cells:
-        print(f"  {cell.id}  {cell.title}")
+    if the_plan.searches:
+        print(f"{source}: {len(the_plan.searches)} searches planned, {len(the_plan.excluded)} left out")
+    else:
+        print(f"{source}: {len(the_plan.cells)} cells planned, {len(the_plan.excluded)} left out")
+    for item in the_plan.searches or the_plan.cells:
+        print(f"  {item.id}  {item.title}")
     if the_plan.excluded:
         print("left out:")
         for exclusion in the_plan.excluded:

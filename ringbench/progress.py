@@ -54,7 +54,7 @@ class ProgressBar:
     def __exit__(self, *exc_info: object) -> None:
         self.progress.stop()
 
-    def started(self, run_dir: Path, total: int) -> None:
+    def started(self, run_dir: Path, total: int | None) -> None:
         self.console.print(f"run folder: {run_dir}")
         self.task = self.progress.add_task("starting", total=total, last="")
 

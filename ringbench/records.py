@@ -192,10 +192,11 @@ def drop_partial_line(run_dir: Path) -> bool:
     return True
 
 
-def done_ids(run_dir: Path, retry_failed: bool) -> set[str]:
-    """Cells a resumed run need not run again: the latest record of each decides."""
-    latest = {record.cell_id: record.status for record in read_records(run_dir)}
-    return {cell_id for cell_id, status in latest.items() if not (retry_failed and status in FAILED)}
+def done(run_dir: Path, retry_failed: bool) -> list[Record]:
+    """The records of the cells a resumed run need not run again: the latest record of each cell
+    decides, and with ``retry_failed`` a failed one does not count."""
+    latest = {record.cell_id: record for record in read_records(run_dir)}
+    return [record for record in latest.values() if not (retry_failed and record.status in FAILED)]
 
 
 def is_run_dir(path: Path) -> bool:

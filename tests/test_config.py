@@ -30,8 +30,8 @@ ERRORS = [
         "unknown top-level key",
         BASE_CONFIG + "seq_len: [1]\n",
         "seq_len: unknown key (known: batch_sizes, causal, cell_timeout_s, description, device, dtypes, head_dims, heads, "
-        "implementations, name, output_root, passes, plugins, ring_sizes, seed, seq_lens, shuffle, skip_oversized_inputs, "
-        "threads, timing, world_sizes)",
+        "implementations, longest, memory_cap_gib, name, output_root, passes, plugins, ring_sizes, seed, seq_lens, "
+        "shuffle, skip_oversized_inputs, threads, timing, world_sizes)",
     ),
     (
         "unknown timing key",

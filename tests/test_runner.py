@@ -198,7 +198,7 @@ def test_a_worker_that_stops_between_cells_blames_none_and_one_that_cannot_start
     # a CUDA fault it has recorded. The runner must start another for each remaining cell.
     one_cell = (
         "import sys, json; from pathlib import Path; from ringbench import records; from ringbench.run import pipeline; from ringbench.vocabulary import Cell\n"
-        "run_dir = Path(sys.argv[1]); meta = records.read_run(run_dir); done = records.done_ids(run_dir, False)\n"
+        "run_dir = Path(sys.argv[1]); meta = records.read_run(run_dir); done = {r.cell_id for r in records.done(run_dir, False)}\n"
         "cell = next(Cell(p['implementation'], tuple(sorted(p['options'].items())), p['seq_len'], p['ring_size'],\n"
         "  p['batch_size'], p['heads'], p['head_dim'], p['dtype'], p['causal'], p['pass'], p['world_size'])\n"
         "  for p in meta['planned'] if p['cell_id'] not in done)\n"

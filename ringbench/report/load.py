@@ -11,6 +11,7 @@ import pandas as pd
 
 from ringbench import records
 from ringbench.errors import UserError, show
+from ringbench.report.tables import SHAPE
 from ringbench.schema import Memory, Projected, Record
 
 COLUMNS = [
@@ -148,6 +149,14 @@ def _row(record: Record, peaks: dict[str, float]) -> dict[str, Any]:
     }
 
 
+# What a search's probes share: every parameter of a cell but its seq_len.
+_SEARCH_AXES = ("implementation", "options", "ring_size", "world_size", *SHAPE)
+
+
+def _search_key(params: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(json.dumps(params[axis], sort_keys=True) for axis in _SEARCH_AXES)
+
+
 MAX_WARNINGS = 5  # per records file
 
 
@@ -170,6 +179,7 @@ def load_run(path: Path) -> Run:
     records_path = path / records.RECORDS_FILE
     lines = records_path.read_text(encoding="utf-8", errors="replace").splitlines() if records_path.exists() else []
     planned = {cell["cell_id"] for cell in meta["planned"]}
+    searched = {_search_key(search) for search in meta.get("searches", [])}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -179,7 +189,8 @@ def load_run(path: Path) -> Run:
             warnings.append(f"{records_path}:{number}: record skipped ({type(exc).__name__}: {show(str(exc))[1:-1]})")
             continue
         rows.append(_row(record, meta["environment"].get("matmul_peak_tflops") or {}))
-        if record.cell_id not in planned:  # shown all the same: the reader decides what it is worth
+        probe = _search_key(record.cell.params()) in searched  # a search's probes are planned by the search
+        if record.cell_id not in planned and not probe:  # shown all the same: the reader decides what it is worth
             warnings.append(
                 f"{records_path}:{number}: cell {record.cell_id[:40]} ({record.implementation[:60]}) "
                 "is not in this run's plan"

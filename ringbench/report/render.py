@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from ringbench.report import plots
+from ringbench.report import longest, plots
 from ringbench.report.baseline import resolve, with_ratios
 from ringbench.report.load import Run
 from ringbench.report.markdown import escape, table
@@ -22,7 +22,7 @@ from ringbench.report.summary import (
     warnings,
 )
 from ringbench.report.tables import METRICS, SHAPE, failures, metric_table, shape_title, tolerances
-from ringbench.vocabulary import label_of, placement
+from ringbench.vocabulary import PEER, label_of, placement
 
 
 def _heading(level: int, text: str) -> str:
@@ -106,6 +106,18 @@ def _resumptions(meta: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _recorded(meta: dict[str, Any], count: int, name: str) -> str:
+    if "searches" in meta:  # how many probes a search takes is known only once it ends
+        return f"**Probes**: {count} recorded in `{escape(name)}` for {len(meta['searches'])} searches  "
+    return f"**Cells**: {count} of {len(meta['planned'])} planned recorded in `{escape(name)}`  "
+
+
+def _memory_cap(meta: dict[str, Any]) -> list[str]:
+    """The cap on each process's CUDA caching allocator, where the config set one."""
+    cap = meta.get("memory_cap")
+    return [f"**Memory cap**: {escape(cap['note'])}  "] if cap else []
+
+
 def _noise_rule(timing: dict[str, Any]) -> str:
     if "noise_target" not in timing:  # runs from before noise-driven sampling
         return ""
@@ -123,8 +135,14 @@ def _parameters(meta: dict[str, Any]) -> list[str]:
     timing = config["timing"]
     labels = [escape(label_of(i)) for i in config["implementations"]]
     lines = [f"- **implementations**: {', '.join(labels)}"]
+    searched = config.get("longest")
+    if searched:
+        limit = f", at most {searched['max']:,}" if searched["max"] else ""
+        lines.append(
+            f"- **longest**: doubling from {searched['start']:,}, then bisection to {searched['granularity']:,}{limit}"
+        )
     for axis in (
-        "seq_lens",
+        *(() if searched else ("seq_lens",)),
         "ring_sizes",
         "world_sizes",
         "batch_sizes",
@@ -260,14 +278,20 @@ def _excluded(excluded: list[dict[str, Any]]) -> str:
     return table(rows[["implementation", "run as", *varying, "reason"]])
 
 
-def _findings(frame: pd.DataFrame, label: str | None, level: int, environments: list[dict[str, Any]]) -> list[str]:
+def _findings(
+    frame: pd.DataFrame,
+    label: str | None,
+    level: int,
+    environments: list[dict[str, Any]],
+    searched: list[longest.Found],
+) -> list[str]:
     """What the cells show, and what a reader should distrust, in bullet points."""
     lines = [_heading(level, "Findings"), ""]
     if frame.empty:
         lines += ["No cell has finished yet.", ""]
     else:
         assert label is not None, "a frame with cells resolves a baseline label"
-        lines += [*summary(frame, label), *efficiency_findings(frame), ""]
+        lines += [*summary(frame, label), *longest.findings(searched), *efficiency_findings(frame), ""]
     cautions = warnings(frame, environments)
     if cautions:
         lines += [_heading(level, "What to distrust"), "", *cautions, ""]
@@ -278,8 +302,13 @@ def render_findings(run: Run, baseline: str | None = None) -> str:
     """A run's findings alone, under a heading naming the run."""
     label = resolve(run.frame, baseline)
     heading = _heading(2, f"Findings of `{escape(run.path.name)}` ({escape(run.meta['config']['name'])})")
-    lines = _findings(with_ratios(run.frame, label), label, 3, [run.meta["environment"]])
+    searched = _searched(run.frame, run.meta.get("searches", []))
+    lines = _findings(with_ratios(run.frame, label), label, 3, [run.meta["environment"]], searched)
     return "\n".join([heading, "", *lines[2:]])
+
+
+def _searched(frame: pd.DataFrame, searches: list[dict[str, Any]]) -> list[longest.Found]:
+    return longest.found(frame, searches, set(frame.loc[frame[PEER], "implementation"]))
 
 
 def _analysis(
@@ -290,12 +319,24 @@ def _analysis(
     baseline: str | None,
     excluded: list[dict[str, Any]],
     environments: list[dict[str, Any]],
+    searches: list[dict[str, Any]],
 ) -> list[str]:
-    """Everything below the stamp: findings and what to distrust first, then the cells' tables,
-    figures and what was left out."""
+    """Everything below the stamp: findings and what to distrust first, then the longest-sequence
+    searches, the cells' tables, figures and what was left out."""
     label = resolve(frame, baseline)
     frame = with_ratios(frame, label)
-    lines = _findings(frame, label, level, environments)
+    searched = _searched(frame, searches)
+    lines = _findings(frame, label, level, environments, searched)
+    if searched:
+        lines += [
+            _heading(level, "Longest sequence"),
+            "",
+            "The longest `seq_len` that ran (status ok), the shortest above it that did not and how, the "
+            "probes it took, and the memory model's longest (inputs per process plus the modelled peak "
+            "within the memory cap or the device; forward passes only).",
+            "",
+            *longest.tables(searched),
+        ]
     if not frame.empty:
         lines += [_heading(level, "Results"), "", *_results(frame, level, label)]
     efficiency = ring_efficiency(frame)
@@ -324,7 +365,6 @@ def render_run(
 ) -> str:
     meta, frame = run.meta, run.frame
     environment = meta["environment"]
-    planned = len(meta["planned"])
     lines = [
         _heading(level, f"ringbench: {escape(meta['config']['name'])}"),
         "",
@@ -332,13 +372,16 @@ def render_run(
         f"**Git Commit**: {stamp_commit(environment['git'])} (the repository holding the config)  ",
         *_ringbench_line(environment),
         f"**Hardware**: {_hardware(meta)}  ",
-        f"**Cells**: {len(frame)} of {planned} planned recorded in `{escape(run.path.name)}`  ",
+        _recorded(meta, len(frame), run.path.name),
+        *_memory_cap(meta),
         *_resumptions(meta),
         "",
     ]
     if meta["config"]["description"]:
         lines += [escape(meta["config"]["description"]), ""]
-    lines += _analysis(frame, level + 1, plots_dir, prefix, baseline, meta["excluded"], [environment])
+    lines += _analysis(
+        frame, level + 1, plots_dir, prefix, baseline, meta["excluded"], [environment], meta.get("searches", [])
+    )
     lines += [_heading(level + 1, "Parameters"), "", *_parameters(meta), *_resolved(frame), ""]
     lines += [_heading(level + 1, "Environment"), "", *_environment(environment), ""]
     return "\n".join(lines)
@@ -363,6 +406,7 @@ def render_merged(runs: list[Run], plots_dir: Path | None = None, baseline: str 
         ]
     )
     excluded = list({e["cell_id"]: e for run in runs for e in run.meta["excluded"]}.values())
+    searches = list({s["search_id"]: s for run in runs for s in run.meta.get("searches", [])}.values())
     lines = [
         _heading(1, f"ringbench report: {len(runs)} runs merged"),
         "",
@@ -373,7 +417,14 @@ def render_merged(runs: list[Run], plots_dir: Path | None = None, baseline: str 
         "",
     ]
     lines += _analysis(
-        frame.drop(columns="run"), 2, plots_dir, "", baseline, excluded, [run.meta["environment"] for run in runs]
+        frame.drop(columns="run"),
+        2,
+        plots_dir,
+        "",
+        baseline,
+        excluded,
+        [run.meta["environment"] for run in runs],
+        searches,
     )
     return "\n".join(lines) + "\n"
 

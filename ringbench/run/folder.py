@@ -1,7 +1,8 @@
 """A run folder's life on the run side: created and stamped at the start, stamped again at the
 end, and the notes the supervisor and its workers pass through it while cells run.
 
-- ``pending-N.json``: the cells of world size N a worker is to run, in order (the supervisor's).
+- ``pending-N.json``: the jobs of world size N a worker is to run, in order (the supervisor's):
+  cells, and searches with the outcomes of their probes so far (``run.jobs``).
 - ``inflight-N.json``: the cell a worker of world size N has started, and when (the worker's);
   the supervisor's clock for timeouts, and where it looks for whom to blame when a worker dies.
 
@@ -12,18 +13,44 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ringbench import records
-from ringbench.run import env
+from ringbench.run import env, jobs
+from ringbench.run.memory import Cap
 from ringbench.run.modes import matmul_peak_tflops
 from ringbench.run.pipeline import TORCH_DTYPES
 from ringbench.sweep.config import Sweep
+from ringbench.sweep.longest import predicted_longest
 from ringbench.sweep.plan import Plan
 from ringbench.vocabulary import Cell
+
+
+def _before_setup(model: Callable[[Cell, Mapping[str, Any]], int]) -> Callable[[Cell], int]:
+    """A memory model given no facts: what it assumes before setup has said which path it took."""
+    return lambda cell: model(cell, {})
+
+
+def _searches(plan: Plan, capacity_bytes: int | None) -> list[dict[str, Any]]:
+    """The planned searches as run.json keeps them, each with its memory model's prediction where
+    there is one: for forward passes (the models describe a forward call) on a device whose capacity
+    is known. The report cannot reach the models (it never imports the implementations), so the
+    prediction is made here. A model may read the facts setup leaves; before any probe there are
+    none, so it predicts the path it assumes without them."""
+    stored = []
+    for search in plan.searches:
+        model = plan.implementations[search.cell.implementation].memory_model
+        predicted = (
+            predicted_longest(search, _before_setup(model), capacity_bytes)
+            if model and capacity_bytes and search.cell.pass_name == "forward"
+            else None
+        )
+        stored.append({"search_id": search.id, **search.params(), "label": search.cell.label, "predicted": predicted})
+    return stored
 
 
 def start(sweep: Sweep, plan: Plan, source: str, device: torch.device, output_root: Path, threads: int) -> Path:
@@ -36,9 +63,13 @@ def start(sweep: Sweep, plan: Plan, source: str, device: torch.device, output_ro
         else {dtype: matmul_peak_tflops(device, TORCH_DTYPES[dtype]) for dtype in sweep.dtypes}
     )
     run_dir = records.create_run_dir(output_root, environment["git"]["commit"])
+    cap = Cap.of(sweep.memory_cap_gib, device)
     records.write_json_atomic(
         run_dir / records.RUN_FILE,
         {
+            # Written only where the config asks for them, as older runs lack them.
+            **({"searches": _searches(plan, cap.capacity_bytes)} if plan.searches else {}),
+            **({"memory_cap": {"gib": sweep.memory_cap_gib, "note": cap.note}} if sweep.memory_cap_gib else {}),
             "schema_version": records.SCHEMA_VERSION,
             "config_source": source,  # as given, for the report
             "config_file": str(Path(source).resolve()),  # absolute, so a resume works from any folder
@@ -65,15 +96,14 @@ def pending_path(run_dir: Path, world_size: int) -> Path:
     return run_dir / f"pending-{world_size}.json"
 
 
-def write_pending(run_dir: Path, world_size: int, cells: list[Cell]) -> Path:
+def write_pending(run_dir: Path, world_size: int, pending: list[jobs.Job]) -> Path:
     path = pending_path(run_dir, world_size)
-    records.write_json_atomic(path, {"cell_ids": [cell.id for cell in cells]})
+    records.write_json_atomic(path, {"jobs": [job.as_json() for job in pending]})
     return path
 
 
-def read_pending(path: Path, plan: Plan) -> list[Cell]:
-    by_id = {cell.id: cell for cell in plan.cells}
-    return [by_id[cell_id] for cell_id in json.loads(path.read_text())["cell_ids"]]
+def read_pending(path: Path, plan: Plan) -> list[jobs.Job]:
+    return jobs.from_json(json.loads(path.read_text())["jobs"], plan)
 
 
 def _inflight_path(run_dir: Path, world_size: int) -> Path:

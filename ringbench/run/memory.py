@@ -43,3 +43,36 @@ def measure_peak(fn: Callable[[], object], device: torch.device, floor_mib: floa
     reserved = torch.cuda.max_memory_reserved(device)
     del out
     return Memory(peak_allocated_mib=peak / MIB, peak_reserved_mib=reserved / MIB, held_mib=baseline / MIB - floor_mib)
+
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Cap:
+    """A sweep's ``memory_cap_gib`` on one device: the share of the device's memory each worker's CUDA
+    caching allocator is held to (``torch.cuda.set_per_process_memory_fraction``: an allocation past
+    it raises out-of-memory as if the device were that small), None where nothing is capped, and
+    the bytes a probe may use (the cap, or the whole device; None on the CPU)."""
+
+    fraction: float | None
+    capacity_bytes: int | None
+    note: str
+
+    @classmethod
+    def of(cls, cap_gib: float | None, device: torch.device) -> Cap:
+        if device.type != "cuda":
+            note = f"{cap_gib:g} GiB, ignored on the CPU: it has no caching allocator to cap" if cap_gib else "none"
+            return cls(None, None, note)
+        total = torch.cuda.get_device_properties(device).total_memory
+        if cap_gib is None:
+            return cls(None, total, "none")
+        if cap_gib * GIB >= total:
+            return cls(None, total, f"{cap_gib:g} GiB, not below the device's {total / GIB:,.1f} GiB: not applied")
+        # Memory outside the caching allocator (the CUDA context, NCCL's buffers) is not capped.
+        fraction = cap_gib * GIB / total
+        return cls(fraction, int(cap_gib * GIB), f"{cap_gib:g} GiB per process ({fraction:.3f} of the device's memory)")
+
+    def apply(self, device: torch.device) -> None:
+        if self.fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(self.fraction, device)

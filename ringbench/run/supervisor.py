@@ -6,8 +6,9 @@ a killed job) keeps every finished cell.
 Cells never run in the supervisor's own process. For each world size it starts a
 long-lived worker (``ringbench.run.worker``) — one process for world size 1, that
 many processes through PyTorch's launcher (``torch.distributed.run``) above — hands
-it the cells to run in a pending file, and follows the records it appends. A
-worker that dies (segfault, CUDA fault, ``os._exit``, killed) leaves the cell it
+it the jobs to run in a pending file (cells, and longest-sequence searches, whose
+next probe the supervisor knows from the records as the worker does), and follows
+the records it appends. A worker that dies (segfault, CUDA fault, ``os._exit``, killed) leaves the cell it
 marked in flight recorded as ``crashed``; a cell in flight longer than
 ``cell_timeout_s`` has its worker killed and is recorded as ``timeout``; either
 way with the tail of the worker's output (``blame``), and a fresh worker takes
@@ -30,7 +31,7 @@ import torch
 
 from ringbench import records
 from ringbench.errors import ConfigError
-from ringbench.run import env, folder, worker
+from ringbench.run import env, folder, jobs, worker
 from ringbench.run.pipeline import make_record
 from ringbench.schema import Failure, Record
 from ringbench.sweep.config import Sweep
@@ -46,7 +47,7 @@ EXIT_INTERRUPTED = 130  # what a shell reports for a process ended by SIGINT
 class Observer(Protocol):
     """What the supervisor reports as it goes (the CLI draws a progress bar from it)."""
 
-    def started(self, run_dir: Path, total: int) -> None: ...
+    def started(self, run_dir: Path, total: int | None) -> None: ...  # None: not known (searches)
 
     def cell_started(self, index: int, cell: Cell) -> None: ...
 
@@ -106,31 +107,42 @@ def _stop(process: subprocess.Popen) -> None:
 
 @dataclass
 class _WorldSize:
-    """One world size's cells on their way to records, as the supervisor follows its workers."""
+    """One world size's jobs on their way to records, as the supervisor follows its workers."""
 
     run_dir: Path
     world_size: int
-    pending: list[Cell]
+    pending: list[jobs.Job]
     tail: records.RecordTail
     on_record: Callable[[Record], None]
 
-    def take_new_records(self) -> bool:
-        """Pass on the records appended since the last look; True if any was this world size's."""
-        by_id = {cell.id: cell for cell in self.pending}
-        mine = [record for record in self.tail.new() if record.cell_id in by_id]
-        for record in mine:
-            self.pending.remove(by_id[record.cell_id])
+    def current(self) -> Cell:
+        """The cell the worker runs now, or is to run next: the first pending job's."""
+        cell = self.pending[0].current()
+        assert cell is not None, "a job leaves the pending list once it is done"
+        return cell
+
+    def take_new_records(self) -> int:
+        """Pass on the records appended since the last look; how many were this world size's."""
+        taken = 0
+        for record in self.tail.new():
+            job = next((job for job in self.pending if job.current() == record.cell), None)
+            if job is None:
+                continue
+            job.note(record)
+            if job.current() is None:
+                self.pending.remove(job)
             self.on_record(record)
-        return bool(mine)
+            taken += 1
+        return taken
 
     def first_running_for(self, since: float) -> float:
-        """Seconds the first pending cell has run, by the worker's note (else since the last progress)."""
+        """Seconds the current cell has run, by the worker's note (else since the last progress)."""
         note = folder.inflight(self.run_dir, self.world_size)
-        return time.time() - (note["started"] if note.get("cell_id") == self.pending[0].id else since)
+        return time.time() - (note["started"] if note.get("cell_id") == self.current().id else since)
 
     def watch(self, command: list[str], log_path: Path, timeout_s: float) -> WorkerEnd:
-        """Start a worker and follow it until it exits, every cell has its record, or a cell runs too long."""
-        before, timed_out = len(self.pending), False
+        """Start a worker and follow it until it exits, every job is done, or a cell runs too long."""
+        recorded, timed_out = 0, False
         with log_path.open("ab") as log:
             process = subprocess.Popen(
                 command,
@@ -144,7 +156,8 @@ class _WorldSize:
                 progress = time.time()
                 while self.pending:
                     exited = process.poll() is not None  # read before the records, so none written at exit is missed
-                    if self.take_new_records():
+                    if taken := self.take_new_records():
+                        recorded += taken
                         progress = time.time()
                     if exited or not self.pending:
                         break
@@ -160,12 +173,13 @@ class _WorldSize:
                 _stop(process)
                 raise
         note = folder.inflight(self.run_dir, self.world_size)
-        in_flight = bool(self.pending) and note.get("cell_id") == self.pending[0].id
-        return WorkerEnd(before - len(self.pending), in_flight, timed_out, process.returncode)
+        in_flight = bool(self.pending) and note.get("cell_id") == self.current().id
+        return WorkerEnd(recorded, in_flight, timed_out, process.returncode)
 
 
 def _run_world_size(world: _WorldSize, timeout_s: float, threads: int) -> None:
-    """Run one world size's cells in workers, a fresh one after each that stops, until each has a record."""
+    """Run one world size's jobs in workers, a fresh one after each that stops, until all are done.
+    A search goes on in the fresh worker from its recorded probes, the blamed one included."""
     log_path = world.run_dir / f"worker-{world.world_size}.log"
     while world.pending:
         pending_file = folder.write_pending(world.run_dir, world.world_size, world.pending)
@@ -177,7 +191,7 @@ def _run_world_size(world: _WorldSize, timeout_s: float, threads: int) -> None:
             status, message = verdict
             with records.RecordWriter(world.run_dir) as writer:
                 writer.append(
-                    make_record(world.pending[0], {"status": status, "error": Failure(status.capitalize(), message)})
+                    make_record(world.current(), {"status": status, "error": Failure(status.capitalize(), message)})
                 )
             world.take_new_records()  # the file is the one source of records, the supervisor's own included
     folder.clear_notes(world.run_dir, world.world_size)  # every cell has its record: nothing is pending
@@ -186,7 +200,11 @@ def _run_world_size(world: _WorldSize, timeout_s: float, threads: int) -> None:
 def _resume(run_dir: Path, sweep: Sweep, plan: Plan, source: str, retry_failed: bool, threads: int) -> None:
     """Check that the run folder belongs to this sweep, mend a cut-off record, note the resumption."""
     meta = records.read_run(run_dir)
-    if meta["config_hash"] != sweep.hash or [p["cell_id"] for p in meta["planned"]] != [c.id for c in plan.cells]:
+    if (
+        meta["config_hash"] != sweep.hash
+        or [p["cell_id"] for p in meta["planned"]] != [c.id for c in plan.cells]
+        or [s["search_id"] for s in meta.get("searches", [])] != [s.id for s in plan.searches]
+    ):
         raise ConfigError(source, "", f"does not describe the sweep in {run_dir} (its config has changed since)")
     repaired = records.drop_partial_line(run_dir)
     meta.setdefault("resumed", []).append(
@@ -211,7 +229,7 @@ def run(
     retry_failed: bool = False,
     threads: int | None = None,
 ) -> RunResult:
-    """Run the plan in a new run folder, or, with ``resume``, the cells a stopped run has not finished.
+    """Run the plan in a new run folder, or, with ``resume``, the jobs a stopped run has not finished.
 
     ``threads``, the workers' intra-op thread count, overrides the config's (default: physical cores).
     """
@@ -223,27 +241,30 @@ def run(
     run_dir = resume or folder.start(sweep, plan, source, device, output_root, threads)
     result = RunResult(run_dir, records=list(records.read_records(run_dir)))
     # One world size after another, each in the plan's order.
-    cells = sorted(plan.pending(records.done_ids(run_dir, retry_failed)).cells, key=lambda cell: cell.world_size)
-    observer.started(run_dir, len(cells))
-    by_id = {cell.id: cell for cell in cells}
+    pending = sorted(jobs.planned(plan, records.done(run_dir, retry_failed)), key=lambda job: job.world_size)
+    # A search's number of probes is known only once it ends.
+    observer.started(run_dir, None if plan.searches else len(pending))
     finished = 0
+
+    def upcoming() -> Cell | None:
+        return next((cell for job in pending if (cell := job.current()) is not None), None)
 
     def on_record(record: Record) -> None:
         nonlocal finished
         result.records.append(record)
-        observer.cell_finished(finished, by_id[record.cell_id], record)
+        observer.cell_finished(finished, record.cell, record)
         finished += 1
-        if finished < len(cells):
-            observer.cell_started(finished, cells[finished])
+        if (cell := upcoming()) is not None:
+            observer.cell_started(finished, cell)
 
     previous = signal.signal(signal.SIGINT, _first_interrupt)
     try:
-        if cells:
-            observer.cell_started(0, cells[0])
-        for world_size in sorted({cell.world_size for cell in cells}):
-            world_cells = [cell for cell in cells if cell.world_size == world_size]
+        if (cell := upcoming()) is not None:
+            observer.cell_started(0, cell)
+        for world_size in sorted({job.world_size for job in pending}):
+            world_jobs = [job for job in pending if job.world_size == world_size]
             _run_world_size(
-                _WorldSize(run_dir, world_size, world_cells, records.RecordTail(run_dir), on_record),
+                _WorldSize(run_dir, world_size, world_jobs, records.RecordTail(run_dir), on_record),
                 sweep.cell_timeout_s,
                 threads,
             )

@@ -1,5 +1,6 @@
 """A worker: the process, or across processes each rank of a group, that runs one world size's
-cells in the order given, marking each in flight; rank 0 alone appends the records.
+jobs in the order given — cells, and searches probe by probe (``run.jobs``) — marking each cell in
+flight; rank 0 alone appends the records.
 
 The supervisor starts one as ``python -m ringbench.run.worker RUN_DIR PENDING_FILE``; a user's
 own launcher (torchrun) starts the ranks through ``ringbench run``, and then rank 0 creates the
@@ -20,9 +21,12 @@ import torch
 
 from ringbench import records
 from ringbench.errors import UserError
-from ringbench.run import distributed, env, folder
+from ringbench.run import distributed, env, folder, jobs
+from ringbench.run.distributed import OneProcess
+from ringbench.run.memory import Cap
 from ringbench.run.modes import prime_libraries
-from ringbench.run.pipeline import TORCH_DTYPES, run_cell
+from ringbench.run.pipeline import TORCH_DTYPES, make_record, run_cell
+from ringbench.schema import Failure, Record
 from ringbench.sweep import plan as plans
 from ringbench.sweep.config import Sweep
 from ringbench.sweep.plan import Plan
@@ -56,20 +60,32 @@ def _prepare(device: torch.device, sweep: Sweep, threads: int, world_size: int) 
     # The ranks of one host share its cores: each takes its part.
     torch.set_num_threads(max(1, threads // world_size))
     print(f"{torch.get_num_threads()} intra-op thread(s)", flush=True)
+    Cap.of(sweep.memory_cap_gib, device).apply(device)  # before anything is allocated, for the whole run
     prime_libraries(device, [TORCH_DTYPES[dtype] for dtype in sweep.dtypes])
+
+
+def _measure(cell: Cell, sweep: Sweep, plan: Plan, group: OneProcess) -> Record:
+    """The cell's record. A search's probe the implementation cannot run (its plan checked only the
+    first probe and one granule) is recorded as skipped with the reason, which ends the search
+    there, saying why, rather than silently."""
+    implementation = plan.implementations[cell.implementation]
+    reason = plans.exclusion_reason(cell, implementation)
+    if reason:
+        return make_record(cell, {"status": records.SKIPPED, "error": Failure("Skipped", reason)}, group.device)
+    return run_cell(cell, implementation, group, sweep.timing, sweep.seed, sweep.skip_oversized_inputs)
 
 
 def serve(
     sweep: Sweep,
     plan: Plan,
-    cells: list[Cell] | None,
+    pending: list[jobs.Job] | None,
     run_dir: Path | None,
     source: str,
     output_root: Path,
     threads: int | None = None,
 ) -> Path:
-    """Run ``cells`` (None: every planned cell of this world size) on this process's group, rank 0
-    marking each in flight and appending its record.
+    """Run the ``pending`` jobs (None: every planned one of this world size) on this process's group,
+    rank 0 marking each cell in flight and appending its record.
 
     Started by the supervisor, ``run_dir`` is its run folder. Under a user's own launcher
     ``run_dir`` is None: rank 0 creates the run folder and stamps it at the end. ``threads``
@@ -85,27 +101,24 @@ def serve(
         if created:
             run_dir = folder.start(sweep, plan, source, group.device, output_root, threads)
         run_dir = Path(group.broadcast(str(run_dir) if group.is_leader else None))
-        if cells is None:
-            cells = [cell for cell in plan.cells if cell.world_size == group.world_size]
+        if pending is None:
+            pending = [job for job in jobs.planned(plan, ()) if job.world_size == group.world_size]
         with records.RecordWriter(run_dir) if group.is_leader else contextlib.nullcontext() as writer:
-            for cell in cells:
-                if writer:
-                    folder.mark_inflight(run_dir, cell)
-                record = run_cell(
-                    cell,
-                    plan.implementations[cell.implementation],
-                    group,
-                    sweep.timing,
-                    sweep.seed,
-                    sweep.skip_oversized_inputs,
-                )
-                if writer:
-                    writer.append(record)
-                if group.world_size == 1 and not _usable(group.device):
-                    print(
-                        "the CUDA context is broken (a sticky error); a fresh worker takes the next cells", flush=True
-                    )
-                    os._exit(0)  # its teardown could hang on the broken context; the record is already on disk
+            for job in pending:
+                # A search's next probe follows from the agreed record of its last, alike on every rank.
+                while (cell := job.current()) is not None:
+                    if writer:
+                        folder.mark_inflight(run_dir, cell)
+                    record = _measure(cell, sweep, plan, group)
+                    if writer:
+                        writer.append(record)
+                    job.note(record)
+                    if group.world_size == 1 and not _usable(group.device):
+                        print(
+                            "the CUDA context is broken (a sticky error); a fresh worker takes the next cells",
+                            flush=True,
+                        )
+                        os._exit(0)  # its teardown could hang on the broken context; the record is on disk
         if created:
             folder.clear_notes(run_dir)
             folder.finish(run_dir)
@@ -138,16 +151,16 @@ def _load(run_dir: Path) -> tuple[Sweep, Plan, str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ringbench.run.worker", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path, help="the run folder; its run.json names the config")
-    parser.add_argument("pending", type=Path, help="the cells to run, as the supervisor wrote them")
+    parser.add_argument("pending", type=Path, help="the jobs to run, as the supervisor wrote them")
     parser.add_argument("--threads", type=int, help="intra-op threads of the host, shared by its ranks")
     arguments = parser.parse_args(argv)
     try:
         sweep, plan, source = _load(arguments.run_dir)
-        cells = folder.read_pending(arguments.pending, plan)
+        pending = folder.read_pending(arguments.pending, plan)
     except UserError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None
-    serve(sweep, plan, cells, arguments.run_dir, source, Path(sweep.output_root), arguments.threads)
+    serve(sweep, plan, pending, arguments.run_dir, source, Path(sweep.output_root), arguments.threads)
 
 
 if __name__ == "__main__":

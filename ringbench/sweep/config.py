@@ -20,6 +20,7 @@ import yaml
 
 from ringbench.attention.registry import Registry
 from ringbench.errors import ConfigError, Invalid, show
+from ringbench.sweep.longest import SearchSpec
 from ringbench.vocabulary import DTYPES, PASSES
 
 GRAPH_MODES = ("auto", "always", "never")
@@ -91,16 +92,26 @@ class Sweep:
     skip_oversized_inputs: bool  # record a cell whose q, k, v alone exceed the device's memory as `skipped`
     threads: int | None  # torch intra-op threads per host; None: its physical cores
     timing: TimingBudget
+    # Instead of seq_lens: search each implementation's longest seq_len (see sweep.longest).
+    longest: SearchSpec | None = None
+    # Each worker's CUDA caching allocator is capped at this many GiB (see run.memory.cap).
+    memory_cap_gib: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """The normalised config as plain JSON types; what runs store and hash."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """The normalised config as plain JSON types; what runs store and hash. The optional sections a
+        config leaves out are left out here too, so that configs without them keep the hash that runs
+        stored before those sections existed (and so can still be resumed)."""
+        clean = json.loads(json.dumps(dataclasses.asdict(self)))
+        return {key: value for key, value in clean.items() if key not in _OPTIONAL or value is not None}
 
     @property
     def hash(self) -> str:
         """sha256 of the normalised config, 16 hex digits: equal hashes mean equal sweeps."""
         canonical = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+_OPTIONAL = ("longest", "memory_cap_gib")
 
 
 # ---- value readers: each takes (value, where) and returns the clean value or raises Invalid
@@ -247,6 +258,24 @@ def _timing(value: Any, where: str) -> TimingBudget:
     if budget.min_reps > budget.max_reps:
         raise Invalid(f"{where}.min_reps", f"must not exceed max_reps ({budget.min_reps} > {budget.max_reps})")
     return budget
+
+
+def _longest(value: Any, where: str) -> SearchSpec:
+    fields = {
+        "start": (_positive_int, _REQUIRED),
+        "granularity": (_positive_int, _REQUIRED),
+        "max": (_positive_int, None),
+    }
+    spec = SearchSpec(**_read_fields(value, where, fields))
+    # Every probe is a multiple of the granularity: the lengths sharding needs (divisible by the
+    # world size, by twice it for zigzag) then hold for every probe once they hold for one granule.
+    for key in ("start", "max"):
+        bound = getattr(spec, key)
+        if bound is not None and bound % spec.granularity:
+            raise Invalid(f"{where}.{key}", f"must be a multiple of granularity ({bound} % {spec.granularity})")
+    if spec.max is not None and spec.max < spec.start:
+        raise Invalid(f"{where}.max", f"must not be below start ({spec.max} < {spec.start})")
+    return spec
 
 
 def _implementation(registry: Registry) -> Callable[[Any, str], ImplementationChoice]:
@@ -427,7 +456,8 @@ def load(path: str | Path, registry: Registry | None = None) -> Sweep:
             "description": (_string, ""),
             "plugins": (lambda v, w: plugins, ()),
             "implementations": (_implementations(registry), _REQUIRED),
-            "seq_lens": (_list_of(_positive_int), _REQUIRED),
+            # A config searches for the longest seq_len or lists them, not both (checked below).
+            "seq_lens": (_list_of(_positive_int), () if "longest" in raw else _REQUIRED),
             "ring_sizes": (_list_of(_positive_int), (1,)),
             "world_sizes": (_list_of(_positive_int), (1,)),
             "batch_sizes": (_list_of(_positive_int), (1,)),
@@ -444,7 +474,15 @@ def load(path: str | Path, registry: Registry | None = None) -> Sweep:
             "skip_oversized_inputs": (_boolean, True),
             "threads": (_threads, None),
             "timing": (_timing, TimingBudget()),
+            "longest": (_longest, None),
+            "memory_cap_gib": (_positive_number, None),
         }
-        return Sweep(**_read_fields(raw, "", fields))
+        clean = _read_fields(raw, "", fields)
+        if clean["longest"] and clean["seq_lens"]:
+            raise Invalid(
+                "seq_lens",
+                "a config with longest searches the seq_len itself; give seq_lens or longest, not both",
+            )
+        return Sweep(**clean)
     except Invalid as exc:
         raise ConfigError(source, exc.where, exc.message) from None

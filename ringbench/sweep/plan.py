@@ -1,4 +1,5 @@
-"""The plan: a sweep's cartesian product as Cells with stable ids, plus what was left out and why."""
+"""The plan: a sweep's cartesian product as Cells with stable ids (or, for a config with ``longest``,
+as longest-sequence Searches), plus what was left out and why."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 from ringbench.attention.registry import Implementation, Registry
 from ringbench.sweep import config
 from ringbench.sweep.config import Sweep
+from ringbench.sweep.longest import Search
 from ringbench.vocabulary import ROLES, Cell
 
 
@@ -28,11 +30,13 @@ class Exclusion:
 
 @dataclass(frozen=True)
 class Plan:
-    """The cells to run, those left out, and the implementations that run them, by name."""
+    """The cells to run (or the searches, whose probes are cells), those left out, and the
+    implementations that run them, by name."""
 
     cells: tuple[Cell, ...]
     excluded: tuple[Exclusion, ...]
     implementations: Mapping[str, Implementation] = field(default_factory=dict, compare=False)
+    searches: tuple[Search, ...] = ()
 
     def pending(self, done: set[str]) -> Plan:
         """The plan less the cells whose ids are in ``done``."""
@@ -44,7 +48,8 @@ class Plan:
         return {role: [name for name, impl in self.implementations.items() if role in impl.roles] for role in ROLES}
 
 
-def _exclusion_reason(cell: Cell, implementation: Implementation) -> str | None:
+def exclusion_reason(cell: Cell, implementation: Implementation) -> str | None:
+    """Why ``implementation`` cannot run ``cell``, or None."""
     if cell.pass_name not in implementation.passes:
         return f"{cell.implementation} supports only {', '.join(implementation.passes)}"
     if cell.ring_size is not None and cell.seq_len % cell.ring_size:
@@ -70,12 +75,18 @@ def build(sweep: Sweep, lookup: Callable[[str], Implementation]) -> Plan:
     """Expand a sweep into cells, shape axes outermost so one shape's cells run together
     (in a seeded random order within the shape when the sweep asks for ``shuffle``).
 
+    With ``longest``, each of those cells, at the search's start, is a search instead. A search
+    is left out where its implementation cannot run its first probe or a single granule (every
+    probe is a multiple of one, so a divisibility the implementation needs holds for all probes
+    once it holds for the granule).
+
     ``lookup`` finds an implementation by name: whether it takes one cell per ring
     size, and which cells it cannot run.
     """
     cells, excluded = [], []
+    seq_lens = (sweep.longest.start,) if sweep.longest else sweep.seq_lens
     shapes = itertools.product(
-        sweep.passes, sweep.dtypes, sweep.causal, sweep.batch_sizes, sweep.heads, sweep.head_dims, sweep.seq_lens
+        sweep.passes, sweep.dtypes, sweep.causal, sweep.batch_sizes, sweep.heads, sweep.head_dims, seq_lens
     )
     for shape in shapes:
         pass_name, dtype, causal, batch, heads, head_dim, seq_len = shape
@@ -97,9 +108,12 @@ def build(sweep: Sweep, lookup: Callable[[str], Implementation]) -> Plan:
                     world_size,
                     choice.label,
                 )
-                reason = _exclusion_reason(cell, implementation)
+                tried = [cell, replace(cell, seq_len=sweep.longest.granularity)] if sweep.longest else [cell]
+                reason = next(
+                    ((probe, why) for probe in tried if (why := exclusion_reason(probe, implementation))), None
+                )
                 if reason:
-                    excluded.append(Exclusion(cell, reason))
+                    excluded.append(Exclusion(*reason))
                 else:
                     shape_cells.append(cell)
         if sweep.shuffle:
@@ -107,7 +121,11 @@ def build(sweep: Sweep, lookup: Callable[[str], Implementation]) -> Plan:
             # first; the shuffle is seeded by the sweep's seed and the shape, so it repeats exactly.
             random.Random(f"{sweep.seed}:{shape}").shuffle(shape_cells)
         cells.extend(shape_cells)
-    return Plan(tuple(cells), tuple(excluded), {choice.name: lookup(choice.name) for choice in sweep.implementations})
+    implementations = {choice.name: lookup(choice.name) for choice in sweep.implementations}
+    if sweep.longest:
+        searches = tuple(Search(cell, sweep.longest) for cell in cells)
+        return Plan((), tuple(excluded), implementations, searches)
+    return Plan(tuple(cells), tuple(excluded), implementations)
 
 
 def load(path: str | Path) -> tuple[Sweep, Plan]:

@@ -166,3 +166,20 @@ def rank_hang(problem: Problem):
         return problem.q
 
     return run
+
+
+@register(
+    "test-limited",
+    options={"limit": Option(1000, help="tokens per process that fit"), "dies_above": Option(0)},
+    distributed=True,
+    reference=None,
+    description="runs out of memory above `limit` tokens per process; above `dies_above` (if set) its process dies",
+)
+def limited(problem: Problem):
+    # Every rank is handed the whole sequence; it would hold its share of it.
+    per_process = problem.q.shape[2] // problem.world_size
+    if problem.options["dies_above"] and per_process > problem.options["dies_above"]:
+        os._exit(9)  # as the out-of-memory killer would end it
+    if per_process > problem.options["limit"]:
+        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory: {per_process} tokens per process")
+    return lambda: problem.q
