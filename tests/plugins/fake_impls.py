@@ -176,10 +176,11 @@ def rank_hang(problem: Problem):
     description="runs out of memory above `limit` tokens per process; above `dies_above` (if set) its process dies",
 )
 def limited(problem: Problem):
-    # Every rank is handed the whole sequence; it would hold its share of it.
-    per_process = problem.q.shape[2] // problem.world_size
+    per_process = problem.seq_len // problem.world_size
     if problem.options["dies_above"] and per_process > problem.options["dies_above"]:
         os._exit(9)  # as the out-of-memory killer would end it
     if per_process > problem.options["limit"]:
         raise torch.cuda.OutOfMemoryError(f"CUDA out of memory: {per_process} tokens per process")
-    return lambda: problem.q
+    rows = torch.arange(problem.rank * per_process, (problem.rank + 1) * per_process, device=problem.device)
+    q, _, _ = problem.shard(rows)
+    return Bench(run=lambda: q, rows=rows)
