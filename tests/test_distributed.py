@@ -168,7 +168,7 @@ def test_ulysses_plain_and_pipelined_at_two_and_four_processes_match_the_referen
     _, stored = run_sweep(
         write_config,
         (
-            "implementations:\n  - ulysses\n  - {name: ulysses, options: {chunks: 1}}\n"
+            "implementations:\n  - ulysses\n  - {name: ulysses, options: {chunks: 2}}\n"
             "  - {name: ulysses, options: {chunks: 4}}\n"
             "seq_lens: [64]\nworld_sizes: [1, 2, 3, 4]\nheads: [8]\nhead_dims: [8]\n"
             "dtypes: [float32]\ncausal: [false, true]\npasses: [forward, forward+backward]\n"

@@ -102,8 +102,11 @@ def as_sequence(in_flights: Sequence[InFlight]) -> torch.Tensor:
             choices=("auto", "flash", "efficient", "cudnn", "math"),
             help="SDPA kernel of the full-sequence attention on each rank's heads",
         ),
+        # Plain by default: on two H200s (NVLink) two and four pipelined chunks were slower
+        # than one in every cell, by 0.4-4% (results/evidence/20261128T135506Z-9ee181d8): splitting the
+        # attention costs more than the exposed all-to-all it hides.
         "chunks": Option(
-            2,
+            1,
             help="chunks of heads, pipelined: the next chunk's all-to-all and the last one's output's overlap "
             "this chunk's attention; 1 is the plain form",
         ),
