@@ -69,7 +69,7 @@ def test_streamed_reference_gradients_equal_float64_autograd(monkeypatch, refere
     p = _problem(32, causal, options)
     q, k, v = (t[1, 2].clone().requires_grad_() for t in (p.q, p.k, p.v))
     rows = torch.arange(32)
-    bias = correctness._bias(reference, p, rows, rows, 2)
+    bias = correctness._biased(torch.zeros(32, 32, dtype=torch.float64), reference, p, rows, rows, 2)
     seen = torch.isfinite(bias).any(-1, keepdim=True)
     out = torch.softmax(q @ k.T / 8**0.5 + bias.masked_fill(~seen, 0.0), -1) @ v * seen
     expected = torch.autograd.grad(out, (q, k, v), p.inputs.everything("dout")[1, 2])

@@ -35,18 +35,22 @@ from ringbench.attention.registry import Problem
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 FULL_CHECK_MAX_SEQ = 4096
 SUBSET_ROWS = 256
-# float64 scores (every head) per block of keys in the streamed output reference: 128 MiB.
-BLOCK_ELEMENTS = 2**24
+# float64 scores (every head) per block of keys in the streamed output reference: 32 MiB. Small
+# beside a rank's inputs, since a cell's check runs within the memory its cell is allowed.
+BLOCK_ELEMENTS = 2**22
 
 
-def _bias(reference: Reference, problem: Problem, rows: torch.Tensor, keys: torch.Tensor, head: int) -> torch.Tensor:
-    """What the reference adds to head ``head``'s scores of ``rows`` against ``keys``, and the causal mask."""
+def _biased(
+    scores: torch.Tensor, reference: Reference, problem: Problem, rows: torch.Tensor, keys: torch.Tensor, head: int
+) -> torch.Tensor:
+    """Head ``head``'s float64 scores of ``rows`` against ``keys`` (the last two dimensions), with what the
+    reference adds and the causal mask, in place: the check's memory stays that of the scores."""
     bias = reference.bias(problem, rows, keys, head)
-    if bias is None:
-        bias = torch.zeros(len(rows), len(keys), dtype=torch.float64, device=rows.device)
+    if bias is not None:
+        scores += bias
     if problem.causal:
-        bias = bias.masked_fill(keys.unsqueeze(0) > rows.unsqueeze(1), float("-inf"))
-    return bias
+        scores.masked_fill_(keys.unsqueeze(0) > rows.unsqueeze(1), float("-inf"))
+    return scores
 
 
 def _blocks(problem: Problem, length: int) -> list[torch.Tensor]:
@@ -95,9 +99,11 @@ def reference_rows(reference: Reference, problem: Problem, rows: torch.Tensor) -
     out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
     batch, heads = inputs.shape[:2]
     for keys in _blocks(problem, BLOCK_ELEMENTS // (batch * heads * max(1, len(rows)))):
-        bias = torch.stack([_bias(reference, problem, rows, keys, head) for head in range(heads)])
         k, v = (inputs.rows(name, keys).double() for name in "kv")
-        weights, rescale = softmax.weights(q @ k.transpose(-1, -2) + bias)
+        scores = q @ k.transpose(-1, -2)
+        for head in range(heads):
+            _biased(scores[:, head], reference, problem, rows, keys, head)
+        weights, rescale = softmax.weights(scores)
         out = out * rescale.unsqueeze(-1) + weights @ v
     return softmax.normalised(out)
 
@@ -185,8 +191,8 @@ GRADIENTS = ("dq", "dk", "dv")
 GRADIENT_FULL_MAX_SEQ = 8192
 GRADIENT_SAMPLE_ROWS = 256
 # The streamed gradient reference takes one head's scores in blocks of query rows × keys
-# (float64: 128 MiB, plus as much for probabilities).
-QUERY_BLOCK = KEY_BLOCK = 4096
+# (float64: 32 MiB, and a few temporaries as large).
+QUERY_BLOCK = KEY_BLOCK = 2048
 
 
 @dataclass(frozen=True)
@@ -244,7 +250,7 @@ def reference_gradients(
         return head_rows(name, batch, head, rows).double()
 
     def probabilities(rows, keys, q, k, lse):
-        scores = q @ k.T * scale + _bias(reference, problem, rows, keys, head)
+        scores = _biased(q @ k.T * scale, reference, problem, rows, keys, head)
         return torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))  # 0 where −inf
 
     lse = torch.empty(seq_len, dtype=torch.float64, device=problem.device)
@@ -254,7 +260,7 @@ def reference_gradients(
         softmax = _Softmax((len(rows),), q.device)
         weighted = torch.zeros(len(rows), dtype=torch.float64, device=q.device)
         for keys in key_blocks:
-            scores = q @ part("k", keys).T * scale + _bias(reference, problem, rows, keys, head)
+            scores = _biased(q @ part("k", keys).T * scale, reference, problem, rows, keys, head)
             weights, rescale = softmax.weights(scores)
             weighted = weighted * rescale + (weights * (d_out @ part("v", keys).T)).sum(-1)
         lse[rows], delta[rows] = softmax.lse(), softmax.normalised(weighted)
