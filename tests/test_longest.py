@@ -261,19 +261,21 @@ def test_implementations_without_a_one_process_search_are_set_against_the_peer_a
 
     shape = ("forward", "bfloat16", False, 1, 16, 128)
 
-    def found(label, processes, longest, failed, predicted=None, peer=False):
+    def found(label, processes, longest, failed, predicted=None, peer=False, finished=True):
         where = Placement(2, processes) if processes > 1 else Placement(0, 0)
-        return Found(label, where, shape, peer, longest, failed, "OOM", 5, None, predicted)
+        return Found(label, where, shape, peer, longest, failed, "OOM", 5, None, predicted, finished)
 
     results = [
         found("sdpa", 1, 262_144, 270_336, predicted=266_240, peer=True),
         found("ring", 1, 253_952, 262_144, predicted=258_048),
         found("ring", 2, 507_904, 516_096),
         found("ulysses", 2, 499_712, 507_904),
+        found("usp", 2, 131_072, None, finished=False),
     ]
     assert tables(results)[-2].splitlines()[2:] == [
-        "| ring             |            507,904 |          516,096 (OOM) |        5 |       — |               2.00× |",
-        "| ulysses          |            499,712 |          507,904 (OOM) |        5 |       — |          1.91× sdpa |",
+        "| ring             |            507,904 |           516,096 (OOM) |        5 |       — |               2.00× |",
+        "| ulysses          |            499,712 |           507,904 (OOM) |        5 |       — |          1.91× sdpa |",
+        "| usp              |            131,072 | not searched to the end |        5 |       — |          0.50× sdpa |",
     ]
     assert (
         "| sdpa             |            262,144 |          270,336 (OOM) |        5 | 266,240 |" in tables(results)[2]
@@ -282,4 +284,16 @@ def test_implementations_without_a_one_process_search_are_set_against_the_peer_a
         "- Longest sequence that runs, by number of processes:",
         "  - `ring` forward: 253,952 at 1 process → 507,904 at 2 (2.00×)",
         "  - `ulysses` forward: 499,712 at 2 processes (1.91× sdpa)",
+        "  - `usp` forward: 131,072 at 2 processes (0.50× sdpa)",
     ]
+
+
+def test_a_search_only_run_names_the_gpus_its_probes_ran_on():
+    from ringbench.report.render import devices
+
+    meta = {
+        "environment": {"device": "cuda:0", "gpus": [{"name": "NVIDIA H200"}] * 4},
+        "planned": [],
+        "searches": [{"world_size": 1}, {"world_size": 2}],
+    }
+    assert devices(meta) == "NVIDIA H200 ×2"

@@ -16,6 +16,7 @@ import pandas as pd
 from ringbench import records
 from ringbench.report.markdown import escape, table
 from ringbench.report.tables import FAILED, SHAPE
+from ringbench.sweep.longest import SearchSpec, next_probe
 from ringbench.vocabulary import Placement, placement
 
 # The shape axes as the table's columns name them, shown where the run's searches differ in them.
@@ -36,6 +37,7 @@ class Found:
     probes: int
     limit: int | None  # the search's bound on probes
     predicted: int | None  # the memory model's longest, where there is one
+    finished: bool  # False for a run stopped before the search's last probe
 
     @property
     def processes(self) -> int:
@@ -70,6 +72,11 @@ def found(frame: pd.DataFrame, searches: list[dict[str, Any]], peers: set[str]) 
                 probes=len(probes),
                 limit=search["max"],
                 predicted=search["predicted"],
+                finished=next_probe(
+                    SearchSpec(search["start"], search["granularity"], search["max"]),
+                    {seq_len: status == records.OK for seq_len, status in probes},
+                )
+                is None,
             )
         )
     return results
@@ -112,11 +119,12 @@ def tables(results: list[Found]) -> list[str]:
         rows = []
         for result in (r for r in results if r.processes == processes):
             shape = dict(zip(SHAPE, result.shape))
-            failed = (
-                f"{_tokens(result.failed)} ({result.how})"
-                if result.failed is not None
-                else f"none up to {_tokens(result.limit)}"
-            )
+            if not result.finished:
+                failed = "not searched to the end"
+            elif result.failed is not None:
+                failed = f"{_tokens(result.failed)} ({result.how})"
+            else:
+                failed = f"none up to {_tokens(result.limit)}"
             rows.append(
                 {
                     "implementation": escape(result.label) + ("" if result.where.kind != 1 else f" ({result.where})"),

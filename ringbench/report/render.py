@@ -49,12 +49,12 @@ def _ringbench_line(environment: dict[str, Any]) -> list[str]:
 
 
 def _gpus_used(meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """The GPUs a run's cells used on its first host: as many as the most processes a cell ran on,
-    at most those the host has; none on the CPU."""
+    """The GPUs a run's cells used on its first host: as many as the most processes a cell (or a
+    search's probes) ran on, at most those the host has; none on the CPU."""
     environment = meta["environment"]
     if not environment["device"].startswith("cuda"):
         return []
-    processes = max((cell.get("world_size", 1) for cell in meta["planned"]), default=1)
+    processes = max((cell.get("world_size", 1) for cell in [*meta["planned"], *meta.get("searches", [])]), default=1)
     return (environment.get("gpus") or [])[:processes]
 
 

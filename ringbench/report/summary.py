@@ -61,8 +61,10 @@ def largest_seq_len(frame: pd.DataFrame) -> list[str]:
     lines = []
     for label, cells in frame.groupby("label", sort=False):
         ok = cells[cells["status"] == records.OK]
-        ooms = cells[cells["status"] == records.OOM]
-        reach = str(ok["seq_len"].max()) if not ok.empty else "none"
+        longest = ok["seq_len"].max() if not ok.empty else 0
+        # An OOM below a length that ran (at another placement, say) bounds nothing.
+        ooms = cells[(cells["status"] == records.OOM) & (cells["seq_len"] > longest)]
+        reach = str(longest) if not ok.empty else "none"
         oom = f" (first OOM at {ooms['seq_len'].min()})" if not ooms.empty else ""
         lines.append(f"{escape(label)}: {reach}{oom}")
     return lines
