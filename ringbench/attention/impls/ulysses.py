@@ -104,7 +104,8 @@ def as_sequence(in_flights: Sequence[InFlight]) -> torch.Tensor:
         ),
         # Plain by default: on two H200s (NVLink) two and four pipelined chunks were slower
         # than one in every cell, by 0.4-4% (results/evidence/20261128T135506Z-9ee181d8): splitting the
-        # attention costs more than the exposed all-to-all it hides.
+        # attention costs more than the exposed all-to-all it hides. On four, two chunks won 2.2% in
+        # non-causal forward and were within 0.7% elsewhere (20261128T140520Z-9f1d9cc1).
         "chunks": Option(
             1,
             help="chunks of heads, pipelined: the next chunk's all-to-all and the last one's output's overlap "
