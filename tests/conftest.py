@@ -1,11 +1,16 @@
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 PLUGINS = Path(__file__).parent / "plugins"
+ROOT = Path(__file__).parents[1]
 
 
 def registry_with_fakes():
@@ -25,6 +30,25 @@ def measure(cell, device, budget, seed=0, skip_oversized=True):
     return pipeline.run_cell(
         cell, registry_with_fakes().get(cell.implementation), OneProcess(device), budget, seed, skip_oversized
     )
+
+
+def killed_run(config, output_root, chooser):
+    """The run folder of ``ringbench run config``, SIGKILLed at a random moment (drawn by ``chooser``)
+    within 1.5 s of its first record file appearing."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ringbench", "run", str(config), "--output-root", str(output_root)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    deadline = time.monotonic() + 60
+    while not list(output_root.glob("*/records.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(chooser.uniform(0.0, 1.5))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    (run_dir,) = output_root.iterdir()
+    return run_dir
 
 
 # Triton kernels run on the CPU, interpreted: set before any kernel is defined (ringbench imports them).

@@ -2,16 +2,10 @@
 whole searches run by workers on one and two processes against a fake with a known memory limit."""
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
-from conftest import registry_with_fakes
+from conftest import killed_run, registry_with_fakes
 from typer.testing import CliRunner
 
 from ringbench import records
@@ -21,8 +15,6 @@ from ringbench.sweep import config
 from ringbench.sweep.longest import Search, SearchSpec, bounds, next_probe, predicted_longest, run_search
 from ringbench.sweep.plan import Plan, build
 from ringbench.vocabulary import Cell
-
-ROOT = Path(__file__).parents[1]
 
 
 def _searched(spec, limit):
@@ -231,19 +223,7 @@ def test_a_search_killed_at_random_moments_resumes_where_it_stopped(write_config
     chooser = random.Random(18)
     for trial in range(3):
         out = path.parent / f"out{trial}"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ringbench", "run", str(path), "--output-root", str(out)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-        deadline = time.monotonic() + 60
-        while not list(out.glob("*/records.jsonl")) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(chooser.uniform(0.0, 1.5))
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        (run_dir,) = out.iterdir()
+        run_dir = killed_run(path, out, chooser)
         before = [line for line in (run_dir / "records.jsonl").read_text().splitlines() if line.endswith("}")]
         result = CliRunner().invoke(app, ["run", "--resume", str(run_dir)])
         assert result.exit_code == 0, result.output

@@ -3,19 +3,15 @@
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-from conftest import BASE_CONFIG
+from conftest import BASE_CONFIG, ROOT, killed_run
 from typer.testing import CliRunner
 
 from ringbench import records
 from ringbench.cli import app
 
-ROOT = Path(__file__).parents[1]
 SLOW = (
     BASE_CONFIG.replace("  - name: standard\n", "  - name: test-slow\n    options: {sleep_ms: 20.0}\n").replace(
         "seq_lens: [64, 96]", "seq_lens: [8, 16, 24, 32, 40, 48]"
@@ -33,19 +29,7 @@ def test_sigkill_at_random_moments_then_resume(write_config):
     chooser = random.Random(1234)
     for trial in range(3):
         out = path.parent / f"out{trial}"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ringbench", "run", str(path), "--output-root", str(out)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-        deadline = time.monotonic() + 60
-        while not list(out.glob("*/records.jsonl")) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(chooser.uniform(0.0, 1.5))
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        (run_dir,) = out.iterdir()
+        run_dir = killed_run(path, out, chooser)
         before = [json.loads(line) for line in lines_of(run_dir) if line.endswith("}")]
         result = CliRunner().invoke(app, ["run", "--resume", str(run_dir)])
         assert result.exit_code == 0, result.output
