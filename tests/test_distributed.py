@@ -180,7 +180,7 @@ def test_ulysses_plain_and_pipelined_at_two_and_four_processes_match_the_referen
         (
             "implementations:\n  - ulysses\n  - {name: ulysses, options: {chunks: 2}}\n"
             "  - {name: ulysses, options: {chunks: 4}}\n"
-            "seq_lens: [64]\nworld_sizes: [1, 2, 3, 4]\nheads: [8]\nhead_dims: [8]\n"
+            "seq_lens: [64]\nworld_sizes: [1, 2, 3, 4]\nbatch_sizes: [2]\nheads: [8]\nhead_dims: [8]\n"
             "dtypes: [float32]\ncausal: [false, true]\npasses: [forward, forward+backward]\n"
         ),
     )
@@ -192,9 +192,9 @@ def test_ulysses_plain_and_pipelined_at_two_and_four_processes_match_the_referen
     for record in stored:
         assert_matches_the_reference_on_every_rank(record)
         processes = record["world_size"]
-        # Each of q, k, v and the output, 8 heads × 64/P rows × 8 float32 per rank, sends all but
-        # the 1/P that stays; backward passes send their gradients back the same way.
-        tensor = 8 * 64 // processes * 8 * 4
+        # Each of q, k, v and the output, 2 batches × 8 heads × 64/P rows × 8 float32 per rank, sends
+        # all but the 1/P that stays; backward passes send their gradients back the same way.
+        tensor = 2 * 8 * 64 // processes * 8 * 4
         tensors = 4 if record["pass"] == "forward" else 8
         expected = tensors * tensor * (processes - 1) // processes
         assert [rank["sent_bytes_per_call"] for rank in record["comm"]["ranks"]] == [expected] * processes

@@ -1,12 +1,14 @@
 """Transfers between ranks, what they send, and how long a rank waits for them.
 
 Implementations post each ring step's transfer with :meth:`WaitClock.exchange`, and
-each all-to-all with :meth:`WaitClock.all_to_all` (differentiably: :func:`post_all_to_all`),
-and hand the requests to :meth:`WaitClock.wait` instead of waiting on them directly.
+each all-to-all with :meth:`WaitClock.swap` (differentiably: :func:`post_swap`), and
+hand the requests to :meth:`WaitClock.wait` instead of waiting on them directly.
+An all-to-all goes as point-to-point pieces rather than NCCL's all-to-all, so that
+every piece lands where the receiver computes on it: no copy on either side.
 Normally that is all it does. In the worker's communication pass the clock is on
 for one call: it adds up the bytes each transfer sends to other ranks (what stays on
-the rank, a ring of one's copy or the block of an all-to-all a rank addresses to
-itself, is not sent), and the time spent waiting: on the CPU the host time blocked
+the rank, a ring of one's copy or the pieces of an all-to-all a rank keeps, is not
+sent), and the time spent waiting: on the CPU the host time blocked
 in ``wait()``; on a GPU, where ``wait()`` only makes the compute stream wait for the
 transfer, a CUDA event before and after each wait, the time between them on the
 stream being the stall.
@@ -18,11 +20,15 @@ belong to: :class:`TravellingSums`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
+
+# (what this rank sends, the tensor that receives its counterpart, the rank on the other side)
+Piece = tuple[torch.Tensor, torch.Tensor, int]
 
 
 class WaitClock:
@@ -54,19 +60,25 @@ class WaitClock:
             ]
         )
 
-    def all_to_all(self, send: torch.Tensor, receive: torch.Tensor, group: dist.ProcessGroup | None = None) -> list:
-        """Post an all-to-all among the ranks of ``group`` (the default group: every rank); returns the request.
+    def swap(self, pieces: Iterable[Piece]) -> list:
+        """Post, for each (send, receive, peer) of ``pieces``, a send of ``send`` to rank ``peer`` and a
+        receive into ``receive`` from it, all in one batch; returns the requests.
 
-        ``send`` and ``receive`` are cut along their first dimension into as many equal
-        blocks as the group has ranks: block j of ``send`` goes to the group's j-th
-        rank, block i of ``receive`` comes from its i-th. The block a rank addresses to
-        itself stays on the rank, so it is not counted as sent.
+        Between two ranks the pieces pair up in the order posted, so each side lists what it
+        exchanges with the other in the same order. A piece whose peer is this rank is copied
+        (and not counted as sent). Pieces are contiguous, as NCCL sends only contiguous memory.
         """
+        me, operations = dist.get_rank(), []
+        for send, receive, peer in pieces:
+            if peer == me:
+                receive.copy_(send)
+                continue
+            if self._on:
+                self.sent_bytes += send.numel() * send.element_size()
+            operations += [dist.P2POp(dist.isend, send, peer), dist.P2POp(dist.irecv, receive, peer)]
         if self._on:
-            ranks = dist.get_world_size(group)
-            self.sent_bytes += send.numel() * send.element_size() // ranks * (ranks - 1)
             self.transfers += 1
-        return [dist.all_to_all_single(receive, send, group=group, async_op=True)]
+        return dist.batch_isend_irecv(operations) if operations else []
 
     def wait(self, transfers: Sequence) -> None:
         if not self._on:
@@ -119,52 +131,66 @@ class InFlight:
     """An all-to-all posted through ``clock`` and not yet waited for: :meth:`arrived` waits and
     returns what it received."""
 
-    received: torch.Tensor
+    received: tuple[torch.Tensor, ...]
     transfers: list
     clock: WaitClock
 
-    def arrived(self) -> torch.Tensor:
-        return _Arrived.apply(self.received, self.clock, self.transfers)
+    def arrived(self) -> tuple[torch.Tensor, ...]:
+        return _Arrived.apply(self.clock, self.transfers, *self.received)
 
 
-def post_all_to_all(send: torch.Tensor, clock: WaitClock, group: dist.ProcessGroup | None = None) -> InFlight:
-    """Post :meth:`WaitClock.all_to_all` of ``send`` (contiguous), differentiably: the gradient of what
-    arrives goes back by the same all-to-all, which undoes it (block i came from rank i, so its
-    gradient goes to rank i). Work queued between posting and ``arrived()`` overlaps the transfer."""
+class Layout(Protocol):
+    """How tensors are cut into the pieces :meth:`WaitClock.swap` exchanges, and what receives them."""
+
+    def targets(self, sources: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Empty tensors for what arrives in exchange for ``sources``."""
+        ...
+
+    def pieces(self, sources: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> Iterable[Piece]:
+        """(a piece of ``sources`` to send, the piece of ``targets`` that receives its counterpart, the peer)."""
+        ...
+
+
+def post_swap(sources: Sequence[torch.Tensor], layout: Layout, clock: WaitClock) -> InFlight:
+    """Post :meth:`WaitClock.swap` of ``sources`` cut as ``layout`` says, differentiably: each piece's
+    gradient goes back to where the piece came from, by the same exchange the other way round. Work
+    queued between posting and ``arrived()`` overlaps the transfer."""
     transfers: list = []
-    return InFlight(_Posted.apply(send, clock, group, transfers), transfers, clock)
+    return InFlight(_Posted.apply(layout, clock, transfers, *sources), transfers, clock)
 
 
 class _Posted(torch.autograd.Function):
-    """Posts the all-to-all (its requests into ``transfers``) and returns the buffer it receives into."""
+    """Posts the swap (its requests into ``transfers``) and returns the tensors it receives into."""
 
     @staticmethod
-    def forward(ctx, send, clock, group, transfers):
-        receive = torch.empty_like(send)
-        transfers.extend(clock.all_to_all(send, receive, group))
-        ctx.clock, ctx.group = clock, group
-        return receive
+    def forward(ctx, layout, clock, transfers, *sources):
+        targets = layout.targets(sources)
+        transfers.extend(clock.swap(layout.pieces(sources, targets)))
+        ctx.layout, ctx.clock = layout, clock
+        ctx.sources = [(source.shape, source.dtype, source.device) for source in sources]
+        return tuple(targets)
 
     @staticmethod
-    def backward(ctx, grad_received):
+    def backward(ctx, *grad_targets):
         # The backward pass waits at once: autograd gives no later point to wait at.
-        grad_received = grad_received.contiguous()  # and so, made like it, the buffer it lands in
-        grad_send = torch.empty_like(grad_received)
-        ctx.clock.wait(ctx.clock.all_to_all(grad_received, grad_send, ctx.group))
-        return grad_send, None, None, None
+        grad_targets = [grad.contiguous() for grad in grad_targets]  # pieces are views: contiguous rows
+        grad_sources = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.sources]
+        back = ((receive, send, peer) for send, receive, peer in ctx.layout.pieces(grad_sources, grad_targets))
+        ctx.clock.wait(ctx.clock.swap(back))
+        return (None, None, None, *grad_sources)
 
 
 class _Arrived(torch.autograd.Function):
     """Waits for the all-to-all that fills ``received``; to gradients, the identity."""
 
     @staticmethod
-    def forward(ctx, received, clock, transfers):
+    def forward(ctx, clock, transfers, *received):
         clock.wait(transfers)
         return received
 
     @staticmethod
-    def backward(ctx, grad):
-        return grad, None, None
+    def backward(ctx, *grads):
+        return (None, None, *grads)
 
 
 class TravellingSums:

@@ -20,14 +20,15 @@ point to wait at), so backward passes do not overlap.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ringbench.attention.comm import InFlight, WaitClock, post_all_to_all
+from ringbench.attention.comm import InFlight, Piece, WaitClock, post_swap
 from ringbench.attention.impls.sdpa import kernel_choice, resolved_backend
 from ringbench.attention.registry import Bench, Option, Problem, register
 from ringbench.vocabulary import PASSES, Cell
@@ -53,44 +54,66 @@ def _check_options(options: Mapping[str, Any]) -> str | None:
     return None
 
 
-def send_to_heads(
-    tensors: Sequence[torch.Tensor], processes: int, clock: WaitClock, group: dist.ProcessGroup | None = None
-) -> InFlight:
-    """Post the all-to-all, among the ``processes`` ranks of ``group`` (the default group: every rank),
-    that turns each of ``tensors``, a (B, H, S/P, D) sequence shard, into a (B, H/P, S, D) head shard;
-    all of them go in one all-to-all. :func:`as_heads` waits for it."""
-    batch, heads, shard, dim = tensors[0].shape
-    # (P, T, B, H/P, S/P, D), in one copy: block j goes to rank j, which owns heads j·H/P … (j+1)·H/P.
-    send = torch.stack(
-        [t.reshape(batch, processes, heads // processes, shard, dim).transpose(0, 1) for t in tensors], dim=1
-    )
-    return post_all_to_all(send, clock, group)
+@dataclass(frozen=True)
+class HeadShards:
+    """Sequence shards ↔ head shards among ``ranks`` (global ranks in group order; this one is ``ranks[index]``).
+
+    A sequence shard is (B, H, S/P, D): this rank's rows, every head. A head shard is
+    (B, H/P, S, D): every row of the heads this rank attends, the ``index``-th P-th of
+    them. Every (batch, head) row block of one side is one contiguous piece of the
+    other, so the all-to-all goes piece by piece, each landing in place: no copy
+    gathers what is sent, and none rearranges what arrives for the attention kernel.
+    """
+
+    ranks: tuple[int, ...]
+    index: int
+    to_heads: bool  # sequence shards in, head shards out; else the way back
+
+    @classmethod
+    def within(cls, group: dist.ProcessGroup | None, to_heads: bool) -> HeadShards:
+        """Among the ranks of ``group`` (the default group: every rank)."""
+        ranks = tuple(dist.get_process_group_ranks(group)) if group else tuple(range(dist.get_world_size()))
+        return cls(ranks, ranks.index(dist.get_rank()), to_heads)
+
+    def targets(self, sources: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        batch, heads, rows, dim = sources[0].shape
+        processes = len(self.ranks)
+        if self.to_heads:  # one (T, B, H/P, S, D) tensor: its T head shards are contiguous, as SDPA wants them
+            return [sources[0].new_empty(len(sources), batch, heads // processes, rows * processes, dim)]
+        return [source.new_empty(batch, heads * processes, rows // processes, dim) for source in sources]
+
+    def pieces(self, sources: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> Iterable[Piece]:
+        if self.to_heads:
+            return ((shard, head, peer) for shard, head, peer in self._blocks(sources, targets[0].unbind()))
+        return ((head, shard, peer) for shard, head, peer in self._blocks(targets, sources))
+
+    def _blocks(self, shards: Sequence[torch.Tensor], heads: Sequence[torch.Tensor]) -> Iterator[Piece]:
+        """(rows of a sequence shard, rows of a head shard, peer): for the peer, this rank's rows of the
+        peer's heads and the peer's rows of this rank's heads, one (batch, head) row block at a time."""
+        for shard, head in zip(shards, heads, strict=True):
+            batch, heads_here, seq_len, _ = head.shape
+            rows = seq_len // len(self.ranks)
+            for j, peer in enumerate(self.ranks):
+                mine = shard[:, j * heads_here : (j + 1) * heads_here]
+                theirs = head[:, :, j * rows : (j + 1) * rows]
+                if j == self.index:  # stays here: one copy, not a piece per row block
+                    yield mine, theirs, peer
+                    continue
+                for b in range(batch):
+                    for h in range(heads_here):
+                        yield mine[b, h], theirs[b, h], peer
 
 
-def as_heads(in_flight: InFlight) -> torch.Tensor:
-    """(T, B, H/P, S, D): the head shards :func:`send_to_heads` posted, once arrived (one copy)."""
-    received = in_flight.arrived()
-    processes, count, batch, heads_here, shard, dim = received.shape
-    # Block i came from rank i: sequence chunk i of this rank's heads.
-    return received.permute(1, 2, 3, 0, 4, 5).reshape(count, batch, heads_here, processes * shard, dim)
+def to_heads(shards: Sequence[torch.Tensor], clock: WaitClock, group: dist.ProcessGroup | None = None) -> InFlight:
+    """Post the all-to-all among the ranks of ``group`` that turns each of ``shards``, (B, H, S/P, D)
+    sequence shards, into a head shard: ``arrived()`` gives one (T, B, H/P, S, D) tensor."""
+    return post_swap(shards, HeadShards.within(group, to_heads=True), clock)
 
 
-def send_to_sequence(
-    x: torch.Tensor, processes: int, clock: WaitClock, group: dist.ProcessGroup | None = None
-) -> InFlight:
-    """Post the all-to-all that turns a (B, H/P, S, D) head shard back into a (B, H, S/P, D) sequence
-    shard: :func:`send_to_heads` undone. :func:`as_sequence` waits for it."""
-    batch, heads_here, seq_len, dim = x.shape
-    # (P, B, H/P, S/P, D): sequence chunk j goes back to rank j.
-    send = x.reshape(batch, heads_here, processes, seq_len // processes, dim).permute(2, 0, 1, 3, 4).contiguous()
-    return post_all_to_all(send, clock, group)
-
-
-def as_sequence(in_flights: Sequence[InFlight]) -> torch.Tensor:
-    """(B, H, S/P, D): this rank's sequence shard of every head, from the head shards of consecutive
-    chunks of heads posted by :func:`send_to_sequence`, once arrived (one copy)."""
-    # Each is (P, B, H/(cP), S/P, D), block i from rank i: heads i·H/(cP) … of its chunk.
-    return torch.cat([in_flight.arrived().transpose(0, 1) for in_flight in in_flights], dim=1).flatten(1, 2)
+def to_sequence(heads: torch.Tensor, clock: WaitClock, group: dist.ProcessGroup | None = None) -> InFlight:
+    """Post the all-to-all that turns ``heads``, a (B, H/P, S, D) head shard, back into a (B, H, S/P, D)
+    sequence shard: :func:`to_heads` undone."""
+    return post_swap([heads], HeadShards.within(group, to_heads=False), clock)
 
 
 @register(
@@ -132,7 +155,7 @@ def setup(problem: Problem) -> Bench:
 
     def send_chunk(chunk: int) -> InFlight:
         heads = slice(chunk * per_chunk, (chunk + 1) * per_chunk)
-        return send_to_heads([t[:, heads] for t in (q, k, v)], processes, clock)
+        return to_heads([t[:, heads] for t in (q, k, v)], clock)
 
     def run() -> torch.Tensor:
         inbound, outbound = send_chunk(0), []
@@ -140,10 +163,11 @@ def setup(problem: Problem) -> Bench:
             arriving = inbound
             if chunk + 1 < chunks:  # on its way while this chunk is attended
                 inbound = send_chunk(chunk + 1)
-            heads_q, heads_k, heads_v = as_heads(arriving).unbind()
+            heads_q, heads_k, heads_v = arriving.arrived()[0].unbind()
             with kernel_choice(backend):
                 out = F.scaled_dot_product_attention(heads_q, heads_k, heads_v, is_causal=causal)
-            outbound.append(send_to_sequence(out, processes, clock))  # back during the next chunk's attention
-        return as_sequence(outbound)
+            outbound.append(to_sequence(out, clock))  # back during the next chunk's attention
+        outputs = [in_flight.arrived()[0] for in_flight in outbound]
+        return outputs[0] if chunks == 1 else torch.cat(outputs, dim=1)
 
     return Bench(run=run, rows=rows, inputs=(q, k, v))

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ringbench.attention import blocks
 from ringbench.attention.impls.ring import OneRank, positions, receive_buffers
-from ringbench.attention.impls.ulysses import as_heads, as_sequence, send_to_heads, send_to_sequence
+from ringbench.attention.impls.ulysses import to_heads, to_sequence
 from ringbench.attention.registry import Bench, Option, Problem, register
 from ringbench.vocabulary import PASSES, Cell
 
@@ -125,9 +125,9 @@ def setup(problem: Problem) -> Bench:
     def run() -> torch.Tensor:
         # One all-to-all to the ring shard's rows (gathered in Ulysses index order, the shard's) for H/u
         # heads; K and V arrive stacked, the one message each ring step sends.
-        arrived = as_heads(send_to_heads((q, k, v), degree, comm, group))
+        (arrived,) = to_heads((q, k, v), comm, group).arrived()
         ring = ring_rank(arrived[0], arrived[1:], received=received)
         out = blocks.Differentiable.apply(*arrived.unbind(), ring)
-        return as_sequence([send_to_sequence(out, degree, comm, group)])
+        return to_sequence(out, comm, group).arrived()[0]
 
     return Bench(run=run, rows=rows, inputs=(q, k, v))
