@@ -382,7 +382,7 @@ def _excludes(cell: Cell) -> str | None:
     return None
 
 
-def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
+def memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
     """Bytes beyond the inputs at the peak of ``run``.
 
     The float32 accumulator (4 bytes per output element) and its log-sum-exp live
@@ -405,7 +405,7 @@ def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
         "zigzag": Option(False, help="shard r holds chunks r and 2P−1−r (balances causal work)"),
     },
     excludes=_excludes,
-    memory_model=_memory_model,
+    memory_model=memory_model,
     passes=PASSES,
     accumulates="float32",  # blocks merge, and gradients add up, in float32
     description="ring attention on one device: fused blocks with log-sum-exp, merged in float32",

@@ -19,11 +19,14 @@ PyTorch's CUDA kernels are the only ones it shards, so this runs on GPUs only.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ringbench.attention.impls.sdpa import kernel_choice, resolved_backend
+from ringbench.attention.models import output_bytes
 from ringbench.attention.registry import Bench, Option, Problem, register
 from ringbench.vocabulary import PASSES, Cell
 
@@ -34,6 +37,19 @@ def _excludes(cell: Cell) -> str | None:
     if cell.world_size == 1:
         return "torch-cp runs across processes only (in one process it is sdpa)"
     return None
+
+
+def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
+    """Bytes beyond the inputs at the peak of a forward call, per rank, in units of one sequence
+    shard N (B·H·S·D/P elements), from PyTorch's ring (``_templated_ring_attention``): the K/V
+    shards it holds — every rank's, 2P·N, once ``allgather`` has gathered them; with ``alltoall``
+    the current pair and the next, 4N — and its merge of a block into the running output, all in
+    float32: the running output (2N), the block's output (N) and its float32 copy (2N), and two
+    float32 temporaries of the update (4N); with three float32 log-sum-exps of the rows."""
+    shard = output_bytes(cell) // cell.world_size
+    held = 2 * cell.world_size * shard if dict(cell.options)["rotate"] == "allgather" else 4 * shard
+    rows = cell.batch_size * cell.heads * cell.seq_len // cell.world_size
+    return held + 9 * shard + 3 * rows * 4
 
 
 @register(
@@ -49,6 +65,7 @@ def _excludes(cell: Cell) -> str | None:
     },
     passes=PASSES,
     excludes=_excludes,
+    memory_model=_memory_model,
     description="PyTorch context parallel: torch.distributed.tensor.experimental.context_parallel",
 )
 def setup(problem: Problem) -> Bench:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ringbench.attention.comm import InFlight, Piece, WaitClock, post_swap
 from ringbench.attention.impls.sdpa import kernel_choice, resolved_backend
+from ringbench.attention.models import output_bytes
 from ringbench.attention.registry import Bench, Option, Problem, register
 from ringbench.vocabulary import PASSES, Cell
 
@@ -46,6 +47,18 @@ def _excludes(cell: Cell) -> str | None:
     if cell.seq_len % cell.world_size:
         return f"seq_len {cell.seq_len} is not divisible by the world size {cell.world_size}"
     return None
+
+
+def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
+    """Bytes beyond the inputs at the peak of a forward call, per rank. In units of one sequence
+    shard (N = B·H·S·D/P elements): a chunk of c's q, k and v head shards (3N/c) and its attention
+    output (N/c, with its float32 log-sum-exp) are live when the output arrives (N); with more than
+    one chunk the chunks' outputs are then joined (N more). Earlier chunks' head shards are gone
+    by then, and while a chunk is attended with the next on its way no more is live."""
+    chunks = dict(cell.options)["chunks"]
+    shard = output_bytes(cell) // cell.world_size
+    lse = cell.batch_size * cell.heads // cell.world_size * cell.seq_len * 4 // chunks
+    return 4 * shard // chunks + lse + shard + (shard if chunks > 1 else 0)
 
 
 def _check_options(options: Mapping[str, Any]) -> str | None:
@@ -138,6 +151,7 @@ def to_sequence(heads: torch.Tensor, clock: WaitClock, group: dist.ProcessGroup 
     passes=PASSES,
     excludes=_excludes,
     check_options=_check_options,
+    memory_model=_memory_model,
     description="DeepSpeed-Ulysses: all-to-all from sequence to head shards, SDPA on H/P heads, all-to-all back",
 )
 def setup(problem: Problem) -> Bench:

@@ -25,8 +25,10 @@ import torch
 import torch.distributed as dist
 
 from ringbench.attention import blocks
+from ringbench.attention.impls import ring
 from ringbench.attention.impls.ring import OneRank, positions, receive_buffers
 from ringbench.attention.impls.ulysses import to_heads, to_sequence
+from ringbench.attention.models import output_bytes
 from ringbench.attention.registry import Bench, Option, Problem, register
 from ringbench.vocabulary import PASSES, Cell
 
@@ -72,6 +74,14 @@ def _excludes(cell: Cell) -> str | None:
     return None
 
 
+def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
+    """Bytes beyond the inputs at the peak of a forward call, per rank: the ring's (its shard has as
+    many rows, B·H/u heads × S·u/P positions, as a ring of P has per rank) and, with u > 1, the
+    q, k and v head shards the ring runs on, as many bytes as the rank's q, k and v."""
+    head_shards = 3 * output_bytes(cell) // cell.world_size if dict(cell.options)["ulysses_degree"] > 1 else 0
+    return ring.memory_model(cell, facts) + head_shards
+
+
 @register(
     "usp",
     distributed=True,
@@ -83,6 +93,7 @@ def _excludes(cell: Cell) -> str | None:
     passes=PASSES,
     excludes=_excludes,
     check_options=_check_options,
+    memory_model=_memory_model,
     accumulates="float32",  # the ring's blocks merge, and its gradients add up, in float32
     description="Ulysses × ring: all-to-all to H/u heads within groups of u ranks, ring attention across P/u groups",
 )
