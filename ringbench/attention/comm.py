@@ -66,19 +66,23 @@ class WaitClock:
 
         Between two ranks the pieces pair up in the order posted, so each side lists what it
         exchanges with the other in the same order. A piece whose peer is this rank is copied
-        (and not counted as sent). Pieces are contiguous, as NCCL sends only contiguous memory.
+        (and not counted as sent), after the batch is posted, so that on a GPU the copy overlaps
+        the transfer. Pieces are contiguous, as NCCL sends only contiguous memory.
         """
-        me, operations = dist.get_rank(), []
+        me, operations, kept = dist.get_rank(), [], []
         for send, receive, peer in pieces:
             if peer == me:
-                receive.copy_(send)
+                kept.append((send, receive))
                 continue
             if self._on:
                 self.sent_bytes += send.numel() * send.element_size()
             operations += [dist.P2POp(dist.isend, send, peer), dist.P2POp(dist.irecv, receive, peer)]
         if self._on:
             self.transfers += 1
-        return dist.batch_isend_irecv(operations) if operations else []
+        requests = dist.batch_isend_irecv(operations) if operations else []
+        for send, receive in kept:
+            receive.copy_(send)
+        return requests
 
     def wait(self, transfers: Sequence) -> None:
         if not self._on:

@@ -41,15 +41,16 @@ def _excludes(cell: Cell) -> str | None:
 
 def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
     """Bytes beyond the inputs at the peak of a forward call, per rank, in units of one sequence
-    shard N (B·H·S·D/P elements), from PyTorch's ring (``_templated_ring_attention``): the K/V
-    shards it holds — every rank's, 2P·N, once ``allgather`` has gathered them; with ``alltoall``
-    the current pair and the next, 4N — and its merge of a block into the running output, all in
-    float32: the running output (2N), the block's output (N) and its float32 copy (2N), and two
+    shard N (B·H·S·D/P elements), from PyTorch's ring (``_templated_ring_attention``). First the
+    K/V pairs (2N each) it holds: with ``allgather`` every rank's, P of them, gathered once; with
+    ``alltoall`` the pair that arrived, and in a ring of three or more also the pair it sends on
+    and the next one arriving, 3 of them. Then its merge of a block into the running output, all
+    in float32: the running output (2N), the block's output (N) and its float32 copy (2N), and two
     float32 temporaries of the update (4N); with three float32 log-sum-exps of the rows."""
-    shard = output_bytes(cell) // cell.world_size
-    held = 2 * cell.world_size * shard if dict(cell.options)["rotate"] == "allgather" else 4 * shard
-    rows = cell.batch_size * cell.heads * cell.seq_len // cell.world_size
-    return held + 9 * shard + 3 * rows * 4
+    shard, processes = output_bytes(cell) // cell.world_size, cell.world_size
+    pairs = processes if dict(cell.options)["rotate"] == "allgather" else 1 if processes == 2 else 3
+    rows = cell.batch_size * cell.heads * cell.seq_len // processes
+    return pairs * 2 * shard + 9 * shard + 3 * rows * 4
 
 
 @register(
