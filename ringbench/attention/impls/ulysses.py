@@ -4,6 +4,9 @@ Each of P ranks holds a contiguous 1/P of the sequence for every head. An
 all-to-all turns that into every position for H/P heads; each rank runs
 full-sequence attention (SDPA with the configured kernel, causal natively) on its
 heads; one more all-to-all turns the output back into the rank's sequence shard.
+Each all-to-all goes as point-to-point pieces that land where they are used
+(:class:`HeadShards`): nothing is copied to gather what is sent or to lay out what
+arrives for the kernel.
 
 With ``chunks`` c > 1 the heads go in c chunks, pipelined: chunk i+1's q, k, v are
 on their way while chunk i is attended, and chunk i's output travels back during
@@ -138,10 +141,9 @@ def to_sequence(heads: torch.Tensor, clock: WaitClock, group: dist.ProcessGroup 
             choices=("auto", "flash", "efficient", "cudnn", "math"),
             help="SDPA kernel of the full-sequence attention on each rank's heads",
         ),
-        # Plain by default: on two H200s (NVLink) two and four pipelined chunks were slower
-        # than one in every cell, by 0.4-4% (results/evidence/20261128T135506Z-9ee181d8): splitting the
-        # attention costs more than the exposed all-to-all it hides. On four, two chunks won 2.2% in
-        # non-causal forward and were within 0.7% elsewhere (20261128T140520Z-9f1d9cc1).
+        # Plain by default: on two and four H200s two pipelined chunks were 1.4-3.7% slower than one
+        # in every cell (results/evidence/20261128T151819Z-183bfe4b, 20261128T153644Z-35cabcef): hiding
+        # the transfers gains less than splitting the attention, and running it beside them, costs.
         "chunks": Option(
             1,
             help="chunks of heads, pipelined: the next chunk's all-to-all and the last one's output's overlap "
