@@ -376,6 +376,25 @@ def test_a_folder_of_runs_renders_each_report_once_and_again_when_out_of_date(tm
     assert f"wrote {old / 'report.md'}" in third.stderr and f"wrote {new / 'report.md'}" not in third.stderr
 
 
+def test_a_report_is_out_of_date_when_the_code_that_reads_upgrades_or_names_its_records_changes(tmp_path):
+    from ringbench.report import index
+
+    run = tmp_path / "20260101T000000Z-aaaa"
+    shutil.copytree(FIXTURES / "run", run)
+    assert CliRunner().invoke(app, ["report", str(run), "--no-plots", "-q"]).exit_code == 0
+    package = Path(index.__file__).parent.parent
+    newest = max(path.stat().st_mtime for path in [*package.rglob("*.py"), *run.iterdir()])
+    os.utime(run / "report.md", (newest + 10, newest + 10))
+    assert index.current(run)
+    for code in (package / "schema.py", package / "vocabulary.py", package / "records.py", Path(index.__file__)):
+        kept = code.stat()
+        os.utime(code, (kept.st_atime, newest + 20))  # edited after the report was written
+        try:
+            assert not index.current(run), code
+        finally:
+            os.utime(code, (kept.st_atime, kept.st_mtime))
+
+
 def test_merged_reports_and_their_figures_stay_out_of_the_results_folder(tmp_path):
     for name in ("20260101T000000Z-aaaa", "20260102T000000Z-bbbb"):
         shutil.copytree(FIXTURES / "run", tmp_path / name)

@@ -16,7 +16,13 @@ from ringbench.report.summary import headline
 
 REPORT = "report.md"
 INDEX = "index.md"
-_RENDERER = Path(__file__).parent  # the report package: a report older than its code is rendered again
+# The code a report depends on: the report package, and the modules that read, upgrade and name
+# what it shows. A report older than any of them is rendered again.
+_PACKAGE = Path(__file__).parent.parent
+_RENDERER = (
+    *(_PACKAGE / "report").glob("*.py"),
+    *(_PACKAGE / name for name in ("records.py", "schema.py", "vocabulary.py")),
+)
 
 
 def current(run_dir: Path) -> bool:
@@ -24,7 +30,7 @@ def current(run_dir: Path) -> bool:
     report = run_dir / REPORT
     if not report.is_file():
         return False
-    sources = [run_dir / records.RUN_FILE, run_dir / records.RECORDS_FILE, *_RENDERER.glob("*.py")]
+    sources = [run_dir / records.RUN_FILE, run_dir / records.RECORDS_FILE, *_RENDERER]
     return report.stat().st_mtime >= max(path.stat().st_mtime for path in sources if path.exists())
 
 
