@@ -3,6 +3,7 @@ whole searches run by workers on one and two processes against a fake with a kno
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 from conftest import killed_run, registry_with_fakes
@@ -68,9 +69,21 @@ CELL = Cell("ring", (("kernel", "auto"), ("zigzag", False)), 64, 2, 1, 2, 8, "fl
 def test_the_memory_models_prediction_is_the_search_run_against_it():
     search = Search(CELL, SearchSpec(64, 16))
     # Per rank: q, k, v's half (3·S·2·8·4 / 2 bytes) plus the model's 100 bytes per token.
-    predicted = predicted_longest(search, lambda cell: 100 * cell.seq_len, capacity_bytes=100_000)
+    predicted = predicted_longest(search, lambda cell: 100 * cell.seq_len, lambda cell: 0, capacity_bytes=100_000)
     # 196 bytes a token: 510 tokens fit, and 496 is the longest multiple of the granularity below.
     assert predicted == 496
+
+
+def test_a_prediction_counts_the_output_gradient_and_what_setup_keeps_and_needs_a_figure_for_every_probe():
+    search = Search(replace(CELL, pass_name="forward+backward"), SearchSpec(64, 16))
+    # Per rank: q, k, v and the output gradient's half (4·S·2·8·4 / 2 bytes), the 50 bytes a token
+    # setup keeps, and the model's 100: 278 bytes a token, so 359 fit and 352 is the prediction.
+    assert predicted_longest(search, lambda cell: 100 * cell.seq_len, lambda cell: 50 * cell.seq_len, 100_000) == 352
+    # A model without a figure for a probe (here, beyond 256 tokens) predicts nothing.
+    unmodelled = predicted_longest(
+        search, lambda cell: 100 * cell.seq_len if cell.seq_len <= 256 else None, lambda cell: 0, 100_000
+    )
+    assert unmodelled is None
 
 
 SEARCH_CONFIG = """\

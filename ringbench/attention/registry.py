@@ -178,7 +178,8 @@ class Implementation:
     reference: Reference | None
     accumulates: str | None
     flops: CellHook | None
-    memory_model: Callable[[Any, Mapping[str, Any]], int] | None
+    memory_model: Callable[[Any, Mapping[str, Any]], int | None] | None
+    setup_memory: CellHook | None
     excludes: CellHook | None
     check_options: Callable[[Mapping[str, Any]], str | None] | None
     roles: tuple[str, ...]
@@ -225,7 +226,8 @@ def register(
     reference: Reference | None = DENSE,
     accumulates: str | None = None,
     flops: CellHook | None = None,
-    memory_model: Callable[[Any, Mapping[str, Any]], int] | None = None,
+    memory_model: Callable[[Any, Mapping[str, Any]], int | None] | None = None,
+    setup_memory: CellHook | None = None,
     excludes: CellHook | None = None,
     check_options: Callable[[Mapping[str, Any]], str | None] | None = None,
     roles: tuple[str, ...] = (),
@@ -241,10 +243,12 @@ def register(
     (dense attention by default; a plugin may bring its own; None: not checked);
     ``accumulates`` the dtype it sums partial
     results in, if coarser than the inputs may be (``float32`` for float32 merges):
-    the check's tolerance is then the coarser one's. ``flops(cell)`` and ``memory_model(cell, facts)``
-    give the modelled work and memory beyond the inputs, in FLOPs and bytes, the
-    memory for the path setup took as its ``facts`` say; without ``flops`` dense
-    attention's count is assumed. ``excludes(cell)``
+    the check's tolerance is then the coarser one's. ``flops(cell)`` gives the modelled
+    work in FLOPs (without it dense attention's count is assumed), ``memory_model(cell,
+    facts)`` the bytes a call of the cell's pass allocates beyond what it starts with, at
+    its peak, for the path setup took as its ``facts`` say, or None where that is not
+    modelled (``ringbench.attention.models``); ``setup_memory(cell)`` the bytes setup keeps
+    beyond the inputs, buffers it makes once per cell, where there are any. ``excludes(cell)``
     returns a reason to leave a cell out of the plan, ``check_options(options)`` a
     reason to reject a combination of options. ``roles`` names what the report may
     measure others against it as (``baseline``, ``peer``; see ``vocabulary.ROLES``).
@@ -269,6 +273,7 @@ def register(
                 accumulates=accumulates,
                 flops=flops,
                 memory_model=memory_model,
+                setup_memory=setup_memory,
                 excludes=excludes,
                 check_options=check_options,
                 roles=tuple(roles),

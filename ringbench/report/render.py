@@ -332,8 +332,9 @@ def _analysis(
             _heading(level, "Longest sequence"),
             "",
             "The longest `seq_len` that ran (status ok), the shortest above it that did not and how, the "
-            "probes it took, and the memory model's longest (inputs per process plus the modelled peak "
-            "within the memory cap or the device; forward passes only).",
+            "probes it took, and the memory model's longest: the longest whose inputs per process (with "
+            "the output gradient where there is a backward), what setup keeps beside them and the "
+            "modelled peak of a call fit in the memory cap or the device (— where no model covers it).",
             "",
             *longest.tables(searched),
         ]

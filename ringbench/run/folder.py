@@ -30,24 +30,23 @@ from ringbench.sweep.plan import Plan
 from ringbench.vocabulary import Cell
 
 
-def _before_setup(model: Callable[[Cell, Mapping[str, Any]], int]) -> Callable[[Cell], int]:
+def _before_setup(model: Callable[[Cell, Mapping[str, Any]], int | None]) -> Callable[[Cell], int | None]:
     """A memory model given no facts: what it assumes before setup has said which path it took."""
     return lambda cell: model(cell, {})
 
 
 def _searches(plan: Plan, capacity_bytes: int | None) -> list[dict[str, Any]]:
     """The planned searches as run.json keeps them, each with its memory model's prediction where
-    there is one: for forward passes (the models describe a forward call) on a device whose capacity
-    is known. The report cannot reach the models (it never imports the implementations), so the
-    prediction is made here. A model may read the facts setup leaves; before any probe there are
-    none, so it predicts the path it assumes without them."""
+    there is one: where the model covers the search's probes, on a device whose capacity is known.
+    The report cannot reach the models (it never imports the implementations), so the prediction
+    is made here. A model may read the facts setup leaves; before any probe there are none, so it
+    predicts the path it assumes without them."""
     stored = []
     for search in plan.searches:
-        model = plan.implementations[search.cell.implementation].memory_model
+        implementation = plan.implementations[search.cell.implementation]
+        model, kept = implementation.memory_model, implementation.setup_memory or (lambda cell: 0)
         predicted = (
-            predicted_longest(search, _before_setup(model), capacity_bytes)
-            if model and capacity_bytes and search.cell.pass_name == "forward"
-            else None
+            predicted_longest(search, _before_setup(model), kept, capacity_bytes) if model and capacity_bytes else None
         )
         stored.append({"search_id": search.id, **search.params(), "label": search.cell.label, "predicted": predicted})
     return stored

@@ -208,12 +208,7 @@ def _outcome(
     stats = main.stats
     seconds = stats.median_ms / 1e3
     flops = (implementation.flops(cell) if implementation.flops else dense_flops(cell)) * PASS_FACTOR[cell.pass_name]
-    # The memory models describe a forward call.
-    modelled = (
-        implementation.memory_model(cell, facts)
-        if implementation.memory_model and cell.pass_name == "forward"
-        else None
-    )
+    modelled = implementation.memory_model(cell, facts) if implementation.memory_model else None
     return {
         "status": records.WRONG if check and not check.passed else records.OK,
         "facts": facts,

@@ -96,14 +96,28 @@ class Search:
         return self.probe(cell.seq_len) == cell
 
 
-def predicted_longest(search: Search, modelled: Callable[[Cell], int], capacity_bytes: int) -> int | None:
-    """The longest ``seq_len`` the search would find if a probe ran exactly when its inputs and the
-    memory model's bytes beyond them (``modelled``) fit in ``capacity_bytes``: the model's
-    prediction, at the search's own granularity and bound. Inputs count per rank, q, k and v's
-    shard: 3·B·H·S·D bytes / P."""
+def predicted_longest(
+    search: Search, modelled: Callable[[Cell], int | None], kept: Callable[[Cell], int], capacity_bytes: int
+) -> int | None:
+    """The longest ``seq_len`` the search would find if a probe ran exactly when what a call starts
+    with and the memory model's bytes beyond that (``modelled``; None if it does not model the
+    probe) fit in ``capacity_bytes``: the model's prediction, at the search's own granularity and
+    bound. A call starts with a rank's shard of q, k and v (and of the output gradient, in passes
+    with a backward), and what setup keeps beside them (``kept``)."""
 
     def fits(seq_len: int) -> bool:
         cell = search.probe(seq_len)
-        return 3 * output_bytes(cell) // cell.world_size + modelled(cell) <= capacity_bytes
+        beyond = modelled(cell)
+        if beyond is None:
+            raise _Unmodelled
+        tensors = 3 if cell.pass_name == "forward" else 4
+        return tensors * output_bytes(cell) // cell.world_size + kept(cell) + beyond <= capacity_bytes
 
-    return bounds(run_search(search.spec, fits))[0]
+    try:
+        return bounds(run_search(search.spec, fits))[0]
+    except _Unmodelled:
+        return None
+
+
+class _Unmodelled(Exception):
+    """A probe the memory model has no figure for: the search has no prediction."""

@@ -33,6 +33,7 @@ import torch
 
 from ringbench.attention import blocks, fused_dilated
 from ringbench.attention.comm import TravellingSums
+from ringbench.attention.models import forward_only
 from ringbench.attention.references import Reference
 from ringbench.attention.registry import Bench, Option, Problem, register
 from ringbench.vocabulary import DTYPE_BYTES, PASSES, Cell
@@ -408,7 +409,7 @@ register_dilated = functools.partial(
     reference=DilatedReference(),
     accumulates="float32",
     flops=_flops,
-    memory_model=_memory_model,
+    memory_model=forward_only(_memory_model),
     excludes=_excludes,
     check_options=_check_options,
     passes=PASSES,

@@ -31,6 +31,7 @@ import torch
 
 from ringbench.attention import blocks
 from ringbench.attention.comm import TravellingSums, WaitClock
+from ringbench.attention.models import fused_backward, row_floats, shard_bytes
 from ringbench.attention.registry import Bench, Option, Problem, register
 from ringbench.vocabulary import DTYPE_BYTES, PASSES, Cell
 
@@ -382,18 +383,37 @@ def _excludes(cell: Cell) -> str | None:
     return None
 
 
-def memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
-    """Bytes beyond the inputs at the peak of ``run``.
+def memory_model(cell: Cell, facts: Mapping[str, Any]) -> int | None:
+    """Bytes a call allocates at its peak (see ``ringbench.attention.models``), per rank; N is one
+    shard of one tensor.
 
-    The float32 accumulator (4 bytes per output element) and its log-sum-exp live
-    throughout; on top of them come either one step's block output in the input
-    dtype with its log-sum-exp, or, at the end, the output itself. On one device
-    the blocks are views of the inputs; across processes the figure is per rank,
-    for its shard's rows.
+    Forward: the float32 accumulator (4 bytes per output element) and its log-sum-exp live
+    throughout; on top of them come either one step's block output in the input dtype with
+    its log-sum-exp, or, at the end, the output itself. On one device the blocks are views of
+    the inputs; across processes the figure is per rank, for its shard's rows.
+
+    Forward+backward, with a fused kernel: the output (the call differentiates it), the float32
+    dQ sum (2N), a block's dq, dk and dv (3N), and two float32 per row; across processes also
+    the float32 dK and dV sums that travel the ring and the spare they arrive in (8N) and the
+    kernel's float32 dQ accumulator (2N), together 16N; on one device, as a ring of one, the
+    float32 dK and dV sums (4N) and the dk and dv they are stored in (2N), together 12N. Rings
+    of more than one on one device are not modelled.
     """
-    rows = cell.batch_size * cell.heads * cell.seq_len // cell.world_size
     element = DTYPE_BYTES[cell.dtype]
-    return rows * cell.head_dim * (4 + element) + rows * 4 * 2
+    if cell.pass_name == "forward":
+        rows = cell.batch_size * cell.heads * cell.seq_len // cell.world_size
+        return rows * cell.head_dim * (4 + element) + rows * 4 * 2
+    if cell.pass_name != "forward+backward" or not fused_backward(facts):
+        return None
+    if cell.world_size > 1:
+        return 16 * shard_bytes(cell) + 2 * row_floats(cell)
+    return 12 * shard_bytes(cell) + 2 * row_floats(cell) if cell.ring_size == 1 else None
+
+
+def setup_memory(cell: Cell) -> int:
+    """The K/V receive buffers a rank of a ring across processes keeps (``receive_buffers``), each K
+    and V of one shard (2N); on one device the blocks are views of the inputs."""
+    return 2 * shard_bytes(cell) * min(2, cell.world_size - 1) if cell.world_size > 1 else 0
 
 
 @register(
@@ -406,6 +426,7 @@ def memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
     },
     excludes=_excludes,
     memory_model=memory_model,
+    setup_memory=setup_memory,
     passes=PASSES,
     accumulates="float32",  # blocks merge, and gradients add up, in float32
     description="ring attention on one device: fused blocks with log-sum-exp, merged in float32",

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ringbench.attention.models import output_bytes
+from ringbench.attention.models import fused_backward, output_bytes, row_floats
 from ringbench.attention.registry import Option, Problem, register
-from ringbench.vocabulary import PASSES, PEER
+from ringbench.vocabulary import PASSES, PEER, Cell
 
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -37,10 +39,21 @@ def resolved_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         return "unknown"
 
 
+def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int | None:
+    """Forward: the output (fused kernels keep no S×S state). Forward+backward: the output (the
+    call differentiates it, so it lives on), dq, dk and dv, the kernel's float32 dQ accumulator (two
+    tensors' worth), and two float32 per row, the log-sum-exp and rowsum(dO∘O)."""
+    if cell.pass_name == "forward":
+        return output_bytes(cell)
+    if cell.pass_name == "forward+backward" and fused_backward(facts):
+        return 6 * output_bytes(cell) + 2 * row_floats(cell)
+    return None
+
+
 @register(
     "sdpa",
     options={"backend": Option("auto", choices=("auto", *BACKENDS), help="SDPA kernel; auto lets PyTorch choose")},
-    memory_model=lambda cell, facts: output_bytes(cell),  # fused kernels keep no S×S state: only the output
+    memory_model=_memory_model,
     passes=PASSES,
     roles=(PEER,),
     description="torch.nn.functional.scaled_dot_product_attention",

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ringbench.attention.models import forward_only
 from ringbench.attention.registry import Problem, register
 from ringbench.vocabulary import BASELINE, DTYPE_BYTES, PASSES, Cell
 
@@ -18,7 +19,7 @@ def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
 
 @register(
     "standard",
-    memory_model=_memory_model,
+    memory_model=forward_only(_memory_model),
     passes=PASSES,
     roles=(BASELINE,),
     description="explicit matmul → softmax → matmul (materialises two S×S temporaries)",

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ringbench.attention.impls.sdpa import kernel_choice, resolved_backend
-from ringbench.attention.models import output_bytes
+from ringbench.attention.models import forward_only, output_bytes
 from ringbench.attention.registry import Bench, Option, Problem, register
 from ringbench.vocabulary import PASSES, Cell
 
@@ -66,7 +66,7 @@ def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
     },
     passes=PASSES,
     excludes=_excludes,
-    memory_model=_memory_model,
+    memory_model=forward_only(_memory_model),
     description="PyTorch context parallel: torch.distributed.tensor.experimental.context_parallel",
 )
 def setup(problem: Problem) -> Bench:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ringbench.attention.comm import InFlight, Piece, WaitClock, post_swap
 from ringbench.attention.impls.sdpa import kernel_choice, resolved_backend
-from ringbench.attention.models import output_bytes
+from ringbench.attention.models import fused_backward, row_floats, shard_bytes
 from ringbench.attention.registry import Bench, Option, Problem, register
 from ringbench.vocabulary import PASSES, Cell
 
@@ -52,16 +52,27 @@ def _excludes(cell: Cell) -> str | None:
     return None
 
 
-def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
-    """Bytes beyond the inputs at the peak of a forward call, per rank. In units of one sequence
-    shard (N = B·H·S·D/P elements): a chunk of c's q, k and v head shards (3N/c) and its attention
-    output (N/c, with its float32 log-sum-exp) are live when the output arrives (N); with more than
-    one chunk the chunks' outputs are then joined (N more). Earlier chunks' head shards are gone
-    by then, and while a chunk is attended with the next on its way no more is live."""
+def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int | None:
+    """Bytes a call allocates at its peak (see ``ringbench.attention.models``), per rank, in units
+    of one sequence shard N (B·H·S·D/P elements), with c chunks.
+
+    Forward: a chunk's q, k and v head shards (3N/c) and its attention output (N/c, with its
+    float32 log-sum-exp) are live when the output arrives (N); with more than one chunk the
+    chunks' outputs are then joined (N more). Earlier chunks' head shards are gone by then, and
+    while a chunk is attended with the next on its way no more is live.
+
+    Forward+backward, with a fused kernel: what every chunk saved for its backward, q, k, v and
+    the output in head shards (4N), and the output (N); then, one chunk at a time, its output
+    gradient in head shards, its dq, dk and dv and the kernel's float32 dQ accumulator (6N/c);
+    and two float32 per row.
+    """
     chunks = dict(cell.options)["chunks"]
-    shard = output_bytes(cell) // cell.world_size
-    lse = cell.batch_size * cell.heads // cell.world_size * cell.seq_len * 4 // chunks
-    return 4 * shard // chunks + lse + shard + (shard if chunks > 1 else 0)
+    shard = shard_bytes(cell)
+    if cell.pass_name == "forward":
+        return 4 * shard // chunks + row_floats(cell) // chunks + shard + (shard if chunks > 1 else 0)
+    if cell.pass_name == "forward+backward" and fused_backward(facts):
+        return 5 * shard + 6 * shard // chunks + 2 * row_floats(cell)
+    return None
 
 
 def _check_options(options: Mapping[str, Any]) -> str | None:

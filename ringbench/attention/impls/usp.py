@@ -28,7 +28,7 @@ from ringbench.attention import blocks
 from ringbench.attention.impls import ring
 from ringbench.attention.impls.ring import OneRank, positions, receive_buffers
 from ringbench.attention.impls.ulysses import to_heads, to_sequence
-from ringbench.attention.models import output_bytes
+from ringbench.attention.models import shard_bytes
 from ringbench.attention.registry import Bench, Option, Problem, register
 from ringbench.vocabulary import PASSES, Cell
 
@@ -74,12 +74,23 @@ def _excludes(cell: Cell) -> str | None:
     return None
 
 
-def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
-    """Bytes beyond the inputs at the peak of a forward call, per rank: the ring's (its shard has as
-    many rows, B·H/u heads × S·u/P positions, as a ring of P has per rank) and, with u > 1, the
-    q, k and v head shards the ring runs on, as many bytes as the rank's q, k and v."""
-    head_shards = 3 * output_bytes(cell) // cell.world_size if dict(cell.options)["ulysses_degree"] > 1 else 0
-    return ring.memory_model(cell, facts) + head_shards
+def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int | None:
+    """Bytes a call allocates at its peak (see ``ringbench.attention.models``), per rank: the ring's
+    (its shard has as many rows, B·H/u heads × S·u/P positions, as a ring of P has per rank) and,
+    with u > 1, the q, k and v head shards the ring runs on (3N, as many bytes as the rank's q, k
+    and v), and in forward+backward also the output the call differentiates and its gradient in
+    head shards (2N)."""
+    ring_bytes = ring.memory_model(cell, facts)
+    if ring_bytes is None or dict(cell.options)["ulysses_degree"] == 1:
+        return ring_bytes
+    return ring_bytes + (3 if cell.pass_name == "forward" else 5) * shard_bytes(cell)
+
+
+def _setup_memory(cell: Cell) -> int:
+    """The ring's K/V receive buffers (``receive_buffers``), each K and V of H/u heads of a ring
+    shard (2N), one per transfer up to two: none in a ring of one."""
+    ring_size = cell.world_size // dict(cell.options)["ulysses_degree"]
+    return 2 * shard_bytes(cell) * min(2, ring_size - 1)
 
 
 @register(
@@ -94,6 +105,7 @@ def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
     excludes=_excludes,
     check_options=_check_options,
     memory_model=_memory_model,
+    setup_memory=_setup_memory,
     accumulates="float32",  # the ring's blocks merge, and its gradients add up, in float32
     description="Ulysses × ring: all-to-all to H/u heads within groups of u ranks, ring attention across P/u groups",
 )
