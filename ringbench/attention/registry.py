@@ -28,6 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from ringbench.attention.models import MemoryModel
 from ringbench.attention.references import DENSE, Reference
 from ringbench.errors import Invalid, show
 from ringbench.vocabulary import ROLES, compact
@@ -178,7 +179,7 @@ class Implementation:
     reference: Reference | None
     accumulates: str | None
     flops: CellHook | None
-    memory_model: Callable[[Any, Mapping[str, Any]], int | None] | None
+    memory_model: MemoryModel | None
     setup_memory: CellHook | None
     excludes: CellHook | None
     check_options: Callable[[Mapping[str, Any]], str | None] | None
@@ -226,7 +227,7 @@ def register(
     reference: Reference | None = DENSE,
     accumulates: str | None = None,
     flops: CellHook | None = None,
-    memory_model: Callable[[Any, Mapping[str, Any]], int | None] | None = None,
+    memory_model: MemoryModel | None = None,
     setup_memory: CellHook | None = None,
     excludes: CellHook | None = None,
     check_options: Callable[[Mapping[str, Any]], str | None] | None = None,

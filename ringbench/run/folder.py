@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ringbench import records
+from ringbench.attention.models import MemoryModel
 from ringbench.run import env, jobs
 from ringbench.run.memory import Cap
 from ringbench.run.modes import matmul_peak_tflops
@@ -30,7 +31,7 @@ from ringbench.sweep.plan import Plan
 from ringbench.vocabulary import Cell
 
 
-def _before_setup(model: Callable[[Cell, Mapping[str, Any]], int | None]) -> Callable[[Cell], int | None]:
+def _before_setup(model: MemoryModel) -> Callable[[Cell], int | None]:
     """A memory model given no facts: what it assumes before setup has said which path it took."""
     return lambda cell: model(cell, {})
 

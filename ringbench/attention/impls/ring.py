@@ -242,7 +242,17 @@ def receive_buffers(shape: Sequence[int], like: torch.Tensor, ring_size: int) ->
     one transfer happens, none in a ring of one. Made once per cell, so that no call
     allocates them.
     """
-    return tuple(like.new_empty(shape) for _ in range(min(2, ring_size - 1)))
+    return tuple(like.new_empty(shape) for _ in range(_receive_buffer_count(ring_size)))
+
+
+def _receive_buffer_count(ring_size: int) -> int:
+    return min(2, ring_size - 1)
+
+
+def receive_buffer_bytes(cell: Cell, ring_size: int) -> int:
+    """What :func:`receive_buffers` keeps on a rank of a ring of ``ring_size`` across the cell's
+    processes, each buffer K and V of one shard (2N)."""
+    return 2 * shard_bytes(cell) * _receive_buffer_count(ring_size)
 
 
 class OneRank:
@@ -411,9 +421,9 @@ def memory_model(cell: Cell, facts: Mapping[str, Any]) -> int | None:
 
 
 def setup_memory(cell: Cell) -> int:
-    """The K/V receive buffers a rank of a ring across processes keeps (``receive_buffers``), each K
-    and V of one shard (2N); on one device the blocks are views of the inputs."""
-    return 2 * shard_bytes(cell) * min(2, cell.world_size - 1) if cell.world_size > 1 else 0
+    """The K/V receive buffers a rank of a ring across processes keeps (``receive_buffers``); one
+    process keeps none, its blocks being views of the inputs."""
+    return receive_buffer_bytes(cell, cell.world_size)
 
 
 @register(

@@ -89,8 +89,7 @@ def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int | None:
 def _setup_memory(cell: Cell) -> int:
     """The ring's K/V receive buffers (``receive_buffers``), each K and V of H/u heads of a ring
     shard (2N), one per transfer up to two: none in a ring of one."""
-    ring_size = cell.world_size // dict(cell.options)["ulysses_degree"]
-    return 2 * shard_bytes(cell) * min(2, ring_size - 1)
+    return ring.receive_buffer_bytes(cell, cell.world_size // dict(cell.options)["ulysses_degree"])
 
 
 @register(
