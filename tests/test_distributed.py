@@ -193,11 +193,29 @@ def test_ulysses_plain_and_pipelined_at_two_and_four_processes_match_the_referen
         assert_matches_the_reference_on_every_rank(record)
         processes = record["world_size"]
         # Each of q, k, v and the output, 2 batches × 8 heads × 64/P rows × 8 float32 per rank, sends
-        # all but the 1/P that stays; backward passes send their gradients back the same way.
+        # all but the 1/P that stays; backward passes send them again with the output gradient, and the
+        # gradients back.
         tensor = 2 * 8 * 64 // processes * 8 * 4
-        tensors = 4 if record["pass"] == "forward" else 8
+        tensors = 4 if record["pass"] == "forward" else 12
         expected = tensors * tensor * (processes - 1) // processes
         assert [rank["sent_bytes_per_call"] for rank in record["comm"]["ranks"]] == [expected] * processes
+
+
+def test_ulysses_backward_in_parts_of_one_head_matches_the_reference(write_config, tmp_path):
+    shutil.copy(PLUGINS / "one_head_parts.py", tmp_path / "one_head_parts.py")
+    _, stored = run_sweep(
+        write_config,
+        (
+            "plugins: [one_head_parts]\nimplementations:\n  - ulysses\n  - {name: ulysses, options: {chunks: 2}}\n"
+            "  - {name: usp, options: {ulysses_degree: 4}}\n"
+            "seq_lens: [64]\nworld_sizes: [2, 4]\nbatch_sizes: [2]\nheads: [8]\nhead_dims: [8]\n"
+            "dtypes: [float32]\ncausal: [false, true]\npasses: [forward+backward]\n"
+        ),
+    )
+    # Every rank attends 4 or 2 heads (2 or 1 per chunk): each backward goes in as many parts.
+    assert len(stored) == 10
+    for record in stored:
+        assert_matches_the_reference_on_every_rank(record)
 
 
 def test_usp_at_every_ulysses_degree_matches_the_reference_and_ring_and_ulysses(write_config):
@@ -225,12 +243,13 @@ def test_usp_at_every_ulysses_degree_matches_the_reference_and_ring_and_ulysses(
         processes, degree = record["world_size"], record["options"]["ulysses_degree"]
         ring_size, forward = processes // degree, record["pass"] == "forward"
         # Per rank, 4 heads × 64/P rows × 8 float32 per tensor. Within a Ulysses group, q, k, v and
-        # the output send all but their 1/u that stays (backward passes: their gradients too); a ring
+        # the output send all but their 1/u that stays (backward passes: their gradients too, and at
+        # degree P, Ulysses alone, q, k, v, the output and its gradient once more); a ring
         # step sends K and V on H/u heads of the ring shard, as many rows, r − 1 times forward, and
         # backward r − 1 times more with their float32 gradient sums r times (the last brings them home);
         # a ring of one sends nothing.
         tensor = 4 * 64 // processes * 8 * 4
-        ulysses_part = (4 if forward else 8) * tensor * (degree - 1) // degree
+        ulysses_part = (4 if forward else 8 if ring_size > 1 else 12) * tensor * (degree - 1) // degree
         ring_messages = 0 if ring_size == 1 else ring_size - 1 if forward else 3 * ring_size - 2
         ring_part = ring_messages * 2 * tensor
         assert [rank["sent_bytes_per_call"] for rank in record["comm"]["ranks"]] == [

@@ -15,15 +15,19 @@ outbound transfer are exposed. On a GPU the transfers are stream-ordered: postin
 never blocks the host, and a wait only makes the compute stream wait. ``chunks: 1``
 is the plain form: q, k, v's all-to-all, then attention, then the output's.
 
-Every all-to-all goes through the worker's clock (``ringbench.attention.comm``) and
-is differentiable, so backward passes send the gradients back the same way, chunk
-by chunk; there each all-to-all is waited for at once (autograd gives no later
-point to wait at), so backward passes do not overlap.
+Every all-to-all goes through the worker's clock (``ringbench.attention.comm``).
+A pass with a backward keeps none of the forward's head shards: its backward
+fetches q, k, v, the output and the output gradient again, a part of a few heads at
+a time (:func:`backward_part_heads`), runs the block kernel's backward on them and
+sends the part's gradients home before the next part. Beyond its inputs and
+gradients a rank then holds one part's head shards, not every head's, at the cost
+of sending four more shards per call; each of these all-to-alls is waited for at
+once, so backward passes do not overlap.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ringbench.attention import blocks
 from ringbench.attention.comm import InFlight, Piece, WaitClock, post_swap
 from ringbench.attention.impls.sdpa import kernel_choice, resolved_backend
 from ringbench.attention.models import fused_backward, row_floats, shard_bytes
@@ -49,29 +54,38 @@ def _excludes(cell: Cell) -> str | None:
         )
     if cell.seq_len % cell.world_size:
         return f"seq_len {cell.seq_len} is not divisible by the world size {cell.world_size}"
+    backend = dict(cell.options)["backend"]
+    if cell.pass_name != "forward" and backend not in blocks.BACKWARD_KERNELS:
+        return f"ulysses' backward runs on {', '.join(blocks.BACKWARD_KERNELS[1:])} kernels, not {backend}"
     return None
 
 
 def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int | None:
-    """Bytes a call allocates at its peak (see ``ringbench.attention.models``), per rank, in units
-    of one sequence shard N (B·H·S·D/P elements), with c chunks.
+    return memory_model(cell, facts, dict(cell.options)["chunks"])
+
+
+def memory_model(cell: Cell, facts: Mapping[str, Any], chunks: int) -> int | None:
+    """Bytes a call of :class:`UlyssesAttention` allocates at its peak (see ``ringbench.attention.models``),
+    per rank, in units of one sequence shard N (B·H·S·D/P elements), with c ``chunks``.
 
     Forward: a chunk's q, k and v head shards (3N/c) and its attention output (N/c, with its
     float32 log-sum-exp) are live when the output arrives (N); with more than one chunk the
     chunks' outputs are then joined (N more). Earlier chunks' head shards are gone by then, and
     while a chunk is attended with the next on its way no more is live.
 
-    Forward+backward, with a fused kernel: what every chunk saved for its backward, q, k, v and
-    the output in head shards (4N), and the output (N); then, one chunk at a time, its output
-    gradient in head shards, its dq, dk and dv and the kernel's float32 dQ accumulator (6N/c);
-    and two float32 per row.
+    Forward+backward, with a fused kernel: the output (N) and its float32 log-sum-exp, which the
+    forward keeps, and the gradients (3N); then, for one part of the backward (a share p of N),
+    its q, k, v, output and output gradient in head shards (5p), its dq, dk and dv (3p), and the
+    kernel's float32 dQ accumulator (2p) and float32 row term.
     """
-    chunks = dict(cell.options)["chunks"]
     shard = shard_bytes(cell)
     if cell.pass_name == "forward":
         return 4 * shard // chunks + row_floats(cell) // chunks + shard + (shard if chunks > 1 else 0)
     if cell.pass_name == "forward+backward" and fused_backward(facts):
-        return 5 * shard + 6 * shard // chunks + 2 * row_floats(cell)
+        heads_here = cell.heads // cell.world_size
+        part_heads = backward_part_heads(cell.batch_size, cell.seq_len, heads_here // chunks)
+        part = shard * part_heads // heads_here
+        return 4 * shard + 10 * part + row_floats(cell) + row_floats(cell) * part_heads // heads_here
     return None
 
 
@@ -85,11 +99,12 @@ def _check_options(options: Mapping[str, Any]) -> str | None:
 class HeadShards:
     """Sequence shards ↔ head shards among ``ranks`` (global ranks in group order; this one is ``ranks[index]``).
 
-    A sequence shard is (B, H, S/P, D): this rank's rows, every head. A head shard is
-    (B, H/P, S, D): every row of the heads this rank attends, the ``index``-th P-th of
-    them. Every (batch, head) row block of one side is one contiguous piece of the
-    other, so the all-to-all goes piece by piece, each landing in place: no copy
-    gathers what is sent, and none rearranges what arrives for the attention kernel.
+    A sequence shard holds this rank's rows of every head, grouped by the rank that
+    attends them: (B, P, h, S/P, D), where rank j attends heads [j·h, (j+1)·h) of the
+    shard's h·P. A head shard is (B, h, S, D): every row of this rank's h heads. Every
+    (batch, head) row block of one side is one contiguous piece of the other, so the
+    all-to-all goes piece by piece, each landing in place: no copy gathers what is
+    sent, and none rearranges what arrives for the attention kernel.
     """
 
     ranks: tuple[int, ...]
@@ -103,11 +118,12 @@ class HeadShards:
         return cls(ranks, ranks.index(dist.get_rank()), to_heads)
 
     def targets(self, sources: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        batch, heads, rows, dim = sources[0].shape
+        if self.to_heads:  # one (T, B, h, S, D) tensor: its T head shards are contiguous, as the kernels want them
+            batch, processes, heads, rows, dim = sources[0].shape
+            return [sources[0].new_empty(len(sources), batch, heads, rows * processes, dim)]
+        batch, heads, seq_len, dim = sources[0].shape
         processes = len(self.ranks)
-        if self.to_heads:  # one (T, B, H/P, S, D) tensor: its T head shards are contiguous, as SDPA wants them
-            return [sources[0].new_empty(len(sources), batch, heads // processes, rows * processes, dim)]
-        return [source.new_empty(batch, heads * processes, rows // processes, dim) for source in sources]
+        return [source.new_empty(batch, processes, heads, seq_len // processes, dim) for source in sources]
 
     def pieces(self, sources: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> Iterable[Piece]:
         if self.to_heads:
@@ -121,8 +137,7 @@ class HeadShards:
             batch, heads_here, seq_len, _ = head.shape
             rows = seq_len // len(self.ranks)
             for j, peer in enumerate(self.ranks):
-                mine = shard[:, j * heads_here : (j + 1) * heads_here]
-                theirs = head[:, :, j * rows : (j + 1) * rows]
+                mine, theirs = shard[:, j], head[:, :, j * rows : (j + 1) * rows]
                 if j == self.index:  # stays here: one copy, not a piece per row block
                     yield mine, theirs, peer
                     continue
@@ -131,16 +146,110 @@ class HeadShards:
                         yield mine[b, h], theirs[b, h], peer
 
 
+def by_rank(shard: torch.Tensor, processes: int) -> torch.Tensor:
+    """A (B, H, S/P, D) sequence shard viewed as (B, P, H/P, S/P, D): heads grouped by the rank attending them."""
+    return shard.unflatten(1, (processes, -1))
+
+
 def to_heads(shards: Sequence[torch.Tensor], clock: WaitClock, group: dist.ProcessGroup | None = None) -> InFlight:
     """Post the all-to-all among the ranks of ``group`` that turns each of ``shards``, (B, H, S/P, D)
     sequence shards, into a head shard: ``arrived()`` gives one (T, B, H/P, S, D) tensor."""
-    return post_swap(shards, HeadShards.within(group, to_heads=True), clock)
+    layout = HeadShards.within(group, to_heads=True)
+    return post_swap([by_rank(shard, len(layout.ranks)) for shard in shards], layout, clock)
 
 
-def to_sequence(heads: torch.Tensor, clock: WaitClock, group: dist.ProcessGroup | None = None) -> InFlight:
-    """Post the all-to-all that turns ``heads``, a (B, H/P, S, D) head shard, back into a (B, H, S/P, D)
-    sequence shard: :func:`to_heads` undone."""
-    return post_swap([heads], HeadShards.within(group, to_heads=False), clock)
+def to_sequence(heads: torch.Tensor, clock: WaitClock, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The all-to-all that turns ``heads``, a (B, H/P, S, D) head shard, back into a (B, H, S/P, D)
+    sequence shard (:func:`to_heads` undone), waited for."""
+    return post_swap([heads], HeadShards.within(group, to_heads=False), clock).arrived()[0].flatten(1, 2)
+
+
+# A backward pass goes in parts of a few heads: each part fetches its heads' q, k, v, output and
+# output gradient again and sends its gradients home before the next begins, so one part's head
+# shards are live at a time, not every head's. A part attends at least this many query rows
+# (batch × heads × positions), so its kernel still fills the GPU; from 128K positions on, one head.
+BACKWARD_PART_ROWS = 2**17
+
+
+def backward_part_heads(batch: int, seq_len: int, heads_here: int) -> int:
+    """Heads per part of a backward pass, of the ``heads_here`` a rank attends at a time."""
+    return min(heads_here, max(1, -(-BACKWARD_PART_ROWS // (batch * seq_len))))
+
+
+@dataclass(frozen=True)
+class UlyssesAttention:
+    """Attention over sequence shards ``q``, ``k``, ``v`` by way of head shards, for
+    :class:`blocks.Differentiable`: ``forward`` sends q, k and v to head shards, attends each rank's
+    heads over the whole sequence, and sends the output back, in ``chunks`` of heads, pipelined;
+    ``backward`` goes in parts of :func:`backward_part_heads` heads and keeps nothing of the forward's
+    head shards: it fetches what it needs again, four more shards sent per call.
+
+    ``attend`` is the attention of a forward pass that keeps no log-sum-exp; one that keeps it, and
+    the backward, run the block ``kernel``.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    causal: bool
+    chunks: int
+    kernel: str
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    clock: WaitClock
+    group: dist.ProcessGroup | None = None
+
+    def _heads(self, tensor: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Chunk ``chunk``'s heads of a sequence shard, grouped by the rank that attends them."""
+        per_chunk = tensor.shape[1] // self.chunks
+        return by_rank(tensor[:, chunk * per_chunk : (chunk + 1) * per_chunk], self._processes)
+
+    @property
+    def _processes(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def forward(self, keep_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        inward, outward = HeadShards.within(self.group, to_heads=True), HeadShards.within(self.group, to_heads=False)
+
+        def send(chunk: int) -> InFlight:
+            return post_swap([self._heads(t, chunk) for t in (self.q, self.k, self.v)], inward, self.clock)
+
+        inbound, outbound, lses = send(0), [], []
+        for chunk in range(self.chunks):
+            arriving = inbound
+            if chunk + 1 < self.chunks:  # on its way while this chunk is attended
+                inbound = send(chunk + 1)
+            q, k, v = arriving.arrived()[0].unbind()
+            if keep_lse:
+                out, lse = blocks.attend(self.kernel, q, k, v, self.causal)
+                lses.append(lse)
+            else:
+                out = self.attend(q, k, v)
+            outbound.append(post_swap([out], outward, self.clock))  # back during the next chunk's attention
+        outputs = [in_flight.arrived()[0].flatten(1, 2) for in_flight in outbound]
+        out = outputs[0] if self.chunks == 1 else torch.cat(outputs, dim=1)
+        return out, torch.cat(lses, dim=1) if keep_lse else None
+
+    def backward(self, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inward, outward = HeadShards.within(self.group, to_heads=True), HeadShards.within(self.group, to_heads=False)
+        grads = tuple(torch.empty_like(t) for t in (self.q, self.k, self.v))
+        batch, heads_here, seq_len = lse.shape
+        heads_per_chunk = heads_here // self.chunks
+        step = backward_part_heads(batch, seq_len, heads_per_chunk)
+        for chunk in range(self.chunks):
+            for first in range(0, heads_per_chunk, step):
+                part = slice(first, first + step)
+                # Two messages, so that no buffer outgrows q, k and v's.
+                inbound = [
+                    post_swap([self._heads(t, chunk)[:, :, part] for t in tensors], inward, self.clock)
+                    for tensors in ((self.q, self.k, self.v), (out, dout))
+                ]
+                (q, k, v), (o, do) = (in_flight.arrived()[0].unbind() for in_flight in inbound)
+                lse_heads = slice(chunk * heads_per_chunk + part.start, chunk * heads_per_chunk + part.stop)
+                part_grads = blocks.attend_backward(self.kernel, do, q, k, v, o, lse[:, lse_heads], self.causal)
+                sent = [grad.contiguous().to(self.q.dtype) for grad in part_grads]  # math blocks give float32
+                homes = [self._heads(grad, chunk)[:, :, part] for grad in grads]
+                self.clock.wait(self.clock.swap(outward.pieces(sent, homes)))
+        return grads
 
 
 @register(
@@ -170,31 +279,20 @@ def to_sequence(heads: torch.Tensor, clock: WaitClock, group: dist.ProcessGroup 
 def setup(problem: Problem) -> Bench:
     assert problem.comm is not None, "across processes the worker hands setup a clock"
     backend, chunks, causal = problem.options["backend"], problem.options["chunks"], problem.causal
-    processes, clock = problem.world_size, problem.comm
-    seq_len = problem.seq_len
-    shard = seq_len // processes
+    shard = problem.seq_len // problem.world_size
     rows = torch.arange(problem.rank * shard, (problem.rank + 1) * shard, device=problem.device)
     q, k, v = problem.shard(rows)
-    per_chunk = q.shape[1] // chunks
-    # The kernel SDPA picks for what each rank attends at a time: H/(cP) heads, the whole sequence.
-    probe = problem.probe(seq_len, per_chunk // processes)
-    problem.facts["kernel"] = resolved_backend(backend, probe, probe, probe, causal)
+    # What each rank attends at a time: H/(cP) heads, the whole sequence.
+    probe = problem.probe(problem.seq_len, q.shape[1] // chunks // problem.world_size)
+    if problem.inputs.requires_grad:  # the block kernels give the log-sum-exp the backward needs
+        kernel = blocks.choose(backend, probe)
+    else:
+        kernel = resolved_backend(backend, probe, probe, probe, causal)
+    problem.facts["kernel"] = kernel
 
-    def send_chunk(chunk: int) -> InFlight:
-        heads = slice(chunk * per_chunk, (chunk + 1) * per_chunk)
-        return to_heads([t[:, heads] for t in (q, k, v)], clock)
+    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with kernel_choice(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-    def run() -> torch.Tensor:
-        inbound, outbound = send_chunk(0), []
-        for chunk in range(chunks):
-            arriving = inbound
-            if chunk + 1 < chunks:  # on its way while this chunk is attended
-                inbound = send_chunk(chunk + 1)
-            heads_q, heads_k, heads_v = arriving.arrived()[0].unbind()
-            with kernel_choice(backend):
-                out = F.scaled_dot_product_attention(heads_q, heads_k, heads_v, is_causal=causal)
-            outbound.append(to_sequence(out, clock))  # back during the next chunk's attention
-        outputs = [in_flight.arrived()[0] for in_flight in outbound]
-        return outputs[0] if chunks == 1 else torch.cat(outputs, dim=1)
-
-    return Bench(run=run, rows=rows, inputs=(q, k, v))
+    attention = UlyssesAttention(q, k, v, causal, chunks, kernel, sdpa, problem.comm)
+    return Bench(run=lambda: blocks.Differentiable.apply(q, k, v, attention), rows=rows, inputs=(q, k, v))

@@ -11,8 +11,8 @@ processes by point-to-point ops); one more all-to-all turns the output back into
 the rank's rows for every head. Both all-to-alls and the ring are differentiable,
 and all of them go through the worker's clock.
 
-Degree 1 is ``ring`` across processes; degree P is ``ulysses`` with the ring's
-blocked kernels instead of SDPA.
+Degree 1 is ``ring`` across processes; degree P, a ring of one, is ``ulysses``
+itself (:class:`ulysses.UlyssesAttention`) with the ring's block kernel for SDPA.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ringbench.attention import blocks
-from ringbench.attention.impls import ring
+from ringbench.attention.impls import ring, ulysses
 from ringbench.attention.impls.ring import OneRank, positions, receive_buffers
 from ringbench.attention.impls.ulysses import to_heads, to_sequence
 from ringbench.attention.models import shard_bytes
@@ -80,8 +80,11 @@ def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int | None:
     with u > 1, the q, k and v head shards the ring runs on (3N, as many bytes as the rank's q, k
     and v), and in forward+backward also the output the call differentiates and its gradient in
     head shards (2N)."""
+    degree = dict(cell.options)["ulysses_degree"]
+    if degree == cell.world_size:
+        return ulysses.memory_model(cell, facts, chunks=1)
     ring_bytes = ring.memory_model(cell, facts)
-    if ring_bytes is None or dict(cell.options)["ulysses_degree"] == 1:
+    if ring_bytes is None or degree == 1:
         return ring_bytes
     return ring_bytes + (3 if cell.pass_name == "forward" else 5) * shard_bytes(cell)
 
@@ -141,6 +144,14 @@ def setup(problem: Problem) -> Bench:
         inputs = (q, k, v)
         return Bench(run=lambda: blocks.Differentiable.apply(*inputs, ring), rows=rows, inputs=inputs)
 
+    if ring_size == 1:  # Ulysses alone
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return blocks.attend(kernel, q, k, v, problem.causal)[0]
+
+        attention = ulysses.UlyssesAttention(q, k, v, problem.causal, 1, kernel, attend, comm, group)
+        return Bench(run=lambda: blocks.Differentiable.apply(q, k, v, attention), rows=rows, inputs=(q, k, v))
+
     batch, heads, shard_rows, dim = q.shape
     received = receive_buffers((2, batch, heads // degree, shard_rows * degree, dim), q, ring_size)
 
@@ -150,6 +161,6 @@ def setup(problem: Problem) -> Bench:
         (arrived,) = to_heads((q, k, v), comm, group).arrived()
         ring = ring_rank(arrived[0], arrived[1:], received=received)
         out = blocks.Differentiable.apply(*arrived.unbind(), ring)
-        return to_sequence(out, comm, group).arrived()[0]
+        return to_sequence(out, comm, group)
 
     return Bench(run=run, rows=rows, inputs=(q, k, v))
