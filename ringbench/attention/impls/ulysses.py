@@ -230,7 +230,6 @@ class UlyssesAttention:
         return out, torch.cat(lses, dim=1) if keep_lse else None
 
     def backward(self, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        inward, outward = HeadShards.within(self.group, to_heads=True), HeadShards.within(self.group, to_heads=False)
         grads = tuple(torch.empty_like(t) for t in (self.q, self.k, self.v))
         batch, heads_here, seq_len = lse.shape
         heads_per_chunk = heads_here // self.chunks
@@ -238,18 +237,32 @@ class UlyssesAttention:
         for chunk in range(self.chunks):
             for first in range(0, heads_per_chunk, step):
                 part = slice(first, first + step)
-                # Two messages, so that no buffer outgrows q, k and v's.
-                inbound = [
-                    post_swap([self._heads(t, chunk)[:, :, part] for t in tensors], inward, self.clock)
-                    for tensors in ((self.q, self.k, self.v), (out, dout))
-                ]
-                (q, k, v), (o, do) = (in_flight.arrived()[0].unbind() for in_flight in inbound)
                 lse_heads = slice(chunk * heads_per_chunk + part.start, chunk * heads_per_chunk + part.stop)
-                part_grads = blocks.attend_backward(self.kernel, do, q, k, v, o, lse[:, lse_heads], self.causal)
-                sent = [grad.contiguous().to(self.q.dtype) for grad in part_grads]  # math blocks give float32
-                homes = [self._heads(grad, chunk)[:, :, part] for grad in grads]
-                self.clock.wait(self.clock.swap(outward.pieces(sent, homes)))
+                self._backward_part(chunk, part, dout, out, lse[:, lse_heads], grads)
         return grads
+
+    def _backward_part(
+        self,
+        chunk: int,
+        part: slice,
+        dout: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        grads: Sequence[torch.Tensor],
+    ) -> None:
+        """The gradients of ``part`` of this rank's heads of ``chunk``, sent home into ``grads``; what
+        the part fetched and computed is freed on return, before the next part allocates its own."""
+        inward = HeadShards.within(self.group, to_heads=True)
+        # Two messages, so that no buffer outgrows q, k and v's.
+        inbound = [
+            post_swap([self._heads(t, chunk)[:, :, part] for t in tensors], inward, self.clock)
+            for tensors in ((self.q, self.k, self.v), (out, dout))
+        ]
+        (q, k, v), (o, do) = (in_flight.arrived()[0].unbind() for in_flight in inbound)
+        part_grads = blocks.attend_backward(self.kernel, do, q, k, v, o, lse, self.causal)
+        sent = [grad.contiguous().to(self.q.dtype) for grad in part_grads]  # math blocks give float32
+        homes = [self._heads(grad, chunk)[:, :, part] for grad in grads]
+        self.clock.wait(self.clock.swap(HeadShards.within(self.group, to_heads=False).pieces(sent, homes)))
 
 
 @register(
