@@ -1,5 +1,6 @@
 import itertools
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -115,6 +116,17 @@ def test_kernel_choice_on_cpu():
     assert blocks.choose("auto", q) == "math"
     with pytest.raises(ValueError, match="kernel 'cudnn' needs a CUDA device"):
         blocks.choose("cudnn", q)
+
+
+def test_auto_picks_a_kernel_with_a_block_backward_for_backward_passes(monkeypatch):
+    # A GPU where only the memory-efficient kernel runs the inputs (float32, say): forward passes take
+    # it, passes with a backward the math blocks, as it has no block backward.
+    monkeypatch.setattr(blocks, "_works", lambda kernel, device, dtype, head_dim: kernel == "efficient")
+    on_gpu = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32, shape=(1, 1, 64, 8))
+    assert blocks.choose("auto", on_gpu) == "efficient"
+    assert blocks.choose("auto", on_gpu, backward=True) == "math"
+    monkeypatch.setattr(blocks, "_works", lambda kernel, device, dtype, head_dim: kernel != "cudnn")
+    assert blocks.choose("auto", on_gpu, backward=True) == "flash"
 
 
 def test_zigzag_needs_two_chunks_per_rank(write_config):

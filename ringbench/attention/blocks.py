@@ -130,15 +130,20 @@ def _works(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int)
         return False
 
 
-def choose(kernel: str, q: torch.Tensor) -> str:
-    """Resolve ``auto`` to the fastest kernel that runs these inputs; check an explicit choice."""
+def choose(kernel: str, q: torch.Tensor, backward: bool = False) -> str:
+    """Resolve ``auto`` to the fastest kernel that runs these inputs (with ``backward``, of those with a
+    block backward: elsewhere ``efficient`` alone would run, say float32 on a GPU, that is ``math``);
+    check an explicit choice."""
     if kernel == "math":
         return kernel
     if q.device.type != "cuda":
         if kernel == "auto":
             return "math"
         raise ValueError(f"kernel '{kernel}' needs a CUDA device (inputs are on {q.device})")
-    candidates = _PREFERENCE if kernel == "auto" else (kernel,)
+    if kernel == "auto":
+        candidates = tuple(c for c in _PREFERENCE if c in _BACKWARDS) if backward else _PREFERENCE
+    else:
+        candidates = (kernel,)
     for candidate in candidates:
         if _works(candidate, q.device, q.dtype, q.shape[-1]):
             return candidate

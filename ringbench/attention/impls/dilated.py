@@ -278,7 +278,7 @@ def _setup(problem: Problem, sharded: bool):
     problem.facts["kernel"] = kernel
     backward_kernel = None
     if q.requires_grad:
-        backward_kernel = blocks.choose("auto" if option == "fused" else option, q)
+        backward_kernel = blocks.choose("auto" if option == "fused" else option, q, backward=True)
         problem.facts["backward_kernel"] = backward_kernel
     if kernel != "fused":  # the fused kernel merges as it goes
         problem.facts["merge"] = blocks.merge_path(q.device)
@@ -394,7 +394,7 @@ class _OneRank:
 
 
 def _one_rank(problem: Problem) -> Bench:
-    kernel = blocks.choose(problem.options["kernel"], problem.probe(1))
+    kernel = blocks.choose(problem.options["kernel"], problem.probe(1), backward=problem.inputs.requires_grad)
     problem.facts["kernel"] = kernel
     problem.facts["merge"] = blocks.merge_path(problem.device)
     dilated = _OneRank(problem, kernel)

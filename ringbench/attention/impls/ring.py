@@ -442,7 +442,7 @@ def setup_memory(cell: Cell) -> int:
     description="ring attention on one device: fused blocks with log-sum-exp, merged in float32",
 )
 def setup(problem: Problem) -> Bench:
-    kernel = blocks.choose(problem.options["kernel"], problem.probe(1))
+    kernel = blocks.choose(problem.options["kernel"], problem.probe(1), backward=problem.inputs.requires_grad)
     problem.facts["kernel"] = kernel
     problem.facts["merge"] = blocks.merge_path(problem.device)
     if problem.world_size > 1:

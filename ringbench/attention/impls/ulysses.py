@@ -298,7 +298,7 @@ def setup(problem: Problem) -> Bench:
     # What each rank attends at a time: H/(cP) heads, the whole sequence.
     probe = problem.probe(problem.seq_len, q.shape[1] // chunks // problem.world_size)
     if problem.inputs.requires_grad:  # the block kernels give the log-sum-exp the backward needs
-        kernel = blocks.choose(backend, probe)
+        kernel = blocks.choose(backend, probe, backward=True)
     else:
         kernel = resolved_backend(backend, probe, probe, probe, causal)
     problem.facts["kernel"] = kernel

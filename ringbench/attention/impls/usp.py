@@ -113,7 +113,7 @@ def _setup_memory(cell: Cell) -> int:
 )
 def setup(problem: Problem) -> Bench:
     assert problem.comm is not None, "across processes the worker hands setup a clock"
-    kernel = blocks.choose(problem.options["kernel"], problem.probe(1))
+    kernel = blocks.choose(problem.options["kernel"], problem.probe(1), backward=problem.inputs.requires_grad)
     problem.facts["kernel"] = kernel
     problem.facts["merge"] = blocks.merge_path(problem.device)
     degree, zigzag, comm = problem.options["ulysses_degree"], problem.options["zigzag"], problem.comm
