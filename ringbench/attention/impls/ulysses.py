@@ -2,8 +2,10 @@
 
 Each of P ranks holds a contiguous 1/P of the sequence for every head. An
 all-to-all turns that into every position for H/P heads; each rank runs
-full-sequence attention (SDPA with the configured kernel, causal natively) on its
-heads; one more all-to-all turns the output back into the rank's sequence shard.
+full-sequence attention (SDPA with the configured kernel, causal natively; in passes
+with a backward that kernel called directly, for its log-sum-exp, and for ``auto``
+the fastest with a backward, as ``blocks.choose`` picks) on its heads;
+one more all-to-all turns the output back into the rank's sequence shard.
 Each all-to-all goes as point-to-point pieces that land where they are used
 (:class:`HeadShards`): nothing is copied to gather what is sent or to lay out what
 arrives for the kernel.
