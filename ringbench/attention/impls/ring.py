@@ -412,7 +412,7 @@ def memory_model(cell: Cell, facts: Mapping[str, Any]) -> int | None:
     element = DTYPE_BYTES[cell.dtype]
     if cell.pass_name == "forward":
         rows = cell.batch_size * cell.heads * cell.seq_len // cell.world_size
-        return rows * cell.head_dim * (4 + element) + rows * 4 * 2
+        return rows * cell.head_dim * (4 + element) + 2 * row_floats(cell)
     if cell.pass_name != "forward+backward" or not fused_backward(facts):
         return None
     if cell.world_size > 1:

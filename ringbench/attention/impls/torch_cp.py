@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ringbench.attention.impls.sdpa import kernel_choice, resolved_backend
-from ringbench.attention.models import forward_only, output_bytes
+from ringbench.attention.models import forward_only, row_floats, shard_bytes
 from ringbench.attention.registry import Bench, Option, Problem, register
 from ringbench.vocabulary import PASSES, Cell
 
@@ -47,10 +47,9 @@ def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
     and the next one arriving, 3 of them. Then its merge of a block into the running output, all
     in float32: the running output (2N), the block's output (N) and its float32 copy (2N), and two
     float32 temporaries of the update (4N); with three float32 log-sum-exps of the rows."""
-    shard, processes = output_bytes(cell) // cell.world_size, cell.world_size
+    processes = cell.world_size
     pairs = processes if dict(cell.options)["rotate"] == "allgather" else 1 if processes == 2 else 3
-    rows = cell.batch_size * cell.heads * cell.seq_len // processes
-    return pairs * 2 * shard + 9 * shard + 3 * rows * 4
+    return (pairs * 2 + 9) * shard_bytes(cell) + 3 * row_floats(cell)
 
 
 @register(

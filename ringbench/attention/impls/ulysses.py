@@ -29,6 +29,7 @@ once, so backward passes do not overlap.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -200,20 +201,22 @@ class UlyssesAttention:
     clock: WaitClock
     group: dist.ProcessGroup | None = None
 
+    @functools.cached_property
+    def _inward(self) -> HeadShards:
+        return HeadShards.within(self.group, to_heads=True)
+
+    @functools.cached_property
+    def _outward(self) -> HeadShards:
+        return HeadShards.within(self.group, to_heads=False)
+
     def _heads(self, tensor: torch.Tensor, chunk: int) -> torch.Tensor:
         """Chunk ``chunk``'s heads of a sequence shard, grouped by the rank that attends them."""
         per_chunk = tensor.shape[1] // self.chunks
-        return by_rank(tensor[:, chunk * per_chunk : (chunk + 1) * per_chunk], self._processes)
-
-    @property
-    def _processes(self) -> int:
-        return dist.get_world_size(self.group)
+        return by_rank(tensor[:, chunk * per_chunk : (chunk + 1) * per_chunk], len(self._inward.ranks))
 
     def forward(self, keep_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        inward, outward = HeadShards.within(self.group, to_heads=True), HeadShards.within(self.group, to_heads=False)
-
         def send(chunk: int) -> InFlight:
-            return post_swap([self._heads(t, chunk) for t in (self.q, self.k, self.v)], inward, self.clock)
+            return post_swap([self._heads(t, chunk) for t in (self.q, self.k, self.v)], self._inward, self.clock)
 
         inbound, outbound, lses = send(0), [], []
         for chunk in range(self.chunks):
@@ -226,7 +229,7 @@ class UlyssesAttention:
                 lses.append(lse)
             else:
                 out = self.attend(q, k, v)
-            outbound.append(post_swap([out], outward, self.clock))  # back during the next chunk's attention
+            outbound.append(post_swap([out], self._outward, self.clock))  # back during the next chunk's attention
         outputs = [in_flight.arrived()[0].flatten(1, 2) for in_flight in outbound]
         out = outputs[0] if self.chunks == 1 else torch.cat(outputs, dim=1)
         return out, torch.cat(lses, dim=1) if keep_lse else None
@@ -254,17 +257,16 @@ class UlyssesAttention:
     ) -> None:
         """The gradients of ``part`` of this rank's heads of ``chunk``, sent home into ``grads``; what
         the part fetched and computed is freed on return, before the next part allocates its own."""
-        inward = HeadShards.within(self.group, to_heads=True)
         # Two messages, so that no buffer outgrows q, k and v's.
         inbound = [
-            post_swap([self._heads(t, chunk)[:, :, part] for t in tensors], inward, self.clock)
+            post_swap([self._heads(t, chunk)[:, :, part] for t in tensors], self._inward, self.clock)
             for tensors in ((self.q, self.k, self.v), (out, dout))
         ]
         (q, k, v), (o, do) = (in_flight.arrived()[0].unbind() for in_flight in inbound)
         part_grads = blocks.attend_backward(self.kernel, do, q, k, v, o, lse, self.causal)
         sent = [grad.contiguous().to(self.q.dtype) for grad in part_grads]  # math blocks give float32
         homes = [self._heads(grad, chunk)[:, :, part] for grad in grads]
-        self.clock.wait(self.clock.swap(HeadShards.within(self.group, to_heads=False).pieces(sent, homes)))
+        self.clock.wait(self.clock.swap(self._outward.pieces(sent, homes)))
 
 
 @register(

@@ -75,11 +75,11 @@ def _excludes(cell: Cell) -> str | None:
 
 
 def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int | None:
-    """Bytes a call allocates at its peak (see ``ringbench.attention.models``), per rank: the ring's
-    (its shard has as many rows, B·H/u heads × S·u/P positions, as a ring of P has per rank) and,
-    with u > 1, the q, k and v head shards the ring runs on (3N, as many bytes as the rank's q, k
-    and v), and in forward+backward also the output the call differentiates and its gradient in
-    head shards (2N)."""
+    """Bytes a call allocates at its peak (see ``ringbench.attention.models``), per rank. At degree P,
+    Ulysses alone, ``ulysses``'. Otherwise the ring's (its shard has as many rows, B·H/u heads ×
+    S·u/P positions, as a ring of P has per rank) and, with u > 1, the q, k and v head shards the
+    ring runs on (3N, as many bytes as the rank's q, k and v), and in forward+backward also the
+    output the call differentiates and its gradient in head shards (2N)."""
     degree = dict(cell.options)["ulysses_degree"]
     if degree == cell.world_size:
         return ulysses.memory_model(cell, facts, chunks=1)
