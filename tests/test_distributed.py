@@ -201,19 +201,21 @@ def test_ulysses_plain_and_pipelined_at_two_and_four_processes_match_the_referen
         assert [rank["sent_bytes_per_call"] for rank in record["comm"]["ranks"]] == [expected] * processes
 
 
-def test_ulysses_backward_in_parts_of_one_head_matches_the_reference(write_config, tmp_path):
+def test_backward_in_parts_of_one_head_matches_the_reference(write_config, tmp_path):
     shutil.copy(PLUGINS / "one_head_parts.py", tmp_path / "one_head_parts.py")
     _, stored = run_sweep(
         write_config,
         (
             "plugins: [one_head_parts]\nimplementations:\n  - ulysses\n  - {name: ulysses, options: {chunks: 2}}\n"
+            "  - {name: ring, options: {zigzag: true}}\n  - {name: usp, options: {ulysses_degree: 2}}\n"
             "  - {name: usp, options: {ulysses_degree: 4}}\n"
             "seq_lens: [64]\nworld_sizes: [2, 4]\nbatch_sizes: [2]\nheads: [8]\nhead_dims: [8]\n"
             "dtypes: [float32]\ncausal: [false, true]\npasses: [backward, forward+backward]\n"
         ),
     )
-    # Every rank attends 4 or 2 heads (2 or 1 per chunk): each backward goes in as many parts.
-    assert len(stored) == 20
+    # A ulysses rank attends 4 or 2 heads (2 or 1 per chunk), a ring's every head, usp's 2×2 ring 4:
+    # each backward goes in as many parts. usp's degree 4 needs four processes.
+    assert len(stored) == 36
     for record in stored:
         assert_matches_the_reference_on_every_rank(record)
 

@@ -119,6 +119,18 @@ BACKWARD_KERNELS = ("auto", "flash", "cudnn", "math")
 _BACKWARDS = {"flash": _flash_backward, "cudnn": _cudnn_backward, "math": _math_backward}
 
 
+# Backward passes across processes go in parts of a few heads, so that what a part fetches or
+# sums in float32 is live for one part's heads at a time, not every head's. A part attends at
+# least this many query rows (batch × heads × rows), so its kernel still fills the GPU: on 128K
+# rows, one head.
+BACKWARD_PART_ROWS = 2**17
+
+
+def backward_part_heads(batch: int, rows: int, heads: int) -> int:
+    """Heads per part of a backward pass over ``heads`` heads of ``rows`` query rows each."""
+    return min(heads, max(1, -(-BACKWARD_PART_ROWS // (batch * rows))))
+
+
 @cache
 def _works(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether a fused kernel accepts inputs like these, tried on a tiny problem."""

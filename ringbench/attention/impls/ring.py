@@ -14,7 +14,8 @@ harness reports its time and memory as a per-rank *projection*.
 
 Across processes (world size > 1) each process is one rank holding one shard,
 and K/V blocks rotate with torch.distributed point-to-point ops, the next transfer
-posted before the current block is computed and waited for after it.
+posted before the current block is computed and waited for after it. Its backward
+goes in parts of a few heads, each a ring of its own (``OneRank.backward``).
 
 Causal: the diagonal block runs causal and blocks wholly above the diagonal are
 skipped. With ``zigzag`` the sequence is cut into 2P chunks and rank r holds chunks
@@ -285,12 +286,14 @@ class OneRank:
         self.shard_len = q.shape[2]
         self.send_to, self.receive_from = send_to, receive_from
 
-    def _pass_on(self, current: torch.Tensor, step: int) -> tuple[list, torch.Tensor | None]:
+    def _pass_on(
+        self, current: torch.Tensor, step: int, received: tuple[torch.Tensor, ...]
+    ) -> tuple[list, torch.Tensor | None]:
         """Post step ``step``'s transfer: ``current`` to the next rank, the previous rank's K/V
-        into a receive buffer. Returns the requests and that buffer (none after the last step)."""
+        into one of ``received``. Returns the requests and that buffer (none after the last step)."""
         if step + 1 == self.ring_size:
             return [], None
-        incoming = self.received[step % len(self.received)]
+        incoming = received[step % len(received)]
         return self.comm.exchange(current, incoming, self.send_to, self.receive_from), incoming
 
     def _block(self, step: int) -> BlockSpec | None:
@@ -302,7 +305,7 @@ class OneRank:
         acc = acc_lse = None
         for step in range(self.ring_size):
             # The next block's K/V is on its way while this one is computed.
-            transfers, incoming = self._pass_on(current, step)
+            transfers, incoming = self._pass_on(current, step, self.received)
             spec = self._block(step)
             if spec is not None:
                 out, lse = blocks.attend(
@@ -325,13 +328,34 @@ class OneRank:
         return acc.to(self.dtype), acc_lse if keep_lse else None
 
     def backward(self, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
-        """dq stays here; each K/V shard's float32 dk, dv sums travel the ring behind it."""
-        q, comm = self.q.detach(), self.comm
-        current = self.kv
+        """Gradients in parts of a few heads (``blocks.backward_part_heads``): each part's K/V go round
+        the ring once more, their float32 dk, dv sums travelling one step behind, so that the sums,
+        their spare and the kernel's scratch are one part's, not every head's. The gradients are
+        allocated once and each part's written into them; a part of every head casts its sums."""
+        batch, heads = self.q.shape[:2]
+        part_heads = blocks.backward_part_heads(batch, self.shard_len, heads)
+        if part_heads == heads:
+            dq, dkv = self._backward_part(slice(None), dout, out, lse)
+            return dq.to(self.dtype), *dkv.to(self.dtype).unbind()
+        dq, dkv = torch.empty_like(self.q), torch.empty_like(self.kv)
+        for first in range(0, heads, part_heads):
+            part = slice(first, first + part_heads)
+            dq[:, part], dkv[:, :, part] = self._backward_part(part, dout[:, part], out[:, part], lse[:, part])
+        return dq, *dkv.unbind()
+
+    def _backward_part(
+        self, heads: slice, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 dq and dK/dV sums of this rank's rows of ``heads``: dq stays here; each K/V
+        shard's sums travel the ring behind it and come home complete."""
+        q, comm = self.q.detach()[:, heads], self.comm
+        current = self.kv[:, :, heads].contiguous()  # the part's K and V: the message each step sends
+        # Received into the front of the cell's receive buffers, idle in backward.
+        received = tuple(buffer.view(-1)[: current.numel()].view(current.shape) for buffer in self.received)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        sums = TravellingSums(comm, self.kv.shape, q.device, self.send_to, self.receive_from)
+        sums = TravellingSums(comm, current.shape, q.device, self.send_to, self.receive_from)
         for step in range(self.ring_size):
-            transfers, incoming = self._pass_on(current, step)
+            transfers, incoming = self._pass_on(current, step, received)
             spec = self._block(step)
             if spec is not None:
                 block_dq, block_dk, block_dv = blocks.attend_backward(
@@ -354,8 +378,7 @@ class OneRank:
             comm.wait(transfers)
             if incoming is not None:  # none after the last step
                 current = incoming
-        mine = sums.own()
-        return dq.to(self.dtype), mine[0].to(self.dtype), mine[1].to(self.dtype)
+        return dq, sums.own()
 
 
 def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
@@ -393,21 +416,30 @@ def _excludes(cell: Cell) -> str | None:
     return None
 
 
-def memory_model(cell: Cell, facts: Mapping[str, Any]) -> int | None:
+def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int | None:
+    return memory_model(cell, facts, ulysses_degree=1)
+
+
+def memory_model(cell: Cell, facts: Mapping[str, Any], ulysses_degree: int) -> int | None:
     """Bytes a call allocates at its peak (see ``ringbench.attention.models``), per rank; N is one
-    shard of one tensor.
+    shard of one tensor. ``usp`` runs this ring on H/u heads of u times the rows (``ulysses_degree``
+    u; 1 for ``ring``).
 
     Forward: the float32 accumulator (4 bytes per output element) and its log-sum-exp live
     throughout; on top of them come either one step's block output in the input dtype with
     its log-sum-exp, or, at the end, the output itself. On one device the blocks are views of
     the inputs; across processes the figure is per rank, for its shard's rows.
 
-    Forward+backward, with a fused kernel: the output (the call differentiates it), the float32
-    dQ sum (2N), a block's dq, dk and dv (3N), and two float32 per row; across processes also
-    the float32 dK and dV sums that travel the ring and the spare they arrive in (8N) and the
-    kernel's float32 dQ accumulator (2N), together 16N; on one device, as a ring of one, the
-    float32 dK and dV sums (4N) and the dk and dv they are stored in (2N), together 12N. Rings
-    of more than one on one device are not modelled.
+    Forward+backward, with a fused kernel, across processes: the output (the call differentiates
+    it) and its float32 log-sum-exp; then, for one part of the backward (a share p of N; see
+    ``blocks.backward_part_heads``), the float32 dQ sum (2p), the float32 dK and dV sums that travel
+    the ring and the spare they arrive in (8p), a block's dq, dk and dv (3p), and the kernel's
+    float32 dQ accumulator (2p) and float32 row term. A backward in one part makes the gradients
+    from its float32 sums at the end, together 16N; in several, the gradients are allocated first
+    (3N) and the part's K and V copied into one message (2p), together 4N + 17p. On one device, as
+    a ring of one: the output, the float32 dQ sum (2N), a block's dq, dk and dv (3N), the float32
+    dK and dV sums (4N) and the dk and dv they are stored in (2N), together 12N, with two float32
+    per row. Rings of more than one on one device are not modelled.
     """
     element = DTYPE_BYTES[cell.dtype]
     if cell.pass_name == "forward":
@@ -415,9 +447,14 @@ def memory_model(cell: Cell, facts: Mapping[str, Any]) -> int | None:
         return rows * cell.head_dim * (4 + element) + 2 * row_floats(cell)
     if cell.pass_name != "forward+backward" or not fused_backward(facts):
         return None
-    if cell.world_size > 1:
-        return 16 * shard_bytes(cell) + 2 * row_floats(cell)
-    return 12 * shard_bytes(cell) + 2 * row_floats(cell) if cell.ring_size == 1 else None
+    shard = shard_bytes(cell)
+    if cell.world_size == 1:
+        return 12 * shard + 2 * row_floats(cell) if cell.ring_size == 1 else None
+    heads = cell.heads // ulysses_degree
+    part_heads = blocks.backward_part_heads(cell.batch_size, cell.seq_len * ulysses_degree // cell.world_size, heads)
+    if part_heads == heads:
+        return 16 * shard + 2 * row_floats(cell)
+    return 4 * shard + 17 * shard * part_heads // heads + row_floats(cell) + row_floats(cell) * part_heads // heads
 
 
 def setup_memory(cell: Cell) -> int:
@@ -435,7 +472,7 @@ def setup_memory(cell: Cell) -> int:
         "zigzag": Option(False, help="shard r holds chunks r and 2P−1−r (balances causal work)"),
     },
     excludes=_excludes,
-    memory_model=memory_model,
+    memory_model=_memory_model,
     setup_memory=setup_memory,
     passes=PASSES,
     accumulates="float32",  # blocks merge, and gradients add up, in float32

@@ -20,7 +20,7 @@ is the plain form: q, k, v's all-to-all, then attention, then the output's.
 Every all-to-all goes through the worker's clock (``ringbench.attention.comm``).
 A pass with a backward keeps none of the forward's head shards: its backward
 fetches q, k, v, the output and the output gradient again, a part of a few heads at
-a time (:func:`backward_part_heads`), runs the block kernel's backward on them and
+a time (:func:`blocks.backward_part_heads`), runs the block kernel's backward on them and
 sends the part's gradients home before the next part. Beyond its inputs and
 gradients a rank then holds one part's head shards, not every head's, at the cost
 of sending four more shards per call; each of these all-to-alls is waited for at
@@ -86,7 +86,7 @@ def memory_model(cell: Cell, facts: Mapping[str, Any], chunks: int) -> int | Non
         return 4 * shard // chunks + row_floats(cell) // chunks + shard + (shard if chunks > 1 else 0)
     if cell.pass_name == "forward+backward" and fused_backward(facts):
         heads_here = cell.heads // cell.world_size
-        part_heads = backward_part_heads(cell.batch_size, cell.seq_len, heads_here // chunks)
+        part_heads = blocks.backward_part_heads(cell.batch_size, cell.seq_len, heads_here // chunks)
         part = shard * part_heads // heads_here
         return 4 * shard + 10 * part + row_floats(cell) + row_floats(cell) * part_heads // heads_here
     return None
@@ -167,24 +167,12 @@ def to_sequence(heads: torch.Tensor, clock: WaitClock, group: dist.ProcessGroup 
     return post_swap([heads], HeadShards.within(group, to_heads=False), clock).arrived()[0].flatten(1, 2)
 
 
-# A backward pass goes in parts of a few heads: each part fetches its heads' q, k, v, output and
-# output gradient again and sends its gradients home before the next begins, so one part's head
-# shards are live at a time, not every head's. A part attends at least this many query rows
-# (batch × heads × positions), so its kernel still fills the GPU; from 128K positions on, one head.
-BACKWARD_PART_ROWS = 2**17
-
-
-def backward_part_heads(batch: int, seq_len: int, heads_here: int) -> int:
-    """Heads per part of a backward pass, of the ``heads_here`` a rank attends at a time."""
-    return min(heads_here, max(1, -(-BACKWARD_PART_ROWS // (batch * seq_len))))
-
-
 @dataclass(frozen=True)
 class UlyssesAttention:
     """Attention over sequence shards ``q``, ``k``, ``v`` by way of head shards, for
     :class:`blocks.Differentiable`: ``forward`` sends q, k and v to head shards, attends each rank's
     heads over the whole sequence, and sends the output back, in ``chunks`` of heads, pipelined;
-    ``backward`` goes in parts of :func:`backward_part_heads` heads and keeps nothing of the forward's
+    ``backward`` goes in parts of :func:`blocks.backward_part_heads` heads and keeps nothing of the forward's
     head shards: it fetches what it needs again, four more shards sent per call.
 
     ``attend`` is the attention of a forward pass that keeps no log-sum-exp; one that keeps it, and
@@ -238,7 +226,7 @@ class UlyssesAttention:
         grads = tuple(torch.empty_like(t) for t in (self.q, self.k, self.v))
         batch, heads_here, seq_len = lse.shape
         heads_per_chunk = heads_here // self.chunks
-        step = backward_part_heads(batch, seq_len, heads_per_chunk)
+        step = blocks.backward_part_heads(batch, seq_len, heads_per_chunk)
         for chunk in range(self.chunks):
             for first in range(0, heads_per_chunk, step):
                 part = slice(first, first + step)

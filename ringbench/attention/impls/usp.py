@@ -83,7 +83,7 @@ def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int | None:
     degree = dict(cell.options)["ulysses_degree"]
     if degree == cell.world_size:
         return ulysses.memory_model(cell, facts, chunks=1)
-    ring_bytes = ring.memory_model(cell, facts)
+    ring_bytes = ring.memory_model(cell, facts, degree)
     if ring_bytes is None or degree == 1:
         return ring_bytes
     return ring_bytes + (3 if cell.pass_name == "forward" else 5) * shard_bytes(cell)
