@@ -24,6 +24,10 @@ def test_any_rows_equal_the_same_rows_of_the_whole_tensor(name):
         at = torch.tensor(positions)
         assert torch.equal(made().rows(name, at), whole[:, :, at])
         assert torch.equal(made().head_rows(name, 1, 2, at), whole[1, 2, at])
+    # Spans, made without asking the device which blocks they need.
+    for span in (range(0, 1), range(5, 23), range(8, 16), range(24, 30), range(0, 30)):
+        assert torch.equal(made().rows(name, span), whole[:, :, span.start : span.stop])
+        assert torch.equal(made().head_rows(name, 1, 2, span), whole[1, 2, span.start : span.stop])
 
 
 def test_tensors_seeds_batches_and_heads_draw_apart_and_the_same_seed_draws_alike():
@@ -45,5 +49,7 @@ def test_given_tensors_are_handed_back_as_they_are_and_their_rows_are_copies():
     assert given.everything("q") is q and given.shape == (1, 2, 6, 3)
     rows = given.rows("k", torch.tensor([4, 1]))
     assert torch.equal(rows, k[:, :, [4, 1]]) and rows.data_ptr() != k.data_ptr()
+    span = given.head_rows("v", 0, 1, range(2, 5))
+    assert torch.equal(span, v[0, 1, 2:5]) and span.data_ptr() != v[0, 1, 2].data_ptr()
     with pytest.raises(ValueError, match="no dout was given"):
         given.rows("dout", torch.tensor([0]))

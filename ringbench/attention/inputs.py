@@ -24,12 +24,16 @@ NAMES = ("q", "k", "v", "dout")
 # generator calls, small enough that a short shard wastes little making its block.
 CHUNK = 4096
 
+# Sequence positions: any of them as a tensor, or a span of them.
+Positions = torch.Tensor | range
+
 
 class Inputs:
     """Rows of the four (batch, heads, seq_len, head_dim) tensors of a cell.
 
     ``rows`` makes every (batch, head) at some positions; ``head_rows`` one
-    (batch, head): the float64 reference streams those.
+    (batch, head): the float64 reference streams those. Positions are a tensor, or a
+    ``range`` for a span, which is made without waiting for the device.
     """
 
     shape: tuple[int, int, int, int]
@@ -41,11 +45,11 @@ class Inputs:
         """Whether q, k and v require gradients: backward passes differentiate against them."""
         raise NotImplementedError
 
-    def head_rows(self, name: str, batch: int, head: int, positions: torch.Tensor) -> torch.Tensor:
+    def head_rows(self, name: str, batch: int, head: int, positions: Positions) -> torch.Tensor:
         """(len(positions), D): tensor ``name`` of one (batch, head) at ``positions``; a new tensor."""
         raise NotImplementedError
 
-    def rows(self, name: str, positions: torch.Tensor) -> torch.Tensor:
+    def rows(self, name: str, positions: Positions) -> torch.Tensor:
         """(B, H, len(positions), D): tensor ``name`` at ``positions``; a new tensor, never a view."""
         batches, heads = self.shape[:2]
         out = torch.empty(batches, heads, len(positions), self.shape[3], dtype=self.dtype, device=self.device)
@@ -86,7 +90,11 @@ class Generated(Inputs):
         length = min(CHUNK, self.shape[2] - block * CHUNK)
         return torch.randn(length, self.shape[3], generator=self._generator, device=self.device, dtype=self.dtype)
 
-    def head_rows(self, name: str, batch: int, head: int, positions: torch.Tensor) -> torch.Tensor:
+    def head_rows(self, name: str, batch: int, head: int, positions: Positions) -> torch.Tensor:
+        if isinstance(positions, range):  # its blocks are known here: no wait for the device to say which
+            first, end = positions.start // CHUNK, -(-positions.stop // CHUNK)
+            made = torch.cat([self._block(name, batch, head, block) for block in range(first, end)])
+            return made[positions.start - first * CHUNK : positions.stop - first * CHUNK]
         blocks = positions // CHUNK
         needed = blocks.unique()  # sorted
         made = torch.cat([self._block(name, batch, head, block) for block in needed.tolist()])
@@ -114,8 +122,13 @@ class Given(Inputs):
             raise ValueError(f"no {name} was given")
         return tensor
 
-    def rows(self, name: str, positions: torch.Tensor) -> torch.Tensor:
-        return self.everything(name).detach().index_select(2, positions)
+    def rows(self, name: str, positions: Positions) -> torch.Tensor:
+        return self.everything(name).detach().index_select(2, self._index(positions))
 
-    def head_rows(self, name: str, batch: int, head: int, positions: torch.Tensor) -> torch.Tensor:
-        return self.everything(name).detach()[batch, head].index_select(0, positions)
+    def head_rows(self, name: str, batch: int, head: int, positions: Positions) -> torch.Tensor:
+        return self.everything(name).detach()[batch, head].index_select(0, self._index(positions))
+
+    def _index(self, positions: Positions) -> torch.Tensor:
+        if isinstance(positions, range):
+            return torch.arange(positions.start, positions.stop, device=self.device)
+        return positions

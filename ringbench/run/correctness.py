@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ringbench.attention.inputs import Positions
 from ringbench.attention.references import Reference
 from ringbench.attention.registry import Problem
 
@@ -102,7 +103,7 @@ def reference_rows(reference: Reference, problem: Problem, rows: torch.Tensor) -
     batch, heads = inputs.shape[:2]
     for span in _spans(problem, BLOCK_ELEMENTS // (batch * heads * max(1, len(rows)))):
         keys = _positions(span, problem.device)
-        k, v = (inputs.rows(name, keys).double() for name in "kv")
+        k, v = (inputs.rows(name, span).double() for name in "kv")
         scores = q @ k.transpose(-1, -2)
         for head in range(heads):
             _biased(scores[:, head], reference, problem, rows, keys, head)
@@ -252,7 +253,7 @@ def reference_gradients(
         sum, so skipping it leaves every result as it was, and takes about half the work off a causal check."""
         return not problem.causal or first_key <= last_row
 
-    def part(name: str, rows: torch.Tensor) -> torch.Tensor:
+    def part(name: str, rows: Positions) -> torch.Tensor:
         return head_rows(name, batch, head, rows).double()
 
     def probabilities(rows, keys, q, k, lse):
@@ -263,16 +264,16 @@ def reference_gradients(
     delta = torch.empty_like(lse)
     for query_span in query_spans:
         rows = _positions(query_span, problem.device)
-        q, d_out = part("q", rows), part("dout", rows)
+        q, d_out = part("q", query_span), part("dout", query_span)
         softmax = _Softmax((len(rows),), q.device)
         weighted = torch.zeros(len(rows), dtype=torch.float64, device=q.device)
         for key_span in key_spans:
             if not seen(key_span.start, query_span.stop - 1):
                 continue
             keys = _positions(key_span, problem.device)
-            scores = _biased(q @ part("k", keys).T * scale, reference, problem, rows, keys, head)
+            scores = _biased(q @ part("k", key_span).T * scale, reference, problem, rows, keys, head)
             weights, rescale = softmax.weights(scores)
-            weighted = weighted * rescale + (weights * (d_out @ part("v", keys).T)).sum(-1)
+            weighted = weighted * rescale + (weights * (d_out @ part("v", key_span).T)).sum(-1)
         lse[rows], delta[rows] = softmax.lse(), softmax.normalised(weighted)
 
     k_sampled, v_sampled = part("k", k_rows), part("v", k_rows)
@@ -282,7 +283,7 @@ def reference_gradients(
         if not seen(first_sampled_key, query_span.stop - 1):
             continue
         rows = _positions(query_span, problem.device)
-        q, d_out = part("q", rows), part("dout", rows)
+        q, d_out = part("q", query_span), part("dout", query_span)
         probs = probabilities(rows, k_rows, q, k_sampled, lse[rows])
         d_scores = probs * (d_out @ v_sampled.T - delta[rows].unsqueeze(-1))
         dk += d_scores.T @ q * scale
@@ -295,7 +296,7 @@ def reference_gradients(
         if not seen(key_span.start, last_sampled_row):
             continue
         keys = _positions(key_span, problem.device)
-        k, v = part("k", keys), part("v", keys)
+        k, v = part("k", key_span), part("v", key_span)
         probs = probabilities(q_rows, keys, q, k, lse[q_rows])
         dq += probs * (d_out @ v.T - delta[q_rows].unsqueeze(-1)) @ k * scale
     return dq, dk, dv
