@@ -112,6 +112,19 @@ def test_a_dying_or_hanging_rank_costs_only_its_cell(write_config):
     assert (run_dir / "worker-2.log").exists()
 
 
+def test_a_cell_that_fails_across_processes_leaves_the_next_cell_a_fresh_group(write_config):
+    run_dir, stored = run_sweep(
+        write_config,
+        (
+            "plugins: [fake_impls]\nimplementations: [test-rank-unmatched, ring]\ncell_timeout_s: 20\n"
+            "seq_lens: [32]\nworld_sizes: [2]\nheads: [1]\nhead_dims: [8]\ndtypes: [float32]\n"
+        ),
+    )
+    assert [(r["implementation"], r["status"]) for r in stored] == [("test-rank-unmatched", "oom"), ("ring", "ok")]
+    # The collective rank 1 left behind would meet ring's first one on the old group: a fresh worker runs ring.
+    assert (run_dir / "worker-2.log").read_text().count("ringbench worker") == 2 * 2
+
+
 def test_four_processes_with_segments_spanning_two_and_four_ranks(write_config):
     _, stored = run_sweep(
         write_config,

@@ -75,7 +75,8 @@ def blame(end: WorkerEnd, timeout_s: float, output: str) -> tuple[str, str] | No
     """The status and message the first pending cell is recorded with after a worker ended with
     cells still pending; None where a fresh worker simply goes on.
 
-    A worker may stop between cells (after a CUDA fault it recorded, its context is useless):
+    A worker may stop between cells (after a CUDA fault it recorded, its context is useless; after a
+    cell that failed across processes, its group may hold unmatched transfers):
     it is to blame only if it died in a cell, or before finishing any, so that a worker that
     cannot start never loops. ``output`` is the end of the worker's log.
     """

@@ -64,6 +64,17 @@ def _prepare(device: torch.device, sweep: Sweep, threads: int, world_size: int) 
     prime_libraries(device, [TORCH_DTYPES[dtype] for dtype in sweep.dtypes])
 
 
+def _why_stop(record: Record, group: OneProcess) -> str | None:
+    """Why this worker must leave the cells after ``record``'s to a fresh one, if it must."""
+    if group.world_size == 1 and not _usable(group.device):
+        return "the CUDA context is broken (a sticky error)"
+    if group.world_size > 1 and record.status in (records.OOM, records.ERROR):
+        # Its ranks may have failed at different points, one leaving a transfer or collective posted
+        # that the others never joined: on the same group it would meet the next cell's.
+        return "the cell failed across processes"
+    return None
+
+
 def _measure(cell: Cell, sweep: Sweep, plan: Plan, group: OneProcess) -> Record:
     """The cell's record. A search's probe the implementation cannot run (its plan checked only the
     first probe and one granule) is recorded as skipped with the reason, which ends the search
@@ -113,12 +124,10 @@ def serve(
                     if writer:
                         writer.append(record)
                     job.note(record)
-                    if group.world_size == 1 and not _usable(group.device):
-                        print(
-                            "the CUDA context is broken (a sticky error); a fresh worker takes the next cells",
-                            flush=True,
-                        )
-                        os._exit(0)  # its teardown could hang on the broken context; the record is on disk
+                    why = None if created else _why_stop(record, group)  # a user's launcher starts no fresh one
+                    if why:
+                        print(f"{why}; a fresh worker takes the next cells", flush=True)
+                        os._exit(0)  # its teardown could hang on a broken context or group; the record is on disk
         if created:
             folder.clear_notes(run_dir)
             folder.finish(run_dir)

@@ -4,6 +4,7 @@ import os
 import time
 
 import torch
+import torch.distributed
 
 from ringbench import Bench, Option, Problem, register
 
@@ -52,6 +53,18 @@ def rank_oom(problem: Problem):
     if problem.rank == 1:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory on the second rank")
     return lambda: problem.q
+
+
+@register(
+    "test-rank-unmatched",
+    distributed=True,
+    reference=None,
+    description="rank 1 posts a receive rank 0 never sends, then both fail, as ranks running out of memory at different points may",
+)
+def rank_unmatched(problem: Problem):
+    if problem.rank == 1:
+        torch.distributed.irecv(torch.empty(2, 1, 1, 16, 8), src=0)  # the size of ring's first message in the test
+    raise torch.cuda.OutOfMemoryError(f"CUDA out of memory on rank {problem.rank}")
 
 
 @register("test-rank-exit", distributed=True, reference=None, description="rank 1 dies inside the first call")
