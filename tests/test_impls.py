@@ -49,3 +49,14 @@ def test_unavailable_backend_fails_loudly_not_silently():
     run = BUNDLED.get("sdpa").setup(problem)
     with pytest.raises(RuntimeError, match="No viable backend"):
         run()
+
+
+def test_torch_cp_in_one_process_on_the_cpu_says_it_needs_cuda_and_opens_no_group():
+    import torch.distributed as dist
+
+    q = torch.randn(1, 2, 32, 16)
+    options = BUNDLED.get("torch-cp").resolve_options({}, "torch-cp")
+    problem = Problem.of(q, q, q, causal=False, ring_size=None, options=options)
+    with pytest.raises(RuntimeError, match="^torch-cp needs CUDA devices"):
+        BUNDLED.get("torch-cp").setup(problem)
+    assert not dist.is_initialized()

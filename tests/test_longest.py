@@ -248,7 +248,7 @@ def test_a_search_killed_at_random_moments_resumes_where_it_stopped(write_config
         assert [s for s, _ in _probes(stored, "dying", 1)] == [128, 256, 512, 1024, 768, 896, 960]
 
 
-def test_implementations_without_a_one_process_search_are_set_against_the_peer_and_predictions_shown():
+def test_across_processes_a_search_is_set_against_its_own_one_process_search_and_the_peer_with_predictions_shown():
     from ringbench.report.longest import Found, findings, tables
     from ringbench.vocabulary import Placement
 
@@ -266,7 +266,7 @@ def test_implementations_without_a_one_process_search_are_set_against_the_peer_a
         found("usp", 2, 131_072, None, finished=False),
     ]
     assert tables(results)[-2].splitlines()[2:] == [
-        "| ring             |            507,904 |           516,096 (OOM) |        5 |       — |               2.00× |",
+        "| ring             |            507,904 |           516,096 (OOM) |        5 |       — |   2.00×; 1.94× sdpa |",
         "| ulysses          |            499,712 |           507,904 (OOM) |        5 |       — |          1.91× sdpa |",
         "| usp              |            131,072 | not searched to the end |        5 |       — |          0.50× sdpa |",
     ]
@@ -275,7 +275,7 @@ def test_implementations_without_a_one_process_search_are_set_against_the_peer_a
     )
     assert findings(results) == [
         "- Longest sequence that runs, by number of processes:",
-        "  - `ring` forward: 253,952 at 1 process → 507,904 at 2 (2.00×)",
+        "  - `ring` forward: 253,952 at 1 process → 507,904 at 2 (2.00×; 1.94× sdpa)",
         "  - `ulysses` forward: 499,712 at 2 processes (1.91× sdpa)",
         "  - `usp` forward: 131,072 at 2 processes (0.50× sdpa)",
     ]

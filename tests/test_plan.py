@@ -69,19 +69,22 @@ def test_shuffle_reorders_within_each_shape_and_repeats_exactly(write_config):
     assert [c.id for c in reseeded.cells] != [c.id for c in shuffled.cells]
 
 
-def test_torch_cp_runs_only_across_processes(write_config):
+def test_torch_cp_runs_at_every_world_size_one_process_included(write_config):
     text = BASE_CONFIG.replace("  - name: standard\n", "  - {name: torch-cp, options: {backend: cudnn}}\n")
     the_plan = build(write_config(text + "world_sizes: [1, 2, 4]\n"))
-    assert [(c.implementation, c.seq_len, c.world_size, c.ring_size) for c in the_plan.cells if c.world_size > 1] == [
+    assert [
+        (c.implementation, c.seq_len, c.world_size, c.ring_size)
+        for c in the_plan.cells
+        if c.implementation == "torch-cp"
+    ] == [
+        ("torch-cp", 64, 1, None),
         ("torch-cp", 64, 2, 2),
         ("torch-cp", 64, 4, 4),
+        ("torch-cp", 96, 1, None),
         ("torch-cp", 96, 2, 2),
         ("torch-cp", 96, 4, 4),
     ]
-    assert [(e.cell.seq_len, e.cell.world_size, e.reason) for e in the_plan.excluded] == [
-        (64, 1, "torch-cp runs across processes only (in one process it is sdpa)"),
-        (96, 1, "torch-cp runs across processes only (in one process it is sdpa)"),
-    ]
+    assert not the_plan.excluded
     assert dict(the_plan.cells[0].options) == {"backend": "cudnn", "rotate": "allgather"}
 
 

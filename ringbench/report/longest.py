@@ -86,28 +86,33 @@ def _tokens(value: int | None) -> str:
     return "none" if value is None else f"{value:,}"
 
 
-def _one_process(result: Found, results: list[Found]) -> Found | None:
-    """What ``result`` is set against: the same implementation's search in one process, else the
-    single-device peer's, at the same shape; None where neither found a length that ran."""
+def _bases(result: Found, results: list[Found]) -> list[Found]:
+    """What ``result`` is set against: the same implementation's search in one process, and the
+    single-device peer's (where that is another implementation), at the same shape; those that found
+    a length that ran."""
+    bases = []
     for same in (True, False):
         for other in results:
             if (
                 other.processes == 1
                 and other.shape == result.shape
                 and other.longest
-                and (other.label == result.label if same else other.peer)
+                and (other.label == result.label if same else other.peer and other.label != result.label)
             ):
-                return other
-    return None
+                bases.append(other)
+                break
+    return bases
 
 
 def _ratio(result: Found, results: list[Found]) -> str:
-    base = _one_process(result, results)
-    if base is None or result.longest is None:
+    if result.longest is None:
         return "—"
-    assert base.longest is not None, "only a search that found a length is set against"
-    named = "" if base.label == result.label else f" {escape(base.label)}"
-    return f"{result.longest / base.longest:.2f}×{named}"
+    parts = []
+    for base in _bases(result, results):
+        assert base.longest is not None, "only a search that found a length is set against"
+        named = "" if base.label == result.label else f" {escape(base.label)}"
+        parts.append(f"{result.longest / base.longest:.2f}×{named}")
+    return "; ".join(parts) or "—"
 
 
 def tables(results: list[Found]) -> list[str]:

@@ -13,7 +13,10 @@ sequence head-tail to balance the work), and q, k and v are cut to those rows.
 The context stays open from setup until the cell is done (``Bench.close``), so
 only the attention call itself is timed.
 
-PyTorch's CUDA kernels are the only ones it shards, so this runs on GPUs only.
+PyTorch's CUDA kernels are the only ones it shards, so this runs on GPUs only. It
+runs in one process too, as PyTorch's ring of one (its merge in float32 and all):
+the baseline its longest sequence across processes is set against. A device mesh
+needs a process group, so there the cell opens a group of this process alone.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ringbench.attention.impls.sdpa import kernel_choice, resolved_backend
@@ -33,22 +37,22 @@ from ringbench.vocabulary import PASSES, Cell
 ROTATIONS = ("allgather", "alltoall")
 
 
-def _excludes(cell: Cell) -> str | None:
-    if cell.world_size == 1:
-        return "torch-cp runs across processes only (in one process it is sdpa)"
-    return None
-
-
 def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
     """Bytes beyond the inputs at the peak of a forward call, per rank, in units of one sequence
     shard N (B·H·S·D/P elements), from PyTorch's ring (``_templated_ring_attention``). First the
     K/V pairs (2N each) it holds: with ``allgather`` every rank's, P of them, gathered once; with
     ``alltoall`` the pair that arrived, and in a ring of three or more also the pair it sends on
-    and the next one arriving, 3 of them. Then its merge of a block into the running output, all
-    in float32: the running output (2N), the block's output (N) and its float32 copy (2N), and two
-    float32 temporaries of the update (4N); with three float32 log-sum-exps of the rows."""
+    and the next one arriving, 3 of them; in one process none, as nothing rotates. Then its merge
+    of a block into the running output, all in float32: the running output (2N), the block's
+    output (N) and its float32 copy (2N), and two float32 temporaries of the update (4N); with three
+    float32 log-sum-exps of the rows."""
     processes = cell.world_size
-    pairs = processes if dict(cell.options)["rotate"] == "allgather" else 1 if processes == 2 else 3
+    if processes == 1:
+        pairs = 0
+    elif dict(cell.options)["rotate"] == "allgather":
+        pairs = processes
+    else:
+        pairs = 1 if processes == 2 else 3
     return (pairs * 2 + 9) * shard_bytes(cell) + 3 * row_floats(cell)
 
 
@@ -64,7 +68,6 @@ def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
         "rotate": Option("allgather", choices=ROTATIONS, help="how K/V shards travel (PyTorch's set_rotate_method)"),
     },
     passes=PASSES,
-    excludes=_excludes,
     memory_model=forward_only(_memory_model),
     description="PyTorch context parallel: torch.distributed.tensor.experimental.context_parallel",
 )
@@ -77,14 +80,16 @@ def setup(problem: Problem) -> Bench:
     from torch.distributed.tensor.experimental._attention import _cp_options, context_parallel, set_rotate_method
 
     backend, causal, seq_len = problem.options["backend"], problem.causal, problem.seq_len
-    mesh = init_device_mesh(device.type, (problem.world_size,))
-    set_rotate_method(problem.options["rotate"])
-    # PyTorch balances causal work by reordering the sequence head-tail (in 2P chunks),
-    # and refuses that for non-causal attention; the switch is a module option.
-    _cp_options.enable_load_balance = causal and seq_len % (2 * problem.world_size) == 0
-
     positions = torch.arange(seq_len, device=device).view(1, 1, seq_len, 1)
     with contextlib.ExitStack() as opened:  # closed here if anything below fails, else by Bench.close
+        if not dist.is_initialized():  # one process, outside a launcher: a group of this process alone
+            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=device)
+            opened.callback(dist.destroy_process_group)
+        mesh = init_device_mesh(device.type, (problem.world_size,))
+        set_rotate_method(problem.options["rotate"])
+        # PyTorch balances causal work by reordering the sequence head-tail (in 2P chunks),
+        # and refuses that for non-causal attention; the switch is a module option.
+        _cp_options.enable_load_balance = causal and seq_len % (2 * problem.world_size) == 0
         opened.enter_context(context_parallel(mesh, buffers=[positions], buffer_seq_dims=[2]))
         rows = positions.flatten()
         q, k, v = problem.shard(rows)
