@@ -86,6 +86,14 @@ def test_torch_cp_runs_at_every_world_size_one_process_included(write_config):
     ]
     assert not the_plan.excluded
     assert dict(the_plan.cells[0].options) == {"backend": "cudnn", "rotate": "allgather"}
+    rotating = build(write_config(text.replace("backend: cudnn", "rotate: alltoall") + "world_sizes: [1, 2]\n"))
+    assert [(c.implementation, c.world_size) for c in rotating.cells if c.implementation == "torch-cp"] == [
+        ("torch-cp", 2),
+        ("torch-cp", 2),
+    ]
+    assert {(e.cell.world_size, e.reason) for e in rotating.excluded} == {
+        (1, "in one process nothing rotates: torch-cp rotate=allgather runs the same")
+    }
 
 
 def test_usp_leaves_out_grids_its_degree_does_not_fit_with_a_reason(write_config):

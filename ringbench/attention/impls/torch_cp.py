@@ -37,6 +37,12 @@ from ringbench.vocabulary import PASSES, Cell
 ROTATIONS = ("allgather", "alltoall")
 
 
+def _excludes(cell: Cell) -> str | None:
+    if cell.world_size == 1 and dict(cell.options)["rotate"] != ROTATIONS[0]:
+        return f"in one process nothing rotates: torch-cp rotate={ROTATIONS[0]} runs the same"
+    return None
+
+
 def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
     """Bytes beyond the inputs at the peak of a forward call, per rank, in units of one sequence
     shard N (B·H·S·D/P elements), from PyTorch's ring (``_templated_ring_attention``). First the
@@ -68,6 +74,7 @@ def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
         "rotate": Option("allgather", choices=ROTATIONS, help="how K/V shards travel (PyTorch's set_rotate_method)"),
     },
     passes=PASSES,
+    excludes=_excludes,
     memory_model=forward_only(_memory_model),
     description="PyTorch context parallel: torch.distributed.tensor.experimental.context_parallel",
 )
