@@ -45,20 +45,20 @@ def _excludes(cell: Cell) -> str | None:
 
 def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int:
     """Bytes beyond the inputs at the peak of a forward call, per rank, in units of one sequence
-    shard N (B·H·S·D/P elements), from PyTorch's ring (``_templated_ring_attention``). First the
-    K/V pairs (2N each) it holds: with ``allgather`` every rank's, P of them, gathered once; with
-    ``alltoall`` the pair that arrived, and in a ring of three or more also the pair it sends on
-    and the next one arriving, 3 of them; in one process none, as nothing rotates. Then its merge
-    of a block into the running output, all in float32: the running output (2N), the block's
-    output (N) and its float32 copy (2N), and two float32 temporaries of the update (4N); with three
-    float32 log-sum-exps of the rows."""
+    shard N (B·H·S·D/P elements), from PyTorch's ring (``_templated_ring_attention``).
+
+    Across processes, first the K/V pairs (2N each) it holds: with ``allgather`` every rank's, P of
+    them, gathered once; with ``alltoall`` the pair that arrived, and in a ring of three or more
+    also the pair it sends on and the next one arriving, 3 of them. Then its merge of a block into
+    the running output, all in float32: the running output (2N), the block's output (N) and its
+    float32 copy (2N), and two float32 temporaries of the update (4N); with three float32
+    log-sum-exps of the rows. In one process nothing rotates and there is nothing to merge: the
+    block's output (N, held to the end), its float32 copy (2N) and the result cast back (N), with
+    the block's log-sum-exp."""
     processes = cell.world_size
     if processes == 1:
-        pairs = 0
-    elif dict(cell.options)["rotate"] == "allgather":
-        pairs = processes
-    else:
-        pairs = 1 if processes == 2 else 3
+        return 4 * shard_bytes(cell) + row_floats(cell)
+    pairs = processes if dict(cell.options)["rotate"] == "allgather" else 1 if processes == 2 else 3
     return (pairs * 2 + 9) * shard_bytes(cell) + 3 * row_floats(cell)
 
 
