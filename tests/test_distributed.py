@@ -185,25 +185,22 @@ def test_eight_processes_forward_and_backward_match_the_reference(write_config):
         assert len(record["ranks"]) == 8
 
 
-def test_ulysses_plain_pipelined_and_by_head_at_two_and_four_processes_match_the_reference_and_send_what_they_must(
+def test_ulysses_plain_and_pipelined_at_two_and_four_processes_match_the_reference_and_send_what_they_must(
     write_config,
 ):
     _, stored = run_sweep(
         write_config,
         (
             "implementations:\n  - ulysses\n  - {name: ulysses, options: {chunks: 2}}\n"
-            "  - {name: ulysses, options: {chunks: 4}}\n  - {name: ulysses, options: {heads_per_call: 1}}\n"
-            "  - {name: ulysses, options: {chunks: 2, heads_per_call: 2}}\n"
+            "  - {name: ulysses, options: {chunks: 4}}\n"
             "seq_lens: [64]\nworld_sizes: [1, 2, 3, 4]\nbatch_sizes: [2]\nheads: [8]\nhead_dims: [8]\n"
             "dtypes: [float32]\ncausal: [false, true]\npasses: [forward, forward+backward]\n"
         ),
     )
-    # One process is sdpa, three do not divide 8 heads (or 64 tokens), 4 chunks of heads over four
-    # processes would need 16 heads, and there a chunk's one head cannot go 2 to a call: those cells
-    # are left out.
-    placed = [(2, 1, 0), (2, 2, 0), (2, 4, 0), (4, 1, 0), (4, 2, 0), (2, 1, 1), (4, 1, 1), (2, 2, 2)]
-    assert sorted((r["world_size"], r["options"]["chunks"], r["options"]["heads_per_call"]) for r in stored) == sorted(
-        placement for placement in placed for _ in range(4)
+    # One process is sdpa, three do not divide 8 heads (or 64 tokens), and 4 chunks of heads over
+    # four processes would need 16 heads: those cells are left out.
+    assert sorted((r["world_size"], r["options"]["chunks"]) for r in stored) == sorted(
+        (world, chunks) for world, chunks in [(2, 1), (2, 2), (2, 4), (4, 1), (4, 2)] for _ in range(4)
     )
     for record in stored:
         assert_matches_the_reference_on_every_rank(record)

@@ -57,12 +57,6 @@ def _excludes(cell: Cell) -> str | None:
         )
     if cell.seq_len % cell.world_size:
         return f"seq_len {cell.seq_len} is not divisible by the world size {cell.world_size}"
-    per_call = dict(cell.options)["heads_per_call"]
-    if per_call and (cell.heads // (cell.world_size * chunks)) % per_call:
-        return (
-            f"ulysses needs heads_per_call to divide a chunk's heads on a rank "
-            f"({cell.heads // (cell.world_size * chunks)}, not divisible by {per_call})"
-        )
     backend = dict(cell.options)["backend"]
     if cell.pass_name != "forward" and backend not in blocks.BACKWARD_KERNELS:
         return f"ulysses' backward runs on {', '.join(blocks.BACKWARD_KERNELS[1:])} kernels, not {backend}"
@@ -101,8 +95,6 @@ def memory_model(cell: Cell, facts: Mapping[str, Any], chunks: int) -> int | Non
 def _check_options(options: Mapping[str, Any]) -> str | None:
     if options["chunks"] < 1:
         return f"chunks must be at least 1 (got {options['chunks']})"
-    if options["heads_per_call"] < 0:
-        return f"heads_per_call must be 0 (every head of a chunk) or more (got {options['heads_per_call']})"
     return None
 
 
@@ -196,7 +188,6 @@ class UlyssesAttention:
     attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     clock: WaitClock
     group: dist.ProcessGroup | None = None
-    heads_per_call: int = 0  # heads a kernel call attends in the forward; 0: a chunk's heads in one call
 
     @functools.cached_property
     def _inward(self) -> HeadShards:
@@ -221,40 +212,15 @@ class UlyssesAttention:
             if chunk + 1 < self.chunks:  # on its way while this chunk is attended
                 inbound = send(chunk + 1)
             q, k, v = arriving.arrived()[0].unbind()
-            out, lse = self._attend(q, k, v, keep_lse)
-            if lse is not None:
+            if keep_lse:
+                out, lse = blocks.attend(self.kernel, q, k, v, self.causal)
                 lses.append(lse)
+            else:
+                out = self.attend(q, k, v)
             outbound.append(post_swap([out], self._outward, self.clock))  # back during the next chunk's attention
         outputs = [in_flight.arrived()[0].flatten(1, 2) for in_flight in outbound]
         out = outputs[0] if self.chunks == 1 else torch.cat(outputs, dim=1)
         return out, torch.cat(lses, dim=1) if keep_lse else None
-
-    def _attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep_lse: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A chunk's attention over its head shards, ``heads_per_call`` heads to a kernel call, each
-        call's output (and log-sum-exp, where kept) copied into the chunk's."""
-        heads = q.shape[1]
-        per_call = self.heads_per_call or heads
-        if per_call == heads:
-            return self._call(q, k, v, keep_lse)
-        out = q.new_empty(q.shape)
-        lse = q.new_empty(q.shape[:3], dtype=torch.float32) if keep_lse else None
-        for first in range(0, heads, per_call):
-            part = slice(first, first + per_call)
-            part_out, part_lse = self._call(q[:, part], k[:, part], v[:, part], keep_lse)
-            out[:, part] = part_out
-            if lse is not None and part_lse is not None:
-                lse[:, part] = part_lse
-        return out, lse
-
-    def _call(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep_lse: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One kernel call: the block kernel where the log-sum-exp is kept, else ``attend``."""
-        if keep_lse:
-            return blocks.attend(self.kernel, q, k, v, self.causal)
-        return self.attend(q, k, v), None
 
     def backward(self, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, ...]:
         grads = tuple(torch.empty_like(t) for t in (self.q, self.k, self.v))
@@ -308,11 +274,6 @@ class UlyssesAttention:
             help="chunks of heads, pipelined: the next chunk's all-to-all and the last one's output's overlap "
             "this chunk's attention; 1 is the plain form",
         ),
-        "heads_per_call": Option(
-            0,
-            help="heads each forward kernel call attends, dividing a chunk's heads on a rank; "
-            "0: all of them in one call",
-        ),
     },
     passes=PASSES,
     excludes=_excludes,
@@ -338,7 +299,5 @@ def setup(problem: Problem) -> Bench:
         with kernel_choice(backend):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-    attention = UlyssesAttention(
-        q, k, v, causal, chunks, kernel, sdpa, problem.comm, heads_per_call=problem.options["heads_per_call"]
-    )
+    attention = UlyssesAttention(q, k, v, causal, chunks, kernel, sdpa, problem.comm)
     return Bench(run=lambda: blocks.Differentiable.apply(q, k, v, attention), rows=rows, inputs=(q, k, v))
