@@ -12,7 +12,7 @@ rank = int(os.environ["RANK"]); P = int(os.environ["WORLD_SIZE"])
 dev = torch.device("cuda", int(os.environ["LOCAL_RANK"])); torch.cuda.set_device(dev)
 dist.init_process_group("nccl", device_id=dev)
 reg = Registry.bundled()
-tag = f"P={P} MAX_CTAS={os.environ.get('NCCL_MAX_CTAS', '-')}"
+tag = f"P={P} MAX_CTAS={os.environ.get('NCCL_MAX_CTAS', '-')} CHUNK={os.environ.get('NCCL_P2P_NVL_CHUNKSIZE', '-')}"
 say = lambda *a: print(f"[{tag} r{rank}]", *a, flush=True) if rank == 0 else None
 S, H, D = 131072, 16, 128
 
