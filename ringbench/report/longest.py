@@ -90,18 +90,10 @@ def _bases(result: Found, results: list[Found]) -> list[Found]:
     """What ``result`` is set against: the same implementation's search in one process, and the
     single-device peer's (where that is another implementation), at the same shape; those that found
     a length that ran."""
-    bases = []
-    for same in (True, False):
-        for other in results:
-            if (
-                other.processes == 1
-                and other.shape == result.shape
-                and other.longest
-                and (other.label == result.label if same else other.peer and other.label != result.label)
-            ):
-                bases.append(other)
-                break
-    return bases
+    ones = [other for other in results if other.processes == 1 and other.shape == result.shape and other.longest]
+    own = next((other for other in ones if other.label == result.label), None)
+    peer = next((other for other in ones if other.peer and other.label != result.label), None)
+    return [base for base in (own, peer) if base is not None]
 
 
 def _ratio(result: Found, results: list[Found]) -> str:
