@@ -59,6 +59,12 @@ ERRORS = [
         "implementations[1].options.backend: expected str, got 3",
     ),
     (
+        "options that contradict each other",
+        replace("  - name: sdpa", "  - {name: ulysses, options: {chunks: 2}}\n  - name: sdpa"),
+        "implementations[1].options: chunks > 1 pipelines heads, own_rows_first overlaps within one chunk: "
+        "set own_rows_first: false",
+    ),
+    (
         "unknown implementation",
         replace("  - name: sdpa", "  - name: rign"),
         "implementations[1].name: unknown implementation 'rign' (known: {known})",

@@ -185,22 +185,26 @@ def test_eight_processes_forward_and_backward_match_the_reference(write_config):
         assert len(record["ranks"]) == 8
 
 
-def test_ulysses_plain_and_pipelined_at_two_and_four_processes_match_the_reference_and_send_what_they_must(
+def test_ulysses_own_rows_first_plain_and_pipelined_at_two_and_four_processes_match_the_reference_and_send_what_they_must(
     write_config,
 ):
     _, stored = run_sweep(
         write_config,
         (
-            "implementations:\n  - ulysses\n  - {name: ulysses, options: {chunks: 2}}\n"
-            "  - {name: ulysses, options: {chunks: 4}}\n"
+            "implementations:\n  - ulysses\n  - {name: ulysses, options: {own_rows_first: false}}\n"
+            "  - {name: ulysses, options: {chunks: 2, own_rows_first: false}}\n"
+            "  - {name: ulysses, options: {chunks: 4, own_rows_first: false}}\n"
             "seq_lens: [64]\nworld_sizes: [1, 2, 3, 4]\nbatch_sizes: [2]\nheads: [8]\nhead_dims: [8]\n"
             "dtypes: [float32]\ncausal: [false, true]\npasses: [forward, forward+backward]\n"
         ),
     )
     # One process is sdpa, three do not divide 8 heads (or 64 tokens), and 4 chunks of heads over
     # four processes would need 16 heads: those cells are left out.
-    assert sorted((r["world_size"], r["options"]["chunks"]) for r in stored) == sorted(
-        (world, chunks) for world, chunks in [(2, 1), (2, 2), (2, 4), (4, 1), (4, 2)] for _ in range(4)
+    assert sorted((r["world_size"], r["options"]["chunks"], r["options"]["own_rows_first"]) for r in stored) == sorted(
+        (world, chunks, chunks == 1 and first)
+        for world, chunks in [(2, 1), (2, 2), (2, 4), (4, 1), (4, 2)]
+        for first in ((True, False) if chunks == 1 else (False,))
+        for _ in range(4)
     )
     for record in stored:
         assert_matches_the_reference_on_every_rank(record)
@@ -219,7 +223,8 @@ def test_backward_in_parts_of_one_head_matches_the_reference(write_config, tmp_p
     _, stored = run_sweep(
         write_config,
         (
-            "plugins: [one_head_parts]\nimplementations:\n  - ulysses\n  - {name: ulysses, options: {chunks: 2}}\n"
+            "plugins: [one_head_parts]\nimplementations:\n  - ulysses\n"
+            "  - {name: ulysses, options: {chunks: 2, own_rows_first: false}}\n"
             "  - {name: ring, options: {zigzag: true}}\n  - {name: usp, options: {ulysses_degree: 2}}\n"
             "  - {name: usp, options: {ulysses_degree: 4}}\n"
             "seq_lens: [64]\nworld_sizes: [2, 4]\nbatch_sizes: [2]\nheads: [8]\nhead_dims: [8]\n"

@@ -64,37 +64,77 @@ def _excludes(cell: Cell) -> str | None:
 
 
 def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int | None:
-    return memory_model(cell, facts, dict(cell.options)["chunks"])
+    options = dict(cell.options)
+    return memory_model(cell, facts, options["chunks"], options["own_rows_first"])
 
 
-def memory_model(cell: Cell, facts: Mapping[str, Any], chunks: int) -> int | None:
+def memory_model(cell: Cell, facts: Mapping[str, Any], chunks: int, own_rows_first: bool) -> int | None:
     """Bytes a call of :class:`UlyssesAttention` allocates at its peak (see ``ringbench.attention.models``),
     per rank, in units of one sequence shard N (B·H·S·D/P elements), with c ``chunks``.
 
-    Forward: a chunk's q, k and v head shards (3N/c) and its attention output (N/c, with its
+    Forward, plain: a chunk's q, k and v head shards (3N/c) and its attention output (N/c, with its
     float32 log-sum-exp) are live when the output arrives (N); with more than one chunk the
     chunks' outputs are then joined (N more). Earlier chunks' head shards are gone by then, and
-    while a chunk is attended with the next on its way no more is live.
+    while a chunk is attended with the next on its way no more is live. With ``own_rows_first``
+    :func:`own_rows_first_peak`.
 
     Forward+backward, with a fused kernel: the output (N) and its float32 log-sum-exp, which the
     forward keeps, and the gradients (3N); then, for one part of the backward (a share p of N),
     its q, k, v, output and output gradient in head shards (5p), its dq, dk and dv (3p), and the
-    kernel's float32 dQ accumulator (2p) and float32 row term.
+    kernel's float32 dQ accumulator (2p) and float32 row term; or the forward's peak, if higher.
     """
     shard = shard_bytes(cell)
+    if own_rows_first:
+        forward = own_rows_first_peak(
+            cell.world_size, shard, row_floats(cell), cell.causal, cell.pass_name != "forward"
+        )
+    else:
+        forward = 4 * shard // chunks + row_floats(cell) // chunks + shard + (shard if chunks > 1 else 0)
     if cell.pass_name == "forward":
-        return 4 * shard // chunks + row_floats(cell) // chunks + shard + (shard if chunks > 1 else 0)
+        return forward
     if cell.pass_name == "forward+backward" and fused_backward(facts):
         heads_here = cell.heads // cell.world_size
         part_heads = blocks.backward_part_heads(cell.batch_size, cell.seq_len, heads_here // chunks)
         part = shard * part_heads // heads_here
-        return 4 * shard + 10 * part + row_floats(cell) + row_floats(cell) * part_heads // heads_here
+        backward = 4 * shard + 10 * part + row_floats(cell) + row_floats(cell) * part_heads // heads_here
+        return max(forward, backward) if own_rows_first else backward
     return None
+
+
+def own_rows_first_peak(processes: int, shard: int, rows: int, causal: bool, keep_lse: bool) -> int:
+    """The peak of :meth:`UlyssesAttention._own_rows_first` over the ranks, in bytes, for a shard of
+    ``shard`` bytes (N) and ``rows`` bytes of float32 per row (one log-sum-exp). Per block of rows
+    (n, λ: a P-th of each), in the order attended: the head shards (3N) and the diagonal (n + λ)
+    first; a block of one call adds its output and log-sum-exp (n + λ), and leaves its output (n,
+    and λ for the backward); a block of several holds its float32 accumulator (2n) and its first
+    call's log-sum-exp beside the output of the call being merged (n + λ), and leaves its output
+    as one of one call does. Then the head shards and a merged diagonal go, and the output's
+    all-to-all receives N (and the log-sum-exps kept are joined, λ·P more)."""
+    n, lse = shard // processes, rows // processes
+    kept = lse if keep_lse else 0
+    peak = 0
+    for index in range(processes):
+        live = 3 * shard + n + lse
+        peak = max(peak, live)
+        for block in range(processes):
+            calls = 1 + (block > 0) if causal else 1 if block != index else 1 + (block > 0) + (block < processes - 1)
+            if calls == 1 and block != index:
+                peak, live = max(peak, live + n + lse), live + n + kept
+            elif calls > 1 and block == index:  # the diagonal is the first call's result, held
+                peak, live = max(peak, live + 3 * n + lse), live + n
+            elif calls > 1:
+                peak, live = max(peak, live + 3 * n + 2 * lse), live + n + kept
+        merged = (index > 0) if causal else processes > 1
+        live -= 3 * shard + (n if merged else 0) + (lse - kept)
+        peak = max(peak, live + shard + (rows if keep_lse else 0))
+    return peak
 
 
 def _check_options(options: Mapping[str, Any]) -> str | None:
     if options["chunks"] < 1:
         return f"chunks must be at least 1 (got {options['chunks']})"
+    if options["chunks"] > 1 and options["own_rows_first"]:
+        return "chunks > 1 pipelines heads, own_rows_first overlaps within one chunk: set own_rows_first: false"
     return None
 
 
@@ -130,17 +170,24 @@ class HeadShards:
 
     def pieces(self, sources: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> Iterable[Piece]:
         if self.to_heads:
-            return ((shard, head, peer) for shard, head, peer in self._blocks(sources, targets[0].unbind()))
-        return ((head, shard, peer) for shard, head, peer in self._blocks(targets, sources))
+            return self._blocks(sources, [self.row_blocks(head) for head in targets[0].unbind()])
+        return self.returning(targets, [self.row_blocks(head) for head in sources])
 
-    def _blocks(self, shards: Sequence[torch.Tensor], heads: Sequence[torch.Tensor]) -> Iterator[Piece]:
+    def row_blocks(self, head: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A head shard's P blocks of rows, block j being rank j's sequence shard (views)."""
+        return head.split(head.shape[2] // len(self.ranks), dim=2)
+
+    def returning(self, shards: Sequence[torch.Tensor], heads: Sequence[Sequence[torch.Tensor]]) -> Iterator[Piece]:
+        """The way back for head shards given as their P row blocks each (``heads``), into ``shards``."""
+        return ((head, shard, peer) for shard, head, peer in self._blocks(shards, heads))
+
+    def _blocks(self, shards: Sequence[torch.Tensor], heads: Sequence[Sequence[torch.Tensor]]) -> Iterator[Piece]:
         """(rows of a sequence shard, rows of a head shard, peer): for the peer, this rank's rows of the
         peer's heads and the peer's rows of this rank's heads, one (batch, head) row block at a time."""
-        for shard, head in zip(shards, heads, strict=True):
-            batch, heads_here, seq_len, _ = head.shape
-            rows = seq_len // len(self.ranks)
+        for shard, row_blocks in zip(shards, heads, strict=True):
+            batch, heads_here = row_blocks[0].shape[:2]
             for j, peer in enumerate(self.ranks):
-                mine, theirs = shard[:, j], head[:, :, j * rows : (j + 1) * rows]
+                mine, theirs = shard[:, j], row_blocks[j]
                 if j == self.index:  # stays here: one copy, not a piece per row block
                     yield mine, theirs, peer
                     continue
@@ -171,9 +218,11 @@ def to_sequence(heads: torch.Tensor, clock: WaitClock, group: dist.ProcessGroup 
 class UlyssesAttention:
     """Attention over sequence shards ``q``, ``k``, ``v`` by way of head shards, for
     :class:`blocks.Differentiable`: ``forward`` sends q, k and v to head shards, attends each rank's
-    heads over the whole sequence, and sends the output back, in ``chunks`` of heads, pipelined;
-    ``backward`` goes in parts of :func:`blocks.backward_part_heads` heads and keeps nothing of the forward's
-    head shards: it fetches what it needs again, four more shards sent per call.
+    heads over the whole sequence, and sends the output back: with ``own_rows_first``, attending the
+    rank's own rows of its heads while the rest arrive (:meth:`_own_rows_first`), else in ``chunks``
+    of heads, pipelined; ``backward`` goes in parts of :func:`blocks.backward_part_heads` heads and
+    keeps nothing of the forward's head shards: it fetches what it needs again, four more shards sent
+    per call.
 
     ``attend`` is the attention of a forward pass that keeps no log-sum-exp; one that keeps it, and
     the backward, run the block ``kernel``.
@@ -184,6 +233,7 @@ class UlyssesAttention:
     v: torch.Tensor
     causal: bool
     chunks: int
+    own_rows_first: bool
     kernel: str
     attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     clock: WaitClock
@@ -203,6 +253,9 @@ class UlyssesAttention:
         return by_rank(tensor[:, chunk * per_chunk : (chunk + 1) * per_chunk], len(self._inward.ranks))
 
     def forward(self, keep_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.own_rows_first:
+            return self._own_rows_first(keep_lse)
+
         def send(chunk: int) -> InFlight:
             return post_swap([self._heads(t, chunk) for t in (self.q, self.k, self.v)], self._inward, self.clock)
 
@@ -221,6 +274,66 @@ class UlyssesAttention:
         outputs = [in_flight.arrived()[0].flatten(1, 2) for in_flight in outbound]
         out = outputs[0] if self.chunks == 1 else torch.cat(outputs, dim=1)
         return out, torch.cat(lses, dim=1) if keep_lse else None
+
+    def _own_rows_first(self, keep_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The forward in one chunk, its inbound all-to-all hidden behind the one block that needs none.
+
+        Of the head shard's P blocks of rows (block j: rank j's sequence shard), this rank holds its
+        own block's q, k and v from the start: that block attended to itself (the diagonal, causal
+        when the attention is) runs while the all-to-all brings the rest. Then each block of rows
+        attends the keys it has left, in as few calls as are contiguous (non-causal: every key, or
+        for the own block the keys before and after it; causal: the keys before the block, and its
+        own diagonal), merged in float32 by log-sum-exp where a block took more than one call.
+        Besides hiding the transfer, cutting a long causal attention into its diagonal blocks and
+        the full blocks below them spares the kernel the imbalance of one long causal call.
+        """
+        sources = [self._heads(t, 0) for t in (self.q, self.k, self.v)]
+        inbound = post_swap(sources, self._inward, self.clock)
+        index = self._inward.index
+        own_q, own_k, own_v = (source[:, index] for source in sources)  # here already: no wait
+        diagonal = blocks.attend(self.kernel, own_q, own_k, own_v, self.causal)
+        heads = inbound.arrived()[0]
+        blocks_of_rows = len(self._inward.ranks)
+        rows = [self._attend_rows(heads, j, diagonal if j == index else None, keep_lse) for j in range(blocks_of_rows)]
+        del inbound, heads, diagonal  # the head shards, freed before the output's all-to-all allocates
+        outputs = [out for out, _ in rows]
+        batch, heads_here, size, dim = outputs[0].shape
+        home = outputs[0].new_empty(batch, blocks_of_rows, heads_here, size, dim)
+        self.clock.wait(self.clock.swap(self._outward.returning([home], [outputs])))
+        lses = [lse for _, lse in rows if lse is not None]
+        return home.flatten(1, 2), torch.cat(lses, dim=2) if keep_lse else None
+
+    def _attend_rows(
+        self,
+        heads: torch.Tensor,
+        block: int,
+        diagonal: tuple[torch.Tensor, torch.Tensor] | None,
+        keep_lse: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Block ``block`` of the head shard's rows (``heads``: q, k and v stacked) over every key it
+        attends: its output and, with ``keep_lse``, its log-sum-exp. ``diagonal``: the block already
+        attended to its own keys."""
+        q, k, v = heads.unbind()
+        seq_len = q.shape[2]
+        size = seq_len // len(self._inward.ranks)
+        start, stop = block * size, (block + 1) * size
+        own, before, after = slice(start, stop), slice(0, start), slice(stop, seq_len)
+        if self.causal:
+            spans = [(own, True), (before, False)]
+        elif diagonal is None:
+            spans = [(slice(0, seq_len), False)]
+        else:
+            spans = [(own, False), (before, False), (after, False)]
+        spans = [(keys, causal) for keys, causal in spans if keys.stop > keys.start]
+        queries = q[:, :, own]
+        first = diagonal or blocks.attend(self.kernel, queries, k[:, :, spans[0][0]], v[:, :, spans[0][0]], spans[0][1])
+        if len(spans) == 1:
+            return first if keep_lse else (first[0], None)
+        acc, acc_lse = first[0].float(), first[1]
+        del first
+        for keys, causal in spans[1:]:
+            blocks.merge_(acc, acc_lse, *blocks.attend(self.kernel, queries, k[:, :, keys], v[:, :, keys], causal))
+        return acc.to(q.dtype), acc_lse if keep_lse else None
 
     def backward(self, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, ...]:
         grads = tuple(torch.empty_like(t) for t in (self.q, self.k, self.v))
@@ -274,6 +387,11 @@ class UlyssesAttention:
             help="chunks of heads, pipelined: the next chunk's all-to-all and the last one's output's overlap "
             "this chunk's attention; 1 is the plain form",
         ),
+        "own_rows_first": Option(
+            True,
+            help="attend this rank's own rows of its heads while the all-to-all brings the others, then the "
+            "rest, causal attention cut into diagonal and full blocks (chunks: 1 only); false is the plain form",
+        ),
     },
     passes=PASSES,
     excludes=_excludes,
@@ -289,8 +407,9 @@ def setup(problem: Problem) -> Bench:
     q, k, v = problem.shard(rows)
     # What each rank attends at a time: H/(cP) heads, the whole sequence.
     probe = problem.probe(problem.seq_len, q.shape[1] // chunks // problem.world_size)
-    if problem.inputs.requires_grad:  # the block kernels give the log-sum-exp the backward needs
-        kernel = blocks.choose(backend, probe, backward=True)
+    if problem.inputs.requires_grad or problem.options["own_rows_first"]:
+        # the block kernels give the log-sum-exp that the backward and the merges of own_rows_first need
+        kernel = blocks.choose(backend, probe, backward=problem.inputs.requires_grad)
     else:
         kernel = resolved_backend(backend, probe, probe, probe, causal)
     problem.facts["kernel"] = kernel
@@ -299,5 +418,5 @@ def setup(problem: Problem) -> Bench:
         with kernel_choice(backend):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-    attention = UlyssesAttention(q, k, v, causal, chunks, kernel, sdpa, problem.comm)
+    attention = UlyssesAttention(q, k, v, causal, chunks, problem.options["own_rows_first"], kernel, sdpa, problem.comm)
     return Bench(run=lambda: blocks.Differentiable.apply(q, k, v, attention), rows=rows, inputs=(q, k, v))
