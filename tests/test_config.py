@@ -62,7 +62,7 @@ ERRORS = [
         "options that contradict each other",
         replace("  - name: sdpa", "  - {name: ulysses, options: {chunks: 2}}\n  - name: sdpa"),
         "implementations[1].options: chunks > 1 pipelines heads, own_rows_first overlaps within one chunk: "
-        "set own_rows_first: false",
+        "set own_rows_first: never",
     ),
     (
         "unknown implementation",

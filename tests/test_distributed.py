@@ -191,9 +191,10 @@ def test_ulysses_own_rows_first_plain_and_pipelined_at_two_and_four_processes_ma
     _, stored = run_sweep(
         write_config,
         (
-            "implementations:\n  - ulysses\n  - {name: ulysses, options: {own_rows_first: false}}\n"
-            "  - {name: ulysses, options: {chunks: 2, own_rows_first: false}}\n"
-            "  - {name: ulysses, options: {chunks: 4, own_rows_first: false}}\n"
+            "implementations:\n  - {name: ulysses, options: {own_rows_first: always}}\n"
+            "  - {name: ulysses, options: {own_rows_first: never}}\n"
+            "  - {name: ulysses, options: {chunks: 2, own_rows_first: never}}\n"
+            "  - {name: ulysses, options: {chunks: 4, own_rows_first: never}}\n"
             "seq_lens: [64]\nworld_sizes: [1, 2, 3, 4]\nbatch_sizes: [2]\nheads: [8]\nhead_dims: [8]\n"
             "dtypes: [float32]\ncausal: [false, true]\npasses: [forward, forward+backward]\n"
         ),
@@ -201,9 +202,9 @@ def test_ulysses_own_rows_first_plain_and_pipelined_at_two_and_four_processes_ma
     # One process is sdpa, three do not divide 8 heads (or 64 tokens), and 4 chunks of heads over
     # four processes would need 16 heads: those cells are left out.
     assert sorted((r["world_size"], r["options"]["chunks"], r["options"]["own_rows_first"]) for r in stored) == sorted(
-        (world, chunks, chunks == 1 and first)
+        (world, chunks, first)
         for world, chunks in [(2, 1), (2, 2), (2, 4), (4, 1), (4, 2)]
-        for first in ((True, False) if chunks == 1 else (False,))
+        for first in (("always", "never") if chunks == 1 else ("never",))
         for _ in range(4)
     )
     for record in stored:
@@ -224,7 +225,7 @@ def test_backward_in_parts_of_one_head_matches_the_reference(write_config, tmp_p
         write_config,
         (
             "plugins: [one_head_parts]\nimplementations:\n  - ulysses\n"
-            "  - {name: ulysses, options: {chunks: 2, own_rows_first: false}}\n"
+            "  - {name: ulysses, options: {chunks: 2, own_rows_first: never}}\n"
             "  - {name: ring, options: {zigzag: true}}\n  - {name: usp, options: {ulysses_degree: 2}}\n"
             "  - {name: usp, options: {ulysses_degree: 4}}\n"
             "seq_lens: [64]\nworld_sizes: [2, 4]\nbatch_sizes: [2]\nheads: [8]\nhead_dims: [8]\n"

@@ -82,7 +82,7 @@ def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int | None:
     output the call differentiates and its gradient in head shards (2N)."""
     degree = dict(cell.options)["ulysses_degree"]
     if degree == cell.world_size:
-        return ulysses.memory_model(cell, facts, chunks=1, own_rows_first=True)
+        return ulysses.memory_model(cell, facts, chunks=1, own_rows_first=cell.causal)
     ring_bytes = ring.memory_model(cell, facts, degree)
     if ring_bytes is None or degree == 1:
         return ring_bytes
@@ -149,7 +149,7 @@ def setup(problem: Problem) -> Bench:
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return blocks.attend(kernel, q, k, v, problem.causal)[0]
 
-        attention = ulysses.UlyssesAttention(q, k, v, problem.causal, 1, True, kernel, attend, comm, group)
+        attention = ulysses.UlyssesAttention(q, k, v, problem.causal, 1, problem.causal, kernel, attend, comm, group)
         return Bench(run=lambda: blocks.Differentiable.apply(q, k, v, attention), rows=rows, inputs=(q, k, v))
 
     batch, heads, shard_rows, dim = q.shape
