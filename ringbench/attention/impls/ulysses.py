@@ -65,10 +65,10 @@ def _excludes(cell: Cell) -> str | None:
 
 def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int | None:
     options = dict(cell.options)
-    return memory_model(cell, facts, options["chunks"], own_rows_first(options["own_rows_first"], cell.causal))
+    return memory_model(cell, facts, options["chunks"], attends_own_rows_first(options["own_rows_first"], cell.causal))
 
 
-def own_rows_first(mode: str, causal: bool) -> bool:
+def attends_own_rows_first(mode: str, causal: bool) -> bool:
     """Whether a call attends its own rows first, by the ``own_rows_first`` option."""
     return mode == "always" or (mode == "causal" and causal)
 
@@ -417,7 +417,7 @@ def setup(problem: Problem) -> Bench:
     q, k, v = problem.shard(rows)
     # What each rank attends at a time: H/(cP) heads, the whole sequence.
     probe = problem.probe(problem.seq_len, q.shape[1] // chunks // problem.world_size)
-    first = own_rows_first(problem.options["own_rows_first"], causal)
+    first = attends_own_rows_first(problem.options["own_rows_first"], causal)
     if problem.inputs.requires_grad or first:
         # the block kernels give the log-sum-exp that the backward and the merges of own_rows_first need
         kernel = blocks.choose(backend, probe, backward=problem.inputs.requires_grad)

@@ -12,7 +12,8 @@ the rank's rows for every head. Both all-to-alls and the ring are differentiable
 and all of them go through the worker's clock.
 
 Degree 1 is ``ring`` across processes; degree P, a ring of one, is ``ulysses``
-itself (:class:`ulysses.UlyssesAttention`) with the ring's block kernel for SDPA.
+itself (:class:`ulysses.UlyssesAttention`, its own rows first in causal attention as by
+``ulysses``' default) with the ring's block kernel for SDPA.
 """
 
 from __future__ import annotations
