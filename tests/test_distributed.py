@@ -109,7 +109,14 @@ def test_a_dying_or_hanging_rank_costs_only_its_cell(write_config):
     # Rank 0 waits in a collective for rank 1, which never comes: the cell timeout ends both.
     assert by_name["test-rank-hang"]["status"] == "timeout"
     assert by_name["ring"]["status"] == "ok"
-    assert (run_dir / "worker-2.log").exists()
+    # One log, each of the three launches under a line of its own; a cell's blame quotes its own launch only.
+    log = (run_dir / "worker-2.log").read_text()
+    assert [line.split(": ", 1)[1] for line in log.splitlines() if line.startswith("=== ")] == [
+        f"a worker of 2 process(es) starts, {pending} job(s) pending, from {name} at seq_len 32 ==="
+        for pending, name in [(3, "test-rank-exit"), (2, "test-rank-hang"), (1, "ring")]
+    ]
+    assert "exitcode" in by_name["test-rank-exit"]["error"]["message"]  # the launcher's report of the dead rank
+    assert "exitcode" not in by_name["test-rank-hang"]["error"]["message"]
 
 
 def test_a_cell_that_fails_across_processes_leaves_the_next_cell_a_fresh_group(write_config):

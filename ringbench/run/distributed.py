@@ -7,7 +7,8 @@ a multi-process one run the same phase code. Across processes it is
 opens sockets itself, the ranks of a world size are started by PyTorch's launcher
 (``torch.distributed.run``, i.e. torchrun), which sets RANK, WORLD_SIZE,
 LOCAL_RANK and the rendezvous address. NCCL serves CUDA devices, gloo the CPU.
-Every wait is bounded by the group's timeout.
+Every wait is bounded by the group's timeout, which follows the sweep's
+``cell_timeout_s`` (:func:`group_timeout`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-TIMEOUT = timedelta(minutes=5)
+# How much longer than a cell may run a wait in the group may last: the supervisor stops a cell
+# that runs past cell_timeout_s and records it as `timeout` with its worker's output; the group's
+# own timeout (NCCL's watchdog) only backs that up, and never ends a cell the config allows.
+GROUP_TIMEOUT_GRACE_S = 60.0
+
+
+def group_timeout(cell_timeout_s: float) -> timedelta:
+    """The process group's timeout for a sweep whose cells may run ``cell_timeout_s`` seconds."""
+    return timedelta(seconds=cell_timeout_s + GROUP_TIMEOUT_GRACE_S)
 
 
 @dataclass(frozen=True)
@@ -91,9 +100,9 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-def join(device: torch.device, timeout: timedelta = TIMEOUT) -> OneProcess:
-    """This process's group: the one the launcher prepared (one CUDA device per local rank), or,
-    outside a launcher, this process alone on ``device``."""
+def join(device: torch.device, timeout: timedelta) -> OneProcess:
+    """This process's group: the one the launcher prepared (one CUDA device per local rank), every
+    wait in it bounded by ``timeout``; or, outside a launcher, this process alone on ``device``."""
     if not launched():
         if device.type == "cuda":
             torch.cuda.set_device(device)

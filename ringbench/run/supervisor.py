@@ -184,10 +184,9 @@ def _run_world_size(world: _WorldSize, timeout_s: float, threads: int) -> None:
     log_path = world.run_dir / f"worker-{world.world_size}.log"
     while world.pending:
         pending_file = folder.write_pending(world.run_dir, world.world_size, world.pending)
+        launched_at = _mark_launch(log_path, world)
         end = world.watch(worker.command(world.world_size, world.run_dir, pending_file, threads), log_path, timeout_s)
-        verdict = (
-            blame(end, timeout_s, log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]) if world.pending else None
-        )
+        verdict = blame(end, timeout_s, _output_since(log_path, launched_at)) if world.pending else None
         if verdict:
             status, message = verdict
             with records.RecordWriter(world.run_dir) as writer:
@@ -196,6 +195,26 @@ def _run_world_size(world: _WorldSize, timeout_s: float, threads: int) -> None:
                 )
             world.take_new_records()  # the file is the one source of records, the supervisor's own included
     folder.clear_notes(world.run_dir, world.world_size)  # every cell has its record: nothing is pending
+
+
+def _mark_launch(log_path: Path, world: _WorldSize) -> int:
+    """Append a line that starts this launch's part of the worker log; return where its output begins.
+    One log keeps every launch of a world size, resumed runs' included, each under its own line."""
+    cell = world.current()
+    line = (
+        f"=== {env.snapshot_time()}: a worker of {world.world_size} process(es) starts, "
+        f"{len(world.pending)} job(s) pending, from {cell.label or cell.implementation} at seq_len {cell.seq_len} ===\n"
+    )
+    with log_path.open("ab") as log:
+        log.write(line.encode())
+        return log.tell()
+
+
+def _output_since(log_path: Path, offset: int) -> str:
+    """The end of what the worker log holds from ``offset`` on: one launch's output, not an earlier one's."""
+    with log_path.open("rb") as log:
+        log.seek(max(offset, log_path.stat().st_size - LOG_TAIL_CHARS * 4))  # UTF-8: at most 4 bytes a character
+        return log.read().decode(errors="replace")[-LOG_TAIL_CHARS:]
 
 
 def _resume(run_dir: Path, sweep: Sweep, plan: Plan, source: str, retry_failed: bool, threads: int) -> None:

@@ -105,7 +105,7 @@ def serve(
     die_with_parent()
     print(f"ringbench worker {os.getpid()} started", flush=True)  # one line per start in the worker's log
     threads = threads or sweep.threads or env.default_threads()
-    group = distributed.join(env.resolve_device(sweep.device, source))
+    group = distributed.join(env.resolve_device(sweep.device, source), distributed.group_timeout(sweep.cell_timeout_s))
     try:
         _prepare(group.device, sweep, threads, distributed.local_world_size())
         created = group.is_leader and run_dir is None
