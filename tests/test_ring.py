@@ -7,7 +7,7 @@ import torch
 
 from ringbench import Problem
 from ringbench.attention import blocks
-from ringbench.attention.impls.ring import chunk_blocks, positions, ring_block
+from ringbench.attention.impls.ring import positions, ring_block, step_runs
 from ringbench.attention.references import DENSE
 from ringbench.attention.registry import Registry
 from ringbench.run import correctness
@@ -88,15 +88,23 @@ def test_zigzag_positions():
 
 
 @pytest.mark.parametrize("ring_size, causal, zigzag", itertools.product([1, 2, 3, 5, 8], [False, True], [False, True]))
-def test_chunk_blocks_cover_every_needed_chunk_pair_once(ring_size, causal, zigzag):
-    chunks = ring_size * (2 if zigzag else 1)
-    visits = torch.zeros(chunks, chunks, dtype=torch.long)
+def test_step_runs_batch_each_steps_blocks_into_at_most_two_calls(ring_size, causal, zigzag):
+    shard_len = 4
     for step in range(ring_size):
-        for q_chunk, kv_chunk, diagonal in chunk_blocks(step, ring_size, causal, zigzag):
-            assert diagonal == (causal and q_chunk == kv_chunk)
-            visits[q_chunk, kv_chunk] += 1
-    needed = torch.ones(chunks, chunks, dtype=torch.long)
-    assert torch.equal(visits, needed.tril() if causal else needed)
+        runs = step_runs(step, ring_size, shard_len, causal, zigzag)
+        assert len(runs) <= 2
+        # Spread out rank by rank, the runs are exactly the blocks the ranks compute in this step.
+        spread = {
+            run.first + i: (run.kv_first + i, run.q_rows, run.kv_rows, run.causal)
+            for run in runs
+            for i in range(run.count)
+        }
+        expected = {}
+        for rank in range(ring_size):
+            spec = ring_block(rank, step, ring_size, shard_len, causal, zigzag)
+            if spec is not None:
+                expected[rank] = (spec.kv_rank, spec.q_rows, spec.kv_rows, spec.causal)
+        assert spread == expected
 
 
 def test_block_log_sum_exp_merges_exactly():

@@ -77,53 +77,46 @@ def positions(seq_len: int, ring_size: int, zigzag: bool, device: torch.device |
     return chunks.reshape(ring_size, -1)
 
 
-def _chunks_of(rank: int, ring_size: int, zigzag: bool) -> tuple[int, ...]:
-    """The chunks of the sequence (P of them, or 2P with zigzag) that rank ``rank`` holds, in shard order."""
-    return (rank, 2 * ring_size - 1 - rank) if zigzag else (rank,)
+@dataclass(frozen=True)
+class RankRun:
+    """Ranks ``first`` … ``first + count − 1`` in one ring step, whose K/V ranks follow on from
+    ``kv_first`` and whose blocks take the same rows: one batched kernel call."""
+
+    first: int
+    count: int
+    kv_first: int
+    q_rows: slice
+    kv_rows: slice
+    causal: bool
 
 
-def chunk_blocks(step: int, ring_size: int, causal: bool, zigzag: bool) -> list[tuple[int, int, bool]]:
-    """Ring step ``step`` of every rank as (query chunk, K/V chunk, causal) blocks.
-
-    Chunks index the sequence in natural order. A rank's block in a step covers one
-    or two of its chunks against one or two of the K/V rank's (``ring_block`` over a
-    shard of one row per chunk); split into chunk pairs, the pairs beyond the causal
-    diagonal drop out and the pairs on it are the causal ones.
-    """
-    blocks_of_step = []
+def step_runs(step: int, ring_size: int, shard_len: int, causal: bool, zigzag: bool) -> list[RankRun]:
+    """Ring step ``step`` of every rank (:func:`ring_block`) as runs of ranks: at most two, split
+    where the K/V rank wraps round the ring or the rows a block takes change."""
+    runs: list[RankRun] = []
     for rank in range(ring_size):
-        spec = ring_block(rank, step, ring_size, 2 if zigzag else 1, causal, zigzag)
+        spec = ring_block(rank, step, ring_size, shard_len, causal, zigzag)
         if spec is None:
             continue
-        for q_chunk in _chunks_of(rank, ring_size, zigzag)[spec.q_rows]:
-            for kv_chunk in _chunks_of(spec.kv_rank, ring_size, zigzag)[spec.kv_rows]:
-                if not spec.causal or kv_chunk < q_chunk:
-                    blocks_of_step.append((q_chunk, kv_chunk, False))
-                elif kv_chunk == q_chunk:
-                    blocks_of_step.append((q_chunk, kv_chunk, True))
-    return blocks_of_step
-
-
-def _runs(blocks_of_step: list[tuple[int, int, bool]]) -> list[tuple[int, int, int, bool]]:
-    """(first query chunk, first K/V chunk, count, causal): blocks whose query and K/V chunks
-    both advance by one, so that each run is one batched kernel call on views."""
-    runs: list[tuple[int, int, int, bool]] = []
-    for q_chunk, kv_chunk, causal in sorted(blocks_of_step, key=lambda b: (b[2], b[0] - b[1], b[0])):
         if runs:
-            q0, kv0, count, run_causal = runs[-1]
-            if run_causal == causal and (q0 + count, kv0 + count) == (q_chunk, kv_chunk):
-                runs[-1] = (q0, kv0, count + 1, causal)
+            last = runs[-1]
+            follows = (last.first + last.count, last.kv_first + last.count) == (rank, spec.kv_rank)
+            if follows and (last.q_rows, last.kv_rows, last.causal) == (spec.q_rows, spec.kv_rows, spec.causal):
+                runs[-1] = RankRun(last.first, last.count + 1, last.kv_first, last.q_rows, last.kv_rows, last.causal)
                 continue
-        runs.append((q_chunk, kv_chunk, 1, causal))
+        runs.append(RankRun(rank, 1, spec.kv_rank, spec.q_rows, spec.kv_rows, spec.causal))
     return runs
 
 
 class _AllRanks:
-    """Every rank of the ring on one device, each step's blocks batched into few calls.
+    """Every rank of the ring on one device, each step's blocks batched into at most two calls.
 
-    The inputs stay in their natural layout, cut into chunks (P, or 2P with zigzag);
-    a run of blocks goes to the kernel as strided views of shape (B·H, chunks, rows,
-    D), the chunks in the place of heads, so no copy of any shard is made.
+    The forward works on the inputs laid out rank by rank, (B·H, P, S/P, D) with the ranks in the
+    place of heads: a view of the inputs in their natural order, or, with zigzag, where a rank's two
+    chunks lie apart and the second ones run backwards, a copy in shard order that each call makes.
+    A run of ranks (:func:`step_runs`) then goes to the kernel as one strided view of its query
+    shards and one of its K/V shards, so a step of any ring size is one or two calls on blocks of a
+    rank's size, merged into a float32 accumulator laid out the same way.
     """
 
     def __init__(self, problem: Problem, kernel: str, zigzag: bool):
@@ -133,25 +126,55 @@ class _AllRanks:
         self.ring_size = problem.ring_size
         self.shard_len = problem.q.shape[2] // problem.ring_size
         self.chunk_count = self.ring_size * (2 if zigzag else 1)
+        # The sequence's chunks in shard order; None where that is their natural order (a ring of one).
+        self.order = (
+            torch.tensor(_zigzag_order(self.ring_size), device=problem.device)
+            if self.ring_size > 1 and zigzag
+            else None
+        )
 
-    def chunked(self, x: torch.Tensor) -> torch.Tensor:
+    def _chunked(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, S, …) → (B·H, chunks, S / chunks, …), a view."""
         b, h, s = x.shape[:3]
         return x.view(b * h, self.chunk_count, s // self.chunk_count, *x.shape[3:])
 
+    def _by_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, S, …) in natural order → (B·H, P, S/P, …) in shard order."""
+        chunks = self._chunked(x) if self.order is None else self._chunked(x).index_select(1, self.order)
+        return chunks.view(chunks.shape[0], self.ring_size, self.shard_len, *x.shape[3:])
+
+    def _natural(self, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """:meth:`_by_rank` undone: (B·H, P, S/P, …) in shard order → ``shape`` in natural order."""
+        chunks = x.reshape(x.shape[0], self.chunk_count, -1, *x.shape[3:])  # a kernel's log-sum-exp may be a slice
+        if self.order is not None:
+            chunks = chunks.index_select(1, torch.argsort(self.order))
+        return chunks.reshape(shape)
+
     def forward(self, keep_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        q, k, v = (self.chunked(t) for t in self.natural)
-        # Rows not yet seen carry lse = −inf, so a first block's merge takes its values as they are.
-        acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        acc_lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        q, k, v = (self._by_rank(t) for t in self.natural)
+        acc = acc_lse = None
         for step in range(self.ring_size):
-            for q0, kv0, count, causal in _runs(chunk_blocks(step, self.ring_size, self.causal, self.zigzag)):
-                queries, keys = slice(q0, q0 + count), slice(kv0, kv0 + count)
-                out, lse = blocks.attend(self.kernel, q[:, queries], k[:, keys], v[:, keys], causal)
-                blocks.merge_(acc[:, queries], acc_lse[:, queries], out, lse)
+            for run in step_runs(step, self.ring_size, self.shard_len, self.causal, self.zigzag):
+                ranks, kv_ranks = slice(run.first, run.first + run.count), slice(run.kv_first, run.kv_first + run.count)
+                out, lse = blocks.attend(
+                    self.kernel,
+                    q[:, ranks, run.q_rows],
+                    k[:, kv_ranks, run.kv_rows],
+                    v[:, kv_ranks, run.kv_rows],
+                    run.causal,
+                )
+                if acc is None:  # step 0: every rank's diagonal block, in one run
+                    acc, acc_lse = out.float(), lse
+                else:
+                    assert acc_lse is not None, "set with acc"
+                    blocks.merge_(acc[:, ranks, run.q_rows], acc_lse[:, ranks, run.q_rows], out, lse)
                 del out, lse  # free the block before the next one (or the output) is allocated
+        del q, k, v  # zigzag's copies, freed before the output is made
+        assert acc is not None and acc_lse is not None, "step 0's blocks, the diagonal, are never skipped"
         shape = self.natural[0].shape
-        return acc.view(shape).to(self.dtype), acc_lse.view(shape[:-1]) if keep_lse else None
+        out = acc.to(self.dtype)
+        del acc
+        return self._natural(out, shape), self._natural(acc_lse, shape[:-1]) if keep_lse else None
 
     def backward(self, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
         """Gradients in natural order, K/V chunk by K/V chunk.
@@ -428,7 +451,9 @@ def memory_model(cell: Cell, facts: Mapping[str, Any], ulysses_degree: int) -> i
     Forward: the float32 accumulator (4 bytes per output element) and its log-sum-exp live
     throughout; on top of them come either one step's block output in the input dtype with
     its log-sum-exp, or, at the end, the output itself. On one device the blocks are views of
-    the inputs; across processes the figure is per rank, for its shard's rows.
+    the inputs, or with zigzag in a ring of more than one, of q, k and v copied in shard order
+    (3 more elements per output element, freed before the output is made); across processes the
+    figure is per rank, for its shard's rows.
 
     Forward+backward, with a fused kernel, across processes: the output (the call differentiates
     it) and its float32 log-sum-exp; then, for one part of the backward (a share p of N; see
@@ -444,7 +469,8 @@ def memory_model(cell: Cell, facts: Mapping[str, Any], ulysses_degree: int) -> i
     element = DTYPE_BYTES[cell.dtype]
     if cell.pass_name == "forward":
         rows = cell.batch_size * cell.heads * cell.seq_len // cell.world_size
-        return rows * cell.head_dim * (4 + element) + 2 * row_floats(cell)
+        in_shard_order = cell.world_size == 1 and (cell.ring_size or 1) > 1 and dict(cell.options)["zigzag"]
+        return rows * cell.head_dim * (4 + element + (3 * element if in_shard_order else 0)) + 2 * row_floats(cell)
     if cell.pass_name != "forward+backward" or not fused_backward(facts):
         return None
     shard = shard_bytes(cell)
