@@ -126,12 +126,8 @@ class _AllRanks:
         self.ring_size = problem.ring_size
         self.shard_len = problem.q.shape[2] // problem.ring_size
         self.chunk_count = self.ring_size * (2 if zigzag else 1)
-        # The sequence's chunks in shard order; None where that is their natural order (a ring of one).
-        self.order = (
-            torch.tensor(_zigzag_order(self.ring_size), device=problem.device)
-            if self.ring_size > 1 and zigzag
-            else None
-        )
+        # Zigzag shards are not in the sequence's order, except in a ring of one.
+        self.reordered = zigzag and self.ring_size > 1
 
     def _chunked(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, S, …) → (B·H, chunks, S / chunks, …), a view."""
@@ -139,16 +135,28 @@ class _AllRanks:
         return x.view(b * h, self.chunk_count, s // self.chunk_count, *x.shape[3:])
 
     def _by_rank(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, S, …) in natural order → (B·H, P, S/P, …) in shard order."""
-        chunks = self._chunked(x) if self.order is None else self._chunked(x).index_select(1, self.order)
-        return chunks.view(chunks.shape[0], self.ring_size, self.shard_len, *x.shape[3:])
+        """(B, H, S, …) in natural order → (B·H, P, S/P, …) in shard order: a view, or with zigzag a copy."""
+        chunks = self._chunked(x)
+        if not self.reordered:
+            return chunks.view(chunks.shape[0], self.ring_size, self.shard_len, *x.shape[3:])
+        shards = x.new_empty(chunks.shape[0], self.ring_size, self.shard_len, *x.shape[3:])
+        # Copies of strided blocks run at the memory's speed, where index_select's gather does not.
+        half = self.shard_len // 2
+        shards[:, :, :half] = chunks[:, : self.ring_size]  # the first chunks: 0 … P−1, in order
+        for rank in range(self.ring_size):  # the second: 2P−1 … P, backwards
+            shards[:, rank, half:] = chunks[:, 2 * self.ring_size - 1 - rank]
+        return shards
 
-    def _natural(self, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """:meth:`_by_rank` undone: (B·H, P, S/P, …) in shard order → ``shape`` in natural order."""
-        chunks = x.reshape(x.shape[0], self.chunk_count, -1, *x.shape[3:])  # a kernel's log-sum-exp may be a slice
-        if self.order is not None:
-            chunks = chunks.index_select(1, torch.argsort(self.order))
-        return chunks.reshape(shape)
+    def _natural(self, x: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`_by_rank` undone: ``x`` in natural order as ``shape``, cast to ``dtype``."""
+        if not self.reordered:
+            return x.to(dtype).reshape(shape)  # a kernel's log-sum-exp may be a slice
+        natural = x.new_empty(shape, dtype=dtype)
+        chunks, half = self._chunked(natural), self.shard_len // 2
+        chunks[:, : self.ring_size] = x[:, :, :half]  # each copy casts as it goes
+        for rank in range(self.ring_size):
+            chunks[:, 2 * self.ring_size - 1 - rank] = x[:, rank, half:]
+        return natural
 
     def forward(self, keep_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         q, k, v = (self._by_rank(t) for t in self.natural)
@@ -172,9 +180,8 @@ class _AllRanks:
         del q, k, v  # zigzag's copies, freed before the output is made
         assert acc is not None and acc_lse is not None, "step 0's blocks, the diagonal, are never skipped"
         shape = self.natural[0].shape
-        out = acc.to(self.dtype)
-        del acc
-        return self._natural(out, shape), self._natural(acc_lse, shape[:-1]) if keep_lse else None
+        lse = self._natural(acc_lse, shape[:-1], torch.float32) if keep_lse else None
+        return self._natural(acc, shape, self.dtype), lse
 
     def backward(self, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
         """Gradients in natural order, K/V chunk by K/V chunk.
