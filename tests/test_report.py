@@ -314,6 +314,21 @@ def test_records_without_held_memory_compare_no_memory_in_all(tmp_path):
     assert "**Memory in all" not in markdown and "**Peak memory of a call" in markdown
 
 
+def test_a_baseline_that_holds_least_memory_is_no_reduction(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "run", run)
+    records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    for record in records:
+        if record["implementation"] != "standard" and record.get("memory"):
+            record["memory"]["held_mib"] += 4096
+    (run / "records.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    line = next(line for line in render_report([load_run(run)]).splitlines() if "Best memory reduction" in line)
+    assert line.startswith(
+        "- Best memory reduction against `standard` at equal shape: none, no implementation held less in all; "
+        "the closest, "
+    )
+
+
 def test_records_without_a_check_or_a_gradient_check_say_so(tmp_path):
     def edit(record):
         if record["implementation"] == "standard" and record["seq_len"] == 4096:

@@ -49,12 +49,16 @@ def best_memory_reduction(frame: pd.DataFrame, baseline: str) -> str:
     if ok.empty:
         return f"no implementation ran at a shape where `{escape(baseline)}` succeeded with memory measured"
     best = ok.loc[ok["memory_ratio"].idxmin()]
-    return (
-        f"{100 * (1 - best.memory_ratio):.1f}% — {_implementation(best)} at S={best.seq_len} "
-        f"({shape_title(tuple(best[SHAPE]))}): {mib(best.total_mib)} MiB in all against "
-        f"{mib(best.total_mib / best.memory_ratio)} MiB"
+    where = (
+        f"{_implementation(best)} at S={best.seq_len} ({shape_title(tuple(best[SHAPE]))}): "
+        f"{mib(best.total_mib)} MiB in all against {mib(best.total_mib / best.memory_ratio)} MiB"
         f"{_noise_mark([best, *filter(lambda r: r is not None, [_baseline_row(frame, best, baseline)])])}"
     )
+    if best.memory_ratio >= 1:
+        return (
+            f"none, no implementation held less in all; the closest, {100 * (best.memory_ratio - 1):.1f}% more: {where}"
+        )
+    return f"{100 * (1 - best.memory_ratio):.1f}% — {where}"
 
 
 def largest_seq_len(frame: pd.DataFrame) -> list[str]:
