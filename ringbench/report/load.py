@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from ringbench import records
+from ringbench.attention.models import PASS_FACTOR, dense_flops
 from ringbench.errors import UserError, show
 from ringbench.report.tables import SHAPE
 from ringbench.schema import Memory, Projected, Record
@@ -42,6 +43,7 @@ COLUMNS = [
     "tflops",
     "tflops_per_device",
     "peak_tflops",
+    "dense_share",
     "kernel",
     "projected_ms",
     "projected_iqr_ms",
@@ -93,6 +95,13 @@ def _in_all(memory: Memory | Projected | None) -> float | None:
     return memory.held_mib + memory.peak_allocated_mib
 
 
+def _dense_share(record: Record) -> float | None:
+    """The share of dense attention's FLOPs the cell's implementation computes (below 1: sparse)."""
+    if record.flops is None:
+        return None
+    return record.flops / (dense_flops(record.cell) * PASS_FACTOR[record.pass_name])
+
+
 def _row(record: Record, peaks: dict[str, float]) -> dict[str, Any]:
     stats, memory, check, projected, comm = record.stats, record.memory, record.check, record.projected, record.comm
     gradients = check.gradients if check else None
@@ -124,6 +133,7 @@ def _row(record: Record, peaks: dict[str, float]) -> dict[str, Any]:
         "total_mib": _in_all(memory),
         "tokens_per_s": record.tokens_per_s,
         "tflops": record.tflops,
+        "dense_share": _dense_share(record),
         "tflops_per_device": None if record.tflops is None else record.tflops / record.world_size,
         "peak_tflops": peaks.get(record.dtype),
         "kernel": facts.get("kernel"),

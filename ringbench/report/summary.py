@@ -74,6 +74,14 @@ def largest_seq_len(frame: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _sparse(row: pd.Series) -> str:
+    """A note where a cell computes less than dense attention (the dilated family): faster is then not
+    the same attention done faster."""
+    if pd.isna(row.dense_share) or row.dense_share >= 1 - 1e-9:
+        return ""
+    return f" (sparse: {row.dense_share:.0%} of dense attention's FLOPs)"
+
+
 def fastest(frame: pd.DataFrame, baseline: str) -> list[str]:
     ok = frame[frame["status"] == records.OK]
     several_shapes = ok.groupby(SHAPE).ngroups > 1
@@ -86,7 +94,9 @@ def fastest(frame: pd.DataFrame, baseline: str) -> list[str]:
         )
         # Fastest is a claim against every cell of the length, so any of them being noisy counts.
         mark = _noise_mark([row for _, row in group.iterrows()])
-        lines.append(f"S={key[-1]}{shape}: {_implementation(best)}, {ms(best.median_ms)} ms{against}{mark}")
+        lines.append(
+            f"S={key[-1]}{shape}: {_implementation(best)}, {ms(best.median_ms)} ms{against}{_sparse(best)}{mark}"
+        )
     return lines or ["no successful cell"]
 
 
@@ -121,7 +131,7 @@ def crossovers(frame: pd.DataFrame, baseline: str) -> list[str]:
             if before != after:
                 lines.append(
                     f"{after} overtakes {before} as the fastest between S={short} and S={long}{shape}"
-                    f"{mark((short, long), [before, after])}"
+                    f"{_sparse(cells[(long, after)])}{mark((short, long), [before, after])}"
                 )
         if base not in times:
             continue
@@ -133,7 +143,7 @@ def crossovers(frame: pd.DataFrame, baseline: str) -> list[str]:
                     verb = "overtakes" if now else "falls behind"
                     lines.append(
                         f"{series} {verb} `{base}` between S={short} and S={long}{shape}"
-                        f"{mark((short, long), [series, base])}"
+                        f"{_sparse(cells[(long, series)])}{mark((short, long), [series, base])}"
                     )
     return lines
 
