@@ -5,8 +5,8 @@ step t every rank r attends its query shard to the K/V shard of rank (r − t) m
 the one it would have just received from its neighbour. Each block is computed by a
 fused kernel that returns the log-sum-exp, and partial results are merged in float32.
 
-On one device the blocks of a step run as few batched kernel calls on views of the
-inputs (one, or with zigzag a few), since a device would otherwise run the ranks
+On one device the blocks of a step run as at most two batched kernel calls, the ranks
+in the place of heads (:class:`_AllRanks`), since a device would otherwise run the ranks
 one after another. So that a single device's tiling is
 never presented as distribution, ``rank_share`` runs one rank's share alone (its query
 shard against every K/V shard, received into a buffer as a rank would), and the
