@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-# How much longer than a cell may run a wait in the group may last: the supervisor stops a cell
+# A wait in the group may last this much longer than a cell may run. The supervisor stops a cell
 # that runs past cell_timeout_s and records it as `timeout` with its worker's output; the group's
 # own timeout (NCCL's watchdog) only backs that up, and never ends a cell the config allows.
 GROUP_TIMEOUT_GRACE_S = 60.0
