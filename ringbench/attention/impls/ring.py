@@ -24,7 +24,7 @@ r and 2P−1−r, so every rank does the same work in every step.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,17 +134,23 @@ class _AllRanks:
         b, h, s = x.shape[:3]
         return x.view(b * h, self.chunk_count, s // self.chunk_count, *x.shape[3:])
 
+    def _zigzag_halves(self, shards: torch.Tensor, chunks: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Pairs of (rows of the rank-by-rank layout, the same rows of the natural chunks) that cover
+        zigzag's shards. Copies of these strided blocks run at the memory's speed, where index_select's
+        gather does not."""
+        half = self.shard_len // 2
+        yield shards[:, :, :half], chunks[:, : self.ring_size]  # the first chunks: 0 … P−1, in order
+        for rank in range(self.ring_size):  # the second: 2P−1 … P, backwards
+            yield shards[:, rank, half:], chunks[:, 2 * self.ring_size - 1 - rank]
+
     def _by_rank(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, S, …) in natural order → (B·H, P, S/P, …) in shard order: a view, or with zigzag a copy."""
         chunks = self._chunked(x)
         if not self.reordered:
             return chunks.view(chunks.shape[0], self.ring_size, self.shard_len, *x.shape[3:])
         shards = x.new_empty(chunks.shape[0], self.ring_size, self.shard_len, *x.shape[3:])
-        # Copies of strided blocks run at the memory's speed, where index_select's gather does not.
-        half = self.shard_len // 2
-        shards[:, :, :half] = chunks[:, : self.ring_size]  # the first chunks: 0 … P−1, in order
-        for rank in range(self.ring_size):  # the second: 2P−1 … P, backwards
-            shards[:, rank, half:] = chunks[:, 2 * self.ring_size - 1 - rank]
+        for shard, chunk in self._zigzag_halves(shards, chunks):
+            shard.copy_(chunk)
         return shards
 
     def _natural(self, x: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -152,10 +158,8 @@ class _AllRanks:
         if not self.reordered:
             return x.to(dtype).reshape(shape)  # a kernel's log-sum-exp may be a slice
         natural = x.new_empty(shape, dtype=dtype)
-        chunks, half = self._chunked(natural), self.shard_len // 2
-        chunks[:, : self.ring_size] = x[:, :, :half]  # each copy casts as it goes
-        for rank in range(self.ring_size):
-            chunks[:, 2 * self.ring_size - 1 - rank] = x[:, rank, half:]
+        for shard, chunk in self._zigzag_halves(x, self._chunked(natural)):
+            chunk.copy_(shard)  # each copy casts as it goes
         return natural
 
     def forward(self, keep_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
