@@ -33,6 +33,8 @@ from ringbench.schema import (  # noqa: F401  (re-exported)
 
 RUN_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"
+CALIBRATION_FILE = "calibration.json"
+CALIBRATION_VERSION = 1
 
 
 def create_run_dir(output_root: Path, commit: str) -> Path:
@@ -197,6 +199,27 @@ def done(run_dir: Path, retry_failed: bool) -> list[Record]:
     decides, and with ``retry_failed`` a failed one does not count."""
     latest = {record.cell_id: record for record in read_records(run_dir)}
     return [record for record in latest.values() if not (retry_failed and record.status in FAILED)]
+
+
+def read_calibration(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """The machine's measurements per world size (``run.calibrate``) a run stored; none if it stored none."""
+    path = run_dir / CALIBRATION_FILE
+    if not path.exists():
+        return {}
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored["schema_version"] != CALIBRATION_VERSION:
+            raise ValueError(f"schema_version {stored['schema_version']}, this version reads {CALIBRATION_VERSION}")
+        return {int(world_size): entry for world_size, entry in stored["world_sizes"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BrokenRun(str(path), f"cannot read it ({type(exc).__name__}: {show(str(exc))[1:-1]})") from None
+
+
+def write_calibration(run_dir: Path, entry: dict[str, Any]) -> None:
+    """Store one world size's measurements beside those of others already there."""
+    stored = read_calibration(run_dir) | {entry["world_size"]: entry}
+    by_size = {str(size): stored[size] for size in sorted(stored)}
+    write_json_atomic(run_dir / CALIBRATION_FILE, {"schema_version": CALIBRATION_VERSION, "world_sizes": by_size})
 
 
 def is_run_dir(path: Path) -> bool:

@@ -18,6 +18,7 @@ from ringbench.schema import Memory, Projected, Record
 COLUMNS = [
     "cell_id",
     "implementation",
+    "options",
     "label",
     "seq_len",
     "ring_size",
@@ -72,6 +73,7 @@ class Run:
     meta: dict[str, Any]
     frame: pd.DataFrame
     warnings: list[str] = field(default_factory=list)
+    calibration: dict[int, dict[str, Any]] = field(default_factory=dict)  # per world size: records.read_calibration
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -109,6 +111,7 @@ def _row(record: Record, peaks: dict[str, float]) -> dict[str, Any]:
     return {
         "cell_id": record.cell_id,
         "implementation": record.implementation,
+        "options": json.dumps(record.options, sort_keys=True),
         "label": record.display_label,
         "seq_len": record.seq_len,
         "ring_size": record.ring_size,
@@ -211,4 +214,9 @@ def load_run(path: Path) -> Run:
     frame = pd.DataFrame(rows, columns=COLUMNS).drop_duplicates("cell_id", keep="last")
     # The roles the run's implementations declared (vocabulary.ROLES), on each of their cells.
     frame = frame.assign(**{role: frame["implementation"].isin(names) for role, names in meta["roles"].items()})
-    return Run(path=path, meta=meta, frame=frame, warnings=warnings)
+    try:
+        calibration = records.read_calibration(path)
+    except records.BrokenRun as exc:  # the cells stand without it; only the scaling model is lost
+        calibration = {}
+        warnings.append(f"{exc.where}: {exc.reason}; the scaling model is left out")
+    return Run(path=path, meta=meta, frame=frame, warnings=warnings, calibration=calibration)

@@ -1,10 +1,12 @@
 """Figures of a run: time, memory per device and throughput against sequence length, one panel
-per shape, and, for runs across processes, efficiency against the number of processes. Drawn with
-matplotlib's object API (no pyplot, no display), so they render headless."""
+per shape, and, for runs across processes, efficiency against the number of processes and the
+scaling model's projection. Drawn with matplotlib's object API (no pyplot, no display), so they
+render headless."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from matplotlib.artist import Artist
@@ -12,6 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ringbench import records
+from ringbench.report import scaling
 from ringbench.report.summary import efficiencies, peer_name
 from ringbench.report.tables import SHAPE, shape_title
 from ringbench.vocabulary import placement, series_name
@@ -105,7 +108,40 @@ def _efficiency(frame: pd.DataFrame) -> Figure | None:
     return figure
 
 
-def figures(frame: pd.DataFrame) -> dict[str, Figure]:
+def _scaling(frame: pd.DataFrame, calibration: dict[int, dict[str, Any]]) -> Figure | None:
+    """The scaling model's projection of the peer's first kernel and shape (forward+backward,
+    non-causal where it ran): per-GPU efficiency against GPUs, one panel per sequence length, one
+    line each for `ring`, `ulysses` and the best `usp` of another degree."""
+    projected = scaling.projections(frame, calibration)
+    if projected is None or not projected[1]:
+        return None
+    _, found = projected
+    chosen = next((p for p in found if p.pass_name == scaling.BOTH and not p.causal), found[0])
+    tokens = [scaling.PROJECTED_TOKENS[0], 2**20, scaling.PROJECTED_TOKENS[-1]]
+    causal = "causal" if chosen.causal else "non-causal"
+    groups = [(f"{scaling.tokens_text(count)} tokens, {chosen.pass_name}, {causal}", count) for count in tokens]
+    figure, panels = _panels([(title, pd.DataFrame()) for title, _ in groups], "Scaling model: projection")
+    for axes, (_, count) in zip(panels, groups):
+        for index, strategy in enumerate(("ring", "ulysses", "usp")):
+            points = []
+            for world in scaling.PROJECTED_GPUS:
+                named = chosen.predictions.get((world, count), {})
+                matching = [m for name, m in named.items() if name.split()[0] == strategy]
+                if matching:
+                    points.append((world, max(m.efficiency for m in matching)))
+            if points:
+                label = "usp, best degree" if strategy == "usp" else strategy
+                axes.plot(*zip(*points), marker="o", linestyle=_style(index), label=label)
+        axes.set_xscale("log", base=2)
+        axes.set_xlabel("GPUs")
+        axes.set_ylabel("modelled per-GPU efficiency")
+        axes.set_ylim(0, 1.1)
+        axes.grid(True, alpha=0.3)
+    _legend(figure, panels)
+    return figure
+
+
+def figures(frame: pd.DataFrame, calibration: dict[int, dict[str, Any]] | None = None) -> dict[str, Figure]:
     """The run's figures by short name; a figure without data to show is left out.
 
     Memory is what one device holds for a cell: for a one-device ring, as one rank
@@ -122,6 +158,7 @@ def figures(frame: pd.DataFrame) -> dict[str, Figure]:
             frame, "tflops_per_device", "TFLOP/s per device", "Throughput against sequence length"
         ),
         "efficiency": _efficiency(frame),
+        "scaling": _scaling(frame, calibration or {}),
     }
     return {name: figure for name, figure in candidates.items() if figure is not None}
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from ringbench.report import longest, plots
+from ringbench.report import longest, plots, scaling
 from ringbench.report.baseline import resolve, with_ratios
 from ringbench.report.load import Run
 from ringbench.report.markdown import escape, table
@@ -320,9 +320,11 @@ def _analysis(
     excluded: list[dict[str, Any]],
     environments: list[dict[str, Any]],
     searches: list[dict[str, Any]],
+    calibration: dict[int, dict[str, Any]],
 ) -> list[str]:
     """Everything below the stamp: findings and what to distrust first, then the longest-sequence
-    searches, the cells' tables, figures and what was left out."""
+    searches, the cells' tables, the scaling model where the machine was calibrated, figures and
+    what was left out."""
     label = resolve(frame, baseline)
     frame = with_ratios(frame, label)
     searched = _searched(frame, searches)
@@ -352,8 +354,9 @@ def _analysis(
             table(efficiency),
             "",
         ]
+    lines += scaling.lines(frame, calibration, level)
     if plots_dir is not None and not frame.empty:
-        linked = plots.save(plots.figures(frame), plots_dir, prefix)
+        linked = plots.save(plots.figures(frame, calibration), plots_dir, prefix)
         if linked:
             lines += [_heading(level, "Plots"), "", *(f"![{name}]({file_name})" for name, file_name in linked), ""]
     if excluded:
@@ -381,7 +384,15 @@ def render_run(
     if meta["config"]["description"]:
         lines += [escape(meta["config"]["description"]), ""]
     lines += _analysis(
-        frame, level + 1, plots_dir, prefix, baseline, meta["excluded"], [environment], meta.get("searches", [])
+        frame,
+        level + 1,
+        plots_dir,
+        prefix,
+        baseline,
+        meta["excluded"],
+        [environment],
+        meta.get("searches", []),
+        run.calibration,
     )
     lines += [_heading(level + 1, "Parameters"), "", *_parameters(meta), *_resolved(frame), ""]
     lines += [_heading(level + 1, "Environment"), "", *_environment(environment), ""]
@@ -426,6 +437,7 @@ def render_merged(runs: list[Run], plots_dir: Path | None = None, baseline: str 
         excluded,
         [run.meta["environment"] for run in runs],
         searches,
+        {size: entry for run in runs for size, entry in run.calibration.items()},  # the newest run's wins
     )
     return "\n".join(lines) + "\n"
 

@@ -21,7 +21,7 @@ import torch
 
 from ringbench import records
 from ringbench.errors import UserError
-from ringbench.run import distributed, env, folder, jobs
+from ringbench.run import calibrate, distributed, env, folder, jobs
 from ringbench.run.distributed import OneProcess
 from ringbench.run.memory import Cap
 from ringbench.run.modes import prime_libraries
@@ -86,6 +86,18 @@ def _measure(cell: Cell, sweep: Sweep, plan: Plan, group: OneProcess) -> Record:
     return run_cell(cell, implementation, group, sweep.timing, sweep.seed, sweep.skip_oversized_inputs)
 
 
+def _calibrate(group: OneProcess, run_dir: Path) -> None:
+    """Measure the links of a group of several processes once per run and world size (a resumed or
+    fresh worker finds them stored), for the report's scaling model."""
+    if group.world_size == 1:
+        return
+    stored = group.broadcast(group.world_size in records.read_calibration(run_dir) if group.is_leader else None)
+    if not stored:
+        measured = calibrate.measure(group)
+        if group.is_leader:
+            records.write_calibration(run_dir, measured)
+
+
 def serve(
     sweep: Sweep,
     plan: Plan,
@@ -112,6 +124,7 @@ def serve(
         if created:
             run_dir = folder.start(sweep, plan, source, group.device, output_root, threads)
         run_dir = Path(group.broadcast(str(run_dir) if group.is_leader else None))
+        _calibrate(group, run_dir)
         if pending is None:
             pending = [job for job in jobs.planned(plan, ()) if job.world_size == group.world_size]
         with records.RecordWriter(run_dir) if group.is_leader else contextlib.nullcontext() as writer:

@@ -1,0 +1,511 @@
+"""The scaling model: the time and per-GPU efficiency of `ring`, `ulysses` and `usp` at any world
+size and sequence length, from what a run measured and one stated figure.
+
+Measured: single-GPU block times (the peer's cells, `sdpa`, at each sequence length it ran, read as
+the time of a block of that many rows and keys), the merge's cost, the ring step's transfer and the
+all-to-all at each message size, and how much a block kernel slows while a transfer runs beside it
+(``run.calibrate``, stored per world size). Stated: the bandwidth between nodes and the GPUs per
+node. ``usp`` of Ulysses degree u on P GPUs is the general form: u = 1 is `ring`, u = P `ulysses`.
+The README's "Scaling model" writes out the equations this module computes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from ringbench import records
+from ringbench.report.markdown import escape, table
+from ringbench.report.summary import efficiencies
+from ringbench.vocabulary import DTYPE_BYTES, PEER
+
+MIB = 2**20
+FORWARD, BACKWARD, BOTH = "forward", "backward", "forward+backward"
+GPUS_PER_NODE = 8
+INTER_NODE_GBIT_S = 400.0  # one 400 Gb/s InfiniBand port per GPU
+# What the all-to-alls carry, in shards of one tensor, (in, back): q, k, v in and the output back;
+# backward, the output gradient in and dq, dk, dv back, and where Ulysses runs alone (no ring), which
+# attends in parts of heads, q, k, v and the output once more.
+ALL_TO_ALL_TENSORS = {FORWARD: (3, 1), BACKWARD: (1, 3)}
+ULYSSES_ALONE_BACKWARD = (5, 3)
+# The strategies the model covers, by registered name, and the Ulysses degree of each.
+STRATEGIES = ("ring", "ulysses", "usp")
+PROJECTED_GPUS = tuple(2**power for power in range(3, 11))  # 8 … 1,024
+PROJECTED_TOKENS = tuple(2**power for power in range(17, 25))  # 128K … 16M
+EXPOSED, EXTRAPOLATED = "†", "‡"  # marks in the report's tables
+
+
+@dataclass(frozen=True)
+class Link:
+    """A transfer's time: a latency plus its bytes over a bandwidth."""
+
+    latency_ms: float
+    bytes_per_ms: float
+
+    def ms(self, nbytes: float) -> float:
+        return self.latency_ms + nbytes / self.bytes_per_ms if nbytes > 0 else 0.0
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_per_ms / 1e6
+
+
+def fit_link(curve: dict[str, list]) -> Link:
+    """Latency: the smallest message's time; bandwidth: the largest message's bytes over its time
+    beyond that latency. (A least-squares line lets the many small messages pull the bandwidth.)"""
+    sizes, times = curve["bytes"], curve["ms"]
+    latency = times[0]
+    return Link(latency, sizes[-1] / max(times[-1] - latency, 1e-9))
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The measured machine, and the stated one it is projected onto."""
+
+    world_size: int  # the calibration's
+    device: str
+    ring_step: Link  # within a node
+    all_to_all: Link  # within a node, bytes sent per rank
+    inter_node: Link  # stated bandwidth, the ring step's latency
+    gpus_per_node: int
+    merge_ms_per_mib: float  # of float32 accumulator
+    contention: float  # a block's slowdown while a transfer runs beside it
+
+    @classmethod
+    def from_calibration(
+        cls, entry: dict[str, Any], inter_node_gbit_s: float = INTER_NODE_GBIT_S, gpus_per_node: int = GPUS_PER_NODE
+    ) -> Machine:
+        ring_step = fit_link(entry["ring_step"])
+        contended = entry["contention"]
+        return cls(
+            world_size=entry["world_size"],
+            device=entry["device"],
+            ring_step=ring_step,
+            all_to_all=fit_link(entry["all_to_all"]),
+            inter_node=Link(ring_step.latency_ms, inter_node_gbit_s / 8 * 1e6),
+            gpus_per_node=gpus_per_node,
+            merge_ms_per_mib=entry["merge"]["ms"] / entry["merge"]["accumulator_mib"],
+            contention=contended["beside_transfers_ms"] / contended["alone_ms"] - 1 if contended else 0.0,
+        )
+
+    def all_to_all_ms(self, nbytes: float, degree: int) -> float:
+        """An all-to-all among ``degree`` ranks sending ``nbytes`` from each: the pieces to ranks on
+        other nodes (where the degree exceeds a node) go at the inter-node rate, at the same time."""
+        if degree <= self.gpus_per_node:
+            return self.all_to_all.ms(nbytes)
+        within = nbytes * (self.gpus_per_node - 1) / (degree - 1)
+        return max(self.all_to_all.ms(within), self.inter_node.ms(nbytes - within))
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch_size: int
+    heads: int
+    head_dim: int
+    element_bytes: int
+
+    def tensor_bytes(self, rows: float, heads: float) -> float:
+        return self.batch_size * heads * rows * self.head_dim * self.element_bytes
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Single-GPU attention times of one kernel and shape, per (pass, causal): (rows, ms) by rows."""
+
+    times: dict[tuple[str, bool], tuple[tuple[int, float], ...]]
+
+    def ms(self, rows: float, causal: bool, pass_name: str) -> tuple[float, bool] | None:
+        """The time of a block of ``rows`` queries and keys, all heads, and whether ``rows`` lies below
+        the lengths measured; None where the pass was not run. Between measured lengths the time is
+        interpolated on log-log axes; beyond them the nearest measured rate holds. That is optimistic
+        only below (shorter blocks run at lower rates), which is why only there it is marked."""
+        points = self.times.get((pass_name, causal))
+        if not points:
+            return None
+        lengths = [length for length, _ in points]
+        outside = rows < lengths[0] * (1 - 1e-9)
+        if rows <= lengths[0] or rows >= lengths[-1]:
+            length, ms = points[0] if rows <= lengths[0] else points[-1]
+            return ms * (rows / length) ** 2, outside
+        upper = next(index for index, length in enumerate(lengths) if length >= rows)
+        (l0, t0), (l1, t1) = points[upper - 1], points[upper]
+        slope = math.log(t1 / t0) / math.log(l1 / l0)
+        return t0 * (rows / l0) ** slope, outside
+
+    def backward_ms(self, rows: float, causal: bool) -> tuple[float, bool] | None:
+        """A block's backward: measured, or forward+backward less forward."""
+        measured = self.ms(rows, causal, BACKWARD)
+        if measured:
+            return measured
+        both, forward = self.ms(rows, causal, BOTH), self.ms(rows, causal, FORWARD)
+        if both is None or forward is None:
+            return None
+        return both[0] - forward[0], both[1] or forward[1]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    ms: float
+    efficiency: float
+    communication_share: float  # of the time, spent on transfers no compute hides
+    exposed: bool  # a ring transfer outlasts the block it should hide behind
+    extrapolated: bool  # a block shorter than any measured: its rate is the shortest's, optimistic
+
+
+class _Tally:
+    """Adds up a modelled call: compute, transfers hidden behind it or not."""
+
+    def __init__(self, contention: float):
+        self.contention, self.ms, self.compute_ms, self.exposed, self.extrapolated = contention, 0.0, 0.0, False, False
+
+    def block(self, timed: tuple[float, bool], share: float) -> float:
+        self.extrapolated |= timed[1]
+        return timed[0] * share
+
+    def step(self, compute_ms: float, transfer_ms: float) -> None:
+        """A block computed while a transfer runs beside it (slowing it), the longer of the two."""
+        slowed = compute_ms * (1 + self.contention) if transfer_ms else compute_ms
+        self.exposed |= transfer_ms > slowed
+        self.ms += max(slowed, transfer_ms)
+        self.compute_ms += compute_ms
+
+    def alone(self, compute_ms: float = 0.0, transfer_ms: float = 0.0) -> None:
+        self.ms += compute_ms + transfer_ms
+        self.compute_ms += compute_ms
+
+
+def _ring_steps(
+    blocks: Blocks, rows: float, causal: bool, pass_name: str, ring: int
+) -> list[tuple[float, bool]] | None:
+    """Each ring step's block time for all heads: a ring of one attends its whole rows; otherwise
+    non-causal every step is a square block, and causal (zigzag) step 0 is a causal square and every
+    later step half a square (rows × rows/2), timed as a square of equal work, rows/√2."""
+    timed = blocks.backward_ms if pass_name == BACKWARD else lambda r, c: blocks.ms(r, c, FORWARD)
+    if ring == 1 or not causal:
+        first = timed(rows, causal)
+        return None if first is None else [first] * ring
+    first, later = timed(rows, True), timed(rows / math.sqrt(2), False)
+    return None if first is None or later is None else [first] + [later] * (ring - 1)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where `usp` at ``degree`` on ``world`` GPUs puts the work, and what it sends, per rank."""
+
+    ring: int  # ranks in each ring (world / degree)
+    heads: float  # heads each rank attends (heads / degree)
+    rows: float  # rows each rank holds in its ring (seq_len / ring)
+    all_to_all_bytes: float  # per tensor an all-to-all carries: the shard less the part kept
+    kv_bytes: float  # a ring step's K and V
+    sums_bytes: float  # a backward ring step's float32 dK and dV sums
+
+    @classmethod
+    def of(cls, degree: int, world: int, seq_len: int, shape: Shape) -> Layout:
+        ring, heads = world // degree, shape.heads / degree
+        rows = seq_len / ring
+        return cls(
+            ring=ring,
+            heads=heads,
+            rows=rows,
+            all_to_all_bytes=shape.tensor_bytes(seq_len / world, shape.heads) * (degree - 1) / degree,
+            kv_bytes=2 * shape.tensor_bytes(rows, heads),
+            sums_bytes=2 * shape.batch_size * heads * rows * shape.head_dim * 4,
+        )
+
+    def all_to_all_tensors(self, pass_name: str) -> tuple[int, int]:
+        """The tensors the all-to-alls of one pass carry, in and back."""
+        return ULYSSES_ALONE_BACKWARD if pass_name == BACKWARD and self.ring == 1 else ALL_TO_ALL_TENSORS[pass_name]
+
+    def sent_bytes(self, pass_name: str) -> float:
+        """What one rank sends to others in a call of ``pass_name``."""
+        passes = [FORWARD, BACKWARD] if pass_name == BOTH else [pass_name]
+        total = 0.0
+        for part in passes:
+            total += sum(self.all_to_all_tensors(part)) * self.all_to_all_bytes + (self.ring - 1) * self.kv_bytes
+            if part == BACKWARD and self.ring > 1:
+                total += self.ring * self.sums_bytes  # each block's sums travel the whole ring home
+        return total
+
+
+def _pass(
+    tally: _Tally,
+    pass_name: str,
+    degree: int,
+    world: int,
+    seq_len: int,
+    causal: bool,
+    shape: Shape,
+    blocks: Blocks,
+    machine: Machine,
+) -> bool:
+    """Add one pass (forward or backward) of `usp` at ``degree`` to ``tally``; False where a block time is missing."""
+    layout = Layout.of(degree, world, seq_len, shape)
+    ring = layout.ring
+    steps = _ring_steps(blocks, layout.rows, causal, pass_name, ring)
+    if steps is None:
+        return False
+    tensors_in, tensors_out = layout.all_to_all_tensors(pass_name)
+    link = machine.ring_step if world <= machine.gpus_per_node else machine.inter_node
+    merged_rows = layout.rows * (0.75 if causal else 1.0)  # zigzag: half the steps merge half the rows
+    merged_mib = shape.batch_size * layout.heads * merged_rows * shape.head_dim * 4 / MIB
+    tally.alone(transfer_ms=machine.all_to_all_ms(tensors_in * layout.all_to_all_bytes, degree))
+    for step, timed in enumerate(steps):
+        compute = tally.block(timed, layout.heads / shape.heads)
+        if pass_name == FORWARD:
+            tally.step(compute, link.ms(layout.kv_bytes) if step < ring - 1 else 0.0)
+            tally.alone(compute_ms=machine.merge_ms_per_mib * merged_mib if step else 0.0)
+        else:  # the next block's K/V and the last block's gradient sums travel during this block
+            tally.step(compute, link.ms(layout.kv_bytes * (step < ring - 1) + layout.sums_bytes * (step > 0)))
+    if pass_name == BACKWARD and ring > 1:
+        tally.alone(transfer_ms=link.ms(layout.sums_bytes))  # the own block's sums come home
+    tally.alone(transfer_ms=machine.all_to_all_ms(tensors_out * layout.all_to_all_bytes, degree))
+    return True
+
+
+def predict(
+    degree: int,
+    world: int,
+    seq_len: int,
+    causal: bool,
+    pass_name: str,
+    shape: Shape,
+    blocks: Blocks,
+    machine: Machine,
+) -> Prediction | None:
+    """`usp` at Ulysses ``degree`` on ``world`` GPUs (1: `ring`, ``world``: `ulysses`); None where the
+    single-GPU times it needs were not measured."""
+    tally = _Tally(machine.contention)
+    passes = [FORWARD, BACKWARD] if pass_name == BOTH else [pass_name]
+    single = blocks.ms(seq_len, causal, pass_name) if pass_name != BACKWARD else blocks.backward_ms(seq_len, causal)
+    if single is None or not all(
+        _pass(tally, part, degree, world, seq_len, causal, shape, blocks, machine) for part in passes
+    ):
+        return None
+    return Prediction(
+        ms=tally.ms,
+        efficiency=single[0] / (world * tally.ms),
+        communication_share=1 - tally.compute_ms / tally.ms,
+        exposed=tally.exposed,
+        extrapolated=tally.extrapolated,
+    )
+
+
+def strategy_name(degree: int, world: int) -> str:
+    if degree == 1:
+        return "ring"
+    return "ulysses" if degree == world else f"usp {degree}×{world // degree}"
+
+
+def degree_of(row: pd.Series) -> int | None:
+    """The Ulysses degree of a cell the model covers: `ring` 1, `ulysses` its world size, `usp` its
+    option; None for any other implementation, and for a causal ring without zigzag, whose ranks
+    wait on each other's unequal work."""
+    options = json.loads(row["options"])
+    if row["causal"] and row["implementation"] in ("ring", "usp") and not options.get("zigzag"):
+        return None
+    degrees = {"ring": 1, "ulysses": row["world_size"], "usp": options.get("ulysses_degree")}
+    return degrees.get(row["implementation"])
+
+
+_KERNEL_SHAPE = ["kernel", "dtype", "batch_size", "heads", "head_dim"]
+
+
+def blocks_of(frame: pd.DataFrame) -> dict[tuple, Blocks]:
+    """The single-GPU peer's times, per kernel and shape: what every block time is read from."""
+    peers = frame[frame[PEER] & (frame["world_size"] == 1) & (frame["status"] == records.OK)]
+    found: dict[tuple, Blocks] = {}
+    for key, group in peers.groupby(_KERNEL_SHAPE, sort=False):
+        times = {
+            (pass_name, bool(causal)): tuple(sorted(zip(part["seq_len"], part["median_ms"])))
+            for (pass_name, causal), part in group.groupby(["pass", "causal"], sort=False)
+        }
+        found[key] = Blocks(times)
+    return found
+
+
+def _shape(key: tuple) -> Shape:
+    _, dtype, batch_size, heads, head_dim = key
+    return Shape(int(batch_size), int(heads), int(head_dim), DTYPE_BYTES[dtype])
+
+
+def validation(frame: pd.DataFrame, calibration: dict[int, dict[str, Any]]) -> pd.DataFrame:
+    """Each multi-process cell the model covers, measured beside modelled: per-GPU efficiency against
+    the single-GPU peer at the same sequence length, on the machine its world size's calibration
+    measured (every rank on one host)."""
+    blocks, rows = blocks_of(frame), []
+    for row, peer in efficiencies(frame):
+        degree, entry = degree_of(row), calibration.get(row["world_size"])
+        key = tuple(row[_KERNEL_SHAPE])
+        if degree is None or entry is None or peer["seq_len"] != row["seq_len"] or key not in blocks:
+            continue
+        machine = Machine.from_calibration(entry, gpus_per_node=entry["ranks_per_host"])
+        modelled = predict(
+            degree, row["world_size"], row["seq_len"], row["causal"], row["pass"], _shape(key), blocks[key], machine
+        )
+        if modelled is None:
+            continue
+        measured = row["tflops_per_device"] / peer["tflops_per_device"]
+        rows.append(
+            {
+                "implementation": escape(row["label"]),
+                "processes": str(row["world_size"]),
+                "seq_len": str(row["seq_len"]),
+                "pass": row["pass"],
+                "causal": "yes" if row["causal"] else "no",
+                "kernel": escape(row["kernel"]),
+                "measured": f"{measured:.3f}",
+                "model": f"{modelled.efficiency:.3f}{EXTRAPOLATED if modelled.extrapolated else ''}",
+                "error": f"{modelled.efficiency / measured - 1:+.1%}",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """The model on a stated machine for one kernel, shape, pass and causality: every strategy's
+    prediction per (GPUs, tokens)."""
+
+    kernel_shape: tuple
+    pass_name: str
+    causal: bool
+    predictions: dict[tuple[int, int], dict[str, Prediction]]  # (GPUs, tokens) → strategy → prediction
+
+    def best(self, world: int, tokens: int) -> tuple[str, Prediction] | None:
+        found = self.predictions.get((world, tokens))
+        return max(found.items(), key=lambda item: item[1].efficiency) if found else None
+
+
+def projections(
+    frame: pd.DataFrame, calibration: dict[int, dict[str, Any]], inter_node_gbit_s: float = INTER_NODE_GBIT_S
+) -> tuple[Machine, list[Projection]] | None:
+    """The model projected to ``PROJECTED_GPUS`` × ``PROJECTED_TOKENS`` on the machine of the largest
+    calibrated world size, nodes of ``GPUS_PER_NODE`` joined at ``inter_node_gbit_s``: for each kernel
+    and shape the peer ran, each pass and causality it ran."""
+    if not calibration:
+        return None
+    machine = Machine.from_calibration(calibration[max(calibration)], inter_node_gbit_s)
+    found = []
+    for key, blocks in blocks_of(frame).items():
+        shape = _shape(key)
+        for pass_name, causal in sorted(blocks.times):
+            table: dict[tuple[int, int], dict[str, Prediction]] = {}
+            for world in PROJECTED_GPUS:
+                degrees = [d for d in range(1, world + 1) if world % d == 0 and shape.heads % d == 0]
+                for tokens in PROJECTED_TOKENS:
+                    table[world, tokens] = {
+                        strategy_name(degree, world): modelled
+                        for degree in degrees
+                        if (modelled := predict(degree, world, tokens, causal, pass_name, shape, blocks, machine))
+                    }
+            found.append(Projection(key, pass_name, causal, table))
+    return machine, found
+
+
+def tokens_text(count: int) -> str:
+    return f"{count // 2**20}M" if count >= 2**20 else f"{count // 2**10}K"
+
+
+def _projection_table(projection: Projection) -> pd.DataFrame:
+    rows = []
+    for world in PROJECTED_GPUS:
+        row = {"GPUs": f"{world:,}"}
+        for tokens in PROJECTED_TOKENS:
+            best = projection.best(world, tokens)
+            if best:
+                name, modelled = best
+                marks = (EXPOSED if modelled.exposed else "") + (EXTRAPOLATED if modelled.extrapolated else "")
+                row[tokens_text(tokens)] = f"{name} {modelled.efficiency:.2f}{marks}"
+        rows.append(row)
+    return pd.DataFrame(rows).fillna("")
+
+
+def _exposed_from(projection: Projection) -> str:
+    """Per token count, the fewest GPUs from which no strategy hides its transfers any more."""
+    found = []
+    for tokens in PROJECTED_TOKENS:
+        worlds = [w for w in PROJECTED_GPUS if (best := projection.best(w, tokens)) and best[1].exposed]
+        if worlds:
+            found.append(f"{tokens_text(tokens)} from {worlds[0]:,} GPUs")
+    return ", ".join(found) if found else "nowhere in this table"
+
+
+def _machine_line(machine: Machine, calibrated: dict[str, Any]) -> str:
+    contention = (
+        f"a block kernel runs {machine.contention:+.1%} slower while ring transfers run beside it"
+        if calibrated["contention"]
+        else "the slowdown of a block beside transfers is not measured on the CPU (taken as none)"
+    )
+    return (
+        f"Measured on {escape(machine.device)}, {machine.world_size} processes on one host "
+        f"({escape(calibrated['measured_at'])}): a ring step's transfer {machine.ring_step.latency_ms * 1e3:,.1f} µs "
+        f"+ bytes at {machine.ring_step.gb_per_s:,.1f} GB/s; an all-to-all "
+        f"{machine.all_to_all.latency_ms * 1e3:,.1f} µs + bytes sent per rank at "
+        f"{machine.all_to_all.gb_per_s:,.1f} GB/s; "
+        f"a merge {machine.merge_ms_per_mib * 1024:,.2f} ms per GiB of float32 accumulator "
+        f"({escape(calibrated['merge']['path'])}); {contention}. Block times are the single-device peer's cells "
+        "of the same kernel and shape, interpolated between the lengths it ran."
+    )
+
+
+def lines(
+    frame: pd.DataFrame,
+    calibration: dict[int, dict[str, Any]],
+    level: int,
+    inter_node_gbit_s: float = INTER_NODE_GBIT_S,
+) -> list[str]:
+    """The report's "Scaling model" section: the measured inputs, the model against every covered
+    multi-process cell, and its projection; nothing where the run calibrated no world size."""
+    projected = projections(frame, calibration, inter_node_gbit_s)
+    if projected is None:
+        return []
+    machine, found = projected
+    heading = "#" * level
+    out = [
+        f"{heading} Scaling model",
+        "",
+        "Per-GPU efficiency of `ring`, `ulysses` and `usp` (the Ulysses degree × the ring degree) modelled "
+        'from measured parts; the equations are in the README ("Scaling model").',
+        "",
+        _machine_line(machine, calibration[machine.world_size]),
+        "",
+    ]
+    checked = validation(frame, calibration)
+    if not checked.empty:
+        errors = [abs(float(text.rstrip("%"))) for text in checked["error"]]
+        within = sum(error <= 5.0 for error in errors)
+        out += [
+            f"{heading}# Model against measurement",
+            "",
+            f"Per-GPU efficiency over the single-device peer at the same length, measured and modelled, on the "
+            f"machine each world size measured. Within 5% in {within} of {len(errors)} cells (largest error "
+            f"{max(errors):.1f}%). {EXTRAPOLATED}: a block shorter than the peer's shortest cell, timed at "
+            "that cell's rate (optimistic).",
+            "",
+            table(checked),
+            "",
+        ]
+    for projection in found:
+        if not any(projection.predictions.values()):
+            continue
+        kernel, dtype, batch_size, heads, head_dim = projection.kernel_shape
+        causal = "causal" if projection.causal else "non-causal"
+        out += [
+            f"{heading}# Projection: {projection.pass_name}, {causal}, {escape(kernel)}, {dtype} "
+            f"B={batch_size} H={heads} D={head_dim}",
+            "",
+            f"The best strategy and its per-GPU efficiency, in nodes of {machine.gpus_per_node} GPUs joined at "
+            f"{inter_node_gbit_s:,.0f} Gb/s per GPU (stated, not measured); within a node as measured. "
+            f"{EXPOSED}: a ring transfer outlasts the block it should hide behind, from which on "
+            f"communication no longer hides: {_exposed_from(projection)}. {EXTRAPOLATED}: a block shorter "
+            "than the peer's shortest cell, timed at that cell's rate (optimistic). Efficiency is against "
+            "one GPU at the rate of the peer's longest cell beyond it.",
+            "",
+            table(_projection_table(projection)),
+            "",
+        ]
+    return out

@@ -1,0 +1,135 @@
+"""What the scaling model needs from the machine and no cell measures: how long the ring's transfer
+and the all-to-all take at each message size, what a merge costs, and how much a block kernel slows
+while a transfer runs beside it.
+
+A worker of several processes measures these once per world size before its first cell, through
+the same calls the implementations make (``WaitClock.exchange`` and ``WaitClock.swap``); rank 0
+stores them in the run folder (``records.write_calibration``). Raw points are stored, not fitted
+figures: the report fits them (``report.scaling``), so a better fit needs no new run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ringbench.attention import blocks
+from ringbench.attention.comm import WaitClock
+from ringbench.run.distributed import OneProcess, local_world_size
+
+# Message sizes per rank, in bytes: from where latency dominates to where bandwidth does.
+# The CPU's (gloo) stop early: there the figures only exercise the path, and tests run it.
+SIZES = {"cuda": [2**exponent for exponent in range(12, 29, 2)], "cpu": [2**exponent for exponent in range(12, 21, 4)]}
+REPEATS = {"cuda": 7, "cpu": 3}
+# The merge's accumulator: float32 (batch 1, 16 heads, ROWS rows, head_dim 128), MERGE_MIB of it.
+MERGE_ROWS = {"cuda": 32768, "cpu": 1024}
+# The block kernel timed alone and beside transfers: bf16 attention of this many rows (about 4 ms on
+# an H200), beside a stream of ring transfers of the largest size.
+CONTENTION_ROWS = 16384
+
+
+def _timed_ms(fn: Callable[[], object], device: torch.device, group: OneProcess, repeats: int) -> float:
+    """The median over ``repeats`` calls of the slowest rank's time for one call of ``fn``, every call
+    started together (after a barrier), after one call that is not timed."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        group.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            elapsed = start.elapsed_time(end)
+        else:
+            begin = time.perf_counter_ns()
+            fn()
+            elapsed = (time.perf_counter_ns() - begin) / 1e6
+        times.append(group.max(elapsed))
+    return statistics.median(times)
+
+
+def _ring_step(clock: WaitClock, group: OneProcess, size: int) -> Callable[[], None]:
+    """One ring step's transfer of ``size`` bytes: to the next rank, from the previous."""
+    send = torch.empty(size, dtype=torch.uint8, device=group.device)
+    receive = torch.empty_like(send)
+    after, before = (group.rank + 1) % group.world_size, (group.rank - 1) % group.world_size
+    return lambda: clock.wait(clock.exchange(send, receive, after, before))
+
+
+def _all_to_all(clock: WaitClock, group: OneProcess, size: int) -> Callable[[], None]:
+    """An all-to-all sending ``size`` bytes in all from this rank, an equal piece to each other rank."""
+    piece = max(1, size // (group.world_size - 1))
+    peers = [peer for peer in range(group.world_size) if peer != group.rank]
+    sends = [torch.empty(piece, dtype=torch.uint8, device=group.device) for _ in peers]
+    receives = [torch.empty_like(send) for send in sends]
+    return lambda: clock.wait(clock.swap(zip(sends, receives, peers)))
+
+
+def _curve(make: Callable[[WaitClock, OneProcess, int], Callable[[], None]], group: OneProcess) -> dict[str, list]:
+    kind = group.device.type
+    clock = WaitClock(group.device)
+    sizes = SIZES[kind]
+    times = [_timed_ms(make(clock, group, size), group.device, group, REPEATS[kind]) for size in sizes]
+    return {"bytes": sizes, "ms": times}
+
+
+def _merge(group: OneProcess) -> dict[str, float]:
+    """One merge of a block into a float32 accumulator, timed on this rank: the path the ring takes here."""
+    device, rows = group.device, MERGE_ROWS[group.device.type]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    acc = torch.zeros(1, 16, rows, 128, dtype=torch.float32, device=device)
+    acc_lse = torch.zeros(1, 16, rows, dtype=torch.float32, device=device)
+    out = torch.randn(1, 16, rows, 128, dtype=dtype, device=device)
+    lse = torch.randn(1, 16, rows, dtype=torch.float32, device=device)
+    ms = _timed_ms(lambda: blocks.merge_(acc, acc_lse, out, lse), device, group, REPEATS[device.type])
+    return {"accumulator_mib": acc.numel() * 4 / 2**20, "ms": ms, "path": blocks.merge_path(device)}
+
+
+def _contention(group: OneProcess) -> dict[str, float] | None:
+    """A bf16 attention kernel's time alone, and while ring transfers of the largest size run beside
+    it on NCCL's stream, on every rank at once. On the CPU no separate engine is shared: None."""
+    device = group.device
+    if device.type != "cuda":
+        return None
+    q = torch.randn(1, 16, CONTENTION_ROWS, 128, dtype=torch.bfloat16, device=device)
+    send = torch.empty(SIZES["cuda"][-1], dtype=torch.uint8, device=device)
+    receive = torch.empty_like(send)
+    clock = WaitClock(device)
+    after, before = (group.rank + 1) % group.world_size, (group.rank - 1) % group.world_size
+    alone = _timed_ms(lambda: F.scaled_dot_product_attention(q, q, q), device, group, REPEATS["cuda"])
+    beside = []
+    for _ in range(REPEATS["cuda"] + 1):
+        group.barrier()
+        # Posted first, enough transfers to outlast the kernel, waited for only after it.
+        posted = [request for _ in range(4) for request in clock.exchange(send, receive, after, before)]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        F.scaled_dot_product_attention(q, q, q)
+        end.record()
+        clock.wait(posted)
+        torch.cuda.synchronize(device)
+        beside.append(group.max(start.elapsed_time(end)))
+    return {"alone_ms": alone, "beside_transfers_ms": statistics.median(beside[1:])}
+
+
+def measure(group: OneProcess) -> dict[str, Any]:
+    """This world size's calibration, measured on every rank of ``group`` together."""
+    return {
+        "world_size": group.world_size,
+        "ranks_per_host": local_world_size(),
+        "device": torch.cuda.get_device_name(group.device) if group.device.type == "cuda" else "cpu",
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ring_step": _curve(_ring_step, group),
+        "all_to_all": _curve(_all_to_all, group),
+        "merge": _merge(group),
+        "contention": _contention(group),
+    }
