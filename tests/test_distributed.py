@@ -6,8 +6,10 @@ import shutil
 from conftest import PLUGINS
 from typer.testing import CliRunner
 
+from ringbench import records
 from ringbench.cli import app
 from ringbench.report import scaling
+from ringbench.run import calibrate
 
 TIMING = "timing: {warmup_ms: 1, rep_ms: 2, min_reps: 2, max_reps: 3}\n"
 
@@ -68,6 +70,12 @@ def test_world_sizes_one_and_two_in_one_run_match_the_reference(write_config):
         rows = 32 if record["implementation"] == "ring" else 16
         assert record["comm"]["sent_bytes_per_call"] == 2 * 2 * rows * 8 * 4
         assert 0 <= record["comm"]["wait_share"] <= 1 and len(record["comm"]["ranks"]) == 2
+    # The two-process worker measured the links once, for the scaling model, at every message size.
+    (calibrated,) = records.read_calibration(run_dir).values()
+    assert calibrated["world_size"] == 2 and calibrated["device"] == "cpu" and calibrated["contention"] is None
+    for pattern in ("ring_step", "all_to_all"):
+        assert calibrated[pattern]["bytes"] == calibrate.SIZES["cpu"]
+        assert all(ms > 0 for ms in calibrated[pattern]["ms"])
 
 
 def test_failures_on_ranks_become_the_cells_status_and_close_runs_on_every_rank(write_config):

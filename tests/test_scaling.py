@@ -1,0 +1,149 @@
+"""The scaling model: its parts against hand arithmetic, and the report section a fixture renders."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ringbench import records
+from ringbench.errors import UserError
+from ringbench.report import scaling
+from ringbench.report.load import load_run
+from ringbench.report.render import render_report
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MS_PER_BYTE = 1 / 200e6  # 200 GB/s
+# A machine as a calibration stores it: 20 µs + 200 GB/s a ring step, 30 µs + 100 GB/s an all-to-all,
+# 1 ms per 256 MiB merged, a block 10% slower beside transfers.
+CALIBRATION = {
+    "world_size": 4,
+    "ranks_per_host": 4,
+    "device": "fixture GPU",
+    "measured_at": "2026-11-29T00:00:00+00:00",
+    "ring_step": {"bytes": [4096, 2**20, 2**28], "ms": [0.02, 0.03, 0.02 + 2**28 * MS_PER_BYTE]},
+    "all_to_all": {"bytes": [4096, 2**20, 2**28], "ms": [0.03, 0.05, 0.03 + 2**28 * 2 * MS_PER_BYTE]},
+    "merge": {"accumulator_mib": 256.0, "ms": 1.0, "path": "triton"},
+    "contention": {"alone_ms": 4.0, "beside_transfers_ms": 4.4},
+}
+SHAPE = scaling.Shape(batch_size=1, heads=16, head_dim=128, element_bytes=2)
+
+
+def test_a_link_is_the_smallest_messages_latency_and_the_largest_messages_bandwidth():
+    link = scaling.fit_link(CALIBRATION["ring_step"])
+    assert link.latency_ms == 0.02 and link.bytes_per_ms == pytest.approx(200e6, rel=1e-12)
+    assert link.ms(0) == 0.0 and link.ms(2e8) == pytest.approx(1.02, rel=1e-12)
+
+
+def test_block_times_interpolate_on_log_log_axes_and_mark_only_blocks_shorter_than_measured():
+    blocks = scaling.Blocks({("forward", False): ((1024, 1.0), (4096, 8.0))})
+    assert blocks.ms(2048, False, "forward") == pytest.approx((2**1.5, False), rel=1e-12)  # slope 1.5
+    assert blocks.ms(512, False, "forward") == (0.25, True)  # the shortest's rate, marked
+    assert blocks.ms(8192, False, "forward") == (32.0, False)  # the longest's rate
+    assert blocks.ms(1024, True, "forward") is None
+
+
+def test_a_backward_block_is_measured_or_forward_and_backward_less_forward():
+    blocks = scaling.Blocks({("forward", False): ((1024, 1.0),), ("forward+backward", False): ((1024, 3.5),)})
+    assert blocks.backward_ms(1024, False) == (2.5, False)
+    assert scaling.Blocks({("forward", False): ((1024, 1.0),)}).backward_ms(1024, False) is None
+
+
+def machine(gpus_per_node=8):
+    return scaling.Machine.from_calibration(CALIBRATION, inter_node_gbit_s=400.0, gpus_per_node=gpus_per_node)
+
+
+def test_a_ring_of_one_on_one_gpu_is_the_single_gpu_block_exactly():
+    blocks = scaling.Blocks({("forward", True): ((65536, 30.0),)})
+    modelled = scaling.predict(1, 1, 65536, True, "forward", SHAPE, blocks, machine())
+    assert (modelled.ms, modelled.efficiency, modelled.communication_share) == (30.0, 1.0, 0.0)
+
+
+def test_ring_forward_hides_each_transfer_behind_a_slowed_block_and_adds_its_merges():
+    blocks = scaling.Blocks({("forward", False): ((32768, 14.0), (131072, 224.0))})
+    modelled = scaling.predict(1, 4, 131072, False, "forward", SHAPE, blocks, machine())
+    # Four steps of a 32K block (14 ms), the first three beside a K/V transfer of 2 × 32K rows × 16
+    # heads × 128 × 2 bytes (1.36 ms, hidden) and so 10% slower; three merges of a 256 MiB accumulator.
+    transfer = 0.02 + 2 * 32768 * 16 * 128 * 2 * MS_PER_BYTE
+    assert transfer < 14.0 * 1.1 and not modelled.exposed
+    expected = 3 * 14.0 * 1.1 + 14.0 + 3 * 1.0
+    assert modelled.ms == pytest.approx(expected, rel=1e-12)
+    assert modelled.efficiency == pytest.approx(224.0 / (4 * expected), rel=1e-12)
+
+
+def test_causal_zigzag_steps_are_a_causal_block_then_half_blocks_merging_three_quarters_of_the_rows():
+    blocks = scaling.Blocks({("forward", True): ((65536, 30.0),), ("forward", False): ((16384, 2.0), (65536, 32.0))})
+    modelled = scaling.predict(1, 2, 131072, True, "forward", SHAPE, blocks, machine())
+    half = 2.0 * (65536 / math.sqrt(2) / 16384) ** 2  # 64K × 32K: a square of 64K/√2, between 16K and 64K
+    assert modelled.ms == pytest.approx(30.0 * 1.1 + half + 0.75 * 1.0 * 2, rel=1e-12)
+
+
+def test_ulysses_waits_for_both_all_to_alls_around_attention_on_its_heads():
+    blocks = scaling.Blocks({("forward", False): ((131072, 224.0),)})
+    modelled = scaling.predict(2, 2, 131072, False, "forward", SHAPE, blocks, machine())
+    shard = 65536 * 16 * 128 * 2 / 2  # the half of a rank's shard of one tensor that leaves it
+    all_to_all = [0.03 + tensors * shard * 2 * MS_PER_BYTE for tensors in (3, 1)]
+    assert modelled.ms == pytest.approx(sum(all_to_all) + 224.0 / 2, rel=1e-12)
+    assert modelled.communication_share == pytest.approx(sum(all_to_all) / modelled.ms, rel=1e-12)
+
+
+def test_an_all_to_all_beyond_a_node_sends_its_other_nodes_pieces_at_the_inter_node_rate():
+    # 16 ranks, 8 a node: 7 of 15 pieces stay within the node, 8 go out at 50 GB/s.
+    nbytes = 15e6
+    assert machine().all_to_all_ms(nbytes, 16) == pytest.approx(max(0.03 + 7e6 / 100e6, 0.02 + 8e6 / 50e6), rel=1e-12)
+    assert machine().all_to_all_ms(nbytes, 8) == pytest.approx(0.03 + 15e6 / 100e6, rel=1e-12)
+
+
+def test_a_ring_across_nodes_exposes_transfers_that_outlast_its_blocks():
+    blocks = scaling.Blocks({("forward", False): ((1024, 0.02), (131072, 224.0))})
+    modelled = scaling.predict(1, 16, 131072, False, "forward", SHAPE, blocks, machine())
+    assert modelled.exposed and not scaling.predict(1, 4, 131072, False, "forward", SHAPE, blocks, machine()).exposed
+
+
+def with_calibration(tmp_path, entry=CALIBRATION):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "multi-process", run)
+    records.write_calibration(run, entry)
+    return run
+
+
+def test_the_report_models_every_ring_cell_of_a_recorded_run_as_the_golden_says(tmp_path):
+    run = load_run(with_calibration(tmp_path))
+    section = "\n".join(scaling.lines(run.frame, run.calibration, 2)) + "\n"
+    assert section == (FIXTURES / "scaling.md").read_text(encoding="utf-8")
+    # One row by hand: ring on four processes, forward: the single-GPU block of 32K at the 128K cell's
+    # rate (shorter than any measured: marked), transfers hidden, four steps as above.
+    block = 228.00193786621094 / 16
+    expected = 228.00193786621094 / (4 * (3 * block * 1.1 + block + 3 * 1.0))
+    assert f"| 0.893      | {expected:.3f}‡  |" in section
+    assert "## Scaling model" in render_report([run])
+
+
+def test_a_run_without_calibration_has_no_scaling_section():
+    run = load_run(FIXTURES / "multi-process")
+    assert run.calibration == {} and "Scaling model" not in render_report([run])
+
+
+def test_a_broken_calibration_warns_and_leaves_the_cells_alone(tmp_path):
+    run = with_calibration(tmp_path)
+    (run / records.CALIBRATION_FILE).write_text(json.dumps({"schema_version": 9, "world_sizes": {}}))
+    loaded = load_run(run)
+    assert loaded.warnings == [
+        f"{run / records.CALIBRATION_FILE}: cannot read it (ValueError: schema_version 9, this version reads 1); "
+        "the scaling model is left out"
+    ]
+    assert len(loaded.frame) == 24 and "Scaling model" not in render_report([loaded])
+    with pytest.raises(UserError):
+        records.write_calibration(run, CALIBRATION)  # never overwrites what it cannot read
+
+
+def test_a_calibrated_run_draws_the_projection():
+    from ringbench.report import plots
+
+    run = load_run(FIXTURES / "multi-process")
+    assert "scaling" not in plots.figures(run.frame, run.calibration)
+    figure = plots.figures(run.frame, {4: CALIBRATION})["scaling"]
+    titles = [axes.get_title() for axes in figure.axes]
+    assert titles == [f"{tokens} tokens, forward+backward, non-causal" for tokens in ("128K", "1M", "16M")]
+    assert [line.get_label() for line in figure.axes[0].lines] == ["ring", "ulysses", "usp, best degree"]
