@@ -122,8 +122,9 @@ def _contention(group: OneProcess) -> dict[str, float] | None:
 
 
 def measure(group: OneProcess) -> dict[str, Any]:
-    """This world size's calibration, measured on every rank of ``group`` together."""
-    return {
+    """This world size's calibration, measured on every rank of ``group`` together; its buffers
+    are handed back to the device before the first cell."""
+    measured = {
         "world_size": group.world_size,
         "ranks_per_host": local_world_size(),
         "device": torch.cuda.get_device_name(group.device) if group.device.type == "cuda" else "cpu",
@@ -133,3 +134,6 @@ def measure(group: OneProcess) -> dict[str, Any]:
         "merge": _merge(group),
         "contention": _contention(group),
     }
+    if group.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return measured

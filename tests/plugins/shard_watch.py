@@ -12,14 +12,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ringbench.attention import inputs
+from ringbench.run import calibrate
 
 SEEN = {"largest": 0, "largest_op": "", "requests": []}
+WATCHING = [True]
 
 
 class _Largest(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for value in tree_flatten(out)[0]:
+        for value in tree_flatten(out)[0] if WATCHING[0] else ():
             if isinstance(value, torch.Tensor) and value.numel() > SEEN["largest"]:
                 SEEN["largest"], SEEN["largest_op"] = value.numel(), f"{func} {tuple(value.shape)}"
         return out
@@ -39,6 +41,19 @@ def _whole(self, name):  # the whole of one input, every head
     return inputs.Inputs.everything(self, name)
 
 
+def _unwatched(measure):
+    """The worker's link measurements, before its first cell, use buffers of their own sizes: not watched."""
+
+    def unwatched(group):
+        WATCHING[0] = False
+        try:
+            return measure(group)
+        finally:
+            WATCHING[0] = True
+
+    return unwatched
+
+
 def _write():
     folder = Path(os.environ["RINGBENCH_SHARD_WATCH"])
     (folder / f"world-{os.environ['WORLD_SIZE']}-rank-{os.environ['RANK']}.json").write_text(json.dumps(SEEN))
@@ -48,5 +63,6 @@ if "RANK" in os.environ and "RINGBENCH_SHARD_WATCH" in os.environ:  # the ranks 
     inputs.Generated.rows = _watched(inputs.Generated.rows, lambda self: self.shape[0] * self.shape[1])
     inputs.Generated.head_rows = _watched(inputs.Generated.head_rows, lambda self: 1)
     inputs.Generated.everything = _whole
+    calibrate.measure = _unwatched(calibrate.measure)
     _Largest().__enter__()
     atexit.register(_write)
