@@ -82,7 +82,7 @@ def _curve(make: Callable[[WaitClock, OneProcess, int], Callable[[], None]], gro
     return {"bytes": sizes, "ms": times}
 
 
-def _merge(group: OneProcess) -> dict[str, float]:
+def _merge(group: OneProcess) -> dict[str, Any]:
     """One merge of a block into a float32 accumulator, timed on this rank: the path the ring takes here."""
     device, rows = group.device, MERGE_ROWS[group.device.type]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
