@@ -141,6 +141,23 @@ def test_a_cell_that_fails_across_processes_leaves_the_next_cell_a_fresh_group(w
     assert (run_dir / "worker-2.log").read_text().count("ringbench worker") == 2 * 2
 
 
+def test_a_rank_failing_while_another_waits_on_it_is_recorded_as_its_failure_not_a_timeout(write_config):
+    run_dir, stored = run_sweep(
+        write_config,
+        (
+            "plugins: [fake_impls]\nimplementations: [test-rank-oom-midway, ring]\ncell_timeout_s: 300\n"
+            "seq_lens: [32]\nworld_sizes: [2]\nheads: [1]\nhead_dims: [8]\ndtypes: [float32]\n"
+        ),
+    )
+    assert [(r["implementation"], r["status"]) for r in stored] == [("test-rank-oom-midway", "oom"), ("ring", "ok")]
+    # Rank 0 never gets past its receive: rank 1 records the cell and ends the worker; a fresh one runs ring.
+    assert stored[0]["error"]["message"] == (
+        "rank 1: CUDA out of memory on the second rank, midway (rank(s) 0 did not get past the failure "
+        "within 10 s: the worker was ended to free them)"
+    )
+    assert (run_dir / "worker-2.log").read_text().count("ringbench worker") == 2 * 2
+
+
 def test_four_processes_with_segments_spanning_two_and_four_ranks(write_config):
     _, stored = run_sweep(
         write_config,

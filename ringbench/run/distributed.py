@@ -13,8 +13,12 @@ Every wait is bounded by the group's timeout, which follows the sweep's
 
 from __future__ import annotations
 
+import itertools
 import os
-from dataclasses import dataclass
+import pickle
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -25,6 +29,22 @@ import torch.distributed as dist
 # that runs past cell_timeout_s and records it as `timeout` with its worker's output; the group's
 # own timeout (NCCL's watchdog) only backs that up, and never ends a cell the config allows.
 GROUP_TIMEOUT_GRACE_S = 60.0
+
+
+# How long ranks that failed wait at an agreement for the others before taking them for stuck: a
+# rank waiting on a transfer its failed peer will never make never arrives. Ranks in step arrive
+# within milliseconds of each other; one that lags this far behind a failure is ended with it.
+STUCK_AFTER_S = 10.0
+
+
+class PeersStuck(Exception):
+    """Some rank failed, and others did not reach the agreement within ``STUCK_AFTER_S``."""
+
+    def __init__(self, arrived: dict[int, Any], missing: list[int], recorder: bool):
+        super().__init__(f"rank(s) {', '.join(map(str, missing))} did not reach the agreement")
+        self.arrived = arrived  # rank → its value, for the ranks that did
+        self.missing = missing
+        self.recorder = recorder  # whether this rank, of those that arrived, records the cell
 
 
 def group_timeout(cell_timeout_s: float) -> timedelta:
@@ -48,6 +68,11 @@ class OneProcess:
         """Every rank's ``value``, in rank order, on every rank."""
         return [value]
 
+    def gather_failures(self, failure: Any) -> list[Any]:
+        """Every rank's ``failure`` (None where it is fine), in rank order, on every rank, through a
+        path that no stuck transfer blocks; see :meth:`ProcessGroup.gather_failures`."""
+        return [failure]
+
     def max(self, value: float) -> float:
         """The largest of every rank's ``value``, on every rank."""
         return value
@@ -66,6 +91,31 @@ class OneProcess:
 @dataclass(frozen=True)
 class ProcessGroup(OneProcess):
     """This process's place in the group a launcher started: the same operations, across ranks."""
+
+    rounds: Iterator[int] = field(default_factory=itertools.count, compare=False, repr=False)
+
+    def gather_failures(self, failure: Any) -> list[Any]:
+        """Through the launcher's key-value store rather than the group's transfers: a rank whose
+        peer failed may be waiting on a transfer that peer will never make, and a collective queued
+        behind it would never finish. Once a rank that arrived reports a failure, the ranks here wait
+        for the rest ``STUCK_AFTER_S`` at most, then raise :class:`PeersStuck` (one of them marked to
+        record the cell); where none does, they wait as long as it takes (the cell's timeout bounds it)."""
+        store = dist.distributed_c10d._get_default_store()
+        prefix = f"ringbench/agree/{next(self.rounds)}/"
+        store.set(f"{prefix}{self.rank}", pickle.dumps(failure).hex())
+        keys = [f"{prefix}{rank}" for rank in range(self.world_size)]
+        failed_at = None
+        while True:
+            present = [rank for rank, key in enumerate(keys) if store.check([key])]
+            arrived = {rank: pickle.loads(bytes.fromhex(store.get(keys[rank]).decode())) for rank in present}
+            if len(arrived) == self.world_size:
+                return [arrived[rank] for rank in range(self.world_size)]
+            if any(value is not None for value in arrived.values()):
+                failed_at = failed_at or time.monotonic()
+                if time.monotonic() - failed_at > STUCK_AFTER_S:
+                    missing = [rank for rank in range(self.world_size) if rank not in arrived]
+                    raise PeersStuck(arrived, missing, recorder=store.add(f"{prefix}recorder", 1) == 1)
+            time.sleep(0.02)
 
     def gather(self, value: Any) -> list[Any]:
         gathered: list[Any] = [None] * self.world_size

@@ -28,7 +28,7 @@ from ringbench.attention import registry
 from ringbench.attention.comm import WaitClock
 from ringbench.attention.inputs import Generated
 from ringbench.attention.models import PASS_FACTOR, dense_flops, output_bytes
-from ringbench.run import correctness
+from ringbench.run import correctness, distributed
 from ringbench.run.distributed import OneProcess
 from ringbench.run.memory import MIB, allocated_mib, measure_peak
 from ringbench.run.modes import graph_replay, l2_flush
@@ -250,19 +250,44 @@ def _checked(verdict: dict[str, Any], seconds: float) -> Check:
     )
 
 
-def _agree(group: OneProcess, failure: Outcome | None) -> Outcome | None:
-    """Every rank's failure so far, reduced to the one all ranks record (None if all are fine); across
-    processes its message names the rank it happened on."""
-    failures = [(rank, f) for rank, f in enumerate(group.gather(failure)) if f]
-    if not failures:
-        return None
+class Abandoned(Exception):
+    """A cell failed on some ranks while others stayed stuck (in a transfer the failed ranks will never
+    make): its ``outcome`` is what the ranks that arrived agree, and the worker must end, as only
+    ending the processes frees the stuck ones. ``recorder``: this rank records the cell."""
+
+    def __init__(self, outcome: Outcome, recorder: bool):
+        super().__init__(outcome["error"].message)
+        self.outcome, self.recorder = outcome, recorder
+        self.record: Record | None = None  # the cell's record, once run_cell has made it
+
+
+def _reduce(failures: list[tuple[int, Outcome]], world_size: int) -> Outcome:
+    """The failure all ranks record: the first by precedence; across processes its message names the rank."""
     rank, chosen = min(failures, key=lambda item: _PRECEDENCE.index(item[1]["status"]))
-    if group.world_size == 1:
+    if world_size == 1:
         return chosen
     return {
         "status": chosen["status"],
         "error": Failure(chosen["error"].type, f"rank {rank}: {chosen['error'].message}"),
     }
+
+
+def _agree(group: OneProcess, failure: Outcome | None) -> Outcome | None:
+    """Every rank's failure so far, reduced to the one all ranks record (None if all are fine). Raises
+    :class:`Abandoned` where a failure left other ranks stuck."""
+    try:
+        gathered = group.gather_failures(failure)
+    except distributed.PeersStuck as stuck:
+        failures = [(rank, f) for rank, f in stuck.arrived.items() if f]
+        chosen = _reduce(failures, group.world_size)
+        missing = ", ".join(map(str, stuck.missing))
+        message = (
+            f"{chosen['error'].message} (rank(s) {missing} did not get past the failure within "
+            f"{distributed.STUCK_AFTER_S:g} s: the worker was ended to free them)"
+        )
+        raise Abandoned({**chosen, "error": Failure(chosen["error"].type, message)}, stuck.recorder) from None
+    failures = [(rank, f) for rank, f in enumerate(gathered) if f]
+    return _reduce(failures, group.world_size) if failures else None
 
 
 def _combine_ranks(group: OneProcess, main: Projected) -> tuple[Projected, tuple[RankFigures, ...] | None]:
@@ -475,14 +500,19 @@ def run_cell(
     skip_oversized: bool = True,
 ) -> Record:
     """Measure one cell on every rank of ``group`` (all ranks call this) and return the agreed record;
-    never raises for a failing implementation.
+    never raises for a failing implementation, but for :class:`Abandoned` (with its record) where a
+    failure left ranks stuck.
 
     With ``skip_oversized`` a cell whose inputs alone exceed the device's memory is
     recorded as skipped without allocating anything.
     """
     group.barrier()
     started_at, start = _now(), time.perf_counter()
-    outcome = _measure(cell, implementation, group, budget, seed, skip_oversized, allocated_mib(group.device))
+    try:
+        outcome = _measure(cell, implementation, group, budget, seed, skip_oversized, allocated_mib(group.device))
+    except Abandoned as abandoned:
+        abandoned.record = make_record(cell, abandoned.outcome, group.device, started_at, time.perf_counter() - start)
+        raise
     _release(group.device)
     group.barrier()
     return make_record(cell, outcome, group.device, started_at, time.perf_counter() - start)

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -25,7 +26,7 @@ from ringbench.run import calibrate, distributed, env, folder, jobs
 from ringbench.run.distributed import OneProcess
 from ringbench.run.memory import Cap
 from ringbench.run.modes import prime_libraries
-from ringbench.run.pipeline import TORCH_DTYPES, make_record, run_cell
+from ringbench.run.pipeline import TORCH_DTYPES, Abandoned, make_record, run_cell
 from ringbench.schema import Failure, Record
 from ringbench.sweep import plan as plans
 from ringbench.sweep.config import Sweep
@@ -133,7 +134,10 @@ def serve(
                 while (cell := job.current()) is not None:
                     if writer:
                         folder.mark_inflight(run_dir, cell)
-                    record = _measure(cell, sweep, plan, group)
+                    try:
+                        record = _measure(cell, sweep, plan, group)
+                    except Abandoned as abandoned:
+                        _abandon(run_dir, writer, abandoned)
                     if writer:
                         writer.append(record)
                     job.note(record)
@@ -147,6 +151,17 @@ def serve(
         return run_dir
     finally:
         group.leave()
+
+
+def _abandon(run_dir: Path, writer: records.RecordWriter | None, abandoned: Abandoned) -> NoReturn:
+    """End this worker after a cell that failed on some ranks and left others stuck: one rank of those
+    that got past it records the cell (rank 0 may be a stuck one), and every one exits with an error,
+    on which the launcher ends the stuck ranks. A fresh worker takes the next cells."""
+    if abandoned.recorder:
+        assert abandoned.record is not None, "run_cell attaches the record"
+        (writer or records.RecordWriter(run_dir)).append(abandoned.record)
+    print(f"{abandoned}; this worker ends, and a fresh one takes the next cells", flush=True)
+    os._exit(1)
 
 
 def command(world_size: int, run_dir: Path, pending: Path, threads: int) -> list[str]:

@@ -197,3 +197,19 @@ def limited(problem: Problem):
     rows = torch.arange(problem.rank * per_process, (problem.rank + 1) * per_process, device=problem.device)
     q, _, _ = problem.shard(rows)
     return Bench(run=lambda: q, rows=rows)
+
+
+@register(
+    "test-rank-oom-midway",
+    distributed=True,
+    reference=None,
+    description="rank 1 runs out of memory inside the call while rank 0 waits for what it was to send",
+)
+def rank_oom_midway(problem: Problem):
+    def run():
+        if problem.rank == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory on the second rank, midway")
+        torch.distributed.recv(torch.empty(1), src=1)  # never sent
+        return problem.q
+
+    return run
