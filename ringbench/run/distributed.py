@@ -14,8 +14,8 @@ Every wait is bounded by the group's timeout, which follows the sweep's
 from __future__ import annotations
 
 import itertools
+import json
 import os
-import pickle
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -69,8 +69,8 @@ class OneProcess:
         return [value]
 
     def gather_failures(self, failure: Any) -> list[Any]:
-        """Every rank's ``failure`` (None where it is fine), in rank order, on every rank, through a
-        path that no stuck transfer blocks; see :meth:`ProcessGroup.gather_failures`."""
+        """Every rank's ``failure`` (plain JSON data; None where it is fine), in rank order, on every
+        rank, through a path that no stuck transfer blocks; see :meth:`ProcessGroup.gather_failures`."""
         return [failure]
 
     def max(self, value: float) -> float:
@@ -102,12 +102,12 @@ class ProcessGroup(OneProcess):
         record the cell); where none does, they wait as long as it takes (the cell's timeout bounds it)."""
         store = dist.distributed_c10d._get_default_store()
         prefix = f"ringbench/agree/{next(self.rounds)}/"
-        store.set(f"{prefix}{self.rank}", pickle.dumps(failure).hex())
+        store.set(f"{prefix}{self.rank}", json.dumps(failure))
         keys = [f"{prefix}{rank}" for rank in range(self.world_size)]
         failed_at = None
         while True:
             present = [rank for rank, key in enumerate(keys) if store.check([key])]
-            arrived = {rank: pickle.loads(bytes.fromhex(store.get(keys[rank]).decode())) for rank in present}
+            arrived = {rank: json.loads(store.get(keys[rank])) for rank in present}
             if len(arrived) == self.world_size:
                 return [arrived[rank] for rank in range(self.world_size)]
             if any(value is not None for value in arrived.values()):
@@ -115,7 +115,7 @@ class ProcessGroup(OneProcess):
                 if time.monotonic() - failed_at > STUCK_AFTER_S:
                     missing = [rank for rank in range(self.world_size) if rank not in arrived]
                     raise PeersStuck(arrived, missing, recorder=store.add(f"{prefix}recorder", 1) == 1)
-            time.sleep(0.02)
+            time.sleep(0.005)
 
     def gather(self, value: Any) -> list[Any]:
         gathered: list[Any] = [None] * self.world_size

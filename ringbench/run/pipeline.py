@@ -272,13 +272,24 @@ def _reduce(failures: list[tuple[int, Outcome]], world_size: int) -> Outcome:
     }
 
 
+def _plain(failure: Outcome | None) -> dict[str, str] | None:
+    """A failure as plain JSON data, as ranks hand it to each other (:func:`_unplain` reads it back)."""
+    if failure is None:
+        return None
+    return {"status": failure["status"], "type": failure["error"].type, "message": failure["error"].message}
+
+
+def _unplain(plain: dict[str, str]) -> Outcome:
+    return {"status": plain["status"], "error": Failure(plain["type"], plain["message"])}
+
+
 def _agree(group: OneProcess, failure: Outcome | None) -> Outcome | None:
     """Every rank's failure so far, reduced to the one all ranks record (None if all are fine). Raises
     :class:`Abandoned` where a failure left other ranks stuck."""
     try:
-        gathered = group.gather_failures(failure)
+        gathered = group.gather_failures(_plain(failure))
     except distributed.PeersStuck as stuck:
-        failures = [(rank, f) for rank, f in stuck.arrived.items() if f]
+        failures = [(rank, _unplain(f)) for rank, f in stuck.arrived.items() if f]
         chosen = _reduce(failures, group.world_size)
         missing = ", ".join(map(str, stuck.missing))
         message = (
@@ -286,7 +297,7 @@ def _agree(group: OneProcess, failure: Outcome | None) -> Outcome | None:
             f"{distributed.STUCK_AFTER_S:g} s: the worker was ended to free them)"
         )
         raise Abandoned({**chosen, "error": Failure(chosen["error"].type, message)}, stuck.recorder) from None
-    failures = [(rank, f) for rank, f in enumerate(gathered) if f]
+    failures = [(rank, _unplain(f)) for rank, f in enumerate(gathered) if f]
     return _reduce(failures, group.world_size) if failures else None
 
 
