@@ -57,7 +57,7 @@ def machine(gpus_per_node=8):
 def test_a_ring_of_one_on_one_gpu_is_the_single_gpu_block_exactly():
     blocks = scaling.Blocks({("forward", True): ((65536, 30.0),)})
     modelled = scaling.predict(1, 1, 65536, True, "forward", SHAPE, blocks, machine())
-    assert (modelled.ms, modelled.efficiency, modelled.communication_share) == (30.0, 1.0, 0.0)
+    assert (modelled.ms, modelled.efficiency, modelled.exposed) == (30.0, 1.0, False)
 
 
 def test_ring_forward_hides_each_transfer_behind_a_slowed_block_and_adds_its_merges():
@@ -85,7 +85,6 @@ def test_ulysses_waits_for_both_all_to_alls_around_attention_on_its_heads():
     shard = 65536 * 16 * 128 * 2 / 2  # the half of a rank's shard of one tensor that leaves it
     all_to_all = [0.03 + tensors * shard * 2 * MS_PER_BYTE for tensors in (3, 1)]
     assert modelled.ms == pytest.approx(sum(all_to_all) + 224.0 / 2, rel=1e-12)
-    assert modelled.communication_share == pytest.approx(sum(all_to_all) / modelled.ms, rel=1e-12)
 
 
 def test_an_all_to_all_beyond_a_node_sends_its_other_nodes_pieces_at_the_inter_node_rate():

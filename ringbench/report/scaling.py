@@ -32,8 +32,6 @@ INTER_NODE_GBIT_S = 400.0  # one 400 Gb/s InfiniBand port per GPU
 # attends in parts of heads, q, k, v and the output once more.
 ALL_TO_ALL_TENSORS = {FORWARD: (3, 1), BACKWARD: (1, 3)}
 ULYSSES_ALONE_BACKWARD = (5, 3)
-# The strategies the model covers, by registered name, and the Ulysses degree of each.
-STRATEGIES = ("ring", "ulysses", "usp")
 PROJECTED_GPUS = tuple(2**power for power in range(3, 11))  # 8 … 1,024
 PROJECTED_TOKENS = tuple(2**power for power in range(17, 25))  # 128K … 16M
 EXPOSED, EXTRAPOLATED = "†", "‡"  # marks in the report's tables
@@ -89,7 +87,8 @@ class Machine:
             inter_node=Link(ring_step.latency_ms, inter_node_gbit_s / 8 * 1e6),
             gpus_per_node=gpus_per_node,
             merge_ms_per_mib=entry["merge"]["ms"] / entry["merge"]["accumulator_mib"],
-            contention=contended["beside_transfers_ms"] / contended["alone_ms"] - 1 if contended else 0.0,
+            # A kernel cannot run faster beside transfers: a negative figure is noise, and reads as none.
+            contention=max(0.0, contended["beside_transfers_ms"] / contended["alone_ms"] - 1) if contended else 0.0,
         )
 
     def all_to_all_ms(self, nbytes: float, degree: int) -> float:
@@ -151,16 +150,15 @@ class Blocks:
 class Prediction:
     ms: float
     efficiency: float
-    communication_share: float  # of the time, spent on transfers no compute hides
     exposed: bool  # a ring transfer outlasts the block it should hide behind
     extrapolated: bool  # a block shorter than any measured: its rate is the shortest's, optimistic
 
 
 class _Tally:
-    """Adds up a modelled call: compute, transfers hidden behind it or not."""
+    """Adds up a modelled call: blocks with the transfers beside them, and what runs alone."""
 
     def __init__(self, contention: float):
-        self.contention, self.ms, self.compute_ms, self.exposed, self.extrapolated = contention, 0.0, 0.0, False, False
+        self.contention, self.ms, self.exposed, self.extrapolated = contention, 0.0, False, False
 
     def block(self, timed: tuple[float, bool], share: float) -> float:
         self.extrapolated |= timed[1]
@@ -171,11 +169,10 @@ class _Tally:
         slowed = compute_ms * (1 + self.contention) if transfer_ms else compute_ms
         self.exposed |= transfer_ms > slowed
         self.ms += max(slowed, transfer_ms)
-        self.compute_ms += compute_ms
 
-    def alone(self, compute_ms: float = 0.0, transfer_ms: float = 0.0) -> None:
-        self.ms += compute_ms + transfer_ms
-        self.compute_ms += compute_ms
+    def alone(self, ms: float) -> None:
+        """A merge, or a transfer nothing hides."""
+        self.ms += ms
 
 
 def _ring_steps(
@@ -252,17 +249,17 @@ def _pass(
     link = machine.ring_step if world <= machine.gpus_per_node else machine.inter_node
     merged_rows = layout.rows * (0.75 if causal else 1.0)  # zigzag: half the steps merge half the rows
     merged_mib = shape.batch_size * layout.heads * merged_rows * shape.head_dim * 4 / MIB
-    tally.alone(transfer_ms=machine.all_to_all_ms(tensors_in * layout.all_to_all_bytes, degree))
+    tally.alone(machine.all_to_all_ms(tensors_in * layout.all_to_all_bytes, degree))
     for step, timed in enumerate(steps):
         compute = tally.block(timed, layout.heads / shape.heads)
         if pass_name == FORWARD:
             tally.step(compute, link.ms(layout.kv_bytes) if step < ring - 1 else 0.0)
-            tally.alone(compute_ms=machine.merge_ms_per_mib * merged_mib if step else 0.0)
+            tally.alone(machine.merge_ms_per_mib * merged_mib if step else 0.0)
         else:  # the next block's K/V and the last block's gradient sums travel during this block
             tally.step(compute, link.ms(layout.kv_bytes * (step < ring - 1) + layout.sums_bytes * (step > 0)))
     if pass_name == BACKWARD and ring > 1:
-        tally.alone(transfer_ms=link.ms(layout.sums_bytes))  # the own block's sums come home
-    tally.alone(transfer_ms=machine.all_to_all_ms(tensors_out * layout.all_to_all_bytes, degree))
+        tally.alone(link.ms(layout.sums_bytes))  # the own block's sums come home
+    tally.alone(machine.all_to_all_ms(tensors_out * layout.all_to_all_bytes, degree))
     return True
 
 
@@ -288,7 +285,6 @@ def predict(
     return Prediction(
         ms=tally.ms,
         efficiency=single[0] / (world * tally.ms),
-        communication_share=1 - tally.compute_ms / tally.ms,
         exposed=tally.exposed,
         extrapolated=tally.extrapolated,
     )
