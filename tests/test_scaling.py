@@ -72,6 +72,17 @@ def test_ring_forward_hides_each_transfer_behind_a_slowed_block_and_adds_its_mer
     assert modelled.efficiency == pytest.approx(224.0 / (4 * expected), rel=1e-12)
 
 
+def test_ring_steps_take_the_rings_own_calls_where_they_span_the_length_and_the_peers_elsewhere():
+    peer = {("forward", False): ((32768, 14.0), (131072, 224.0))}
+    blocks = scaling.Blocks(peer, ring_times={("forward", False): ((32768, 15.0), (65536, 60.0))})
+    four = scaling.predict(1, 4, 131072, False, "forward", SHAPE, blocks, machine())
+    assert four.ms == pytest.approx(3 * 15.0 * 1.1 + 15.0 + 3 * 1.0, rel=1e-12)  # the ring's own 32K block
+    assert four.efficiency == pytest.approx(224.0 / (4 * four.ms), rel=1e-12)  # against the peer at 128K
+    # 16K blocks lie below the ring's own lengths: the peer's 32K rate, marked as below what was measured.
+    eight = scaling.predict(1, 8, 131072, False, "forward", SHAPE, blocks, machine())
+    assert eight.extrapolated and blocks.ms(16384, False, "forward", ring_step=True) == (3.5, True)
+
+
 def test_causal_zigzag_steps_are_a_causal_block_then_half_blocks_merging_three_quarters_of_the_rows():
     blocks = scaling.Blocks({("forward", True): ((65536, 30.0),), ("forward", False): ((16384, 2.0), (65536, 32.0))})
     modelled = scaling.predict(1, 2, 131072, True, "forward", SHAPE, blocks, machine())

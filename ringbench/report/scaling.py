@@ -11,9 +11,10 @@ The README's "Scaling model" writes out the equations this module computes.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -113,16 +114,23 @@ class Shape:
 
 @dataclass(frozen=True)
 class Blocks:
-    """Single-GPU attention times of one kernel and shape, per (pass, causal): (rows, ms) by rows."""
+    """Single-GPU attention times of one kernel and shape, per (pass, causal): (rows, ms) by rows. The
+    peer's cells time every block; ``ring_times``, `ring`'s own calls as a ring of one (its block with
+    the log-sum-exp, and the accumulator made and cast back), where a run has them, time a ring
+    step's block at the lengths they span."""
 
     times: dict[tuple[str, bool], tuple[tuple[int, float], ...]]
+    ring_times: dict[tuple[str, bool], tuple[tuple[int, float], ...]] = field(default_factory=dict)
 
-    def ms(self, rows: float, causal: bool, pass_name: str) -> tuple[float, bool] | None:
+    def ms(self, rows: float, causal: bool, pass_name: str, ring_step: bool = False) -> tuple[float, bool] | None:
         """The time of a block of ``rows`` queries and keys, all heads, and whether ``rows`` lies below
         the lengths measured; None where the pass was not run. Between measured lengths the time is
         interpolated on log-log axes; beyond them the nearest measured rate holds. That is optimistic
         only below (shorter blocks run at lower rates), which is why only there it is marked."""
         points = self.times.get((pass_name, causal))
+        own = self.ring_times.get((pass_name, causal)) if ring_step else None
+        if own and own[0][0] <= rows <= own[-1][0]:
+            points = own
         if not points:
             return None
         lengths = [length for length, _ in points]
@@ -135,12 +143,12 @@ class Blocks:
         slope = math.log(t1 / t0) / math.log(l1 / l0)
         return t0 * (rows / l0) ** slope, outside
 
-    def backward_ms(self, rows: float, causal: bool) -> tuple[float, bool] | None:
+    def backward_ms(self, rows: float, causal: bool, ring_step: bool = False) -> tuple[float, bool] | None:
         """A block's backward: measured, or forward+backward less forward."""
-        measured = self.ms(rows, causal, BACKWARD)
+        measured = self.ms(rows, causal, BACKWARD, ring_step)
         if measured:
             return measured
-        both, forward = self.ms(rows, causal, BOTH), self.ms(rows, causal, FORWARD)
+        both, forward = self.ms(rows, causal, BOTH, ring_step), self.ms(rows, causal, FORWARD, ring_step)
         if both is None or forward is None:
             return None
         return both[0] - forward[0], both[1] or forward[1]
@@ -178,10 +186,14 @@ class _Tally:
 def _ring_steps(
     blocks: Blocks, rows: float, causal: bool, pass_name: str, ring: int
 ) -> list[tuple[float, bool]] | None:
-    """Each ring step's block time for all heads: a ring of one attends its whole rows; otherwise
-    non-causal every step is a square block, and causal (zigzag) step 0 is a causal square and every
-    later step half a square (rows × rows/2), timed as a square of equal work, rows/√2."""
-    timed = blocks.backward_ms if pass_name == BACKWARD else lambda r, c: blocks.ms(r, c, FORWARD)
+    """Each ring step's block time for all heads: a ring of one (Ulysses alone) attends its whole rows
+    as the peer does; otherwise, as the ring's own calls take them, non-causal every step is a square
+    block, and causal (zigzag) step 0 is a causal square and every later step half a square
+    (rows × rows/2), timed as a square of equal work, rows/√2."""
+    if pass_name == BACKWARD:
+        timed = functools.partial(blocks.backward_ms, ring_step=ring > 1)
+    else:
+        timed = functools.partial(blocks.ms, pass_name=FORWARD, ring_step=ring > 1)
     if ring == 1 or not causal:
         first = timed(rows, causal)
         return None if first is None else [first] * ring
@@ -310,16 +322,23 @@ def degree_of(row: pd.Series) -> int | None:
 _KERNEL_SHAPE = ["kernel", "dtype", "batch_size", "heads", "head_dim"]
 
 
+def _times(cells: pd.DataFrame) -> dict[tuple[str, bool], tuple[tuple[int, float], ...]]:
+    """(rows, ms) by rows per (pass, causal); where several cells share a length, the fastest."""
+    fastest = cells.groupby(["pass", "causal", "seq_len"])["median_ms"].min()
+    found: dict[tuple[str, bool], list[tuple[int, float]]] = {}
+    for (pass_name, causal, seq_len), ms in fastest.items():
+        found.setdefault((pass_name, bool(causal)), []).append((int(seq_len), float(ms)))
+    return {key: tuple(sorted(points)) for key, points in found.items()}
+
+
 def blocks_of(frame: pd.DataFrame) -> dict[tuple, Blocks]:
-    """The single-GPU peer's times, per kernel and shape: what every block time is read from."""
-    peers = frame[frame[PEER] & (frame["world_size"] == 1) & (frame["status"] == records.OK)]
+    """Per kernel and shape the single-GPU peer ran: its times, and `ring`'s as a ring of one."""
+    ok = frame[(frame["world_size"] == 1) & (frame["status"] == records.OK)]
+    rings = ok[(ok["implementation"] == "ring") & (ok["ring_size"] == 1)]
     found: dict[tuple, Blocks] = {}
-    for key, group in peers.groupby(_KERNEL_SHAPE, sort=False):
-        times = {
-            (pass_name, bool(causal)): tuple(sorted(zip(part["seq_len"], part["median_ms"])))
-            for (pass_name, causal), part in group.groupby(["pass", "causal"], sort=False)
-        }
-        found[key] = Blocks(times)
+    for key, peer in ok[ok[PEER]].groupby(_KERNEL_SHAPE, sort=False):
+        ring = rings[(rings[_KERNEL_SHAPE] == pd.Series(key, index=_KERNEL_SHAPE)).all(axis=1)]
+        found[key] = Blocks(_times(peer), _times(ring) if not ring.empty else {})
     return found
 
 
