@@ -75,11 +75,11 @@ def main_options(
 
 
 def _print_plan(source: Path, the_plan) -> None:
+    kinds = [f"{len(the_plan.cells)} cells"] if the_plan.cells or not the_plan.searches else []
     if the_plan.searches:
-        print(f"{source}: {len(the_plan.searches)} searches planned, {len(the_plan.excluded)} left out")
-    else:
-        print(f"{source}: {len(the_plan.cells)} cells planned, {len(the_plan.excluded)} left out")
-    for item in the_plan.searches or the_plan.cells:
+        kinds.append(f"{len(the_plan.searches)} searches")
+    print(f"{source}: {' and '.join(kinds)} planned, {len(the_plan.excluded)} left out")
+    for item in [*the_plan.cells, *the_plan.searches]:
         print(f"  {item.id}  {item.title}")
     if the_plan.excluded:
         print("left out:")

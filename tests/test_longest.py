@@ -103,8 +103,12 @@ dtypes: [float32]
     ("change", "message"),
     [
         (
-            "seq_lens: [64]\n",
-            "seq_lens: a config with longest searches the seq_len itself; give seq_lens or longest, not both",
+            "longest: {start: 128, granularity: 64, passes: [backward]}\n",
+            "longest.passes[0]: backward is not among the sweep's passes (forward)",
+        ),
+        (
+            "longest: {start: 128, granularity: 64, causal: [true]}\n",
+            "longest.causal[0]: true is not among the sweep's causal (false)",
         ),
         ("longest: {start: 100, granularity: 64}\n", "longest.start: must be a multiple of granularity (100 % 64)"),
         ("longest: {start: 128, granularity: 64, max: 64}\n", "longest.max: must not be below start (64 < 128)"),
@@ -115,7 +119,7 @@ dtypes: [float32]
         ("longest: {start: 128}\n", "longest.granularity: required key is missing"),
         (
             "longest: {start: 128, granularity: 64, step: 2}\n",
-            "longest.step: unknown key (known: granularity, max, start)",
+            "longest.step: unknown key (known: causal, granularity, max, passes, start)",
         ),
         ("memory_cap_gib: 0\n", "memory_cap_gib: expected a finite positive number, got 0"),
     ],
@@ -290,3 +294,34 @@ def test_a_search_only_run_names_the_gpus_its_probes_ran_on():
         "searches": [{"world_size": 1}, {"world_size": 2}],
     }
     assert devices(meta) == "NVIDIA H200 ×2"
+
+
+def test_listed_lengths_and_a_search_in_one_run_share_the_cells_they_both_need(write_config):
+    path = write_config(
+        "plugins: [fake_impls]\nimplementations: [test-limited]\nseq_lens: [256, 2048]\n"
+        "longest: {start: 128, granularity: 64, causal: [true]}\ncausal: [false, true]\n"
+        "heads: [1]\nhead_dims: [8]\ndtypes: [float32]\ntiming: {warmup_ms: 1, rep_ms: 2, min_reps: 2, max_reps: 3}\n"
+    )
+    listed = CliRunner().invoke(app, ["plan", str(path)])
+    assert listed.output.splitlines()[0].endswith("4 cells and 1 searches planned, 0 left out")
+    out = path.parent / "out"
+    result = CliRunner().invoke(app, ["run", str(path), "--output-root", str(out)])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = out.iterdir()
+    stored = list(records.read_records(run_dir))
+    # Each cell once: the causal search takes the listed causal cells' outcomes (256 ran, 2048 did
+    # not) and bisects between them, never probing its start or a listed length again.
+    assert len({r.cell_id for r in stored}) == len(stored)
+    causal = {r.seq_len: r.status for r in stored if r.causal}
+    assert causal[256] == "ok" and causal[2048] == "oom" and 128 not in causal
+    assert bounds({s: status == "ok" for s, status in causal.items()}) == (960, 1024)
+    assert sorted(r.seq_len for r in stored if not r.causal) == [256, 2048]
+    report = CliRunner().invoke(app, ["report", str(run_dir), "--no-plots", "-q"])
+    assert report.exit_code == 0 and "not in this run's plan" not in report.output
+    markdown = (run_dir / "report.md").read_text()
+    assert f"**Cells**: 4 of 4 planned; **probes**: {len(stored) - 4} recorded in `{run_dir.name}` for 1 searches" in (
+        markdown
+    )
+    assert "- **longest**: doubling from 128, then bisection to 64 (only causal: true)" in markdown
+    assert "- **seq_lens**: 256, 2048" in markdown
+    assert "| test-limited     |                960 |            1,024 (OOM) |" in markdown

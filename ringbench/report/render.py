@@ -106,10 +106,15 @@ def _resumptions(meta: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _recorded(meta: dict[str, Any], count: int, name: str) -> str:
-    if "searches" in meta:  # how many probes a search takes is known only once it ends
-        return f"**Probes**: {count} recorded in `{escape(name)}` for {len(meta['searches'])} searches  "
-    return f"**Cells**: {count} of {len(meta['planned'])} planned recorded in `{escape(name)}`  "
+def _recorded(meta: dict[str, Any], cell_ids: pd.Series, name: str) -> str:
+    planned = {cell["cell_id"] for cell in meta["planned"]}
+    listed = int(cell_ids.isin(planned).sum())
+    cells = f"{listed} of {len(planned)} planned"
+    if "searches" not in meta:
+        return f"**Cells**: {cells} recorded in `{escape(name)}`  "
+    # How many probes a search takes is known only once it ends.
+    probes = f"{len(cell_ids) - listed} recorded in `{escape(name)}` for {len(meta['searches'])} searches"
+    return f"**Cells**: {cells}; **probes**: {probes}  " if planned else f"**Probes**: {probes}  "
 
 
 def _memory_cap(meta: dict[str, Any]) -> list[str]:
@@ -138,11 +143,15 @@ def _parameters(meta: dict[str, Any]) -> list[str]:
     searched = config.get("longest")
     if searched:
         limit = f", at most {searched['max']:,}" if searched["max"] else ""
+        limited = [axis for axis in ("passes", "causal") if searched.get(axis)]
+        scope = "; ".join(f"{axis}: {', '.join(map(str, searched[axis])).lower()}" for axis in limited)
+        only = f" (only {scope})" if scope else ""
         lines.append(
-            f"- **longest**: doubling from {searched['start']:,}, then bisection to {searched['granularity']:,}{limit}"
+            f"- **longest**: doubling from {searched['start']:,}, then bisection to {searched['granularity']:,}"
+            f"{limit}{only}"
         )
     for axis in (
-        *(() if searched else ("seq_lens",)),
+        *(("seq_lens",) if config["seq_lens"] else ()),
         "ring_sizes",
         "world_sizes",
         "batch_sizes",
@@ -376,7 +385,7 @@ def render_run(
         f"**Git Commit**: {stamp_commit(environment['git'])} (the repository holding the config)  ",
         *_ringbench_line(environment),
         f"**Hardware**: {_hardware(meta)}  ",
-        _recorded(meta, len(frame), run.path.name),
+        _recorded(meta, frame["cell_id"], run.path.name),
         *_memory_cap(meta),
         *_resumptions(meta),
         "",

@@ -67,6 +67,14 @@ class Searching:
 Job = OneCell | Searching
 
 
+def note_elsewhere(pending: Iterable[Job], record: Record, job: Job) -> None:
+    """A cell ``job`` ran may be a probe another search would make (a config's listed cell at a
+    length the search reaches): each such search takes its outcome too, and never runs it again."""
+    for other in pending:
+        if other is not job and isinstance(other, Searching) and other.search.owns(record.cell):
+            other.outcomes.setdefault(record.seq_len, record.status == records.OK)
+
+
 def planned(plan: Plan, done: Iterable[Record]) -> list[Job]:
     """The plan's jobs that are not done yet, given the records of cells done (``records.done``):
     cells without one, and searches with the outcomes of their probes that have one."""

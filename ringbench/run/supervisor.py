@@ -130,8 +130,8 @@ class _WorldSize:
             if job is None:
                 continue
             job.note(record)
-            if job.current() is None:
-                self.pending.remove(job)
+            jobs.note_elsewhere(self.pending, record, job)
+            self.pending = [job for job in self.pending if job.current() is not None]
             self.on_record(record)
             taken += 1
         return taken

@@ -141,6 +141,7 @@ def serve(
                     if writer:
                         writer.append(record)
                     job.note(record)
+                    jobs.note_elsewhere(pending, record, job)
                     why = None if created else _why_stop(record, group)  # a user's launcher starts no fresh one
                     if why:
                         print(f"{why}; a fresh worker takes the next cells", flush=True)

@@ -92,7 +92,7 @@ class Sweep:
     skip_oversized_inputs: bool  # record a cell whose q, k, v alone exceed the device's memory as `skipped`
     threads: int | None  # torch intra-op threads per host; None: its physical cores
     timing: TimingBudget
-    # Instead of seq_lens: search each implementation's longest seq_len (see sweep.longest).
+    # Beside or instead of seq_lens: search each implementation's longest seq_len (see sweep.longest).
     longest: SearchSpec | None = None
     # Each worker's CUDA caching allocator is capped at this many GiB (see run.memory.cap).
     memory_cap_gib: float | None = None
@@ -102,6 +102,8 @@ class Sweep:
         config leaves out are left out here too, so that configs without them keep the hash that runs
         stored before those sections existed (and so can still be resumed)."""
         clean = json.loads(json.dumps(dataclasses.asdict(self)))
+        if clean["longest"]:  # a search over every pass and causal setting, as before these keys existed
+            clean["longest"] = {key: value for key, value in clean["longest"].items() if value != []}
         return {key: value for key, value in clean.items() if key not in _OPTIONAL or value is not None}
 
     @property
@@ -265,6 +267,8 @@ def _longest(value: Any, where: str) -> SearchSpec:
         "start": (_positive_int, _REQUIRED),
         "granularity": (_positive_int, _REQUIRED),
         "max": (_positive_int, None),
+        "passes": (_list_of(_one_of(PASSES)), ()),
+        "causal": (_list_of(_boolean), ()),
     }
     spec = SearchSpec(**_read_fields(value, where, fields))
     # Every probe is a multiple of the granularity: the lengths sharding needs (divisible by the
@@ -276,6 +280,16 @@ def _longest(value: Any, where: str) -> SearchSpec:
     if spec.max is not None and spec.max < spec.start:
         raise Invalid(f"{where}.max", f"must not be below start ({spec.max} < {spec.start})")
     return spec
+
+
+def _check_scope(spec: SearchSpec, clean: dict[str, Any]) -> None:
+    """The passes and causal settings a search is limited to are among the sweep's own."""
+    for axis in ("passes", "causal"):
+        for index, value in enumerate(getattr(spec, axis)):
+            if value not in clean[axis]:
+                among = ", ".join(map(str, clean[axis])).lower()
+                message = f"{str(value).lower()} is not among the sweep's {axis} ({among})"
+                raise Invalid(f"longest.{axis}[{index}]", message)
 
 
 def _implementation(registry: Registry) -> Callable[[Any, str], ImplementationChoice]:
@@ -456,7 +470,7 @@ def load(path: str | Path, registry: Registry | None = None) -> Sweep:
             "description": (_string, ""),
             "plugins": (lambda v, w: plugins, ()),
             "implementations": (_implementations(registry), _REQUIRED),
-            # A config searches for the longest seq_len or lists them, not both (checked below).
+            # A config lists lengths, searches for the longest, or both.
             "seq_lens": (_list_of(_positive_int), () if "longest" in raw else _REQUIRED),
             "ring_sizes": (_list_of(_positive_int), (1,)),
             "world_sizes": (_list_of(_positive_int), (1,)),
@@ -478,11 +492,8 @@ def load(path: str | Path, registry: Registry | None = None) -> Sweep:
             "memory_cap_gib": (_positive_number, None),
         }
         clean = _read_fields(raw, "", fields)
-        if clean["longest"] and clean["seq_lens"]:
-            raise Invalid(
-                "seq_lens",
-                "a config with longest searches the seq_len itself; give seq_lens or longest, not both",
-            )
+        if clean["longest"]:
+            _check_scope(clean["longest"], clean)
         return Sweep(**clean)
     except Invalid as exc:
         raise ConfigError(source, exc.where, exc.message) from None

@@ -29,6 +29,10 @@ class SearchSpec:
     start: int
     granularity: int
     max: int | None = None
+    # Which of the sweep's passes and causal settings are searched; empty: every one. With
+    # seq_lens beside the search, a sweep times its cells at every length and searches these only.
+    passes: tuple[str, ...] = ()
+    causal: tuple[bool, ...] = ()
 
 
 def bounds(outcomes: Mapping[int, bool]) -> tuple[int | None, int | None]:

@@ -30,7 +30,7 @@ class Exclusion:
 
 @dataclass(frozen=True)
 class Plan:
-    """The cells to run (or the searches, whose probes are cells), those left out, and the
+    """The cells to run and the searches (whose probes are cells), those left out, and the
     implementations that run them, by name."""
 
     cells: tuple[Cell, ...]
@@ -71,25 +71,20 @@ def _placements(sweep: Sweep, implementation: Implementation) -> list[tuple[int 
     return placements + [(world, world) for world in sweep.world_sizes if world > 1]
 
 
-def build(sweep: Sweep, lookup: Callable[[str], Implementation]) -> Plan:
-    """Expand a sweep into cells, shape axes outermost so one shape's cells run together
-    (in a seeded random order within the shape when the sweep asks for ``shuffle``).
-
-    With ``longest``, each of those cells, at the search's start, is a search instead. A search
-    is left out where its implementation cannot run its first probe or a single granule (every
-    probe is a multiple of one, so a divisibility the implementation needs holds for all probes
-    once it holds for the granule).
-
-    ``lookup`` finds an implementation by name: whether it takes one cell per ring
-    size, and which cells it cannot run.
-    """
+def _expand(
+    sweep: Sweep,
+    lookup: Callable[[str], Implementation],
+    seq_lens: tuple[int, ...],
+    passes: tuple[str, ...],
+    causal: tuple[bool, ...],
+    granule: int | None,
+) -> tuple[list[Cell], list[Exclusion]]:
+    """The cells of ``sweep`` at ``seq_lens`` for ``passes`` and ``causal``, shape axes outermost, and
+    those left out; with ``granule``, a cell is left out also where a probe of that length would be."""
     cells, excluded = [], []
-    seq_lens = (sweep.longest.start,) if sweep.longest else sweep.seq_lens
-    shapes = itertools.product(
-        sweep.passes, sweep.dtypes, sweep.causal, sweep.batch_sizes, sweep.heads, sweep.head_dims, seq_lens
-    )
+    shapes = itertools.product(passes, sweep.dtypes, causal, sweep.batch_sizes, sweep.heads, sweep.head_dims, seq_lens)
     for shape in shapes:
-        pass_name, dtype, causal, batch, heads, head_dim, seq_len = shape
+        pass_name, dtype, is_causal, batch, heads, head_dim, seq_len = shape
         shape_cells = []
         for choice in sweep.implementations:
             implementation = lookup(choice.name)
@@ -103,12 +98,12 @@ def build(sweep: Sweep, lookup: Callable[[str], Implementation]) -> Plan:
                     heads,
                     head_dim,
                     dtype,
-                    causal,
+                    is_causal,
                     pass_name,
                     world_size,
                     choice.label,
                 )
-                tried = [cell, replace(cell, seq_len=sweep.longest.granularity)] if sweep.longest else [cell]
+                tried = [cell, replace(cell, seq_len=granule)] if granule else [cell]
                 reason = next(
                     ((probe, why) for probe in tried if (why := exclusion_reason(probe, implementation))), None
                 )
@@ -121,11 +116,34 @@ def build(sweep: Sweep, lookup: Callable[[str], Implementation]) -> Plan:
             # first; the shuffle is seeded by the sweep's seed and the shape, so it repeats exactly.
             random.Random(f"{sweep.seed}:{shape}").shuffle(shape_cells)
         cells.extend(shape_cells)
+    return cells, excluded
+
+
+def build(sweep: Sweep, lookup: Callable[[str], Implementation]) -> Plan:
+    """Expand a sweep into cells, shape axes outermost so one shape's cells run together
+    (in a seeded random order within the shape when the sweep asks for ``shuffle``).
+
+    With ``longest``, each cell of the passes and causal settings it searches, at the search's
+    start, is also a search (beside the cells of ``seq_lens``, where the sweep lists any). A search
+    is left out where its implementation cannot run its first probe or a single granule (every
+    probe is a multiple of one, so a divisibility the implementation needs holds for all probes
+    once it holds for the granule).
+
+    ``lookup`` finds an implementation by name: whether it takes one cell per ring
+    size, and which cells it cannot run.
+    """
+    cells, excluded = _expand(sweep, lookup, sweep.seq_lens, sweep.passes, sweep.causal, None)
     implementations = {choice.name: lookup(choice.name) for choice in sweep.implementations}
+    searches: tuple[Search, ...] = ()
     if sweep.longest:
-        searches = tuple(Search(cell, sweep.longest) for cell in cells)
-        return Plan((), tuple(excluded), implementations, searches)
-    return Plan(tuple(cells), tuple(excluded), implementations)
+        spec = sweep.longest
+        firsts, left_out = _expand(
+            sweep, lookup, (spec.start,), spec.passes or sweep.passes, spec.causal or sweep.causal, spec.granularity
+        )
+        searches = tuple(Search(cell, spec) for cell in firsts)
+        listed = {exclusion.cell.id for exclusion in excluded}
+        excluded += [exclusion for exclusion in left_out if exclusion.cell.id not in listed]
+    return Plan(tuple(cells), tuple(excluded), implementations, searches)
 
 
 def load(path: str | Path) -> tuple[Sweep, Plan]:
