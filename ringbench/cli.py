@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from ringbench.errors import UserError
+from ringbench.vocabulary import counted
 
 app = typer.Typer(
     add_completion=False,
@@ -75,9 +76,9 @@ def main_options(
 
 
 def _print_plan(source: Path, the_plan) -> None:
-    kinds = [f"{len(the_plan.cells)} cells"] if the_plan.cells or not the_plan.searches else []
+    kinds = [counted(len(the_plan.cells), "cell")] if the_plan.cells or not the_plan.searches else []
     if the_plan.searches:
-        kinds.append(f"{len(the_plan.searches)} searches")
+        kinds.append(counted(len(the_plan.searches), "search", "searches"))
     print(f"{source}: {' and '.join(kinds)} planned, {len(the_plan.excluded)} left out")
     for item in [*the_plan.cells, *the_plan.searches]:
         print(f"  {item.id}  {item.title}")

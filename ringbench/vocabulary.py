@@ -40,6 +40,11 @@ def compact(value: Any) -> str:
     return str(value)
 
 
+def counted(count: int, noun: str, plural: str = "") -> str:
+    """``count`` and the noun in number: 1 search, 4 searches."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
+
 def _option_text(value: Any) -> str:
     """Options as the YAML spells them: true/false, [1, 2]."""
     if isinstance(value, bool):

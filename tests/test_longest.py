@@ -303,7 +303,7 @@ def test_listed_lengths_and_a_search_in_one_run_share_the_cells_they_both_need(w
         "heads: [1]\nhead_dims: [8]\ndtypes: [float32]\ntiming: {warmup_ms: 1, rep_ms: 2, min_reps: 2, max_reps: 3}\n"
     )
     listed = CliRunner().invoke(app, ["plan", str(path)])
-    assert listed.output.splitlines()[0].endswith("4 cells and 1 searches planned, 0 left out")
+    assert listed.output.splitlines()[0].endswith("4 cells and 1 search planned, 0 left out")
     out = path.parent / "out"
     result = CliRunner().invoke(app, ["run", str(path), "--output-root", str(out)])
     assert result.exit_code == 0, result.output
@@ -319,7 +319,7 @@ def test_listed_lengths_and_a_search_in_one_run_share_the_cells_they_both_need(w
     report = CliRunner().invoke(app, ["report", str(run_dir), "--no-plots", "-q"])
     assert report.exit_code == 0 and "not in this run's plan" not in report.output
     markdown = (run_dir / "report.md").read_text()
-    assert f"**Cells**: 4 of 4 planned; **probes**: {len(stored) - 4} recorded in `{run_dir.name}` for 1 searches" in (
+    assert f"**Cells**: 4 of 4 planned; **probes**: {len(stored) - 4} recorded in `{run_dir.name}` for 1 search" in (
         markdown
     )
     assert "- **longest**: doubling from 128, then bisection to 64 (only causal: true)" in markdown

@@ -22,7 +22,7 @@ from ringbench.report.summary import (
     warnings,
 )
 from ringbench.report.tables import METRICS, SHAPE, failures, metric_table, shape_title, tolerances
-from ringbench.vocabulary import PEER, label_of, placement
+from ringbench.vocabulary import PEER, counted, label_of, placement
 
 
 def _heading(level: int, text: str) -> str:
@@ -113,7 +113,8 @@ def _recorded(meta: dict[str, Any], cell_ids: pd.Series, name: str) -> str:
     if "searches" not in meta:
         return f"**Cells**: {cells} recorded in `{escape(name)}`  "
     # How many probes a search takes is known only once it ends.
-    probes = f"{len(cell_ids) - listed} recorded in `{escape(name)}` for {len(meta['searches'])} searches"
+    searches = counted(len(meta["searches"]), "search", "searches")
+    probes = f"{len(cell_ids) - listed} recorded in `{escape(name)}` for {searches}"
     return f"**Cells**: {cells}; **probes**: {probes}  " if planned else f"**Probes**: {probes}  "
 
 
