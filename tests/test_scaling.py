@@ -127,7 +127,12 @@ def test_the_report_models_every_ring_cell_of_a_recorded_run_as_the_golden_says(
     block = 228.00193786621094 / 16
     expected = 228.00193786621094 / (4 * (3 * block * 1.1 + block + 3 * 1.0))
     assert f"| 0.893      | {expected:.3f}‡  |" in section
-    assert "## Scaling model" in render_report([run])
+    report = render_report([run])
+    assert "## Scaling model" in report
+    assert (
+        "- Scaling model against the multi-process cells: within 5% in 4 of 4 cells (largest error 3.2%), "
+        "as its section shows\n"
+    ) in report
 
 
 def test_a_run_without_calibration_has_no_scaling_section():
@@ -157,3 +162,19 @@ def test_a_calibrated_run_draws_the_projection():
     titles = [axes.get_title() for axes in figure.axes]
     assert titles == [f"{tokens} tokens, forward+backward, non-causal" for tokens in ("128K", "1M", "16M")]
     assert [line.get_label() for line in figure.axes[0].lines] == ["ring", "ulysses", "usp, best degree"]
+
+
+def test_a_run_without_forward_cells_says_the_model_cannot_time_it_and_draws_nothing(tmp_path):
+    from ringbench.report import plots
+
+    run_dir = with_calibration(tmp_path)
+    lines = (run_dir / "records.jsonl").read_text().splitlines()
+    (run_dir / "records.jsonl").write_text("\n".join(line for line in lines if '"pass": "forward"' not in line) + "\n")
+    run = load_run(run_dir)
+    assert set(run.frame["pass"]) == {"forward+backward"}
+    section = scaling.lines(run.frame, run.calibration, 2)
+    assert section[6] == (
+        "No cell of this run can be modelled: the model needs the peer's forward cells, beside any "
+        "forward+backward ones, to time a ring step's forward and backward apart."
+    )
+    assert "### Model against measurement" not in section and "scaling" not in plots.figures(run.frame, run.calibration)

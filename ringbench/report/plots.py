@@ -113,9 +113,11 @@ def _scaling(frame: pd.DataFrame, calibration: dict[int, dict[str, Any]]) -> Fig
     non-causal where it ran): per-GPU efficiency against GPUs, one panel per sequence length, one
     line each for `ring`, `ulysses` and the best `usp` of another degree."""
     projected = scaling.projections(frame, calibration)
-    if projected is None or not projected[1]:
+    if projected is None:
         return None
-    _, found = projected
+    found = [projection for projection in projected[1] if any(projection.predictions.values())]
+    if not found:
+        return None
     chosen = next((p for p in found if p.pass_name == scaling.BOTH and not p.causal), found[0])
     tokens = [scaling.PROJECTED_TOKENS[0], 2**20, scaling.PROJECTED_TOKENS[-1]]
     causal = "causal" if chosen.causal else "non-causal"

@@ -294,6 +294,7 @@ def _findings(
     level: int,
     environments: list[dict[str, Any]],
     searched: list[longest.Found],
+    calibration: dict[int, dict[str, Any]],
 ) -> list[str]:
     """What the cells show, and what a reader should distrust, in bullet points."""
     lines = [_heading(level, "Findings"), ""]
@@ -301,7 +302,13 @@ def _findings(
         lines += ["No cell has finished yet.", ""]
     else:
         assert label is not None, "a frame with cells resolves a baseline label"
-        lines += [*summary(frame, label), *longest.findings(searched), *efficiency_findings(frame), ""]
+        lines += [
+            *summary(frame, label),
+            *longest.findings(searched),
+            *efficiency_findings(frame),
+            *scaling.findings(frame, calibration),
+            "",
+        ]
     cautions = warnings(frame, environments)
     if cautions:
         lines += [_heading(level, "What to distrust"), "", *cautions, ""]
@@ -313,7 +320,7 @@ def render_findings(run: Run, baseline: str | None = None) -> str:
     label = resolve(run.frame, baseline)
     heading = _heading(2, f"Findings of `{escape(run.path.name)}` ({escape(run.meta['config']['name'])})")
     searched = _searched(run.frame, run.meta.get("searches", []))
-    lines = _findings(with_ratios(run.frame, label), label, 3, [run.meta["environment"]], searched)
+    lines = _findings(with_ratios(run.frame, label), label, 3, [run.meta["environment"]], searched, run.calibration)
     return "\n".join([heading, "", *lines[2:]])
 
 
@@ -338,7 +345,7 @@ def _analysis(
     label = resolve(frame, baseline)
     frame = with_ratios(frame, label)
     searched = _searched(frame, searches)
-    lines = _findings(frame, label, level, environments, searched)
+    lines = _findings(frame, label, level, environments, searched, calibration)
     if searched:
         lines += [
             _heading(level, "Longest sequence"),

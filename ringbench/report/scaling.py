@@ -36,6 +36,7 @@ ULYSSES_ALONE_BACKWARD = (5, 3)
 PROJECTED_GPUS = tuple(2**power for power in range(3, 11))  # 8 … 1,024
 PROJECTED_TOKENS = tuple(2**power for power in range(17, 25))  # 128K … 16M
 EXPOSED, EXTRAPOLATED = "†", "‡"  # marks in the report's tables
+HELD_TO_PERCENT = 5.0  # how close to a measured efficiency the model is held to be
 
 
 @dataclass(frozen=True)
@@ -467,6 +468,20 @@ def _machine_line(machine: Machine, calibrated: dict[str, Any]) -> str:
     )
 
 
+def _agreement(checked: pd.DataFrame) -> str:
+    errors = [abs(float(text.rstrip("%"))) for text in checked["error"]]
+    within = sum(error <= HELD_TO_PERCENT for error in errors)
+    return f"within {HELD_TO_PERCENT:g}% in {within} of {len(errors)} cells (largest error {max(errors):.1f}%)"
+
+
+def findings(frame: pd.DataFrame, calibration: dict[int, dict[str, Any]]) -> list[str]:
+    """The findings' line on the model: how close it came to the run's multi-process cells."""
+    checked = validation(frame, calibration) if calibration else pd.DataFrame()
+    if checked.empty:
+        return []
+    return [f"- Scaling model against the multi-process cells: {_agreement(checked)}, as its section shows"]
+
+
 def lines(
     frame: pd.DataFrame,
     calibration: dict[int, dict[str, Any]],
@@ -490,16 +505,19 @@ def lines(
         "",
     ]
     checked = validation(frame, calibration)
+    if checked.empty and not any(any(projection.predictions.values()) for projection in found):
+        out += [
+            "No cell of this run can be modelled: the model needs the peer's forward cells, beside any "
+            "forward+backward ones, to time a ring step's forward and backward apart.",
+            "",
+        ]
     if not checked.empty:
-        errors = [abs(float(text.rstrip("%"))) for text in checked["error"]]
-        within = sum(error <= 5.0 for error in errors)
         out += [
             f"{heading}# Model against measurement",
             "",
             f"Per-GPU efficiency over the single-device peer at the same length, measured and modelled, on the "
-            f"machine each world size measured. Within 5% in {within} of {len(errors)} cells (largest error "
-            f"{max(errors):.1f}%). {EXTRAPOLATED}: a block shorter than the peer's shortest cell, timed at "
-            "that cell's rate (optimistic).",
+            f"machine each world size measured. {_agreement(checked).capitalize()}. {EXTRAPOLATED}: a block "
+            "shorter than the peer's shortest cell, timed at that cell's rate (optimistic).",
             "",
             table(checked),
             "",
