@@ -375,7 +375,7 @@ def validation(frame: pd.DataFrame, calibration: dict[int, dict[str, Any]]) -> p
                 "kernel": escape(row["kernel"]),
                 "measured": f"{measured:.3f}",
                 "model": f"{modelled.efficiency:.3f}{EXTRAPOLATED if modelled.extrapolated else ''}",
-                "error": f"{modelled.efficiency / measured - 1:+.1%}",
+                "error": modelled.efficiency / measured - 1,  # a fraction; the table writes it as a percentage
             }
         )
     return pd.DataFrame(rows)
@@ -469,9 +469,9 @@ def _machine_line(machine: Machine, calibrated: dict[str, Any]) -> str:
 
 
 def _agreement(checked: pd.DataFrame) -> str:
-    errors = [abs(float(text.rstrip("%"))) for text in checked["error"]]
-    within = sum(error <= HELD_TO_PERCENT for error in errors)
-    return f"within {HELD_TO_PERCENT:g}% in {within} of {len(errors)} cells (largest error {max(errors):.1f}%)"
+    errors = checked["error"].abs() * 100
+    within = int((errors <= HELD_TO_PERCENT).sum())
+    return f"within {HELD_TO_PERCENT:g}% in {within} of {len(errors)} cells (largest error {errors.max():.1f}%)"
 
 
 def findings(frame: pd.DataFrame, calibration: dict[int, dict[str, Any]]) -> list[str]:
@@ -519,7 +519,7 @@ def lines(
             f"machine each world size measured. {_agreement(checked).capitalize()}. {EXTRAPOLATED}: a block "
             "shorter than the peer's shortest cell, timed at that cell's rate (optimistic).",
             "",
-            table(checked),
+            table(checked.assign(error=checked["error"].map("{:+.1%}".format))),
             "",
         ]
     for projection in found:
