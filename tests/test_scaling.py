@@ -5,6 +5,7 @@ import math
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from ringbench import records
@@ -116,6 +117,25 @@ def with_calibration(tmp_path, entry=CALIBRATION):
     shutil.copytree(FIXTURES / "multi-process", run)
     records.write_calibration(run, entry)
     return run
+
+
+@pytest.mark.parametrize(
+    ("implementation", "options", "causal", "degree"),
+    [
+        ("ring", {"zigzag": True, "transfers": "nccl"}, True, 1),
+        ("ring", {"zigzag": False}, False, 1),
+        ("ring", {"zigzag": False}, True, None),  # ranks wait on each other's unequal work
+        ("ring", {"zigzag": True, "transfers": "copy-engine"}, False, None),  # not what was calibrated
+        ("usp", {"zigzag": True, "ulysses_degree": 2}, True, 2),
+        ("ulysses", {}, True, 4),
+        ("torch-cp", {}, False, None),
+    ],
+)
+def test_the_model_covers_the_strategies_and_transfers_it_was_calibrated_for(implementation, options, causal, degree):
+    row = pd.Series(
+        {"implementation": implementation, "options": json.dumps(options), "causal": causal, "world_size": 4}
+    )
+    assert scaling.degree_of(row) == degree
 
 
 def test_the_report_models_every_ring_cell_of_a_recorded_run_as_the_golden_says(tmp_path):

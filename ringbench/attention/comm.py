@@ -22,10 +22,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from ringbench.attention.peer_copy import PeerBuffers
 
 # (what this rank sends, the tensor that receives its counterpart, the rank on the other side)
 Piece = tuple[torch.Tensor, torch.Tensor, int]
@@ -40,12 +43,21 @@ class WaitClock:
         self._cpu_ms = 0.0
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
-    def exchange(self, send: torch.Tensor, receive: torch.Tensor, send_to: int, receive_from: int) -> list:
+    def exchange(
+        self,
+        send: torch.Tensor,
+        receive: torch.Tensor,
+        send_to: int,
+        receive_from: int,
+        through: PeerBuffers | None = None,
+    ) -> list:
         """Post one ring step's transfer, sending ``send`` and receiving into ``receive``; returns the requests.
 
         Sends and receives go in one batch: NCCL then pairs them up without the
-        deadlock that separately issued blocking sends would risk. A rank that is its
-        own neighbour (a ring of one) sends nothing: the message is copied.
+        deadlock that separately issued blocking sends would risk. With ``through``,
+        whose buffers ``receive`` lies in, the copy engine writes the message instead
+        (``ringbench.attention.peer_copy``). A rank that is its own neighbour (a ring
+        of one) sends nothing: the message is copied.
         """
         if send_to == receive_from == dist.get_rank():
             receive.copy_(send)
@@ -53,6 +65,8 @@ class WaitClock:
         if self._on:
             self.sent_bytes += send.numel() * send.element_size()
             self.transfers += 1
+        if through is not None:
+            return through.post(send, receive, send_to, receive_from)
         return dist.batch_isend_irecv(
             [
                 dist.P2POp(dist.isend, send, send_to),
@@ -204,12 +218,26 @@ class TravellingSums:
     neighbour that block's sums so far (``held``); it adds its share and passes them
     on (``pass_on``), which overlaps the next step's compute. After as many steps as
     the ring has ranks, each block's sums are back at its owner, complete (``own``).
+    The sums and the spare they arrive in are new tensors, or with ``through`` the
+    fronts of its two slots, which its copy engine transfers write.
     """
 
-    def __init__(self, clock: WaitClock, shape: torch.Size, device: torch.device, send_to: int, receive_from: int):
-        self.clock, self.send_to, self.receive_from = clock, send_to, receive_from
-        self.sums = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.spare = torch.empty_like(self.sums)
+    def __init__(
+        self,
+        clock: WaitClock,
+        shape: torch.Size,
+        device: torch.device,
+        send_to: int,
+        receive_from: int,
+        through: PeerBuffers | None = None,
+    ):
+        self.clock, self.send_to, self.receive_from, self.through = clock, send_to, receive_from, through
+        if through is None:
+            self.sums = torch.zeros(shape, dtype=torch.float32, device=device)
+            self.spare = torch.empty_like(self.sums)
+        else:
+            self.sums, self.spare = (slot.view(-1)[: shape.numel()].view(shape) for slot in through.slots)
+            self.sums.zero_()
         self.transfers: list = []
 
     def held(self, step: int) -> torch.Tensor:
@@ -220,7 +248,7 @@ class TravellingSums:
         return self.sums
 
     def pass_on(self) -> None:
-        self.transfers = self.clock.exchange(self.sums, self.spare, self.send_to, self.receive_from)
+        self.transfers = self.clock.exchange(self.sums, self.spare, self.send_to, self.receive_from, self.through)
 
     def own(self) -> torch.Tensor:
         """After the last ``pass_on``: this rank's own block's sums, over every rank."""

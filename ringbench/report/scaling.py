@@ -311,10 +311,13 @@ def strategy_name(degree: int, world: int) -> str:
 
 def degree_of(row: pd.Series) -> int | None:
     """The Ulysses degree of a cell the model covers: `ring` 1, `ulysses` its world size, `usp` its
-    option; None for any other implementation, and for a causal ring without zigzag, whose ranks
-    wait on each other's unequal work."""
+    option; None for any other implementation, for a causal ring without zigzag, whose ranks
+    wait on each other's unequal work, and for a ring with copy-engine transfers, which the
+    calibration (NCCL's) does not measure."""
     options = json.loads(row["options"])
     if row["causal"] and row["implementation"] in ("ring", "usp") and not options.get("zigzag"):
+        return None
+    if options.get("transfers") == "copy-engine":
         return None
     degrees = {"ring": 1, "ulysses": row["world_size"], "usp": options.get("ulysses_degree")}
     return degrees.get(row["implementation"])

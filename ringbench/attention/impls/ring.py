@@ -14,7 +14,9 @@ harness reports its time and memory as a per-rank *projection*.
 
 Across processes (world size > 1) each process is one rank holding one shard,
 and K/V blocks rotate with torch.distributed point-to-point ops, the next transfer
-posted before the current block is computed and waited for after it. Its backward
+posted before the current block is computed and waited for after it; or, with
+``transfers: copy-engine``, by the GPUs' copy engines into the next rank's buffers
+(``ringbench.attention.peer_copy``), which leaves every SM to the blocks. Its backward
 goes in parts of a few heads, each a ring of its own (``OneRank.backward``).
 
 Causal: the diagonal block runs causal and blocks wholly above the diagonal are
@@ -29,12 +31,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from ringbench.attention import blocks
+from ringbench.attention import blocks, peer_copy
 from ringbench.attention.comm import TravellingSums, WaitClock
 from ringbench.attention.models import fused_backward, row_floats, shard_bytes
 from ringbench.attention.registry import Bench, Option, Problem, register
 from ringbench.vocabulary import DTYPE_BYTES, PASSES, Cell
+
+TRANSFERS = ("nccl", "copy-engine")
 
 
 @dataclass(frozen=True)
@@ -296,7 +301,8 @@ class OneRank:
     Built from this rank's shards as they are: ``q`` and ``kv`` (K and V stacked,
     the one message each step sends), in the row order of ring rank ``rank``'s
     shard (``positions``); ``send_to`` and ``receive_from`` are the global ranks of
-    its neighbours in the ring, ``received`` its :func:`receive_buffers`.
+    its neighbours in the ring, ``received`` its :func:`receive_buffers`, or with ``peers``
+    (copy-engine transfers) the K/V slots of ``peers``.
     """
 
     def __init__(
@@ -313,9 +319,10 @@ class OneRank:
         send_to: int,
         receive_from: int,
         received: tuple[torch.Tensor, ...],
+        peers: peer_copy.RingPeers | None = None,
     ):
         self.kernel, self.zigzag, self.causal, self.dtype = kernel, zigzag, causal, q.dtype
-        self.rank, self.ring_size, self.comm = rank, ring_size, comm
+        self.rank, self.ring_size, self.comm, self.peers = rank, ring_size, comm, peers
         self.q, self.kv, self.received = q, kv, received
         self.shard_len = q.shape[2]
         self.send_to, self.receive_from = send_to, receive_from
@@ -328,7 +335,8 @@ class OneRank:
         if step + 1 == self.ring_size:
             return [], None
         incoming = received[step % len(received)]
-        return self.comm.exchange(current, incoming, self.send_to, self.receive_from), incoming
+        through = self.peers.kv if self.peers else None
+        return self.comm.exchange(current, incoming, self.send_to, self.receive_from, through), incoming
 
     def _block(self, step: int) -> BlockSpec | None:
         return ring_block(self.rank, step, self.ring_size, self.shard_len, self.causal, self.zigzag)
@@ -387,7 +395,8 @@ class OneRank:
         # Received into the front of the cell's receive buffers, idle in backward.
         received = tuple(buffer.view(-1)[: current.numel()].view(current.shape) for buffer in self.received)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        sums = TravellingSums(comm, current.shape, q.device, self.send_to, self.receive_from)
+        through = self.peers.sums if self.peers else None
+        sums = TravellingSums(comm, current.shape, q.device, self.send_to, self.receive_from, through)
         for step in range(self.ring_size):
             transfers, incoming = self._pass_on(current, step, received)
             spec = self._block(step)
@@ -423,6 +432,7 @@ def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
     # k and v become views of the one K/V message each step sends, leaves of their own.
     kv = torch.stack([k.detach(), v.detach()])
     k, v = (part.requires_grad_(q.requires_grad) for part in kv.unbind())
+    peers = _ring_peers(problem, kv, ring_size)
     ring = OneRank(
         q,
         kv,
@@ -434,10 +444,32 @@ def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
         ring_size=ring_size,
         send_to=(rank + 1) % ring_size,
         receive_from=(rank - 1) % ring_size,
-        received=receive_buffers(kv.shape, kv, ring_size),
+        received=peers.kv.slots if peers else receive_buffers(kv.shape, kv, ring_size),
+        peers=peers,
     )
     inputs = (q, k, v)
     return Bench(run=lambda: blocks.Differentiable.apply(*inputs, ring), rows=rows, inputs=inputs)
+
+
+def _ring_peers(problem: Problem, kv: torch.Tensor, ring_size: int) -> peer_copy.RingPeers | None:
+    """The copy engine's buffers, where the cell asks for its transfers and the ranks allow them
+    (the facts record the transfers used): K/V receive buffers as :func:`receive_buffers`, and in
+    backward passes the travelling sums of one part of heads and their spare."""
+    if problem.options["transfers"] != "copy-engine":
+        return None
+    why_not = peer_copy.unavailable(problem.device)
+    problem.facts["transfers"] = f"nccl: {why_not}" if why_not else "copy-engine"
+    if why_not:
+        return None
+    group, device = dist.group.WORLD, problem.device
+    assert group is not None, "across processes there is a default group"
+    sums = None
+    if problem.inputs.requires_grad:
+        _, batch, heads, shard_len, dim = kv.shape
+        part = (2, batch, blocks.backward_part_heads(batch, shard_len, heads), shard_len, dim)
+        sums = peer_copy.PeerBuffers(part, 2, torch.float32, device, group)
+    received = peer_copy.PeerBuffers(kv.shape, _receive_buffer_count(ring_size), kv.dtype, device, group)
+    return peer_copy.RingPeers(received, sums)
 
 
 def _excludes(cell: Cell) -> str | None:
@@ -445,6 +477,8 @@ def _excludes(cell: Cell) -> str | None:
     kernel = dict(cell.options)["kernel"]
     if cell.pass_name != "forward" and kernel not in blocks.BACKWARD_KERNELS:
         return f"ring's backward runs on {', '.join(blocks.BACKWARD_KERNELS[1:])} blocks, not {kernel}"
+    if dict(cell.options)["transfers"] == "copy-engine" and cell.world_size == 1:
+        return "copy-engine transfers are between processes; one process has none"
     if dict(cell.options)["zigzag"] and cell.seq_len % (2 * cell.ring_size):
         return f"zigzag needs seq_len divisible by 2 × ring_size ({2 * cell.ring_size})"
     return None
@@ -475,7 +509,9 @@ def memory_model(cell: Cell, facts: Mapping[str, Any], ulysses_degree: int) -> i
     (3N) and the part's K and V copied into one message (2p), together 4N + 17p. On one device, as
     a ring of one: the output, the float32 dQ sum (2N), a block's dq, dk and dv (3N), the float32
     dK and dV sums (4N) and the dk and dv they are stored in (2N), together 12N, with two float32
-    per row. Rings of more than one on one device are not modelled.
+    per row. Rings of more than one on one device are not modelled. With copy-engine transfers the
+    travelling sums and their spare are kept from setup (:func:`setup_memory`), not allocated by
+    the call.
     """
     element = DTYPE_BYTES[cell.dtype]
     if cell.pass_name == "forward":
@@ -489,15 +525,29 @@ def memory_model(cell: Cell, facts: Mapping[str, Any], ulysses_degree: int) -> i
         return 12 * shard + 2 * row_floats(cell) if cell.ring_size == 1 else None
     heads = cell.heads // ulysses_degree
     part_heads = blocks.backward_part_heads(cell.batch_size, cell.seq_len * ulysses_degree // cell.world_size, heads)
+    kept = _travelling_sums_bytes(cell) if facts.get("transfers") == "copy-engine" else 0
     if part_heads == heads:
-        return 16 * shard + 2 * row_floats(cell)
-    return 4 * shard + 17 * shard * part_heads // heads + row_floats(cell) + row_floats(cell) * part_heads // heads
+        return 16 * shard + 2 * row_floats(cell) - kept
+    part_rows = row_floats(cell) * part_heads // heads
+    return 4 * shard + 17 * shard * part_heads // heads + row_floats(cell) + part_rows - kept
+
+
+def _travelling_sums_bytes(cell: Cell) -> int:
+    """The float32 dK and dV sums of one part of heads that travel a ring across processes, and
+    their spare (``comm.TravellingSums``)."""
+    rows = cell.seq_len // cell.world_size
+    part_heads = blocks.backward_part_heads(cell.batch_size, rows, cell.heads)
+    return 2 * 2 * cell.batch_size * part_heads * rows * cell.head_dim * 4
 
 
 def setup_memory(cell: Cell) -> int:
     """The K/V receive buffers a rank of a ring across processes keeps (``receive_buffers``); one
-    process keeps none, its blocks being views of the inputs."""
-    return receive_buffer_bytes(cell, cell.world_size)
+    process keeps none, its blocks being views of the inputs. Copy-engine transfers of a backward
+    pass keep the travelling sums too (on ranks that fall back to NCCL, this overstates)."""
+    kept = receive_buffer_bytes(cell, cell.world_size)
+    if cell.world_size > 1 and cell.pass_name != "forward" and dict(cell.options)["transfers"] == "copy-engine":
+        kept += _travelling_sums_bytes(cell)
+    return kept
 
 
 @register(
@@ -507,6 +557,11 @@ def setup_memory(cell: Cell) -> int:
     options={
         "kernel": Option("auto", choices=blocks.KERNELS, help="block kernel; auto picks the fastest that runs"),
         "zigzag": Option(False, help="shard r holds chunks r and 2P−1−r (balances causal work)"),
+        "transfers": Option(
+            "nccl",
+            choices=TRANSFERS,
+            help="across processes: NCCL point-to-point (gloo on CPUs), or GPU copy engines within a host",
+        ),
     },
     excludes=_excludes,
     memory_model=_memory_model,

@@ -1,0 +1,60 @@
+"""One GPU, P processes on it (gloo group; symmetric memory told to allow one device): ring's
+copy-engine transfers against a float64 reference, forward and backward, several calls."""
+import os, sys
+os.environ["TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"] = "1"
+import torch, torch.distributed as dist
+import torch.nn.functional as F
+import torch.distributed._symmetric_memory as symm_mem
+from ringbench.attention import blocks, peer_copy
+from ringbench.attention.comm import WaitClock
+from ringbench.attention.impls import ring
+
+dist.init_process_group("gloo")
+rank, P = dist.get_rank(), dist.get_world_size()
+dev = torch.device("cuda", 0)
+torch.cuda.set_device(dev)
+print(f"[r{rank}] torch {torch.__version__} get_mem_pool={hasattr(symm_mem, 'get_mem_pool')}", flush=True)
+B, H, S, D = 1, 4, int(os.environ.get('S', 2048)), 64
+before = torch.cuda.memory_allocated(dev)
+with torch.cuda.use_mem_pool(symm_mem.get_mem_pool(dev)):
+    pooled = torch.empty(1 << 20, device=dev)
+hdl = symm_mem.rendezvous(pooled, dist.group.WORLD)
+print(f"[r{rank}] pooled symmetric 4 MiB counted={(torch.cuda.memory_allocated(dev) - before) / 2**20:.1f}MiB", flush=True)
+del hdl, pooled
+if os.environ.get("PARTS"):
+    blocks.BACKWARD_PART_ROWS = S // 4  # parts of one head each at P=4, of two at P=2
+
+g = torch.Generator(device=dev).manual_seed(0)
+q, k, v, dout = (torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(4))
+for zigzag, causal in [(False, False), (True, True), (False, True)]:
+    rows = ring.positions(S, P, zigzag, dev)[rank]
+    qs = q[:, :, rows].contiguous().requires_grad_()
+    kv = torch.stack([k[:, :, rows], v[:, :, rows]]).contiguous()
+    ks, vs = (t.requires_grad_() for t in kv.unbind())
+    before = torch.cuda.memory_allocated(dev)
+    part = blocks.backward_part_heads(B, S // P, H)
+    peers = peer_copy.RingPeers(
+        peer_copy.PeerBuffers(kv.shape, min(2, P - 1), kv.dtype, dev, dist.group.WORLD),
+        peer_copy.PeerBuffers((2, B, part, S // P, D), 2, torch.float32, dev, dist.group.WORLD),
+    )
+    counted = (torch.cuda.memory_allocated(dev) - before) / 2**20
+    one = ring.OneRank(qs, kv, causal=causal, kernel="flash", zigzag=zigzag, comm=WaitClock(dev), rank=rank,
+                       ring_size=P, send_to=(rank + 1) % P, receive_from=(rank - 1) % P,
+                       received=peers.kv.slots, peers=peers)
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal)
+    ref.backward(dout.double())
+    worst = []
+    for call in range(4):
+        for t in (qs, ks, vs):
+            t.grad = None
+        out = blocks.Differentiable.apply(qs, ks, vs, one)
+        out.backward(dout[:, :, rows])
+        torch.cuda.synchronize(dev)
+        errs = [((a.double() - b[:, :, rows]).abs().max() / b[:, :, rows].abs().max()).item()
+                for a, b in ((out, ref), (qs.grad, qd.grad), (ks.grad, kd.grad), (vs.grad, vd.grad))]
+        worst.append(max(errs))
+    print(f"[r{rank}] P={P} zigzag={zigzag} causal={causal} part_heads={part} rel errors per call "
+          f"{' '.join(f'{e:.2e}' for e in worst)} counted={counted:.1f}MiB of {(peers.kv.slots[0].nbytes * len(peers.kv.slots) + peers.sums.slots[0].nbytes * 2) / 2**20:.1f}", flush=True)
+dist.barrier()
+dist.destroy_process_group()

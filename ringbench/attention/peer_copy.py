@@ -1,0 +1,107 @@
+"""Ring transfers by the copy engine: a rank writes its message straight into its next rank's
+receive buffer, held in PyTorch's symmetric memory, with a device-to-device copy that the
+GPU's copy engine carries out. The SMs stay with the block kernel, where NCCL's point-to-point
+kernels take some of them for the whole transfer (README, "Ring across processes").
+
+Two flags per buffer order the writes, set and awaited on the GPU by one-thread kernels on
+symmetric memory's signal pads: *free*, the receiver is done with the buffer (it computed on
+it and sent it on), and *ready*, the message is in. A transfer grants the previous rank the
+buffer this rank receives into, waits for the next rank's grant of the buffer it writes to,
+copies, and marks that ready; the receiver waits for ready before its compute stream reads.
+Every rank posts the same transfers into the same buffers in the same order, so grants and
+waits pair up within a call, and a call starts with nothing owed. The grant is safe when it
+is posted: the copy stream first waits for everything the compute stream has queued, and the
+buffer, received one transfer earlier, was read by that work and by the copy before.
+
+All ranks of the ring must be GPUs of one host: symmetric memory maps the peers' buffers into
+each process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed._symmetric_memory as symmetric_memory
+
+
+def unavailable(device: torch.device) -> str | None:
+    """Why this process group's ranks cannot use copy-engine transfers, or None where they can."""
+    if device.type != "cuda":
+        return "the ranks are not GPUs"
+    hosts: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    return "the ranks span hosts" if len(set(hosts)) > 1 else None
+
+
+# Signal channels of a buffer slot: 2·slot + READY and 2·slot + FREE.
+READY, FREE = 0, 1
+
+
+class PeerBuffers:
+    """``count`` buffers of ``shape`` on every rank of ``group``, in one symmetric allocation, that
+    :meth:`post` writes across ranks; ``slots`` are this rank's, to compute on and receive into
+    (a receive may use the front of a slot, as a contiguous view of fewer elements)."""
+
+    def __init__(
+        self, shape: Sequence[int], count: int, dtype: torch.dtype, device: torch.device, group: dist.ProcessGroup
+    ):
+        # The copies need no multicast object (NVLS), whose use can take a host's GPUs out of service.
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        self._slot_numel = math.prod(shape)
+        # Through the caching allocator, whose figures then count it, from a pool of its own: a
+        # block given back to a shared pool and reused keeps the rendezvous it was made with, and
+        # another rank may reuse a different one for the same buffer.
+        self._pool = torch.cuda.MemPool(symmetric_memory.get_mempool_allocator(device), no_split=True)
+        with torch.cuda.use_mem_pool(self._pool):
+            storage = torch.empty(count * self._slot_numel, dtype=dtype, device=device)
+        self._handle = symmetric_memory.rendezvous(storage, group)
+        self._storage, self._group = storage, group
+        self.slots = tuple(part.view(shape) for part in storage.split(self._slot_numel))
+        self._stream = torch.cuda.Stream(device)
+
+    def post(self, send: torch.Tensor, receive: torch.Tensor, send_to: int, receive_from: int) -> list[Arrival]:
+        """Copy ``send`` into rank ``send_to``'s counterpart of ``receive`` (a contiguous view into one of
+        this rank's slots), while rank ``receive_from`` writes this rank's ``receive``; returns what
+        ``wait()`` makes the compute stream wait for. Ranks are global ranks."""
+        offset = receive.data_ptr() - self._storage.data_ptr()
+        assert receive.is_contiguous() and 0 <= offset < self._storage.numel() * self._storage.element_size()
+        # The allocation is its segment's whole (no_split): offsets into it are the symmetric buffer's.
+        start = offset // receive.element_size()
+        slot = start // self._slot_numel
+        next_rank, previous_rank = (dist.get_group_rank(self._group, rank) for rank in (send_to, receive_from))
+        self._stream.wait_stream(torch.cuda.current_stream(send.device))
+        with torch.cuda.stream(self._stream):
+            self._handle.put_signal(previous_rank, 2 * slot + FREE)
+            self._handle.wait_signal(next_rank, 2 * slot + FREE)
+            self._handle.get_buffer(next_rank, tuple(receive.shape), receive.dtype, start).copy_(send)
+            self._handle.put_signal(next_rank, 2 * slot + READY)
+        send.record_stream(self._stream)  # a temporary ``send`` must outlive the copy
+        return [Arrival(self._handle, previous_rank, 2 * slot + READY)]
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A message on its way into this rank's buffer: ``wait()`` makes the current stream wait for it,
+    as NCCL's requests do."""
+
+    handle: symmetric_memory._SymmetricMemory
+    sender: int
+    channel: int
+
+    def wait(self) -> None:
+        self.handle.wait_signal(self.sender, self.channel)
+
+
+@dataclass(frozen=True)
+class RingPeers:
+    """A ring rank's symmetric buffers: where K/V messages arrive and, in backward passes, where
+    the float32 gradient sums do (``comm.TravellingSums``)."""
+
+    kv: PeerBuffers
+    sums: PeerBuffers | None
