@@ -32,7 +32,7 @@ def test_nan_output_is_wrong_and_stored_as_null():
 
 
 def test_correct_implementations_pass_with_small_recorded_errors():
-    record = run("ring", ring_size=4, options=(("kernel", "auto"), ("zigzag", True)))
+    record = run("ring", ring_size=4, options=(("kernel", "auto"), ("transfers", "nccl"), ("zigzag", True)))
     assert record.status == records.OK and record.check.rel_error < 1e-6
     assert record.projected.stats.n >= 2
     assert record.flops == 4 * 2 * 32 * 32 * 8
@@ -100,7 +100,12 @@ def test_a_float64_sweep_passes_float32_accumulating_implementations_and_still_c
     def cell(name, options=(), ring_size=None, pass_name="forward"):
         return Cell(name, options, 32, ring_size, 1, 2, 8, "float64", False, pass_name)
 
-    ring = measure(cell("ring", (("kernel", "auto"), ("zigzag", False)), 4, "forward+backward"), CPU, BUDGET, 0)
+    ring = measure(
+        cell("ring", (("kernel", "auto"), ("transfers", "nccl"), ("zigzag", False)), 4, "forward+backward"),
+        CPU,
+        BUDGET,
+        0,
+    )
     assert ring.status == records.OK and ring.check.tolerance == correctness.TOLERANCE["float32"]
     assert 1e-10 < ring.check.rel_error < 1e-6  # beyond float64's tolerance, well within float32's
     dilated = measure(

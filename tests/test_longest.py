@@ -63,7 +63,19 @@ def test_a_failure_below_a_length_that_ran_does_not_bound_the_search():
     assert next_probe(SearchSpec(32, 32), {64: True, 32: False, 256: False}) == 160
 
 
-CELL = Cell("ring", (("kernel", "auto"), ("zigzag", False)), 64, 2, 1, 2, 8, "float32", False, "forward", 2)
+CELL = Cell(
+    "ring",
+    (("kernel", "auto"), ("transfers", "nccl"), ("zigzag", False)),
+    64,
+    2,
+    1,
+    2,
+    8,
+    "float32",
+    False,
+    "forward",
+    2,
+)
 
 
 def test_the_memory_models_prediction_is_the_search_run_against_it():

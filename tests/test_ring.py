@@ -7,7 +7,7 @@ import torch
 
 from ringbench import Problem
 from ringbench.attention import blocks
-from ringbench.attention.impls.ring import positions, ring_block, step_runs
+from ringbench.attention.impls.ring import merges_in_place, positions, ring_block, step_runs
 from ringbench.attention.references import DENSE
 from ringbench.attention.registry import Registry
 from ringbench.run import correctness
@@ -28,7 +28,16 @@ def problem(seq_len, ring_size, causal, zigzag, kernel="auto", seed=0, dtype=tor
 
 def excluded(seq_len, ring_size, zigzag):
     cell = Cell(
-        "ring", (("kernel", "auto"), ("zigzag", zigzag)), seq_len, ring_size, 2, 3, 16, "float32", False, "forward"
+        "ring",
+        (("kernel", "auto"), ("transfers", "nccl"), ("zigzag", zigzag)),
+        seq_len,
+        ring_size,
+        2,
+        3,
+        16,
+        "float32",
+        False,
+        "forward",
     )
     return seq_len % ring_size or BUNDLED.get("ring").excludes(cell)
 
@@ -117,6 +126,21 @@ def test_block_log_sum_exp_merges_exactly():
     for part in (slice(0, 7), slice(7, 20)):
         blocks.merge_(acc, acc_lse, *blocks.attend("math", q, k[:, :, part], v[:, :, part], False))
     torch.testing.assert_close(acc.double(), out, rtol=1e-6, atol=1e-6)
+
+
+def test_a_block_merged_once_into_another_in_its_own_dtype_rounds_once_as_a_float32_accumulator_would():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 24, 8, dtype=torch.bfloat16) for _ in range(3))
+    halves = (slice(0, 12), slice(12, 24))
+    first, second = (blocks.attend("math", q, k[:, :, part], v[:, :, part], False) for part in halves)
+    acc, acc_lse = first[0].float(), first[1].clone()
+    blocks.merge_(acc, acc_lse, *second)
+    in_place, in_place_lse = first  # the first block's own output takes the merge
+    blocks.merge_(in_place, in_place_lse, *second)
+    assert in_place.dtype == torch.bfloat16
+    assert torch.equal(in_place, acc.to(torch.bfloat16)) and torch.equal(in_place_lse, acc_lse)
+    # Only rings whose rows take one merge at most, in a narrower dtype than float32, merge in place.
+    assert merges_in_place(2, 2) and not merges_in_place(3, 2) and not merges_in_place(2, 4)
 
 
 def test_kernel_choice_on_cpu():

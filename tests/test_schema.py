@@ -58,7 +58,9 @@ def _fresh(name, pass_name="forward", ring_size=None, options=()):
 @pytest.mark.parametrize(
     "fresh",
     [
-        lambda: _fresh("ring", ring_size=4, options=(("kernel", "auto"), ("zigzag", True))),  # a projected rank share
+        lambda: _fresh(
+            "ring", ring_size=4, options=(("kernel", "auto"), ("transfers", "nccl"), ("zigzag", True))
+        ),  # a projected rank share
         lambda: _fresh("standard", "backward"),  # gradients checked
         lambda: _fresh(
             "dilated", options=(("dilation_rates", (1, 2)), ("kernel", "auto"), ("segment_lengths", (8, 16)))

@@ -189,8 +189,9 @@ def attend_backward(
 
 def _merge(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
     new_lse = torch.logaddexp(acc_lse, lse)
-    acc.mul_(torch.exp(acc_lse - new_lse).unsqueeze(-1))
-    acc.addcmul_(out, torch.exp(lse - new_lse).unsqueeze(-1))
+    merged = acc.float() * torch.exp(acc_lse - new_lse).unsqueeze(-1)
+    merged.addcmul_(out, torch.exp(lse - new_lse).unsqueeze(-1))
+    acc.copy_(merged)
     acc_lse.copy_(new_lse)
 
 
@@ -201,10 +202,12 @@ def merge_path(device: torch.device) -> str:
 
 
 def merge_(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Fold a block result into float32 accumulators, in place.
+    """Fold a block result into accumulators, in place, computing in float32.
 
     ``acc``/``acc_lse`` may be views into larger buffers. Rows the accumulator has
-    not seen yet carry lse = −inf and take the block's values.
+    not seen yet carry lse = −inf and take the block's values. ``acc`` is float32, or
+    in the block's dtype where it is one block's output that takes one merge (the
+    result then rounded once, as a float32 accumulator cast at the end would be).
     """
     (fused_merge.merge_ if merge_path(acc.device) == "triton" else _merge)(acc, acc_lse, out, lse)
 

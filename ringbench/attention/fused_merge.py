@@ -77,7 +77,7 @@ if AVAILABLE:
             tl.load(acc_at, mask=cell, other=0.0) * old_weight[:, None]
             + tl.load(out_at, mask=cell, other=0.0).to(tl.float32) * new_weight[:, None]
         )
-        tl.store(acc_at, merged, mask=cell)
+        tl.store(acc_at, merged.to(acc.dtype.element_ty), mask=cell)
         tl.store(acc_lse + i0 * al0 + i1 * al1 + i2 * al2, merged_lse, mask=live)
 
 
@@ -91,8 +91,8 @@ def _four_d(t: torch.Tensor, rank: int) -> torch.Tensor:
 def merge_(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
     """acc, acc_lse ← the log-sum-exp merge of themselves with a block's ``out``, ``lse``, in place.
 
-    acc: float32 (…, rows, D); out: (…, rows, D) in any float dtype; the lse's: float32 (…, rows);
-    at most three leading dimensions.
+    acc, out: (…, rows, D) in any float dtype, the merge computed in float32 and rounded to acc's;
+    the lse's: float32 (…, rows); at most three leading dimensions.
     """
     acc, out = _four_d(acc, 4), _four_d(out, 4)
     acc_lse, lse = _four_d(acc_lse, 3), _four_d(lse, 3)

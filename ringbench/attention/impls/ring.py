@@ -295,6 +295,13 @@ def receive_buffer_bytes(cell: Cell, ring_size: int) -> int:
     return 2 * shard_bytes(cell) * _receive_buffer_count(ring_size)
 
 
+def merges_in_place(ring_size: int, element_bytes: int) -> bool:
+    """Whether a rank of a ring across processes merges its blocks into its first block's output
+    (:meth:`OneRank.forward`): where each row takes one merge at most, in a dtype narrower than
+    float32."""
+    return ring_size <= 2 and element_bytes < 4
+
+
 class OneRank:
     """One rank of a real ring: K/V travel between processes by point-to-point ops.
 
@@ -345,6 +352,10 @@ class OneRank:
         q, comm = self.q.detach(), self.comm
         current = self.kv
         acc = acc_lse = None
+        # Two blocks at most, in a dtype narrower than float32: the second merges into the first's
+        # output in place, computed in float32 and rounded once, as the cast of a float32
+        # accumulator would be, without making, merging into and casting one (three passes).
+        in_place = merges_in_place(self.ring_size, self.dtype.itemsize)
         for step in range(self.ring_size):
             # The next block's K/V is on its way while this one is computed.
             transfers, incoming = self._pass_on(current, step, self.received)
@@ -358,7 +369,7 @@ class OneRank:
                     spec.causal,
                 )
                 if acc is None:  # step 0 is the full diagonal block
-                    acc, acc_lse = out.float(), lse
+                    acc, acc_lse = (out if in_place else out.float()), lse
                 else:
                     assert acc_lse is not None, "set with acc"
                     blocks.merge_(acc[:, :, spec.q_rows], acc_lse[:, :, spec.q_rows], out, lse)
@@ -495,7 +506,9 @@ def memory_model(cell: Cell, facts: Mapping[str, Any], ulysses_degree: int) -> i
 
     Forward: the float32 accumulator (4 bytes per output element) and its log-sum-exp live
     throughout; on top of them come either one step's block output in the input dtype with
-    its log-sum-exp, or, at the end, the output itself. On one device the blocks are views of
+    its log-sum-exp, or, at the end, the output itself. A rank that merges in place
+    (:func:`merges_in_place`) holds the first block's output and log-sum-exp, which become
+    the output, and the second block's. On one device the blocks are views of
     the inputs, or with zigzag in a ring of more than one, of q, k and v copied in shard order
     (3 more elements per output element, freed before the output is made); across processes the
     figure is per rank, for its shard's rows.
@@ -516,6 +529,8 @@ def memory_model(cell: Cell, facts: Mapping[str, Any], ulysses_degree: int) -> i
     element = DTYPE_BYTES[cell.dtype]
     if cell.pass_name == "forward":
         rows = cell.batch_size * cell.heads * cell.seq_len // cell.world_size
+        if cell.world_size > 1 and merges_in_place(cell.world_size // ulysses_degree, element):
+            return rows * cell.head_dim * 2 * element + 2 * row_floats(cell)
         in_shard_order = cell.world_size == 1 and (cell.ring_size or 1) > 1 and dict(cell.options)["zigzag"]
         return rows * cell.head_dim * (4 + element + (3 * element if in_shard_order else 0)) + 2 * row_floats(cell)
     if cell.pass_name != "forward+backward" or not fused_backward(facts):
