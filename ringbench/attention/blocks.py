@@ -207,7 +207,7 @@ def merge_(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: tor
     ``acc``/``acc_lse`` may be views into larger buffers. Rows the accumulator has
     not seen yet carry lse = −inf and take the block's values. ``acc`` is float32, or
     in the block's dtype where it is one block's output that takes one merge (the
-    result then rounded once, as a float32 accumulator cast at the end would be).
+    result then rounded once, as a float32 accumulator's cast at the end is).
     """
     (fused_merge.merge_ if merge_path(acc.device) == "triton" else _merge)(acc, acc_lse, out, lse)
 

@@ -353,8 +353,8 @@ class OneRank:
         current = self.kv
         acc = acc_lse = None
         # Two blocks at most, in a dtype narrower than float32: the second merges into the first's
-        # output in place, computed in float32 and rounded once, as the cast of a float32
-        # accumulator would be, without making, merging into and casting one (three passes).
+        # output in place, computed in float32 and rounded once, as a float32 accumulator's cast
+        # is, without making, merging into and casting one (three passes over memory).
         in_place = merges_in_place(self.ring_size, self.dtype.itemsize)
         for step in range(self.ring_size):
             # The next block's K/V is on its way while this one is computed.
