@@ -56,7 +56,8 @@ class PeerBuffers:
         self._slot_numel = math.prod(shape)
         # Through the caching allocator, whose figures then count it, from a pool of its own: a
         # block given back to a shared pool and reused keeps the rendezvous it was made with, and
-        # another rank may reuse a different one for the same buffer.
+        # another rank may reuse a different one for the same buffer. Dropped, the pool's memory
+        # goes back to the device at the next empty_cache() (the worker's, after each cell).
         self._pool = torch.cuda.MemPool(symmetric_memory.get_mempool_allocator(device), no_split=True)
         with torch.cuda.use_mem_pool(self._pool):
             storage = torch.empty(count * self._slot_numel, dtype=dtype, device=device)
