@@ -303,7 +303,7 @@ def merges_in_place(ring_size: int, element_bytes: int) -> bool:
 
 
 class OneRank:
-    """One rank of a real ring: K/V travel between processes by point-to-point ops.
+    """One rank of a real ring: K/V travel between processes by point-to-point ops or copy engines.
 
     Built from this rank's shards as they are: ``q`` and ``kv`` (K and V stacked,
     the one message each step sends), in the row order of ring rank ``rank``'s
