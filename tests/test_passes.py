@@ -1,4 +1,5 @@
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ from conftest import measure, registry_with_fakes
 
 from ringbench import records
 from ringbench.run import correctness, pipeline
+from ringbench.run.distributed import OneProcess
 from ringbench.schema import Modes
 from ringbench.sweep import plan
 from ringbench.sweep.config import TimingBudget
@@ -125,10 +127,20 @@ def _modes_with(monkeypatch, host_ms, device_ms, budget=None, across_processes=F
     """The timing modes _modes picks on a (pretended) GPU whose probe reads these times."""
     from ringbench.run.timing import Launch
 
-    monkeypatch.setattr(pipeline, "launch_and_work", lambda fn, device: Launch(host_ms, device_ms))
+    probed = []
+
+    def launch_and_work(fn, device, agree=None):
+        probed.append(agree)
+        return Launch(host_ms, device_ms)
+
+    monkeypatch.setattr(pipeline, "launch_and_work", launch_and_work)
     monkeypatch.setattr(pipeline, "graph_replay", lambda fn, device: ((lambda: "replayed"), None))
     budget = budget or TimingBudget()
-    timed, _, modes = pipeline._modes(lambda: "plain", torch.device("cuda"), budget, across_processes)
+    device = torch.device("cuda")
+    group = SimpleNamespace(world_size=2, max=max) if across_processes else OneProcess(device)
+    timed, _, modes = pipeline._modes(lambda: "plain", device, budget, group)
+    # Across processes the probe agrees through the group (every rank probing at once).
+    assert probed == ([group.max] if across_processes else [None] if probed else [])
     return timed(), modes
 
 
@@ -144,6 +156,7 @@ def test_auto_timing_replays_a_graph_where_the_launch_outweighs_half_the_gpu_wor
     assert timed == "plain" and modes["launch_ms"] is None and modes["notes"] == []
     timed, modes = _modes_with(monkeypatch, 9.0, 1.0, across_processes=True)
     assert timed == "plain" and modes["notes"] == ["CUDA graphs are not used across processes: plain calls timed"]
+    assert (modes["launch_ms"], modes["device_ms"]) == (9.0, 1.0)  # the host's share is measured all the same
 
 
 def test_a_refused_capture_is_timed_plainly_and_says_why(monkeypatch):
@@ -153,6 +166,7 @@ def test_a_refused_capture_is_timed_plainly_and_says_why(monkeypatch):
     monkeypatch.setattr(
         pipeline, "graph_replay", lambda fn, device: (fn, "capture failed, plain calls timed instead: X")
     )
-    timed, _, modes = pipeline._modes(lambda: "plain", torch.device("cuda"), TimingBudget(), False)
+    device = torch.device("cuda")
+    timed, _, modes = pipeline._modes(lambda: "plain", device, TimingBudget(), OneProcess(device))
     assert timed() == "plain" and not modes["cuda_graph"]
     assert modes["notes"] == ["capture failed, plain calls timed instead: X"]

@@ -198,3 +198,29 @@ def test_a_run_without_forward_cells_says_the_model_cannot_time_it_and_draws_not
         "forward+backward ones, to time a ring step's forward and backward apart."
     )
     assert "### Model against measurement" not in section and "scaling" not in plots.figures(run.frame, run.calibration)
+
+
+def test_a_cell_the_host_launches_slower_than_its_modelled_gpu_time_is_modelled_at_the_hosts_pace(tmp_path):
+    run_dir = with_calibration(tmp_path)
+    stored = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
+    for record in stored:
+        if (record["implementation"], record["world_size"], record["pass"], record["causal"]) == (
+            "ring",
+            4,
+            "forward",
+            False,
+        ):
+            record["modes"].update(launch_ms=200.0, device_ms=60.0)
+    (run_dir / "records.jsonl").write_text("".join(json.dumps(record) + "\n" for record in stored))
+    report = render_report([load_run(run_dir)])
+    # The model's GPU time (64.3 ms, as the golden's row) is shorter than the launch: the call runs at the host's pace.
+    assert f"| 0.893      | {228.00193786621094 / (4 * 200.0):.3f}‡§ | -68.1%  |" in report
+    assert "§: the host takes longer to launch the call (measured in the cell) than the modelled GPU time" in report
+    assert (
+        "- In 1 of 16 multi-process cells the host takes longer to launch a call than the GPUs take to run it "
+        "(the most, ring kernel=cudnn zigzag=true (4 processes) S=131072 forward: 200.00 ms of launch against "
+        "60.00 ms of GPU work): their times measure the host, as CUDA graphs are not captured across processes. "
+        "Compare them as the host's, or at longer sequences.\n"
+    ) in report
+    # Without the launch probe (as recorded before it ran across processes) nothing is said.
+    assert "§" not in render_report([load_run(with_calibration(tmp_path / "plain"))])

@@ -33,6 +33,8 @@ COLUMNS = [
     "median_ms",
     "iqr_ms",
     "plain_ms",
+    "launch_ms",
+    "device_ms",
     "rel_iqr",
     "noise_target",
     "n",
@@ -127,6 +129,9 @@ def _row(record: Record, peaks: dict[str, float]) -> dict[str, Any]:
         "iqr_ms": stats.iqr_ms if stats else None,
         # Plain calls' time where the headline is graph replays'.
         "plain_ms": record.plain.stats.median_ms if record.plain else None,
+        # One call's launch by the host, and its GPU work, each alone (the launch probe; every rank's largest).
+        "launch_ms": record.modes.launch_ms if record.modes else None,
+        "device_ms": record.modes.device_ms if record.modes else None,
         "rel_iqr": stats.iqr_ms / stats.median_ms if stats and stats.median_ms else None,
         "noise_target": record.noise.target if record.noise else None,
         "n": stats.n if stats else None,

@@ -35,7 +35,7 @@ ALL_TO_ALL_TENSORS = {FORWARD: (3, 1), BACKWARD: (1, 3)}
 ULYSSES_ALONE_BACKWARD = (5, 3)
 PROJECTED_GPUS = tuple(2**power for power in range(3, 11))  # 8 … 1,024
 PROJECTED_TOKENS = tuple(2**power for power in range(17, 25))  # 128K … 16M
-EXPOSED, EXTRAPOLATED = "†", "‡"  # marks in the report's tables
+EXPOSED, EXTRAPOLATED, HOST_BOUND = "†", "‡", "§"  # marks in the report's tables
 HELD_TO_PERCENT = 5.0  # how close to a measured efficiency the model is held to be
 
 
@@ -368,6 +368,10 @@ def validation(frame: pd.DataFrame, calibration: dict[int, dict[str, Any]]) -> p
         if modelled is None:
             continue
         measured = row["tflops_per_device"] / peer["tflops_per_device"]
+        efficiency, marks = modelled.efficiency, EXTRAPOLATED if modelled.extrapolated else ""
+        # A call the host takes longer to launch than the modelled GPU time runs at the host's pace.
+        if pd.notna(row.get("launch_ms")) and row["launch_ms"] > modelled.ms:
+            efficiency, marks = efficiency * modelled.ms / row["launch_ms"], marks + HOST_BOUND
         rows.append(
             {
                 "implementation": escape(row["label"]),
@@ -377,8 +381,8 @@ def validation(frame: pd.DataFrame, calibration: dict[int, dict[str, Any]]) -> p
                 "causal": "yes" if row["causal"] else "no",
                 "kernel": escape(row["kernel"]),
                 "measured": f"{measured:.3f}",
-                "model": f"{modelled.efficiency:.3f}{EXTRAPOLATED if modelled.extrapolated else ''}",
-                "error": modelled.efficiency / measured - 1,  # a fraction; the table writes it as a percentage
+                "model": f"{efficiency:.3f}{marks}",
+                "error": efficiency / measured - 1,  # a fraction; the table writes it as a percentage
             }
         )
     return pd.DataFrame(rows)
@@ -520,7 +524,13 @@ def lines(
             "",
             f"Per-GPU efficiency over the single-device peer at the same length, measured and modelled, on the "
             f"machine each world size measured. {_agreement(checked).capitalize()}. {EXTRAPOLATED}: a block "
-            "shorter than the peer's shortest cell, timed at that cell's rate (optimistic).",
+            "shorter than the peer's shortest cell, timed at that cell's rate (optimistic)."
+            + (
+                f" {HOST_BOUND}: the host takes longer to launch the call (measured in the cell) than the "
+                "modelled GPU time, so the call runs at the host's pace."
+                if checked["model"].str.contains(HOST_BOUND).any()
+                else ""
+            ),
             "",
             table(checked.assign(error=checked["error"].map("{:+.1%}".format))),
             "",

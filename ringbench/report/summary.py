@@ -272,7 +272,7 @@ def warnings(frame: pd.DataFrame, environments: list[dict]) -> list[str]:
         )
     for environment in environments:
         lines += _environment_warnings(environment)
-    return list(dict.fromkeys(lines)) + _noise_warning(frame)
+    return list(dict.fromkeys(lines)) + _noise_warning(frame) + _host_bound_warning(frame)
 
 
 def _environment_warnings(environment: dict) -> list[str]:
@@ -331,6 +331,23 @@ def _noise_warning(frame: pd.DataFrame) -> list[str]:
             "clocks swing, `timing.sample_ms` of a second or more makes each sample span the swing."
         )
     return lines
+
+
+def _host_bound_warning(frame: pd.DataFrame) -> list[str]:
+    """Multi-process cells whose launch outlasts their GPU work: timed in plain calls (no graphs are
+    captured across processes), they measure the host's pace."""
+    across = frame[(frame["world_size"] > 1) & frame["status"].isin(records.MEASURED)]
+    bound = across[across["launch_ms"] >= across["device_ms"]]
+    if bound.empty:
+        return []
+    worst = bound.loc[(bound["launch_ms"] / bound["device_ms"]).idxmax()]
+    return [
+        f"- In {len(bound)} of {len(across)} multi-process cells the host takes longer to launch a call than "
+        f"the GPUs take to run it (the most, {_implementation(worst)} S={worst.seq_len} {worst['pass']}: "
+        f"{worst.launch_ms:.2f} ms of launch against {worst.device_ms:.2f} ms of GPU work): their times measure "
+        "the host, as CUDA graphs are not captured across processes. Compare them as the host's, or at "
+        "longer sequences."
+    ]
 
 
 def summary(frame: pd.DataFrame, baseline: str) -> list[str]:

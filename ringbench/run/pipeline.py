@@ -136,7 +136,7 @@ HOST_BOUND_SHARE = 0.5
 
 
 def _modes(
-    fn: Callable[[], object], device: torch.device, budget: TimingBudget, across_processes: bool
+    fn: Callable[[], object], device: torch.device, budget: TimingBudget, group: OneProcess
 ) -> tuple[Callable[[], object], Callable[[], None] | None, dict[str, Any]]:
     """The closure to time (perhaps a graph replay), the cache flush, and the modes as recorded."""
     notes = []
@@ -147,7 +147,10 @@ def _modes(
     if budget.cuda_graph != "never":
         if device.type != "cuda":
             notes += ["CUDA graphs need a CUDA device"] if budget.cuda_graph == "always" else []
-        elif across_processes:
+        elif group.world_size > 1:
+            # The host's share is measured all the same, every rank probing at once, so that a cell
+            # bound by its launch says so; graphs are not captured across processes.
+            launch = launch_and_work(fn, device, group.max)
             notes.append("CUDA graphs are not used across processes: plain calls timed")
         else:
             launch = launch_and_work(fn, device)
@@ -174,7 +177,7 @@ def _time_and_measure(
     agree = group.max
     # Memory first, from plain calls: no timing mode may change what a cell is found to hold.
     memory = measure_peak(fn, device, floor_mib)
-    timed, flush, modes = _modes(fn, device, budget, group.world_size > 1)
+    timed, flush, modes = _modes(fn, device, budget, group)
     timing = measure(timed, device, budget, agree, flush, hold=modes["cuda_graph"])
     plain = None
     if modes["cuda_graph"]:

@@ -151,20 +151,23 @@ def _hold(ms: float) -> None:
     torch.cuda._sleep(int(ms * CYCLES_PER_MS))
 
 
-def launch_and_work(fn: Callable[[], object], device: torch.device) -> Launch:
+def launch_and_work(fn: Callable[[], object], device: torch.device, agree: Callable[[float], float] = _same) -> Launch:
     """Median of a few probes: the GPU is held by a sleeping kernel while the host queues one
     call, so the host's clock times the launch alone and the call's events the GPU's work alone.
 
     The hold lasts twice one plain call's wall time, so the host has queued the whole
-    call before the GPU reaches it.
+    call before the GPU reaches it. Across processes every rank probes at once: ``agree``
+    (the group's maximum, which every rank waits for) makes the holds equal and starts them
+    together, so no rank's work waits on a peer held longer; the figures are every rank's largest.
     """
     torch.cuda.synchronize(device)
     begin = time.perf_counter()
     fn()
     torch.cuda.synchronize(device)
-    hold_ms = min(2e3 * (time.perf_counter() - begin) + HOLD_MS[0], MAX_PROBE_HOLD_MS)
+    hold_ms = agree(min(2e3 * (time.perf_counter() - begin) + HOLD_MS[0], MAX_PROBE_HOLD_MS))
     host, work = [], []
     for _ in range(PROBES):
+        agree(0.0)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         _hold(hold_ms)
         queuing = time.perf_counter()
@@ -174,7 +177,7 @@ def launch_and_work(fn: Callable[[], object], device: torch.device) -> Launch:
         host.append(1e3 * (time.perf_counter() - queuing))
         torch.cuda.synchronize(device)
         work.append(start.elapsed_time(end))
-    return Launch(statistics.median(host), statistics.median(work))
+    return Launch(agree(statistics.median(host)), agree(statistics.median(work)))
 
 
 def _more_needed(samples: list[float], budget: TimingBudget, calls_per_sample: int = 1) -> int:
