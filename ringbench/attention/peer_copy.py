@@ -31,12 +31,18 @@ import torch.distributed._symmetric_memory as symmetric_memory
 
 
 def unavailable(device: torch.device) -> str | None:
-    """Why this process group's ranks cannot use copy-engine transfers, or None where they can."""
+    """Why this process group's ranks cannot use copy-engine transfers, or None where they can; every
+    rank reaches the same answer, from every rank's host and GPU."""
     if device.type != "cuda":
         return "the ranks are not GPUs"
-    hosts: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(hosts, socket.gethostname())
-    return "the ranks span hosts" if len(set(hosts)) > 1 else None
+    places: list[tuple[str, int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(places, (socket.gethostname(), device.index))
+    if len({place[0] for place in places if place}) > 1:
+        return "the ranks span hosts"
+    gpus = sorted({place[1] for place in places if place})
+    if not all(torch.cuda.can_device_access_peer(one, other) for one in gpus for other in gpus if one != other):
+        return "the GPUs cannot reach each other's memory"
+    return None
 
 
 # Signal channels of a buffer slot: 2·slot + READY and 2·slot + FREE.
