@@ -254,6 +254,13 @@ def compare(
         None, "--fail-above", help="exit 1 if a cell is significantly slower by more than this ratio, or newly failing"
     ),
     output: Path | None = typer.Option(None, "-o", "--output", help="also write the comparison as Markdown"),
+    labels: tuple[str, str] | None = typer.Option(
+        None,
+        "--labels",
+        metavar="BASE NEW",
+        help="compare the cells labelled BASE in base with those labelled NEW in new (one run may be both), "
+        "matched by every other parameter: e.g. 'torch-cp backend=cudnn' 'ring kernel=cudnn zigzag=true'",
+    ),
 ) -> None:
     """Compare two runs cell by cell: faster, slower, unchanged, newly failing, fixed."""
     from rich.table import Table
@@ -267,8 +274,9 @@ def compare(
                 raise UserError(f"{path}: not a run folder (no {records.RUN_FILE})")
         if output:
             records.writable(output)
-        comparison = compare_runs(base, new, threshold, alpha)
-    view = Table(title=f"{new.name} against {base.name}")
+        comparison = compare_runs(base, new, threshold, alpha, labels if labels and all(labels) else None)
+    compared = comparison.labels or ("", "")
+    view = Table(title=" against ".join(" in ".join(filter(None, side)) for side in zip(compared[::-1], (new.name, base.name))))
     for column in ("cell", "base ms", "new ms", "new / base", "p", "verdict"):
         view.add_column(column, justify="left" if column in ("cell", "verdict") else "right")
     for row in comparison.rows:

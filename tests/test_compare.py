@@ -118,3 +118,62 @@ def test_different_hardware_is_incomparable_and_versions_warn(tmp_path):
         "Different hardware (NVIDIA H100 80GB HBM3 against NVIDIA H200): those cells' timings are not compared.",
         "torch differs: 2.9.0 against 9.9.",
     ]
+
+
+def test_two_implementations_of_one_run_compare_cell_by_matching_cell():
+    multi = Path(__file__).parent / "fixtures" / "multi-process"
+    comparison = compare_runs(multi, multi, 1.01, 0.05, ("torch-cp backend=cudnn", "ring kernel=cudnn zigzag=true"))
+    rows = {row["cell"]: row for row in comparison.rows}
+    forward = rows["ring kernel=cudnn zigzag=true S=131072 2 processes B=1 H=16 D=128 bfloat16 forward"]
+    # torch-cp's median in base, ring's in new, as recorded.
+    assert (forward["base_ms"], forward["new_ms"], forward["verdict"]) == (
+        125.32455825805664,
+        116.93174743652344,
+        "faster",
+    )
+    assert forward["p"] == pytest.approx(mann_whitney_p(*_samples(multi, "torch-cp", "ring", 2, "forward")))
+    # The one-device ring (world size 1) has no torch-cp cell beside it in this run.
+    assert (
+        rows["ring kernel=cudnn zigzag=true S=131072 ring 4 B=1 H=16 D=128 bfloat16 forward"]["verdict"]
+        == "only in new"
+    )
+    assert render_markdown(comparison, 1.01, 0.05).startswith(
+        "# ringbench compare: ring kernel=cudnn zigzag=true in `multi-process` against torch-cp backend=cudnn in "
+        "`multi-process`\n"
+    )
+
+
+def _samples(run, base, new, world_size, pass_name):
+    stored = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+
+    def of(implementation):
+        (record,) = [
+            r
+            for r in stored
+            if (r["implementation"], r["world_size"], r["pass"], r["causal"])
+            == (implementation, world_size, pass_name, False)
+        ]
+        return record["samples_ms"]
+
+    return of(base), of(new)
+
+
+def test_cells_of_several_ring_sizes_each_meet_the_one_cell_of_their_situation():
+    comparison = compare_runs(FIXTURE, FIXTURE, labels=("sdpa backend=flash", "ring"))
+    met = {row["cell"]: (row["base_ms"], row["verdict"]) for row in comparison.rows}
+    # Ring sizes 1 and 3 at 6144 tokens both meet sdpa's cell at 6144; the ring of 3 ran out of memory.
+    assert (
+        met["ring S=6144 ring 1 B=1 H=8 D=64 float16 forward"][0]
+        == met["ring S=6144 ring 3 B=1 H=8 D=64 float16 forward"][0]
+    )
+    assert met["ring S=6144 ring 3 B=1 H=8 D=64 float16 forward"][1] == "newly failing"
+    assert met["ring S=8192 2 processes B=1 H=8 D=64 float16 forward"] == (None, "only in new")
+
+
+def test_an_unknown_label_is_a_clear_error_naming_the_run_and_its_labels():
+    result = CliRunner().invoke(app, ["compare", str(FIXTURE), str(FIXTURE), "--labels", "nope", "ring"])
+    assert result.exit_code == 2
+    assert (
+        f"{FIXTURE}: no cells labelled 'nope' (its labels: ring, sdpa backend=flash, standard, torch-cp backend=flash)"
+        in result.stderr
+    )

@@ -1,6 +1,8 @@
 """Comparing two runs cell by cell: did a change make anything faster, slower, or broken?
 
-Cells are matched by id. A measured pair's verdict needs both a ratio of medians
+Cells are matched by id; or, given two labels, the cells of one implementation (as
+labelled) in the base run with those of another in the new run (one run may be both),
+matched by every other parameter. A measured pair's verdict needs both a ratio of medians
 beyond the threshold and a Mann-Whitney U test on the raw samples below ``alpha``:
 a large ratio on noisy samples, or a significant but tiny shift, is "unchanged".
 A cell measured on different GPUs in the two runs — those its processes ran on, the
@@ -17,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from ringbench import records
+from ringbench.errors import UserError
 from ringbench.report.markdown import escape, ms, table
 from ringbench.run.stats import mann_whitney_p
 from ringbench.schema import Record
@@ -31,12 +34,57 @@ _ENVIRONMENT_KEYS = ("torch", "cuda", "cudnn", "nccl", "driver")
 class Comparison:
     base: Path
     new: Path
+    labels: tuple[str, str] | None = None  # the implementations compared, as labelled; None: cell by cell
     rows: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
 
 def _latest(run_dir: Path) -> dict[str, Record]:
     return {record.cell_id: record for record in records.read_records(run_dir)}
+
+
+def _situation(record: Record) -> tuple:
+    """A cell's parameters but its implementation, options and ring size."""
+    return (
+        record.seq_len,
+        record.world_size,
+        record.batch_size,
+        record.heads,
+        record.head_dim,
+        record.dtype,
+        record.causal,
+        record.pass_name,
+    )
+
+
+def _labelled(stored: dict[str, Record], label: str, run_dir: Path) -> list[Record]:
+    chosen = [record for record in stored.values() if record.display_label == label]
+    if not chosen:
+        known = ", ".join(sorted({record.display_label for record in stored.values()})) or "none"
+        raise UserError(f"{run_dir}: no cells labelled '{label}' (its labels: {known})")
+    return chosen
+
+
+def _pairs(
+    base_records: dict[str, Record],
+    new_records: dict[str, Record],
+    labels: tuple[str, str] | None,
+    runs: tuple[Path, Path],
+) -> list[tuple[Record | None, Record | None]]:
+    """(base, new) records to compare: by cell id; or, with ``labels``, each new cell so labelled with
+    the base cell so labelled in the same situation, of the same ring size where the base has several."""
+    if labels is None:
+        ids = list(base_records) + [cell_id for cell_id in new_records if cell_id not in base_records]
+        return [(base_records.get(cell_id), new_records.get(cell_id)) for cell_id in ids]
+    olds, fresh = _labelled(base_records, labels[0], runs[0]), _labelled(new_records, labels[1], runs[1])
+    pairs: list[tuple[Record | None, Record | None]] = []
+    for new in fresh:
+        candidates = [old for old in olds if _situation(old) == _situation(new)]
+        if len(candidates) > 1:
+            candidates = [old for old in candidates if old.ring_size == new.ring_size]
+        pairs.append((candidates[0] if len(candidates) == 1 else None, new))
+    paired = {id(old) for old, _ in pairs}
+    return pairs + [(old, None) for old in olds if id(old) not in paired]
 
 
 def _hardware(environment: dict[str, Any], world_size: int) -> str:
@@ -74,17 +122,17 @@ def _verdict(
     return UNCHANGED, ratio, p
 
 
-def compare_runs(base: Path, new: Path, threshold: float = 1.1, alpha: float = 0.05) -> Comparison:
-    comparison = Comparison(base, new)
+def compare_runs(
+    base: Path, new: Path, threshold: float = 1.1, alpha: float = 0.05, labels: tuple[str, str] | None = None
+) -> Comparison:
+    comparison = Comparison(base, new, labels)
     base_env, new_env = records.read_run(base)["environment"], records.read_run(new)["environment"]
     differing: dict[tuple[str, str], None] = {}
     for key in _ENVIRONMENT_KEYS:
         if base_env.get(key) != new_env.get(key):
             comparison.warnings.append(f"{key} differs: {base_env.get(key)} against {new_env.get(key)}.")
-    base_records, new_records = _latest(base), _latest(new)
-    for cell_id in list(base_records) + [i for i in new_records if i not in base_records]:
-        old, fresh = base_records.get(cell_id), new_records.get(cell_id)
-        either = old or fresh
+    for old, fresh in _pairs(_latest(base), _latest(new), labels, (base, new)):
+        either = fresh or old
         assert either is not None, "each cell id comes from one run or the other"
         hardware = (_hardware(base_env, either.world_size), _hardware(new_env, either.world_size))
         if hardware[0] != hardware[1]:
@@ -132,8 +180,12 @@ def render_markdown(comparison: Comparison, threshold: float, alpha: float) -> s
         ],
         columns=["cell", "verdict", "base ms", "new ms", "new / base", "p"],
     )
+    new, base = f"`{escape(comparison.new.name)}`", f"`{escape(comparison.base.name)}`"
+    if comparison.labels:
+        base_label, new_label = (escape(label) for label in comparison.labels)
+        new, base = f"{new_label} in {new}", f"{base_label} in {base}"
     lines = [
-        f"# ringbench compare: `{escape(comparison.new.name)}` against `{escape(comparison.base.name)}`",
+        f"# ringbench compare: {new} against {base}",
         "",
         f"Faster or slower means a ratio of medians beyond {threshold:g}× and a Mann-Whitney U p below {alpha:g}.",
         "",
