@@ -275,8 +275,10 @@ def compare(
         if output:
             records.writable(output)
         comparison = compare_runs(base, new, threshold, alpha, labels if labels and all(labels) else None)
-    compared = comparison.labels or ("", "")
-    view = Table(title=" against ".join(" in ".join(filter(None, side)) for side in zip(compared[::-1], (new.name, base.name))))
+    title = f"{new.name} against {base.name}"
+    if comparison.labels:
+        title = f"{comparison.labels[1]} in {new.name} against {comparison.labels[0]} in {base.name}"
+    view = Table(title=title)
     for column in ("cell", "base ms", "new ms", "new / base", "p", "verdict"):
         view.add_column(column, justify="left" if column in ("cell", "verdict") else "right")
     for row in comparison.rows:

@@ -206,11 +206,16 @@ def test_copy_engine_transfers_fall_back_to_point_to_point_where_the_ranks_are_n
         write_config,
         (
             "implementations:\n  - {name: ring, options: {transfers: copy-engine, zigzag: true}}\n"
-            "seq_lens: [64]\nworld_sizes: [2]\nheads: [2]\nhead_dims: [8]\ndtypes: [float32]\ncausal: [true]\n"
+            "  - {name: usp, options: {ulysses_degree: 2, transfers: copy-engine, zigzag: true}}\n"
+            "seq_lens: [64]\nworld_sizes: [2, 4]\nheads: [2]\nhead_dims: [8]\ndtypes: [float32]\ncausal: [true]\n"
             "passes: [forward, forward+backward]\n"
         ),
     )
-    assert len(stored) == 2
+    # ring at 2 and 4 processes, usp 2 × 2 at 4 (at 2 processes, degree 2 leaves no ring to carry).
+    assert (
+        sorted((r["implementation"], r["world_size"]) for r in stored)
+        == [("ring", 2)] * 2 + [("ring", 4)] * 2 + [("usp", 4)] * 2
+    )
     for record in stored:
         assert_matches_the_reference_on_every_rank(record)
         assert record["facts"]["transfers"] == "nccl: the ranks are not GPUs"

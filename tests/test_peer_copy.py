@@ -3,7 +3,10 @@
 import pytest
 
 from ringbench.attention.impls import ring
+from ringbench.attention.registry import Registry
 from ringbench.vocabulary import Cell
+
+BUNDLED = Registry.bundled()
 
 
 def _cell(pass_name: str, transfers: str, seq_len: int = 1 << 17) -> Cell:
@@ -32,3 +35,26 @@ def test_copy_engine_moves_the_travelling_sums_from_the_call_to_setup(seq_len):
 
 def test_forward_passes_keep_no_sums():
     assert ring.setup_memory(_cell("forward", "copy-engine")) == ring.setup_memory(_cell("forward", "nccl"))
+
+
+def test_usp_keeps_its_rings_sums_and_leaves_out_copy_engine_transfers_with_no_ring():
+    usp = BUNDLED.get("usp")
+    options = {"kernel": "cudnn", "transfers": "copy-engine", "ulysses_degree": 2, "zigzag": True}
+
+    def cell(transfers, world_size=4, pass_name="forward+backward"):
+        chosen = tuple(sorted({**options, "transfers": transfers}.items()))
+        return Cell("usp", chosen, 1 << 17, world_size, 1, 16, 128, "bfloat16", True, pass_name, world_size=world_size)
+
+    moved = usp.setup_memory(cell("copy-engine")) - usp.setup_memory(cell("nccl"))
+    rows, heads = (1 << 17) * 2 // 4, 16 // 2  # the ring's shard: u times the rows, H/u heads
+    part_heads = ring.blocks.backward_part_heads(1, rows, heads)
+    assert moved == 2 * 2 * part_heads * rows * 128 * 4 == ring.travelling_sums_bytes(cell("nccl"), 2)
+    facts = {"kernel": "cudnn"}
+    called = usp.memory_model(cell("nccl"), facts) - usp.memory_model(
+        cell("copy-engine"), {**facts, "transfers": "copy-engine"}
+    )
+    assert called == moved
+    assert usp.excludes(cell("copy-engine", world_size=2)) == (
+        "at ulysses_degree P there is no ring: copy-engine transfers have nothing to carry"
+    )
+    assert usp.excludes(cell("nccl", world_size=2)) is None

@@ -26,7 +26,7 @@ r and 2P−1−r, so every rank does the same work in every step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -443,7 +443,7 @@ def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
     # k and v become views of the one K/V message each step sends, leaves of their own.
     kv = torch.stack([k.detach(), v.detach()])
     k, v = (part.requires_grad_(q.requires_grad) for part in kv.unbind())
-    peers = _ring_peers(problem, kv, ring_size)
+    peers = ring_peers(problem, kv.shape, ring_size, _world)
     ring = OneRank(
         q,
         kv,
@@ -462,25 +462,32 @@ def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
     return Bench(run=lambda: blocks.Differentiable.apply(*inputs, ring), rows=rows, inputs=inputs)
 
 
-def _ring_peers(problem: Problem, kv: torch.Tensor, ring_size: int) -> peer_copy.RingPeers | None:
-    """The copy engine's buffers, where the cell asks for its transfers and the ranks allow them
-    (the facts record the transfers used): K/V receive buffers as :func:`receive_buffers`, and in
-    backward passes the travelling sums of one part of heads and their spare."""
+def ring_peers(
+    problem: Problem, shape: Sequence[int], ring_size: int, ring_group: Callable[[], dist.ProcessGroup]
+) -> peer_copy.RingPeers | None:
+    """The copy engine's buffers for a ring whose K/V messages are of ``shape``, shared over the group
+    ``ring_group()`` (asked for only here), where the cell asks for copy-engine transfers and the
+    ranks allow them (the facts record the transfers used): receive buffers as
+    :func:`receive_buffers`, and in backward passes the travelling sums of one part of heads and
+    their spare."""
     if problem.options["transfers"] != "copy-engine":
         return None
     why_not = peer_copy.unavailable(problem.device)
     problem.facts["transfers"] = f"nccl: {why_not}" if why_not else "copy-engine"
     if why_not:
         return None
-    group, device = dist.group.WORLD, problem.device
-    assert group is not None, "across processes there is a default group"
-    sums = None
+    sums, group = None, ring_group()
     if problem.inputs.requires_grad:
-        _, batch, heads, shard_len, dim = kv.shape
+        _, batch, heads, shard_len, dim = shape
         part = (2, batch, blocks.backward_part_heads(batch, shard_len, heads), shard_len, dim)
-        sums = peer_copy.PeerBuffers(part, 2, torch.float32, device, group)
-    received = peer_copy.PeerBuffers(kv.shape, _receive_buffer_count(ring_size), kv.dtype, device, group)
+        sums = peer_copy.PeerBuffers(part, 2, torch.float32, problem.device, group)
+    received = peer_copy.PeerBuffers(shape, _receive_buffer_count(ring_size), problem.dtype, problem.device, group)
     return peer_copy.RingPeers(received, sums)
+
+
+def _world() -> dist.ProcessGroup:
+    assert dist.group.WORLD is not None, "across processes there is a default group"
+    return dist.group.WORLD
 
 
 def _excludes(cell: Cell) -> str | None:
@@ -540,18 +547,18 @@ def memory_model(cell: Cell, facts: Mapping[str, Any], ulysses_degree: int) -> i
         return 12 * shard + 2 * row_floats(cell) if cell.ring_size == 1 else None
     heads = cell.heads // ulysses_degree
     part_heads = blocks.backward_part_heads(cell.batch_size, cell.seq_len * ulysses_degree // cell.world_size, heads)
-    kept = _travelling_sums_bytes(cell) if facts.get("transfers") == "copy-engine" else 0
+    kept = travelling_sums_bytes(cell, ulysses_degree) if facts.get("transfers") == "copy-engine" else 0
     if part_heads == heads:
         return 16 * shard + 2 * row_floats(cell) - kept
     part_rows = row_floats(cell) * part_heads // heads
     return 4 * shard + 17 * shard * part_heads // heads + row_floats(cell) + part_rows - kept
 
 
-def _travelling_sums_bytes(cell: Cell) -> int:
+def travelling_sums_bytes(cell: Cell, ulysses_degree: int) -> int:
     """The float32 dK and dV sums of one part of heads that travel a ring across processes, and
-    their spare (``comm.TravellingSums``)."""
-    rows = cell.seq_len // cell.world_size
-    part_heads = blocks.backward_part_heads(cell.batch_size, rows, cell.heads)
+    their spare (``comm.TravellingSums``); ``usp`` runs the ring on H/u heads of u times the rows."""
+    rows = cell.seq_len * ulysses_degree // cell.world_size
+    part_heads = blocks.backward_part_heads(cell.batch_size, rows, cell.heads // ulysses_degree)
     return 2 * 2 * cell.batch_size * part_heads * rows * cell.head_dim * 4
 
 
@@ -561,7 +568,7 @@ def setup_memory(cell: Cell) -> int:
     pass keep the travelling sums too (on ranks that fall back to NCCL, this overstates)."""
     kept = receive_buffer_bytes(cell, cell.world_size)
     if cell.world_size > 1 and cell.pass_name != "forward" and dict(cell.options)["transfers"] == "copy-engine":
-        kept += _travelling_sums_bytes(cell)
+        kept += travelling_sums_bytes(cell, 1)
     return kept
 
 

@@ -7,9 +7,10 @@ group are contiguous. Each ring shard of the sequence (``ring.positions``: with
 the u ranks of its Ulysses group. An all-to-all within the group turns each
 rank's rows into the whole ring shard for H/u heads; the ranks sharing a Ulysses
 index then run ring attention over the r shards (``ring.OneRank``, K/V between
-processes by point-to-point ops); one more all-to-all turns the output back into
-the rank's rows for every head. Both all-to-alls and the ring are differentiable,
-and all of them go through the worker's clock.
+processes by point-to-point ops, or by copy engines as ``ring``'s ``transfers``); one
+more all-to-all turns the output back into the rank's rows for every head. Both
+all-to-alls and the ring are differentiable, and all of them go through the worker's
+clock.
 
 Degree 1 is ``ring`` across processes; degree P, a ring of one, is ``ulysses``
 itself (:class:`ulysses.UlyssesAttention`, its own rows first in causal attention as by
@@ -33,22 +34,26 @@ from ringbench.attention.models import shard_bytes
 from ringbench.attention.registry import Bench, Option, Problem, register
 from ringbench.vocabulary import PASSES, Cell
 
-# The Ulysses groups of this process, by (world size, degree). Every rank must create
+# The process groups of this process, by (kind, world size, degree). Every rank must create
 # every group, in the same order, so they are made once per process (a worker joins its
 # process group once) rather than once per cell.
-_GROUPS: dict[tuple[int, int], list[dist.ProcessGroup]] = {}
+_GROUPS: dict[tuple[str, int, int], list[dist.ProcessGroup]] = {}
 
 
-def _ulysses_group(world_size: int, degree: int, ring_index: int) -> dist.ProcessGroup:
-    """The group of the ``degree`` contiguous ranks that share ring index ``ring_index``."""
-    if (world_size, degree) not in _GROUPS:
-        groups = []
-        for index in range(world_size // degree):
-            group = dist.new_group(list(range(index * degree, (index + 1) * degree)))
-            assert group is not None, "every rank creates every group"
-            groups.append(group)
-        _GROUPS[world_size, degree] = groups
-    return _GROUPS[world_size, degree][ring_index]
+def _groups(kind: str, world_size: int, degree: int) -> list[dist.ProcessGroup]:
+    """``ulysses``: by ring index, the ``degree`` contiguous ranks that share it. ``ring``: by Ulysses
+    index, the ranks ``degree`` apart that share it, made only for copy-engine transfers, whose
+    symmetric memory it names; gloo groups, as nothing is sent over them."""
+    if (kind, world_size, degree) not in _GROUPS:
+        if kind == "ulysses":
+            members = [list(range(index * degree, (index + 1) * degree)) for index in range(world_size // degree)]
+        else:
+            members = [list(range(index, world_size, degree)) for index in range(degree)]
+        backend = None if kind == "ulysses" else "gloo"
+        groups = [dist.new_group(ranks, backend=backend) for ranks in members]
+        assert all(group is not None for group in groups), "every rank creates every group"
+        _GROUPS[kind, world_size, degree] = groups
+    return _GROUPS[kind, world_size, degree]
 
 
 def _check_options(options: Mapping[str, Any]) -> str | None:
@@ -72,6 +77,8 @@ def _excludes(cell: Cell) -> str | None:
     if cell.pass_name != "forward" and options["kernel"] not in blocks.BACKWARD_KERNELS:
         kernel = options["kernel"]
         return f"usp's backward runs on {', '.join(blocks.BACKWARD_KERNELS[1:])} blocks, not {kernel}"
+    if options["transfers"] == "copy-engine" and degree == processes:
+        return "at ulysses_degree P there is no ring: copy-engine transfers have nothing to carry"
     return None
 
 
@@ -92,8 +99,14 @@ def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int | None:
 
 def _setup_memory(cell: Cell) -> int:
     """The ring's K/V receive buffers (``receive_buffers``), each K and V of H/u heads of a ring
-    shard (2N), one per transfer up to two: none in a ring of one."""
-    return ring.receive_buffer_bytes(cell, cell.world_size // dict(cell.options)["ulysses_degree"])
+    shard (2N), one per transfer up to two: none in a ring of one. Copy-engine transfers of a
+    backward pass keep the ring's travelling sums too, as ``ring``'s."""
+    options = dict(cell.options)
+    degree = options["ulysses_degree"]
+    kept = ring.receive_buffer_bytes(cell, cell.world_size // degree)
+    if cell.pass_name != "forward" and options["transfers"] == "copy-engine":
+        kept += ring.travelling_sums_bytes(cell, degree)
+    return kept
 
 
 @register(
@@ -103,6 +116,7 @@ def _setup_memory(cell: Cell) -> int:
         "ulysses_degree": Option(1, help="ranks per Ulysses group (u); the ring spans P / u of them", short="u"),
         "kernel": Option("auto", choices=blocks.KERNELS, help="block kernel of the ring, as ring's"),
         "zigzag": Option(False, help="the ring's shards as ring's zigzag: ring shard i holds chunks i and 2r−1−i"),
+        "transfers": Option("nccl", choices=ring.TRANSFERS, help="the ring's transfers, as ring's"),
     },
     passes=PASSES,
     excludes=_excludes,
@@ -120,11 +134,15 @@ def setup(problem: Problem) -> Bench:
     degree, zigzag, comm = problem.options["ulysses_degree"], problem.options["zigzag"], problem.comm
     ring_size = problem.world_size // degree
     ring_index, ulysses_index = divmod(problem.rank, degree)
-    group = _ulysses_group(problem.world_size, degree, ring_index) if degree > 1 else None
+    group = _groups("ulysses", problem.world_size, degree)[ring_index] if degree > 1 else None
     # The ring shard's positions, in its order; this rank holds the Ulysses index-th contiguous part.
     shard = positions(problem.seq_len, ring_size, zigzag, problem.device)[ring_index]
     rows = shard.view(degree, -1)[ulysses_index]
     q, k, v = problem.shard(rows)
+
+    def ring_group() -> dist.ProcessGroup:  # the ranks of this rank's ring, for copy-engine transfers
+        return _groups("ring", problem.world_size, degree)[ulysses_index]
+
     # This rank's place in its ring, for the ring built once (degree 1) or on each call's head shards.
     ring_rank = functools.partial(
         OneRank,
@@ -141,9 +159,11 @@ def setup(problem: Problem) -> Bench:
         # K and V stacked once into the message each ring step sends; k and v become leaves viewing it.
         kv = torch.stack([k.detach(), v.detach()])
         k, v = (part.requires_grad_(q.requires_grad) for part in kv.unbind())
-        ring = ring_rank(q, kv, received=receive_buffers(kv.shape, kv, ring_size))
+        peers = ring.ring_peers(problem, kv.shape, ring_size, ring_group)
+        received = peers.kv.slots if peers else receive_buffers(kv.shape, kv, ring_size)
+        one_rank = ring_rank(q, kv, received=received, peers=peers)
         inputs = (q, k, v)
-        return Bench(run=lambda: blocks.Differentiable.apply(*inputs, ring), rows=rows, inputs=inputs)
+        return Bench(run=lambda: blocks.Differentiable.apply(*inputs, one_rank), rows=rows, inputs=inputs)
 
     if ring_size == 1:  # Ulysses alone
 
@@ -154,14 +174,16 @@ def setup(problem: Problem) -> Bench:
         return Bench(run=lambda: blocks.Differentiable.apply(q, k, v, attention), rows=rows, inputs=(q, k, v))
 
     batch, heads, shard_rows, dim = q.shape
-    received = receive_buffers((2, batch, heads // degree, shard_rows * degree, dim), q, ring_size)
+    message = (2, batch, heads // degree, shard_rows * degree, dim)
+    peers = ring.ring_peers(problem, message, ring_size, ring_group)
+    received = peers.kv.slots if peers else receive_buffers(message, q, ring_size)
 
     def run() -> torch.Tensor:
         # One all-to-all to the ring shard's rows (gathered in Ulysses index order, the shard's) for H/u
         # heads; K and V arrive stacked, the one message each ring step sends.
         (arrived,) = to_heads((q, k, v), comm, group).arrived()
-        ring = ring_rank(arrived[0], arrived[1:], received=received)
-        out = blocks.Differentiable.apply(*arrived.unbind(), ring)
+        one_rank = ring_rank(arrived[0], arrived[1:], received=received, peers=peers)
+        out = blocks.Differentiable.apply(*arrived.unbind(), one_rank)
         return to_sequence(out, comm, group)
 
     return Bench(run=run, rows=rows, inputs=(q, k, v))
