@@ -10,7 +10,10 @@ from ringbench.attention.comm import WaitClock
 from ringbench.attention.impls import ring
 
 dist.init_process_group("gloo")
-rank, P = dist.get_rank(), dist.get_world_size()
+rank, world = dist.get_rank(), dist.get_world_size()
+u = int(os.environ.get("RINGS", 1))  # rings of the ranks u apart, as usp's at Ulysses degree u
+rings = [dist.new_group(list(range(i, world, u)), backend="gloo") for i in range(u)]
+group, P, ring_rank, ulysses_index = rings[rank % u], world // u, rank // u, rank % u
 dev = torch.device("cuda", 0)
 torch.cuda.set_device(dev)
 print(f"[r{rank}] torch {torch.__version__} get_mem_pool={hasattr(symm_mem, 'get_mem_pool')}", flush=True)
@@ -27,20 +30,20 @@ if os.environ.get("PARTS"):
 g = torch.Generator(device=dev).manual_seed(0)
 q, k, v, dout = (torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(4))
 for zigzag, causal in [(False, False), (True, True), (False, True)]:
-    rows = ring.positions(S, P, zigzag, dev)[rank]
+    rows = ring.positions(S, P, zigzag, dev)[ring_rank]
     qs = q[:, :, rows].contiguous().requires_grad_()
     kv = torch.stack([k[:, :, rows], v[:, :, rows]]).contiguous()
     ks, vs = (t.requires_grad_() for t in kv.unbind())
     before = torch.cuda.memory_allocated(dev)
     part = blocks.backward_part_heads(B, S // P, H)
     peers = peer_copy.RingPeers(
-        peer_copy.PeerBuffers(kv.shape, min(2, P - 1), kv.dtype, dev, dist.group.WORLD),
-        peer_copy.PeerBuffers((2, B, part, S // P, D), 2, torch.float32, dev, dist.group.WORLD),
+        peer_copy.PeerBuffers(kv.shape, min(2, P - 1), kv.dtype, dev, group),
+        peer_copy.PeerBuffers((2, B, part, S // P, D), 2, torch.float32, dev, group),
     )
     counted = (torch.cuda.memory_allocated(dev) - before) / 2**20
-    one = ring.OneRank(qs, kv, causal=causal, kernel="flash", zigzag=zigzag, comm=WaitClock(dev), rank=rank,
-                       ring_size=P, send_to=(rank + 1) % P, receive_from=(rank - 1) % P,
-                       received=peers.kv.slots, peers=peers)
+    one = ring.OneRank(qs, kv, causal=causal, kernel="flash", zigzag=zigzag, comm=WaitClock(dev), rank=ring_rank,
+                       ring_size=P, send_to=(ring_rank + 1) % P * u + ulysses_index,
+                       receive_from=(ring_rank - 1) % P * u + ulysses_index, received=peers.kv.slots, peers=peers)
     qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
     ref = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal)
     ref.backward(dout.double())
@@ -54,7 +57,7 @@ for zigzag, causal in [(False, False), (True, True), (False, True)]:
         errs = [((a.double() - b[:, :, rows]).abs().max() / b[:, :, rows].abs().max()).item()
                 for a, b in ((out, ref), (qs.grad, qd.grad), (ks.grad, kd.grad), (vs.grad, vd.grad))]
         worst.append(max(errs))
-    print(f"[r{rank}] P={P} zigzag={zigzag} causal={causal} part_heads={part} rel errors per call "
+    print(f"[r{rank}] rings of {P} (u={u}) zigzag={zigzag} causal={causal} part_heads={part} rel errors per call "
           f"{' '.join(f'{e:.2e}' for e in worst)} counted={counted:.1f}MiB of {(peers.kv.slots[0].nbytes * len(peers.kv.slots) + peers.sums.slots[0].nbytes * 2) / 2**20:.1f}", flush=True)
 dist.barrier()
 dist.destroy_process_group()
