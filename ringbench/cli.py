@@ -96,6 +96,23 @@ def plan(config: Path = typer.Argument(..., help="sweep YAML")) -> None:
     _print_plan(config, the_plan)
 
 
+def _predictions(path: Path | None, resume: Path | None) -> dict | None:
+    """The predictions file ``run --predictions`` names, read and checked field by field."""
+    from ringbench import records
+
+    if path is None:
+        return None
+    if resume is not None:
+        raise UserError("--predictions goes with a new run; a resumed run keeps the predictions it started with")
+    return records.read_predictions(path)
+
+
+def _check_predicts(predicted: dict | None, path: Path | None, the_plan, config: Path) -> None:
+    """Refuse predictions made for another sweep: they would be kept and set beside nothing."""
+    if predicted is not None and not set(predicted["cells"]) & {cell.id for cell in the_plan.cells}:
+        raise UserError(f"{path}: predicts none of the cells of {config} (made for {predicted.get('config')})")
+
+
 @app.command()
 def run(
     config: Path | None = typer.Argument(None, help="sweep YAML (with --resume: the run's own, by default)"),
@@ -108,6 +125,9 @@ def run(
     threads: int | None = typer.Option(
         None, "--threads", min=1, help="torch intra-op threads (overrides the config; default: physical cores)"
     ),
+    predictions: Path | None = typer.Option(
+        None, "--predictions", help="ringbench predict's file, kept in the run folder: the report sets it beside"
+    ),
 ) -> None:
     """Run a sweep: every cell timed, memory-measured and recorded under the output root."""
     from ringbench import records
@@ -119,17 +139,19 @@ def run(
             raise UserError(f"{resume}: not a run folder (no {records.RUN_FILE})")
         if retry_failed and resume is None:
             raise UserError("--retry-failed goes with --resume RUN_DIR")
+        predicted = _predictions(predictions, resume)
         if config is None:
             if resume is None:
                 raise UserError("give a sweep config, or --resume RUN_DIR")
             config = records.config_file(records.read_run(resume))
         sweep, the_plan, device = _load(config)
+        _check_predicts(predicted, predictions, the_plan, config)
     if dry_run:
         _print_plan(config, the_plan)
         return
     if distributed.launched():  # one rank of a group the user started with torchrun
         run_dir = worker.serve(
-            sweep, the_plan, None, None, str(config), output_root or Path(sweep.output_root), threads
+            sweep, the_plan, None, None, str(config), output_root or Path(sweep.output_root), threads, predicted
         )
         print(f"records in {run_dir}", file=sys.stderr)
         return
@@ -145,6 +167,7 @@ def run(
             resume,
             retry_failed,
             threads,
+            predicted,
         )
     console.print(summary_table(result.records))
     if result.interrupted:
@@ -175,6 +198,43 @@ def _load_runs(paths: list[Path]) -> list:
     for warning in skipped + [warning for run_data in runs for warning in run_data.warnings]:
         print(f"warning: {warning}", file=sys.stderr)
     return runs
+
+
+@app.command()
+def predict(
+    config: Path = typer.Argument(..., help="sweep YAML whose multi-process cells to predict"),
+    runs: list[Path] = typer.Argument(
+        ..., help="run folders measured before, or folders of them: the peer's single-GPU cells, calibration.json"
+    ),
+    output: Path | None = typer.Option(
+        None, "-o", "--output", help="also write the predictions here, for ringbench run --predictions"
+    ),
+    gpus_per_node: int | None = typer.Option(None, min=1, help="GPUs per node of the machine predicted; default 8"),
+    inter_node_gbit_s: float | None = typer.Option(
+        None, min=1e-3, help="stated bandwidth between nodes, per GPU, in Gb/s; default 400"
+    ),
+) -> None:
+    """Predict, with the scaling model, what a sweep's multi-process cells will measure, from runs
+    measured before: per cell the time of a call and the per-GPU efficiency against one GPU."""
+    from ringbench import records
+    from ringbench.report import predictions, scaling
+    from ringbench.sweep import plan
+
+    with _user_errors():
+        _, the_plan = plan.load(config)
+        sources = _load_runs(runs)
+        payload = predictions.make(
+            the_plan.cells,
+            sources,
+            str(config),
+            gpus_per_node or scaling.GPUS_PER_NODE,
+            inter_node_gbit_s or scaling.INTER_NODE_GBIT_S,
+        )
+        if output is not None:
+            records.write_json_atomic(records.writable(output), payload)
+    print(predictions.render(payload))
+    if output is not None:
+        print(f"wrote {output}; keep it with the run: ringbench run {config} --predictions {output}", file=sys.stderr)
 
 
 # Over 60 lines: a third of them are its options, which typer reads from the signature.

@@ -35,6 +35,8 @@ RUN_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"
 CALIBRATION_FILE = "calibration.json"
 CALIBRATION_VERSION = 1
+PREDICTIONS_FILE = "predictions.json"
+PREDICTIONS_VERSION = 1
 
 
 def create_run_dir(output_root: Path, commit: str) -> Path:
@@ -220,6 +222,42 @@ def write_calibration(run_dir: Path, entry: dict[str, Any]) -> None:
     stored = read_calibration(run_dir) | {entry["world_size"]: entry}
     by_size = {str(size): stored[size] for size in sorted(stored)}
     write_json_atomic(run_dir / CALIBRATION_FILE, {"schema_version": CALIBRATION_VERSION, "world_sizes": by_size})
+
+
+def _predictions_problem(stored: Any) -> str | None:
+    """What makes ``stored`` no predictions file of this version, by field; None if nothing does."""
+    if not isinstance(stored, dict) or stored.get("schema_version") != PREDICTIONS_VERSION:
+        found = stored.get("schema_version") if isinstance(stored, dict) else None
+        return f"schema_version: expected {PREDICTIONS_VERSION}, got {found!r} (write it with ringbench predict)"
+    try:
+        datetime.fromisoformat(stored["made_at"])
+    except (KeyError, TypeError, ValueError):
+        return f"made_at: expected an ISO date and time, got {stored.get('made_at')!r}"
+    sources = stored.get("sources")
+    if not isinstance(sources, list) or not sources or not all(isinstance(source, str) for source in sources):
+        return "sources: expected the names of the runs predicted from"
+    cells = stored.get("cells")
+    if not isinstance(cells, dict):
+        return "cells: expected an object of predictions by cell id"
+    for cell_id, predicted in cells.items():
+        for name in ("ms", "efficiency"):
+            value = predicted.get(name) if isinstance(predicted, dict) else None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                return f"cells.{cell_id}.{name}: expected a positive number, got {value!r}"
+    return None
+
+
+def read_predictions(path: Path) -> dict[str, Any]:
+    """A predictions file (``report.predictions``), checked field by field; BrokenRun names the
+    field that is wrong."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BrokenRun(str(path), f"cannot read it ({type(exc).__name__}: {show(str(exc))[1:-1]})") from None
+    problem = _predictions_problem(stored)
+    if problem:
+        raise BrokenRun(str(path), problem)
+    return stored
 
 
 def is_run_dir(path: Path) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,10 @@ COLUMNS = [
     "comm_step_mib",
     "comm_wait_share",
     "facts",
+    # A prediction made before the run (``report.predictions``), where the run kept one.
+    "predicted_ms",
+    "predicted_efficiency",
+    "prediction",
     "error_type",
     "error_message",
 ]
@@ -189,6 +194,40 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise UnreadableRun(f"{exc.where}: run skipped, {exc.reason}") from None
 
 
+def _lead(made_at: str, started: str) -> str:
+    """How long before the run began a prediction was made, in words."""
+    seconds = (datetime.fromisoformat(started) - datetime.fromisoformat(made_at)).total_seconds()
+    if seconds < 0:
+        return "after the run began"
+    hours = seconds / 3600
+    return f"{hours:.1f} h before the run began" if hours < 48 else f"{hours / 24:.0f} days before the run began"
+
+
+def _with_predictions(frame: pd.DataFrame, path: Path, meta: dict[str, Any], warnings: list[str]) -> pd.DataFrame:
+    """The frame with the predictions the run kept set on their cells; a file that cannot be read
+    is a warning, and the cells stand without it."""
+    if not (path / records.PREDICTIONS_FILE).exists():
+        return frame
+    try:
+        stored = records.read_predictions(path / records.PREDICTIONS_FILE)
+    except records.BrokenRun as exc:
+        warnings.append(f"{exc.where}: {exc.reason}; the predictions are left out")
+        return frame
+    made = datetime.fromisoformat(stored["made_at"]).strftime("%Y-%m-%d %H:%M UTC")
+    provenance = (
+        f"made {made} from {', '.join(stored['sources'])}, {_lead(stored['made_at'], meta['environment']['date_utc'])}"
+    )
+    cells = stored["cells"]
+    held = frame["cell_id"].isin(list(cells))
+    return frame.assign(
+        predicted_ms=frame["cell_id"].map(lambda cell_id: cells.get(cell_id, {}).get("ms")).astype(float),
+        predicted_efficiency=frame["cell_id"]
+        .map(lambda cell_id: cells.get(cell_id, {}).get("efficiency"))
+        .astype(float),
+        prediction=held.map({True: provenance, False: None}),
+    )
+
+
 def load_run(path: Path) -> Run:
     """One run folder's records as a frame; bad record lines become warnings. Raises
     UnreadableRun when the folder's run.json is not a ringbench run file."""
@@ -219,6 +258,7 @@ def load_run(path: Path) -> Run:
     frame = pd.DataFrame(rows, columns=COLUMNS).drop_duplicates("cell_id", keep="last")
     # The roles the run's implementations declared (vocabulary.ROLES), on each of their cells.
     frame = frame.assign(**{role: frame["implementation"].isin(names) for role, names in meta["roles"].items()})
+    frame = _with_predictions(frame, path, meta, warnings)
     try:
         calibration = records.read_calibration(path)
     except records.BrokenRun as exc:  # the cells stand without it; only the scaling model is lost

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -309,18 +310,36 @@ def strategy_name(degree: int, world: int) -> str:
     return "ulysses" if degree == world else f"usp {degree}×{world // degree}"
 
 
-def degree_of(row: pd.Series) -> int | None:
+def cell_degree(implementation: str, options: Mapping[str, Any], world_size: int, causal: bool) -> int | None:
     """The Ulysses degree of a cell the model covers: `ring` 1, `ulysses` its world size, `usp` its
     option; None for any other implementation, for a causal ring without zigzag, whose ranks
     wait on each other's unequal work, and for a ring with copy-engine transfers, which the
     calibration (NCCL's) does not measure."""
-    options = json.loads(row["options"])
-    if row["causal"] and row["implementation"] in ("ring", "usp") and not options.get("zigzag"):
+    if causal and implementation in ("ring", "usp") and not options.get("zigzag"):
         return None
     if options.get("transfers") == "copy-engine":
         return None
-    degrees = {"ring": 1, "ulysses": row["world_size"], "usp": options.get("ulysses_degree")}
-    return degrees.get(row["implementation"])
+    degrees = {"ring": 1, "ulysses": world_size, "usp": options.get("ulysses_degree")}
+    return degrees.get(implementation)
+
+
+def degree_of(row: pd.Series) -> int | None:
+    """:func:`cell_degree` of a recorded cell."""
+    return cell_degree(row["implementation"], json.loads(row["options"]), int(row["world_size"]), bool(row["causal"]))
+
+
+def planned_kernel(options: Mapping[str, Any]) -> str | None:
+    """The kernel a cell's options name (``kernel`` for the ring's, ``backend`` for SDPA's); None
+    where it is chosen only when the cell runs (``auto``)."""
+    kernel = options.get("kernel", options.get("backend"))
+    return None if kernel in (None, "auto") else str(kernel)
+
+
+def calibration_for(calibration: dict[int, dict[str, Any]], world: int) -> dict[str, Any]:
+    """The calibration measured at ``world`` processes, else at the most processes below it, else
+    at the fewest above it."""
+    below = [size for size in calibration if size <= world]
+    return calibration[max(below) if below else min(calibration)]
 
 
 _KERNEL_SHAPE = ["kernel", "dtype", "batch_size", "heads", "head_dim"]
@@ -353,13 +372,14 @@ def _shape(key: tuple) -> Shape:
 
 def validation(frame: pd.DataFrame, calibration: dict[int, dict[str, Any]]) -> pd.DataFrame:
     """Each multi-process cell the model covers, measured beside modelled: per-GPU efficiency against
-    the single-GPU peer at the same sequence length, on the machine its world size's calibration
-    measured (every rank on one host)."""
+    the single-GPU peer the efficiency table pairs it with, on the machine its world size's
+    calibration measured (every rank on one host); and beside a prediction made before the run
+    (``report.predictions``), where the run kept one."""
     blocks, rows = blocks_of(frame), []
     for row, peer in efficiencies(frame):
         degree, entry = degree_of(row), calibration.get(row["world_size"])
         key = tuple(row[_KERNEL_SHAPE])
-        if degree is None or entry is None or peer["seq_len"] != row["seq_len"] or key not in blocks:
+        if degree is None or entry is None or key not in blocks:
             continue
         machine = Machine.from_calibration(entry, gpus_per_node=entry["ranks_per_host"])
         modelled = predict(
@@ -368,10 +388,12 @@ def validation(frame: pd.DataFrame, calibration: dict[int, dict[str, Any]]) -> p
         if modelled is None:
             continue
         measured = row["tflops_per_device"] / peer["tflops_per_device"]
-        efficiency, marks = modelled.efficiency, EXTRAPOLATED if modelled.extrapolated else ""
+        modelled_ms, marks = modelled.ms, EXTRAPOLATED if modelled.extrapolated else ""
         # A call the host takes longer to launch than the modelled GPU time runs at the host's pace.
-        if pd.notna(row.get("launch_ms")) and row["launch_ms"] > modelled.ms:
-            efficiency, marks = efficiency * modelled.ms / row["launch_ms"], marks + HOST_BOUND
+        if pd.notna(row.get("launch_ms")) and row["launch_ms"] > modelled_ms:
+            modelled_ms, marks = row["launch_ms"], marks + HOST_BOUND
+        efficiency = measured * row["median_ms"] / modelled_ms  # against the same peer as measured
+        predicted = row.get("predicted_efficiency")
         rows.append(
             {
                 "implementation": escape(row["label"]),
@@ -383,9 +405,14 @@ def validation(frame: pd.DataFrame, calibration: dict[int, dict[str, Any]]) -> p
                 "measured": f"{measured:.3f}",
                 "model": f"{efficiency:.3f}{marks}",
                 "error": efficiency / measured - 1,  # a fraction; the table writes it as a percentage
+                "predicted before": f"{predicted:.3f}" if pd.notna(predicted) else "",
+                "its error": predicted / measured - 1 if pd.notna(predicted) else math.nan,
             }
         )
-    return pd.DataFrame(rows)
+    checked = pd.DataFrame(rows)
+    if checked.empty or checked["its error"].isna().all():
+        return checked.drop(columns=["predicted before", "its error"], errors="ignore")
+    return checked
 
 
 @dataclass(frozen=True)
@@ -475,18 +502,34 @@ def _machine_line(machine: Machine, calibrated: dict[str, Any]) -> str:
     )
 
 
-def _agreement(checked: pd.DataFrame) -> str:
-    errors = checked["error"].abs() * 100
-    within = int((errors <= HELD_TO_PERCENT).sum())
-    return f"within {HELD_TO_PERCENT:g}% in {within} of {len(errors)} cells (largest error {errors.max():.1f}%)"
+def _agreement(errors: pd.Series) -> str:
+    """How many of the fractional ``errors`` (NaN: no figure) are within ``HELD_TO_PERCENT``."""
+    percent = errors.dropna().abs() * 100
+    within = int((percent <= HELD_TO_PERCENT).sum())
+    return f"within {HELD_TO_PERCENT:g}% in {within} of {len(percent)} cells (largest error {percent.max():.1f}%)"
+
+
+def _predicted(frame: pd.DataFrame, checked: pd.DataFrame) -> str | None:
+    """Where the run kept predictions: when and from what they were made, and how close they came."""
+    if "its error" not in checked:
+        return None
+    made = "; ".join(escape(text) for text in frame["prediction"].dropna().unique())
+    return f"predictions made before the run ({made}) {_agreement(checked['its error'])}"
 
 
 def findings(frame: pd.DataFrame, calibration: dict[int, dict[str, Any]]) -> list[str]:
-    """The findings' line on the model: how close it came to the run's multi-process cells."""
+    """The findings' lines on the model: how close it came to the run's multi-process cells, and
+    how close the predictions made before the run came."""
     checked = validation(frame, calibration) if calibration else pd.DataFrame()
     if checked.empty:
         return []
-    return [f"- Scaling model against the multi-process cells: {_agreement(checked)}, as its section shows"]
+    found = [f"- Scaling model against the multi-process cells: {_agreement(checked['error'])}, as its section shows"]
+    predicted = _predicted(frame, checked)
+    return found + ([f"- Its {predicted}"] if predicted else [])
+
+
+def _percent(error: float) -> str:
+    return "" if math.isnan(error) else f"{error:+.1%}"
 
 
 def lines(
@@ -519,20 +562,32 @@ def lines(
             "",
         ]
     if not checked.empty:
+        host_bound = checked["model"].str.contains(HOST_BOUND).any()
+        predicted = _predicted(frame, checked)
         out += [
             f"{heading}# Model against measurement",
             "",
-            f"Per-GPU efficiency over the single-device peer at the same length, measured and modelled, on the "
-            f"machine each world size measured. {_agreement(checked).capitalize()}. {EXTRAPOLATED}: a block "
-            "shorter than the peer's shortest cell, timed at that cell's rate (optimistic)."
+            "Per-GPU efficiency over the single-device peer (at the same length, or the longest it ran, as "
+            "the efficiency table pairs them), measured and modelled, on the machine each world size "
+            f"measured. {_agreement(checked['error']).capitalize()}. {EXTRAPOLATED}: a block shorter than the "
+            "peer's shortest cell, timed at that cell's rate (optimistic)."
             + (
                 f" {HOST_BOUND}: the host takes longer to launch the call (measured in the cell) than the "
                 "modelled GPU time, so the call runs at the host's pace."
-                if checked["model"].str.contains(HOST_BOUND).any()
+                if host_bound
+                else ""
+            )
+            + (
+                f" The {predicted}: the model then, on the machine and single-GPU cells of those runs."
+                if predicted
                 else ""
             ),
             "",
-            table(checked.assign(error=checked["error"].map("{:+.1%}".format))),
+            table(
+                checked.assign(
+                    **{name: checked[name].map(_percent) for name in ("error", "its error") if name in checked}
+                )
+            ),
             "",
         ]
     for projection in found:

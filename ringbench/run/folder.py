@@ -53,8 +53,17 @@ def _searches(plan: Plan, capacity_bytes: int | None) -> list[dict[str, Any]]:
     return stored
 
 
-def start(sweep: Sweep, plan: Plan, source: str, device: torch.device, output_root: Path, threads: int) -> Path:
-    """A new run folder holding run.json: the config, the plan, the roles, the environment."""
+def start(
+    sweep: Sweep,
+    plan: Plan,
+    source: str,
+    device: torch.device,
+    output_root: Path,
+    threads: int,
+    predictions: dict[str, Any] | None = None,
+) -> Path:
+    """A new run folder holding run.json: the config, the plan, the roles, the environment; and the
+    ``predictions`` made before the run, where given."""
     environment = env.snapshot(device, threads, Path(source).resolve().parent)
     # Measured first, on an idle device: the ceiling every cell's TFLOP/s is set against.
     environment["matmul_peak_tflops"] = (
@@ -81,6 +90,8 @@ def start(sweep: Sweep, plan: Plan, source: str, device: torch.device, output_ro
             "roles": plan.roles(),
         },
     )
+    if predictions is not None:
+        records.write_json_atomic(run_dir / records.PREDICTIONS_FILE, predictions)
     return run_dir
 
 

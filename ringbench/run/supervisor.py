@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -248,17 +248,19 @@ def run(
     resume: Path | None = None,
     retry_failed: bool = False,
     threads: int | None = None,
+    predictions: dict[str, Any] | None = None,
 ) -> RunResult:
     """Run the plan in a new run folder, or, with ``resume``, the jobs a stopped run has not finished.
 
     ``threads``, the workers' intra-op thread count, overrides the config's (default: physical cores).
+    ``predictions`` (``ringbench predict``'s) are kept in the new folder.
     """
     if device.type == "cuda":
         torch.cuda.set_device(device)
     threads = threads or sweep.threads or env.default_threads()
     if resume:
         _resume(resume, sweep, plan, source, retry_failed, threads)
-    run_dir = resume or folder.start(sweep, plan, source, device, output_root, threads)
+    run_dir = resume or folder.start(sweep, plan, source, device, output_root, threads, predictions)
     result = RunResult(run_dir, records=list(records.read_records(run_dir)))
     # One world size after another, each in the plan's order.
     pending = sorted(jobs.planned(plan, records.done(run_dir, retry_failed)), key=lambda job: job.world_size)

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
@@ -107,13 +107,14 @@ def serve(
     source: str,
     output_root: Path,
     threads: int | None = None,
+    predictions: dict[str, Any] | None = None,
 ) -> Path:
     """Run the ``pending`` jobs (None: every planned one of this world size) on this process's group,
     rank 0 marking each cell in flight and appending its record.
 
     Started by the supervisor, ``run_dir`` is its run folder. Under a user's own launcher
-    ``run_dir`` is None: rank 0 creates the run folder and stamps it at the end. ``threads``
-    is the intra-op thread count of the host, shared by the ranks on it.
+    ``run_dir`` is None: rank 0 creates the run folder (keeping ``predictions`` there) and stamps it
+    at the end. ``threads`` is the intra-op thread count of the host, shared by the ranks on it.
     """
     die_with_parent()
     print(f"ringbench worker {os.getpid()} started", flush=True)  # one line per start in the worker's log
@@ -123,7 +124,7 @@ def serve(
         _prepare(group.device, sweep, threads, distributed.local_world_size())
         created = group.is_leader and run_dir is None
         if created:
-            run_dir = folder.start(sweep, plan, source, group.device, output_root, threads)
+            run_dir = folder.start(sweep, plan, source, group.device, output_root, threads, predictions)
         run_dir = Path(group.broadcast(str(run_dir) if group.is_leader else None))
         _calibrate(group, run_dir)
         if pending is None:

@@ -1,0 +1,152 @@
+"""Predictions made before a run: the scaling model (``report.scaling``) applied to the cells a
+sweep plans, from runs measured earlier (their single-GPU cells and their links' calibration).
+
+``ringbench predict`` makes them and writes them to a file; ``ringbench run --predictions`` keeps
+that file in the new run's folder (``records.PREDICTIONS_FILE``), and the run's report sets each
+prediction beside what was measured, saying when, and from which runs, it was made. A world size
+the earlier runs did not calibrate is predicted on the links of the nearest one they did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import pandas as pd
+
+from ringbench import records
+from ringbench.errors import UserError
+from ringbench.report import scaling
+from ringbench.report.load import Run
+from ringbench.report.markdown import escape, table
+from ringbench.vocabulary import DTYPE_BYTES, Cell, counted, implementation_label
+
+COVERED = "the model covers ring (zigzag where causal, NCCL transfers), ulysses and usp"
+
+
+def _devices(sources: Sequence[Run]) -> set[str]:
+    return {gpu["name"] for run in sources for gpu in run.meta["environment"].get("gpus") or [{"name": "cpu"}]}
+
+
+def _predict(
+    cell: Cell,
+    blocks: dict[tuple, scaling.Blocks],
+    calibration: dict[int, dict[str, Any]],
+    gpus_per_node: int,
+    inter_node_gbit_s: float,
+) -> dict[str, Any] | str:
+    """The cell's prediction as the file stores it, or why there is none."""
+    options = dict(cell.options)
+    degree = scaling.cell_degree(cell.implementation, options, cell.world_size, cell.causal)
+    if degree is None:
+        return COVERED
+    kernel = scaling.planned_kernel(options)
+    if kernel is None:
+        return "its kernel is chosen only when it runs (auto)"
+    key = (kernel, cell.dtype, cell.batch_size, cell.heads, cell.head_dim)
+    if key not in blocks:
+        return (
+            f"the runs have no single-GPU cells of the peer with kernel {kernel}, {cell.dtype} "
+            f"B={cell.batch_size} H={cell.heads} D={cell.head_dim}"
+        )
+    machine = scaling.Machine.from_calibration(
+        scaling.calibration_for(calibration, cell.world_size), inter_node_gbit_s, gpus_per_node
+    )
+    shape = scaling.Shape(cell.batch_size, cell.heads, cell.head_dim, DTYPE_BYTES[cell.dtype])
+    found = scaling.predict(
+        degree, cell.world_size, cell.seq_len, cell.causal, cell.pass_name, shape, blocks[key], machine
+    )
+    if found is None:
+        return "the runs lack the peer's passes it needs (forward, beside forward+backward for a backward)"
+    return {
+        "title": cell.title,
+        "label": cell.label or implementation_label(cell.implementation, options),
+        "world_size": cell.world_size,
+        "seq_len": cell.seq_len,
+        "pass": cell.pass_name,
+        "causal": cell.causal,
+        "ms": found.ms,
+        "efficiency": found.efficiency,
+        "exposed": found.exposed,
+        "extrapolated": found.extrapolated,
+    }
+
+
+def make(
+    cells: Sequence[Cell],
+    sources: Sequence[Run],
+    config_source: str,
+    gpus_per_node: int = scaling.GPUS_PER_NODE,
+    inter_node_gbit_s: float = scaling.INTER_NODE_GBIT_S,
+) -> dict[str, Any]:
+    """The predictions file for ``cells`` (the multi-process ones; one process is the peer's), from
+    ``sources``: runs of one device, at least one of which calibrated its links."""
+    names = ", ".join(str(run.path) for run in sources)
+    devices = _devices(sources)
+    if len(devices) > 1:
+        raise UserError(f"{names}: measured on different devices ({', '.join(sorted(devices))}); predict from one")
+    # The newest run's calibration of a world size wins, as in a merged report.
+    ordered = sorted(sources, key=lambda run: run.path.name)
+    calibration = {size: entry for run in ordered for size, entry in run.calibration.items()}
+    if not calibration:
+        raise UserError(f"{names}: no calibration.json; a run of several processes on a GPU measures its links")
+    blocks = scaling.blocks_of(pd.concat([run.frame for run in ordered], ignore_index=True))
+    predicted, left_out = {}, []
+    for cell in cells:
+        if cell.world_size == 1:
+            continue
+        found = _predict(cell, blocks, calibration, gpus_per_node, inter_node_gbit_s)
+        if isinstance(found, str):
+            left_out.append({"title": cell.title, "reason": found})
+        else:
+            predicted[cell.id] = found
+    return {
+        "schema_version": records.PREDICTIONS_VERSION,
+        "made_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": config_source,
+        "sources": [run.path.name for run in ordered],
+        "device": devices.pop(),
+        "calibrated_world_sizes": sorted(calibration),
+        "gpus_per_node": gpus_per_node,
+        "inter_node_gbit_s": inter_node_gbit_s,
+        "cells": predicted,
+        "left_out": left_out,
+    }
+
+
+def render(payload: dict[str, Any]) -> str:
+    """The predictions as ``ringbench predict`` prints them: a table, then what was left out and why."""
+    lines = [
+        f"Predicted for {escape(payload['config'])} from {', '.join(payload['sources'])} "
+        f"({escape(payload['device'])}; links calibrated at {', '.join(map(str, payload['calibrated_world_sizes']))} "
+        f"processes; nodes of {payload['gpus_per_node']} GPUs joined at {payload['inter_node_gbit_s']:,.0f} Gb/s "
+        f"per GPU): {counted(len(payload['cells']), 'cell')}.",
+        "",
+    ]
+    rows = [
+        {
+            "implementation": escape(predicted["label"]),
+            "processes": str(predicted["world_size"]),
+            "seq_len": str(predicted["seq_len"]),
+            "pass": predicted["pass"],
+            "causal": "yes" if predicted["causal"] else "no",
+            "ms": f"{predicted['ms']:,.2f}",
+            "per-GPU efficiency": f"{predicted['efficiency']:.3f}"
+            + (scaling.EXPOSED if predicted["exposed"] else "")
+            + (scaling.EXTRAPOLATED if predicted["extrapolated"] else ""),
+        }
+        for predicted in payload["cells"].values()
+    ]
+    if rows:
+        lines += [
+            table(pd.DataFrame(rows), text_columns=5),
+            "",
+            f"{scaling.EXPOSED}: a ring transfer outlasts the block it should hide behind. {scaling.EXTRAPOLATED}: a "
+            "block shorter than the peer's shortest cell, timed at that cell's rate (optimistic).",
+            "",
+        ]
+    reasons = pd.Series([entry["reason"] for entry in payload["left_out"]], dtype=object).value_counts(sort=False)
+    if len(reasons):
+        lines += ["Not predicted:", *(f"- {escape(reason)} ({count}×)" for reason, count in reasons.items()), ""]
+    return "\n".join(lines)
