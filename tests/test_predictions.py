@@ -193,3 +193,18 @@ def test_predictions_made_from_one_run_are_kept_by_the_next_and_reported_beside_
     report = render_report([load_run(second)])
     assert f"from {first.name}, " in report and " before the run began) within 5% in " in report
     assert f"| {predicted['efficiency']:.3f} " in report
+
+
+def test_a_sweep_with_nothing_to_predict_is_a_one_line_error_saying_why(tmp_path):
+    config = tmp_path / "predicted.yaml"
+    config.write_text(
+        CONFIG.replace("  - {name: ring, options: {kernel: cudnn, zigzag: true}}\n", "").replace(
+            "  - {name: ulysses, options: {backend: cudnn}}\n", "  - {name: ulysses, options: {backend: auto}}\n"
+        )
+    )
+    result = runner.invoke(app, ["predict", str(config), str(calibrated_fixture(tmp_path))])
+    assert result.exit_code == 2
+    assert result.output == (
+        f"{config}: no cell to predict: its kernel is chosen only when it runs (auto) (2×); "
+        "the model covers ring (zigzag where causal, NCCL transfers), ulysses and usp (2×)\n"
+    )

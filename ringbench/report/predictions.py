@@ -9,6 +9,7 @@ the earlier runs did not calibrate is predicted on the links of the nearest one 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -23,6 +24,11 @@ from ringbench.report.markdown import escape, table
 from ringbench.vocabulary import DTYPE_BYTES, Cell, counted, implementation_label
 
 COVERED = "the model covers ring (zigzag where causal, NCCL transfers), ulysses and usp"
+
+
+def _reasons(left_out: list[dict[str, str]]) -> list[str]:
+    """Each reason cells were left out for, once, with how many."""
+    return [f"{reason} ({count}×)" for reason, count in Counter(entry["reason"] for entry in left_out).items()]
 
 
 def _devices(sources: Sequence[Run]) -> set[str]:
@@ -101,6 +107,9 @@ def make(
             left_out.append({"title": cell.title, "reason": found})
         else:
             predicted[cell.id] = found
+    if not predicted:
+        why = "; ".join(_reasons(left_out)) or "it plans none across processes"
+        raise UserError(f"{config_source}: no cell to predict: {why}")
     return {
         "schema_version": records.PREDICTIONS_VERSION,
         "made_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -146,7 +155,7 @@ def render(payload: dict[str, Any]) -> str:
             "block shorter than the peer's shortest cell, timed at that cell's rate (optimistic).",
             "",
         ]
-    reasons = pd.Series([entry["reason"] for entry in payload["left_out"]], dtype=object).value_counts(sort=False)
-    if len(reasons):
-        lines += ["Not predicted:", *(f"- {escape(reason)} ({count}×)" for reason, count in reasons.items()), ""]
+    reasons = _reasons(payload["left_out"])
+    if reasons:
+        lines += ["Not predicted:", *(f"- {escape(reason)}" for reason in reasons), ""]
     return "\n".join(lines)
