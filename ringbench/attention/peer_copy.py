@@ -68,6 +68,11 @@ class PeerBuffers:
         with torch.cuda.use_mem_pool(self._pool):
             storage = torch.empty(count * self._slot_numel, dtype=dtype, device=device)
         self._handle = symmetric_memory.rendezvous(storage, group)
+        # The allocator zeroes a new allocation, flags included, on the device's legacy stream, which
+        # no copy stream waits for, and peers write into it: every rank's zeroing ends before any
+        # rank posts a transfer (else a late zeroing could wipe a message that arrived first).
+        torch.cuda.synchronize(device)
+        dist.barrier(group)
         self._storage, self._group = storage, group
         self.slots = tuple(part.view(shape) for part in storage.split(self._slot_numel))
         self._stream = torch.cuda.Stream(device)

@@ -8,6 +8,7 @@ import torch.distributed._symmetric_memory as symm_mem
 from ringbench.attention import blocks, peer_copy
 from ringbench.attention.comm import WaitClock
 from ringbench.attention.impls import ring
+from ringbench.vocabulary import Cell
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -27,6 +28,15 @@ del hdl, pooled
 if os.environ.get("PARTS"):
     blocks.BACKWARD_PART_ROWS = S // 4  # parts of one head each at P=4, of two at P=2
 
+_merge = blocks.merge_
+
+
+def _slow_merge(*args):
+    import time
+    time.sleep(1.0)
+    _merge(*args)
+
+
 g = torch.Generator(device=dev).manual_seed(0)
 q, k, v, dout = (torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(4))
 for zigzag, causal in [(False, False), (True, True), (False, True)]:
@@ -35,10 +45,12 @@ for zigzag, causal in [(False, False), (True, True), (False, True)]:
     kv = torch.stack([k[:, :, rows], v[:, :, rows]]).contiguous()
     ks, vs = (t.requires_grad_() for t in kv.unbind())
     before = torch.cuda.memory_allocated(dev)
-    part = blocks.backward_part_heads(B, S // P, H)
+    deferred = hasattr(ring, "backward_part_heads")  # the code where a part's sums land during the next part
+    part = (ring.backward_part_heads if deferred else blocks.backward_part_heads)(B, S // P, H)
+    pairs = 2 if deferred and part < H else 1  # a backward in parts: two parts' sums live at once
     peers = peer_copy.RingPeers(
         peer_copy.PeerBuffers(kv.shape, min(2, P - 1), kv.dtype, dev, group),
-        peer_copy.PeerBuffers((2, B, part, S // P, D), 2, torch.float32, dev, group),
+        peer_copy.PeerBuffers((2, B, part, S // P, D), 2 * pairs, torch.float32, dev, group),
     )
     counted = (torch.cuda.memory_allocated(dev) - before) / 2**20
     one = ring.OneRank(qs, kv, causal=causal, kernel="flash", zigzag=zigzag, comm=WaitClock(dev), rank=ring_rank,
@@ -47,17 +59,36 @@ for zigzag, causal in [(False, False), (True, True), (False, True)]:
     qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
     ref = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal)
     ref.backward(dout.double())
-    worst = []
+    worst, peaks = [], []
+    dout_shard = dout[:, :, rows].contiguous()
     for call in range(4):
         for t in (qs, ks, vs):
             t.grad = None
-        out = blocks.Differentiable.apply(qs, ks, vs, one)
-        out.backward(dout[:, :, rows])
         torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        if os.environ.get("SKEW") == str(rank) and call == 0:
+            import time
+            time.sleep(1.0)  # this rank starts the first call a second late
+        if os.environ.get("HOSTSKEW") == str(rank) and call == 0:
+            blocks.merge_ = _slow_merge  # this rank's host stalls in its first merge
+        out = blocks.Differentiable.apply(qs, ks, vs, one)
+        blocks.merge_ = _merge
+        out.backward(dout_shard)
+        torch.cuda.synchronize(dev)
+        peaks.append(torch.cuda.max_memory_allocated(dev) - base)
         errs = [((a.double() - b[:, :, rows]).abs().max() / b[:, :, rows].abs().max()).item()
                 for a, b in ((out, ref), (qs.grad, qd.grad), (ks.grad, kd.grad), (vs.grad, vd.grad))]
         worst.append(max(errs))
+        if max(errs) > 1e-2:
+            print(f"[r{rank}] call {call} zigzag={zigzag} causal={causal}: out, dq, dk, dv errors {' '.join(f'{e:.2e}' for e in errs)}", flush=True)
+    cell = Cell("ring", (("kernel", "flash"), ("transfers", "copy-engine"), ("zigzag", zigzag)), S, world, B, H, D,
+                "bfloat16", causal, "forward+backward", world_size=world)
+    # The ring's own model (usp's rings, u > 1, hold what usp's model adds beside them).
+    model = ring.memory_model(cell, {"kernel": "flash", "transfers": "copy-engine"}, 1)
+    memory = f"; call peak {max(peaks) / 2**20:.2f} MiB, model {model / 2**20:.2f}" if u == 1 else ""
+    kept = sum(slot.nbytes for slot in (*peers.kv.slots, *peers.sums.slots)) / 2**20
     print(f"[r{rank}] rings of {P} (u={u}) zigzag={zigzag} causal={causal} part_heads={part} rel errors per call "
-          f"{' '.join(f'{e:.2e}' for e in worst)} counted={counted:.1f}MiB of {(peers.kv.slots[0].nbytes * len(peers.kv.slots) + peers.sums.slots[0].nbytes * 2) / 2**20:.1f}", flush=True)
+          f"{' '.join(f'{e:.2e}' for e in worst)} counted={counted:.1f}MiB of {kept:.1f}{memory}", flush=True)
 dist.barrier()
 dist.destroy_process_group()
