@@ -230,9 +230,11 @@ def _predictions_problem(stored: Any) -> str | None:
         found = stored.get("schema_version") if isinstance(stored, dict) else None
         return f"schema_version: expected {PREDICTIONS_VERSION}, got {found!r} (write it with ringbench predict)"
     try:
-        datetime.fromisoformat(stored["made_at"])
+        made_at = datetime.fromisoformat(stored["made_at"])
     except (KeyError, TypeError, ValueError):
-        return f"made_at: expected an ISO date and time, got {stored.get('made_at')!r}"
+        made_at = None
+    if made_at is None or made_at.tzinfo is None:  # compared with the run's start, which has its offset
+        return f"made_at: expected an ISO date and time with its UTC offset, got {stored.get('made_at')!r}"
     sources = stored.get("sources")
     if not isinstance(sources, list) or not sources or not all(isinstance(source, str) for source in sources):
         return "sources: expected the names of the runs predicted from"

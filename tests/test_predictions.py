@@ -89,7 +89,11 @@ def test_predicting_from_runs_without_calibration_is_a_one_line_error(tmp_path):
     ("change", "message"),
     [
         ({"schema_version": 9}, "schema_version: expected 1, got 9 (write it with ringbench predict)"),
-        ({"made_at": "yesterday"}, "made_at: expected an ISO date and time, got 'yesterday'"),
+        ({"made_at": "yesterday"}, "made_at: expected an ISO date and time with its UTC offset, got 'yesterday'"),
+        (
+            {"made_at": "2026-11-29T05:00:00"},
+            "made_at: expected an ISO date and time with its UTC offset, got '2026-11-29T05:00:00'",
+        ),
         ({"sources": []}, "sources: expected the names of the runs predicted from"),
     ],
 )
