@@ -224,3 +224,33 @@ def test_a_cell_the_host_launches_slower_than_its_modelled_gpu_time_is_modelled_
     ) in report
     # Without the launch probe (as recorded before it ran across processes) nothing is said.
     assert "§" not in render_report([load_run(with_calibration(tmp_path / "plain"))])
+
+
+def test_ulysses_own_rows_first_hides_the_inbound_all_to_all_behind_the_own_diagonal_and_cuts_the_rest():
+    blocks = scaling.Blocks({("forward", True): ((65536, 30.0),), ("forward", False): ((65536, 55.0),)})
+    modelled = scaling.predict(2, 2, 131072, True, "forward", SHAPE, blocks, machine(), own_rows_first=True)
+    # By hand, on 8 of 16 heads (half of each block's time): the own 64K diagonal (15 ms, 10% slower
+    # beside the inbound all-to-all of q, k, v: 3 × 128 MiB at 100 GB/s, 4.1 ms, hidden); the other
+    # block's diagonal (15 ms) and its keys before it, a 64K square (27.5 ms); one merge of 64K rows
+    # × 8 heads of float32 (256 MiB, 1 ms); the output's all-to-all (0.03 ms + 128 MiB at 100 GB/s).
+    assert modelled.ms == pytest.approx(15 * 1.1 + 15 + 27.5 + 1.0 + 0.03 + 2**27 * 2 * MS_PER_BYTE, rel=1e-12)
+    plain = scaling.predict(2, 2, 131072, True, "forward", SHAPE, blocks, machine())
+    assert plain.ms == pytest.approx(
+        0.03 + 3 * 2**27 * 2 * MS_PER_BYTE + 60 + 0.03 + 2**27 * 2 * MS_PER_BYTE, rel=1e-12
+    )
+
+
+@pytest.mark.parametrize(
+    ("implementation", "options", "causal", "first"),
+    [
+        ("ulysses", {"own_rows_first": "causal", "chunks": 1}, True, True),
+        ("ulysses", {"own_rows_first": "causal", "chunks": 1}, False, False),
+        ("ulysses", {"own_rows_first": "always", "chunks": 1}, False, True),
+        ("ulysses", {"own_rows_first": "never", "chunks": 1}, True, False),
+        ("ulysses", {"own_rows_first": True}, False, True),  # recorded while the option was yes or no
+        ("ulysses", {}, True, False),  # recorded before the option: the plain form
+        ("usp", {"own_rows_first": "causal"}, True, False),
+    ],
+)
+def test_the_model_attends_own_rows_first_where_the_cell_did(implementation, options, causal, first):
+    assert scaling.attends_own_rows_first(implementation, options, causal) is first

@@ -60,8 +60,9 @@ def _predict(
         scaling.calibration_for(calibration, cell.world_size), inter_node_gbit_s, gpus_per_node
     )
     shape = scaling.Shape(cell.batch_size, cell.heads, cell.head_dim, DTYPE_BYTES[cell.dtype])
+    own_rows_first = scaling.attends_own_rows_first(cell.implementation, options, cell.causal)
     found = scaling.predict(
-        degree, cell.world_size, cell.seq_len, cell.causal, cell.pass_name, shape, blocks[key], machine
+        degree, cell.world_size, cell.seq_len, cell.causal, cell.pass_name, shape, blocks[key], machine, own_rows_first
     )
     if found is None:
         return "the runs lack the peer's passes it needs (forward, beside forward+backward for a backward)"
@@ -151,7 +152,7 @@ def render(payload: dict[str, Any]) -> str:
         lines += [
             table(pd.DataFrame(rows), text_columns=5),
             "",
-            f"{scaling.EXPOSED}: a ring transfer outlasts the block it should hide behind. {scaling.EXTRAPOLATED}: a "
+            f"{scaling.EXPOSED}: a transfer outlasts the block it should hide behind. {scaling.EXTRAPOLATED}: a "
             "block shorter than the peer's shortest cell, timed at that cell's rate (optimistic).",
             "",
         ]

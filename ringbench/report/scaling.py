@@ -160,7 +160,7 @@ class Blocks:
 class Prediction:
     ms: float
     efficiency: float
-    exposed: bool  # a ring transfer outlasts the block it should hide behind
+    exposed: bool  # a transfer outlasts the block it should hide behind (a ring step's, ulysses' own rows)
     extrapolated: bool  # a block shorter than any measured: its rate is the shortest's, optimistic
 
 
@@ -252,10 +252,13 @@ def _pass(
     shape: Shape,
     blocks: Blocks,
     machine: Machine,
+    own_rows_first: bool = False,
 ) -> bool:
     """Add one pass (forward or backward) of `usp` at ``degree`` to ``tally``; False where a block time is missing."""
     layout = Layout.of(degree, world, seq_len, shape)
     ring = layout.ring
+    if own_rows_first and pass_name == FORWARD and ring == 1:
+        return _own_rows_first(tally, layout, world, causal, shape, blocks, machine)
     steps = _ring_steps(blocks, layout.rows, causal, pass_name, ring)
     if steps is None:
         return False
@@ -286,14 +289,15 @@ def predict(
     shape: Shape,
     blocks: Blocks,
     machine: Machine,
+    own_rows_first: bool = False,
 ) -> Prediction | None:
-    """`usp` at Ulysses ``degree`` on ``world`` GPUs (1: `ring`, ``world``: `ulysses`); None where the
-    single-GPU times it needs were not measured."""
+    """`usp` at Ulysses ``degree`` on ``world`` GPUs (1: `ring`, ``world``: `ulysses`, whose forward
+    may attend its ``own_rows_first``); None where the single-GPU times it needs were not measured."""
     tally = _Tally(machine.contention)
     passes = [FORWARD, BACKWARD] if pass_name == BOTH else [pass_name]
     single = blocks.ms(seq_len, causal, pass_name) if pass_name != BACKWARD else blocks.backward_ms(seq_len, causal)
     if single is None or not all(
-        _pass(tally, part, degree, world, seq_len, causal, shape, blocks, machine) for part in passes
+        _pass(tally, part, degree, world, seq_len, causal, shape, blocks, machine, own_rows_first) for part in passes
     ):
         return None
     return Prediction(
@@ -323,6 +327,16 @@ def cell_degree(implementation: str, options: Mapping[str, Any], world_size: int
     return degrees.get(implementation)
 
 
+def attends_own_rows_first(implementation: str, options: Mapping[str, Any], causal: bool) -> bool:
+    """Whether a cell's forward attends its own rows first: `ulysses` in one chunk, by its
+    ``own_rows_first`` option (``ulysses.attends_own_rows_first``); cells recorded before the
+    option ran the plain form, and for a while it was yes or no."""
+    if implementation != "ulysses" or options.get("chunks", 1) != 1:
+        return False
+    mode = options.get("own_rows_first", "never")
+    return mode is True or mode == "always" or (mode == "causal" and causal)
+
+
 def degree_of(row: pd.Series) -> int | None:
     """:func:`cell_degree` of a recorded cell."""
     return cell_degree(row["implementation"], json.loads(row["options"]), int(row["world_size"]), bool(row["causal"]))
@@ -343,6 +357,40 @@ def calibration_for(calibration: dict[int, dict[str, Any]], world: int) -> dict[
 
 
 _KERNEL_SHAPE = ["kernel", "dtype", "batch_size", "heads", "head_dim"]
+
+
+def _own_rows_first(
+    tally: _Tally, layout: Layout, world: int, causal: bool, shape: Shape, blocks: Blocks, machine: Machine
+) -> bool:
+    """`ulysses`' forward attending its own rows first (``own_rows_first``): of the head shard's P
+    blocks of n rows, the rank's own block attends itself while the inbound all-to-all runs; then
+    every block attends the keys it has left, in as few calls as are contiguous, each block of more
+    than one call merging into a float32 accumulator. Causal: every other block's diagonal, and
+    block j's keys before it (n × j·n), P − 1 merges. Non-causal: every other block over every key,
+    and the own block over the keys before and after it, one merge each: a middle block's rank,
+    the slowest. A rectangle is timed as the square of equal work."""
+    n, share = layout.rows / world, layout.heads / shape.heads
+    squares: list[tuple[float, bool]] = []  # each call after the own diagonal: (rows of its square, causal)
+    if causal:
+        squares += [(n, True)] * (world - 1) + [(n * math.sqrt(j), False) for j in range(1, world)]
+        merges = world - 1
+    else:
+        own = world // 2
+        sides = [count for count in (own, world - 1 - own) if count]
+        squares += [(n * math.sqrt(world), False)] * (world - 1) + [(n * math.sqrt(count), False) for count in sides]
+        merges = len(sides)
+    diagonal = blocks.ms(n, causal, FORWARD, ring_step=True)
+    if diagonal is None:
+        return False
+    tally.step(tally.block(diagonal, share), machine.all_to_all_ms(3 * layout.all_to_all_bytes, world))
+    for rows, square_causal in squares:
+        timed = blocks.ms(rows, square_causal, FORWARD, ring_step=True)
+        if timed is None:
+            return False
+        tally.alone(tally.block(timed, share))
+    tally.alone(machine.merge_ms_per_mib * merges * shape.batch_size * layout.heads * n * shape.head_dim * 4 / MIB)
+    tally.alone(machine.all_to_all_ms(layout.all_to_all_bytes, world))
+    return True
 
 
 def _times(cells: pd.DataFrame) -> dict[tuple[str, bool], tuple[tuple[int, float], ...]]:
@@ -382,8 +430,17 @@ def validation(frame: pd.DataFrame, calibration: dict[int, dict[str, Any]]) -> p
         if degree is None or entry is None or key not in blocks:
             continue
         machine = Machine.from_calibration(entry, gpus_per_node=entry["ranks_per_host"])
+        own_rows_first = attends_own_rows_first(row["implementation"], json.loads(row["options"]), row["causal"])
         modelled = predict(
-            degree, row["world_size"], row["seq_len"], row["causal"], row["pass"], _shape(key), blocks[key], machine
+            degree,
+            row["world_size"],
+            row["seq_len"],
+            row["causal"],
+            row["pass"],
+            _shape(key),
+            blocks[key],
+            machine,
+            own_rows_first,
         )
         if modelled is None:
             continue
@@ -450,7 +507,20 @@ def projections(
                     table[world, tokens] = {
                         strategy_name(degree, world): modelled
                         for degree in degrees
-                        if (modelled := predict(degree, world, tokens, causal, pass_name, shape, blocks, machine))
+                        # `ulysses` as it runs by default: its own rows first in causal attention.
+                        if (
+                            modelled := predict(
+                                degree,
+                                world,
+                                tokens,
+                                causal,
+                                pass_name,
+                                shape,
+                                blocks,
+                                machine,
+                                causal and degree == world,
+                            )
+                        )
                     }
             found.append(Projection(key, pass_name, causal, table))
     return machine, found
@@ -601,7 +671,8 @@ def lines(
             "",
             f"The best strategy and its per-GPU efficiency, in nodes of {machine.gpus_per_node} GPUs joined at "
             f"{inter_node_gbit_s:,.0f} Gb/s per GPU (stated, not measured); within a node as measured. "
-            f"{EXPOSED}: a ring transfer outlasts the block it should hide behind, from which on "
+            f"{EXPOSED}: a transfer outlasts the block it should hide behind (a ring step's, or `ulysses`' own "
+            f"rows beside its inbound all-to-all), from which on "
             f"communication no longer hides: {_exposed_from(projection)}. {EXTRAPOLATED}: a block shorter "
             "than the peer's shortest cell, timed at that cell's rate (optimistic). Efficiency is against "
             "one GPU at the rate of the peer's longest cell beyond it.",
