@@ -177,8 +177,14 @@ class Cell:
         """The cell on one line, as ``plan``, the progress bar and ``compare`` name it: every axis, so
         that no two cells of a sweep read alike."""
         name = self.label or implementation_label(self.implementation, dict(self.options))
+        return f"{name} {self.situation}"
+
+    @property
+    def situation(self) -> str:
+        """Every axis but the implementation, as ``compare --labels`` names the cells of two
+        implementations it sets side by side."""
         causal = " causal" if self.causal else ""
         return (
-            f"{name} S={self.seq_len} {self.placement} B={self.batch_size} H={self.heads} D={self.head_dim} "
+            f"S={self.seq_len} {self.placement} B={self.batch_size} H={self.heads} D={self.head_dim} "
             f"{self.dtype}{causal} {self.pass_name}"
         )

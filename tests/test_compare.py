@@ -124,7 +124,8 @@ def test_two_implementations_of_one_run_compare_cell_by_matching_cell():
     multi = Path(__file__).parent / "fixtures" / "multi-process"
     comparison = compare_runs(multi, multi, 1.01, 0.05, ("torch-cp backend=cudnn", "ring kernel=cudnn zigzag=true"))
     rows = {row["cell"]: row for row in comparison.rows}
-    forward = rows["ring kernel=cudnn zigzag=true S=131072 2 processes B=1 H=16 D=128 bfloat16 forward"]
+    # Named by their situation: which implementation is which, the title says.
+    forward = rows["S=131072 2 processes B=1 H=16 D=128 bfloat16 forward"]
     # torch-cp's median in base, ring's in new, as recorded.
     assert (forward["base_ms"], forward["new_ms"], forward["verdict"]) == (
         125.32455825805664,
@@ -133,10 +134,7 @@ def test_two_implementations_of_one_run_compare_cell_by_matching_cell():
     )
     assert forward["p"] == pytest.approx(mann_whitney_p(*_samples(multi, "torch-cp", "ring", 2, "forward")))
     # The one-device ring (world size 1) has no torch-cp cell beside it in this run.
-    assert (
-        rows["ring kernel=cudnn zigzag=true S=131072 ring 4 B=1 H=16 D=128 bfloat16 forward"]["verdict"]
-        == "only in new"
-    )
+    assert rows["S=131072 ring 4 B=1 H=16 D=128 bfloat16 forward"]["verdict"] == "only in new"
     assert render_markdown(comparison, 1.01, 0.05).startswith(
         "# ringbench compare: ring kernel=cudnn zigzag=true in `multi-process` against torch-cp backend=cudnn in "
         "`multi-process`\n"
@@ -162,12 +160,9 @@ def test_cells_of_several_ring_sizes_each_meet_the_one_cell_of_their_situation()
     comparison = compare_runs(FIXTURE, FIXTURE, labels=("sdpa backend=flash", "ring"))
     met = {row["cell"]: (row["base_ms"], row["verdict"]) for row in comparison.rows}
     # Ring sizes 1 and 3 at 6144 tokens both meet sdpa's cell at 6144; the ring of 3 ran out of memory.
-    assert (
-        met["ring S=6144 ring 1 B=1 H=8 D=64 float16 forward"][0]
-        == met["ring S=6144 ring 3 B=1 H=8 D=64 float16 forward"][0]
-    )
-    assert met["ring S=6144 ring 3 B=1 H=8 D=64 float16 forward"][1] == "newly failing"
-    assert met["ring S=8192 2 processes B=1 H=8 D=64 float16 forward"] == (None, "only in new")
+    assert met["S=6144 ring 1 B=1 H=8 D=64 float16 forward"][0] == met["S=6144 ring 3 B=1 H=8 D=64 float16 forward"][0]
+    assert met["S=6144 ring 3 B=1 H=8 D=64 float16 forward"][1] == "newly failing"
+    assert met["S=8192 2 processes B=1 H=8 D=64 float16 forward"] == (None, "only in new")
 
 
 def test_an_unknown_label_is_a_clear_error_naming_the_run_and_its_labels():

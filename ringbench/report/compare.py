@@ -140,7 +140,8 @@ def compare_runs(
         verdict, ratio, p = _verdict(old, fresh, threshold, alpha, hardware[0] == hardware[1])
         comparison.rows.append(
             {
-                "cell": either.cell.title,
+                # Two implementations' cells: named by their situation, the labels being the title's.
+                "cell": either.cell.situation if labels else either.cell.title,
                 "base_ms": old.median_ms if old else None,
                 "new_ms": fresh.median_ms if fresh else None,
                 "ratio": ratio,
