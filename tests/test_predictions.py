@@ -139,8 +139,8 @@ def test_the_report_sets_the_predictions_a_run_kept_beside_its_measurements(tmp_
     report = render_report([loaded])
     # The fixture's run began 2026-11-26T04:01:58Z; the ring cell measured 0.893 (test_scaling's golden).
     assert (
-        "- Its predictions made before the run (made 2026-11-25 16:30 UTC from earlier, 11.5 h before the run "
-        "began) within 5% in 1 of 1 cells (largest error 4.8%)\n"
+        "- Its predictions (made 2026-11-25 16:30 UTC from earlier, 11.5 h before the run began; 1 of its 1 "
+        "cells in this run) within 5% in 1 of 1 cells (largest error 4.8%)\n"
     ) in report
     assert "| 0.893      | 0.887‡  | -0.7%   | 0.850              | -4.8%       |" in report
 
@@ -195,7 +195,10 @@ def test_predictions_made_from_one_run_are_kept_by_the_next_and_reported_beside_
     assert json.loads((second / records.PREDICTIONS_FILE).read_text()) == json.loads(output.read_text())
     (predicted,) = json.loads(output.read_text())["cells"].values()
     report = render_report([load_run(second)])
-    assert f"from {first.name}, " in report and " before the run began) within 5% in " in report
+    assert (
+        f"from {first.name}, " in report
+        and " before the run began; 1 of its 1 cells in this run) within 5% in " in report
+    )
     assert f"| {predicted['efficiency']:.3f} " in report
 
 

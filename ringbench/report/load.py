@@ -214,11 +214,11 @@ def _with_predictions(frame: pd.DataFrame, path: Path, meta: dict[str, Any], war
         warnings.append(f"{exc.where}: {exc.reason}; the predictions are left out")
         return frame
     made = datetime.fromisoformat(stored["made_at"]).strftime("%Y-%m-%d %H:%M UTC")
-    provenance = (
-        f"made {made} from {', '.join(stored['sources'])}, {_lead(stored['made_at'], meta['environment']['date_utc'])}"
-    )
     cells = stored["cells"]
     held = frame["cell_id"].isin(list(cells))
+    lead = _lead(stored["made_at"], meta["environment"]["date_utc"])
+    sources = ", ".join(stored["sources"])
+    provenance = f"made {made} from {sources}, {lead}; {int(held.sum())} of its {len(cells)} cells in this run"
     return frame.assign(
         predicted_ms=frame["cell_id"].map(lambda cell_id: cells.get(cell_id, {}).get("ms")).astype(float),
         predicted_efficiency=frame["cell_id"]

@@ -584,12 +584,12 @@ def _predicted(frame: pd.DataFrame, checked: pd.DataFrame) -> str | None:
     if "its error" not in checked:
         return None
     made = "; ".join(escape(text) for text in frame["prediction"].dropna().unique())
-    return f"predictions made before the run ({made}) {_agreement(checked['its error'])}"
+    return f"predictions ({made}) {_agreement(checked['its error'])}"
 
 
 def findings(frame: pd.DataFrame, calibration: dict[int, dict[str, Any]]) -> list[str]:
     """The findings' lines on the model: how close it came to the run's multi-process cells, and
-    how close the predictions made before the run came."""
+    how close the predictions the run kept came."""
     checked = validation(frame, calibration) if calibration else pd.DataFrame()
     if checked.empty:
         return []
