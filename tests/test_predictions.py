@@ -215,3 +215,19 @@ def test_a_sweep_with_nothing_to_predict_is_a_one_line_error_saying_why(tmp_path
         f"{config}: no cell to predict: its kernel is chosen only when it runs (auto) (2×); "
         "the model covers ring (zigzag where causal, NCCL transfers), ulysses and usp (2×)\n"
     )
+
+
+def test_predicting_from_runs_on_different_gpus_is_a_one_line_error(tmp_path):
+    h200 = calibrated_fixture(tmp_path)
+    h100 = calibrated_fixture(tmp_path / "other")
+    meta = json.loads((h100 / "run.json").read_text())
+    for gpu in meta["environment"]["gpus"]:
+        gpu["name"] = "NVIDIA H100 80GB HBM3"
+    (h100 / "run.json").write_text(json.dumps(meta))
+    config = tmp_path / "predicted.yaml"
+    config.write_text(CONFIG)
+    result = runner.invoke(app, ["predict", str(config), str(h200), str(h100)])
+    assert result.exit_code == 2
+    assert result.output == (
+        f"{h200}, {h100}: measured on different devices (NVIDIA H100 80GB HBM3, NVIDIA H200); predict from one\n"
+    )
