@@ -10,8 +10,10 @@ from typer.testing import CliRunner
 
 from ringbench import records
 from ringbench.cli import app
+from ringbench.report import predictions
 from ringbench.report.load import load_run
 from ringbench.report.render import render_report
+from ringbench.vocabulary import Cell
 
 runner = CliRunner()
 # The fixture's shape and kernel, on 2, 4 and 8 processes: the model's strategies and one it leaves out.
@@ -212,7 +214,8 @@ def test_a_sweep_with_nothing_to_predict_is_a_one_line_error_saying_why(tmp_path
     result = runner.invoke(app, ["predict", str(config), str(calibrated_fixture(tmp_path))])
     assert result.exit_code == 2
     assert result.output == (
-        f"{config}: no cell to predict: its kernel is chosen only when it runs (auto) (2×); "
+        f"{config}: no cell to predict: its kernel is chosen when it runs (auto), and no cell of the runs like it "
+        "says which (2×); "
         "the model covers ring (zigzag where causal, NCCL transfers), ulysses and usp (2×)\n"
     )
 
@@ -231,3 +234,28 @@ def test_predicting_from_runs_on_different_gpus_is_a_one_line_error(tmp_path):
     assert result.output == (
         f"{h200}, {h100}: measured on different devices (NVIDIA H100 80GB HBM3, NVIDIA H200); predict from one\n"
     )
+
+
+def test_a_kernel_left_to_auto_is_the_one_the_runs_cells_like_it_ran(tmp_path):
+    run_dir = calibrated_fixture(tmp_path)
+    stored = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
+    for record in stored:
+        if record["implementation"] == "ring":
+            record["options"]["kernel"] = "auto"  # recorded as a config leaving it to ring; cuDNN ran
+    (run_dir / "records.jsonl").write_text("".join(json.dumps(record) + "\n" for record in stored))
+    ring = Cell(
+        "ring",
+        (("kernel", "auto"), ("transfers", "nccl"), ("zigzag", True)),
+        131072,
+        4,
+        1,
+        16,
+        128,
+        "bfloat16",
+        False,
+        "forward",
+        world_size=4,
+    )
+    payload = predictions.make([ring], [load_run(run_dir)], "auto.yaml")
+    # As ring kernel=cudnn is predicted from the same runs (the first test).
+    assert payload["cells"][ring.id]["ms"] == pytest.approx(3 * (RING_PEAK_MS / 16) * 1.1 + RING_PEAK_MS / 16 + 3.0)

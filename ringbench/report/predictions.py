@@ -9,6 +9,7 @@ the earlier runs did not calibrate is predicted on the links of the nearest one 
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -35,8 +36,28 @@ def _devices(sources: Sequence[Run]) -> set[str]:
     return {gpu["name"] for run in sources for gpu in run.meta["environment"].get("gpus") or [{"name": "cpu"}]}
 
 
+def _kernel(cell: Cell, options: dict[str, Any], recorded: pd.DataFrame) -> str | None:
+    """The kernel the cell will run: as its options name it; for ``auto``, the one the runs' cells of
+    the same implementation, options (those recorded: an option added since is not), pass, dtype
+    and head_dim ran, where they agree on one."""
+    named = scaling.planned_kernel(options)
+    if named is not None:
+        return named
+    like = recorded[
+        (recorded["implementation"] == cell.implementation)
+        & recorded["options"].map(lambda text: json.loads(text).items() <= options.items())
+        & (recorded["pass"] == cell.pass_name)
+        & (recorded["dtype"] == cell.dtype)
+        & (recorded["head_dim"] == cell.head_dim)
+        & (recorded["status"] == records.OK)
+    ]
+    ran = set(like["kernel"].dropna())
+    return ran.pop() if len(ran) == 1 else None
+
+
 def _predict(
     cell: Cell,
+    recorded: pd.DataFrame,
     blocks: dict[tuple, scaling.Blocks],
     calibration: dict[int, dict[str, Any]],
     gpus_per_node: int,
@@ -47,9 +68,9 @@ def _predict(
     degree = scaling.cell_degree(cell.implementation, options, cell.world_size, cell.causal)
     if degree is None:
         return COVERED
-    kernel = scaling.planned_kernel(options)
+    kernel = _kernel(cell, options, recorded)
     if kernel is None:
-        return "its kernel is chosen only when it runs (auto)"
+        return "its kernel is chosen when it runs (auto), and no cell of the runs like it says which"
     key = (kernel, cell.dtype, cell.batch_size, cell.heads, cell.head_dim)
     if key not in blocks:
         return (
@@ -98,12 +119,13 @@ def make(
     calibration = {size: entry for run in ordered for size, entry in run.calibration.items()}
     if not calibration:
         raise UserError(f"{names}: no calibration.json; a run of several processes on a GPU measures its links")
-    blocks = scaling.blocks_of(pd.concat([run.frame for run in ordered], ignore_index=True))
+    recorded = pd.concat([run.frame for run in ordered], ignore_index=True)
+    blocks = scaling.blocks_of(recorded)
     predicted, left_out = {}, []
     for cell in cells:
         if cell.world_size == 1:
             continue
-        found = _predict(cell, blocks, calibration, gpus_per_node, inter_node_gbit_s)
+        found = _predict(cell, recorded, blocks, calibration, gpus_per_node, inter_node_gbit_s)
         if isinstance(found, str):
             left_out.append({"title": cell.title, "reason": found})
         else:
