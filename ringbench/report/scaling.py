@@ -280,6 +280,40 @@ def _pass(
     return True
 
 
+def _own_rows_first(
+    tally: _Tally, layout: Layout, world: int, causal: bool, shape: Shape, blocks: Blocks, machine: Machine
+) -> bool:
+    """`ulysses`' forward attending its own rows first (``own_rows_first``): of the head shard's P
+    blocks of n rows, the rank's own block attends itself while the inbound all-to-all runs; then
+    every block attends the keys it has left, in as few calls as are contiguous, each block of more
+    than one call merging into a float32 accumulator. Causal: every other block's diagonal, and
+    block j's keys before it (n × j·n), P − 1 merges. Non-causal: every other block over every key,
+    and the own block over the keys before and after it, one merge each: a middle block's rank,
+    the slowest. A rectangle is timed as the square of equal work."""
+    n, share = layout.rows / world, layout.heads / shape.heads
+    squares: list[tuple[float, bool]] = []  # each call after the own diagonal: (rows of its square, causal)
+    if causal:
+        squares += [(n, True)] * (world - 1) + [(n * math.sqrt(j), False) for j in range(1, world)]
+        merges = world - 1
+    else:
+        own = world // 2
+        sides = [count for count in (own, world - 1 - own) if count]
+        squares += [(n * math.sqrt(world), False)] * (world - 1) + [(n * math.sqrt(count), False) for count in sides]
+        merges = len(sides)
+    diagonal = blocks.ms(n, causal, FORWARD, ring_step=True)
+    if diagonal is None:
+        return False
+    tally.step(tally.block(diagonal, share), machine.all_to_all_ms(3 * layout.all_to_all_bytes, world))
+    for rows, square_causal in squares:
+        timed = blocks.ms(rows, square_causal, FORWARD, ring_step=True)
+        if timed is None:
+            return False
+        tally.alone(tally.block(timed, share))
+    tally.alone(machine.merge_ms_per_mib * merges * shape.batch_size * layout.heads * n * shape.head_dim * 4 / MIB)
+    tally.alone(machine.all_to_all_ms(layout.all_to_all_bytes, world))
+    return True
+
+
 def predict(
     degree: int,
     world: int,
@@ -357,40 +391,6 @@ def calibration_for(calibration: dict[int, dict[str, Any]], world: int) -> dict[
 
 
 _KERNEL_SHAPE = ["kernel", "dtype", "batch_size", "heads", "head_dim"]
-
-
-def _own_rows_first(
-    tally: _Tally, layout: Layout, world: int, causal: bool, shape: Shape, blocks: Blocks, machine: Machine
-) -> bool:
-    """`ulysses`' forward attending its own rows first (``own_rows_first``): of the head shard's P
-    blocks of n rows, the rank's own block attends itself while the inbound all-to-all runs; then
-    every block attends the keys it has left, in as few calls as are contiguous, each block of more
-    than one call merging into a float32 accumulator. Causal: every other block's diagonal, and
-    block j's keys before it (n × j·n), P − 1 merges. Non-causal: every other block over every key,
-    and the own block over the keys before and after it, one merge each: a middle block's rank,
-    the slowest. A rectangle is timed as the square of equal work."""
-    n, share = layout.rows / world, layout.heads / shape.heads
-    squares: list[tuple[float, bool]] = []  # each call after the own diagonal: (rows of its square, causal)
-    if causal:
-        squares += [(n, True)] * (world - 1) + [(n * math.sqrt(j), False) for j in range(1, world)]
-        merges = world - 1
-    else:
-        own = world // 2
-        sides = [count for count in (own, world - 1 - own) if count]
-        squares += [(n * math.sqrt(world), False)] * (world - 1) + [(n * math.sqrt(count), False) for count in sides]
-        merges = len(sides)
-    diagonal = blocks.ms(n, causal, FORWARD, ring_step=True)
-    if diagonal is None:
-        return False
-    tally.step(tally.block(diagonal, share), machine.all_to_all_ms(3 * layout.all_to_all_bytes, world))
-    for rows, square_causal in squares:
-        timed = blocks.ms(rows, square_causal, FORWARD, ring_step=True)
-        if timed is None:
-            return False
-        tally.alone(tally.block(timed, share))
-    tally.alone(machine.merge_ms_per_mib * merges * shape.batch_size * layout.heads * n * shape.head_dim * 4 / MIB)
-    tally.alone(machine.all_to_all_ms(layout.all_to_all_bytes, world))
-    return True
 
 
 def _times(cells: pd.DataFrame) -> dict[tuple[str, bool], tuple[tuple[int, float], ...]]:
