@@ -5,7 +5,9 @@ os.environ["TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"] = "1"
 import torch, torch.distributed as dist
 import torch.nn.functional as F
 import torch.distributed._symmetric_memory as symm_mem
-from ringbench.attention import blocks, peer_copy
+from ringbench.attention import blocks, fused_merge, peer_copy
+if os.environ.get("EAGER"):
+    fused_merge.AVAILABLE = False  # the eager merge, not the Triton kernel
 from ringbench.attention.comm import WaitClock
 from ringbench.attention.impls import ring
 from ringbench.vocabulary import Cell
