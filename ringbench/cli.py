@@ -217,7 +217,7 @@ def predict(
     """Predict, with the scaling model, what a sweep's multi-process cells will measure, from runs
     measured before: per cell the time of a call and the per-GPU efficiency against one GPU."""
     from ringbench import records
-    from ringbench.report import predictions, scaling
+    from ringbench.report import model, predictions
     from ringbench.sweep import plan
 
     with _user_errors():
@@ -227,8 +227,8 @@ def predict(
             the_plan.cells,
             sources,
             str(config),
-            gpus_per_node or scaling.GPUS_PER_NODE,
-            inter_node_gbit_s or scaling.INTER_NODE_GBIT_S,
+            gpus_per_node or model.GPUS_PER_NODE,
+            inter_node_gbit_s or model.INTER_NODE_GBIT_S,
         )
         if output is not None:
             records.write_json_atomic(records.writable(output), payload)

@@ -10,7 +10,7 @@ import pytest
 
 from ringbench import records
 from ringbench.errors import UserError
-from ringbench.report import scaling
+from ringbench.report import model, scaling
 from ringbench.report.load import load_run
 from ringbench.report.render import render_report
 
@@ -28,17 +28,17 @@ CALIBRATION = {
     "merge": {"accumulator_mib": 256.0, "ms": 1.0, "path": "triton"},
     "contention": {"alone_ms": 4.0, "beside_transfers_ms": 4.4},
 }
-SHAPE = scaling.Shape(batch_size=1, heads=16, head_dim=128, element_bytes=2)
+SHAPE = model.Shape(batch_size=1, heads=16, head_dim=128, element_bytes=2)
 
 
 def test_a_link_is_the_smallest_messages_latency_and_the_largest_messages_bandwidth():
-    link = scaling.fit_link(CALIBRATION["ring_step"])
+    link = model.fit_link(CALIBRATION["ring_step"])
     assert link.latency_ms == 0.02 and link.bytes_per_ms == pytest.approx(200e6, rel=1e-12)
     assert link.ms(0) == 0.0 and link.ms(2e8) == pytest.approx(1.02, rel=1e-12)
 
 
 def test_block_times_interpolate_on_log_log_axes_and_mark_only_blocks_shorter_than_measured():
-    blocks = scaling.Blocks({("forward", False): ((1024, 1.0), (4096, 8.0))})
+    blocks = model.Blocks({("forward", False): ((1024, 1.0), (4096, 8.0))})
     assert blocks.ms(2048, False, "forward") == pytest.approx((2**1.5, False), rel=1e-12)  # slope 1.5
     assert blocks.ms(512, False, "forward") == (0.25, True)  # the shortest's rate, marked
     assert blocks.ms(8192, False, "forward") == (32.0, False)  # the longest's rate
@@ -46,24 +46,24 @@ def test_block_times_interpolate_on_log_log_axes_and_mark_only_blocks_shorter_th
 
 
 def test_a_backward_block_is_measured_or_forward_and_backward_less_forward():
-    blocks = scaling.Blocks({("forward", False): ((1024, 1.0),), ("forward+backward", False): ((1024, 3.5),)})
+    blocks = model.Blocks({("forward", False): ((1024, 1.0),), ("forward+backward", False): ((1024, 3.5),)})
     assert blocks.backward_ms(1024, False) == (2.5, False)
-    assert scaling.Blocks({("forward", False): ((1024, 1.0),)}).backward_ms(1024, False) is None
+    assert model.Blocks({("forward", False): ((1024, 1.0),)}).backward_ms(1024, False) is None
 
 
 def machine(gpus_per_node=8):
-    return scaling.Machine.from_calibration(CALIBRATION, inter_node_gbit_s=400.0, gpus_per_node=gpus_per_node)
+    return model.Machine.from_calibration(CALIBRATION, inter_node_gbit_s=400.0, gpus_per_node=gpus_per_node)
 
 
 def test_a_ring_of_one_on_one_gpu_is_the_single_gpu_block_exactly():
-    blocks = scaling.Blocks({("forward", True): ((65536, 30.0),)})
-    modelled = scaling.predict(1, 1, 65536, True, "forward", SHAPE, blocks, machine())
+    blocks = model.Blocks({("forward", True): ((65536, 30.0),)})
+    modelled = model.predict(1, 1, 65536, True, "forward", SHAPE, blocks, machine())
     assert (modelled.ms, modelled.efficiency, modelled.exposed) == (30.0, 1.0, False)
 
 
 def test_ring_forward_hides_each_transfer_behind_a_slowed_block_and_adds_its_merges():
-    blocks = scaling.Blocks({("forward", False): ((32768, 14.0), (131072, 224.0))})
-    modelled = scaling.predict(1, 4, 131072, False, "forward", SHAPE, blocks, machine())
+    blocks = model.Blocks({("forward", False): ((32768, 14.0), (131072, 224.0))})
+    modelled = model.predict(1, 4, 131072, False, "forward", SHAPE, blocks, machine())
     # Four steps of a 32K block (14 ms), the first three beside a K/V transfer of 2 × 32K rows × 16
     # heads × 128 × 2 bytes (1.36 ms, hidden) and so 10% slower; three merges of a 256 MiB accumulator.
     transfer = 0.02 + 2 * 32768 * 16 * 128 * 2 * MS_PER_BYTE
@@ -75,25 +75,25 @@ def test_ring_forward_hides_each_transfer_behind_a_slowed_block_and_adds_its_mer
 
 def test_ring_steps_take_the_rings_own_calls_where_they_span_the_length_and_the_peers_elsewhere():
     peer = {("forward", False): ((32768, 14.0), (131072, 224.0))}
-    blocks = scaling.Blocks(peer, ring_times={("forward", False): ((32768, 15.0), (65536, 60.0))})
-    four = scaling.predict(1, 4, 131072, False, "forward", SHAPE, blocks, machine())
+    blocks = model.Blocks(peer, ring_times={("forward", False): ((32768, 15.0), (65536, 60.0))})
+    four = model.predict(1, 4, 131072, False, "forward", SHAPE, blocks, machine())
     assert four.ms == pytest.approx(3 * 15.0 * 1.1 + 15.0 + 3 * 1.0, rel=1e-12)  # the ring's own 32K block
     assert four.efficiency == pytest.approx(224.0 / (4 * four.ms), rel=1e-12)  # against the peer at 128K
     # 16K blocks lie below the ring's own lengths: the peer's 32K rate, marked as below what was measured.
-    eight = scaling.predict(1, 8, 131072, False, "forward", SHAPE, blocks, machine())
+    eight = model.predict(1, 8, 131072, False, "forward", SHAPE, blocks, machine())
     assert eight.extrapolated and blocks.ms(16384, False, "forward", ring_step=True) == (3.5, True)
 
 
 def test_causal_zigzag_steps_are_a_causal_block_then_half_blocks_merging_three_quarters_of_the_rows():
-    blocks = scaling.Blocks({("forward", True): ((65536, 30.0),), ("forward", False): ((16384, 2.0), (65536, 32.0))})
-    modelled = scaling.predict(1, 2, 131072, True, "forward", SHAPE, blocks, machine())
+    blocks = model.Blocks({("forward", True): ((65536, 30.0),), ("forward", False): ((16384, 2.0), (65536, 32.0))})
+    modelled = model.predict(1, 2, 131072, True, "forward", SHAPE, blocks, machine())
     half = 2.0 * (65536 / math.sqrt(2) / 16384) ** 2  # 64K × 32K: a square of 64K/√2, between 16K and 64K
     assert modelled.ms == pytest.approx(30.0 * 1.1 + half + 0.75 * 1.0 * 2, rel=1e-12)
 
 
 def test_ulysses_waits_for_both_all_to_alls_around_attention_on_its_heads():
-    blocks = scaling.Blocks({("forward", False): ((131072, 224.0),)})
-    modelled = scaling.predict(2, 2, 131072, False, "forward", SHAPE, blocks, machine())
+    blocks = model.Blocks({("forward", False): ((131072, 224.0),)})
+    modelled = model.predict(2, 2, 131072, False, "forward", SHAPE, blocks, machine())
     shard = 65536 * 16 * 128 * 2 / 2  # the half of a rank's shard of one tensor that leaves it
     all_to_all = [0.03 + tensors * shard * 2 * MS_PER_BYTE for tensors in (3, 1)]
     assert modelled.ms == pytest.approx(sum(all_to_all) + 224.0 / 2, rel=1e-12)
@@ -107,9 +107,9 @@ def test_an_all_to_all_beyond_a_node_sends_its_other_nodes_pieces_at_the_inter_n
 
 
 def test_a_ring_across_nodes_exposes_transfers_that_outlast_its_blocks():
-    blocks = scaling.Blocks({("forward", False): ((1024, 0.02), (131072, 224.0))})
-    modelled = scaling.predict(1, 16, 131072, False, "forward", SHAPE, blocks, machine())
-    assert modelled.exposed and not scaling.predict(1, 4, 131072, False, "forward", SHAPE, blocks, machine()).exposed
+    blocks = model.Blocks({("forward", False): ((1024, 0.02), (131072, 224.0))})
+    modelled = model.predict(1, 16, 131072, False, "forward", SHAPE, blocks, machine())
+    assert modelled.exposed and not model.predict(1, 4, 131072, False, "forward", SHAPE, blocks, machine()).exposed
 
 
 def with_calibration(tmp_path, entry=CALIBRATION):
@@ -135,7 +135,7 @@ def test_the_model_covers_the_strategies_and_transfers_it_was_calibrated_for(imp
     row = pd.Series(
         {"implementation": implementation, "options": json.dumps(options), "causal": causal, "world_size": 4}
     )
-    assert scaling.degree_of(row) == degree
+    assert model.degree_of(row) == degree
 
 
 def test_the_report_models_every_ring_cell_of_a_recorded_run_as_the_golden_says(tmp_path):
@@ -227,14 +227,14 @@ def test_a_cell_the_host_launches_slower_than_its_modelled_gpu_time_is_modelled_
 
 
 def test_ulysses_own_rows_first_hides_the_inbound_all_to_all_behind_the_own_diagonal_and_cuts_the_rest():
-    blocks = scaling.Blocks({("forward", True): ((65536, 30.0),), ("forward", False): ((65536, 55.0),)})
-    modelled = scaling.predict(2, 2, 131072, True, "forward", SHAPE, blocks, machine(), own_rows_first=True)
+    blocks = model.Blocks({("forward", True): ((65536, 30.0),), ("forward", False): ((65536, 55.0),)})
+    modelled = model.predict(2, 2, 131072, True, "forward", SHAPE, blocks, machine(), own_rows_first=True)
     # By hand, on 8 of 16 heads (half of each block's time): the own 64K diagonal (15 ms, 10% slower
     # beside the inbound all-to-all of q, k, v: 3 × 128 MiB at 100 GB/s, 4.1 ms, hidden); the other
     # block's diagonal (15 ms) and its keys before it, a 64K square (27.5 ms); one merge of 64K rows
     # × 8 heads of float32 (256 MiB, 1 ms); the output's all-to-all (0.03 ms + 128 MiB at 100 GB/s).
     assert modelled.ms == pytest.approx(15 * 1.1 + 15 + 27.5 + 1.0 + 0.03 + 2**27 * 2 * MS_PER_BYTE, rel=1e-12)
-    plain = scaling.predict(2, 2, 131072, True, "forward", SHAPE, blocks, machine())
+    plain = model.predict(2, 2, 131072, True, "forward", SHAPE, blocks, machine())
     assert plain.ms == pytest.approx(
         0.03 + 3 * 2**27 * 2 * MS_PER_BYTE + 60 + 0.03 + 2**27 * 2 * MS_PER_BYTE, rel=1e-12
     )
@@ -253,4 +253,4 @@ def test_ulysses_own_rows_first_hides_the_inbound_all_to_all_behind_the_own_diag
     ],
 )
 def test_the_model_attends_own_rows_first_where_the_cell_did(implementation, options, causal, first):
-    assert scaling.attends_own_rows_first(implementation, options, causal) is first
+    assert model.attends_own_rows_first(implementation, options, causal) is first

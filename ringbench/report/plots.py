@@ -14,7 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ringbench import records
-from ringbench.report import scaling
+from ringbench.report import model, scaling
 from ringbench.report.summary import efficiencies, peer_name
 from ringbench.report.tables import SHAPE, shape_title
 from ringbench.vocabulary import placement, series_name
@@ -118,7 +118,7 @@ def _scaling(frame: pd.DataFrame, calibration: dict[int, dict[str, Any]]) -> Fig
     found = [projection for projection in projected[1] if any(projection.predictions.values())]
     if not found:
         return None
-    chosen = next((p for p in found if p.pass_name == scaling.BOTH and not p.causal), found[0])
+    chosen = next((p for p in found if p.pass_name == model.BOTH and not p.causal), found[0])
     tokens = [scaling.PROJECTED_TOKENS[0], 2**20, scaling.PROJECTED_TOKENS[-1]]
     causal = "causal" if chosen.causal else "non-causal"
     groups = [(f"{scaling.tokens_text(count)} tokens, {chosen.pass_name}, {causal}", count) for count in tokens]

@@ -1,4 +1,4 @@
-"""Predictions made before a run: the scaling model (``report.scaling``) applied to the cells a
+"""Predictions made before a run: the scaling model (``report.model``) applied to the cells a
 sweep plans, from runs measured earlier (their single-GPU cells and their links' calibration).
 
 ``ringbench predict`` makes them and writes them to a file; ``ringbench run --predictions`` keeps
@@ -19,7 +19,7 @@ import pandas as pd
 
 from ringbench import records
 from ringbench.errors import UserError
-from ringbench.report import scaling
+from ringbench.report import model, scaling
 from ringbench.report.load import Run
 from ringbench.report.markdown import escape, table
 from ringbench.vocabulary import DTYPE_BYTES, Cell, counted, implementation_label
@@ -40,7 +40,7 @@ def _kernel(cell: Cell, options: dict[str, Any], recorded: pd.DataFrame) -> str 
     """The kernel the cell will run: as its options name it; for ``auto``, the one the runs' cells of
     the same implementation, options (those recorded: an option added since is not), pass, dtype
     and head_dim ran, where they agree on one."""
-    named = scaling.planned_kernel(options)
+    named = model.planned_kernel(options)
     if named is not None:
         return named
     like = recorded[
@@ -58,14 +58,14 @@ def _kernel(cell: Cell, options: dict[str, Any], recorded: pd.DataFrame) -> str 
 def _predict(
     cell: Cell,
     recorded: pd.DataFrame,
-    blocks: dict[tuple, scaling.Blocks],
+    blocks: dict[tuple, model.Blocks],
     calibration: dict[int, dict[str, Any]],
     gpus_per_node: int,
     inter_node_gbit_s: float,
 ) -> dict[str, Any] | str:
     """The cell's prediction as the file stores it, or why there is none."""
     options = dict(cell.options)
-    degree = scaling.cell_degree(cell.implementation, options, cell.world_size, cell.causal)
+    degree = model.cell_degree(cell.implementation, options, cell.world_size, cell.causal)
     if degree is None:
         return COVERED
     kernel = _kernel(cell, options, recorded)
@@ -77,12 +77,12 @@ def _predict(
             f"the runs have no single-GPU cells of the peer with kernel {kernel}, {cell.dtype} "
             f"B={cell.batch_size} H={cell.heads} D={cell.head_dim}"
         )
-    machine = scaling.Machine.from_calibration(
-        scaling.calibration_for(calibration, cell.world_size), inter_node_gbit_s, gpus_per_node
+    machine = model.Machine.from_calibration(
+        model.calibration_for(calibration, cell.world_size), inter_node_gbit_s, gpus_per_node
     )
-    shape = scaling.Shape(cell.batch_size, cell.heads, cell.head_dim, DTYPE_BYTES[cell.dtype])
-    own_rows_first = scaling.attends_own_rows_first(cell.implementation, options, cell.causal)
-    found = scaling.predict(
+    shape = model.Shape(cell.batch_size, cell.heads, cell.head_dim, DTYPE_BYTES[cell.dtype])
+    own_rows_first = model.attends_own_rows_first(cell.implementation, options, cell.causal)
+    found = model.predict(
         degree, cell.world_size, cell.seq_len, cell.causal, cell.pass_name, shape, blocks[key], machine, own_rows_first
     )
     if found is None:
@@ -105,8 +105,8 @@ def make(
     cells: Sequence[Cell],
     sources: Sequence[Run],
     config_source: str,
-    gpus_per_node: int = scaling.GPUS_PER_NODE,
-    inter_node_gbit_s: float = scaling.INTER_NODE_GBIT_S,
+    gpus_per_node: int = model.GPUS_PER_NODE,
+    inter_node_gbit_s: float = model.INTER_NODE_GBIT_S,
 ) -> dict[str, Any]:
     """The predictions file for ``cells`` (the multi-process ones; one process is the peer's), from
     ``sources``: runs of one device, at least one of which calibrated its links."""
@@ -120,7 +120,7 @@ def make(
     if not calibration:
         raise UserError(f"{names}: no calibration.json; a run of several processes on a GPU measures its links")
     recorded = pd.concat([run.frame for run in ordered], ignore_index=True)
-    blocks = scaling.blocks_of(recorded)
+    blocks = model.blocks_of(recorded)
     predicted, left_out = {}, []
     for cell in cells:
         if cell.world_size == 1:

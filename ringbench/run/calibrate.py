@@ -5,7 +5,7 @@ while a transfer runs beside it.
 A worker of several processes measures these once per world size before its first cell, through
 the same calls the implementations make (``WaitClock.exchange`` and ``WaitClock.swap``); rank 0
 stores them in the run folder (``records.write_calibration``). Raw points are stored, not fitted
-figures: the report fits them (``report.scaling``), so a better fit needs no new run.
+figures: the report fits them (``report.model``), so a better fit needs no new run.
 """
 
 from __future__ import annotations
