@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from ringbench import records
 from ringbench.cli import app
-from ringbench.report import scaling
+from ringbench.report import model
 from ringbench.run import calibrate
 
 TIMING = "timing: {warmup_ms: 1, rep_ms: 2, min_reps: 2, max_reps: 3}\n"
@@ -333,8 +333,8 @@ def test_usp_at_every_ulysses_degree_matches_the_reference_and_ring_and_ulysses(
     # The scaling model's traffic is what they sent: ring (degree 1), ulysses (degree P) and usp.
     for record in stored:
         degree = {"ring": 1, "ulysses": record["world_size"]}.get(record["implementation"])
-        layout = scaling.Layout.of(
-            degree or record["options"]["ulysses_degree"], record["world_size"], 64, scaling.Shape(1, 4, 8, 4)
+        layout = model.Layout.of(
+            degree or record["options"]["ulysses_degree"], record["world_size"], 64, model.Shape(1, 4, 8, 4)
         )
         assert record["comm"]["sent_bytes_per_call"] == layout.sent_bytes(record["pass"])
 
