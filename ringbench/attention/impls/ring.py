@@ -562,13 +562,14 @@ def travelling_sums_bytes(cell: Cell, ulysses_degree: int) -> int:
     return 2 * 2 * cell.batch_size * part_heads * rows * cell.head_dim * 4
 
 
-def setup_memory(cell: Cell) -> int:
+def setup_memory(cell: Cell, ulysses_degree: int = 1) -> int:
     """The K/V receive buffers a rank of a ring across processes keeps (``receive_buffers``); one
     process keeps none, its blocks being views of the inputs. Copy-engine transfers of a backward
-    pass keep the travelling sums too (on ranks that fall back to NCCL, this overstates)."""
-    kept = receive_buffer_bytes(cell, cell.world_size)
+    pass keep the travelling sums too (on ranks that fall back to NCCL, this overstates). ``usp``
+    runs this ring over P/u ranks (``ulysses_degree`` u)."""
+    kept = receive_buffer_bytes(cell, cell.world_size // ulysses_degree)
     if cell.world_size > 1 and cell.pass_name != "forward" and dict(cell.options)["transfers"] == "copy-engine":
-        kept += travelling_sums_bytes(cell, 1)
+        kept += travelling_sums_bytes(cell, ulysses_degree)
     return kept
 
 

@@ -98,15 +98,10 @@ def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int | None:
 
 
 def _setup_memory(cell: Cell) -> int:
-    """The ring's K/V receive buffers (``receive_buffers``), each K and V of H/u heads of a ring
-    shard (2N), one per transfer up to two: none in a ring of one. Copy-engine transfers of a
-    backward pass keep the ring's travelling sums too, as ``ring``'s."""
-    options = dict(cell.options)
-    degree = options["ulysses_degree"]
-    kept = ring.receive_buffer_bytes(cell, cell.world_size // degree)
-    if cell.pass_name != "forward" and options["transfers"] == "copy-engine":
-        kept += ring.travelling_sums_bytes(cell, degree)
-    return kept
+    """The ring's, as ``ring.setup_memory`` says: its K/V receive buffers, each K and V of H/u heads
+    of a ring shard (2N), one per transfer up to two (none in a ring of one), and with copy-engine
+    transfers in a backward pass its travelling sums."""
+    return ring.setup_memory(cell, dict(cell.options)["ulysses_degree"])
 
 
 @register(
