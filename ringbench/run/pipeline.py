@@ -147,13 +147,14 @@ def _modes(
     if budget.cuda_graph != "never":
         if device.type != "cuda":
             notes += ["CUDA graphs need a CUDA device"] if budget.cuda_graph == "always" else []
-        else:
-            # Across processes every rank probes at once; there the host's share is measured all the
-            # same, so that a cell bound by its launch says so, though graphs are not captured.
+        elif group.world_size > 1:
+            # The host's share is measured all the same, every rank probing at once, so that a cell
+            # bound by its launch says so; graphs are not captured across processes.
             launch = launch_and_work(fn, device, group.max)
-            if group.world_size > 1:
-                notes.append("CUDA graphs are not used across processes: plain calls timed")
-            elif budget.cuda_graph == "always" or launch.host_ms > HOST_BOUND_SHARE * launch.device_ms:
+            notes.append("CUDA graphs are not used across processes: plain calls timed")
+        else:
+            launch = launch_and_work(fn, device)
+            if budget.cuda_graph == "always" or launch.host_ms > HOST_BOUND_SHARE * launch.device_ms:
                 timed, why = graph_replay(fn, device)
                 notes += [why] if why else []
     return (
