@@ -134,8 +134,10 @@ if triton is not None:
                 tl.load(acc_at, mask=live[:, None], other=0.0) * (old_weight / weight_sum)[:, None]
                 + out * (new_weight / (weight_sum * total))[:, None]
             )
+            merged_lse = merged_top + tl.log(weight_sum)
+            tl.debug_barrier()  # in place: every warp has read the accumulators before any writes (fused_merge)
             tl.store(acc_at, merged, mask=live[:, None])
-            tl.store(lse_at, merged_top + tl.log(weight_sum), mask=live)
+            tl.store(lse_at, merged_lse, mask=live)
 
 
 def _tile(n: int) -> int:

@@ -77,6 +77,9 @@ if AVAILABLE:
             tl.load(acc_at, mask=cell, other=0.0) * old_weight[:, None]
             + tl.load(out_at, mask=cell, other=0.0).to(tl.float32) * new_weight[:, None]
         )
+        # The merge is in place, and Triton may give a row's log-sum-exp to threads of other warps
+        # to load than the one that stores it: no warp writes before every warp has read.
+        tl.debug_barrier()
         tl.store(acc_at, merged.to(acc.dtype.element_ty), mask=cell)
         tl.store(acc_lse + i0 * al0 + i1 * al1 + i2 * al2, merged_lse, mask=live)
 
