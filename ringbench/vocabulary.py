@@ -45,7 +45,7 @@ def counted(count: int, noun: str, plural: str = "") -> str:
     return f"{count} {noun if count == 1 else plural or noun + 's'}"
 
 
-def _option_text(value: Any) -> str:
+def option_text(value: Any) -> str:
     """Options as the YAML spells them: true/false, [1, 2]."""
     if isinstance(value, bool):
         return str(value).lower()
@@ -59,7 +59,7 @@ def implementation_label(name: str, options: Mapping[str, Any]) -> str:
     labels are named in tables."""
     if not options:
         return name
-    return f"{name}({', '.join(f'{k}={_option_text(v)}' for k, v in sorted(options.items()))})"
+    return f"{name}({', '.join(f'{k}={option_text(v)}' for k, v in sorted(options.items()))})"
 
 
 def label_of(entry: Mapping[str, Any]) -> str:

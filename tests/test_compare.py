@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from ringbench.cli import app
 from ringbench.report.compare import compare_runs, render_markdown
 from ringbench.run.stats import mann_whitney_p, summarize
+from ringbench.vocabulary import Cell
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run"
 
@@ -172,3 +173,33 @@ def test_an_unknown_label_is_a_clear_error_naming_the_run_and_its_labels():
         f"{FIXTURE}: no cells labelled 'nope' (its labels: ring, sdpa backend=flash, standard, torch-cp backend=flash)"
         in result.stderr
     )
+
+
+def _with_options(record, **options):
+    """The record as a later version would store it: its options changed, so its id too."""
+    record["options"] = {**record["options"], **options}
+    record["cell_id"] = Cell.from_params(record).id
+
+
+def test_an_option_added_between_runs_pairs_cells_by_label_and_says_so(tmp_path):
+    def gain_option(record):
+        if record["implementation"] == "ring":
+            _with_options(record, transfers="nccl")  # an option added, its default stored
+            if (record["seq_len"], record["ring_size"]) == (8192, 1):
+                scale(record, 2.0)
+        elif record["implementation"] == "sdpa" and record["seq_len"] == 4096:
+            record["label"] = "sdpa backend=cudnn"  # another label: another cell, not paired
+            _with_options(record, backend="cudnn")
+
+    comparison = compare_runs(FIXTURE, changed_run(tmp_path, gain_option))
+    verdicts = {row["cell"]: row["verdict"] for row in comparison.rows}
+    assert verdicts["ring S=8192 ring 1 B=1 H=8 D=64 float16 forward"] == "slower"
+    assert verdicts["ring S=6144 ring 1 B=1 H=8 D=64 float16 forward"] == "unchanged"
+    assert verdicts["ring S=8192 2 processes B=1 H=8 D=64 float16 forward"] == "unchanged"
+    assert verdicts["ring S=6144 ring 3 B=1 H=8 D=64 float16 forward"] == "still failing"
+    assert verdicts["sdpa backend=flash S=4096 no ring B=1 H=8 D=64 float16 forward"] == "only in base"
+    assert verdicts["sdpa backend=cudnn S=4096 no ring B=1 H=8 D=64 float16 forward"] == "only in new"
+    assert len(comparison.rows) == 13  # the fixture's 12 cells, sdpa's at 4096 once in each run
+    assert comparison.warnings == [
+        "Cells of ring matched by label and parameters, their stored options differing: transfers=nccl only in new."
+    ]

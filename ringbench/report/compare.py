@@ -1,6 +1,8 @@
 """Comparing two runs cell by cell: did a change make anything faster, slower, or broken?
 
-Cells are matched by id; or, given two labels, the cells of one implementation (as
+Cells are matched by id, and a cell left unmatched with the one cell of the other run that has
+its label and every other parameter (an option added to the implementation, or its default
+changed, between the runs alters the id but not the label); or, given two labels, the cells of one implementation (as
 labelled) in the base run with those of another in the new run (one run may be both),
 matched by every other parameter. A measured pair's verdict needs both a ratio of medians
 beyond the threshold and a Mann-Whitney U test on the raw samples below ``alpha``:
@@ -12,6 +14,7 @@ differences are listed as warnings.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from ringbench.errors import UserError
 from ringbench.report.markdown import escape, ms, table
 from ringbench.run.stats import mann_whitney_p
 from ringbench.schema import Record
+from ringbench.vocabulary import option_text
 
 FASTER, SLOWER, UNCHANGED = "faster", "slower", "unchanged"
 NEWLY_FAILING, FIXED, STILL_FAILING = "newly failing", "fixed", "still failing"
@@ -75,7 +79,7 @@ def _pairs(
     the base cell so labelled in the same situation, of the same ring size where the base has several."""
     if labels is None:
         ids = list(base_records) + [cell_id for cell_id in new_records if cell_id not in base_records]
-        return [(base_records.get(cell_id), new_records.get(cell_id)) for cell_id in ids]
+        return _paired_by_label([(base_records.get(cell_id), new_records.get(cell_id)) for cell_id in ids])
     olds, fresh = _labelled(base_records, labels[0], runs[0]), _labelled(new_records, labels[1], runs[1])
     pairs: list[tuple[Record | None, Record | None]] = []
     for new in fresh:
@@ -85,6 +89,42 @@ def _pairs(
         pairs.append((candidates[0] if len(candidates) == 1 else None, new))
     paired = {id(old) for old, _ in pairs}
     return pairs + [(old, None) for old in olds if id(old) not in paired]
+
+
+def _paired_by_label(
+    pairs: list[tuple[Record | None, Record | None]],
+) -> list[tuple[Record | None, Record | None]]:
+    """``pairs`` with each cell found in one run alone joined to the one cell of the other run alone
+    that has its label, ring size and situation, where there is exactly one."""
+
+    def key(record: Record) -> tuple:
+        return (record.display_label, record.ring_size, _situation(record))
+
+    olds = [old for old, new in pairs if old is not None and new is None]
+    fresh = [new for old, new in pairs if new is not None and old is None]
+    # Only keys unique on both sides join, so that no record joins two.
+    old_counts, new_counts = Counter(map(key, olds)), Counter(map(key, fresh))
+    base_of = {key(old): old for old in olds if old_counts[key(old)] == 1}
+    joined = {id(new): base_of[key(new)] for new in fresh if new_counts[key(new)] == 1 and key(new) in base_of}
+    taken = {id(old) for old in joined.values()}
+    return [
+        (joined.get(id(new), old), new)
+        for old, new in pairs
+        if not (new is None and old is not None and id(old) in taken)
+    ]
+
+
+def _option_changes(base: Record, new: Record) -> str:
+    """What differs between two records' stored options, as ``a=1 only in new, b: 2 against 3``."""
+    before, after = base.options, new.options
+    changes = [f"{name}={option_text(value)} only in new" for name, value in after.items() if name not in before]
+    changes += [f"{name}={option_text(value)} only in base" for name, value in before.items() if name not in after]
+    changes += [
+        f"{name}: {option_text(value)} against {option_text(after[name])}"
+        for name, value in before.items()
+        if name in after and value != after[name]
+    ]
+    return ", ".join(changes)
 
 
 def _hardware(environment: dict[str, Any], world_size: int) -> str:
@@ -128,6 +168,7 @@ def compare_runs(
     comparison = Comparison(base, new, labels)
     base_env, new_env = records.read_run(base)["environment"], records.read_run(new)["environment"]
     differing: dict[tuple[str, str], None] = {}
+    option_changes: dict[tuple[str, str], None] = {}  # (label, what differs), once each
     for key in _ENVIRONMENT_KEYS:
         if base_env.get(key) != new_env.get(key):
             comparison.warnings.append(f"{key} differs: {base_env.get(key)} against {new_env.get(key)}.")
@@ -137,6 +178,8 @@ def compare_runs(
         hardware = (_hardware(base_env, either.world_size), _hardware(new_env, either.world_size))
         if hardware[0] != hardware[1]:
             differing[hardware] = None
+        if old and fresh and old.cell_id != fresh.cell_id and not labels:
+            option_changes[(fresh.display_label, _option_changes(old, fresh))] = None
         verdict, ratio, p = _verdict(old, fresh, threshold, alpha, hardware[0] == hardware[1])
         comparison.rows.append(
             {
@@ -152,6 +195,10 @@ def compare_runs(
     comparison.warnings[:0] = [
         f"Different hardware ({base_hw} against {new_hw}): those cells' timings are not compared."
         for base_hw, new_hw in differing
+    ]
+    comparison.warnings += [
+        f"Cells of {label} matched by label and parameters, their stored options differing: {changes}."
+        for label, changes in option_changes
     ]
     return comparison
 

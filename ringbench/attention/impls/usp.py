@@ -36,24 +36,26 @@ from ringbench.vocabulary import PASSES, Cell
 
 # The process groups of this process, by (kind, world size, degree). Every rank must create
 # every group, in the same order, so they are made once per process (a worker joins its
-# process group once) rather than once per cell.
-_GROUPS: dict[tuple[str, int, int], list[dist.ProcessGroup]] = {}
+# process group once) rather than once per cell. A rank outside a group holds PyTorch's
+# placeholder for it (GroupMember.NON_GROUP_MEMBER) in its place.
+_GROUPS: dict[tuple[str, int, int], list[Any]] = {}
 
 
-def _groups(kind: str, world_size: int, degree: int) -> list[dist.ProcessGroup]:
-    """``ulysses``: by ring index, the ``degree`` contiguous ranks that share it. ``ring``: by Ulysses
-    index, the ranks ``degree`` apart that share it, made only for copy-engine transfers, whose
-    symmetric memory it names; gloo groups, as nothing is sent over them."""
+def _own_group(kind: str, world_size: int, degree: int, index: int) -> dist.ProcessGroup:
+    """Group ``index`` of a kind, this rank being one of its members. ``ulysses``: by ring index,
+    the ``degree`` contiguous ranks that share it. ``ring``: by Ulysses index, the ranks ``degree``
+    apart that share it, made only for copy-engine transfers, whose symmetric memory it names;
+    gloo groups, as nothing is sent over them."""
     if (kind, world_size, degree) not in _GROUPS:
         if kind == "ulysses":
             members = [list(range(index * degree, (index + 1) * degree)) for index in range(world_size // degree)]
         else:
             members = [list(range(index, world_size, degree)) for index in range(degree)]
         backend = None if kind == "ulysses" else "gloo"
-        groups = [dist.new_group(ranks, backend=backend) for ranks in members]
-        assert all(group is not None for group in groups), "every rank creates every group"
-        _GROUPS[kind, world_size, degree] = groups
-    return _GROUPS[kind, world_size, degree]
+        _GROUPS[kind, world_size, degree] = [dist.new_group(ranks, backend=backend) for ranks in members]
+    group = _GROUPS[kind, world_size, degree][index]
+    assert isinstance(group, dist.ProcessGroup), "a rank selects only a group it belongs to"
+    return group
 
 
 def _check_options(options: Mapping[str, Any]) -> str | None:
@@ -129,14 +131,14 @@ def setup(problem: Problem) -> Bench:
     degree, zigzag, comm = problem.options["ulysses_degree"], problem.options["zigzag"], problem.comm
     ring_size = problem.world_size // degree
     ring_index, ulysses_index = divmod(problem.rank, degree)
-    group = _groups("ulysses", problem.world_size, degree)[ring_index] if degree > 1 else None
+    group = _own_group("ulysses", problem.world_size, degree, ring_index) if degree > 1 else None
     # The ring shard's positions, in its order; this rank holds the Ulysses index-th contiguous part.
     shard = positions(problem.seq_len, ring_size, zigzag, problem.device)[ring_index]
     rows = shard.view(degree, -1)[ulysses_index]
     q, k, v = problem.shard(rows)
 
     def ring_group() -> dist.ProcessGroup:  # the ranks of this rank's ring, for copy-engine transfers
-        return _groups("ring", problem.world_size, degree)[ulysses_index]
+        return _own_group("ring", problem.world_size, degree, ulysses_index)
 
     # This rank's place in its ring, for the ring built once (degree 1) or on each call's head shards.
     ring_rank = functools.partial(
