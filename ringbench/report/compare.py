@@ -2,9 +2,9 @@
 
 Cells are matched by id, and a cell left unmatched with the one cell of the other run that has
 its label and every other parameter (an option added to the implementation, or its default
-changed, between the runs alters the id but not the label); or, given two labels, the cells of one implementation (as
-labelled) in the base run with those of another in the new run (one run may be both),
-matched by every other parameter. A measured pair's verdict needs both a ratio of medians
+changed, between the runs alters the id but not the label); or, given two labels, the cells of
+one implementation (as labelled) in the base run with those of another in the new run (one run
+may be both), matched by every other parameter. A measured pair's verdict needs both a ratio of medians
 beyond the threshold and a Mann-Whitney U test on the raw samples below ``alpha``:
 a large ratio on noisy samples, or a significant but tiny shift, is "unchanged".
 A cell measured on different GPUs in the two runs — those its processes ran on, the
