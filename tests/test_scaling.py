@@ -218,8 +218,8 @@ def test_a_cell_the_host_launches_slower_than_its_modelled_gpu_time_is_modelled_
     assert "§: the host takes longer to launch the call (measured in the cell) than the modelled GPU time" in report
     assert (
         "- In 1 of 16 multi-process cells the host takes longer to launch a call than the GPUs take to run it "
-        "(the most, ring kernel=cudnn zigzag=true (4 processes) S=131072 forward: 200.00 ms of launch against "
-        "60.00 ms of GPU work): their times measure the host, as CUDA graphs are not captured across processes. "
+        "(the most, ring kernel=cudnn zigzag=true (4 processes) S=131072 forward non-causal: 200.00 ms of launch "
+        "against 60.00 ms of GPU work): their times measure the host, as CUDA graphs are not captured across processes. "
         "Compare them as the host's, or at longer sequences.\n"
     ) in report
     # Without the launch probe (as recorded before it ran across processes) nothing is said.

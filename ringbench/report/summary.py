@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pandas as pd
 
 from ringbench import records
 from ringbench.report.markdown import escape, mib, ms
-from ringbench.report.tables import SHAPE, shape_title
+from ringbench.report.tables import SHAPE, shape_title, shape_words
 from ringbench.vocabulary import PEER, placement, series_name
 
 
@@ -37,6 +39,18 @@ def _baseline_row(frame: pd.DataFrame, row: pd.Series, baseline: str) -> pd.Seri
 
 def _implementation(row: pd.Series) -> str:
     return series_name(escape(row.label), placement(row.ring_size, row.world_size))
+
+
+def _cell_names(cells: pd.DataFrame) -> Callable[[pd.Series], str]:
+    """How a line tells the rows of ``cells`` apart: implementation, length, and those of the shape's
+    values that differ among them."""
+    varying = [index for index, column in enumerate(SHAPE) if cells[column].nunique(dropna=False) > 1]
+
+    def name(row: pd.Series) -> str:
+        words = shape_words(tuple(row[SHAPE]))
+        return " ".join([_implementation(row), f"S={row.seq_len}", *(words[index] for index in varying)])
+
+    return name
 
 
 def best_memory_reduction(frame: pd.DataFrame, baseline: str) -> str:
@@ -321,9 +335,8 @@ def _noise_warning(frame: pd.DataFrame) -> list[str]:
     measured = frame[frame["status"].isin(records.MEASURED) & frame["noise_target"].notna()]
     noisy = measured[measured["rel_iqr"] > measured["noise_target"]].sort_values("rel_iqr", ascending=False)
     if not noisy.empty:
-        worst = ", ".join(
-            f"{_implementation(row)} S={row.seq_len} ({row.rel_iqr:.1%})" for _, row in noisy.head(5).iterrows()
-        )
+        name = _cell_names(measured)
+        worst = ", ".join(f"{name(row)} ({row.rel_iqr:.1%})" for _, row in noisy.head(5).iterrows())
         lines.append(
             f"- Noise above the {noisy['noise_target'].iloc[0]:.0%} target (IQR / median) in {len(noisy)} of "
             f"{len(measured)} cells; the noisiest: {worst}. Raise `timing.max_ms` and `timing.max_reps` for more "
@@ -343,7 +356,7 @@ def _host_bound_warning(frame: pd.DataFrame) -> list[str]:
     worst = bound.loc[(bound["launch_ms"] / bound["device_ms"]).idxmax()]
     return [
         f"- In {len(bound)} of {len(across)} multi-process cells the host takes longer to launch a call than "
-        f"the GPUs take to run it (the most, {_implementation(worst)} S={worst.seq_len} {worst['pass']}: "
+        f"the GPUs take to run it (the most, {_cell_names(across)(worst)}: "
         f"{worst.launch_ms:.2f} ms of launch against {worst.device_ms:.2f} ms of GPU work): their times measure "
         "the host, as CUDA graphs are not captured across processes. Compare them as the host's, or at "
         "longer sequences."

@@ -166,9 +166,15 @@ METRICS = (
 )
 
 
-def shape_title(key: tuple) -> str:
+def shape_words(key: tuple) -> list[str]:
+    """A shape's values (a ``SHAPE`` key) as words, in ``SHAPE``'s order."""
     pass_name, dtype, causal, batch, heads, head_dim = key
-    return f"{pass_name} · {dtype} · {'causal' if causal else 'non-causal'} · B={batch} H={heads} D={head_dim}"
+    return [pass_name, dtype, "causal" if causal else "non-causal", f"B={batch}", f"H={heads}", f"D={head_dim}"]
+
+
+def shape_title(key: tuple) -> str:
+    *situation, batch, heads, head_dim = shape_words(key)
+    return " · ".join([*situation, f"{batch} {heads} {head_dim}"])
 
 
 def _cell_text(metric: Metric, row) -> str:
