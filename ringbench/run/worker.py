@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import gc
 import os
 import signal
 import sys
@@ -129,6 +130,9 @@ def serve(
         _calibrate(group, run_dir)
         if pending is None:
             pending = [job for job in jobs.planned(plan, ()) if job.world_size == group.world_size]
+        # Everything alive now (libraries, the group) lives as long as the worker: frozen, it is not
+        # walked again by the full collection that ends every cell (pipeline's _release).
+        gc.freeze()
         with records.RecordWriter(run_dir) if group.is_leader else contextlib.nullcontext() as writer:
             for job in pending:
                 # A search's next probe follows from the agreed record of its last, alike on every rank.
