@@ -31,6 +31,14 @@ def ms(value: float) -> str:
     return f"{value:.4f}"
 
 
+def tflops(value: float) -> str:
+    """TFLOP/s with one decimal, or three significant digits below 10 (a CPU's rates read as 0.0 otherwise)."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    decimals = max(1, 2 - math.floor(math.log10(abs(value))))
+    return f"{value:,.{decimals}f}"
+
+
 def mib(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:,.1f}"
 

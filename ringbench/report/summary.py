@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pandas as pd
 
 from ringbench import records
-from ringbench.report.markdown import escape, mib, ms
+from ringbench.report.markdown import escape, mib, ms, tflops
 from ringbench.report.tables import SHAPE, shape_title, shape_words
 from ringbench.vocabulary import PEER, placement, series_name
 
@@ -197,11 +197,11 @@ def ring_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
                 "seq_len": str(row.seq_len),
                 "processes": str(row.world_size),
                 "kernel": escape(row.kernel),
-                f"{peer_name(frame)} on one device": f"{baseline.tflops_per_device:,.1f}{shorter}",
+                f"{peer_name(frame)} on one device": f"{tflops(baseline.tflops_per_device)}{shorter}",
             },
         )
         entry[escape(row.label)] = (
-            f"{row.tflops_per_device:,.1f} ({row.tflops_per_device / baseline.tflops_per_device:.3f})"
+            f"{tflops(row.tflops_per_device)} ({row.tflops_per_device / baseline.tflops_per_device:.3f})"
         )
     return pd.DataFrame(list(rows.values())).fillna("")
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from ringbench import records
-from ringbench.report.markdown import escape, mib, ms, table
+from ringbench.report.markdown import escape, mib, ms, table, tflops
 from ringbench.vocabulary import placement
 
 FAILED = {records.OOM: "OOM", records.ERROR: "error", records.SKIPPED: "skipped"}
@@ -51,8 +51,8 @@ def _memory(row) -> str:
 
 def _throughput(row) -> str:
     if pd.isna(row.peak_tflops):
-        return f"{row.tflops_per_device:,.1f}"
-    return f"{row.tflops_per_device:,.1f} ({row.tflops_per_device / row.peak_tflops:.0%})"
+        return tflops(row.tflops_per_device)
+    return f"{tflops(row.tflops_per_device)} ({row.tflops_per_device / row.peak_tflops:.0%})"
 
 
 def _communication(row) -> str:
