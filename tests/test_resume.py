@@ -24,6 +24,12 @@ def lines_of(run_dir):
     return (run_dir / "records.jsonl").read_text().splitlines()
 
 
+def started_by(run_dir):
+    """The ringbench that started the run, as resume's errors name it."""
+    started = json.loads((run_dir / "run.json").read_text())["environment"]["ringbench"]
+    return f"ringbench {started['version']}" + (f" at commit {started['commit'][:8]}" if started["commit"] else "")
+
+
 def test_sigkill_at_random_moments_then_resume(write_config):
     path = write_config(SLOW)
     chooser = random.Random(1234)
@@ -80,11 +86,53 @@ def test_resume_refuses_a_changed_config_and_bad_arguments(write_config):
     path.write_text(BASE_CONFIG.replace("[64, 96]", "[64, 128]"))
     changed = CliRunner().invoke(app, ["run", "--resume", str(run_dir)])
     assert changed.exit_code == 2
-    assert changed.stderr.strip() == f"{path}: does not describe the sweep in {run_dir} (its config has changed since)"
+    assert changed.stderr.strip() == (
+        f"{path}: does not describe the sweep in {run_dir} any more (seq_lens [64, 96] → [64, 128]): the config, "
+        f"or the options this ringbench gives its implementations, changed since {started_by(run_dir)} started it"
+    )
     alone = CliRunner().invoke(app, ["run", str(path), "--retry-failed"])
     assert alone.exit_code == 2 and alone.stderr.strip() == "--retry-failed goes with --resume RUN_DIR"
     missing = CliRunner().invoke(app, ["run", "--resume", str(out / "nope")])
     assert missing.exit_code == 2 and missing.stderr.strip() == f"{out / 'nope'}: not a run folder (no run.json)"
+
+
+PLUGIN = """\
+from ringbench import Option, register
+
+
+@register("grown", options={OPTIONS})
+def setup(problem):
+    return lambda: problem.v
+"""
+
+
+def test_resume_names_what_a_newer_ringbench_sees_otherwise_and_touches_nothing(write_config):
+    # Between the run and its resumption the implementation gains an option: the config reads as
+    # another (the option's default is part of it), and the cells (their ids hold it) are others.
+    path = write_config(BASE_CONFIG.replace("  - name: standard\n", "  - name: grown\n") + "plugins: [grown]\n")
+    (path.parent / "grown.py").write_text(PLUGIN.replace("OPTIONS", ""))
+    out = path.parent / "out"
+    assert CliRunner().invoke(app, ["run", str(path), "--output-root", str(out)]).exit_code == 0
+    (run_dir,) = out.iterdir()
+    before, meta = lines_of(run_dir), (run_dir / "run.json").read_text()
+    (path.parent / "grown.py").write_text(PLUGIN.replace("OPTIONS", '"tiles": Option(2)'))
+    grown = CliRunner().invoke(app, ["run", "--resume", str(run_dir)])
+    assert grown.exit_code == 2 and grown.stderr.strip() == (
+        f"{path}: does not describe the sweep in {run_dir} any more (implementations[0] grown → grown(tiles=2)): "
+        f"the config, or the options this ringbench gives its implementations, changed since {started_by(run_dir)} "
+        "started it"
+    )
+    assert lines_of(run_dir) == before and (run_dir / "run.json").read_text() == meta
+    # The same config planned into other cells (as by a ringbench whose cell ids differ).
+    (path.parent / "grown.py").write_text(PLUGIN.replace("OPTIONS", ""))
+    stamped = json.loads(meta)
+    stamped["planned"][0]["cell_id"] = "0" * 12
+    (run_dir / "run.json").write_text(json.dumps(stamped))
+    replanned = CliRunner().invoke(app, ["run", "--resume", str(run_dir)])
+    assert replanned.exit_code == 2 and replanned.stderr.strip() == (
+        f"{path}: this ringbench plans other cells from it than {started_by(run_dir)} did for the run in {run_dir}"
+    )
+    assert lines_of(run_dir) == before
 
 
 def test_two_runs_writing_into_one_root_at_once_keep_apart(write_config):

@@ -18,6 +18,7 @@ stopped run.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -36,7 +37,7 @@ from ringbench.run.pipeline import make_record
 from ringbench.schema import Failure, Record
 from ringbench.sweep.config import Sweep
 from ringbench.sweep.plan import Plan
-from ringbench.vocabulary import Cell
+from ringbench.vocabulary import Cell, implementation_label
 
 LOG_TAIL_CHARS = 2000
 # After its last cell a worker only tears down; one that takes longer than this is stopped.
@@ -217,15 +218,49 @@ def _output_since(log_path: Path, offset: int) -> str:
         return log.read().decode(errors="replace")[-LOG_TAIL_CHARS:]
 
 
+def _changes(stored: dict[str, Any], now: dict[str, Any]) -> str:
+    """What differs between a run's stored config and the sweep's now, key by key; implementations
+    by their names with every option."""
+
+    def implementation(entry: dict[str, Any]) -> str:
+        return implementation_label(entry["name"], dict(entry["options"]))
+
+    changes = []
+    for key in sorted(stored.keys() | now.keys()):
+        before, after = stored.get(key), now.get(key)
+        if before == after:
+            continue
+        if key == "implementations" and before and after and len(before) == len(after):
+            changes += [
+                f"implementations[{index}] {implementation(old)} → {implementation(new)}"
+                for index, (old, new) in enumerate(zip(before, after))
+                if old != new
+            ]
+        else:
+            changes.append(f"{key} {json.dumps(before)} → {json.dumps(after)}")
+    return ", ".join(changes)
+
+
 def _resume(run_dir: Path, sweep: Sweep, plan: Plan, source: str, retry_failed: bool, threads: int) -> None:
     """Check that the run folder belongs to this sweep, mend a cut-off record, note the resumption."""
     meta = records.read_run(run_dir)
-    if (
-        meta["config_hash"] != sweep.hash
-        or [p["cell_id"] for p in meta["planned"]] != [c.id for c in plan.cells]
-        or [s["search_id"] for s in meta.get("searches", [])] != [s.id for s in plan.searches]
-    ):
-        raise ConfigError(source, "", f"does not describe the sweep in {run_dir} (its config has changed since)")
+    started = meta.get("environment", {}).get("ringbench") or {}
+    by = f"ringbench {started.get('version', '?')}" + (
+        f" at commit {started['commit'][:8]}" if started.get("commit") else ""
+    )
+    if meta["config_hash"] != sweep.hash:
+        # A newer ringbench can change it too: an option an implementation gained is set to its default.
+        raise ConfigError(
+            source,
+            "",
+            f"does not describe the sweep in {run_dir} any more ({_changes(meta['config'], sweep.as_dict())}): "
+            f"the config, or the options this ringbench gives its implementations, changed since {by} started it",
+        )
+    stored = ([p["cell_id"] for p in meta["planned"]], [s["search_id"] for s in meta.get("searches", [])])
+    if stored != ([c.id for c in plan.cells], [s.id for s in plan.searches]):
+        raise ConfigError(
+            source, "", f"this ringbench plans other cells from it than {by} did for the run in {run_dir}"
+        )
     repaired = records.drop_partial_line(run_dir)
     meta.setdefault("resumed", []).append(
         {
