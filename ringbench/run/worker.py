@@ -130,8 +130,10 @@ def serve(
         _calibrate(group, run_dir)
         if pending is None:
             pending = [job for job in jobs.planned(plan, ()) if job.world_size == group.world_size]
-        # Everything alive now (libraries, the group) lives as long as the worker: frozen, it is not
-        # walked again by the full collection that ends every cell (pipeline's _release).
+        # Everything alive now (libraries, the group) lives as long as the worker: collected once and
+        # frozen, it is not walked again by the full collection that ends every cell (pipeline's
+        # _release), and no garbage of the calibration is frozen with it.
+        gc.collect()
         gc.freeze()
         with records.RecordWriter(run_dir) if group.is_leader else contextlib.nullcontext() as writer:
             for job in pending:
