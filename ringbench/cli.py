@@ -326,7 +326,7 @@ def compare(
     from rich.table import Table
 
     from ringbench import records
-    from ringbench.report.compare import compare_runs, regressions, render_markdown
+    from ringbench.report.compare import compare_runs, p_text, regressions, render_markdown
 
     with _user_errors():
         for path in (base, new):
@@ -344,7 +344,8 @@ def compare(
     for row in comparison.rows:
         view.add_row(
             row["cell"],
-            *("-" if row[key] is None else f"{row[key]:.4g}" for key in ("base_ms", "new_ms", "ratio", "p")),
+            *("-" if row[key] is None else f"{row[key]:.4g}" for key in ("base_ms", "new_ms", "ratio")),
+            p_text(row["p"], blank="-"),
             row["verdict"],
         )
     console = Console()

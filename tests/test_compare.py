@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ringbench.cli import app
-from ringbench.report.compare import compare_runs, render_markdown
+from ringbench.report.compare import compare_runs, p_text, render_markdown
 from ringbench.run.stats import mann_whitney_p, summarize
 from ringbench.vocabulary import Cell
 
@@ -17,6 +17,14 @@ def test_mann_whitney_matches_hand_computation():
     # U = 0, mean 4.5, variance 9/12·7, z = (4.5 − 0.5)/√5.25: p = erfc(z/√2)
     assert abs(mann_whitney_p([1, 2, 3], [4, 5, 6]) - 0.0808555983700523) < 1e-12
     assert mann_whitney_p([1.0, 2.0], [1.0, 2.0]) == 1.0
+
+
+def test_a_p_value_past_what_floating_point_resolves_reads_as_a_bound():
+    # Thousands of samples a side, wholly apart: the normal tail underflows to exactly 0.
+    apart = mann_whitney_p(list(range(3000)), list(range(3000, 6000)))
+    assert apart == 0.0 and p_text(apart) == "< 1e-16"
+    assert p_text(mann_whitney_p([1, 2, 3], [4, 5, 6])) == "0.081"
+    assert p_text(None) == "" and p_text(None, blank="-") == "-"
 
 
 def changed_run(tmp_path, edit, environment=None):

@@ -203,6 +203,18 @@ def compare_runs(
     return comparison
 
 
+# Below this a p-value is past what the test's floating point resolves (many thousand samples a
+# side give p = 0 exactly): it is shown as a bound, as statistics packages do.
+P_FLOOR = 1e-16
+
+
+def p_text(p: float | None, blank: str = "") -> str:
+    """A Mann-Whitney p-value as tables show it: two significant digits, or the floor it lies below."""
+    if p is None:
+        return blank
+    return f"< {P_FLOOR:g}" if p < P_FLOOR else f"{p:.2g}"
+
+
 def regressions(comparison: Comparison, fail_above: float) -> list[dict[str, Any]]:
     """Rows a CI gate should fail on: slower beyond ``fail_above`` (significantly), or newly failing."""
     return [
@@ -222,7 +234,7 @@ def render_markdown(comparison: Comparison, threshold: float, alpha: float) -> s
                 "base ms": "" if row["base_ms"] is None else ms(row["base_ms"]),
                 "new ms": "" if row["new_ms"] is None else ms(row["new_ms"]),
                 "new / base": "" if row["ratio"] is None else f"{row['ratio']:.3f}",
-                "p": "" if row["p"] is None else f"{row['p']:.2g}",
+                "p": p_text(row["p"]),
             }
             for row in comparison.rows
         ],
