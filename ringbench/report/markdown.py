@@ -9,7 +9,6 @@ import pandas as pd
 from tabulate import tabulate
 
 _SPECIAL = re.compile(r"([\\`*_\[\]<>|#])")
-MAX_MESSAGE = 300
 
 
 def escape(text: object, limit: int | None = None) -> str:
