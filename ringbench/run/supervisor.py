@@ -219,25 +219,28 @@ def _output_since(log_path: Path, offset: int) -> str:
 
 
 def _changes(stored: dict[str, Any], now: dict[str, Any]) -> str:
-    """What differs between a run's stored config and the sweep's now, key by key; implementations
-    by their names with every option."""
+    """What differs between a run's stored config and the sweep's now, key by key and implementation
+    by implementation (by its name with every option, or whole where only its label differs)."""
 
-    def implementation(entry: dict[str, Any]) -> str:
-        return implementation_label(entry["name"], dict(entry["options"]))
+    def entries(config: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **{key: value for key, value in config.items() if key != "implementations"},
+            **{f"implementations[{index}]": entry for index, entry in enumerate(config.get("implementations", []))},
+        }
 
+    def named(entry: Any) -> str:
+        return implementation_label(entry["name"], dict(entry["options"])) if entry else json.dumps(entry)
+
+    before, after = entries(stored), entries(now)
     changes = []
-    for key in sorted(stored.keys() | now.keys()):
-        before, after = stored.get(key), now.get(key)
-        if before == after:
+    for where in dict.fromkeys([*before, *after]):
+        old, new = before.get(where), after.get(where)
+        if old == new:
             continue
-        if key == "implementations" and before and after and len(before) == len(after):
-            changes += [
-                f"implementations[{index}] {implementation(old)} → {implementation(new)}"
-                for index, (old, new) in enumerate(zip(before, after))
-                if old != new
-            ]
-        else:
-            changes.append(f"{key} {json.dumps(before)} → {json.dumps(after)}")
+        texts = (named(old), named(new)) if where.startswith("implementations[") else (json.dumps(old), json.dumps(new))
+        if texts[0] == texts[1]:
+            texts = (json.dumps(old), json.dumps(new))
+        changes.append(f"{where} {texts[0]} → {texts[1]}")
     return ", ".join(changes)
 
 
