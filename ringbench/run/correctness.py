@@ -75,11 +75,12 @@ class _Softmax:
         self.total = torch.zeros(shape, dtype=torch.float64, device=device)
 
     def weights(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """exp(scores − m') for a new block, and the factor that rescales sums so far to m'."""
+        """exp(scores − m') for a new block, made in place of ``scores``, and the factor that rescales
+        sums so far to m'."""
         top = torch.maximum(self.top, scores.amax(-1))
         finite = torch.where(torch.isfinite(top), top, 0.0)  # a row that has seen no key yet
         rescale, self.top = torch.exp(self.top - finite), top
-        weights = torch.exp(scores - finite.unsqueeze(-1))
+        weights = scores.sub_(finite.unsqueeze(-1)).exp_()
         self.total = self.total * rescale + weights.sum(-1)
         return weights, rescale
 
@@ -194,9 +195,10 @@ GRADIENTS = ("dq", "dk", "dv")
 # Up to this length every row of every (batch, head) is checked; beyond it a sample.
 GRADIENT_FULL_MAX_SEQ = 8192
 GRADIENT_SAMPLE_ROWS = 256
-# The streamed gradient reference takes one head's scores in blocks of query rows × keys
-# (float64: 32 MiB, and a few temporaries as large).
-QUERY_BLOCK = KEY_BLOCK = 2048
+# The streamed gradient reference takes one head's scores in blocks of query rows × keys: float64,
+# 128 MiB, and at most one more as large (dO·Vᵀ; the rest is made in place). Smaller blocks leave
+# the GPU waiting on kernel launches.
+QUERY_BLOCK = KEY_BLOCK = 4096
 
 
 @dataclass(frozen=True)
@@ -256,24 +258,27 @@ def reference_gradients(
     def part(name: str, rows: Positions) -> torch.Tensor:
         return head_rows(name, batch, head, rows).double()
 
+    def scaled_q(rows: Positions) -> torch.Tensor:
+        return part("q", rows) * scale
+
     def probabilities(rows, keys, q, k, lse):
-        scores = _biased(q @ k.T * scale, reference, problem, rows, keys, head)
-        return torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))  # 0 where −inf
+        """P at ``rows`` × ``keys``, from ``q`` already scaled."""
+        scores = _biased(q @ k.T, reference, problem, rows, keys, head)
+        return scores.sub_(torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1)).exp_()  # 0 where −inf
 
     lse = torch.empty(seq_len, dtype=torch.float64, device=problem.device)
     delta = torch.empty_like(lse)
     for query_span in query_spans:
         rows = _positions(query_span, problem.device)
-        q, d_out = part("q", query_span), part("dout", query_span)
+        q, d_out = scaled_q(query_span), part("dout", query_span)
         softmax = _Softmax((len(rows),), q.device)
         weighted = torch.zeros(len(rows), dtype=torch.float64, device=q.device)
         for key_span in key_spans:
             if not seen(key_span.start, query_span.stop - 1):
                 continue
             keys = _positions(key_span, problem.device)
-            scores = _biased(q @ part("k", key_span).T * scale, reference, problem, rows, keys, head)
-            weights, rescale = softmax.weights(scores)
-            weighted = weighted * rescale + (weights * (d_out @ part("v", key_span).T)).sum(-1)
+            weights, rescale = softmax.weights(_biased(q @ part("k", key_span).T, reference, problem, rows, keys, head))
+            weighted = weighted * rescale + (d_out @ part("v", key_span).T).mul_(weights).sum(-1)
         lse[rows], delta[rows] = softmax.lse(), softmax.normalised(weighted)
 
     k_sampled, v_sampled = part("k", k_rows), part("v", k_rows)
@@ -283,13 +288,12 @@ def reference_gradients(
         if not seen(first_sampled_key, query_span.stop - 1):
             continue
         rows = _positions(query_span, problem.device)
-        q, d_out = part("q", query_span), part("dout", query_span)
+        q, d_out = scaled_q(query_span), part("dout", query_span)
         probs = probabilities(rows, k_rows, q, k_sampled, lse[rows])
-        d_scores = probs * (d_out @ v_sampled.T - delta[rows].unsqueeze(-1))
-        dk += d_scores.T @ q * scale
         dv += probs.T @ d_out
+        dk += (d_out @ v_sampled.T).sub_(delta[rows].unsqueeze(-1)).mul_(probs).T @ q
 
-    q, d_out = part("q", q_rows), part("dout", q_rows)
+    q, d_out = scaled_q(q_rows), part("dout", q_rows)
     last_sampled_row = int(q_rows.max())
     dq = torch.zeros(len(q_rows), head_dim, dtype=torch.float64, device=problem.device)
     for key_span in key_spans:
@@ -298,7 +302,7 @@ def reference_gradients(
         keys = _positions(key_span, problem.device)
         k, v = part("k", key_span), part("v", key_span)
         probs = probabilities(q_rows, keys, q, k, lse[q_rows])
-        dq += probs * (d_out @ v.T - delta[q_rows].unsqueeze(-1)) @ k * scale
+        dq += (d_out @ v.T).sub_(delta[q_rows].unsqueeze(-1)).mul_(probs) @ k * scale
     return dq, dk, dv
 
 
