@@ -228,8 +228,10 @@ def _changes(stored: dict[str, Any], now: dict[str, Any]) -> str:
             **{f"implementations[{index}]": entry for index, entry in enumerate(config.get("implementations", []))},
         }
 
-    def named(entry: Any) -> str:
-        return implementation_label(entry["name"], dict(entry["options"])) if entry else json.dumps(entry)
+    def text(where: str, value: Any) -> str:
+        if where.startswith("implementations[") and value:
+            return implementation_label(value["name"], dict(value["options"]))
+        return json.dumps(value)
 
     before, after = entries(stored), entries(now)
     changes = []
@@ -237,9 +239,9 @@ def _changes(stored: dict[str, Any], now: dict[str, Any]) -> str:
         old, new = before.get(where), after.get(where)
         if old == new:
             continue
-        texts = (named(old), named(new)) if where.startswith("implementations[") else (json.dumps(old), json.dumps(new))
-        if texts[0] == texts[1]:
-            texts = (json.dumps(old), json.dumps(new))
+        texts = text(where, old), text(where, new)
+        if texts[0] == texts[1]:  # an implementation whose label alone differs
+            texts = json.dumps(old), json.dumps(new)
         changes.append(f"{where} {texts[0]} → {texts[1]}")
     return ", ".join(changes)
 
