@@ -147,3 +147,22 @@ def test_stopping_rule_on_quiet_noisy_and_drifting_streams(monkeypatch):
     drifting = measure(lambda: None, CPU, budget)
     assert len(drifting.samples_ms) == 40
     assert drifting.samples_ms[0] == 1.02 and relative_iqr(drifting.samples_ms) > budget.noise_target
+
+
+def test_the_launch_is_probed_again_from_queued_calls_only_where_the_host_comes_near_the_gpu(monkeypatch):
+    """One call queued at a time first; where its launch reaches a quarter of its GPU work, the
+    figures come from calls queued back to back instead (the branch on agreed figures only)."""
+    from ringbench.run import timing
+
+    def probes(first):
+        taken = []
+
+        def probe(fn, device, agree, calls):
+            taken.append(calls)
+            return first if calls == 1 else timing.Launch(host_ms=0.9, device_ms=1.0)
+
+        monkeypatch.setattr(timing, "_probe", probe)
+        return taken, timing.launch_and_work(lambda: None, torch.device("cpu"))
+
+    assert probes(timing.Launch(host_ms=0.2, device_ms=1.0)) == ([1], timing.Launch(0.2, 1.0))
+    assert probes(timing.Launch(host_ms=0.3, device_ms=1.0)) == ([1, timing.WARM_CALLS], timing.Launch(0.9, 1.0))
