@@ -251,6 +251,9 @@ class TravellingSums:
         self.transfers = self.clock.exchange(self.sums, self.spare, self.send_to, self.receive_from, self.through)
 
     def own(self) -> torch.Tensor:
-        """After the last ``pass_on``: this rank's own block's sums, over every rank."""
+        """After the last ``pass_on``: this rank's own block's sums, over every rank. The sums let go of
+        both their buffers, so that what the caller drops of them is freed however long it keeps this."""
         self.clock.wait(self.transfers)
-        return self.spare
+        owned = self.spare
+        del self.sums, self.spare
+        return owned

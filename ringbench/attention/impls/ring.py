@@ -26,6 +26,7 @@ r and 2P−1−r, so every rank does the same work in every step.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -384,30 +385,38 @@ class OneRank:
         """Gradients in parts of a few heads (``blocks.backward_part_heads``): each part's K/V go round
         the ring once more, their float32 dk, dv sums travelling one step behind, so that the sums,
         their spare and the kernel's scratch are one part's, not every head's. The gradients are
-        allocated once and each part's written into them; a part of every head casts its sums."""
+        allocated once and each part's written into them; a part of every head casts its sums.
+        A part's sums come home while the next part's first block is computed."""
         batch, heads = self.q.shape[:2]
         part_heads = blocks.backward_part_heads(batch, self.shard_len, heads)
         if part_heads == heads:
-            dq, dkv = self._backward_part(slice(None), dout, out, lse)
-            return dq.to(self.dtype), *dkv.to(self.dtype).unbind()
+            dq, sums = self._backward_part(slice(None), dout, out, lse, _nothing)
+            return dq.to(self.dtype), *sums.own().to(self.dtype).unbind()
         dq, dkv = torch.empty_like(self.q), torch.empty_like(self.kv)
+        home = _nothing
         for first in range(0, heads, part_heads):
             part = slice(first, first + part_heads)
-            dq[:, part], dkv[:, :, part] = self._backward_part(part, dout[:, part], out[:, part], lse[:, part])
+            dq[:, part], sums = self._backward_part(part, dout[:, part], out[:, part], lse[:, part], home)
+            home = functools.partial(_store, dkv[:, :, part], sums)
+        home()
         return dq, *dkv.unbind()
 
     def _backward_part(
-        self, heads: slice, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The float32 dq and dK/dV sums of this rank's rows of ``heads``: dq stays here; each K/V
-        shard's sums travel the ring behind it and come home complete."""
+        self, heads: slice, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, home: Callable[[], None]
+    ) -> tuple[torch.Tensor, TravellingSums]:
+        """The float32 dq of this rank's rows of ``heads``, and the float32 dK/dV sums that travel the
+        ring behind each K/V shard, on their way home after the last step. ``home`` brings the previous
+        part's sums home: behind this part's first block, before this part's own sums are made, which
+        take the place theirs held (through copy-engine buffers, which both use, before anything)."""
         q, comm = self.q.detach()[:, heads], self.comm
         current = self.kv[:, :, heads].contiguous()  # the part's K and V: the message each step sends
         # Received into the front of the cell's receive buffers, idle in backward.
         received = tuple(buffer.view(-1)[: current.numel()].view(current.shape) for buffer in self.received)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         through = self.peers.sums if self.peers else None
-        sums = TravellingSums(comm, current.shape, q.device, self.send_to, self.receive_from, through)
+        if through is not None:
+            home()
+        sums = None
         for step in range(self.ring_size):
             transfers, incoming = self._pass_on(current, step, received)
             spec = self._block(step)
@@ -423,6 +432,10 @@ class OneRank:
                     spec.causal,
                 )
                 dq[:, :, spec.q_rows] += block_dq
+            if sums is None:
+                if through is None:
+                    home()
+                sums = TravellingSums(comm, current.shape, q.device, self.send_to, self.receive_from, through)
             held = sums.held(step)
             if spec is not None:
                 held[0][:, :, spec.kv_rows] += block_dk
@@ -432,7 +445,17 @@ class OneRank:
             comm.wait(transfers)
             if incoming is not None:  # none after the last step
                 current = incoming
-        return dq, sums.own()
+        assert sums is not None, "made in step 0"
+        return dq, sums
+
+
+def _nothing() -> None:
+    """No part's sums on their way home."""
+
+
+def _store(target: torch.Tensor, sums: TravellingSums) -> None:
+    """Wait for a part's dK/dV sums to come home, and store them into ``target`` (cast to its dtype)."""
+    target.copy_(sums.own())
 
 
 def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
