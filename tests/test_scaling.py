@@ -99,6 +99,26 @@ def test_ulysses_waits_for_both_all_to_alls_around_attention_on_its_heads():
     assert modelled.ms == pytest.approx(sum(all_to_all) + 224.0 / 2, rel=1e-12)
 
 
+def test_a_rank_on_fewer_heads_takes_the_peers_time_on_that_many_where_the_run_has_it():
+    # The peer on 8 heads at 128K: 118 ms, 5% more per head than its 16 heads' 224 ms.
+    cell = {"implementation": "sdpa", "peer": True, "world_size": 1, "ring_size": None, "status": records.OK}
+    cell |= {"kernel": "cudnn", "dtype": "bfloat16", "batch_size": 1, "head_dim": 128}
+    cell |= {"pass": "forward", "causal": False, "seq_len": 131072}
+    blocks = model.blocks_of(
+        pd.DataFrame([cell | {"heads": 16, "median_ms": 224.0}, cell | {"heads": 8, "median_ms": 117.6}])
+    )
+    sixteen, eight = blocks["cudnn", "bfloat16", 1, 16, 128], blocks["cudnn", "bfloat16", 1, 8, 128]
+    assert sixteen.on(8.0, 16) == (eight, 1.0) and not eight.fewer_heads
+    # Ulysses on two GPUs attends 8 heads: the peer's 8 heads' time, not half its 16 heads'.
+    shard = 65536 * 16 * 128 * 2 / 2
+    all_to_alls = sum(0.03 + tensors * shard * 2 * MS_PER_BYTE for tensors in (3, 1))
+    assert model.predict(2, 2, 131072, False, "forward", SHAPE, sixteen, machine()).ms == pytest.approx(
+        all_to_alls + 117.6, rel=1e-12
+    )
+    # On four it attends 4, which the peer did not run: its 16 heads' time in proportion.
+    assert sixteen.on(4.0, 16) == (sixteen, 0.25)
+
+
 def test_an_all_to_all_beyond_a_node_sends_its_other_nodes_pieces_at_the_inter_node_rate():
     # 16 ranks, 8 a node: 7 of 15 pieces stay within the node, 8 go out at 50 GB/s.
     nbytes = 15e6

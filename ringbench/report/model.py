@@ -17,7 +17,7 @@ import functools
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
@@ -119,6 +119,16 @@ class Blocks:
 
     times: dict[tuple[str, bool], tuple[tuple[int, float], ...]]
     ring_times: dict[tuple[str, bool], tuple[tuple[int, float], ...]] = field(default_factory=dict)
+    # The same kernel and shape on fewer heads, by head count, where the peer ran them too.
+    fewer_heads: Mapping[int, Blocks] = field(default_factory=dict)
+
+    def on(self, heads: float, all_heads: int) -> tuple[Blocks, float]:
+        """What times a block of ``heads`` of the ``all_heads`` heads these blocks are for, and the share
+        of its time they take: the peer's own cells on that many heads where it ran them (a kernel on
+        fewer heads can run slower per head: ``results/evidence/probes/probe_heads.txt``), else these,
+        in proportion."""
+        fewer = self.fewer_heads.get(int(heads)) if float(heads).is_integer() else None
+        return (fewer, 1.0) if fewer else (self, heads / all_heads)
 
     def ms(self, rows: float, causal: bool, pass_name: str, ring_step: bool = False) -> tuple[float, bool] | None:
         """The time of a block of ``rows`` queries and keys, all heads, and whether ``rows`` lies below
@@ -253,9 +263,10 @@ def _pass(
     """Add one pass (forward or backward) of `usp` at ``degree`` to ``tally``; False where a block time is missing."""
     layout = Layout.of(degree, world, seq_len, shape)
     ring = layout.ring
+    attended, share = blocks.on(layout.heads, shape.heads)
     if own_rows_first and pass_name == FORWARD and ring == 1:
-        return _own_rows_first(tally, layout, world, causal, shape, blocks, machine)
-    steps = _ring_steps(blocks, layout.rows, causal, pass_name, ring)
+        return _own_rows_first(tally, layout, world, causal, shape, attended, share, machine)
+    steps = _ring_steps(attended, layout.rows, causal, pass_name, ring)
     if steps is None:
         return False
     tensors_in, tensors_out = layout.all_to_all_tensors(pass_name)
@@ -264,7 +275,7 @@ def _pass(
     merged_mib = shape.batch_size * layout.heads * merged_rows * shape.head_dim * 4 / MIB
     tally.alone(machine.all_to_all_ms(tensors_in * layout.all_to_all_bytes, degree))
     for step, timed in enumerate(steps):
-        compute = tally.block(timed, layout.heads / shape.heads)
+        compute = tally.block(timed, share)
         if pass_name == FORWARD:
             tally.step(compute, link.ms(layout.kv_bytes) if step < ring - 1 else 0.0)
             tally.alone(machine.merge_ms_per_mib * merged_mib if step else 0.0)
@@ -277,7 +288,14 @@ def _pass(
 
 
 def _own_rows_first(
-    tally: _Tally, layout: Layout, world: int, causal: bool, shape: Shape, blocks: Blocks, machine: Machine
+    tally: _Tally,
+    layout: Layout,
+    world: int,
+    causal: bool,
+    shape: Shape,
+    blocks: Blocks,
+    share: float,
+    machine: Machine,
 ) -> bool:
     """`ulysses`' forward attending its own rows first (``own_rows_first``): of the head shard's P
     blocks of n rows, the rank's own block attends itself while the inbound all-to-all runs; then
@@ -285,8 +303,9 @@ def _own_rows_first(
     than one call merging into a float32 accumulator. Causal: every other block's diagonal, and
     block j's keys before it (n × j·n), P − 1 merges. Non-causal: every other block over every key,
     and the own block over the keys before and after it, one merge each: a middle block's rank,
-    the slowest. A rectangle is timed as the square of equal work."""
-    n, share = layout.rows / world, layout.heads / shape.heads
+    the slowest. A rectangle is timed as the square of equal work. ``blocks`` take ``share`` of their
+    time for the rank's heads."""
+    n = layout.rows / world
     squares: list[tuple[float, bool]] = []  # each call after the own diagonal: (rows of its square, causal)
     if causal:
         squares += [(n, True)] * (world - 1) + [(n * math.sqrt(j), False) for j in range(1, world)]
@@ -406,7 +425,21 @@ def blocks_of(frame: pd.DataFrame) -> dict[tuple, Blocks]:
     for key, peer in ok[ok[PEER]].groupby(KERNEL_SHAPE, sort=False):
         ring = rings[(rings[KERNEL_SHAPE] == pd.Series(key, index=KERNEL_SHAPE)).all(axis=1)]
         found[key] = Blocks(_times(peer), _times(ring) if not ring.empty else {})
-    return found
+    return {key: replace(blocks, fewer_heads=_fewer_heads(key, found)) for key, blocks in found.items()}
+
+
+def _fewer_heads(key: tuple, found: dict[tuple, Blocks]) -> dict[int, Blocks]:
+    """The blocks of ``found`` whose kernel and shape are ``key``'s but for fewer heads, by head count."""
+    heads = KERNEL_SHAPE.index("heads")
+
+    def but_heads(shape: tuple) -> tuple:
+        return shape[:heads] + shape[heads + 1 :]
+
+    return {
+        int(other[heads]): blocks
+        for other, blocks in found.items()
+        if but_heads(other) == but_heads(key) and other[heads] < key[heads]
+    }
 
 
 def shape_of(key: tuple) -> Shape:

@@ -183,7 +183,8 @@ def _machine_line(machine: Machine, calibrated: dict[str, Any]) -> str:
         f"{machine.all_to_all.gb_per_s:,.1f} GB/s; "
         f"a merge {machine.merge_ms_per_mib * 1024:,.2f} ms per GiB of float32 accumulator "
         f"({escape(calibrated['merge']['path'])}); {contention}. Block times are the single-device peer's cells "
-        "of the same kernel and shape, interpolated between the lengths it ran."
+        "of the same kernel and shape (on a rank's heads, where it ran that many), interpolated between the "
+        "lengths it ran."
     )
 
 
