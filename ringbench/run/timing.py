@@ -185,19 +185,19 @@ def _probe(fn: Callable[[], object], device: torch.device, agree: Callable[[floa
     fn()
     torch.cuda.synchronize(device)
     hold_ms = agree(min(2e3 * calls * (time.perf_counter() - begin) + HOLD_MS[0], MAX_PROBE_HOLD_MS))
-    counted = min(calls - 1, 1)  # the first call counted
+    first_counted = min(calls - 1, 1)  # of several calls the first is not counted
     host, work = [], []
     for _ in range(PROBES):
         agree(0.0)
         pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
         _hold(hold_ms)
         for index, (start, end) in enumerate(pairs):
-            if index == counted:
+            if index == first_counted:
                 queuing = time.perf_counter()
             start.record()
             fn()
             end.record()
-        host.append(1e3 * (time.perf_counter() - queuing) / (calls - counted))
+        host.append(1e3 * (time.perf_counter() - queuing) / (calls - first_counted))
         torch.cuda.synchronize(device)
         work.append(statistics.median(start.elapsed_time(end) for start, end in pairs))
     return Launch(agree(statistics.median(host)), agree(statistics.median(work)))
