@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 from ringbench.cli import app
 from ringbench.errors import UserError
 from ringbench.report import find_runs, load_run, render_merged, render_report, render_table
+from ringbench.report.baseline import with_ratios
 from ringbench.report.markdown import escape
+from ringbench.report.summary import fastest
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -243,9 +245,21 @@ def test_crossovers_name_the_two_lengths_between_which_the_order_changes(tmp_pat
     noisy = " — ⚠ rests on a cell timed above the noise target (12.2% IQR / median)"
     assert crossings == [
         f"  - sdpa backend=flash overtakes standard as the fastest between S=4096 and S=6144{noisy}",
-        "  - ring (2 processes) overtakes sdpa backend=flash as the fastest between S=6144 and S=8192",
         f"  - sdpa backend=flash overtakes `standard` between S=4096 and S=6144{noisy}",
-    ]  # ring (ring 1) is wrong at 4096, so it has no measured pair of lengths beside standard
+    ]  # ring (ring 1) is wrong at 4096, so it has no measured pair of lengths beside standard; ring (2
+    # processes), the fastest at 8192, ran there alone of its lengths, so it overtook nothing
+
+
+def test_a_length_where_one_cell_ran_ranks_nothing():
+    frame = with_ratios(load_run(FIXTURES / "run").frame, "standard")
+    # As in a longest-sequence search: at 8192 only ring across two processes ran.
+    alone = frame[(frame["seq_len"] < 8192) | ((frame["label"] == "ring") & (frame["world_size"] == 2))]
+    assert fastest(alone, "standard") == [
+        "S=4096: sdpa backend=flash, 0.1100 ms, 11.09× `standard`",
+        "S=6144: sdpa backend=flash, 0.2300 ms, 11.83× `standard` — ⚠ rests on a cell timed above the noise "
+        "target (7.7% IQR / median)",
+    ]
+    assert fastest(alone[alone["seq_len"] == 8192], "standard") == ["no length ran more than one cell"]
 
 
 def test_merged_runs_from_differing_environments_are_flagged(tmp_path):

@@ -100,7 +100,9 @@ def fastest(frame: pd.DataFrame, baseline: str) -> list[str]:
     ok = frame[frame["status"] == records.OK]
     several_shapes = ok.groupby(SHAPE).ngroups > 1
     lines = []
-    for key, group in ok.groupby(SHAPE + ["seq_len"], sort=False):
+    for key, group in ok.sort_values("seq_len", kind="stable").groupby(SHAPE + ["seq_len"], sort=False):
+        if len(group) < 2:  # a length only one cell ran at (a longest-sequence probe, say) ranks nothing
+            continue
         best = group.loc[group["median_ms"].idxmin()]
         shape = f" ({shape_title(key[:-1])})" if several_shapes else ""
         against = (
@@ -111,7 +113,9 @@ def fastest(frame: pd.DataFrame, baseline: str) -> list[str]:
         lines.append(
             f"S={key[-1]}{shape}: {_implementation(best)}, {ms(best.median_ms)} ms{against}{_sparse(best)}{mark}"
         )
-    return lines or ["no successful cell"]
+    if ok.empty:
+        return ["no successful cell"]
+    return lines or ["no length ran more than one cell"]
 
 
 def headline(frame: pd.DataFrame) -> str:
@@ -142,7 +146,9 @@ def crossovers(frame: pd.DataFrame, baseline: str) -> list[str]:
         shape = f" ({shape_title(key)})" if ok.groupby(SHAPE).ngroups > 1 else ""
         leaders = times.idxmin(axis=1)
         for (short, before), (long, after) in zip(leaders.items(), list(leaders.items())[1:]):
-            if before != after:
+            # One overtakes another only where both ran at both lengths: a leader that stopped
+            # running (out of memory, say) or one that starts only at the longer length overtook nothing.
+            if before != after and times.loc[[short, long], [before, after]].notna().all(axis=None):
                 lines.append(
                     f"{after} overtakes {before} as the fastest between S={short} and S={long}{shape}"
                     f"{_sparse(cells[(long, after)])}{mark((short, long), [before, after])}"
