@@ -17,7 +17,7 @@ from ringbench.errors import UserError
 from ringbench.report import find_runs, load_run, render_merged, render_report, render_table
 from ringbench.report.baseline import with_ratios
 from ringbench.report.markdown import escape
-from ringbench.report.summary import fastest
+from ringbench.report.summary import fastest, headline
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -248,6 +248,14 @@ def test_crossovers_name_the_two_lengths_between_which_the_order_changes(tmp_pat
         f"  - sdpa backend=flash overtakes `standard` between S=4096 and S=6144{noisy}",
     ]  # ring (ring 1) is wrong at 4096, so it has no measured pair of lengths beside standard; ring (2
     # processes), the fastest at 8192, ran there alone of its lengths, so it overtook nothing
+
+
+def test_a_runs_headline_keeps_to_its_first_shape_and_names_it_where_shapes_vary():
+    frame = load_run(FIXTURES / "run").frame
+    assert headline(frame) == "fastest at S=8192: ring (2 processes), 0.2600 ms"
+    # The faster cell across processes becomes causal: it no longer competes with the non-causal ones.
+    frame.loc[frame["world_size"] == 2, "causal"] = True
+    assert headline(frame) == "fastest at S=8192 (non-causal): sdpa backend=flash, 0.4200 ms"
 
 
 def test_a_length_where_one_cell_ran_ranks_nothing():

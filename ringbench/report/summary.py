@@ -119,13 +119,19 @@ def fastest(frame: pd.DataFrame, baseline: str) -> list[str]:
 
 
 def headline(frame: pd.DataFrame) -> str:
-    """A run in a line: the fastest cell at its longest sequence length."""
+    """A run in a line: the fastest cell at its longest sequence length, among the cells of the run's
+    first shape (a causal forward is not faster than a forward+backward in any sense that matters), named
+    by the shape's words that vary in the run."""
     ok = frame[frame["status"] == records.OK]
     if ok.empty:
         return "no cell succeeded"
-    longest = ok[ok["seq_len"] == ok["seq_len"].max()]
+    first = ok[(ok[SHAPE] == ok[SHAPE].iloc[0]).all(axis=1)]
+    longest = first[first["seq_len"] == first["seq_len"].max()]
     best = longest.loc[longest["median_ms"].idxmin()]
-    return f"fastest at S={best.seq_len}: {_implementation(best)}, {ms(best.median_ms)} ms"
+    words = shape_words(tuple(best[SHAPE]))
+    varying = [words[index] for index, column in enumerate(SHAPE) if ok[column].nunique(dropna=False) > 1]
+    shape = f" ({' · '.join(varying)})" if varying else ""
+    return f"fastest at S={best.seq_len}{shape}: {_implementation(best)}, {ms(best.median_ms)} ms{_sparse(best)}"
 
 
 def crossovers(frame: pd.DataFrame, baseline: str) -> list[str]:
