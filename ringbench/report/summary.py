@@ -41,10 +41,15 @@ def _implementation(row: pd.Series) -> str:
     return series_name(escape(row.label), placement(row.ring_size, row.world_size))
 
 
+def _varying(cells: pd.DataFrame) -> list[int]:
+    """The indices in ``SHAPE`` of the shape's values that differ among ``cells``."""
+    return [index for index, column in enumerate(SHAPE) if cells[column].nunique(dropna=False) > 1]
+
+
 def _cell_names(cells: pd.DataFrame) -> Callable[[pd.Series], str]:
     """How a line tells the rows of ``cells`` apart: implementation, length, and those of the shape's
     values that differ among them."""
-    varying = [index for index, column in enumerate(SHAPE) if cells[column].nunique(dropna=False) > 1]
+    varying = _varying(cells)
 
     def name(row: pd.Series) -> str:
         words = shape_words(tuple(row[SHAPE]))
@@ -129,7 +134,7 @@ def headline(frame: pd.DataFrame) -> str:
     longest = first[first["seq_len"] == first["seq_len"].max()]
     best = longest.loc[longest["median_ms"].idxmin()]
     words = shape_words(tuple(best[SHAPE]))
-    varying = [words[index] for index, column in enumerate(SHAPE) if ok[column].nunique(dropna=False) > 1]
+    varying = [words[index] for index in _varying(ok)]
     shape = f" ({' · '.join(varying)})" if varying else ""
     return f"fastest at S={best.seq_len}{shape}: {_implementation(best)}, {ms(best.median_ms)} ms{_sparse(best)}"
 
