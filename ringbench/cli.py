@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -270,12 +271,15 @@ def report(
     folders = [path for path in paths if not records.is_run_dir(path)]
     if output_format == "markdown" and not merge and output is None and (folders or len(runs) > 1):
         with _user_errors():
-            written, listing = index.refresh(runs, folders, baseline, plots=not no_plots)
+            written = index.refresh(runs, folders, baseline, plots=not no_plots)
             findings = render_findings(max(runs, key=lambda run_data: run_data.path.name), baseline)
         for path in written:
             print(f"wrote {path}", file=sys.stderr)
         if not quiet:
-            print(listing or index.render_index(runs, Path.cwd()))
+            # The last folder's runs, as its index.md lists them; else every run named.
+            root = folders[-1] if folders else Path.cwd()
+            width = shutil.get_terminal_size().columns  # 80 where the output is not a terminal
+            print(index.terminal_index(index.within(runs, root) if folders else runs, root, width))
             print(findings)
         return
     if merge and output is None and folders:  # beside the runs, not loose among them

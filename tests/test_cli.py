@@ -73,8 +73,11 @@ def test_run_then_report(write_config):
     assert markdown.startswith("# ringbench: test\n") and "**Cells**: 4 of 4 planned recorded" in markdown
     index = (out / "index.md").read_text()
     assert f"| [{run_dir.name}]({run_dir.name}/report.md) |" in index and "| 4 ok, 0 failed |" in index
-    # Printed: the index, then the newest run's findings; figures stay in the run's folder.
-    assert report.stdout.startswith(index) and f"## Findings of `{run_dir.name}` (test)\n" in report.stdout
+    # Printed: the index folded to 80 columns, then the newest run's findings; figures stay in the run's folder.
+    listing, findings = report.stdout.split("\n\n## Findings of ", 1)
+    assert " ".join(listing.split()).startswith(f"ringbench runs in {out}, newest first: {run_dir.name} · test · ")
+    assert "4 ok, 0 failed" in listing and max(len(line) for line in listing.splitlines()) <= 80
+    assert findings.startswith(f"`{run_dir.name}` (test)\n")
     assert not list(out.glob("*.png")) and list(run_dir.glob("*.png"))
     missing = runner.invoke(app, ["report", str(path.parent / "nothing")])
     assert missing.exit_code == 2 and missing.stderr.strip() == f"{path.parent / 'nothing'}: no such folder"

@@ -4,6 +4,7 @@ which runs' reports are out of date."""
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -42,30 +43,49 @@ def _cells(run: Run) -> str:
     return f"{ok} ok, {failed} failed{unfinished}"
 
 
+def _entries(runs: list[Run]) -> list[dict[str, str]]:
+    """A row per run, newest first: its folder's name, date, commit, hardware, config, cells and headline."""
+    return [
+        {
+            "run": run.path.name,
+            "date": stamp_date(run.meta["environment"]),
+            "commit": stamp_commit(run.meta["environment"]["git"]),
+            "hardware": devices(run.meta),
+            "config": run.meta["config"]["name"],
+            "cells": _cells(run),
+            "headline": headline(run.frame),
+        }
+        for run in reversed(runs)
+    ]
+
+
 def render_index(runs: list[Run], root: Path) -> str:
     """The runs under ``root``, newest first, each linking its report.md."""
-    rows = pd.DataFrame(
-        [
-            {
-                "run": f"[{escape(run.path.name)}]({Path(os.path.relpath(run.path, root)).as_posix()}/{REPORT})",
-                "date": stamp_date(run.meta["environment"]),
-                "commit": stamp_commit(run.meta["environment"]["git"]),
-                "hardware": escape(devices(run.meta)),
-                "config": escape(run.meta["config"]["name"]),
-                "cells": _cells(run),
-                "headline": headline(run.frame),
-            }
-            for run in reversed(runs)
-        ]
-    )
+    rows = pd.DataFrame(_entries(runs))
+    rows["run"] = [
+        f"[{escape(run.path.name)}]({Path(os.path.relpath(run.path, root)).as_posix()}/{REPORT})"
+        for run in reversed(runs)
+    ]
+    rows["hardware"], rows["config"] = rows["hardware"].map(escape), rows["config"].map(escape)
     return f"# ringbench runs in `{escape(root)}`\n\n{table(rows)}\n"
 
 
-def refresh(runs: list[Run], folders: list[Path], baseline: str | None, plots: bool) -> tuple[list[Path], str]:
+def terminal_index(runs: list[Run], root: Path, width: int) -> str:
+    """The index for a terminal ``width`` columns wide: per run, newest first, a line of its folder (which
+    begins with the date), config, hardware, cells and commit, and its headline indented further below."""
+    lines = textwrap.wrap(f"ringbench runs in {root}, newest first:", width)
+    for entry in _entries(runs):
+        facts = [entry[key] for key in ("run", "config", "hardware", "cells")]
+        about = " · ".join([*facts, f"commit {entry['commit']}"])
+        lines += textwrap.wrap(about, width, initial_indent="  ", subsequent_indent="    ")
+        lines += textwrap.wrap(entry["headline"], width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines) + "\n"
+
+
+def refresh(runs: list[Run], folders: list[Path], baseline: str | None, plots: bool) -> list[Path]:
     """Each run's report in its own folder, where missing or out of date (or always, when a baseline
-    is named or figures are left out), and an index in each folder of runs. Returns the files
-    written, and the last index's text."""
-    written, listing = [], ""
+    is named or figures are left out), and an index in each folder of runs. Returns the files written."""
+    written = []
     for run in runs:
         if baseline is not None or not plots or not current(run.path):
             target = run.path / REPORT
@@ -74,7 +94,11 @@ def refresh(runs: list[Run], folders: list[Path], baseline: str | None, plots: b
             )
             written.append(target)
     for folder in folders:
-        listing = render_index([run for run in runs if run.path.parent == folder], folder)
-        records.write_text_atomic(folder / INDEX, listing)
+        records.write_text_atomic(folder / INDEX, render_index(within(runs, folder), folder))
         written.append(folder / INDEX)
-    return written, listing
+    return written
+
+
+def within(runs: list[Run], folder: Path) -> list[Run]:
+    """The runs whose folders lie directly in ``folder``."""
+    return [run for run in runs if run.path.parent == folder]
