@@ -1,10 +1,12 @@
 """The supervisor's judgement of a worker that stopped, and how it follows the records file."""
 
 import json
+import time
 
 from ringbench import records
+from ringbench.run import folder, jobs
 from ringbench.run.pipeline import make_record
-from ringbench.run.supervisor import WorkerEnd, blame
+from ringbench.run.supervisor import WorkerEnd, _WorldSize, blame
 from ringbench.vocabulary import Cell
 
 
@@ -31,6 +33,26 @@ def test_a_cell_past_its_timeout_is_recorded_as_such():
         records.TIMEOUT,
         "the cell ran past cell_timeout_s (8 s) and its worker was stopped; its output ended: busy",
     )
+
+
+def test_a_worker_stopped_before_it_started_its_cell_says_so():
+    assert blame(WorkerEnd(recorded=0, in_flight=False, timed_out=True, returncode=-9), 8, "starting") == (
+        records.TIMEOUT,
+        "the worker had not started this cell 68 s after its launch or its last record (the process group's "
+        "timeout, cell_timeout_s plus 60 s) and was stopped; its output ended: starting",
+    )
+
+
+def test_a_cells_time_counts_from_the_workers_note_and_a_worker_starting_is_given_the_groups_timeout(tmp_path):
+    cell = Cell("ring", (), 64, 2, 1, 1, 8, "float32", False, "forward", world_size=2)
+    world = _WorldSize(tmp_path, 2, [jobs.OneCell(cell)], records.RecordTail(tmp_path), lambda record: None)
+    launched = time.time() - 30  # 30 s ago, with no note yet: the worker is still starting
+    assert not world.overdue(launched, timeout_s=8) and world.overdue(launched, timeout_s=-40)
+    folder.mark_inflight(tmp_path, cell)
+    assert not world.overdue(launched, timeout_s=8)  # the cell itself has only just started
+    note = tmp_path / "inflight-2.json"
+    note.write_text(json.dumps({**json.loads(note.read_text()), "started": time.time() - 9}))
+    assert world.overdue(launched, timeout_s=8)
 
 
 def _line(seq_len):

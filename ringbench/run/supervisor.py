@@ -32,7 +32,7 @@ import torch
 
 from ringbench import records
 from ringbench.errors import ConfigError
-from ringbench.run import env, folder, jobs, worker
+from ringbench.run import distributed, env, folder, jobs, worker
 from ringbench.run.pipeline import make_record
 from ringbench.schema import Failure, Record
 from ringbench.sweep.config import Sweep
@@ -68,7 +68,7 @@ class WorkerEnd:
 
     recorded: int  # cells it recorded
     in_flight: bool  # its in-flight note names the first cell still pending
-    timed_out: bool  # it was stopped for running past cell_timeout_s
+    timed_out: bool  # it was stopped: its cell ran past cell_timeout_s, or it had not started it in time
     returncode: int | None
 
 
@@ -83,9 +83,16 @@ def blame(end: WorkerEnd, timeout_s: float, output: str) -> tuple[str, str] | No
     """
     if not end.in_flight and end.recorded > 0:
         return None
-    if end.timed_out:
+    if end.timed_out and end.in_flight:
         return records.TIMEOUT, (
             f"the cell ran past cell_timeout_s ({timeout_s:g} s) and its worker was stopped; its output ended: {output}"
+        )
+    if end.timed_out:
+        limit = distributed.group_timeout(timeout_s).total_seconds()
+        return records.TIMEOUT, (
+            f"the worker had not started this cell {limit:g} s after its launch or its last record (the process "
+            f"group's timeout, cell_timeout_s plus {distributed.GROUP_TIMEOUT_GRACE_S:g} s) and was stopped; its "
+            f"output ended: {output}"
         )
     when = "during this cell" if end.in_flight else "before starting this cell"
     return records.CRASHED, f"the worker exited with code {end.returncode} {when}; its output ended: {output}"
@@ -137,10 +144,14 @@ class _WorldSize:
             taken += 1
         return taken
 
-    def first_running_for(self, since: float) -> float:
-        """Seconds the current cell has run, by the worker's note (else since the last progress)."""
+    def overdue(self, since: float, timeout_s: float) -> bool:
+        """Whether the current cell has run past ``timeout_s``, by the worker's note. Before the worker
+        notes it (while it starts, or between cells) the cell has not begun: the worker is overdue
+        only past the process group's timeout since ``since``, which bounds every wait there."""
         note = folder.inflight(self.run_dir, self.world_size)
-        return time.time() - (note["started"] if note.get("cell_id") == self.current().id else since)
+        if note.get("cell_id") == self.current().id:
+            return time.time() - note["started"] > timeout_s
+        return time.time() - since > distributed.group_timeout(timeout_s).total_seconds()
 
     def watch(self, command: list[str], log_path: Path, timeout_s: float) -> WorkerEnd:
         """Start a worker and follow it until it exits, every job is done, or a cell runs too long."""
@@ -163,7 +174,7 @@ class _WorldSize:
                         progress = time.time()
                     if exited or not self.pending:
                         break
-                    if self.first_running_for(progress) > timeout_s:
+                    if self.overdue(progress, timeout_s):
                         timed_out = True
                         _stop(process)
                         break
