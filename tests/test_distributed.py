@@ -194,10 +194,10 @@ def test_ring_gradients_across_two_processes_match_the_reference(write_config):
         gradients = record["check"]["gradients"]
         assert gradients["checked"] and gradients["rel_error"] < 1e-5, gradients
         # The backward pass sends K and V (float32, 32 rows; 16 for the spanning pattern) in its one
-        # ring step and their float32 gradient sums in both (the second brings them home); forward
+        # ring step, and the peer's dK and dV for them home after it (the ring's one hop); forward
         # passes send K and V once more.
         rows = 32 if record["implementation"] == "ring" else 16
-        messages = 3 if record["pass"] == "backward" else 4
+        messages = 2 if record["pass"] == "backward" else 3
         assert record["comm"]["sent_bytes_per_call"] == messages * 2 * 2 * rows * 8 * 4
 
 
@@ -320,11 +320,11 @@ def test_usp_at_every_ulysses_degree_matches_the_reference_and_ring_and_ulysses(
         # the output send all but their 1/u that stays (backward passes: their gradients too, and at
         # degree P, Ulysses alone, q, k, v, the output and its gradient once more); a ring
         # step sends K and V on H/u heads of the ring shard, as many rows, r − 1 times forward, and
-        # backward r − 1 times more with their float32 gradient sums r times (the last brings them home);
-        # a ring of one sends nothing.
+        # backward r − 1 times more with their gradient sums r − 1 times (from the rank after their
+        # owner round to it; float32 here, as every hop is); a ring of one sends nothing.
         tensor = 4 * 64 // processes * 8 * 4
         ulysses_part = (4 if forward else 8 if ring_size > 1 else 12) * tensor * (degree - 1) // degree
-        ring_messages = 0 if ring_size == 1 else ring_size - 1 if forward else 3 * ring_size - 2
+        ring_messages = 0 if ring_size == 1 else ring_size - 1 if forward else 3 * (ring_size - 1)
         ring_part = ring_messages * 2 * tensor
         assert [rank["sent_bytes_per_call"] for rank in record["comm"]["ranks"]] == [
             ulysses_part + ring_part

@@ -1,4 +1,4 @@
-"""Copy-engine transfers keep the travelling gradient sums from setup: the memory models move them."""
+"""Copy-engine transfers keep the buffers the travelling gradient sums arrive in from setup: the memory models move them."""
 
 import pytest
 
@@ -15,22 +15,38 @@ def _cell(pass_name: str, transfers: str, seq_len: int = 1 << 17) -> Cell:
 
 
 @pytest.mark.parametrize("seq_len", [1 << 13, 1 << 17])
-def test_copy_engine_moves_the_travelling_sums_from_the_call_to_setup(seq_len):
+def test_copy_engine_moves_what_the_sums_arrive_in_from_the_call_to_setup(seq_len):
     facts = {"kernel": "cudnn"}
     nccl, copy_engine = _cell("forward+backward", "nccl", seq_len), _cell("forward+backward", "copy-engine", seq_len)
     moved = ring.setup_memory(copy_engine) - ring.setup_memory(nccl)
     rows = seq_len // 2
     part_heads = ring.blocks.backward_part_heads(1, rows, 16)
-    # dK and dV of one part of heads, float32, and the spare they arrive in.
-    assert moved == 2 * 2 * part_heads * rows * 128 * 4
+    # A ring of two has one hop: dK and dV of one part of heads, bf16, in one buffer.
+    part = 2 * part_heads * rows * 128 * 2
+    assert moved == part
     called = ring.memory_model(nccl, facts, 1) - ring.memory_model(
         copy_engine, {**facts, "transfers": "copy-engine"}, 1
     )
-    assert called == moved
+    # The call no longer allocates the arrival nor holds the sent message until it is waited for:
+    # the previous part's at the next part's first block where there are several, else the one
+    # part's arrival beside the last block's dK and dV.
+    several = part_heads < 16
+    assert called == (2 * part if several else part // 2)
     # A rank that fell back to NCCL allocates the sums in the call, as the model then says.
     assert ring.memory_model(copy_engine, {**facts, "transfers": "nccl: the ranks span hosts"}, 1) == ring.memory_model(
         nccl, facts, 1
     )
+
+
+def test_rings_of_more_than_two_keep_two_float32_buffers_for_their_sums():
+    def cell(transfers):
+        options = (("kernel", "cudnn"), ("transfers", transfers), ("zigzag", True))
+        return Cell("ring", options, 1 << 17, 4, 1, 16, 128, "bfloat16", True, "forward+backward", world_size=4)
+
+    rows = (1 << 17) // 4
+    part_heads = ring.blocks.backward_part_heads(1, rows, 16)
+    moved = ring.setup_memory(cell("copy-engine")) - ring.setup_memory(cell("nccl"))
+    assert moved == 2 * (2 * part_heads * rows * 128 * 4)
 
 
 def test_forward_passes_keep_no_sums():
@@ -48,12 +64,13 @@ def test_usp_keeps_its_rings_sums_and_leaves_out_copy_engine_transfers_with_no_r
     moved = usp.setup_memory(cell("copy-engine")) - usp.setup_memory(cell("nccl"))
     rows, heads = (1 << 17) * 2 // 4, 16 // 2  # the ring's shard: u times the rows, H/u heads
     part_heads = ring.blocks.backward_part_heads(1, rows, heads)
-    assert moved == 2 * 2 * part_heads * rows * 128 * 4 == ring.travelling_sums_bytes(cell("nccl"), 2)
+    # Its rings are of two: one buffer of dK and dV of one part, bf16.
+    assert moved == 2 * part_heads * rows * 128 * 2 == ring.sums_buffer_bytes(cell("nccl"), 2)
     facts = {"kernel": "cudnn"}
     called = usp.memory_model(cell("nccl"), facts) - usp.memory_model(
         cell("copy-engine"), {**facts, "transfers": "copy-engine"}
     )
-    assert called == moved
+    assert called == 2 * moved
     assert usp.excludes(cell("copy-engine", world_size=2)) == (
         "at ulysses_degree P there is no ring: copy-engine transfers have nothing to carry"
     )

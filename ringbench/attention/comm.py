@@ -211,49 +211,86 @@ class _Arrived(torch.autograd.Function):
         return (None, None, *grads)
 
 
-class TravellingSums:
-    """Float32 gradient sums that travel a ring one step behind the K/V block they belong to.
+def sums_slots(ring_size: int) -> tuple[int, bool]:
+    """The buffers that receive :class:`TravellingSums`' hops in a ring of ``ring_size``, each of one
+    message's size: how many, and whether in the blocks' dtype (else float32). In a ring of two, one
+    for its one hop, in the blocks' dtype; beyond, two float32, which hops take by turns (the
+    first hop, in the blocks' dtype, at the front of one)."""
+    return (1, True) if ring_size == 2 else (2, False)
 
-    In step t a rank holds some K/V block and, from step 1 on, receives from its
-    neighbour that block's sums so far (``held``); it adds its share and passes them
-    on (``pass_on``), which overlaps the next step's compute. After as many steps as
-    the ring has ranks, each block's sums are back at its owner, complete (``own``).
-    The sums and the spare they arrive in are new tensors, or with ``through`` the
-    fronts of its two slots, which its copy engine transfers write.
+
+class TravellingSums:
+    """Gradient sums that travel a ring one step behind the K/V blocks they belong to.
+
+    A rank's gradient for its own K/V block (step 0) stays with it. From step 1 on the rank
+    holds a neighbour's block: in step 1 its gradient for that block starts the block's sums,
+    and in each later step it receives the sums so far from its neighbour, adds its share and
+    passes them on (:meth:`add`). After the last step every block's sums arrive home
+    (:meth:`home`), to be added to the owner's own gradient. The first hop carries one block's
+    gradient, exact in the blocks' dtype, and travels in it (in a ring of two it is the only
+    hop); later hops carry float32 sums. Messages arrive in new tensors or, with ``through``,
+    in its slots (hop h in slot (h − 1) mod 2), which its copy engine transfers write; no rank
+    receives into the slot it sends from.
     """
 
     def __init__(
         self,
         clock: WaitClock,
         shape: torch.Size,
+        dtype: torch.dtype,
         device: torch.device,
+        ring_size: int,
         send_to: int,
         receive_from: int,
         through: PeerBuffers | None = None,
     ):
-        self.clock, self.send_to, self.receive_from, self.through = clock, send_to, receive_from, through
-        if through is None:
-            self.sums = torch.zeros(shape, dtype=torch.float32, device=device)
-            self.spare = torch.empty_like(self.sums)
-        else:
-            self.sums, self.spare = (slot.view(-1)[: shape.numel()].view(shape) for slot in through.slots)
-            self.sums.zero_()
+        self.clock, self.shape, self.dtype, self.device = clock, shape, dtype, device
+        self.ring_size, self.send_to, self.receive_from, self.through = ring_size, send_to, receive_from, through
         self.transfers: list = []
+        self.arriving: torch.Tensor | None = None
 
-    def held(self, step: int) -> torch.Tensor:
-        """The sums of the block held in ``step`` (waited for from the neighbour after step 0)."""
-        if step > 0:
-            self.clock.wait(self.transfers)
-            self.sums, self.spare = self.spare, self.sums
-        return self.sums
+    def add(self, step: int, grads: Sequence[torch.Tensor] | None = None, rows: slice = slice(None)) -> None:
+        """Step ``step`` (1 on): this rank's gradient (dK, dV) for the block it holds, over the block's
+        ``rows`` (None where it skipped the block), joins the block's sums, which go on to the next rank."""
+        if step == 1:
+            sums = self._first(grads, rows)
+        else:
+            sums = self._arrived()
+            if sums.dtype != torch.float32:  # the first hop, in the blocks' dtype
+                sums = sums.float()
+            if grads is not None:
+                sums[0][..., rows, :] += grads[0]
+                sums[1][..., rows, :] += grads[1]
+        self.arriving = self._receiver(hop=step)
+        self.transfers = self.clock.exchange(sums, self.arriving, self.send_to, self.receive_from, self.through)
 
-    def pass_on(self) -> None:
-        self.transfers = self.clock.exchange(self.sums, self.spare, self.send_to, self.receive_from, self.through)
+    def _first(self, grads: Sequence[torch.Tensor] | None, rows: slice) -> torch.Tensor:
+        """Step 1's message: the block's gradient, zero in the rows the block did not take."""
+        every = rows.indices(self.shape[-2]) == (0, self.shape[-2], 1)
+        if grads is not None and every:
+            return torch.stack(tuple(grads))
+        sums = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        if grads is not None:
+            sums[0][..., rows, :] = grads[0]
+            sums[1][..., rows, :] = grads[1]
+        return sums
 
-    def own(self) -> torch.Tensor:
-        """After the last ``pass_on``: this rank's own block's sums, over every rank. The sums let go of
-        both their buffers, so that what the caller drops of them is freed however long it keeps this."""
+    def _receiver(self, hop: int) -> torch.Tensor:
+        """Where hop ``hop`` (that after step ``hop``) arrives from the previous rank."""
+        dtype = self.dtype if hop == 1 else torch.float32
+        if self.through is None:
+            return torch.empty(self.shape, dtype=dtype, device=self.device)
+        slot = self.through.slots[(hop - 1) % 2]
+        return slot.view(-1).view(dtype)[: self.shape.numel()].view(self.shape)
+
+    def _arrived(self) -> torch.Tensor:
+        assert self.arriving is not None, "a hop was posted"
         self.clock.wait(self.transfers)
-        owned = self.spare
-        del self.sums, self.spare
-        return owned
+        arrived, self.arriving = self.arriving, None
+        return arrived
+
+    def home(self) -> torch.Tensor | None:
+        """After the last step: this rank's own block's sums over every other rank (dK and dV stacked;
+        in the blocks' dtype in a ring of two, else float32), none in a ring of one. What the caller
+        drops of them is freed however long it keeps this object."""
+        return self._arrived() if self.ring_size > 1 else None

@@ -84,8 +84,9 @@ class PeerBuffers:
         offset = receive.data_ptr() - self._storage.data_ptr()
         assert receive.is_contiguous() and 0 <= offset < self._storage.numel() * self._storage.element_size()
         # The allocation is its segment's whole (no_split): offsets into it are the symmetric buffer's.
+        # A slot may receive in a dtype other than its own (a view of its front).
         start = offset // receive.element_size()
-        slot = start // self._slot_numel
+        slot = offset // (self._slot_numel * self._storage.element_size())
         next_rank, previous_rank = (dist.get_group_rank(self._group, rank) for rank in (send_to, receive_from))
         self._stream.wait_stream(torch.cuda.current_stream(send.device))
         with torch.cuda.stream(self._stream):
@@ -113,7 +114,7 @@ class Arrival:
 @dataclass(frozen=True)
 class RingPeers:
     """A ring rank's symmetric buffers: where K/V messages arrive and, in backward passes, where
-    the float32 gradient sums do (``comm.TravellingSums``)."""
+    the gradient sums do (``comm.TravellingSums``)."""
 
     kv: PeerBuffers
     sums: PeerBuffers | None

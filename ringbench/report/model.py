@@ -218,7 +218,7 @@ class Layout:
     rows: float  # rows each rank holds in its ring (seq_len / ring)
     all_to_all_bytes: float  # per tensor an all-to-all carries: the shard less the part kept
     kv_bytes: float  # a ring step's K and V
-    sums_bytes: float  # a backward ring step's float32 dK and dV sums
+    sums_bytes: float  # float32 dK and dV sums, as a backward's hops after the first carry them
 
     @classmethod
     def of(cls, degree: int, world: int, seq_len: int, shape: Shape) -> Layout:
@@ -237,14 +237,19 @@ class Layout:
         """The tensors the all-to-alls of one pass carry, in and back."""
         return ULYSSES_ALONE_BACKWARD if pass_name == BACKWARD and self.ring == 1 else ALL_TO_ALL_TENSORS[pass_name]
 
+    def hop_bytes(self, hop: int) -> float:
+        """What a backward's gradient sums carry in hop ``hop`` (1 on): the first, one block's dK and dV
+        in the blocks' dtype; later ones float32 sums (``comm.TravellingSums``)."""
+        return self.kv_bytes if hop == 1 else self.sums_bytes
+
     def sent_bytes(self, pass_name: str) -> float:
         """What one rank sends to others in a call of ``pass_name``."""
         passes = [FORWARD, BACKWARD] if pass_name == BOTH else [pass_name]
         total = 0.0
         for part in passes:
             total += sum(self.all_to_all_tensors(part)) * self.all_to_all_bytes + (self.ring - 1) * self.kv_bytes
-            if part == BACKWARD and self.ring > 1:
-                total += self.ring * self.sums_bytes  # each block's sums travel the whole ring home
+            if part == BACKWARD:  # each block's sums travel from the next rank round to its owner
+                total += sum(self.hop_bytes(hop) for hop in range(1, self.ring))
         return total
 
 
@@ -280,9 +285,10 @@ def _pass(
             tally.step(compute, link.ms(layout.kv_bytes) if step < ring - 1 else 0.0)
             tally.alone(machine.merge_ms_per_mib * merged_mib if step else 0.0)
         else:  # the next block's K/V and the last block's gradient sums travel during this block
-            tally.step(compute, link.ms(layout.kv_bytes * (step < ring - 1) + layout.sums_bytes * (step > 0)))
+            sums = layout.hop_bytes(step - 1) if step > 1 else 0.0
+            tally.step(compute, link.ms(layout.kv_bytes * (step < ring - 1) + sums))
     if pass_name == BACKWARD and ring > 1:
-        tally.alone(link.ms(layout.sums_bytes))  # the own block's sums come home
+        tally.alone(link.ms(layout.hop_bytes(ring - 1)))  # the last hop brings the sums home
     tally.alone(machine.all_to_all_ms(tensors_out * layout.all_to_all_bytes, degree))
     return True
 

@@ -320,7 +320,7 @@ def _spanning_pattern(q, k, v, acc, acc_lse, w, r, rank, causal, kernel, comm):
 
 def _spanning_pattern_backward(tensors, grads, w, r, rank, causal, kernel, comm):
     """One spanning pattern's share of dq, dk, dv on this rank: as in ``ring``'s backward,
-    dq stays here while each sparse K/V block's float32 dk, dv sums travel behind it."""
+    dq stays here while each sparse K/V block's dk, dv sums travel behind it."""
     q, k, v, dout, out, lse = tensors
     shard_len = q.shape[2]
     span, place, send_to, receive_from = _segment_ring(w, shard_len, rank)
@@ -329,26 +329,32 @@ def _spanning_pattern_backward(tensors, grads, w, r, rank, causal, kernel, comm)
     current = torch.stack([_segments(t, shard_len, r, index).flatten(1, 2) for t in (k, v)])
     spare = torch.empty_like(current)
     dq_rows = torch.zeros(qs.shape, dtype=torch.float32, device=q.device)
-    sums = TravellingSums(comm, current.shape, q.device, send_to, receive_from)
+    sums = TravellingSums(comm, current.shape, current.dtype, q.device, span, send_to, receive_from)
+    own = None
     for step in range(span):
         transfers = comm.exchange(current, spare, send_to, receive_from) if step + 1 < span else []
-        active = not (causal and (place - step) % span > place)
-        if active:
-            block_dq, block_dk, block_dv = blocks.attend_backward(
+        block = None
+        if not (causal and (place - step) % span > place):
+            block_dq, *block = blocks.attend_backward(
                 kernel, douts, qs, current[0], current[1], outs, lses, causal and step == 0
             )
             dq_rows += block_dq
-        held = sums.held(step)
-        if active:
-            held[0] += block_dk
-            held[1] += block_dv
-        sums.pass_on()
+        if step == 0:  # the rank's own block, never skipped
+            own = block
+        else:
+            sums.add(step, block)
         comm.wait(transfers)
         current, spare = spare, current
-    mine = sums.own()
-    for grad, share in zip(grads, (dq_rows, mine[0], mine[1])):
+    assert own is not None, "step 0's block is never skipped"
+    theirs = sums.home()
+    shares = [[dq_rows], [own[0]], [own[1]]]
+    if theirs is not None:  # none in a segment of one shard
+        shares[1].append(theirs[0])
+        shares[2].append(theirs[1])
+    for grad, adds in zip(grads, shares):
         rows = _segments(grad, shard_len, r, index)
-        rows.flatten(1, 2).add_(share)
+        for share in adds:
+            rows.flatten(1, 2).add_(share)
         _scatter_back(grad, shard_len, r, index, rows)
 
 

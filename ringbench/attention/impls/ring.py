@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from ringbench.attention import blocks, peer_copy
-from ringbench.attention.comm import TravellingSums, WaitClock
+from ringbench.attention.comm import TravellingSums, WaitClock, sums_slots
 from ringbench.attention.models import fused_backward, row_floats, shard_bytes
 from ringbench.attention.registry import Bench, Option, Problem, register
 from ringbench.vocabulary import DTYPE_BYTES, PASSES, Cell
@@ -383,45 +383,42 @@ class OneRank:
 
     def backward(self, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
         """Gradients in parts of a few heads (``blocks.backward_part_heads``): each part's K/V go round
-        the ring once more, their float32 dk, dv sums travelling one step behind, so that the sums,
-        their spare and the kernel's scratch are one part's, not every head's. The gradients are
-        allocated once and each part's written into them; a part of every head casts its sums.
-        A part's sums come home while the next part's first block is computed."""
+        the ring once more, the dK, dV sums of each K/V shard travelling one step behind it
+        (``comm.TravellingSums``), so that what a part holds is one part's heads, not every head's.
+        The gradients are allocated once and each part's written into them. A part's sums come home
+        while the next part's first block is computed."""
         batch, heads = self.q.shape[:2]
         part_heads = blocks.backward_part_heads(batch, self.shard_len, heads)
-        if part_heads == heads:
-            dq, sums = self._backward_part(slice(None), dout, out, lse, _nothing)
-            return dq.to(self.dtype), *sums.own().to(self.dtype).unbind()
         dq, dkv = torch.empty_like(self.q), torch.empty_like(self.kv)
         home = _nothing
         for first in range(0, heads, part_heads):
             part = slice(first, first + part_heads)
-            dq[:, part], sums = self._backward_part(part, dout[:, part], out[:, part], lse[:, part], home)
-            home = functools.partial(_store, dkv[:, :, part], sums)
+            dq[:, part], own, sums = self._backward_part(part, dout[:, part], out[:, part], lse[:, part], home)
+            home = functools.partial(_store, dkv[:, :, part], own, sums)
         home()
         return dq, *dkv.unbind()
 
     def _backward_part(
         self, heads: slice, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, home: Callable[[], None]
-    ) -> tuple[torch.Tensor, TravellingSums]:
-        """The float32 dq of this rank's rows of ``heads``, and the float32 dK/dV sums that travel the
-        ring behind each K/V shard, on their way home after the last step. ``home`` brings the previous
-        part's sums home: behind this part's first block, before this part's own sums are made, which
-        take the place theirs held (through copy-engine buffers, which both use, before anything)."""
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], TravellingSums]:
+        """The float32 dq of this rank's rows of ``heads``, this rank's gradient for its own K/V shard
+        (dK, dV of step 0's block), and the sums of that shard over the other ranks, on their way home.
+        ``home`` brings the previous part's sums home, behind this part's first block."""
         q, comm = self.q.detach()[:, heads], self.comm
         current = self.kv[:, :, heads].contiguous()  # the part's K and V: the message each step sends
         # Received into the front of the cell's receive buffers, idle in backward.
         received = tuple(buffer.view(-1)[: current.numel()].view(current.shape) for buffer in self.received)
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         through = self.peers.sums if self.peers else None
-        if through is not None:
-            home()
-        sums = None
+        sums = TravellingSums(
+            comm, current.shape, self.dtype, q.device, self.ring_size, self.send_to, self.receive_from, through
+        )
+        dq = own = None
         for step in range(self.ring_size):
             transfers, incoming = self._pass_on(current, step, received)
             spec = self._block(step)
+            grads = None
             if spec is not None:
-                block_dq, block_dk, block_dv = blocks.attend_backward(
+                block_dq, *grads = blocks.attend_backward(
                     self.kernel,
                     dout[:, :, spec.q_rows],
                     q[:, :, spec.q_rows],
@@ -431,31 +428,40 @@ class OneRank:
                     lse[:, :, spec.q_rows],
                     spec.causal,
                 )
-                dq[:, :, spec.q_rows] += block_dq
-            if sums is None:
-                if through is None:
-                    home()
-                sums = TravellingSums(comm, current.shape, q.device, self.send_to, self.receive_from, through)
-            held = sums.held(step)
-            if spec is not None:
-                held[0][:, :, spec.kv_rows] += block_dk
-                held[1][:, :, spec.kv_rows] += block_dv
-                del block_dq, block_dk, block_dv
-            sums.pass_on()
+                if dq is None:  # step 0's block, the diagonal, takes every row
+                    dq = block_dq.float()
+                else:
+                    dq[:, :, spec.q_rows] += block_dq
+                del block_dq
+            if step == 0:
+                assert grads is not None, "step 0's block, the diagonal, is never skipped"
+                own = (grads[0], grads[1])
+                home()
+            elif spec is not None:
+                sums.add(step, grads, spec.kv_rows)
+            else:
+                sums.add(step)
+            del grads
             comm.wait(transfers)
             if incoming is not None:  # none after the last step
                 current = incoming
-        assert sums is not None, "made in step 0"
-        return dq, sums
+        assert dq is not None and own is not None, "step 0's block, the diagonal, is never skipped"
+        return dq, own, sums
 
 
 def _nothing() -> None:
     """No part's sums on their way home."""
 
 
-def _store(target: torch.Tensor, sums: TravellingSums) -> None:
-    """Wait for a part's dK/dV sums to come home, and store them into ``target`` (cast to its dtype)."""
-    target.copy_(sums.own())
+def _store(target: torch.Tensor, own: tuple[torch.Tensor, torch.Tensor], sums: TravellingSums) -> None:
+    """Wait for a part's dK/dV sums to come home and store them, added to the rank's own gradient, into
+    ``target`` (in its dtype, computed in float32 and rounded once)."""
+    arrived = sums.home()
+    for into, mine, theirs in zip(target, own, arrived if arrived is not None else (None, None)):
+        if theirs is None:
+            into.copy_(mine)
+        else:
+            torch.add(theirs, mine, out=into)
 
 
 def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
@@ -491,8 +497,8 @@ def ring_peers(
     """The copy engine's buffers for a ring whose K/V messages are of ``shape``, shared over the group
     ``ring_group()`` (asked for only here), where the cell asks for copy-engine transfers and the
     ranks allow them (the facts record the transfers used): receive buffers as
-    :func:`receive_buffers`, and in backward passes the travelling sums of one part of heads and
-    their spare."""
+    :func:`receive_buffers`, and in backward passes those the gradient sums of one part of heads
+    arrive in (``comm.sums_slots``)."""
     if problem.options["transfers"] != "copy-engine":
         return None
     why_not = peer_copy.unavailable(problem.device)
@@ -503,7 +509,8 @@ def ring_peers(
     if problem.inputs.requires_grad:
         _, batch, heads, shard_len, dim = shape
         part = (2, batch, blocks.backward_part_heads(batch, shard_len, heads), shard_len, dim)
-        sums = peer_copy.PeerBuffers(part, 2, torch.float32, problem.device, group)
+        count, narrow = sums_slots(ring_size)
+        sums = peer_copy.PeerBuffers(part, count, problem.dtype if narrow else torch.float32, problem.device, group)
     received = peer_copy.PeerBuffers(shape, _receive_buffer_count(ring_size), problem.dtype, problem.device, group)
     return peer_copy.RingPeers(received, sums)
 
@@ -544,17 +551,12 @@ def memory_model(cell: Cell, facts: Mapping[str, Any], ulysses_degree: int) -> i
     figure is per rank, for its shard's rows.
 
     Forward+backward, with a fused kernel, across processes: the output (the call differentiates
-    it) and its float32 log-sum-exp; then, for one part of the backward (a share p of N; see
-    ``blocks.backward_part_heads``), the float32 dQ sum (2p), the float32 dK and dV sums that travel
-    the ring and the spare they arrive in (8p), a block's dq, dk and dv (3p), and the kernel's
-    float32 dQ accumulator (2p) and float32 row term. A backward in one part makes the gradients
-    from its float32 sums at the end, together 16N; in several, the gradients are allocated first
-    (3N) and the part's K and V copied into one message (2p), together 4N + 17p. On one device, as
+    it) and its float32 log-sum-exp, and the gradients, allocated first (3N); then what one part of
+    the backward holds at its peak (:func:`backward_part_peak`, in shares p of N, the part's heads'
+    share; see ``blocks.backward_part_heads``) with the kernel's float32 row term. On one device, as
     a ring of one: the output, the float32 dQ sum (2N), a block's dq, dk and dv (3N), the float32
     dK and dV sums (4N) and the dk and dv they are stored in (2N), together 12N, with two float32
-    per row. Rings of more than one on one device are not modelled. With copy-engine transfers the
-    travelling sums and their spare are kept from setup (:func:`setup_memory`), not allocated by
-    the call.
+    per row. Rings of more than one on one device are not modelled.
     """
     element = DTYPE_BYTES[cell.dtype]
     if cell.pass_name == "forward":
@@ -570,29 +572,59 @@ def memory_model(cell: Cell, facts: Mapping[str, Any], ulysses_degree: int) -> i
         return 12 * shard + 2 * row_floats(cell) if cell.ring_size == 1 else None
     heads = cell.heads // ulysses_degree
     part_heads = blocks.backward_part_heads(cell.batch_size, cell.seq_len * ulysses_degree // cell.world_size, heads)
-    kept = travelling_sums_bytes(cell, ulysses_degree) if facts.get("transfers") == "copy-engine" else 0
-    if part_heads == heads:
-        return 16 * shard + 2 * row_floats(cell) - kept
+    part_peak = backward_part_peak(
+        cell.world_size // ulysses_degree, part_heads < heads, facts.get("transfers") == "copy-engine"
+    )
     part_rows = row_floats(cell) * part_heads // heads
-    return 4 * shard + 17 * shard * part_heads // heads + row_floats(cell) + part_rows - kept
+    return 4 * shard + part_peak * shard * part_heads // heads + row_floats(cell) + part_rows
 
 
-def travelling_sums_bytes(cell: Cell, ulysses_degree: int) -> int:
-    """The float32 dK and dV sums of one part of heads that travel a ring across processes, and
-    their spare (``comm.TravellingSums``); ``usp`` runs the ring on H/u heads of u times the rows."""
+def backward_part_peak(ring_size: int, several: bool, copy_engine: bool) -> int:
+    """What a part of ``OneRank``'s backward holds at its peak, in shares p of one shard of one tensor
+    (float32 counts 2p: the model is of 16-bit inputs).
+
+    Within a part: the float32 dQ sum (2p), the rank's own dK and dV (2p), a block's dq, dk and dv
+    (3p) and the kernel's float32 dQ accumulator (2p). In a ring of two, after the block, its dK
+    and dV stacked into the one hop's message (2p) and what arrives (2p); beyond two, the hops are
+    float32 (4p each): in each step from the third, the sums that arrived and those this rank
+    sent in the step before and are still in flight (8p); in the second, the first hop's message
+    and arrival in the blocks' dtype (4p), then the float32 sums made from it and the next arrival
+    (8p). Where the backward goes in several parts, a part's first block also overlaps the
+    previous part's own dK and dV, its last hop's message and arrival (``comm.TravellingSums``)
+    and the part's K and V copied into one message (2p). Copy-engine transfers receive into
+    buffers kept from setup (:func:`setup_memory`) and hold no message in flight."""
+    hop = 2 if ring_size == 2 else 4
+    in_flight = 0 if copy_engine else 2 * hop  # a hop's message until it is waited for, and its arrival
+    block = 3 + 2
+    if ring_size == 2:
+        within = max(2 + 2 + block, 2 + 2 + 2 + 2 + (0 if copy_engine else 2))
+    else:
+        later = 2 + 2 + block + in_flight if ring_size > 3 else 0
+        second = max(2 + 2 + block + (0 if copy_engine else 4), 4 + (0 if copy_engine else 4) + 2 + 2 + 3)
+        within = max(later, second)
+    boundary = 2 + in_flight + 2 + block if several else 0
+    return max(within, boundary)
+
+
+def sums_buffer_bytes(cell: Cell, ulysses_degree: int) -> int:
+    """The buffers that receive the dK and dV sums of one part of heads travelling a ring across
+    processes with copy-engine transfers (``comm.sums_slots``); ``usp`` runs the ring on H/u heads
+    of u times the rows."""
     rows = cell.seq_len * ulysses_degree // cell.world_size
     part_heads = blocks.backward_part_heads(cell.batch_size, rows, cell.heads // ulysses_degree)
-    return 2 * 2 * cell.batch_size * part_heads * rows * cell.head_dim * 4
+    count, narrow = sums_slots(cell.world_size // ulysses_degree)
+    element = DTYPE_BYTES[cell.dtype] if narrow else 4
+    return count * 2 * cell.batch_size * part_heads * rows * cell.head_dim * element
 
 
 def setup_memory(cell: Cell, ulysses_degree: int = 1) -> int:
     """The K/V receive buffers a rank of a ring across processes keeps (``receive_buffers``); one
     process keeps none, its blocks being views of the inputs. Copy-engine transfers of a backward
-    pass keep the travelling sums too (on ranks that fall back to NCCL, this overstates). ``usp``
-    runs this ring over P/u ranks (``ulysses_degree`` u)."""
+    pass keep the buffers its gradient sums arrive in too (on ranks that fall back to NCCL, this
+    overstates). ``usp`` runs this ring over P/u ranks (``ulysses_degree`` u)."""
     kept = receive_buffer_bytes(cell, cell.world_size // ulysses_degree)
     if cell.world_size > 1 and cell.pass_name != "forward" and dict(cell.options)["transfers"] == "copy-engine":
-        kept += travelling_sums_bytes(cell, ulysses_degree)
+        kept += sums_buffer_bytes(cell, ulysses_degree)
     return kept
 
 
