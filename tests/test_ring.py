@@ -7,6 +7,7 @@ import torch
 
 from ringbench import Problem
 from ringbench.attention import blocks
+from ringbench.attention.impls import ring
 from ringbench.attention.impls.ring import merges_in_place, positions, ring_block, step_runs
 from ringbench.attention.references import DENSE
 from ringbench.attention.registry import Registry
@@ -212,3 +213,51 @@ def test_gradient_error_does_not_grow_with_ring_size(causal):
         errors.append(max(_relative(g, e) for g, e in zip(grads, dense_gradients(p, grad_out))))
     assert max(errors) <= GRADIENT_ERROR_GROWTH_BOUND * errors[0], errors
     assert errors[0] < correctness.TOLERANCE["bfloat16"]
+
+
+def _backward_problem(headroom, transfers="nccl"):
+    """Rank 0 of two, forward+backward at 128K tokens, bf16, B=1 H=16 D=128, with ``headroom`` bytes free."""
+    options = {"kernel": "cudnn", "transfers": transfers, "zigzag": True}
+    cell = Cell(
+        "ring", tuple(sorted(options.items())), 1 << 17, 2, 1, 16, 128, "bfloat16", False, "forward+backward", 2
+    )
+    q = torch.empty(1, 16, 1 << 16, 128, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    return Problem.of(
+        q, q, q, causal=False, ring_size=2, options=options, world_size=2, cell=cell, memory_headroom=headroom
+    )
+
+
+def _needs(part_heads):
+    """What a rank needs with parts of ``part_heads``: its inputs (3 shards), its receive buffer (one K/V
+    message, 2 shards) and the call, by the memory model."""
+    problem = _backward_problem(None)
+    call = ring.memory_model(problem.cell, {"kernel": "cudnn", "backward_part_heads": part_heads}, 1)
+    return 5 * (256 << 20) + call
+
+
+@pytest.mark.parametrize(
+    ("headroom", "transfers", "chosen"),
+    [
+        (None, "nccl", 2),  # unknown: the fewest heads that fill the GPU at 64K rows a rank
+        (_needs(16) / ring.HEADROOM_SHARE + 1, "nccl", 16),
+        (_needs(16) / ring.HEADROOM_SHARE - 1, "nccl", 8),
+        (_needs(8) / ring.HEADROOM_SHARE - 1, "nccl", 4),
+        (0, "nccl", 2),  # nothing fits: the fewest, to be tried
+        (1 << 40, "copy-engine", 2),  # its buffers are sized for the fewest
+    ],
+)
+def test_the_backward_goes_in_as_few_parts_as_the_memory_free_at_setup_allows(headroom, transfers, chosen):
+    problem = _backward_problem(headroom, transfers)
+    problem.facts["kernel"] = "cudnn"
+    registered = Registry.bundled().get("ring")
+    assert ring.backward_part_heads(problem, 16, 1 << 16, registered.memory_model, registered.setup_memory) == chosen
+    assert problem.facts["backward_part_heads"] == chosen
+
+
+def test_the_memory_model_follows_the_parts_chosen():
+    # One part: 4 shards (output, gradients) + 10 (README) + two float32 rows; 8 heads: 4 + 11 × 8/16.
+    shard, rows = 256 << 20, 4 << 20
+    cell = _backward_problem(None).cell
+    assert ring.memory_model(cell, {"kernel": "cudnn", "backward_part_heads": 16}, 1) == 14 * shard + 2 * rows
+    eight = ring.memory_model(cell, {"kernel": "cudnn", "backward_part_heads": 8}, 1)
+    assert eight == 4 * shard + 11 * shard // 2 + rows + rows // 2

@@ -222,11 +222,11 @@ def sums_slots(ring_size: int) -> tuple[int, bool]:
 class TravellingSums:
     """Gradient sums that travel a ring one step behind the K/V blocks they belong to.
 
-    A rank's gradient for its own K/V block (step 0) stays with it. From step 1 on the rank
-    holds a neighbour's block: in step 1 its gradient for that block starts the block's sums,
-    and in each later step it receives the sums so far from its neighbour, adds its share and
-    passes them on (:meth:`add`). After the last step every block's sums arrive home
-    (:meth:`home`), to be added to the owner's own gradient. The first hop carries one block's
+    A rank's gradient for its own K/V block (step 0) stays with it (:meth:`keep`). From step 1
+    on the rank holds a neighbour's block: in step 1 its gradient for that block starts the
+    block's sums, and in each later step it receives the sums so far from its neighbour, adds its
+    share and passes them on (:meth:`add`). After the last step every block's sums arrive home
+    and join the owner's own gradient (:meth:`settle`). The first hop carries one block's
     gradient, exact in the blocks' dtype, and travels in it (in a ring of two it is the only
     hop); later hops carry float32 sums. Messages arrive in new tensors or, with ``through``,
     in its slots (hop h in slot (h − 1) mod 2), which its copy engine transfers write; no rank
@@ -248,6 +248,7 @@ class TravellingSums:
         self.ring_size, self.send_to, self.receive_from, self.through = ring_size, send_to, receive_from, through
         self.transfers: list = []
         self.arriving: torch.Tensor | None = None
+        self.own: tuple[torch.Tensor, ...] | None = None
 
     def add(self, step: int, grads: Sequence[torch.Tensor] | None = None, rows: slice = slice(None)) -> None:
         """Step ``step`` (1 on): this rank's gradient (dK, dV) for the block it holds, over the block's
@@ -289,8 +290,20 @@ class TravellingSums:
         arrived, self.arriving = self.arriving, None
         return arrived
 
-    def home(self) -> torch.Tensor | None:
-        """After the last step: this rank's own block's sums over every other rank (dK and dV stacked;
-        in the blocks' dtype in a ring of two, else float32), none in a ring of one. What the caller
-        drops of them is freed however long it keeps this object."""
-        return self._arrived() if self.ring_size > 1 else None
+    def keep(self, grads: Sequence[torch.Tensor]) -> None:
+        """Step 0: this rank's gradient (dK, dV) for its own block, which stays with it."""
+        self.own = tuple(grads)
+
+    def settle(self, into: torch.Tensor) -> None:
+        """After the last step: wait for this rank's block's sums to come home and store them, added to
+        the rank's own gradient, into ``into`` (dK and dV stacked), computed in float32 and rounded
+        once into its dtype; in a ring of one, the own gradient alone. Lets go of both, so that
+        whoever keeps this object keeps no memory."""
+        assert self.own is not None, "kept in step 0"
+        arrived = self._arrived() if self.ring_size > 1 else None
+        for index, (target, mine) in enumerate(zip(into, self.own)):
+            if arrived is None:
+                target.copy_(mine)
+            else:
+                torch.add(arrived[index], mine, out=target)
+        self.own = None

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
     from ringbench.attention.comm import WaitClock
     from ringbench.attention.inputs import Inputs
+    from ringbench.vocabulary import Cell
 
 ENTRY_POINT_GROUP = "ringbench.implementations"
 
@@ -84,6 +85,10 @@ class Problem:
 
     ``facts`` is for the implementation to note what it actually chose (for example
     the SDPA kernel that ``backend: auto`` resolved to); it is stored in the record.
+    ``cell`` is the cell being measured, for setup to consult its memory model, and
+    ``memory_headroom`` the bytes this process may still allocate as setup starts (under
+    the sweep's memory cap, on the device), None where unknown (a CPU, or a problem
+    made by hand).
     """
 
     inputs: Inputs
@@ -94,6 +99,8 @@ class Problem:
     rank: int = 0
     world_size: int = 1
     comm: WaitClock | None = None  # across processes: hand it sends and waits (see ringbench.attention.comm)
+    cell: Cell | None = None
+    memory_headroom: int | None = None
 
     @classmethod
     def of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **knobs: Any) -> Problem:

@@ -22,6 +22,16 @@ def allocated_mib(device: torch.device) -> float:
     return torch.cuda.memory_allocated(device) / MIB if device.type == "cuda" else 0.0
 
 
+def headroom(device: torch.device, capacity_bytes: int | None) -> int | None:
+    """What this process may still allocate on ``device``: up to its capacity (``Cap``) and to what the
+    device has free, counting memory the caching allocator holds unused; None on the CPU."""
+    if device.type != "cuda" or capacity_bytes is None:
+        return None
+    allocated = torch.cuda.memory_allocated(device)
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - allocated
+    return max(0, min(capacity_bytes - allocated, free))
+
+
 def measure_peak(fn: Callable[[], object], device: torch.device, floor_mib: float) -> Memory | None:
     """Peak memory of one call to ``fn`` on a CUDA device; None on the CPU, where none is measured.
 

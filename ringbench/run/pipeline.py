@@ -30,7 +30,7 @@ from ringbench.attention.inputs import Generated
 from ringbench.attention.models import PASS_FACTOR, dense_flops, output_bytes
 from ringbench.run import correctness, distributed
 from ringbench.run.distributed import OneProcess
-from ringbench.run.memory import MIB, allocated_mib, measure_peak
+from ringbench.run.memory import MIB, allocated_mib, headroom, measure_peak
 from ringbench.run.modes import graph_replay, l2_flush
 from ringbench.run.stats import summarize
 from ringbench.run.timing import launch_and_work, measure
@@ -64,7 +64,9 @@ _PRECEDENCE = (records.OOM, records.ERROR)
 Outcome = dict[str, Any]
 
 
-def make_problem(cell: Cell, device: torch.device, seed: int, rank: int = 0) -> registry.Problem:
+def make_problem(
+    cell: Cell, device: torch.device, seed: int, rank: int = 0, memory_headroom: int | None = None
+) -> registry.Problem:
     """The cell's problem on rank ``rank``: inputs made only where asked for (``attention.inputs``), the
     same for every implementation and rank with the same seed."""
     shape = (cell.batch_size, cell.heads, cell.seq_len, cell.head_dim)
@@ -76,6 +78,8 @@ def make_problem(cell: Cell, device: torch.device, seed: int, rank: int = 0) -> 
         rank=rank,
         world_size=cell.world_size,
         comm=WaitClock(device) if cell.world_size > 1 else None,
+        cell=cell,
+        memory_headroom=memory_headroom,
     )
 
 
@@ -403,6 +407,7 @@ def _phases(
     seed: int,
     skip_oversized: bool,
     floor_mib: float,
+    capacity_bytes: int | None,
     opened: list[registry.Bench],
 ) -> Outcome:
     """The cell's outcome on this rank; the bench setup returned goes into ``opened``.
@@ -413,8 +418,11 @@ def _phases(
     device, failure = group.device, None
     if skip_oversized and (skip := _inputs_too_large(cell, device)):  # every rank decides alike
         return skip
+    room = headroom(device, capacity_bytes)
+    if room is not None:  # the least any rank has: setup's choices by it must agree
+        room = -int(group.max(-room))
     try:
-        problem = make_problem(cell, device, seed, group.rank)
+        problem = make_problem(cell, device, seed, group.rank, room)
         bench = _as_bench(implementation.setup(problem))
         opened.append(bench)
     except Exception as exc:  # any failure of user or library code is this cell's result, not the sweep's
@@ -465,9 +473,10 @@ def _measure(
     seed: int,
     skip_oversized: bool,
     floor_mib: float,
+    capacity_bytes: int | None,
 ) -> Outcome:
     opened: list[registry.Bench] = []
-    outcome = _phases(cell, implementation, group, budget, seed, skip_oversized, floor_mib, opened)
+    outcome = _phases(cell, implementation, group, budget, seed, skip_oversized, floor_mib, capacity_bytes, opened)
     # Every rank agrees on closing, including ranks whose setup failed (they have nothing to close).
     return _agree(group, _guarded(opened[0].close) if opened else None) or outcome
 
@@ -512,18 +521,21 @@ def run_cell(
     budget: TimingBudget,
     seed: int,
     skip_oversized: bool = True,
+    capacity_bytes: int | None = None,
 ) -> Record:
     """Measure one cell on every rank of ``group`` (all ranks call this) and return the agreed record;
     never raises for a failing implementation, but for :class:`Abandoned` (with its record) where a
     failure left ranks stuck.
 
     With ``skip_oversized`` a cell whose inputs alone exceed the device's memory is
-    recorded as skipped without allocating anything.
+    recorded as skipped without allocating anything. ``capacity_bytes`` is what the
+    process may allocate (``memory.Cap``), from which setup learns its headroom.
     """
     group.barrier()
     started_at, start = _now(), time.perf_counter()
     try:
-        outcome = _measure(cell, implementation, group, budget, seed, skip_oversized, allocated_mib(group.device))
+        floor_mib = allocated_mib(group.device)
+        outcome = _measure(cell, implementation, group, budget, seed, skip_oversized, floor_mib, capacity_bytes)
     except Abandoned as abandoned:
         abandoned.record = make_record(cell, abandoned.outcome, group.device, started_at, time.perf_counter() - start)
         raise

@@ -85,7 +85,8 @@ def _measure(cell: Cell, sweep: Sweep, plan: Plan, group: OneProcess) -> Record:
     reason = plans.exclusion_reason(cell, implementation)
     if reason:
         return make_record(cell, {"status": records.SKIPPED, "error": Failure("Skipped", reason)}, group.device)
-    return run_cell(cell, implementation, group, sweep.timing, sweep.seed, sweep.skip_oversized_inputs)
+    capacity = Cap.of(sweep.memory_cap_gib, group.device).capacity_bytes
+    return run_cell(cell, implementation, group, sweep.timing, sweep.seed, sweep.skip_oversized_inputs, capacity)
 
 
 def _calibrate(group: OneProcess, run_dir: Path) -> None:

@@ -330,7 +330,6 @@ def _spanning_pattern_backward(tensors, grads, w, r, rank, causal, kernel, comm)
     spare = torch.empty_like(current)
     dq_rows = torch.zeros(qs.shape, dtype=torch.float32, device=q.device)
     sums = TravellingSums(comm, current.shape, current.dtype, q.device, span, send_to, receive_from)
-    own = None
     for step in range(span):
         transfers = comm.exchange(current, spare, send_to, receive_from) if step + 1 < span else []
         block = None
@@ -340,21 +339,17 @@ def _spanning_pattern_backward(tensors, grads, w, r, rank, causal, kernel, comm)
             )
             dq_rows += block_dq
         if step == 0:  # the rank's own block, never skipped
-            own = block
+            assert block is not None, "step 0's block is never skipped"
+            sums.keep(block)
         else:
             sums.add(step, block)
         comm.wait(transfers)
         current, spare = spare, current
-    assert own is not None, "step 0's block is never skipped"
-    theirs = sums.home()
-    shares = [[dq_rows], [own[0]], [own[1]]]
-    if theirs is not None:  # none in a segment of one shard
-        shares[1].append(theirs[0])
-        shares[2].append(theirs[1])
-    for grad, adds in zip(grads, shares):
+    dkv_rows = torch.empty(current.shape, dtype=torch.float32, device=q.device)
+    sums.settle(dkv_rows)
+    for grad, share in zip(grads, (dq_rows, *dkv_rows)):
         rows = _segments(grad, shard_len, r, index)
-        for share in adds:
-            rows.flatten(1, 2).add_(share)
+        rows.flatten(1, 2).add_(share)
         _scatter_back(grad, shard_len, r, index, rows)
 
 

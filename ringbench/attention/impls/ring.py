@@ -26,6 +26,7 @@ r and 2P−1−r, so every rank does the same work in every step.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -328,12 +329,15 @@ class OneRank:
         receive_from: int,
         received: tuple[torch.Tensor, ...],
         peers: peer_copy.RingPeers | None = None,
+        part_heads: int | None = None,
     ):
         self.kernel, self.zigzag, self.causal, self.dtype = kernel, zigzag, causal, q.dtype
         self.rank, self.ring_size, self.comm, self.peers = rank, ring_size, comm, peers
         self.q, self.kv, self.received = q, kv, received
         self.shard_len = q.shape[2]
         self.send_to, self.receive_from = send_to, receive_from
+        batch, heads = q.shape[:2]
+        self.part_heads = part_heads or blocks.backward_part_heads(batch, self.shard_len, heads)
 
     def _pass_on(
         self, current: torch.Tensor, step: int, received: tuple[torch.Tensor, ...]
@@ -382,28 +386,26 @@ class OneRank:
         return acc.to(self.dtype), acc_lse if keep_lse else None
 
     def backward(self, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
-        """Gradients in parts of a few heads (``blocks.backward_part_heads``): each part's K/V go round
+        """Gradients in parts of ``part_heads`` heads (:func:`backward_part_heads`): each part's K/V go round
         the ring once more, the dK, dV sums of each K/V shard travelling one step behind it
         (``comm.TravellingSums``), so that what a part holds is one part's heads, not every head's.
         The gradients are allocated once and each part's written into them. A part's sums come home
         while the next part's first block is computed."""
-        batch, heads = self.q.shape[:2]
-        part_heads = blocks.backward_part_heads(batch, self.shard_len, heads)
         dq, dkv = torch.empty_like(self.q), torch.empty_like(self.kv)
         home = _nothing
-        for first in range(0, heads, part_heads):
-            part = slice(first, first + part_heads)
-            dq[:, part], own, sums = self._backward_part(part, dout[:, part], out[:, part], lse[:, part], home)
-            home = functools.partial(_store, dkv[:, :, part], own, sums)
+        for first in range(0, self.q.shape[1], self.part_heads):
+            part = slice(first, first + self.part_heads)
+            dq[:, part], sums = self._backward_part(part, dout[:, part], out[:, part], lse[:, part], home)
+            home = functools.partial(sums.settle, dkv[:, :, part])
         home()
         return dq, *dkv.unbind()
 
     def _backward_part(
         self, heads: slice, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, home: Callable[[], None]
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], TravellingSums]:
-        """The float32 dq of this rank's rows of ``heads``, this rank's gradient for its own K/V shard
-        (dK, dV of step 0's block), and the sums of that shard over the other ranks, on their way home.
-        ``home`` brings the previous part's sums home, behind this part's first block."""
+    ) -> tuple[torch.Tensor, TravellingSums]:
+        """The float32 dq of this rank's rows of ``heads``, and the dK/dV sums of its K/V shard: its own
+        gradient, kept, and the other ranks', on their way home. ``home`` brings the previous part's
+        sums home, behind this part's first block."""
         q, comm = self.q.detach()[:, heads], self.comm
         current = self.kv[:, :, heads].contiguous()  # the part's K and V: the message each step sends
         # Received into the front of the cell's receive buffers, idle in backward.
@@ -412,7 +414,7 @@ class OneRank:
         sums = TravellingSums(
             comm, current.shape, self.dtype, q.device, self.ring_size, self.send_to, self.receive_from, through
         )
-        dq = own = None
+        dq = None
         for step in range(self.ring_size):
             transfers, incoming = self._pass_on(current, step, received)
             spec = self._block(step)
@@ -435,7 +437,7 @@ class OneRank:
                 del block_dq
             if step == 0:
                 assert grads is not None, "step 0's block, the diagonal, is never skipped"
-                own = (grads[0], grads[1])
+                sums.keep(grads)
                 home()
             elif spec is not None:
                 sums.add(step, grads, spec.kv_rows)
@@ -445,23 +447,12 @@ class OneRank:
             comm.wait(transfers)
             if incoming is not None:  # none after the last step
                 current = incoming
-        assert dq is not None and own is not None, "step 0's block, the diagonal, is never skipped"
-        return dq, own, sums
+        assert dq is not None, "step 0's block, the diagonal, is never skipped"
+        return dq, sums
 
 
 def _nothing() -> None:
     """No part's sums on their way home."""
-
-
-def _store(target: torch.Tensor, own: tuple[torch.Tensor, torch.Tensor], sums: TravellingSums) -> None:
-    """Wait for a part's dK/dV sums to come home and store them, added to the rank's own gradient, into
-    ``target`` (in its dtype, computed in float32 and rounded once)."""
-    arrived = sums.home()
-    for into, mine, theirs in zip(target, own, arrived if arrived is not None else (None, None)):
-        if theirs is None:
-            into.copy_(mine)
-        else:
-            torch.add(theirs, mine, out=into)
 
 
 def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
@@ -472,6 +463,7 @@ def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
     # k and v become views of the one K/V message each step sends, leaves of their own.
     kv = torch.stack([k.detach(), v.detach()])
     k, v = (part.requires_grad_(q.requires_grad) for part in kv.unbind())
+    part_heads = backward_part_heads(problem, q.shape[1], q.shape[2], _memory_model, setup_memory)
     peers = ring_peers(problem, kv.shape, ring_size, _world)
     ring = OneRank(
         q,
@@ -486,9 +478,49 @@ def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
         receive_from=(rank - 1) % ring_size,
         received=peers.kv.slots if peers else receive_buffers(kv.shape, kv, ring_size),
         peers=peers,
+        part_heads=part_heads,
     )
     inputs = (q, k, v)
     return Bench(run=lambda: blocks.Differentiable.apply(*inputs, ring), rows=rows, inputs=inputs)
+
+
+# The share of the memory free as setup starts that a backward pass's parts may fill, beside what the
+# call allocates besides, the inputs and setup's buffers; the rest is slack (the allocator's rounding).
+HEADROOM_SHARE = 0.8
+
+
+def backward_part_heads(
+    problem: Problem,
+    heads: int,
+    rows: int,
+    model: Callable[[Cell, Mapping[str, Any]], int | None],
+    kept: Callable[[Cell], int],
+) -> int | None:
+    """Heads per part of ``OneRank``'s backward over ``heads`` heads of ``rows`` rows, noted in the facts:
+    the most, halving from every head down to the fewest that still fill the GPU
+    (``blocks.backward_part_heads``), whose call fits, by the implementation's memory ``model``, with
+    the inputs and what setup keeps (``kept``), in ``HEADROOM_SHARE`` of ``problem.memory_headroom``;
+    the fewest where none does, where the headroom or the model is unknown, and with copy-engine
+    transfers, whose buffers kept from setup are sized for them. Fewer heads a part take less memory
+    and more time: at 128K tokens over two GPUs, parts of 2 heads made the forward+backward 1.7%
+    slower than one part of 16 (README, "Backward passes"). None for a forward pass."""
+    if problem.cell is None or not problem.inputs.requires_grad:
+        return None
+    batch = problem.inputs.shape[0]
+    fewest = blocks.backward_part_heads(batch, rows, heads)
+    chosen, cell = fewest, dataclasses.replace(problem.cell, pass_name="forward+backward")
+    room = problem.memory_headroom
+    if room is not None and problem.options["transfers"] != "copy-engine":
+        inputs = 3 * shard_bytes(cell)
+        candidate = heads
+        while candidate > fewest:
+            call = model(cell, {**problem.facts, "backward_part_heads": candidate})
+            if call is not None and inputs + kept(cell) + call <= HEADROOM_SHARE * room:
+                chosen = candidate
+                break
+            candidate = -(-candidate // 2)
+    problem.facts["backward_part_heads"] = chosen
+    return chosen
 
 
 def ring_peers(
@@ -571,7 +603,8 @@ def memory_model(cell: Cell, facts: Mapping[str, Any], ulysses_degree: int) -> i
     if cell.world_size == 1:
         return 12 * shard + 2 * row_floats(cell) if cell.ring_size == 1 else None
     heads = cell.heads // ulysses_degree
-    part_heads = blocks.backward_part_heads(cell.batch_size, cell.seq_len * ulysses_degree // cell.world_size, heads)
+    rows = cell.seq_len * ulysses_degree // cell.world_size
+    part_heads = facts.get("backward_part_heads") or blocks.backward_part_heads(cell.batch_size, rows, heads)
     part_peak = backward_part_peak(
         cell.world_size // ulysses_degree, part_heads < heads, facts.get("transfers") == "copy-engine"
     )
@@ -581,29 +614,25 @@ def memory_model(cell: Cell, facts: Mapping[str, Any], ulysses_degree: int) -> i
 
 def backward_part_peak(ring_size: int, several: bool, copy_engine: bool) -> int:
     """What a part of ``OneRank``'s backward holds at its peak, in shares p of one shard of one tensor
-    (float32 counts 2p: the model is of 16-bit inputs).
+    (float32 counts 2p: the model is of 16-bit inputs). The largest of:
 
-    Within a part: the float32 dQ sum (2p), the rank's own dK and dV (2p), a block's dq, dk and dv
-    (3p) and the kernel's float32 dQ accumulator (2p). In a ring of two, after the block, its dK
-    and dV stacked into the one hop's message (2p) and what arrives (2p); beyond two, the hops are
-    float32 (4p each): in each step from the third, the sums that arrived and those this rank
-    sent in the step before and are still in flight (8p); in the second, the first hop's message
-    and arrival in the blocks' dtype (4p), then the float32 sums made from it and the next arrival
-    (8p). Where the backward goes in several parts, a part's first block also overlaps the
-    previous part's own dK and dV, its last hop's message and arrival (``comm.TravellingSums``)
-    and the part's K and V copied into one message (2p). Copy-engine transfers receive into
-    buffers kept from setup (:func:`setup_memory`) and hold no message in flight."""
-    hop = 2 if ring_size == 2 else 4
-    in_flight = 0 if copy_engine else 2 * hop  # a hop's message until it is waited for, and its arrival
-    block = 3 + 2
-    if ring_size == 2:
-        within = max(2 + 2 + block, 2 + 2 + 2 + 2 + (0 if copy_engine else 2))
-    else:
-        later = 2 + 2 + block + in_flight if ring_size > 3 else 0
-        second = max(2 + 2 + block + (0 if copy_engine else 4), 4 + (0 if copy_engine else 4) + 2 + 2 + 3)
-        within = max(later, second)
-    boundary = 2 + in_flight + 2 + block if several else 0
-    return max(within, boundary)
+    - a block's kernel: the float32 dQ sum (2p), the rank's own dK and dV (2p), the block's dq, dk
+      and dv (3p) and the kernel's float32 dQ accumulator (2p);
+    - after a block, the gradient sums' hop (``comm.TravellingSums``): the dQ sum, the own dK and
+      dV and the block's (2p each), then in a ring of two the hop's message (2p) and its arrival
+      (2p); beyond two, the float32 sums made or arrived (4p) and the next float32 arrival (4p);
+    - where the backward goes in several parts, a part's first block's kernel beside the part's K
+      and V copied into one message (2p) and the previous part's own dK and dV (2p) and last
+      arrival, not yet settled.
+
+    A message in flight is freed once sent, before any of these. Copy-engine transfers receive
+    into buffers kept from setup (:func:`setup_memory`)."""
+    hop = 2 if ring_size == 2 else 4  # the blocks' dtype in a ring of two, float32 beyond
+    arrival = 0 if copy_engine else hop
+    kernel = 2 + 2 + 3 + 2
+    after_hop = 2 + 2 + 2 + hop + arrival
+    first_of_several = 2 + 2 + arrival + 3 + 2 if several else 0
+    return max(kernel, after_hop, first_of_several)
 
 
 def sums_buffer_bytes(cell: Cell, ulysses_degree: int) -> int:

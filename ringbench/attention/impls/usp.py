@@ -141,6 +141,11 @@ def setup(problem: Problem) -> Bench:
         return _own_group("ring", problem.world_size, degree, ulysses_index)
 
     # This rank's place in its ring, for the ring built once (degree 1) or on each call's head shards.
+    part_heads = (
+        ring.backward_part_heads(problem, q.shape[1] // degree, q.shape[2] * degree, _memory_model, _setup_memory)
+        if ring_size > 1
+        else None
+    )
     ring_rank = functools.partial(
         OneRank,
         causal=problem.causal,
@@ -151,6 +156,7 @@ def setup(problem: Problem) -> Bench:
         ring_size=ring_size,
         send_to=(ring_index + 1) % ring_size * degree + ulysses_index,
         receive_from=(ring_index - 1) % ring_size * degree + ulysses_index,
+        part_heads=part_heads,
     )
     if degree == 1:  # ring across processes, built as ring builds it
         # K and V stacked once into the message each ring step sends; k and v become leaves viewing it.
