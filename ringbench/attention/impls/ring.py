@@ -17,7 +17,8 @@ and K/V blocks rotate with torch.distributed point-to-point ops, the next transf
 posted before the current block is computed and waited for after it; or, with
 ``transfers: copy-engine``, by the GPUs' copy engines into the next rank's buffers
 (``ringbench.attention.peer_copy``), which leaves every SM to the blocks. Its backward
-goes in parts of a few heads, each a ring of its own (``OneRank.backward``).
+goes in parts of heads, as few as the memory allows, each a ring of its own
+(``OneRank.backward``, :func:`backward_part_heads`).
 
 Causal: the diagonal block runs causal and blocks wholly above the diagonal are
 skipped. With ``zigzag`` the sequence is cut into 2P chunks and rank r holds chunks
@@ -502,8 +503,9 @@ def backward_part_heads(
     the inputs and what setup keeps (``kept``), in ``HEADROOM_SHARE`` of ``problem.memory_headroom``;
     the fewest where none does, where the headroom or the model is unknown, and with copy-engine
     transfers, whose buffers kept from setup are sized for them. Fewer heads a part take less memory
-    and more time: at 128K tokens over two GPUs, parts of 2 heads made the forward+backward 1.7%
-    slower than one part of 16 (README, "Backward passes"). None for a forward pass."""
+    and more time: at 128K tokens over two H200s, parts of 2 heads made the forward+backward 1.7%
+    slower than one part of 16 (``results/evidence/probes/probe_part_rows.txt``). None for a
+    forward pass."""
     if problem.cell is None or not problem.inputs.requires_grad:
         return None
     batch = problem.inputs.shape[0]
