@@ -7,6 +7,7 @@ from conftest import PLUGINS
 from typer.testing import CliRunner
 
 from ringbench import records
+from ringbench.attention import blocks
 from ringbench.cli import app
 from ringbench.report import model
 from ringbench.run import calibrate
@@ -272,8 +273,10 @@ def test_ulysses_own_rows_first_plain_and_pipelined_at_two_and_four_processes_ma
         assert [rank["sent_bytes_per_call"] for rank in record["comm"]["ranks"]] == [expected] * processes
 
 
-def test_backward_in_parts_of_one_head_matches_the_reference(write_config, tmp_path):
+def test_backward_in_parts_of_one_head_matches_the_reference(write_config, tmp_path, monkeypatch):
     shutil.copy(PLUGINS / "one_head_parts.py", tmp_path / "one_head_parts.py")
+    # The plugin loads into this process too: its setting is undone after the test.
+    monkeypatch.setattr(blocks, "BACKWARD_PART_ROWS", blocks.BACKWARD_PART_ROWS)
     _, stored = run_sweep(
         write_config,
         (

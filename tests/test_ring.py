@@ -247,7 +247,6 @@ def _needs(part_heads):
     ],
 )
 def test_the_backward_goes_in_as_few_parts_as_the_memory_free_at_setup_allows(headroom, transfers, chosen, monkeypatch):
-    monkeypatch.setattr(blocks, "BACKWARD_PART_ROWS", 2**17)  # as shipped, whatever a plugin loaded earlier set
     problem = _backward_problem(headroom, transfers)
     problem.facts["kernel"] = "cudnn"
     registered = Registry.bundled().get("ring")
