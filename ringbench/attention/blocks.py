@@ -169,6 +169,12 @@ def attend(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     return _BLOCKS[kernel](q, k, v, causal)
 
 
+def gradient_dtype(kernel: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a block backward of ``kernel`` returns dq, dk, dv in, for inputs of ``dtype``: theirs,
+    or at least float32 from the plain PyTorch block, which computes in it."""
+    return torch.promote_types(dtype, torch.float32) if kernel == "math" else dtype
+
+
 def attend_backward(
     kernel: str,
     dout: torch.Tensor,

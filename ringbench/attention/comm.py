@@ -213,7 +213,7 @@ class _Arrived(torch.autograd.Function):
 
 def sums_slots(ring_size: int) -> tuple[int, bool]:
     """The buffers that receive :class:`TravellingSums`' hops in a ring of ``ring_size``, each of one
-    message's size: how many, and whether in the blocks' dtype (else float32). In a ring of two, one
+    message's size: how many, and whether in the blocks' gradients' dtype (else float32). In a ring of two, one
     for its one hop, in the blocks' dtype; beyond, two float32, which hops take by turns (the
     first hop, in the blocks' dtype, at the front of one)."""
     return (1, True) if ring_size == 2 else (2, False)
@@ -227,10 +227,11 @@ class TravellingSums:
     block's sums, and in each later step it receives the sums so far from its neighbour, adds its
     share and passes them on (:meth:`add`). After the last step every block's sums arrive home
     and join the owner's own gradient (:meth:`settle`). The first hop carries one block's
-    gradient, exact in the blocks' dtype, and travels in it (in a ring of two it is the only
-    hop); later hops carry float32 sums. Messages arrive in new tensors or, with ``through``,
-    in its slots (hop h in slot (h − 1) mod 2), which its copy engine transfers write; no rank
-    receives into the slot it sends from.
+    gradient, exact in ``dtype``, the one block backwards return (``blocks.gradient_dtype``),
+    and travels in it (in a ring of two it is the only hop); later hops carry float32 sums.
+    Messages arrive in new tensors or, with ``through``, in its slots (hop h in slot
+    (h − 1) mod 2), which its copy engine transfers write; no rank receives into the slot it
+    sends from.
     """
 
     def __init__(

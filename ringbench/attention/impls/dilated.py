@@ -329,7 +329,9 @@ def _spanning_pattern_backward(tensors, grads, w, r, rank, causal, kernel, comm)
     current = torch.stack([_segments(t, shard_len, r, index).flatten(1, 2) for t in (k, v)])
     spare = torch.empty_like(current)
     dq_rows = torch.zeros(qs.shape, dtype=torch.float32, device=q.device)
-    sums = TravellingSums(comm, current.shape, current.dtype, q.device, span, send_to, receive_from)
+    sums = TravellingSums(
+        comm, current.shape, blocks.gradient_dtype(kernel, current.dtype), q.device, span, send_to, receive_from
+    )
     for step in range(span):
         transfers = comm.exchange(current, spare, send_to, receive_from) if step + 1 < span else []
         block = None

@@ -413,7 +413,14 @@ class OneRank:
         received = tuple(buffer.view(-1)[: current.numel()].view(current.shape) for buffer in self.received)
         through = self.peers.sums if self.peers else None
         sums = TravellingSums(
-            comm, current.shape, self.dtype, q.device, self.ring_size, self.send_to, self.receive_from, through
+            comm,
+            current.shape,
+            blocks.gradient_dtype(self.kernel, self.dtype),
+            q.device,
+            self.ring_size,
+            self.send_to,
+            self.receive_from,
+            through,
         )
         dq = None
         for step in range(self.ring_size):
@@ -465,7 +472,7 @@ def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
     kv = torch.stack([k.detach(), v.detach()])
     k, v = (part.requires_grad_(q.requires_grad) for part in kv.unbind())
     part_heads = backward_part_heads(problem, q.shape[1], q.shape[2], _memory_model, setup_memory)
-    peers = ring_peers(problem, kv.shape, ring_size, _world)
+    peers = ring_peers(problem, kv.shape, ring_size, kernel, _world)
     ring = OneRank(
         q,
         kv,
@@ -526,11 +533,11 @@ def backward_part_heads(
 
 
 def ring_peers(
-    problem: Problem, shape: Sequence[int], ring_size: int, ring_group: Callable[[], dist.ProcessGroup]
+    problem: Problem, shape: Sequence[int], ring_size: int, kernel: str, ring_group: Callable[[], dist.ProcessGroup]
 ) -> peer_copy.RingPeers | None:
-    """The copy engine's buffers for a ring whose K/V messages are of ``shape``, shared over the group
-    ``ring_group()`` (asked for only here), where the cell asks for copy-engine transfers and the
-    ranks allow them (the facts record the transfers used): receive buffers as
+    """The copy engine's buffers for a ring of ``kernel`` blocks whose K/V messages are of ``shape``,
+    shared over the group ``ring_group()`` (asked for only here), where the cell asks for copy-engine
+    transfers and the ranks allow them (the facts record the transfers used): receive buffers as
     :func:`receive_buffers`, and in backward passes those the gradient sums of one part of heads
     arrive in (``comm.sums_slots``)."""
     if problem.options["transfers"] != "copy-engine":
@@ -544,7 +551,8 @@ def ring_peers(
         _, batch, heads, shard_len, dim = shape
         part = (2, batch, blocks.backward_part_heads(batch, shard_len, heads), shard_len, dim)
         count, narrow = sums_slots(ring_size)
-        sums = peer_copy.PeerBuffers(part, count, problem.dtype if narrow else torch.float32, problem.device, group)
+        dtype = blocks.gradient_dtype(kernel, problem.dtype) if narrow else torch.float32
+        sums = peer_copy.PeerBuffers(part, count, dtype, problem.device, group)
     received = peer_copy.PeerBuffers(shape, _receive_buffer_count(ring_size), problem.dtype, problem.device, group)
     return peer_copy.RingPeers(received, sums)
 

@@ -162,7 +162,7 @@ def setup(problem: Problem) -> Bench:
         # K and V stacked once into the message each ring step sends; k and v become leaves viewing it.
         kv = torch.stack([k.detach(), v.detach()])
         k, v = (part.requires_grad_(q.requires_grad) for part in kv.unbind())
-        peers = ring.ring_peers(problem, kv.shape, ring_size, ring_group)
+        peers = ring.ring_peers(problem, kv.shape, ring_size, kernel, ring_group)
         received = peers.kv.slots if peers else receive_buffers(kv.shape, kv, ring_size)
         one_rank = ring_rank(q, kv, received=received, peers=peers)
         inputs = (q, k, v)
@@ -178,7 +178,7 @@ def setup(problem: Problem) -> Bench:
 
     batch, heads, shard_rows, dim = q.shape
     message = (2, batch, heads // degree, shard_rows * degree, dim)
-    peers = ring.ring_peers(problem, message, ring_size, ring_group)
+    peers = ring.ring_peers(problem, message, ring_size, kernel, ring_group)
     received = peers.kv.slots if peers else receive_buffers(message, q, ring_size)
 
     def run() -> torch.Tensor:
