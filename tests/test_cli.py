@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 
 from ringbench.attention.registry import Registry
 from ringbench.cli import app
+from ringbench.report.index import terminal_index
+from ringbench.report.load import load_run
 from ringbench.run import worker
 
 runner = CliRunner()
@@ -77,6 +79,11 @@ def test_run_then_report(write_config):
     listing, findings = report.stdout.split("\n\n## Findings of ", 1)
     assert " ".join(listing.split()).startswith(f"ringbench runs in {out}, newest first: {run_dir.name} · test · ")
     assert "4 ok, 0 failed" in listing and max(len(line) for line in listing.splitlines()) <= 80
+    # At any width the run's line folds between its facts, never leaving their separator at either end.
+    for width in range(40, 101):
+        folded = terminal_index([load_run(run_dir)], out, width).splitlines()
+        assert max(len(line) for line in folded) <= width
+        assert not any(line.lstrip().startswith("·") or line.endswith("·") for line in folded), width
     assert findings.startswith(f"`{run_dir.name}` (test)\n")
     assert not list(out.glob("*.png")) and list(run_dir.glob("*.png"))
     missing = runner.invoke(app, ["report", str(path.parent / "nothing")])

@@ -76,10 +76,21 @@ def terminal_index(runs: list[Run], root: Path, width: int) -> str:
     lines = textwrap.wrap(f"ringbench runs in {root}, newest first:", width)
     for entry in _entries(runs):
         facts = [entry[key] for key in ("run", "config", "hardware", "cells")]
-        about = " · ".join([*facts, f"commit {entry['commit']}"])
-        lines += textwrap.wrap(about, width, initial_indent="  ", subsequent_indent="    ")
+        lines += _fold([*facts, f"commit {entry['commit']}"], width, "  ", "    ")
         lines += textwrap.wrap(entry["headline"], width, initial_indent="      ", subsequent_indent="      ")
     return "\n".join(lines) + "\n"
+
+
+def _fold(items: list[str], width: int, first: str, rest: str) -> list[str]:
+    """``items`` joined by " · " into lines of ``width``, broken between items (a continuation indented
+    by ``rest``, the first line by ``first``), and within an item only where it alone is too wide."""
+    lines = [first + items[0]]
+    for item in items[1:]:
+        if len(lines[-1]) + 3 + len(item) <= width:
+            lines[-1] += " · " + item
+        else:
+            lines.append(rest + item)
+    return [part for line in lines for part in textwrap.wrap(line, width, subsequent_indent=rest)]
 
 
 def refresh(runs: list[Run], folders: list[Path], baseline: str | None, plots: bool) -> list[Path]:
