@@ -77,12 +77,18 @@ def test_run_then_report(write_config):
     assert f"| [{run_dir.name}]({run_dir.name}/report.md) |" in index and "| 4 ok, 0 failed |" in index
     # Printed: the index folded to 80 columns, then the newest run's findings; figures stay in the run's folder.
     listing, findings = report.stdout.split("\n\n## Findings of ", 1)
-    assert " ".join(listing.split()).startswith(f"ringbench runs in {out}, newest first: {run_dir.name} · test · ")
-    assert "4 ok, 0 failed" in listing and max(len(line) for line in listing.splitlines()) <= 80
-    # At any width the run's line folds between its facts, never leaving their separator at either end.
-    for width in range(40, 101):
+    heading = f"ringbench runs in {out}, newest first:"
+    assert listing.startswith(heading if len(heading) <= 80 else f"ringbench runs, newest first, in\n{out}\n")
+    entries = listing.splitlines()[1 if len(heading) <= 80 else 2 :]
+    assert " ".join(" ".join(entries).split()).startswith(f"{run_dir.name} · test · ")
+    assert "4 ok, 0 failed" in listing and max(len(line) for line in entries) <= 80
+    # At any width the run's line folds between its facts, never leaving their separator at either end;
+    # the folder of runs stays whole, on a line of its own where the heading does not fit.
+    for width in [*range(40, 101), len(heading)]:
         folded = terminal_index([load_run(run_dir)], out, width).splitlines()
-        assert max(len(line) for line in folded) <= width
+        fits = width >= len(heading)
+        assert folded[: 1 if fits else 2] == ([heading] if fits else ["ringbench runs, newest first, in", str(out)])
+        assert max(len(line) for line in folded[1 if fits else 2 :]) <= width
         assert not any(line.lstrip().startswith("·") or line.endswith("·") for line in folded), width
     assert findings.startswith(f"`{run_dir.name}` (test)\n")
     assert not list(out.glob("*.png")) and list(run_dir.glob("*.png"))

@@ -71,9 +71,12 @@ def render_index(runs: list[Run], root: Path) -> str:
 
 
 def terminal_index(runs: list[Run], root: Path, width: int) -> str:
-    """The index for a terminal ``width`` columns wide: per run, newest first, a line of its folder (which
-    begins with the date), config, hardware, cells and commit, and its headline indented further below."""
-    lines = textwrap.wrap(f"ringbench runs in {root}, newest first:", width)
+    """The index for a terminal ``width`` columns wide: the folder of runs, never broken (wider than the
+    terminal, it overflows); then per run, newest first, a line of its folder (which begins with the
+    date), config, hardware, cells and commit, and its headline indented further below."""
+    lines = [f"ringbench runs in {root}, newest first:"]
+    if len(lines[0]) > width:  # the folder on a line of its own, whole, so that it can be copied
+        lines = ["ringbench runs, newest first, in", str(root)]
     for entry in _entries(runs):
         facts = [entry[key] for key in ("run", "config", "hardware", "cells")]
         lines += _fold([*facts, f"commit {entry['commit']}"], width, "  ", "    ")
