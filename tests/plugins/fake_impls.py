@@ -213,3 +213,42 @@ def rank_oom_midway(problem: Problem):
         return problem.q
 
     return run
+
+
+@register(
+    "test-functional",
+    options={"rotate": Option("gather", choices=("gather", "permute", "all-reduce"))},
+    distributed=True,
+    description="exact attention over K/V fetched with PyTorch's functional collectives, as libraries fetch them",
+)
+def functional(problem: Problem):
+    """Each rank's contiguous block of rows attends every key: K and V all-gathered, or passed round the
+    ring by ``permute_tensor`` (each step the whole shard to the next rank); ``all-reduce`` gathers,
+    then all-reduces a scalar, a collective whose bytes the clock does not tell apart."""
+    import torch.distributed._functional_collectives as funcol
+
+    group, size, rank = torch.distributed.group.WORLD, problem.world_size, problem.rank
+    shard_len = problem.seq_len // size
+    rows = torch.arange(rank * shard_len, (rank + 1) * shard_len)
+    q, k, v = problem.shard(rows)
+    rotate = problem.options["rotate"]
+
+    def fetch(x):
+        if rotate == "permute":
+            shards, current = [x], x
+            for _ in range(size - 1):
+                flat = funcol.permute_tensor(current.flatten(), [(r + 1) % size for r in range(size)], group).wait()
+                current = flat.view(x.shape)
+                shards.append(current)
+            # The shard that arrived in step s is rank (r − s)'s: put them back in the sequence's order.
+            return torch.cat([shards[(rank - owner) % size] for owner in range(size)], dim=2)
+        gathered = funcol.all_gather_tensor(x.movedim(2, 0).contiguous(), 0, group).wait()
+        return gathered.movedim(0, 2)
+
+    def run():
+        keys, values = fetch(k), fetch(v)
+        if rotate == "all-reduce":
+            funcol.all_reduce(keys.sum(), "sum", group).wait()
+        return torch.nn.functional.scaled_dot_product_attention(q, keys, values)
+
+    return Bench(run=run, rows=rows, inputs=(q, k, v))
