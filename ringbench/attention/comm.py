@@ -11,9 +11,7 @@ the rank, a ring of one's copy or the pieces of an all-to-all a rank keeps, is n
 sent), and the time spent waiting: on the CPU the host time blocked
 in ``wait()``; on a GPU, where ``wait()`` only makes the compute stream wait for the
 transfer, a CUDA event before and after each wait, the time between them on the
-stream being the stall. Transfers a library makes with PyTorch's functional collectives
-(``torch.distributed._functional_collectives``, as PyTorch's context parallel does) are counted and
-their waits timed the same way, seen as the ops they dispatch (:class:`_FunctionalCollectives`).
+stream being the stall.
 
 Backward passes send gradient sums around the ring behind the K/V blocks they
 belong to: :class:`TravellingSums`.
@@ -24,11 +22,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 
 if TYPE_CHECKING:
     from ringbench.attention.peer_copy import PeerBuffers
@@ -45,7 +42,6 @@ class WaitClock:
         self._on = False
         self._cpu_ms = 0.0
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self.unseen: str | None = None  # a collective whose bytes sent it cannot tell, by name
 
     def exchange(
         self,
@@ -103,54 +99,39 @@ class WaitClock:
         return requests
 
     def wait(self, transfers: Sequence) -> None:
-        def wait_all() -> None:
+        if not self._on:
             for transfer in transfers:
                 transfer.wait()
-
-        if self._on:
-            self.timed_wait(wait_all)
-        else:
-            wait_all()
-
-    def timed_wait(self, wait: Callable[[], Any]) -> Any:
-        """``wait()``, its stall added up: on a GPU between CUDA events around it on the stream, on the CPU
-        the host time it blocks."""
+            return
         if self.device.type == "cuda":
             before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             before.record()
-            result = wait()
+            for transfer in transfers:
+                transfer.wait()
             after.record()
             self._events.append((before, after))
-            return result
-        start = time.perf_counter_ns()
-        result = wait()
-        self._cpu_ms += (time.perf_counter_ns() - start) / 1e6
-        return result
-
-    def count(self, sent_bytes: int) -> None:
-        """One transfer, made other than through :meth:`exchange` or :meth:`swap`, that sent ``sent_bytes``."""
-        self.sent_bytes += sent_bytes
-        self.transfers += 1
+        else:
+            start = time.perf_counter_ns()
+            for transfer in transfers:
+                transfer.wait()
+            self._cpu_ms += (time.perf_counter_ns() - start) / 1e6
 
     def measure(self, fn: Callable[[], object]) -> dict[str, float]:
         """One call of ``fn`` with the clock on: its time, the time spent waiting, the bytes sent to other
         ranks over the whole call, and the number of transfers that sent them."""
         self._on, self._cpu_ms, self._events, self.sent_bytes, self.transfers = True, 0.0, [], 0, 0
-        self.unseen = None
         try:
             if self.device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                with _FunctionalCollectives(self):
-                    fn()
+                fn()
                 end.record()
                 torch.cuda.synchronize(self.device)
                 call_ms = start.elapsed_time(end)
                 wait_ms = sum(before.elapsed_time(after) for before, after in self._events)
             else:
                 begin = time.perf_counter_ns()
-                with _FunctionalCollectives(self):
-                    fn()
+                fn()
                 call_ms = (time.perf_counter_ns() - begin) / 1e6
                 wait_ms = self._cpu_ms
         finally:
@@ -160,52 +141,7 @@ class WaitClock:
             "wait_ms": wait_ms,
             "sent_bytes": float(self.sent_bytes),
             "transfers": self.transfers,
-            "unseen": self.unseen,
         }
-
-
-class _FunctionalCollectives(TorchDispatchMode):
-    """While ``clock`` measures a call, PyTorch's functional collectives (the ``_c10d_functional`` ops)
-    count as its own transfers: the bytes each sends to other ranks, and the stall of each
-    ``wait_tensor``. An all-gather sends its input to each other rank of the group; an all-to-all the
-    rows it addresses to others (its ``input_split_sizes``, or an equal share each); a reduce-scatter
-    the (P − 1)/P of its input that other ranks reduce. Any other collective's bytes are not told
-    apart here: the clock names it, and the call's traffic is then not measured."""
-
-    def __init__(self, clock: WaitClock):
-        super().__init__()
-        self.clock = clock
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.overloadpacket.__name__
-        if func.namespace != "_c10d_functional" or name.startswith("_"):  # not a collective, or a helper of theirs
-            return func(*args, **kwargs)
-        if name == "wait_tensor":
-            return self.clock.timed_wait(lambda: func(*args, **kwargs))
-        sent = _sent_bytes(name, args)
-        if sent is None:
-            self.clock.unseen = self.clock.unseen or name
-        else:
-            self.clock.count(sent)
-        return func(*args, **kwargs)
-
-
-def _sent_bytes(name: str, args: Sequence) -> int | None:
-    """What the functional collective ``name`` called with ``args`` sends to other ranks, in bytes; None
-    for a collective not told apart."""
-    tensor = args[0]
-    nbytes = tensor.numel() * tensor.element_size()
-    if name == "all_gather_into_tensor":
-        return nbytes * (args[1] - 1)
-    if name == "reduce_scatter_tensor":
-        return nbytes * (args[2] - 1) // args[2]
-    if name == "all_to_all_single":
-        group = dist.distributed_c10d._resolve_process_group(args[3])
-        size, me = dist.get_world_size(group), dist.get_rank(group)
-        splits = list(args[2]) or [tensor.shape[0] // size] * size
-        return nbytes * (sum(splits) - splits[me]) // max(1, tensor.shape[0])
-    return None
 
 
 @dataclass(frozen=True)

@@ -336,12 +336,12 @@ def _combine_ranks(group: OneProcess, main: Projected) -> tuple[Projected, tuple
 def _combine_traffic(group: OneProcess, traffic: dict[str, float] | None) -> Comm | None:
     """Every rank's bytes sent and time waiting in one instrumented call; the headline is the worst rank.
 
-    None in one process, when no rank sent through the clock, and when a rank made a collective
-    whose bytes the clock cannot tell (``unseen``): the implementation communicates in a way
-    ringbench cannot see (inside a library), which must not read as "no traffic".
+    None in one process, and when no rank sent through the clock: the implementation
+    communicates in a way ringbench cannot see (inside a library), which must not read
+    as "no traffic".
     """
     everyone = group.gather(traffic)
-    if traffic is None or not any(data["transfers"] for data in everyone) or any(data["unseen"] for data in everyone):
+    if traffic is None or not any(data["transfers"] for data in everyone):
         return None
     ranks = tuple(
         RankTraffic(
