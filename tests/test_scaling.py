@@ -261,16 +261,20 @@ def test_ulysses_own_rows_first_hides_the_inbound_all_to_all_behind_the_own_diag
 
 
 @pytest.mark.parametrize(
-    ("implementation", "options", "causal", "first"),
+    ("implementation", "options", "world_size", "causal", "first"),
     [
-        ("ulysses", {"own_rows_first": "causal", "chunks": 1}, True, True),
-        ("ulysses", {"own_rows_first": "causal", "chunks": 1}, False, False),
-        ("ulysses", {"own_rows_first": "always", "chunks": 1}, False, True),
-        ("ulysses", {"own_rows_first": "never", "chunks": 1}, True, False),
-        ("ulysses", {"own_rows_first": True}, False, True),  # recorded while the option was yes or no
-        ("ulysses", {}, True, False),  # recorded before the option: the plain form
-        ("usp", {"own_rows_first": "causal"}, True, False),
+        ("ulysses", {"own_rows_first": "causal", "chunks": 1}, 2, True, True),
+        ("ulysses", {"own_rows_first": "causal", "chunks": 1}, 2, False, False),
+        ("ulysses", {"own_rows_first": "always", "chunks": 1}, 2, False, True),
+        ("ulysses", {"own_rows_first": "never", "chunks": 1}, 2, True, False),
+        ("ulysses", {"own_rows_first": True}, 2, False, True),  # recorded while the option was yes or no
+        ("ulysses", {}, 2, True, False),  # recorded before the option: the plain form
+        # usp as a ring of one runs ulysses' default: its own rows first in causal attention
+        ("usp", {"ulysses_degree": 2}, 2, True, True),
+        ("usp", {"ulysses_degree": 2}, 2, False, False),
+        ("usp", {"ulysses_degree": 2}, 4, True, False),
+        ("usp", {"ulysses_degree": 1}, 2, True, False),
     ],
 )
-def test_the_model_attends_own_rows_first_where_the_cell_did(implementation, options, causal, first):
-    assert model.attends_own_rows_first(implementation, options, causal) is first
+def test_the_model_attends_own_rows_first_where_the_cell_did(implementation, options, world_size, causal, first):
+    assert model.attends_own_rows_first(implementation, options, world_size, causal) is first

@@ -382,10 +382,13 @@ def cell_degree(implementation: str, options: Mapping[str, Any], world_size: int
     return degrees.get(implementation)
 
 
-def attends_own_rows_first(implementation: str, options: Mapping[str, Any], causal: bool) -> bool:
+def attends_own_rows_first(implementation: str, options: Mapping[str, Any], world_size: int, causal: bool) -> bool:
     """Whether a cell's forward attends its own rows first: `ulysses` in one chunk, by its
-    ``own_rows_first`` option (``ulysses.attends_own_rows_first``); cells recorded before the
-    option ran the plain form, and for a while it was yes or no."""
+    ``own_rows_first`` option (``ulysses.attends_own_rows_first``; cells recorded before the
+    option ran the plain form, and for a while it was yes or no); `usp` as a ring of one (its
+    Ulysses degree the world size) in causal attention, as its setup runs `ulysses`."""
+    if implementation == "usp":
+        return causal and options.get("ulysses_degree") == world_size
     if implementation != "ulysses" or options.get("chunks", 1) != 1:
         return False
     mode = options.get("own_rows_first", "never")

@@ -81,7 +81,7 @@ def _predict(
         model.calibration_for(calibration, cell.world_size), inter_node_gbit_s, gpus_per_node
     )
     shape = model.Shape(cell.batch_size, cell.heads, cell.head_dim, DTYPE_BYTES[cell.dtype])
-    own_rows_first = model.attends_own_rows_first(cell.implementation, options, cell.causal)
+    own_rows_first = model.attends_own_rows_first(cell.implementation, options, cell.world_size, cell.causal)
     found = model.predict(
         degree, cell.world_size, cell.seq_len, cell.causal, cell.pass_name, shape, blocks[key], machine, own_rows_first
     )

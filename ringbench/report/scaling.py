@@ -45,7 +45,9 @@ def validation(frame: pd.DataFrame, calibration: dict[int, dict[str, Any]]) -> p
         if degree is None or entry is None or key not in blocks:
             continue
         machine = Machine.from_calibration(entry, gpus_per_node=entry["ranks_per_host"])
-        own_rows_first = attends_own_rows_first(row["implementation"], json.loads(row["options"]), row["causal"])
+        own_rows_first = attends_own_rows_first(
+            row["implementation"], json.loads(row["options"]), row["world_size"], row["causal"]
+        )
         modelled = predict(
             degree,
             row["world_size"],

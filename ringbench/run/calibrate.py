@@ -3,7 +3,10 @@ and the all-to-all take at each message size, what a merge costs, and how much a
 while a transfer runs beside it.
 
 A worker of several processes measures these once per world size before its first cell, through
-the same calls the implementations make (``WaitClock.exchange`` and ``WaitClock.swap``); rank 0
+the same calls the implementations make: the ring step through ``WaitClock.exchange``, the
+all-to-all through ``ulysses.to_heads`` (a piece per head per peer, the rows a rank keeps copied:
+on two H200s at 128K tokens that took 1.7 times as long as one piece per peer of the same bytes,
+``results/evidence/probes/probe_a2a.txt``); rank 0
 stores them in the run folder (``records.write_calibration``). Raw points are stored, not fitted
 figures: the report fits them (``report.model``), so a better fit needs no new run.
 """
@@ -21,9 +24,11 @@ import torch.nn.functional as F
 
 from ringbench.attention import blocks
 from ringbench.attention.comm import WaitClock
+from ringbench.attention.impls.ulysses import to_heads
 from ringbench.run.distributed import OneProcess, local_world_size
 
-# Message sizes per rank, in bytes: from where latency dominates to where bandwidth does.
+# Message sizes per rank, in bytes: from where latency dominates to where bandwidth does (the
+# all-to-all's, to the nearest whole row of its shard).
 # The CPU's (gloo) stop early: there the figures only exercise the path, and tests run it.
 SIZES = {"cuda": [2**exponent for exponent in range(12, 29, 2)], "cpu": [2**exponent for exponent in range(12, 21, 4)]}
 REPEATS = {"cuda": 7, "cpu": 3}
@@ -32,6 +37,10 @@ MERGE_ROWS = {"cuda": 32768, "cpu": 1024}
 # The block kernel timed alone and beside transfers: bf16 attention of this many rows (about 4 ms on
 # an H200), beside a stream of ring transfers of the largest size.
 CONTENTION_ROWS = 16384
+# The all-to-all's sequence shards: as the sweeps' usual shape has them (16 heads, or one a rank
+# where 16 do not divide among the ranks), head_dim 128, in the blocks' dtype on a GPU.
+ALL_TO_ALL_HEADS, ALL_TO_ALL_HEAD_DIM = 16, 128
+ALL_TO_ALL_DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
 
 
 def _timed_ms(fn: Callable[[], object], device: torch.device, group: OneProcess, repeats: int) -> float:
@@ -57,29 +66,39 @@ def _timed_ms(fn: Callable[[], object], device: torch.device, group: OneProcess,
     return statistics.median(times)
 
 
-def _ring_step(clock: WaitClock, group: OneProcess, size: int) -> Callable[[], None]:
+# A pattern makes, for about ``size`` bytes sent by each rank, one call of it and the bytes it sends.
+Pattern = Callable[[WaitClock, OneProcess, int], tuple[Callable[[], object], int]]
+
+
+def _ring_step(clock: WaitClock, group: OneProcess, size: int) -> tuple[Callable[[], object], int]:
     """One ring step's transfer of ``size`` bytes: to the next rank, from the previous."""
     send = torch.empty(size, dtype=torch.uint8, device=group.device)
     receive = torch.empty_like(send)
     after, before = (group.rank + 1) % group.world_size, (group.rank - 1) % group.world_size
-    return lambda: clock.wait(clock.exchange(send, receive, after, before))
+    return lambda: clock.wait(clock.exchange(send, receive, after, before)), size
 
 
-def _all_to_all(clock: WaitClock, group: OneProcess, size: int) -> Callable[[], None]:
-    """An all-to-all sending ``size`` bytes in all from this rank, an equal piece to each other rank."""
-    piece = max(1, size // (group.world_size - 1))
-    peers = [peer for peer in range(group.world_size) if peer != group.rank]
-    sends = [torch.empty(piece, dtype=torch.uint8, device=group.device) for _ in peers]
-    receives = [torch.empty_like(send) for send in sends]
-    return lambda: clock.wait(clock.swap(zip(sends, receives, peers)))
+def _all_to_all(clock: WaitClock, group: OneProcess, size: int) -> tuple[Callable[[], object], int]:
+    """`ulysses`' all-to-all of one sequence shard into a head shard, its rows chosen so that this rank
+    sends about ``size`` bytes to the others."""
+    processes = group.world_size
+    heads = ALL_TO_ALL_HEADS if ALL_TO_ALL_HEADS % processes == 0 else processes
+    dtype = ALL_TO_ALL_DTYPE[group.device.type]
+    row_bytes = heads * ALL_TO_ALL_HEAD_DIM * dtype.itemsize * (processes - 1) // processes
+    rows = max(1, round(size / row_bytes))
+    shard = torch.zeros(1, heads, rows, ALL_TO_ALL_HEAD_DIM, dtype=dtype, device=group.device)
+    return lambda: to_heads([shard], clock).arrived(), rows * row_bytes
 
 
-def _curve(make: Callable[[WaitClock, OneProcess, int], Callable[[], None]], group: OneProcess) -> dict[str, list]:
+def _curve(make: Pattern, group: OneProcess) -> dict[str, list]:
     kind = group.device.type
     clock = WaitClock(group.device)
-    sizes = SIZES[kind]
-    times = [_timed_ms(make(clock, group, size), group.device, group, REPEATS[kind]) for size in sizes]
-    return {"bytes": sizes, "ms": times}
+    sent, times = [], []
+    for size in SIZES[kind]:
+        call, nbytes = make(clock, group, size)
+        sent.append(nbytes)
+        times.append(_timed_ms(call, group.device, group, REPEATS[kind]))
+    return {"bytes": sent, "ms": times}
 
 
 def _merge(group: OneProcess) -> dict[str, Any]:
