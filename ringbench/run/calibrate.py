@@ -26,6 +26,7 @@ from ringbench.attention import blocks
 from ringbench.attention.comm import WaitClock
 from ringbench.attention.impls.ulysses import to_heads
 from ringbench.run.distributed import OneProcess, local_world_size
+from ringbench.run.timing import HOLD_MS, MAX_PROBE_HOLD_MS, hold_gpu
 
 # Message sizes per rank, in bytes: from where latency dominates to where bandwidth does (the
 # all-to-all's, to the nearest whole row of its shard).
@@ -45,14 +46,28 @@ ALL_TO_ALL_DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
 
 def _timed_ms(fn: Callable[[], object], device: torch.device, group: OneProcess, repeats: int) -> float:
     """The median over ``repeats`` calls of the slowest rank's time for one call of ``fn``, every call
-    started together (after a barrier), after one call that is not timed."""
+    started together (after a barrier), after one call that is not timed.
+
+    On a GPU each call is queued while a hold keeps the GPU busy, so that its events time the GPU's
+    work, not the host's posting of it: the host takes 0.9 ms to post `ulysses`' all-to-all of one
+    tensor at any size (``probe_a2a.txt``), which in a stream of calls overlaps the GPU's work, and
+    which a cell's own launch probe measures where it does not (the model's host-paced cells).
+    """
     fn()
+    hold_ms = 0.0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        hold_ms = group.max(min(2e3 * (time.perf_counter() - begin) + HOLD_MS[0], MAX_PROBE_HOLD_MS))
     times = []
     for _ in range(repeats):
         group.barrier()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            hold_gpu(hold_ms)
             start.record()
             fn()
             end.record()

@@ -74,7 +74,7 @@ def _time_calls_cuda(
     if hold:
         quickest_ms = math.inf  # so the first chunk gets the longest hold
         for first in range(0, count, HOLD_CHUNK):
-            _hold(min(max(2 * quickest_ms, HOLD_MS[0]), HOLD_MS[1]))
+            hold_gpu(min(max(2 * quickest_ms, HOLD_MS[0]), HOLD_MS[1]))
             queuing = time.perf_counter()
             _queue(fn, pairs[first : first + HOLD_CHUNK], flush)
             quickest_ms = min(quickest_ms, 1e3 * (time.perf_counter() - queuing))
@@ -154,7 +154,8 @@ WARM_PROBE_SHARE = 0.25
 WARM_CALLS = 4
 
 
-def _hold(ms: float) -> None:
+def hold_gpu(ms: float) -> None:
+    """Keep the current GPU stream busy for at least ``ms``, while the host queues what follows."""
     torch.cuda._sleep(int(ms * CYCLES_PER_MS))
 
 
@@ -190,7 +191,7 @@ def _probe(fn: Callable[[], object], device: torch.device, agree: Callable[[floa
     for _ in range(PROBES):
         agree(0.0)
         pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
-        _hold(hold_ms)
+        hold_gpu(hold_ms)
         for index, (start, end) in enumerate(pairs):
             if index == first_counted:
                 queuing = time.perf_counter()
