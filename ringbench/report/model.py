@@ -181,8 +181,10 @@ class _Tally:
         return timed[0] * share
 
     def step(self, compute_ms: float, transfer_ms: float) -> None:
-        """A block computed while a transfer runs beside it (slowing it), the longer of the two."""
-        slowed = compute_ms * (1 + self.contention) if transfer_ms else compute_ms
+        """A block computed while a transfer runs beside it, the longer of the two. The block runs
+        slower only while the transfer runs: the calibration times a kernel with transfers beside it
+        throughout (``run.calibrate``), and a long block outlasts its transfer."""
+        slowed = compute_ms + self.contention * min(compute_ms, transfer_ms)
         self.exposed |= transfer_ms > slowed
         self.ms += max(slowed, transfer_ms)
 

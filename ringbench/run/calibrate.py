@@ -38,6 +38,7 @@ MERGE_ROWS = {"cuda": 32768, "cpu": 1024}
 # The block kernel timed alone and beside transfers: bf16 attention of this many rows (about 4 ms on
 # an H200), beside a stream of ring transfers of the largest size.
 CONTENTION_ROWS = 16384
+CONTENTION_HOLD_MS = 10.0  # far longer than the host takes to post the transfers and queue the kernel
 # The all-to-all's sequence shards: as the sweeps' usual shape has them (16 heads, or one a rank
 # where 16 do not divide among the ranks), head_dim 128, in the blocks' dtype on a GPU.
 ALL_TO_ALL_HEADS, ALL_TO_ALL_HEAD_DIM = 16, 128
@@ -143,6 +144,9 @@ def _contention(group: OneProcess) -> dict[str, float] | None:
     beside = []
     for _ in range(REPEATS["cuda"] + 1):
         group.barrier()
+        # Queued behind a hold, as the calls _timed_ms times alone are (NCCL's stream waits for the
+        # compute stream when a transfer is posted): the kernel and the transfers start together.
+        hold_gpu(CONTENTION_HOLD_MS)
         # Posted first, enough transfers to outlast the kernel, waited for only after it.
         posted = [request for _ in range(4) for request in clock.exchange(send, receive, after, before)]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
