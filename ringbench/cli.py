@@ -261,6 +261,7 @@ def report(
     folder; the index and the newest run's findings are printed. --merge: one report of all cells."""
     from ringbench import records
     from ringbench.report import index, render_merged, render_report, render_table, to_html
+    from ringbench.report.markdown import fold
     from ringbench.report.render import render_findings
 
     names = {"markdown": "report.md", "html": "report.html", "csv": "report.csv", "json": "report.json"}
@@ -280,7 +281,7 @@ def report(
             root = folders[-1] if folders else Path.cwd()
             width = shutil.get_terminal_size().columns  # 80 where the output is not a terminal
             print(index.terminal_index(index.within(runs, root) if folders else runs, root, width))
-            print(findings)
+            print(fold(findings, width))
         return
     if merge and output is None and folders:  # beside the runs, not loose among them
         target = paths[0] / "merged" / names[output_format]

@@ -16,7 +16,8 @@ from ringbench.cli import app
 from ringbench.errors import UserError
 from ringbench.report import find_runs, load_run, render_merged, render_report, render_table
 from ringbench.report.baseline import with_ratios
-from ringbench.report.markdown import escape
+from ringbench.report.markdown import escape, fold
+from ringbench.report.render import render_findings
 from ringbench.report.summary import fastest, headline
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -486,3 +487,19 @@ def test_left_out_rows_show_the_axes_that_tell_them_apart(tmp_path):
     assert re.match(r"\| implementation +\| run as +\| seq_len +\| dtype +\| reason +\|$", left_out[0])
     assert re.match(r"\| ring +\| ring 3 +\| 4096 +\| float16 +\| seq\\_len 4096 is not divisible", left_out[2])
     assert "None" not in markdown
+
+
+@pytest.mark.parametrize("width", [40, 60, 80, 100])
+def test_findings_fold_for_a_terminal_between_words_under_each_items_text(width):
+    findings = render_findings(load_run(FIXTURES / "multi-process"))
+    assert max(len(line) for line in findings.splitlines()) > 100  # the fixture has lines to fold
+    folded = fold(findings, width)
+    assert " ".join(folded.split()) == " ".join(findings.split())  # every word, in order
+    for line in findings.splitlines():
+        first, *rest = fold(line, width).splitlines() or [""]
+        text = line.lstrip()
+        assert first.startswith(line[: len(line) - len(text)] + text.split(" ")[0])  # the item's own indent
+        hang = len(line) - len(text) + (2 if text.startswith("- ") else 0)  # a list item's text
+        assert all(len(part) - len(part.lstrip()) == hang for part in rest), line
+        # over the width only as one unbroken word (a path, a cell's title)
+        assert all(len(part) <= width or " " not in part.strip() for part in [first, *rest]), line

@@ -1,9 +1,11 @@
-"""Small Markdown helpers: escaping untrusted text and number formats used in every table."""
+"""Small Markdown helpers: escaping untrusted text, number formats used in every table, and folding
+text for a terminal."""
 
 from __future__ import annotations
 
 import math
 import re
+import textwrap
 
 import pandas as pd
 from tabulate import tabulate
@@ -17,6 +19,19 @@ def escape(text: object, limit: int | None = None) -> str:
     if limit is not None and len(flat) > limit:
         flat = flat[: limit - 1] + "…"
     return _SPECIAL.sub(r"\\\1", flat)
+
+
+def fold(text: str, width: int) -> str:
+    """Markdown ``text`` (headings and list items) for a terminal ``width`` columns wide: each line folded
+    between words, a list item's continuation under its text. A word wider than a line (a path, a
+    cell's title) is kept whole, so that it can be copied."""
+    lines = []
+    for line in text.splitlines():
+        item = line.lstrip()
+        hang = " " * (len(line) - len(item) + (2 if item.startswith("- ") else 0))
+        folded = textwrap.wrap(line, width, subsequent_indent=hang, break_long_words=False, break_on_hyphens=False)
+        lines += folded or [""]  # a blank line stays one
+    return "\n".join(lines)
 
 
 def ms(value: float) -> str:
