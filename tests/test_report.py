@@ -489,17 +489,16 @@ def test_left_out_rows_show_the_axes_that_tell_them_apart(tmp_path):
     assert "None" not in markdown
 
 
-@pytest.mark.parametrize("width", [40, 60, 80, 100])
-def test_findings_fold_for_a_terminal_between_words_under_each_items_text(width):
+def test_findings_fold_for_a_terminal_between_words_under_each_items_text():
     findings = render_findings(load_run(FIXTURES / "multi-process"))
     assert max(len(line) for line in findings.splitlines()) > 100  # the fixture has lines to fold
-    folded = fold(findings, width)
-    assert " ".join(folded.split()) == " ".join(findings.split())  # every word, in order
-    for line in findings.splitlines():
-        first, *rest = fold(line, width).splitlines() or [""]
-        text = line.lstrip()
-        assert first.startswith(line[: len(line) - len(text)] + text.split(" ")[0])  # the item's own indent
-        hang = len(line) - len(text) + (2 if text.startswith("- ") else 0)  # a list item's text
-        assert all(len(part) - len(part.lstrip()) == hang for part in rest), line
-        # over the width only as one unbroken word (a path, a cell's title)
-        assert all(len(part) <= width or " " not in part.strip() for part in [first, *rest]), line
+    for width in (40, 60, 80, 100):
+        assert " ".join(fold(findings, width).split()) == " ".join(findings.split())  # every word, in order
+        for line in findings.splitlines():
+            first, *rest = fold(line, width).splitlines() or [""]
+            text = line.lstrip()
+            assert first.startswith(line[: len(line) - len(text)] + text.split(" ")[0])  # the item's own indent
+            hang = len(line) - len(text) + (2 if text.startswith("- ") else 0)  # a list item's text
+            assert all(len(part) - len(part.lstrip()) == hang for part in rest), (width, line)
+            # over the width only as one unbroken word (a path, a cell's title)
+            assert all(len(part) <= width or " " not in part.strip() for part in [first, *rest]), (width, line)
