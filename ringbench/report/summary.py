@@ -185,10 +185,13 @@ def efficiencies(frame: pd.DataFrame) -> list[tuple[pd.Series, pd.Series]]:
     length, or, where that did not run, the longest sequence it ran."""
     ok = frame[frame["status"] == records.OK]
     baselines = ok[ok[PEER] & (ok["world_size"] == 1)]
+    peers = dict(list(baselines.groupby(["kernel", *SHAPE], sort=False)))
     pairs = []
     for _, row in ok[ok["world_size"] > 1].iterrows():
-        same = baselines[(baselines["kernel"] == row.kernel) & (baselines["seq_len"] <= row.seq_len)]
-        same = same[(same[SHAPE] == row[SHAPE]).all(axis=1)]
+        same = peers.get((row.kernel, *row[SHAPE]))
+        if same is None:
+            continue
+        same = same[same["seq_len"] <= row.seq_len]
         if not same.empty:
             pairs.append((row, same.loc[same["seq_len"].idxmax()]))
     return pairs

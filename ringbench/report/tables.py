@@ -190,20 +190,22 @@ def metric_table(group: pd.DataFrame, metric: Metric) -> str:
     if metric.rows_with:
         labels = group.loc[group[metric.rows_with].notna(), "label"].unique()
         group = group[group["label"].isin(labels)]
-    frame = group.assign(
-        implementation=group["label"].map(escape),
-        run_as=[placement(row.ring_size, row.world_size) for row in group.itertuples()],
-        column=[f"S={row.seq_len}" for row in group.itertuples()],
-        text=[_cell_text(metric, row) for row in group.itertuples()],
+    # One pass over the cells: a row per implementation and placement, in the order they first appear.
+    rows: dict[tuple[str, object], dict[int, str]] = {}
+    for row in group.itertuples():
+        key = (row.label, placement(row.ring_size, row.world_size))
+        rows.setdefault(key, {}).setdefault(row.seq_len, _cell_text(metric, row))
+    labels = list(dict.fromkeys(label for label, _ in rows))
+    lengths = sorted({seq_len for texts in rows.values() for seq_len in texts})
+    lengths = [seq_len for seq_len in lengths if any(texts.get(seq_len) for texts in rows.values())]
+    frame = pd.DataFrame(
+        [
+            [escape(label), str(run_as), *(rows[label, run_as].get(seq_len, "") for seq_len in lengths)]
+            for label, run_as in sorted(rows, key=lambda key: (labels.index(key[0]), key[1]))
+        ],
+        columns=["implementation", "run as", *(f"S={seq_len}" for seq_len in lengths)],
     )
-    implementations = list(dict.fromkeys(frame["implementation"]))
-    columns = [f"S={seq_len}" for seq_len in sorted(group["seq_len"].unique())]
-    pivot = frame.pivot_table(index=["implementation", "run_as"], columns="column", values="text", aggfunc="first")
-    order = sorted(pivot.index, key=lambda key: (implementations.index(key[0]), key[1]))
-    pivot = pivot.reindex(index=order, columns=columns).fillna("")
-    pivot.index = pivot.index.set_levels(pivot.index.levels[1].map(str), level=1)
-    pivot = pivot.loc[:, (pivot != "").any()]  # a column only rows without this metric would fill
-    return table(pivot.reset_index().rename(columns={"run_as": "run as"}), text_columns=2)
+    return table(frame, text_columns=2)
 
 
 def tolerances(group: pd.DataFrame) -> str | None:
