@@ -502,3 +502,27 @@ def test_findings_fold_for_a_terminal_between_words_under_each_items_text():
             assert all(len(part) - len(part.lstrip()) == hang for part in rest), (width, line)
             # over the width only as one unbroken word (a path, a cell's title)
             assert all(len(part) <= width or " " not in part.strip() for part in [first, *rest]), (width, line)
+
+
+def test_the_library_settings_a_run_kept_are_named_under_its_environment(tmp_path):
+    settings = {"NCCL_MAX_NCHANNELS": "4", "TORCH_NCCL_HIGH_PRIORITY": "1"}
+    for name, environment in [
+        ("now", {"library_settings": settings}),
+        ("before", {"pytorch_cuda_alloc_conf": "expandable_segments:True"}),  # runs before every setting was kept
+    ]:
+        run = tmp_path / name
+        shutil.copytree(FIXTURES / "run", run)
+        meta = json.loads((run / "run.json").read_text())
+        meta["environment"].pop("pytorch_cuda_alloc_conf")
+        meta["environment"].update(environment)
+        (run / "run.json").write_text(json.dumps(meta))
+    lines = [
+        line
+        for name in ("now", "before")
+        for line in render_report([load_run(tmp_path / name)], plots_dir=None).splitlines()
+        if "library settings" in line
+    ]
+    assert lines == [
+        "- **library settings** from the environment: NCCL\\_MAX\\_NCHANNELS=4, TORCH\\_NCCL\\_HIGH\\_PRIORITY=1",
+        "- **library settings** from the environment: PYTORCH\\_CUDA\\_ALLOC\\_CONF=expandable\\_segments:True",
+    ]

@@ -1,6 +1,8 @@
 import dataclasses
 import json
+import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,6 +85,21 @@ def test_run_file_stamps_environment_config_and_plan(write_config, tmp_path):
         json.loads(line)["schema_version"] == records.SCHEMA_VERSION
         for line in (result.run_dir / records.RECORDS_FILE).read_text().splitlines()
     )
+
+
+def test_the_stamp_keeps_every_library_setting_the_environment_sets_and_nothing_else(monkeypatch):
+    for name in [name for name in os.environ if name.startswith(env.LIBRARY_SETTING_PREFIXES)]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("TORCH_NCCL_HIGH_PRIORITY", "1")
+    monkeypatch.setenv("NCCL_MAX_NCHANNELS", "4")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.setenv("RINGBENCH_UNRELATED", "x")
+    stamp = env.snapshot(torch.device("cpu"), 1, Path(__file__).parent)
+    assert stamp["library_settings"] == {
+        "NCCL_MAX_NCHANNELS": "4",
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+        "TORCH_NCCL_HIGH_PRIORITY": "1",
+    }
 
 
 def test_git_state_is_unknown_outside_a_checkout(tmp_path):

@@ -209,6 +209,27 @@ def ringbench_source() -> dict[str, Any]:
     return {"version": __version__, **checkout}
 
 
+# Environment variables that change what the measured libraries do: NCCL's channels and protocols,
+# the priority of PyTorch's NCCL streams, symmetric memory, the caching allocator, cuDNN's and
+# cuBLAS's choices, which GPUs are visible. The stamp keeps every one that is set, so two runs
+# that differ only there read apart.
+LIBRARY_SETTING_PREFIXES = (
+    "NCCL_",
+    "TORCH_NCCL_",
+    "TORCH_SYMM_MEM_",
+    "PYTORCH_",
+    "CUDA_",
+    "CUBLAS_",
+    "CUDNN_",
+    "TORCH_CUDNN_",
+)
+
+
+def library_settings() -> dict[str, str]:
+    """The environment's library settings (``LIBRARY_SETTING_PREFIXES``), by name."""
+    return {name: value for name, value in sorted(os.environ.items()) if name.startswith(LIBRARY_SETTING_PREFIXES)}
+
+
 def snapshot(device: torch.device, threads: int, config_folder: Path) -> dict[str, Any]:
     """The stamp; ``threads`` is the intra-op thread count the workers use. ``git`` is the repository
     holding the config and its plugins; ``ringbench`` the code that measured."""
@@ -237,6 +258,6 @@ def snapshot(device: torch.device, threads: int, config_folder: Path) -> dict[st
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "nccl": _nccl_version() if cuda else None,
-        "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        "library_settings": library_settings(),
         "worker_malloc": {name: worker_environment()[name] for name in FIXED_MALLOC},
     }
