@@ -227,10 +227,13 @@ def ring_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def efficiency_findings(frame: pd.DataFrame) -> list[str]:
-    """Per implementation and process count, the range of its per-device efficiency across the cells."""
+    """Per implementation and process count, the range of its per-device efficiency across the cells,
+    marked where a cell or the peer's cell it is set against is noisier than the target allows."""
     ratios: dict[tuple[str, int], list[float]] = {}
+    cells: dict[tuple[str, int], list[pd.Series]] = {}
     for row, baseline in efficiencies(frame):
         ratios.setdefault((row.label, row.world_size), []).append(row.tflops_per_device / baseline.tflops_per_device)
+        cells.setdefault((row.label, row.world_size), []).extend([row, baseline])
     if not ratios:
         return []
     lines = [
@@ -243,7 +246,7 @@ def efficiency_findings(frame: pd.DataFrame) -> list[str]:
             if len(values) == 1
             else f"{min(values):.3f} to {max(values):.3f} over {len(values)} cells"
         )
-        lines.append(f"  - {escape(label)} on {processes} processes: {spread}")
+        lines.append(f"  - {escape(label)} on {processes} processes: {spread}{_noise_mark(cells[label, processes])}")
     return lines
 
 
