@@ -137,6 +137,10 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     if missing:
         raise BrokenRun(str(path), f"not a ringbench run file (missing {', '.join(missing)})")
     meta.setdefault("roles", ROLES_BEFORE_DECLARED)
+    environment = meta["environment"]
+    if "library_settings" not in environment:  # runs from before kept the allocator's setting alone
+        conf = environment.get("pytorch_cuda_alloc_conf")
+        environment["library_settings"] = {"PYTORCH_CUDA_ALLOC_CONF": conf} if conf else {}
     return meta
 
 

@@ -129,6 +129,17 @@ def test_different_hardware_is_incomparable_and_versions_warn(tmp_path):
     ]
 
 
+def test_library_settings_set_differently_warn_by_name(tmp_path):
+    # FIXTURE predates the kept settings: its allocator setting (none) reads as no setting at all.
+    settings = {"library_settings": {"NCCL_MAX_NCHANNELS": "4", "TORCH_NCCL_HIGH_PRIORITY": "1"}}
+    comparison = compare_runs(FIXTURE, changed_run(tmp_path, lambda record: None, settings))
+    assert {row["verdict"] for row in comparison.rows if row["ratio"] is not None} == {"unchanged"}
+    assert comparison.warnings == [
+        "NCCL_MAX_NCHANNELS differs: unset against 4.",
+        "TORCH_NCCL_HIGH_PRIORITY differs: unset against 1.",
+    ]
+
+
 def test_two_implementations_of_one_run_compare_cell_by_matching_cell():
     multi = Path(__file__).parent / "fixtures" / "multi-process"
     comparison = compare_runs(multi, multi, 1.01, 0.05, ("torch-cp backend=cudnn", "ring kernel=cudnn zigzag=true"))

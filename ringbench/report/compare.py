@@ -172,6 +172,12 @@ def compare_runs(
     for key in _ENVIRONMENT_KEYS:
         if base_env.get(key) != new_env.get(key):
             comparison.warnings.append(f"{key} differs: {base_env.get(key)} against {new_env.get(key)}.")
+    base_settings, new_settings = base_env["library_settings"], new_env["library_settings"]
+    for name in sorted(base_settings.keys() | new_settings.keys()):
+        if base_settings.get(name) != new_settings.get(name):
+            comparison.warnings.append(
+                f"{name} differs: {base_settings.get(name, 'unset')} against {new_settings.get(name, 'unset')}."
+            )
     for old, fresh in _pairs(_latest(base), _latest(new), labels, (base, new)):
         either = fresh or old
         assert either is not None, "each cell id comes from one run or the other"

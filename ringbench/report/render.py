@@ -207,15 +207,6 @@ def _gpu_state(state: dict[str, Any]) -> str:
     )
 
 
-def _library_settings(environment: dict[str, Any]) -> dict[str, str]:
-    """The environment variables the run kept that steer the measured libraries (``env.library_settings``);
-    runs from before kept only the caching allocator's."""
-    if "library_settings" in environment:
-        return environment["library_settings"]
-    conf = environment.get("pytorch_cuda_alloc_conf")
-    return {"PYTORCH_CUDA_ALLOC_CONF": conf} if conf else {}
-
-
 def _environment(environment: dict[str, Any]) -> list[str]:
     """Where the numbers were measured, beyond the stamp: software, and the GPUs' state at start and end."""
     libraries = ", ".join(
@@ -237,7 +228,7 @@ def _environment(environment: dict[str, Any]) -> list[str]:
             f"- **GPU {escape(state['index'])}** at the start: {escape(_gpu_state(state))}"
             + (f"; at the end: {escape(_gpu_state(end))}" if end else "")
         )
-    settings = _library_settings(environment)
+    settings = environment.get("library_settings")
     if settings:
         lines.append(
             "- **library settings** from the environment: "
