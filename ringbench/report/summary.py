@@ -229,24 +229,24 @@ def ring_efficiency(frame: pd.DataFrame) -> pd.DataFrame:
 def efficiency_findings(frame: pd.DataFrame) -> list[str]:
     """Per implementation and process count, the range of its per-device efficiency across the cells,
     marked where a cell or the peer's cell it is set against is noisier than the target allows."""
-    ratios: dict[tuple[str, int], list[float]] = {}
-    cells: dict[tuple[str, int], list[pd.Series]] = {}
+    pairs: dict[tuple[str, int], list[tuple[pd.Series, pd.Series]]] = {}
     for row, baseline in efficiencies(frame):
-        ratios.setdefault((row.label, row.world_size), []).append(row.tflops_per_device / baseline.tflops_per_device)
-        cells.setdefault((row.label, row.world_size), []).extend([row, baseline])
-    if not ratios:
+        pairs.setdefault((row.label, row.world_size), []).append((row, baseline))
+    if not pairs:
         return []
     lines = [
         "- Efficiency across processes: per-device TFLOP/s over single-device "
         f"`{escape(peer_name(frame))}` with the same kernel"
     ]
-    for (label, processes), values in ratios.items():
+    for (label, processes), measured in pairs.items():
+        values = [row.tflops_per_device / baseline.tflops_per_device for row, baseline in measured]
         spread = (
             f"{min(values):.3f}"
             if len(values) == 1
             else f"{min(values):.3f} to {max(values):.3f} over {len(values)} cells"
         )
-        lines.append(f"  - {escape(label)} on {processes} processes: {spread}{_noise_mark(cells[label, processes])}")
+        noise = _noise_mark([cell for pair in measured for cell in pair])
+        lines.append(f"  - {escape(label)} on {processes} processes: {spread}{noise}")
     return lines
 
 

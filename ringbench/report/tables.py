@@ -196,8 +196,8 @@ def metric_table(group: pd.DataFrame, metric: Metric) -> str:
         key = (row.label, placement(row.ring_size, row.world_size))
         rows.setdefault(key, {}).setdefault(row.seq_len, _cell_text(metric, row))
     labels = list(dict.fromkeys(label for label, _ in rows))
-    lengths = sorted({seq_len for texts in rows.values() for seq_len in texts})
-    lengths = [seq_len for seq_len in lengths if any(texts.get(seq_len) for texts in rows.values())]
+    # A length only rows without this metric would fill gets no column.
+    lengths = sorted({seq_len for texts in rows.values() for seq_len, text in texts.items() if text})
     frame = pd.DataFrame(
         [
             [escape(label), str(run_as), *(rows[label, run_as].get(seq_len, "") for seq_len in lengths)]
