@@ -3,15 +3,20 @@ receive buffer, held in PyTorch's symmetric memory, with a device-to-device copy
 GPU's copy engine carries out. The SMs stay with the block kernel, where NCCL's point-to-point
 kernels take some of them for the whole transfer (README, "Ring across processes").
 
-Two flags per buffer order the writes, set and awaited on the GPU by one-thread kernels on
-symmetric memory's signal pads: *free*, the receiver is done with the buffer (it computed on
-it and sent it on), and *ready*, the message is in. A transfer grants the previous rank the
-buffer this rank receives into, waits for the next rank's grant of the buffer it writes to,
-copies, and marks that ready; the receiver waits for ready before its compute stream reads.
-Every rank posts the same transfers into the same buffers in the same order, so grants and
-waits pair up within a call, and a call starts with nothing owed. The grant is safe when it
-is posted: the copy stream first waits for everything the compute stream has queued, and the
-buffer, received one transfer earlier, was read by that work and by the copy before.
+Two flags per buffer order the writes, in symmetric memory's signal pads: *free*, the receiver
+is done with the buffer (it computed on it and sent it on), and *ready*, the message is in. A
+transfer grants the previous rank the buffer this rank receives into, waits for the next rank's
+grant of the buffer it writes to, copies, and marks that ready; the receiver waits for ready
+before its compute stream reads. Every rank posts the same transfers into the same buffers in
+the same order, so grants and waits pair up within a call, and a call starts with nothing owed.
+The grant is safe when it is posted: the copy stream first waits for everything the compute
+stream has queued, and the buffer, received one transfer earlier, was read by that work and by
+the copy before.
+
+The flags are set and awaited by CUDA's stream memory operations, which the stream's front end
+carries out, not by kernels: the block kernel fills every SM for as long as it runs, and a
+kernel of the copy stream that became ready beside it, however small, would wait for the
+block to finish and hold the transfer back with it.
 
 All ranks of the ring must be GPUs of one host: symmetric memory maps the peers' buffers into
 each process.
@@ -19,6 +24,8 @@ each process.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import os
 import socket
@@ -39,14 +46,68 @@ def unavailable(device: torch.device) -> str | None:
     dist.all_gather_object(places, (socket.gethostname(), device.index))
     if len({place[0] for place in places if place}) > 1:
         return "the ranks span hosts"
+    if _driver() is None:  # one host, one driver: every rank answers alike
+        return "the CUDA driver has no stream memory operations"
     gpus = sorted({place[1] for place in places if place})
     if not all(torch.cuda.can_device_access_peer(one, other) for one in gpus for other in gpus if one != other):
         return "the GPUs cannot reach each other's memory"
     return None
 
 
-# Signal channels of a buffer slot: 2·slot + READY and 2·slot + FREE.
-READY, FREE = 0, 1
+# A buffer slot's flags: FREE, READY = 0, 1 (+ 2·slot), each a 32-bit word per writing rank.
+FREE, READY = 0, 1
+
+# From the CUDA driver's cuda.h: a wait until the word equals the value, that wait followed by a flush
+# of remote writes already arrived (so that the message a flag announces is seen), and the device
+# attribute that says whether the flush is supported.
+_WAIT_EQUAL, _WAIT_FLUSH, _CAN_FLUSH_REMOTE_WRITES = 0x1, 1 << 30, 98
+
+
+@functools.cache
+def _driver() -> ctypes.CDLL | None:
+    """The CUDA driver's library, with its stream memory operations typed; None without them."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+        operations = (driver.cuStreamWaitValue32_v2, driver.cuStreamWriteValue32_v2)
+    except (OSError, AttributeError):
+        return None
+    for operation in operations:  # (CUstream, CUdeviceptr, cuuint32_t value, unsigned int flags)
+        operation.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+    return driver
+
+
+def _queue(operation: str, stream: torch.cuda.Stream, address: int, value: int, flags: int = 0) -> None:
+    """Queue the stream memory operation ``operation`` (cuStreamWaitValue32 or cuStreamWriteValue32)
+    on ``stream`` for the 32-bit word at ``address``."""
+    driver = _driver()
+    assert driver is not None, "unavailable() checks for the driver first"
+    result = getattr(driver, f"{operation}_v2")(stream.cuda_stream, address, value, flags)
+    if result:
+        raise RuntimeError(f"{operation} failed: CUresult {result}")
+
+
+@functools.cache
+def _flush(device_index: int) -> int:
+    """The wait flag that flushes remote writes, where device ``device_index`` supports it; else 0."""
+    driver, device, supported = _driver(), ctypes.c_int(), ctypes.c_int()
+    assert driver is not None, "unavailable() checks for the driver first"
+    if driver.cuDeviceGet(ctypes.byref(device), device_index) or driver.cuDeviceGetAttribute(
+        ctypes.byref(supported), _CAN_FLUSH_REMOTE_WRITES, device
+    ):
+        raise RuntimeError(f"the CUDA driver could not say whether device {device_index} flushes remote writes")
+    return _WAIT_FLUSH if supported.value else 0
+
+
+def _raise_flag(stream: torch.cuda.Stream, address: int) -> None:
+    """Queue on ``stream`` setting the flag at ``address``; the write follows a fence, so that
+    whoever sees it set sees the stream's earlier writes too."""
+    _queue("cuStreamWriteValue32", stream, address, 1)
+
+
+def _take_flag(stream: torch.cuda.Stream, address: int) -> None:
+    """Queue on ``stream`` a wait until the flag at ``address`` (in this rank's pad) is set, and its reset."""
+    _queue("cuStreamWaitValue32", stream, address, 1, _WAIT_EQUAL | _flush(stream.device_index))
+    _queue("cuStreamWriteValue32", stream, address, 0)
 
 
 class PeerBuffers:
@@ -73,7 +134,7 @@ class PeerBuffers:
         # rank posts a transfer (else a late zeroing could wipe a message that arrived first).
         torch.cuda.synchronize(device)
         dist.barrier(group)
-        self._storage, self._group = storage, group
+        self._storage, self._group, self._rank = storage, group, dist.get_rank(group)
         self.slots = tuple(part.view(shape) for part in storage.split(self._slot_numel))
         self._stream = torch.cuda.Stream(device)
 
@@ -89,26 +150,30 @@ class PeerBuffers:
         slot = offset // (self._slot_numel * self._storage.element_size())
         next_rank, previous_rank = (dist.get_group_rank(self._group, rank) for rank in (send_to, receive_from))
         self._stream.wait_stream(torch.cuda.current_stream(send.device))
+        _raise_flag(self._stream, self._flag(previous_rank, slot, FREE))
+        _take_flag(self._stream, self._flag(self._rank, slot, FREE, writer=next_rank))
         with torch.cuda.stream(self._stream):
-            self._handle.put_signal(previous_rank, 2 * slot + FREE)
-            self._handle.wait_signal(next_rank, 2 * slot + FREE)
             self._handle.get_buffer(next_rank, tuple(receive.shape), receive.dtype, start).copy_(send)
-            self._handle.put_signal(next_rank, 2 * slot + READY)
+        _raise_flag(self._stream, self._flag(next_rank, slot, READY))
         send.record_stream(self._stream)  # a temporary ``send`` must outlive the copy
-        return [Arrival(self._handle, previous_rank, 2 * slot + READY)]
+        return [Arrival(self._flag(self._rank, slot, READY, writer=previous_rank))]
+
+    def _flag(self, owner: int, slot: int, kind: int, writer: int | None = None) -> int:
+        """The address, in this process, of the ``kind`` flag of ``slot`` in rank ``owner``'s signal pad
+        that rank ``writer`` (this one by default) sets; ranks of the group. A flag has one writer."""
+        writer = self._rank if writer is None else writer
+        return self._handle.signal_pad_ptrs[owner] + 4 * ((2 * slot + kind) * self._group.size() + writer)
 
 
 @dataclass(frozen=True)
 class Arrival:
-    """A message on its way into this rank's buffer: ``wait()`` makes the current stream wait for it,
-    as NCCL's requests do."""
+    """A message on its way into this rank's buffer, announced by the flag at ``flag``: ``wait()``
+    makes the current stream wait for it, as NCCL's requests do."""
 
-    handle: symmetric_memory._SymmetricMemory
-    sender: int
-    channel: int
+    flag: int
 
     def wait(self) -> None:
-        self.handle.wait_signal(self.sender, self.channel)
+        _take_flag(torch.cuda.current_stream(), self.flag)
 
 
 @dataclass(frozen=True)
