@@ -8,7 +8,7 @@ import torch.distributed._symmetric_memory as symm_mem
 from ringbench.attention import blocks, fused_merge, peer_copy
 if os.environ.get("EAGER"):
     fused_merge.AVAILABLE = False  # the eager merge, not the Triton kernel
-from ringbench.attention.comm import WaitClock
+from ringbench.attention.comm import WaitClock, sums_slots
 from ringbench.attention.impls import ring
 from ringbench.vocabulary import Cell
 
@@ -48,12 +48,11 @@ for zigzag, causal in [(False, False), (True, True), (False, True)]:
     kv = torch.stack([k[:, :, rows], v[:, :, rows]]).contiguous()
     ks, vs = (t.requires_grad_() for t in kv.unbind())
     before = torch.cuda.memory_allocated(dev)
-    deferred = hasattr(ring, "backward_part_heads")  # the code where a part's sums land during the next part
-    part = (ring.backward_part_heads if deferred else blocks.backward_part_heads)(B, S // P, H)
-    pairs = 2 if deferred and part < H else 1  # a backward in parts: two parts' sums live at once
+    part = blocks.backward_part_heads(B, S // P, H)
+    count, narrow = sums_slots(P)
     peers = peer_copy.RingPeers(
         peer_copy.PeerBuffers(kv.shape, min(2, P - 1), kv.dtype, dev, group),
-        peer_copy.PeerBuffers((2, B, part, S // P, D), 2 * pairs, torch.float32, dev, group),
+        peer_copy.PeerBuffers((2, B, part, S // P, D), count, blocks.gradient_dtype("flash", kv.dtype) if narrow else torch.float32, dev, group),
     )
     counted = (torch.cuda.memory_allocated(dev) - before) / 2**20
     one = ring.OneRank(qs, kv, causal=causal, kernel="flash", zigzag=zigzag, comm=WaitClock(dev), rank=ring_rank,
