@@ -74,3 +74,11 @@ def test_usp_keeps_its_rings_sums_and_leaves_out_copy_engine_transfers_with_no_r
         "at ulysses_degree P there is no ring: copy-engine transfers have nothing to carry"
     )
     assert usp.excludes(cell("nccl", world_size=2)) is None
+
+
+def test_the_sums_buffers_kept_follow_the_parts_the_backward_runs_in():
+    nccl, copy_engine = _cell("forward+backward", "nccl"), _cell("forward+backward", "copy-engine")
+    rows = (1 << 17) // 2
+    for part_heads in (16, 8):
+        moved = ring.setup_memory(copy_engine, part_heads=part_heads) - ring.setup_memory(nccl, part_heads=part_heads)
+        assert moved == 2 * part_heads * rows * 128 * 2  # one buffer of dK and dV of the part, bf16

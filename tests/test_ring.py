@@ -235,6 +235,10 @@ def _needs(part_heads):
     return 5 * (256 << 20) + call
 
 
+def _sums_buffer(part_heads):
+    return 2 * part_heads * (1 << 16) * 128 * 2
+
+
 @pytest.mark.parametrize(
     ("headroom", "transfers", "chosen"),
     [
@@ -243,7 +247,11 @@ def _needs(part_heads):
         (_needs(16) / ring.HEADROOM_SHARE - 1, "nccl", 8),
         (_needs(8) / ring.HEADROOM_SHARE - 1, "nccl", 4),
         (0, "nccl", 2),  # nothing fits: the fewest, to be tried
-        (1 << 40, "copy-engine", 2),  # its buffers are sized for the fewest
+        # Copy-engine transfers keep the buffer a part's sums arrive in from setup: dK and dV of the
+        # part's heads, bf16, in a ring of two; the call's model counts the arrival as NCCL's too.
+        (_needs(16) / ring.HEADROOM_SHARE + 1, "copy-engine", 8),
+        ((_needs(16) + _sums_buffer(16)) / ring.HEADROOM_SHARE + 1, "copy-engine", 16),
+        (None, "copy-engine", 2),
     ],
 )
 def test_the_backward_goes_in_as_few_parts_as_the_memory_free_at_setup_allows(headroom, transfers, chosen, monkeypatch):

@@ -31,7 +31,7 @@ import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -472,7 +472,7 @@ def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
     kv = torch.stack([k.detach(), v.detach()])
     k, v = (part.requires_grad_(q.requires_grad) for part in kv.unbind())
     part_heads = backward_part_heads(problem, q.shape[1], q.shape[2], _memory_model, setup_memory)
-    peers = ring_peers(problem, kv.shape, ring_size, kernel, _world)
+    peers = ring_peers(problem, kv.shape, ring_size, kernel, _world, part_heads)
     ring = OneRank(
         q,
         kv,
@@ -497,19 +497,27 @@ def _one_rank(problem: Problem, kernel: str, zigzag: bool) -> Bench:
 HEADROOM_SHARE = 0.8
 
 
+class SetupMemory(Protocol):
+    """The bytes setup keeps for a cell, its backward in parts of ``part_heads`` heads (the fewest by default)."""
+
+    def __call__(self, cell: Cell, *, part_heads: int | None = None) -> int: ...
+
+
 def backward_part_heads(
     problem: Problem,
     heads: int,
     rows: int,
     model: Callable[[Cell, Mapping[str, Any]], int | None],
-    kept: Callable[[Cell], int],
+    kept: SetupMemory,
 ) -> int | None:
     """Heads per part of ``OneRank``'s backward over ``heads`` heads of ``rows`` rows, noted in the facts:
     the most, halving from every head down to the fewest that still fill the GPU
     (``blocks.backward_part_heads``), whose call fits, by the implementation's memory ``model``, with
-    the inputs and what setup keeps (``kept``), in ``HEADROOM_SHARE`` of ``problem.memory_headroom``;
-    the fewest where none does, where the headroom or the model is unknown, and with copy-engine
-    transfers, whose buffers kept from setup are sized for them. Fewer heads a part take less memory
+    the inputs and what setup keeps for such parts (``kept``: copy-engine transfers keep the buffers
+    a part's sums arrive in), in ``HEADROOM_SHARE`` of ``problem.memory_headroom``; the fewest where
+    none does, and where the headroom or the model is unknown. (Chosen before the ranks agree on the
+    transfers, the model counts the sums' arrival in the call as NCCL's do: with copy-engine transfers
+    that arrival is counted twice, which errs on the side of smaller parts.) Fewer heads a part take less memory
     and more time: at 128K tokens over two H200s, parts of 2 heads made the forward+backward 1.7%
     slower than one part of 16 (``results/evidence/probes/probe_part_rows.txt``). None for a
     forward pass."""
@@ -519,12 +527,12 @@ def backward_part_heads(
     fewest = blocks.backward_part_heads(batch, rows, heads)
     chosen, cell = fewest, dataclasses.replace(problem.cell, pass_name="forward+backward")
     room = problem.memory_headroom
-    if room is not None and problem.options["transfers"] != "copy-engine":
+    if room is not None:
         inputs = 3 * shard_bytes(cell)
         candidate = heads
         while candidate > fewest:
             call = model(cell, {**problem.facts, "backward_part_heads": candidate})
-            if call is not None and inputs + kept(cell) + call <= HEADROOM_SHARE * room:
+            if call is not None and inputs + kept(cell, part_heads=candidate) + call <= HEADROOM_SHARE * room:
                 chosen = candidate
                 break
             candidate = -(-candidate // 2)
@@ -533,13 +541,18 @@ def backward_part_heads(
 
 
 def ring_peers(
-    problem: Problem, shape: Sequence[int], ring_size: int, kernel: str, ring_group: Callable[[], dist.ProcessGroup]
+    problem: Problem,
+    shape: Sequence[int],
+    ring_size: int,
+    kernel: str,
+    ring_group: Callable[[], dist.ProcessGroup],
+    part_heads: int | None,
 ) -> peer_copy.RingPeers | None:
     """The copy engine's buffers for a ring of ``kernel`` blocks whose K/V messages are of ``shape``,
     shared over the group ``ring_group()`` (asked for only here), where the cell asks for copy-engine
     transfers and the ranks allow them (the facts record the transfers used): receive buffers as
-    :func:`receive_buffers`, and in backward passes those the gradient sums of one part of heads
-    arrive in (``comm.sums_slots``)."""
+    :func:`receive_buffers`, and in backward passes those the gradient sums of one part of
+    ``part_heads`` heads (:func:`backward_part_heads`) arrive in (``comm.sums_slots``)."""
     if problem.options["transfers"] != "copy-engine":
         return None
     why_not = peer_copy.unavailable(problem.device)
@@ -549,7 +562,7 @@ def ring_peers(
     sums, group = None, ring_group()
     if problem.inputs.requires_grad:
         _, batch, heads, shard_len, dim = shape
-        part = (2, batch, blocks.backward_part_heads(batch, shard_len, heads), shard_len, dim)
+        part = (2, batch, part_heads or blocks.backward_part_heads(batch, shard_len, heads), shard_len, dim)
         count, narrow = sums_slots(ring_size)
         dtype = blocks.gradient_dtype(kernel, problem.dtype) if narrow else torch.float32
         sums = peer_copy.PeerBuffers(part, count, dtype, problem.device, group)
@@ -645,25 +658,26 @@ def backward_part_peak(ring_size: int, several: bool, copy_engine: bool) -> int:
     return max(kernel, after_hop, first_of_several)
 
 
-def sums_buffer_bytes(cell: Cell, ulysses_degree: int) -> int:
-    """The buffers that receive the dK and dV sums of one part of heads travelling a ring across
-    processes with copy-engine transfers (``comm.sums_slots``); ``usp`` runs the ring on H/u heads
-    of u times the rows."""
+def sums_buffer_bytes(cell: Cell, ulysses_degree: int, part_heads: int | None = None) -> int:
+    """The buffers that receive the dK and dV sums of one part of ``part_heads`` heads (by default the
+    fewest, ``blocks.backward_part_heads``) travelling a ring across processes with copy-engine
+    transfers (``comm.sums_slots``); ``usp`` runs the ring on H/u heads of u times the rows."""
     rows = cell.seq_len * ulysses_degree // cell.world_size
-    part_heads = blocks.backward_part_heads(cell.batch_size, rows, cell.heads // ulysses_degree)
+    part_heads = part_heads or blocks.backward_part_heads(cell.batch_size, rows, cell.heads // ulysses_degree)
     count, narrow = sums_slots(cell.world_size // ulysses_degree)
     element = DTYPE_BYTES[cell.dtype] if narrow else 4
     return count * 2 * cell.batch_size * part_heads * rows * cell.head_dim * element
 
 
-def setup_memory(cell: Cell, ulysses_degree: int = 1) -> int:
+def setup_memory(cell: Cell, ulysses_degree: int = 1, *, part_heads: int | None = None) -> int:
     """The K/V receive buffers a rank of a ring across processes keeps (``receive_buffers``); one
     process keeps none, its blocks being views of the inputs. Copy-engine transfers of a backward
-    pass keep the buffers its gradient sums arrive in too (on ranks that fall back to NCCL, this
-    overstates). ``usp`` runs this ring over P/u ranks (``ulysses_degree`` u)."""
+    pass in parts of ``part_heads`` heads (the fewest by default, as near the longest sequence) keep
+    the buffers its gradient sums arrive in too (on ranks that fall back to NCCL, this overstates).
+    ``usp`` runs this ring over P/u ranks (``ulysses_degree`` u)."""
     kept = receive_buffer_bytes(cell, cell.world_size // ulysses_degree)
     if cell.world_size > 1 and cell.pass_name != "forward" and dict(cell.options)["transfers"] == "copy-engine":
-        kept += sums_buffer_bytes(cell, ulysses_degree)
+        kept += sums_buffer_bytes(cell, ulysses_degree, part_heads)
     return kept
 
 

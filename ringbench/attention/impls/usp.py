@@ -99,11 +99,11 @@ def _memory_model(cell: Cell, facts: Mapping[str, Any]) -> int | None:
     return ring_bytes + (3 if cell.pass_name == "forward" else 5) * shard_bytes(cell)
 
 
-def _setup_memory(cell: Cell) -> int:
+def _setup_memory(cell: Cell, *, part_heads: int | None = None) -> int:
     """The ring's, as ``ring.setup_memory`` says: its K/V receive buffers, each K and V of H/u heads
     of a ring shard (2N), one per transfer up to two (none in a ring of one), and with copy-engine
-    transfers in a backward pass its travelling sums."""
-    return ring.setup_memory(cell, dict(cell.options)["ulysses_degree"])
+    transfers in a backward pass its travelling sums, of parts of ``part_heads`` heads."""
+    return ring.setup_memory(cell, dict(cell.options)["ulysses_degree"], part_heads=part_heads)
 
 
 @register(
@@ -162,7 +162,7 @@ def setup(problem: Problem) -> Bench:
         # K and V stacked once into the message each ring step sends; k and v become leaves viewing it.
         kv = torch.stack([k.detach(), v.detach()])
         k, v = (part.requires_grad_(q.requires_grad) for part in kv.unbind())
-        peers = ring.ring_peers(problem, kv.shape, ring_size, kernel, ring_group)
+        peers = ring.ring_peers(problem, kv.shape, ring_size, kernel, ring_group, part_heads)
         received = peers.kv.slots if peers else receive_buffers(kv.shape, kv, ring_size)
         one_rank = ring_rank(q, kv, received=received, peers=peers)
         inputs = (q, k, v)
@@ -178,7 +178,7 @@ def setup(problem: Problem) -> Bench:
 
     batch, heads, shard_rows, dim = q.shape
     message = (2, batch, heads // degree, shard_rows * degree, dim)
-    peers = ring.ring_peers(problem, message, ring_size, kernel, ring_group)
+    peers = ring.ring_peers(problem, message, ring_size, kernel, ring_group, part_heads)
     received = peers.kv.slots if peers else receive_buffers(message, q, ring_size)
 
     def run() -> torch.Tensor:
