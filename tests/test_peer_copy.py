@@ -3,6 +3,7 @@
 import pytest
 
 from ringbench.attention.impls import ring
+from ringbench.attention.peer_copy import FREE, READY, flag_word
 from ringbench.attention.registry import Registry
 from ringbench.vocabulary import Cell
 
@@ -82,3 +83,15 @@ def test_the_sums_buffers_kept_follow_the_parts_the_backward_runs_in():
     for part_heads in (16, 8):
         moved = ring.setup_memory(copy_engine, part_heads=part_heads) - ring.setup_memory(nccl, part_heads=part_heads)
         assert moved == 2 * part_heads * rows * 128 * 2  # one buffer of dK and dV of the part, bf16
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+@pytest.mark.parametrize("slots", [1, 2])
+def test_every_flag_of_every_writer_has_a_word_of_its_own_and_they_fill_the_front_of_the_pad(ranks, slots):
+    words = [
+        flag_word(slot, kind, writer, ranks)
+        for slot in range(slots)
+        for kind in (FREE, READY)
+        for writer in range(ranks)
+    ]
+    assert sorted(words) == list(range(2 * slots * ranks))

@@ -54,8 +54,16 @@ def unavailable(device: torch.device) -> str | None:
     return None
 
 
-# A buffer slot's flags: FREE, READY = 0, 1 (+ 2·slot), each a 32-bit word per writing rank.
+# A buffer slot's two flags.
 FREE, READY = 0, 1
+
+
+def flag_word(slot: int, kind: int, writer: int, ranks: int) -> int:
+    """Where, in 32-bit words into a rank's signal pad, the ``kind`` flag of buffer ``slot`` lies that
+    rank ``writer`` of a group of ``ranks`` sets: one word per flag and writer, so no two ranks ever
+    write the same word, and slots × 2 × ranks words in all."""
+    return (2 * slot + kind) * ranks + writer
+
 
 # From the CUDA driver's cuda.h: a wait until the word equals the value, that wait followed by a flush
 # of remote writes already arrived (so that the message a flag announces is seen), and the device
@@ -136,6 +144,7 @@ class PeerBuffers:
         dist.barrier(group)
         self._storage, self._group, self._rank = storage, group, dist.get_rank(group)
         self.slots = tuple(part.view(shape) for part in storage.split(self._slot_numel))
+        assert 4 * flag_word(count, FREE, 0, group.size()) <= self._handle.signal_pad_size, "the flags fit the pad"
         self._stream = torch.cuda.Stream(device)
 
     def post(self, send: torch.Tensor, receive: torch.Tensor, send_to: int, receive_from: int) -> list[Arrival]:
@@ -161,8 +170,8 @@ class PeerBuffers:
     def _flag(self, owner: int, slot: int, kind: int, writer: int | None = None) -> int:
         """The address, in this process, of the ``kind`` flag of ``slot`` in rank ``owner``'s signal pad
         that rank ``writer`` (this one by default) sets; ranks of the group. A flag has one writer."""
-        writer = self._rank if writer is None else writer
-        return self._handle.signal_pad_ptrs[owner] + 4 * ((2 * slot + kind) * self._group.size() + writer)
+        word = flag_word(slot, kind, self._rank if writer is None else writer, self._group.size())
+        return self._handle.signal_pad_ptrs[owner] + 4 * word
 
 
 @dataclass(frozen=True)
