@@ -74,6 +74,7 @@ def test_world_sizes_one_and_two_in_one_run_match_the_reference(write_config):
     # The two-process worker measured the links once, for the scaling model, at every message size.
     (calibrated,) = records.read_calibration(run_dir).values()
     assert calibrated["world_size"] == 2 and calibrated["device"] == "cpu" and calibrated["contention"] is None
+    assert calibrated["copy_engine"] is None  # its ranks are no GPUs
     for pattern in ("ring_step", "all_to_all"):
         assert calibrated[pattern]["bytes"] == calibrate.SIZES["cpu"]
         assert all(ms > 0 for ms in calibrated[pattern]["ms"])

@@ -70,12 +70,12 @@ def test_predict_models_each_multi_process_cell_from_the_runs_single_gpu_cells_a
     assert eight["ms"] == pytest.approx(7 * beside(block, step_transfer_ms(16384)) + block + 7 * 0.5, rel=1e-12)
     assert sorted(cell["world_size"] for cell in stored["cells"].values()) == [4, 4, 8, 8]  # none of one process
     assert [entry["reason"] for entry in stored["left_out"]] == [
-        "the model covers ring (zigzag where causal, NCCL transfers), ulysses and usp"
+        "the model covers ring (zigzag where causal), ulysses and usp"
     ] * 2
     assert (
         "| ring kernel=cudnn zigzag=true | 4           | 131072    | forward | no       | 60.41 |               0.944‡ |\n"
     ) in result.output
-    assert "- the model covers ring (zigzag where causal, NCCL transfers), ulysses and usp (2×)" in result.output
+    assert "- the model covers ring (zigzag where causal), ulysses and usp (2×)" in result.output
 
 
 def test_predicting_from_runs_without_calibration_is_a_one_line_error(tmp_path):
@@ -217,7 +217,7 @@ def test_a_sweep_with_nothing_to_predict_is_a_one_line_error_saying_why(tmp_path
     assert result.output == (
         f"{config}: no cell to predict: its kernel is chosen when it runs (auto), and no cell of the runs like it "
         "says which (2×); "
-        "the model covers ring (zigzag where causal, NCCL transfers), ulysses and usp (2×)\n"
+        "the model covers ring (zigzag where causal), ulysses and usp (2×)\n"
     )
 
 
@@ -261,3 +261,11 @@ def test_a_kernel_left_to_auto_is_the_one_the_runs_cells_like_it_ran(tmp_path):
     # As ring kernel=cudnn is predicted from the same runs (the first test).
     block = RING_PEAK_MS / 16
     assert payload["cells"][ring.id]["ms"] == pytest.approx(3 * beside(block, step_transfer_ms(32768)) + block + 3.0)
+
+
+def test_copy_engine_cells_are_predicted_only_from_a_calibration_that_measured_their_transfers(tmp_path):
+    config = tmp_path / "predicted.yaml"
+    config.write_text(CONFIG.replace("zigzag: true}", "zigzag: true, transfers: copy-engine}"))
+    result = runner.invoke(app, ["predict", str(config), str(calibrated_fixture(tmp_path))])
+    assert result.exit_code == 0, result.output
+    assert "- the runs' calibration measured no copy-engine transfers (2×)" in result.output

@@ -103,6 +103,30 @@ def test_causal_zigzag_steps_are_a_causal_block_then_half_blocks_merging_three_q
     assert modelled.ms == pytest.approx(beside(30.0, step_transfer_ms(65536)) + half + 0.75 * 1.0 * 2, rel=1e-12)
 
 
+# Copy-engine ring steps as a calibration stores them: 5 µs + 400 GB/s, no block slower beside them.
+COPY_ENGINE = {
+    "ring_step": {"bytes": [4096, 2**20, 2**28], "ms": [0.005, 0.01, 0.005 + 2**28 * MS_PER_BYTE / 2]},
+    "contention": {"alone_ms": 4.0, "beside_transfers_ms": 3.9},
+}
+
+
+def test_copy_engine_ring_steps_take_their_own_link_and_slowdown_and_nccls_latency_between_nodes():
+    assert model.transfers_calibrated(CALIBRATION, copy_engine=False)
+    assert not model.transfers_calibrated(CALIBRATION, copy_engine=True)  # a calibration from before them
+    assert not model.transfers_calibrated(CALIBRATION | {"copy_engine": None}, copy_engine=True)  # ranks that could not
+    calibrated = CALIBRATION | {"copy_engine": COPY_ENGINE}
+    assert model.transfers_calibrated(calibrated, copy_engine=True)
+    copy_engine = model.Machine.from_calibration(calibrated, inter_node_gbit_s=400.0, copy_engine=True)
+    assert copy_engine.ring_step.latency_ms == 0.005
+    assert copy_engine.ring_step.bytes_per_ms == pytest.approx(400e6, rel=1e-12)
+    assert copy_engine.contention == 0.0  # faster beside transfers is noise
+    assert copy_engine.inter_node.latency_ms == 0.02 and copy_engine.all_to_all == machine().all_to_all
+    blocks = model.Blocks({("forward", False): ((32768, 14.0), (131072, 224.0))})
+    modelled = model.predict(1, 4, 131072, False, "forward", SHAPE, blocks, copy_engine)
+    # Four steps of a 32K block, none slower beside its transfer (0.69 ms, hidden), and three merges.
+    assert modelled.ms == pytest.approx(4 * 14.0 + 3 * 1.0, rel=1e-12) and not modelled.exposed
+
+
 def test_ulysses_waits_for_both_all_to_alls_around_attention_on_its_heads():
     blocks = model.Blocks({("forward", False): ((131072, 224.0),)})
     modelled = model.predict(2, 2, 131072, False, "forward", SHAPE, blocks, machine())
@@ -157,7 +181,7 @@ def with_calibration(tmp_path, entry=CALIBRATION):
         ("ring", {"zigzag": True, "transfers": "nccl"}, True, 1),
         ("ring", {"zigzag": False}, False, 1),
         ("ring", {"zigzag": False}, True, None),  # ranks wait on each other's unequal work
-        ("ring", {"zigzag": True, "transfers": "copy-engine"}, False, None),  # not what was calibrated
+        ("ring", {"zigzag": True, "transfers": "copy-engine"}, False, 1),  # on its own calibration
         ("usp", {"zigzag": True, "ulysses_degree": 2}, True, 2),
         ("ulysses", {}, True, 4),
         ("torch-cp", {}, False, None),

@@ -49,6 +49,7 @@ COLUMNS = [
     "peak_tflops",
     "dense_share",
     "kernel",
+    "transfers",
     "projected_ms",
     "projected_iqr_ms",
     "projected_mib",
@@ -150,6 +151,8 @@ def _row(record: Record, peaks: dict[str, float]) -> dict[str, Any]:
         "tflops_per_device": None if record.tflops is None else record.tflops / record.world_size,
         "peak_tflops": peaks.get(record.dtype),
         "kernel": facts.get("kernel"),
+        # Which transfers a ring across processes ran where its options asked for copy-engine ones.
+        "transfers": facts.get("transfers"),
         "projected_ms": projected.stats.median_ms if projected else None,
         "projected_iqr_ms": projected.stats.iqr_ms if projected else None,
         "projected_mib": projected.peak_allocated_mib if projected else None,

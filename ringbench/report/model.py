@@ -74,16 +74,23 @@ class Machine:
 
     @classmethod
     def from_calibration(
-        cls, entry: dict[str, Any], inter_node_gbit_s: float = INTER_NODE_GBIT_S, gpus_per_node: int = GPUS_PER_NODE
+        cls,
+        entry: dict[str, Any],
+        inter_node_gbit_s: float = INTER_NODE_GBIT_S,
+        gpus_per_node: int = GPUS_PER_NODE,
+        copy_engine: bool = False,
     ) -> Machine:
-        ring_step = fit_link(entry["ring_step"])
-        contended = entry["contention"]
+        """The machine a calibration measured, its ring steps by NCCL or, with ``copy_engine``, by the
+        copy engine (where the calibration has them: :func:`transfers_calibrated`); between nodes
+        always NCCL's latency at the stated bandwidth."""
+        ring = entry["copy_engine"] if copy_engine else entry
+        contended = ring["contention"]
         return cls(
             world_size=entry["world_size"],
             device=entry["device"],
-            ring_step=ring_step,
+            ring_step=fit_link(ring["ring_step"]),
             all_to_all=fit_link(entry["all_to_all"]),
-            inter_node=Link(ring_step.latency_ms, inter_node_gbit_s / 8 * 1e6),
+            inter_node=Link(fit_link(entry["ring_step"]).latency_ms, inter_node_gbit_s / 8 * 1e6),
             gpus_per_node=gpus_per_node,
             merge_ms_per_mib=entry["merge"]["ms"] / entry["merge"]["accumulator_mib"],
             # A kernel cannot run faster beside transfers: a negative figure is noise, and reads as none.
@@ -373,12 +380,9 @@ def strategy_name(degree: int, world: int) -> str:
 
 def cell_degree(implementation: str, options: Mapping[str, Any], world_size: int, causal: bool) -> int | None:
     """The Ulysses degree of a cell the model covers: `ring` 1, `ulysses` its world size, `usp` its
-    option; None for any other implementation, for a causal ring without zigzag, whose ranks
-    wait on each other's unequal work, and for a ring with copy-engine transfers, which the
-    calibration (NCCL's) does not measure."""
+    option; None for any other implementation, and for a causal ring without zigzag, whose ranks
+    wait on each other's unequal work."""
     if causal and implementation in ("ring", "usp") and not options.get("zigzag"):
-        return None
-    if options.get("transfers") == "copy-engine":
         return None
     degrees = {"ring": 1, "ulysses": world_size, "usp": options.get("ulysses_degree")}
     return degrees.get(implementation)
@@ -407,6 +411,12 @@ def planned_kernel(options: Mapping[str, Any]) -> str | None:
     where it is chosen only when the cell runs (``auto``)."""
     kernel = options.get("kernel", options.get("backend"))
     return None if kernel in (None, "auto") else str(kernel)
+
+
+def transfers_calibrated(entry: dict[str, Any], copy_engine: bool) -> bool:
+    """Whether a calibration measured the ring's transfers of a kind: NCCL's always; copy-engine
+    transfers where its ranks could use them (calibrations before them never measured them)."""
+    return not copy_engine or bool(entry.get("copy_engine"))
 
 
 def calibration_for(calibration: dict[int, dict[str, Any]], world: int) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from ringbench.report.load import Run
 from ringbench.report.markdown import escape, table
 from ringbench.vocabulary import DTYPE_BYTES, Cell, counted, implementation_label
 
-COVERED = "the model covers ring (zigzag where causal, NCCL transfers), ulysses and usp"
+COVERED = "the model covers ring (zigzag where causal), ulysses and usp"
 
 
 def _reasons(left_out: list[dict[str, str]]) -> list[str]:
@@ -77,9 +77,10 @@ def _predict(
             f"the runs have no single-GPU cells of the peer with kernel {kernel}, {cell.dtype} "
             f"B={cell.batch_size} H={cell.heads} D={cell.head_dim}"
         )
-    machine = model.Machine.from_calibration(
-        model.calibration_for(calibration, cell.world_size), inter_node_gbit_s, gpus_per_node
-    )
+    entry, copy_engine = model.calibration_for(calibration, cell.world_size), options.get("transfers") == "copy-engine"
+    if not model.transfers_calibrated(entry, copy_engine):
+        return "the runs' calibration measured no copy-engine transfers"
+    machine = model.Machine.from_calibration(entry, inter_node_gbit_s, gpus_per_node, copy_engine)
     shape = model.Shape(cell.batch_size, cell.heads, cell.head_dim, DTYPE_BYTES[cell.dtype])
     own_rows_first = model.attends_own_rows_first(cell.implementation, options, cell.world_size, cell.causal)
     found = model.predict(

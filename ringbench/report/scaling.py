@@ -24,6 +24,7 @@ from ringbench.report.model import (
     predict,
     shape_of,
     strategy_name,
+    transfers_calibrated,
 )
 from ringbench.report.summary import efficiencies
 
@@ -41,10 +42,10 @@ def validation(frame: pd.DataFrame, calibration: dict[int, dict[str, Any]]) -> p
     blocks, rows = blocks_of(frame), []
     for row, peer in efficiencies(frame):
         degree, entry = degree_of(row), calibration.get(row["world_size"])
-        key = tuple(row[KERNEL_SHAPE])
-        if degree is None or entry is None or key not in blocks:
+        key, copy_engine = tuple(row[KERNEL_SHAPE]), row.get("transfers") == "copy-engine"
+        if degree is None or entry is None or key not in blocks or not transfers_calibrated(entry, copy_engine):
             continue
-        machine = Machine.from_calibration(entry, gpus_per_node=entry["ranks_per_host"])
+        machine = Machine.from_calibration(entry, gpus_per_node=entry["ranks_per_host"], copy_engine=copy_engine)
         own_rows_first = attends_own_rows_first(
             row["implementation"], json.loads(row["options"]), row["world_size"], row["causal"]
         )
@@ -184,9 +185,21 @@ def _machine_line(machine: Machine, calibrated: dict[str, Any]) -> str:
         f"{machine.all_to_all.latency_ms * 1e3:,.1f} µs + bytes sent per rank at "
         f"{machine.all_to_all.gb_per_s:,.1f} GB/s; "
         f"a merge {machine.merge_ms_per_mib * 1024:,.2f} ms per GiB of float32 accumulator "
-        f"({escape(calibrated['merge']['path'])}); {contention}. Block times are the single-device peer's cells "
+        f"({escape(calibrated['merge']['path'])}); {contention}{_copy_engine_clause(calibrated)}. Block times are "
+        "the single-device peer's cells "
         "of the same kernel and shape (on a rank's heads, where it ran that many), interpolated between the "
         "lengths it ran."
+    )
+
+
+def _copy_engine_clause(calibrated: dict[str, Any]) -> str:
+    """What the calibration measured of copy-engine transfers, where it did (as ``; …``)."""
+    if not transfers_calibrated(calibrated, copy_engine=True):
+        return ""
+    machine = Machine.from_calibration(calibrated, copy_engine=True)
+    return (
+        f"; with copy-engine transfers a ring step's transfer {machine.ring_step.latency_ms * 1e3:,.1f} µs + bytes "
+        f"at {machine.ring_step.gb_per_s:,.1f} GB/s, and a block kernel {machine.contention:+.1%} slower beside them"
     )
 
 

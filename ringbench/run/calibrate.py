@@ -1,6 +1,7 @@
 """What the scaling model needs from the machine and no cell measures: how long the ring's transfer
 and the all-to-all take at each message size, what a merge costs, and how much a block kernel slows
-while a transfer runs beside it.
+while a transfer runs beside it; and where the ranks can use copy-engine transfers, the ring's
+transfer and the slowdown beside it with those.
 
 A worker of several processes measures these once per world size before its first cell, through
 the same calls the implementations make: the ring step through ``WaitClock.exchange``, the
@@ -20,9 +21,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from ringbench.attention import blocks
+from ringbench.attention import blocks, peer_copy
 from ringbench.attention.comm import WaitClock
 from ringbench.attention.impls.ulysses import to_heads
 from ringbench.run.distributed import OneProcess, local_world_size
@@ -39,6 +41,7 @@ MERGE_ROWS = {"cuda": 32768, "cpu": 1024}
 # an H200), beside a stream of ring transfers of the largest size.
 CONTENTION_ROWS = 16384
 CONTENTION_HOLD_MS = 10.0  # far longer than the host takes to post the transfers and queue the kernel
+CONTENTION_TRANSFERS = 4  # enough to outlast the kernel
 # The all-to-all's sequence shards: as the sweeps' usual shape has them (16 heads, or one a rank
 # where 16 do not divide among the ranks), head_dim 128, in the blocks' dtype on a GPU.
 ALL_TO_ALL_HEADS, ALL_TO_ALL_HEAD_DIM = 16, 128
@@ -90,8 +93,24 @@ def _ring_step(clock: WaitClock, group: OneProcess, size: int) -> tuple[Callable
     """One ring step's transfer of ``size`` bytes: to the next rank, from the previous."""
     send = torch.empty(size, dtype=torch.uint8, device=group.device)
     receive = torch.empty_like(send)
-    after, before = (group.rank + 1) % group.world_size, (group.rank - 1) % group.world_size
+    after, before = _neighbours(group)
     return lambda: clock.wait(clock.exchange(send, receive, after, before)), size
+
+
+def _ring_step_through(buffers: peer_copy.PeerBuffers) -> Pattern:
+    """A ring step's transfer as :func:`_ring_step`'s, by the copy engine into the front of ``buffers``' first slot."""
+
+    def make(clock: WaitClock, group: OneProcess, size: int) -> tuple[Callable[[], object], int]:
+        send, receive = torch.empty(size, dtype=torch.uint8, device=group.device), buffers.slots[0][:size]
+        after, before = _neighbours(group)
+        return lambda: clock.wait(clock.exchange(send, receive, after, before, through=buffers)), size
+
+    return make
+
+
+def _neighbours(group: OneProcess) -> tuple[int, int]:
+    """The ranks a ring step sends to and receives from."""
+    return (group.rank + 1) % group.world_size, (group.rank - 1) % group.world_size
 
 
 def _all_to_all(clock: WaitClock, group: OneProcess, size: int) -> tuple[Callable[[], object], int]:
@@ -129,17 +148,18 @@ def _merge(group: OneProcess) -> dict[str, Any]:
     return {"accumulator_mib": acc.numel() * 4 / 2**20, "ms": ms, "path": blocks.merge_path(device)}
 
 
-def _contention(group: OneProcess) -> dict[str, float] | None:
+def _contention(group: OneProcess, buffers: peer_copy.PeerBuffers | None = None) -> dict[str, float] | None:
     """A bf16 attention kernel's time alone, and while ring transfers of the largest size run beside
-    it on NCCL's stream, on every rank at once. On the CPU no separate engine is shared: None."""
+    it (NCCL's, or with ``buffers`` the copy engine's into their slots, one a transfer), on every
+    rank at once. On the CPU no separate engine is shared: None."""
     device = group.device
     if device.type != "cuda":
         return None
     q = torch.randn(1, 16, CONTENTION_ROWS, 128, dtype=torch.bfloat16, device=device)
     send = torch.empty(SIZES["cuda"][-1], dtype=torch.uint8, device=device)
-    receive = torch.empty_like(send)
+    receives = buffers.slots if buffers else [torch.empty_like(send)] * CONTENTION_TRANSFERS
     clock = WaitClock(device)
-    after, before = (group.rank + 1) % group.world_size, (group.rank - 1) % group.world_size
+    after, before = _neighbours(group)
     alone = _timed_ms(lambda: F.scaled_dot_product_attention(q, q, q), device, group, REPEATS["cuda"])
     beside = []
     for _ in range(REPEATS["cuda"] + 1):
@@ -148,7 +168,9 @@ def _contention(group: OneProcess) -> dict[str, float] | None:
         # compute stream when a transfer is posted): the kernel and the transfers start together.
         hold_gpu(CONTENTION_HOLD_MS)
         # Posted first, enough transfers to outlast the kernel, waited for only after it.
-        posted = [request for _ in range(4) for request in clock.exchange(send, receive, after, before)]
+        posted = [
+            request for receive in receives for request in clock.exchange(send, receive, after, before, through=buffers)
+        ]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         F.scaled_dot_product_attention(q, q, q)
@@ -157,6 +179,19 @@ def _contention(group: OneProcess) -> dict[str, float] | None:
         torch.cuda.synchronize(device)
         beside.append(group.max(start.elapsed_time(end)))
     return {"alone_ms": alone, "beside_transfers_ms": statistics.median(beside[1:])}
+
+
+def _copy_engine(group: OneProcess) -> dict[str, Any] | None:
+    """The ring step's curve and the contention as above with copy-engine transfers, where the ranks
+    can use them (``peer_copy.unavailable``); None elsewhere. Its buffers: one slot a transfer of
+    the contention's, each of the largest message."""
+    if group.world_size == 1 or peer_copy.unavailable(group.device):
+        return None
+    assert dist.group.WORLD is not None, "across processes there is a default group"
+    buffers = peer_copy.PeerBuffers(
+        (SIZES["cuda"][-1],), CONTENTION_TRANSFERS, torch.uint8, group.device, dist.group.WORLD
+    )
+    return {"ring_step": _curve(_ring_step_through(buffers), group), "contention": _contention(group, buffers)}
 
 
 def measure(group: OneProcess) -> dict[str, Any]:
@@ -171,6 +206,7 @@ def measure(group: OneProcess) -> dict[str, Any]:
         "all_to_all": _curve(_all_to_all, group),
         "merge": _merge(group),
         "contention": _contention(group),
+        "copy_engine": _copy_engine(group),
     }
     if group.device.type == "cuda":
         torch.cuda.empty_cache()
