@@ -83,14 +83,14 @@ class Machine:
         """The machine a calibration measured, its ring steps by NCCL or, with ``copy_engine``, by the
         copy engine (where the calibration has them: :func:`transfers_calibrated`); between nodes
         always NCCL's latency at the stated bandwidth."""
-        ring = entry["copy_engine"] if copy_engine else entry
+        ring, nccl_step = entry["copy_engine"] if copy_engine else entry, fit_link(entry["ring_step"])
         contended = ring["contention"]
         return cls(
             world_size=entry["world_size"],
             device=entry["device"],
-            ring_step=fit_link(ring["ring_step"]),
+            ring_step=fit_link(ring["ring_step"]) if copy_engine else nccl_step,
             all_to_all=fit_link(entry["all_to_all"]),
-            inter_node=Link(fit_link(entry["ring_step"]).latency_ms, inter_node_gbit_s / 8 * 1e6),
+            inter_node=Link(nccl_step.latency_ms, inter_node_gbit_s / 8 * 1e6),
             gpus_per_node=gpus_per_node,
             merge_ms_per_mib=entry["merge"]["ms"] / entry["merge"]["accumulator_mib"],
             # A kernel cannot run faster beside transfers: a negative figure is noise, and reads as none.

@@ -89,19 +89,13 @@ def _timed_ms(fn: Callable[[], object], device: torch.device, group: OneProcess,
 Pattern = Callable[[WaitClock, OneProcess, int], tuple[Callable[[], object], int]]
 
 
-def _ring_step(clock: WaitClock, group: OneProcess, size: int) -> tuple[Callable[[], object], int]:
-    """One ring step's transfer of ``size`` bytes: to the next rank, from the previous."""
-    send = torch.empty(size, dtype=torch.uint8, device=group.device)
-    receive = torch.empty_like(send)
-    after, before = _neighbours(group)
-    return lambda: clock.wait(clock.exchange(send, receive, after, before)), size
-
-
-def _ring_step_through(buffers: peer_copy.PeerBuffers) -> Pattern:
-    """A ring step's transfer as :func:`_ring_step`'s, by the copy engine into the front of ``buffers``' first slot."""
+def _ring_step(buffers: peer_copy.PeerBuffers | None = None) -> Pattern:
+    """One ring step's transfer: to the next rank, from the previous; with ``buffers``, by the copy
+    engine into the front of their first slot."""
 
     def make(clock: WaitClock, group: OneProcess, size: int) -> tuple[Callable[[], object], int]:
-        send, receive = torch.empty(size, dtype=torch.uint8, device=group.device), buffers.slots[0][:size]
+        send = torch.empty(size, dtype=torch.uint8, device=group.device)
+        receive = buffers.slots[0][:size] if buffers else torch.empty_like(send)
         after, before = _neighbours(group)
         return lambda: clock.wait(clock.exchange(send, receive, after, before, through=buffers)), size
 
@@ -191,7 +185,7 @@ def _copy_engine(group: OneProcess) -> dict[str, Any] | None:
     buffers = peer_copy.PeerBuffers(
         (SIZES["cuda"][-1],), CONTENTION_TRANSFERS, torch.uint8, group.device, dist.group.WORLD
     )
-    return {"ring_step": _curve(_ring_step_through(buffers), group), "contention": _contention(group, buffers)}
+    return {"ring_step": _curve(_ring_step(buffers), group), "contention": _contention(group, buffers)}
 
 
 def measure(group: OneProcess) -> dict[str, Any]:
@@ -202,7 +196,7 @@ def measure(group: OneProcess) -> dict[str, Any]:
         "ranks_per_host": local_world_size(),
         "device": torch.cuda.get_device_name(group.device) if group.device.type == "cuda" else "cpu",
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "ring_step": _curve(_ring_step, group),
+        "ring_step": _curve(_ring_step(), group),
         "all_to_all": _curve(_all_to_all, group),
         "merge": _merge(group),
         "contention": _contention(group),
