@@ -33,6 +33,11 @@ Versions:
    ``sent_bytes_per_call`` as None (not recorded). Records from version 4 on omit
    ``sent_bytes_per_step``.
 
+5. ``gpus``: each rank's GPU while the cell's samples were timed (``GpuState``: SM clock,
+   power, temperature, what held the clock down), and ``projected.gpu`` for a rank's share
+   timed alone; both left out where nothing was read (on the CPU, without NVML). Older
+   records read them as None.
+
 ``run.json`` carries the same number; version 3 adds ``roles`` to it (``records.read_run``
 fills them in for older runs).
 """
@@ -49,7 +54,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard
 from ringbench.errors import show
 from ringbench.vocabulary import DTYPES, PASSES, Cell, implementation_label
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 OK, WRONG, OOM, ERROR, CRASHED, TIMEOUT, SKIPPED = "ok", "wrong", "oom", "error", "crashed", "timeout", "skipped"
 STATUSES = (OK, WRONG, OOM, ERROR, CRASHED, TIMEOUT, SKIPPED)
@@ -166,6 +171,22 @@ class Memory(_Stored):
 
 
 @dataclass(frozen=True)
+class GpuState(_Stored):
+    """One GPU while a cell's samples were timed, from NVML readings (``ringbench.run.clocks``):
+    the SM clock's mean and lowest against the board's top, mean board power, highest die
+    temperature, and every clock-event reason any reading named."""
+
+    rank: int
+    sm_clock_mhz: float
+    sm_clock_min_mhz: float
+    sm_clock_top_mhz: float
+    power_w: float
+    temperature_c: float
+    held_by: tuple[str, ...]
+    readings: int
+
+
+@dataclass(frozen=True)
 class Projected(_Stored):
     """One timed and memory-measured call: stored under ``projected`` for a rank's share of a
     one-device ring, and the form the pipeline measures the cell's own call in."""
@@ -178,6 +199,7 @@ class Projected(_Stored):
     peak_allocated_mib: float | None
     peak_reserved_mib: float | None
     held_mib: float | None
+    gpu: GpuState | None = field(default=None, metadata=_OMITTED_WHEN_NONE)
 
 
 @dataclass(frozen=True)
@@ -259,6 +281,7 @@ class Record(_Stored):
     flops: float | None = None
     tflops: float | None = None
     tokens_per_s: float | None = None
+    gpus: tuple[GpuState, ...] | None = field(default=None, metadata=_OMITTED_WHEN_NONE)
 
     @classmethod
     def of_cell(cls, cell: Cell, status: str, **found: Any) -> Record:
@@ -455,7 +478,8 @@ def _upgrade_3_to_4(old: dict[str, Any]) -> dict[str, Any]:
     return {**old, "comm": comm}
 
 
-# _UPGRADES[v - 1] turns version v into v + 1.
+# _UPGRADES[v - 1] turns version v into v + 1; versions from 4 on only added fields, which older
+# records read as None, so they need none.
 _UPGRADES: tuple[Callable[[dict[str, Any]], dict[str, Any]], ...] = (
     _upgrade_1_to_2,
     _upgrade_2_to_3,

@@ -25,6 +25,28 @@ PASSES = ("forward", "backward", "forward+backward")
 BASELINE, PEER = "baseline", "peer"
 ROLES = (BASELINE, PEER)
 
+GPU_IDLE = 0x1  # the one clock-event reason that only says nothing was running
+# What holds a GPU's clocks below their top: the bits of NVML's clock-event reasons (nvidia-smi's
+# clocks_throttle_reasons), named as NVML names them.
+CLOCK_REASONS = {
+    0x1: "idle",
+    0x2: "application clocks setting",
+    0x4: "software power cap",
+    0x8: "hardware slowdown",
+    0x10: "sync boost",
+    0x20: "software thermal slowdown",
+    0x40: "hardware thermal slowdown",
+    0x80: "hardware power brake",
+    0x100: "display clock setting",
+}
+
+
+def clock_reasons(mask: int) -> list[str]:
+    """The reasons a clock-event mask names, in words; bits NVML has not named as ``other (0x…)``."""
+    named = [name for bit, name in CLOCK_REASONS.items() if mask & bit]
+    unknown = mask & ~sum(CLOCK_REASONS)
+    return named + ([f"other ({unknown:#x})"] if unknown else [])
+
 
 def compact(value: Any) -> str:
     """Option values as labels show them: 1K for 1024, 1M for 1048576, lists joined by commas."""

@@ -57,7 +57,7 @@ def test_truncated_last_line_and_foreign_schema_warn_and_still_render(tmp_path):
     assert len(loaded.frame) == len(lines) - 1
     assert loaded.warnings[0] == (
         f"{run / 'records.jsonl'}:1: record skipped "
-        "(ValueError: schema version 99, newer than this ringbench reads (4))"
+        "(ValueError: schema version 99, newer than this ringbench reads (5))"
     )
     assert loaded.warnings[1].startswith(f"{run / 'records.jsonl'}:{len(lines) + 1}: record skipped (JSONDecodeError")
     assert f"**Cells**: {len(lines) - 1} of {len(lines)} planned recorded" in render_report([loaded])

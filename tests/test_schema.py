@@ -76,7 +76,7 @@ def test_a_fresh_record_reads_back_equal_and_writes_what_it_always_has(fresh, tm
     (line,) = (tmp_path / records.RECORDS_FILE).read_text().splitlines()
     stored = json.loads(line)
     assert Record.from_json(stored) == record and stored == json.loads(json.dumps(record.to_json()))
-    assert stored["schema_version"] == SCHEMA_VERSION == 4
+    assert stored["schema_version"] == SCHEMA_VERSION == 5
     assert sorted(stored) == sorted(
         [
             "schema_version",
@@ -177,7 +177,7 @@ def test_the_oldest_version_1_record_upgrades_with_the_documented_defaults():
     )
     assert record.stats.rel_iqr == 0.05 / 0.25
     assert record.samples_ms == (0.2, 0.3) and record.median_ms == 0.25 and record.measured
-    assert record.to_json()["schema_version"] == 4 and OLDEST["schema_version"] == 1  # the input is left as it was
+    assert record.to_json()["schema_version"] == 5 and OLDEST["schema_version"] == 1  # the input is left as it was
 
 
 def test_a_version_2_kernel_fact_named_backend_reads_as_kernel():
@@ -268,7 +268,7 @@ def test_a_middle_aged_version_1_record_upgrades_each_part():
 @pytest.mark.parametrize(
     "change, reason",
     [
-        ({"schema_version": 5}, "schema version 5, newer than this ringbench reads (4)"),
+        ({"schema_version": 6}, "schema version 6, newer than this ringbench reads (5)"),
         ({"schema_version": "1"}, "schema_version: expected a version number, got '1'"),
         ({"seq_len": "1024"}, "seq_len: expected a whole number, got '1024'"),
         ({"causal": 0}, "causal: expected true or false, got 0"),

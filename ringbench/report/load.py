@@ -14,7 +14,7 @@ from ringbench import records
 from ringbench.attention.models import PASS_FACTOR, dense_flops
 from ringbench.errors import UserError, show
 from ringbench.report.tables import SHAPE
-from ringbench.schema import Memory, Projected, Record
+from ringbench.schema import GpuState, Memory, Projected, Record
 
 COLUMNS = [
     "cell_id",
@@ -50,6 +50,9 @@ COLUMNS = [
     "dense_share",
     "kernel",
     "transfers",
+    "sm_clock_mhz",
+    "sm_clock_top_mhz",
+    "clock_held_by",
     "projected_ms",
     "projected_iqr_ms",
     "projected_mib",
@@ -112,6 +115,20 @@ def _dense_share(record: Record) -> float | None:
     return record.flops / (dense_flops(record.cell) * PASS_FACTOR[record.pass_name])
 
 
+def _clocks(gpus: tuple[GpuState, ...] | None) -> dict[str, Any]:
+    """The SM clock the cell's samples ran at: the slowest GPU's mean, which paces a cell across
+    processes, against its top; and what held any of the GPUs below its top, in words."""
+    if not gpus:
+        return {"sm_clock_mhz": None, "sm_clock_top_mhz": None, "clock_held_by": None}
+    slowest = min(gpus, key=lambda gpu: gpu.sm_clock_mhz)
+    held_by = dict.fromkeys(reason for gpu in gpus for reason in gpu.held_by)
+    return {
+        "sm_clock_mhz": slowest.sm_clock_mhz,
+        "sm_clock_top_mhz": slowest.sm_clock_top_mhz,
+        "clock_held_by": ", ".join(held_by),
+    }
+
+
 def _row(record: Record, peaks: dict[str, float]) -> dict[str, Any]:
     stats, memory, check, projected, comm = record.stats, record.memory, record.check, record.projected, record.comm
     gradients = check.gradients if check else None
@@ -153,6 +170,7 @@ def _row(record: Record, peaks: dict[str, float]) -> dict[str, Any]:
         "kernel": facts.get("kernel"),
         # Which transfers a ring across processes ran where its options asked for copy-engine ones.
         "transfers": facts.get("transfers"),
+        **_clocks(record.gpus),
         "projected_ms": projected.stats.median_ms if projected else None,
         "projected_iqr_ms": projected.stats.iqr_ms if projected else None,
         "projected_mib": projected.peak_allocated_mib if projected else None,

@@ -9,7 +9,7 @@ import pandas as pd
 from ringbench import records
 from ringbench.report.markdown import escape, mib, ms, tflops
 from ringbench.report.tables import SHAPE, shape_title, shape_words
-from ringbench.vocabulary import PEER, placement, series_name
+from ringbench.vocabulary import GPU_IDLE, PEER, clock_reasons, placement, series_name
 
 
 def _noisy(row: pd.Series) -> bool:
@@ -250,21 +250,6 @@ def efficiency_findings(frame: pd.DataFrame) -> list[str]:
     return lines
 
 
-GPU_IDLE = 0x1  # the one throttle reason that only says nothing was running
-# nvidia-smi's clocks_throttle_reasons bits, as NVML names them.
-THROTTLE_REASONS = {
-    0x1: "idle",
-    0x2: "application clocks setting",
-    0x4: "software power cap",
-    0x8: "hardware slowdown",
-    0x10: "sync boost",
-    0x20: "software thermal slowdown",
-    0x40: "hardware thermal slowdown",
-    0x80: "hardware power brake",
-    0x100: "display clock setting",
-}
-
-
 def _throttled(reasons: str | None) -> bool:
     if reasons is None:  # not reported
         return False
@@ -282,9 +267,7 @@ def throttle_reasons(reasons: str | None) -> str:
         mask = int(reasons, 16)
     except (TypeError, ValueError):
         return "not reported"
-    named = [name for bit, name in THROTTLE_REASONS.items() if mask & bit]
-    unknown = mask & ~sum(THROTTLE_REASONS)
-    return ", ".join(named + ([f"other ({unknown:#x})"] if unknown else [])) or "nothing"
+    return ", ".join(clock_reasons(mask)) or "nothing"
 
 
 def _differences(environments: list[dict]) -> list[str]:

@@ -55,6 +55,13 @@ def _throughput(row) -> str:
     return f"{tflops(row.tflops_per_device)} ({row.tflops_per_device / row.peak_tflops:.0%})"
 
 
+def _clock(row) -> str:
+    if pd.isna(row.sm_clock_mhz):
+        return ""
+    held = f" ({row.clock_held_by})" if row.clock_held_by else ""
+    return f"{row.sm_clock_mhz:,.0f} of {row.sm_clock_top_mhz:,.0f}{held}"
+
+
 def _communication(row) -> str:
     if pd.isna(row.comm_wait_share):
         return ""
@@ -113,6 +120,13 @@ METRICS = (
         "Throughput per device (TFLOP/s; in brackets, share of the measured matmul peak where known)",
         _throughput,
         _present("tflops"),
+    ),
+    Metric(
+        "SM clock while the samples ran (MHz, mean; across processes the slowest GPU's) of the board's top, "
+        "and what held a GPU's clock below its top",
+        _clock,
+        _present("sm_clock_mhz"),
+        rows_with="sm_clock_mhz",
     ),
     Metric(
         "Peak memory of a call above what it starts with (inputs, buffers kept by setup), MiB; the model's "

@@ -28,7 +28,7 @@ from ringbench.attention import registry
 from ringbench.attention.comm import WaitClock
 from ringbench.attention.inputs import Generated
 from ringbench.attention.models import PASS_FACTOR, dense_flops, output_bytes
-from ringbench.run import correctness, distributed
+from ringbench.run import clocks, correctness, distributed
 from ringbench.run.distributed import OneProcess
 from ringbench.run.memory import MIB, allocated_mib, headroom, measure_peak
 from ringbench.run.modes import graph_replay, l2_flush
@@ -38,6 +38,7 @@ from ringbench.schema import (
     Check,
     Comm,
     Failure,
+    GpuState,
     GradientCheck,
     Memory,
     Modes,
@@ -182,7 +183,8 @@ def _time_and_measure(
     # Memory first, from plain calls: no timing mode may change what a cell is found to hold.
     memory = measure_peak(fn, device, floor_mib)
     timed, flush, modes = _modes(fn, device, budget, group)
-    timing = measure(timed, device, budget, agree, flush, hold=modes["cuda_graph"])
+    watch = clocks.Watch(clocks.nvml_of(device))
+    timing = measure(timed, device, budget, agree, flush, hold=modes["cuda_graph"], while_sampling=watch)
     plain = None
     if modes["cuda_graph"]:
         del timed  # the graph and its memory pool go before plain calls are timed
@@ -198,6 +200,7 @@ def _time_and_measure(
         peak_allocated_mib=memory.peak_allocated_mib if memory else None,
         peak_reserved_mib=memory.peak_reserved_mib if memory else None,
         held_mib=memory.held_mib if memory else None,
+        gpu=watch.state(group.rank),
     )
 
 
@@ -211,6 +214,7 @@ def _outcome(
     projected: Projected | None,
     inputs_mib: float,
     ranks: tuple[RankFigures, ...] | None = None,
+    gpus: tuple[GpuState, ...] | None = None,
 ) -> Outcome:
     stats = main.stats
     seconds = stats.median_ms / 1e3
@@ -235,6 +239,7 @@ def _outcome(
         ),
         "projected": projected,
         "ranks": ranks,
+        "gpus": gpus,
         "flops": flops,
         "tflops": flops / seconds / 1e12,
         "tokens_per_s": cell.batch_size * cell.seq_len / seconds,
@@ -308,12 +313,15 @@ def _agree(group: OneProcess, failure: Outcome | None) -> Outcome | None:
     return _reduce(failures, group.world_size) if failures else None
 
 
-def _combine_ranks(group: OneProcess, main: Projected) -> tuple[Projected, tuple[RankFigures, ...] | None]:
+def _combine_ranks(
+    group: OneProcess, main: Projected
+) -> tuple[Projected, tuple[RankFigures, ...] | None, tuple[GpuState, ...] | None]:
     """Rank 0's view of every rank's timing: the slowest rank per repetition, the largest memory
-    figures; and, across processes, every rank's own."""
+    figures; across processes, every rank's own; and every rank's GPU state where it was read."""
     everyone: list[Projected] = group.gather(main)
+    gpus = tuple(rank.gpu for rank in everyone if rank.gpu is not None) or None
     if group.world_size == 1:
-        return main, None
+        return main, None, gpus
     samples = tuple(max(values) for values in zip(*(rank.samples_ms for rank in everyone)))
 
     def largest(key: str) -> float | None:
@@ -327,10 +335,11 @@ def _combine_ranks(group: OneProcess, main: Projected) -> tuple[Projected, tuple
         peak_allocated_mib=largest("peak_allocated_mib"),
         held_mib=largest("held_mib"),
     )
-    return combined, tuple(
+    ranks = tuple(
         RankFigures(rank, data.stats.median_ms, data.peak_allocated_mib, data.held_mib)
         for rank, data in enumerate(everyone)
     )
+    return combined, ranks, gpus
 
 
 def _combine_traffic(group: OneProcess, traffic: dict[str, float] | None) -> Comm | None:
@@ -460,8 +469,8 @@ def _phases(
         failure = _failure(exc)
     if failure := _agree(group, failure):
         return failure
-    combined, ranks = _combine_ranks(group, main)
-    outcome = _outcome(cell, implementation, budget, facts, check, combined, projected, inputs_mib, ranks)
+    combined, ranks, gpus = _combine_ranks(group, main)
+    outcome = _outcome(cell, implementation, budget, facts, check, combined, projected, inputs_mib, ranks, gpus)
     return {**outcome, "comm": _combine_traffic(group, traffic)}
 
 

@@ -16,10 +16,12 @@ pair, so a cold-L2 flush stays outside every sample).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -95,13 +97,15 @@ def measure(
     agree: Callable[[float], float] = _same,
     flush: Callable[[], None] | None = None,
     hold: bool = False,
+    while_sampling: AbstractContextManager[object] | None = None,
 ) -> Timing:
     """Warm up, then time ``fn`` repeatedly; samples are milliseconds per call.
 
     ``agree`` turns a local count or estimate into the one every rank uses (the
     maximum over ranks in a process group): collective closures must run the same
     number of times everywhere. ``hold`` queues calls behind a holding kernel, for
-    CUDA-graph replays.
+    CUDA-graph replays. ``while_sampling`` is entered for the samples, warm-up left out
+    (a ``clocks.Watch``).
     """
     if device.type == "cuda":
 
@@ -123,10 +127,11 @@ def measure(
         return per_sample(time_calls(fn, count * calls), calls)
 
     reps = int(budget.rep_ms / (call_ms * calls))
-    samples = take(int(agree(min(max(reps, budget.min_reps), budget.max_reps))))
-    # Noisy cells get more samples, half as many again each round, within the caps.
-    while more := int(agree(_more_needed(samples, budget, calls))):
-        samples += take(more)
+    with while_sampling or contextlib.nullcontext():
+        samples = take(int(agree(min(max(reps, budget.min_reps), budget.max_reps))))
+        # Noisy cells get more samples, half as many again each round, within the caps.
+        while more := int(agree(_more_needed(samples, budget, calls))):
+            samples += take(more)
     return Timing(tuple(first + warmup), tuple(samples), calls)
 
 
