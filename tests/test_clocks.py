@@ -139,20 +139,25 @@ def test_a_record_keeps_every_ranks_gpu_and_a_rank_shares_own_and_reads_them_bac
     assert stored["projected"]["gpu"] == stored["gpus"][0] and Record.from_json(stored) == share
 
 
-def test_the_report_shows_the_slowest_gpus_clock_beside_the_board_top_and_what_held_it(tmp_path):
+def _watched_run(tmp_path: Path, ring_states: tuple[GpuState, ...]) -> str:
+    """The multi-process fixture's report with clocks on its single-GPU `sdpa` forward (1,599 MHz)
+    and its two-process `ring` forward (``ring_states``)."""
     run_dir = tmp_path / "run"
     shutil.copytree(FIXTURES / "multi-process", run_dir)
-    lines = (run_dir / "records.jsonl").read_text().splitlines()
     watched = []
-    for index, line in enumerate(lines):
+    for index, line in enumerate((run_dir / "records.jsonl").read_text().splitlines()):
         record = Record.from_json(json.loads(line))
         if record.pass_name == "forward" and not record.causal and record.implementation == "sdpa":
             record = replace(record, gpus=(replace(STATES[0], sm_clock_mhz=1599.0, held_by=()),))
-        elif record.pass_name == "forward" and not record.causal and record.world_size == 2 and index == 8:
-            record = replace(record, gpus=STATES)
+        elif index == 8:  # ring, 2 processes, forward
+            record = replace(record, gpus=ring_states)
         watched.append(json.dumps(record.to_json()))
     (run_dir / "records.jsonl").write_text("\n".join(watched) + "\n")
-    markdown = render_report([load_run(run_dir)], plots_dir=None)
+    return render_report([load_run(run_dir)], plots_dir=None)
+
+
+def test_the_report_shows_the_slowest_gpus_clock_beside_the_board_top_and_what_held_it(tmp_path):
+    markdown = _watched_run(tmp_path, STATES)
     section = markdown.split("**SM clock while the samples ran")[1].split("\n\n", 2)[1]
     assert section == (
         "| implementation                | run as      |                                                       S=131072 |\n"
@@ -163,3 +168,16 @@ def test_the_report_shows_the_slowest_gpus_clock_beside_the_board_top_and_what_h
         "| ring kernel=cudnn zigzag=true | 4 processes |                                                                |"
     )
     assert markdown.count("**SM clock while the samples ran") == 1  # only the shape that has them
+    assert "SM clock was over" not in markdown  # 1,587 against 1,599 MHz: 0.7% apart
+
+
+def test_a_cell_whose_clock_was_far_from_its_peers_is_named_among_what_to_distrust(tmp_path):
+    markdown = _watched_run(tmp_path, (replace(STATES[0], sm_clock_mhz=1560.0), STATES[1]))
+    distrust = markdown.split("## What to distrust\n\n")[1].split("\n\n")[0]
+    assert (
+        "- In 1 multi-process cell the slowest GPU's SM clock was over 2% from that of the single-device cell "
+        "its efficiency is set against (the most, ring kernel=cudnn zigzag=true (2 processes) S=131072 forward "
+        "non-causal: "
+        "1,560 against 1,599 MHz): their efficiency carries that difference, which comes from the GPUs' power "
+        "and temperature, not from the code. Read it beside the clock tables under each shape."
+    ) in distrust.splitlines()

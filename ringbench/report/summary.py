@@ -9,7 +9,7 @@ import pandas as pd
 from ringbench import records
 from ringbench.report.markdown import escape, mib, ms, tflops
 from ringbench.report.tables import SHAPE, shape_title, shape_words
-from ringbench.vocabulary import GPU_IDLE, PEER, clock_reasons, placement, series_name
+from ringbench.vocabulary import GPU_IDLE, PEER, clock_reasons, counted, placement, series_name
 
 
 def _noisy(row: pd.Series) -> bool:
@@ -292,7 +292,7 @@ def warnings(frame: pd.DataFrame, environments: list[dict]) -> list[str]:
         )
     for environment in environments:
         lines += _environment_warnings(environment)
-    return list(dict.fromkeys(lines)) + _noise_warning(frame) + _host_bound_warning(frame)
+    return list(dict.fromkeys(lines)) + _noise_warning(frame) + _host_bound_warning(frame) + _clock_warning(frame)
 
 
 def _environment_warnings(environment: dict) -> list[str]:
@@ -366,6 +366,33 @@ def _host_bound_warning(frame: pd.DataFrame) -> list[str]:
         f"{worst.launch_ms:.2f} ms of launch against {worst.device_ms:.2f} ms of GPU work): their times measure "
         "the host, as CUDA graphs are not captured across processes. Compare them as the host's, or at "
         "longer sequences."
+    ]
+
+
+# Above this, a cell and the single-device peer's it is set against ran at clocks far enough apart
+# to move their efficiency by more than runs of it on one pair of H200s spread (about ±1%).
+CLOCKS_DIFFER = 0.02
+
+
+def _clock_warning(frame: pd.DataFrame) -> list[str]:
+    """Multi-process cells whose slowest GPU ran at an SM clock far from the one their single-device
+    peer's cell ran at: their efficiency is partly the GPUs' state, not the code."""
+    apart = [
+        (row, peer)
+        for row, peer in efficiencies(frame)
+        if pd.notna(row.sm_clock_mhz)
+        and pd.notna(peer.sm_clock_mhz)
+        and abs(row.sm_clock_mhz / peer.sm_clock_mhz - 1) > CLOCKS_DIFFER
+    ]
+    if not apart:
+        return []
+    row, peer = max(apart, key=lambda pair: abs(pair[0].sm_clock_mhz / pair[1].sm_clock_mhz - 1))
+    return [
+        f"- In {counted(len(apart), 'multi-process cell')} the slowest GPU's SM clock was over "
+        f"{CLOCKS_DIFFER:.0%} from that of the single-device cell its efficiency is set against (the most, "
+        f"{_cell_names(frame[frame['world_size'] > 1])(row)}: {row.sm_clock_mhz:,.0f} against "
+        f"{peer.sm_clock_mhz:,.0f} MHz): their efficiency carries that difference, which comes from the "
+        "GPUs' power and temperature, not from the code. Read it beside the clock tables under each shape."
     ]
 
 
