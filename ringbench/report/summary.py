@@ -377,6 +377,8 @@ CLOCKS_DIFFER = 0.02
 def _clock_warning(frame: pd.DataFrame) -> list[str]:
     """Multi-process cells whose slowest GPU ran at an SM clock far from the one their single-device
     peer's cell ran at: their efficiency is partly the GPUs' state, not the code."""
+    if not frame["sm_clock_mhz"].notna().any():  # no clocks read: on the CPU, or from before records kept them
+        return []
     apart = [
         (row, peer)
         for row, peer in efficiencies(frame)
