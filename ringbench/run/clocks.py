@@ -11,10 +11,12 @@ while the samples run, and sums it up as a record's :class:`GpuState`.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -52,8 +54,17 @@ def summarize(readings: list[Reading], rank: int, top_mhz: float) -> GpuState:
     )
 
 
+class Gauge(Protocol):
+    """What a :class:`Watch` reads: a GPU's top SM clock, and its state now."""
+
+    top_mhz: float
+
+    def read(self) -> Reading: ...
+
+
 class Nvml:
-    """The GPU ``device`` is, as NVML sees it (found by its UUID, which no renumbering changes)."""
+    """NVML's view of the GPU that ``device`` is, found by its UUID, which no renumbering of the
+    visible devices changes."""
 
     def __init__(self, device: torch.device):
         import pynvml
@@ -74,6 +85,7 @@ class Nvml:
         )
 
 
+@functools.cache  # one per device and process: every cell of a worker reads the same GPU
 def nvml_of(device: torch.device) -> Nvml | None:
     """NVML's view of ``device``; None on the CPU, and where NVML cannot be loaded or find the GPU
     (the record then says nothing of its clocks, as on the CPU)."""
@@ -89,7 +101,7 @@ class Watch:
     """Reads a GPU through ``source`` from entering until leaving, at the start, every ``INTERVAL_S``
     and at the end (so a window shorter than the interval is still read twice)."""
 
-    def __init__(self, source: Nvml | None, interval_s: float = INTERVAL_S):
+    def __init__(self, source: Gauge | None, interval_s: float = INTERVAL_S):
         self._source, self._interval_s = source, interval_s
         self._readings: list[Reading] = []
         self._done = threading.Event()
