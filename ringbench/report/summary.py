@@ -380,15 +380,14 @@ def _clock_warning(frame: pd.DataFrame) -> list[str]:
     if not frame["sm_clock_mhz"].notna().any():  # no clocks read: on the CPU, or from before records kept them
         return []
     apart = [
-        (row, peer)
+        (abs(row.sm_clock_mhz / peer.sm_clock_mhz - 1), row, peer)
         for row, peer in efficiencies(frame)
-        if pd.notna(row.sm_clock_mhz)
-        and pd.notna(peer.sm_clock_mhz)
-        and abs(row.sm_clock_mhz / peer.sm_clock_mhz - 1) > CLOCKS_DIFFER
+        if pd.notna(row.sm_clock_mhz) and pd.notna(peer.sm_clock_mhz)
     ]
+    apart = [pair for pair in apart if pair[0] > CLOCKS_DIFFER]
     if not apart:
         return []
-    row, peer = max(apart, key=lambda pair: abs(pair[0].sm_clock_mhz / pair[1].sm_clock_mhz - 1))
+    _, row, peer = max(apart, key=lambda pair: pair[0])
     return [
         f"- In {counted(len(apart), 'multi-process cell')} the slowest GPU's SM clock was over "
         f"{CLOCKS_DIFFER:.0%} from that of the single-device cell its efficiency is set against (the most, "
