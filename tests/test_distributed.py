@@ -203,11 +203,13 @@ def test_ring_gradients_across_two_processes_match_the_reference(write_config):
         assert record["comm"]["sent_bytes_per_call"] == messages * 2 * 2 * rows * 8 * 4
 
 
-def test_copy_engine_transfers_fall_back_to_point_to_point_where_the_ranks_are_not_gpus_and_say_so(write_config):
+def test_copy_engine_transfers_named_or_by_default_fall_back_to_point_to_point_where_the_ranks_are_not_gpus_and_say_so(
+    write_config,
+):
     _, stored = run_sweep(
         write_config,
         (
-            "implementations:\n  - {name: ring, options: {transfers: copy-engine, zigzag: true}}\n"
+            "implementations:\n  - {name: ring, options: {zigzag: true}}\n"
             "  - {name: usp, options: {ulysses_degree: 2, transfers: copy-engine, zigzag: true}}\n"
             "seq_lens: [64]\nworld_sizes: [2, 4]\nheads: [2]\nhead_dims: [8]\ndtypes: [float32]\ncausal: [true]\n"
             "passes: [forward, forward+backward]\n"

@@ -75,6 +75,8 @@ def test_usp_keeps_its_rings_sums_and_leaves_out_copy_engine_transfers_with_no_r
         "at ulysses_degree P there is no ring: copy-engine transfers have nothing to carry"
     )
     assert usp.excludes(cell("nccl", world_size=2)) is None
+    assert usp.excludes(cell("auto", world_size=2)) is None  # auto asks for no transfers, only how to send any
+    assert usp.setup_memory(cell("auto")) == usp.setup_memory(cell("copy-engine"))
 
 
 def test_the_sums_buffers_kept_follow_the_parts_the_backward_runs_in():

@@ -43,6 +43,18 @@ def excluded(seq_len, ring_size, zigzag):
     return seq_len % ring_size or BUNDLED.get("ring").excludes(cell)
 
 
+def test_copy_engine_transfers_are_left_out_of_one_process_where_auto_is_not():
+    def cell(transfers, world_size):
+        options = (("kernel", "auto"), ("transfers", transfers), ("zigzag", False))
+        return Cell("ring", options, 64, world_size, 1, 2, 8, "float32", False, "forward", world_size=world_size)
+
+    ring = BUNDLED.get("ring")
+    assert ring.excludes(cell("copy-engine", 1)) == "copy-engine transfers are between processes; one process has none"
+    assert [ring.excludes(cell(transfers, world)) for transfers in ("auto", "nccl") for world in (1, 2)] == [None] * 4
+    assert ring.excludes(cell("copy-engine", 2)) is None
+    assert ring.options["transfers"].default == "auto"
+
+
 GRID = [
     (seq_len, ring_size, causal, zigzag)
     for seq_len, ring_size, causal, zigzag in itertools.product([48, 60, 96], range(1, 9), [False, True], [False, True])

@@ -116,6 +116,18 @@ def test_copy_engine_ring_steps_take_their_own_link_and_slowdown_and_nccls_laten
     assert not model.transfers_calibrated(CALIBRATION | {"copy_engine": None}, copy_engine=True)  # ranks that could not
     calibrated = CALIBRATION | {"copy_engine": COPY_ENGINE}
     assert model.transfers_calibrated(calibrated, copy_engine=True)
+    # A calibration measures copy-engine transfers wherever the ranks can use them, as auto then does.
+    assert [model.plans_copy_engine({"transfers": t}, calibrated) for t in ("auto", "copy-engine", "nccl")] == [
+        True,
+        True,
+        False,
+    ]
+    assert [model.plans_copy_engine({"transfers": t}, CALIBRATION) for t in ("auto", "copy-engine", "nccl")] == [
+        False,
+        True,
+        False,
+    ]
+    assert not model.plans_copy_engine({}, calibrated)  # a strategy without a ring
     copy_engine = model.Machine.from_calibration(calibrated, inter_node_gbit_s=400.0, copy_engine=True)
     assert copy_engine.ring_step.latency_ms == 0.005
     assert copy_engine.ring_step.bytes_per_ms == pytest.approx(400e6, rel=1e-12)

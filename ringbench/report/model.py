@@ -419,6 +419,14 @@ def transfers_calibrated(entry: dict[str, Any], copy_engine: bool) -> bool:
     return not copy_engine or bool(entry.get("copy_engine"))
 
 
+def plans_copy_engine(options: Mapping[str, Any], entry: dict[str, Any]) -> bool:
+    """Whether a cell with ``options`` will send its ring steps by copy engine on the ranks the
+    calibration ``entry`` measured: where it names them, or leaves them ``auto`` and the calibration
+    measured them (it does wherever the ranks can use them)."""
+    transfers = options.get("transfers")
+    return transfers == "copy-engine" or (transfers == "auto" and transfers_calibrated(entry, copy_engine=True))
+
+
 def calibration_for(calibration: dict[int, dict[str, Any]], world: int) -> dict[str, Any]:
     """The calibration measured at ``world`` processes, else at the most processes below it, else
     at the fewest above it."""

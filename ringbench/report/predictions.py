@@ -77,7 +77,8 @@ def _predict(
             f"the runs have no single-GPU cells of the peer with kernel {kernel}, {cell.dtype} "
             f"B={cell.batch_size} H={cell.heads} D={cell.head_dim}"
         )
-    entry, copy_engine = model.calibration_for(calibration, cell.world_size), options.get("transfers") == "copy-engine"
+    entry = model.calibration_for(calibration, cell.world_size)
+    copy_engine = model.plans_copy_engine(options, entry)
     if not model.transfers_calibrated(entry, copy_engine):
         return "the runs' calibration measured no copy-engine transfers"
     machine = model.Machine.from_calibration(entry, inter_node_gbit_s, gpus_per_node, copy_engine)

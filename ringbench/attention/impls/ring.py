@@ -13,10 +13,11 @@ shard against every K/V shard, received into a buffer as a rank would), and the
 harness reports its time and memory as a per-rank *projection*.
 
 Across processes (world size > 1) each process is one rank holding one shard,
-and K/V blocks rotate with torch.distributed point-to-point ops, the next transfer
-posted before the current block is computed and waited for after it; or, with
-``transfers: copy-engine``, by the GPUs' copy engines into the next rank's buffers
-(``ringbench.attention.peer_copy``), which leaves every SM to the blocks. Its backward
+and K/V blocks rotate by the GPUs' copy engines into the next rank's buffers
+(``ringbench.attention.peer_copy``), which leaves every SM to the blocks, where the ranks
+are GPUs of one host (``transfers: auto``, the default, or ``copy-engine``); elsewhere, or
+with ``transfers: nccl``, by torch.distributed point-to-point ops. Either way the next
+transfer is posted before the current block is computed and waited for after it. Its backward
 goes in parts of heads, as few as the memory allows, each a ring of its own
 (``OneRank.backward``, :func:`backward_part_heads`).
 
@@ -42,7 +43,7 @@ from ringbench.attention.models import fused_backward, row_floats, shard_bytes
 from ringbench.attention.registry import Bench, Option, Problem, register
 from ringbench.vocabulary import DTYPE_BYTES, PASSES, Cell
 
-TRANSFERS = ("nccl", "copy-engine")
+TRANSFERS = ("auto", "nccl", "copy-engine")
 
 
 @dataclass(frozen=True)
@@ -549,11 +550,11 @@ def ring_peers(
     part_heads: int | None,
 ) -> peer_copy.RingPeers | None:
     """The copy engine's buffers for a ring of ``kernel`` blocks whose K/V messages are of ``shape``,
-    shared over the group ``ring_group()`` (asked for only here), where the cell asks for copy-engine
-    transfers and the ranks allow them (the facts record the transfers used): receive buffers as
+    shared over the group ``ring_group()`` (asked for only here), where the cell's transfers are not
+    ``nccl`` and the ranks allow copy-engine transfers (the facts record the transfers used): receive buffers as
     :func:`receive_buffers`, and in backward passes those the gradient sums of one part of
     ``part_heads`` heads (:func:`backward_part_heads`) arrive in (``comm.sums_slots``)."""
-    if problem.options["transfers"] != "copy-engine":
+    if problem.options["transfers"] == "nccl":
         return None
     why_not = peer_copy.unavailable(problem.device)
     problem.facts["transfers"] = f"nccl: {why_not}" if why_not else "copy-engine"
@@ -674,9 +675,10 @@ def setup_memory(cell: Cell, ulysses_degree: int = 1, *, part_heads: int | None 
     process keeps none, its blocks being views of the inputs. Copy-engine transfers of a backward
     pass in parts of ``part_heads`` heads (the fewest by default, as near the longest sequence) keep
     the buffers its gradient sums arrive in too (on ranks that fall back to NCCL, this overstates).
-    ``usp`` runs this ring over P/u ranks (``ulysses_degree`` u)."""
+    ``usp`` runs this ring over P/u ranks (``ulysses_degree`` u). Transfers ``auto`` count as
+    copy-engine transfers, which they are wherever the ranks allow them."""
     kept = receive_buffer_bytes(cell, cell.world_size // ulysses_degree)
-    if cell.world_size > 1 and cell.pass_name != "forward" and dict(cell.options)["transfers"] == "copy-engine":
+    if cell.world_size > 1 and cell.pass_name != "forward" and dict(cell.options)["transfers"] != "nccl":
         kept += sums_buffer_bytes(cell, ulysses_degree, part_heads)
     return kept
 
@@ -689,9 +691,10 @@ def setup_memory(cell: Cell, ulysses_degree: int = 1, *, part_heads: int | None 
         "kernel": Option("auto", choices=blocks.KERNELS, help="block kernel; auto picks the fastest that runs"),
         "zigzag": Option(False, help="shard r holds chunks r and 2P−1−r (balances causal work)"),
         "transfers": Option(
-            "nccl",
+            "auto",
             choices=TRANSFERS,
-            help="across processes: NCCL point-to-point (gloo on CPUs), or GPU copy engines within a host",
+            help="across processes: GPU copy engines within a host, NCCL point-to-point (gloo on CPUs),"
+            " or auto: copy engines where the ranks allow them, else NCCL",
         ),
     },
     excludes=_excludes,

@@ -7,7 +7,7 @@ group are contiguous. Each ring shard of the sequence (``ring.positions``: with
 the u ranks of its Ulysses group. An all-to-all within the group turns each
 rank's rows into the whole ring shard for H/u heads; the ranks sharing a Ulysses
 index then run ring attention over the r shards (``ring.OneRank``, K/V between
-processes by point-to-point ops, or by copy engines as ``ring``'s ``transfers``); one
+processes by copy engines or point-to-point ops, as ``ring``'s ``transfers``); one
 more all-to-all turns the output back into the rank's rows for every head. Both
 all-to-alls and the ring are differentiable, and all of them go through the worker's
 clock.
@@ -113,7 +113,7 @@ def _setup_memory(cell: Cell, *, part_heads: int | None = None) -> int:
         "ulysses_degree": Option(1, help="ranks per Ulysses group (u); the ring spans P / u of them", short="u"),
         "kernel": Option("auto", choices=blocks.KERNELS, help="block kernel of the ring, as ring's"),
         "zigzag": Option(False, help="the ring's shards as ring's zigzag: ring shard i holds chunks i and 2r−1−i"),
-        "transfers": Option("nccl", choices=ring.TRANSFERS, help="the ring's transfers, as ring's"),
+        "transfers": Option("auto", choices=ring.TRANSFERS, help="the ring's transfers, as ring's"),
     },
     passes=PASSES,
     excludes=_excludes,
