@@ -526,3 +526,22 @@ def test_the_library_settings_a_run_kept_are_named_under_its_environment(tmp_pat
         "- **library settings** from the environment: NCCL\\_MAX\\_NCHANNELS=4, TORCH\\_NCCL\\_HIGH\\_PRIORITY=1",
         "- **library settings** from the environment: PYTORCH\\_CUDA\\_ALLOC\\_CONF=expandable\\_segments:True",
     ]
+
+
+def test_a_ring_that_chose_its_transfers_says_which_ran_beside_its_communication(tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(FIXTURES / "multi-process", run_dir)
+    lines = (run_dir / "records.jsonl").read_text().splitlines()
+    for index, transfers in ((8, "copy-engine"), (16, "nccl: the ranks span hosts")):  # the forward rings
+        record = json.loads(lines[index])
+        record["facts"]["transfers"] = transfers
+        lines[index] = json.dumps(record)
+    (run_dir / "records.jsonl").write_text("\n".join(lines) + "\n")
+    markdown = render_report([load_run(run_dir)], plots_dir=None)
+    table = markdown.split("**Communication per rank")[1].split("\n\n", 2)[1]
+    assert table == (
+        "| implementation                | run as      |                                                   S=131072 |\n"
+        "|:------------------------------|:------------|-----------------------------------------------------------:|\n"
+        "| ring kernel=cudnn zigzag=true | 2 processes |                512.00 MiB per ring step, 0.0%, copy-engine |\n"
+        "| ring kernel=cudnn zigzag=true | 4 processes | 256.00 MiB per ring step, 2.4%, nccl: the ranks span hosts |"
+    )

@@ -168,7 +168,7 @@ def _row(record: Record, peaks: dict[str, float]) -> dict[str, Any]:
         "tflops_per_device": None if record.tflops is None else record.tflops / record.world_size,
         "peak_tflops": peaks.get(record.dtype),
         "kernel": facts.get("kernel"),
-        # Which transfers a ring across processes ran where its options asked for copy-engine ones.
+        # Which transfers a ring across processes ran where its options did not name NCCL's.
         "transfers": facts.get("transfers"),
         **_clocks(record.gpus),
         "projected_ms": projected.stats.median_ms if projected else None,

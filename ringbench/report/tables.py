@@ -71,7 +71,9 @@ def _communication(row) -> str:
         if pd.notna(row.comm_call_mib)
         else f"{row.comm_step_mib:,.2f} MiB per ring step"
     )
-    return f"{sent}, {row.comm_wait_share:.1%}"
+    # A ring whose options left its transfers open says which ran, and why NCCL's where it fell back.
+    by = f", {row.transfers}" if isinstance(row.transfers, str) else ""
+    return f"{sent}, {row.comm_wait_share:.1%}{by}"
 
 
 def _error(row) -> str:
