@@ -181,3 +181,32 @@ def test_a_cell_whose_clock_was_far_from_its_peers_is_named_among_what_to_distru
         "1,560 against 1,599 MHz): their efficiency carries that difference, which comes from the GPUs' power "
         "and temperature, not from the code. Read it beside the clock tables under each shape."
     ) in distrust.splitlines()
+
+
+def test_a_gpu_whose_clocks_cannot_be_read_says_why_and_the_cpu_has_nothing_to_say(monkeypatch):
+    def refuse(device):
+        raise RuntimeError("NVML Shared Library Not Found")
+
+    monkeypatch.setattr(clocks, "Nvml", refuse)
+    clocks._opened.cache_clear()
+    try:
+        gpu = torch.device("cuda", 0)
+        assert clocks.nvml_of(gpu) is None
+        assert clocks.unreadable(gpu) == "RuntimeError: NVML Shared Library Not Found"
+        assert clocks.unreadable(torch.device("cpu")) is None and clocks.nvml_of(torch.device("cpu")) is None
+    finally:
+        clocks._opened.cache_clear()
+
+
+def test_a_run_whose_gpu_clocks_could_not_be_read_says_so_among_what_to_distrust(tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(FIXTURES / "multi-process", run_dir)
+    meta = json.loads((run_dir / "run.json").read_text())
+    meta["environment"]["clocks_unreadable"] = "NVMLError_LibraryNotFound: NVML Shared Library Not Found"
+    (run_dir / "run.json").write_text(json.dumps(meta))
+    distrust = render_report([load_run(run_dir)], plots_dir=None).split("## What to distrust\n\n")[1].split("\n\n")[0]
+    assert (
+        "- The GPUs' clocks could not be read through NVML (NVMLError\\_LibraryNotFound: NVML Shared Library Not "
+        "Found): no cell says what SM clock its samples ran at, so differences of clock between cells go unseen."
+    ) in distrust.splitlines()
+    assert "could not be read through NVML" not in (FIXTURES / "multi-process.md").read_text()

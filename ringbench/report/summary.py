@@ -323,6 +323,12 @@ def _environment_warnings(environment: dict) -> list[str]:
             f"{escape(', '.join(sorted(busy)))}. They compete with the benchmark for cores and for launching "
             "kernels; stop them and run again."
         )
+    unreadable = environment.get("clocks_unreadable")
+    if unreadable:
+        lines.append(
+            f"- The GPUs' clocks could not be read through NVML ({escape(unreadable)}): no cell says what SM "
+            "clock its samples ran at, so differences of clock between cells go unseen."
+        )
     throttled = [
         state["index"]
         for state in (environment.get("gpu_state") or []) + (environment.get("gpu_state_end") or [])

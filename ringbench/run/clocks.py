@@ -86,15 +86,29 @@ class Nvml:
 
 
 @functools.cache  # one per device and process: every cell of a worker reads the same GPU
-def nvml_of(device: torch.device) -> Nvml | None:
-    """NVML's view of ``device``; None on the CPU, and where NVML cannot be loaded or find the GPU
-    (the record then says nothing of its clocks, as on the CPU)."""
-    if device.type != "cuda":
-        return None
+def _opened(device: torch.device) -> Nvml | str:
+    """NVML's view of the GPU ``device``, or why there is none."""
     try:
         return Nvml(device)
-    except Exception:  # no pynvml, no NVML library, a GPU NVML does not list: nothing to read
+    except Exception as error:  # no pynvml, no NVML library, a GPU NVML does not list: nothing to read
+        return f"{type(error).__name__}: {error}"
+
+
+def nvml_of(device: torch.device) -> Nvml | None:
+    """NVML's view of ``device``; None on the CPU, and where NVML cannot be loaded or find the GPU
+    (the record then says nothing of its clocks, as on the CPU; :func:`unreadable` says why)."""
+    if device.type != "cuda":
         return None
+    opened = _opened(device)
+    return None if isinstance(opened, str) else opened
+
+
+def unreadable(device: torch.device) -> str | None:
+    """Why the clocks of the GPU ``device`` cannot be read; None where they can, and on the CPU."""
+    if device.type != "cuda":
+        return None
+    opened = _opened(device)
+    return opened if isinstance(opened, str) else None
 
 
 class Watch:

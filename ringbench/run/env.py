@@ -20,6 +20,7 @@ import torch
 
 from ringbench import __version__
 from ringbench.errors import ConfigError
+from ringbench.run import clocks
 
 UNKNOWN = "unknown"
 
@@ -249,6 +250,7 @@ def snapshot(device: torch.device, threads: int, config_folder: Path) -> dict[st
         "gpus": _gpus(),
         "driver": (_query(["driver_version"]) or [{"driver_version": UNKNOWN}])[0]["driver_version"] if cuda else None,
         "gpu_state": gpu_state() if cuda else [],
+        "clocks_unreadable": clocks.unreadable(device),
         "foreign_processes": _foreign_processes() if cuda else None,
         "topology": _nvidia_smi("topo", "-m") if cuda and torch.cuda.device_count() > 1 else None,
         "overlap_warnings": overlap_warnings(),
