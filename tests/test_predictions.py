@@ -269,3 +269,61 @@ def test_copy_engine_cells_are_predicted_only_from_a_calibration_that_measured_t
     result = runner.invoke(app, ["predict", str(config), str(calibrated_fixture(tmp_path))])
     assert result.exit_code == 0, result.output
     assert "- the runs' calibration measured no copy-engine transfers (2×)" in result.output
+
+
+def test_a_cell_an_earlier_run_found_host_paced_is_predicted_at_the_hosts_pace_and_marked(tmp_path):
+    run = calibrated_fixture(tmp_path)
+    lines = (run / "records.jsonl").read_text().splitlines()
+    four = next(
+        index
+        for index, line in enumerate(lines)
+        if (lambda r: (r["implementation"], r["world_size"], r["pass"], r["causal"]))(json.loads(line))
+        == ("ring", 4, "forward", False)
+    )
+    record = json.loads(lines[four])
+    # The host's launch, over the 60.41 ms the model gives its GPUs (and the 63.8 the cell measured).
+    record["modes"] |= {"launch_ms": 100.0, "device_ms": 63.8}
+    lines[four] = json.dumps(record)
+    (run / "records.jsonl").write_text("\n".join(lines) + "\n")
+    config, output = tmp_path / "predicted.yaml", tmp_path / "predictions.json"
+    config.write_text(CONFIG)
+    result = runner.invoke(app, ["predict", str(config), str(run), "-o", str(output)])
+    assert result.exit_code == 0, result.output
+    cells = records.read_predictions(output)["cells"]
+    (ring,) = (cell for cell in cells.values() if cell["title"].startswith("ring") and cell["world_size"] == 4)
+    assert ring["host_paced"] and ring["ms"] == 100.0
+    assert ring["efficiency"] == pytest.approx(RING_PEAK_MS / (4 * 100.0), rel=1e-12)
+    # The eight-process cells no run measured: at their GPUs' pace.
+    assert [cell["host_paced"] for cell in cells.values() if cell["world_size"] == 8] == [False, False]
+    assert (
+        "| ring kernel=cudnn zigzag=true | 4           | 131072    | forward | no       | 100.00 |              0.570‡§ |\n"
+    ) in result.output
+    assert (
+        "§: an earlier run of the cell found the host slower to launch the call than the modelled GPU time, so "
+        "it is predicted at the host's pace."
+    ) in result.output
+
+
+def test_the_report_marks_a_prediction_made_at_the_hosts_pace(tmp_path):
+    run = calibrated_fixture(tmp_path)
+    planned = json.loads((run / "run.json").read_text())["planned"]
+    (ring,) = (
+        cell["cell_id"]
+        for cell in planned
+        if (cell["implementation"], cell["world_size"], cell["pass"], cell["causal"]) == ("ring", 4, "forward", False)
+    )
+    records.write_json_atomic(
+        run / records.PREDICTIONS_FILE,
+        {
+            "schema_version": 1,
+            "made_at": "2026-11-25T16:30:00+00:00",
+            "sources": ["earlier"],
+            "cells": {ring: {"ms": 100.0, "efficiency": 0.57, "host_paced": True}},
+        },
+    )
+    report = render_report([load_run(run)])
+    assert "| 0.893      | 0.944‡  | +5.6%   | 0.570§             | -36.2%      |" in report
+    assert (
+        "§ on a prediction: an earlier run of the cell found the host slower to launch the call than the "
+        "modelled GPU time, so it is predicted at the host's pace."
+    ) in report

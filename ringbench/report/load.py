@@ -72,6 +72,7 @@ COLUMNS = [
     # A prediction made before the run (``report.predictions``), where the run kept one.
     "predicted_ms",
     "predicted_efficiency",
+    "predicted_host_paced",
     "prediction",
     "error_type",
     "error_message",
@@ -245,6 +246,8 @@ def _with_predictions(frame: pd.DataFrame, path: Path, meta: dict[str, Any], war
         predicted_efficiency=frame["cell_id"]
         .map(lambda cell_id: cells.get(cell_id, {}).get("efficiency"))
         .astype(float),
+        # Predictions made before they could be host-paced have no such field.
+        predicted_host_paced=frame["cell_id"].map(lambda cell_id: bool(cells.get(cell_id, {}).get("host_paced"))),
         prediction=held.map({True: provenance, False: None}),
     )
 

@@ -43,16 +43,20 @@ def _kernel(cell: Cell, options: dict[str, Any], recorded: pd.DataFrame) -> str 
     named = model.planned_kernel(options)
     if named is not None:
         return named
-    like = recorded[
-        (recorded["implementation"] == cell.implementation)
-        & recorded["options"].map(lambda text: json.loads(text).items() <= options.items())
-        & (recorded["pass"] == cell.pass_name)
-        & (recorded["dtype"] == cell.dtype)
-        & (recorded["head_dim"] == cell.head_dim)
-        & (recorded["status"] == records.OK)
-    ]
+    like = _alike(cell, options, recorded)
+    like = like[(like["pass"] == cell.pass_name) & (like["head_dim"] == cell.head_dim) & (like["status"] == records.OK)]
     ran = set(like["kernel"].dropna())
     return ran.pop() if len(ran) == 1 else None
+
+
+def _alike(cell: Cell, options: dict[str, Any], recorded: pd.DataFrame) -> pd.DataFrame:
+    """The runs' cells of ``cell``'s implementation and dtype whose options are ``options`` (those
+    recorded: an option added since is not)."""
+    return recorded[
+        (recorded["implementation"] == cell.implementation)
+        & recorded["options"].map(lambda text: json.loads(text).items() <= options.items())
+        & (recorded["dtype"] == cell.dtype)
+    ]
 
 
 def _predict(
@@ -89,6 +93,11 @@ def _predict(
     )
     if found is None:
         return "the runs lack the peer's passes it needs (forward, beside forward+backward for a backward)"
+    # A call the host took longer to launch, when an earlier run measured the same cell, than the
+    # modelled GPU time runs at the host's pace, as the report models a cell from its own launch.
+    launch_ms = _launch_ms(cell, options, recorded)
+    host_paced = launch_ms is not None and launch_ms > found.ms
+    ms = max(found.ms, launch_ms or 0.0)
     return {
         "title": cell.title,
         "label": cell.label or implementation_label(cell.implementation, options),
@@ -96,11 +105,29 @@ def _predict(
         "seq_len": cell.seq_len,
         "pass": cell.pass_name,
         "causal": cell.causal,
-        "ms": found.ms,
-        "efficiency": found.efficiency,
+        "ms": ms,
+        "efficiency": found.efficiency * found.ms / ms,
         "exposed": found.exposed,
         "extrapolated": found.extrapolated,
+        "host_paced": host_paced,
     }
+
+
+def _launch_ms(cell: Cell, options: dict[str, Any], recorded: pd.DataFrame) -> float | None:
+    """The host's time to launch one call of ``cell``, as the newest of the runs that measured the same
+    cell (:func:`_alike`, at every parameter of the cell) found it; None where none did."""
+    alike = _alike(cell, options, recorded)
+    same = alike[
+        (alike["world_size"] == cell.world_size)
+        & (alike["seq_len"] == cell.seq_len)
+        & (alike["pass"] == cell.pass_name)
+        & (alike["causal"] == cell.causal)
+        & (alike["batch_size"] == cell.batch_size)
+        & (alike["heads"] == cell.heads)
+        & (alike["head_dim"] == cell.head_dim)
+        & alike["launch_ms"].notna()
+    ]
+    return None if same.empty else float(same["launch_ms"].iloc[-1])
 
 
 def make(
@@ -168,16 +195,19 @@ def render(payload: dict[str, Any]) -> str:
             "ms": f"{predicted['ms']:,.2f}",
             "per-GPU efficiency": f"{predicted['efficiency']:.3f}"
             + (scaling.EXPOSED if predicted["exposed"] else "")
-            + (scaling.EXTRAPOLATED if predicted["extrapolated"] else ""),
+            + (scaling.EXTRAPOLATED if predicted["extrapolated"] else "")
+            + (scaling.HOST_BOUND if predicted.get("host_paced") else ""),
         }
         for predicted in payload["cells"].values()
     ]
     if rows:
+        host_paced = any(predicted.get("host_paced") for predicted in payload["cells"].values())
         lines += [
             table(pd.DataFrame(rows), text_columns=5),
             "",
             f"{scaling.EXPOSED}: a transfer outlasts the block it should hide behind. {scaling.EXTRAPOLATED}: a "
-            "block shorter than the peer's shortest cell, timed at that cell's rate (optimistic).",
+            "block shorter than the peer's shortest cell, timed at that cell's rate (optimistic)."
+            + (f" {scaling.HOST_BOUND}: {scaling.HOST_PACED_BEFORE}." if host_paced else ""),
             "",
         ]
     reasons = _reasons(payload["left_out"])

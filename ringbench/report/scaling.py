@@ -31,6 +31,10 @@ from ringbench.report.summary import efficiencies
 PROJECTED_GPUS = tuple(2**power for power in range(3, 11))  # 8 … 1,024
 PROJECTED_TOKENS = tuple(2**power for power in range(17, 25))  # 128K … 16M
 EXPOSED, EXTRAPOLATED, HOST_BOUND = "†", "‡", "§"  # marks in the report's tables
+HOST_PACED_BEFORE = (
+    "an earlier run of the cell found the host slower to launch the call than the modelled GPU time, so "
+    "it is predicted at the host's pace"
+)
 HELD_TO_PERCENT = 5.0  # how close to a measured efficiency the model is held to be
 
 
@@ -68,7 +72,8 @@ def validation(frame: pd.DataFrame, calibration: dict[int, dict[str, Any]]) -> p
         if pd.notna(row.get("launch_ms")) and row["launch_ms"] > modelled_ms:
             modelled_ms, marks = row["launch_ms"], marks + HOST_BOUND
         efficiency = measured * row["median_ms"] / modelled_ms  # against the same peer as measured
-        predicted = row.get("predicted_efficiency")
+        predicted, paced = row.get("predicted_efficiency"), row.get("predicted_host_paced")
+        predicted_mark = HOST_BOUND if pd.notna(paced) and paced else ""
         rows.append(
             {
                 "implementation": escape(row["label"]),
@@ -80,7 +85,7 @@ def validation(frame: pd.DataFrame, calibration: dict[int, dict[str, Any]]) -> p
                 "measured": f"{measured:.3f}",
                 "model": f"{efficiency:.3f}{marks}",
                 "error": efficiency / measured - 1,  # a fraction; the table writes it as a percentage
-                "predicted before": f"{predicted:.3f}" if pd.notna(predicted) else "",
+                "predicted before": f"{predicted:.3f}{predicted_mark}" if pd.notna(predicted) else "",
                 "its error": predicted / measured - 1 if pd.notna(predicted) else math.nan,
             }
         )
@@ -264,6 +269,7 @@ def lines(
         ]
     if not checked.empty:
         host_bound = checked["model"].str.contains(HOST_BOUND).any()
+        host_paced_before = "predicted before" in checked and checked["predicted before"].str.contains(HOST_BOUND).any()
         predicted = _predicted(frame, checked)
         out += [
             f"{heading}# Model against measurement",
@@ -282,7 +288,8 @@ def lines(
                 f" The {predicted}: the model then, on the machine and single-GPU cells of those runs."
                 if predicted
                 else ""
-            ),
+            )
+            + (f" {HOST_BOUND} on a prediction: {HOST_PACED_BEFORE}." if host_paced_before else ""),
             "",
             table(
                 checked.assign(
