@@ -120,12 +120,13 @@ def test_a_broken_prediction_names_its_cell(tmp_path):
         records.read_predictions(output)
 
 
-def test_the_report_sets_the_predictions_a_run_kept_beside_its_measurements(tmp_path):
+def kept_prediction(tmp_path, prediction):
+    """The calibrated fixture, keeping ``prediction`` for its four-process ring forward (as made
+    2026-11-25 16:30 UTC from a run named earlier)."""
     run = calibrated_fixture(tmp_path)
-    planned = {cell["cell_id"]: cell for cell in json.loads((run / "run.json").read_text())["planned"]}
-    ring = next(
-        cell_id
-        for cell_id, cell in planned.items()
+    (ring,) = (
+        cell["cell_id"]
+        for cell in json.loads((run / "run.json").read_text())["planned"]
         if (cell["implementation"], cell["world_size"], cell["pass"], cell["causal"]) == ("ring", 4, "forward", False)
     )
     records.write_json_atomic(
@@ -134,10 +135,14 @@ def test_the_report_sets_the_predictions_a_run_kept_beside_its_measurements(tmp_
             "schema_version": 1,
             "made_at": "2026-11-25T16:30:00+00:00",
             "sources": ["earlier"],
-            "cells": {ring: {"ms": 70.0, "efficiency": 0.85}},
+            "cells": {ring: prediction},
         },
     )
-    loaded = load_run(run)
+    return run
+
+
+def test_the_report_sets_the_predictions_a_run_kept_beside_its_measurements(tmp_path):
+    loaded = load_run(kept_prediction(tmp_path, {"ms": 70.0, "efficiency": 0.85}))
     assert loaded.warnings == []
     report = render_report([loaded])
     # The fixture's run began 2026-11-26T04:01:58Z; the ring cell measured 0.893 (test_scaling's golden).
@@ -305,22 +310,7 @@ def test_a_cell_an_earlier_run_found_host_paced_is_predicted_at_the_hosts_pace_a
 
 
 def test_the_report_marks_a_prediction_made_at_the_hosts_pace(tmp_path):
-    run = calibrated_fixture(tmp_path)
-    planned = json.loads((run / "run.json").read_text())["planned"]
-    (ring,) = (
-        cell["cell_id"]
-        for cell in planned
-        if (cell["implementation"], cell["world_size"], cell["pass"], cell["causal"]) == ("ring", 4, "forward", False)
-    )
-    records.write_json_atomic(
-        run / records.PREDICTIONS_FILE,
-        {
-            "schema_version": 1,
-            "made_at": "2026-11-25T16:30:00+00:00",
-            "sources": ["earlier"],
-            "cells": {ring: {"ms": 100.0, "efficiency": 0.57, "host_paced": True}},
-        },
-    )
+    run = kept_prediction(tmp_path, {"ms": 100.0, "efficiency": 0.57, "host_paced": True})
     report = render_report([load_run(run)])
     assert "| 0.893      | 0.944‡  | +5.6%   | 0.570§             | -36.2%      |" in report
     assert (
