@@ -222,7 +222,7 @@ def test_copy_engine_transfers_named_or_by_default_fall_back_to_point_to_point_w
     )
     for record in stored:
         assert_matches_the_reference_on_every_rank(record)
-        assert record["facts"]["transfers"] == "nccl: the ranks are not GPUs"
+        assert record["facts"]["transfers"] == "gloo: the ranks are not GPUs"
 
 
 def test_eight_processes_forward_and_backward_match_the_reference(write_config):

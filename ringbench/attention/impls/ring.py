@@ -557,7 +557,8 @@ def ring_peers(
     if problem.options["transfers"] == "nccl":
         return None
     why_not = peer_copy.unavailable(problem.device)
-    problem.facts["transfers"] = f"nccl: {why_not}" if why_not else "copy-engine"
+    # A fallback names the process group's backend that then carries the ring: NCCL, or gloo on CPUs.
+    problem.facts["transfers"] = f"{dist.get_backend()}: {why_not}" if why_not else "copy-engine"
     if why_not:
         return None
     sums, group = None, ring_group()
