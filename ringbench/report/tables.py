@@ -71,7 +71,7 @@ def _communication(row) -> str:
         if pd.notna(row.comm_call_mib)
         else f"{row.comm_step_mib:,.2f} MiB per ring step"
     )
-    # A ring whose options did not name NCCL says which transfers ran, and why NCCL's where it fell back.
+    # A ring whose options did not name NCCL says which transfers ran, and why point-to-point where it fell back.
     by = f", {row.transfers}" if isinstance(row.transfers, str) else ""
     return f"{sent}, {row.comm_wait_share:.1%}{by}"
 

@@ -21,7 +21,6 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -97,7 +96,7 @@ def measure(
     agree: Callable[[float], float] = _same,
     flush: Callable[[], None] | None = None,
     hold: bool = False,
-    while_sampling: AbstractContextManager[object] | None = None,
+    while_sampling: contextlib.AbstractContextManager[object] | None = None,
 ) -> Timing:
     """Warm up, then time ``fn`` repeatedly; samples are milliseconds per call.
 
